@@ -1,0 +1,1 @@
+"""Southbound acquisition: transports, bus access, protocol drivers and meter models."""

@@ -1,0 +1,58 @@
+"""`meter-gateway` console entry point: dispatches to one module per subcommand.
+
+Each subcommand's module exposes ``main(argv: list[str]) -> int`` and owns its own argument
+parser, so subcommands stay independent and start-up imports only what the command needs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "decode": ("gateway.decode_cmd", "decode DL/T 645 frames given as hex and print them as JSON"),
+    "simulate": ("simulators.cli", "run simulated DL/T 645 and Modbus meters on TCP ports or ptys"),
+    "run": ("gateway.run_cmd", "run the gateway daemon with a config file"),
+    "check-config": ("gateway.config_cmd", "validate a config file; exit 78 when it is bad"),
+    "status": ("gateway.status_cmd", "show meters by state, outbox depth and last delivery"),
+    "outbox": ("gateway.outbox_cmd", "inspect the durable outbox"),
+    "demo": ("gateway.demo", "simulators + local MQTT broker + gateway, readings shown live"),
+    "ctl": ("gateway.ctl", "head-end reference client: signed remote-control commands"),
+    "audit": ("gateway.audit_cmd", "query the remote-control audit log"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: meter-gateway COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<13} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "Run `meter-gateway COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in {"-h", "--help", "help"}:
+        print(_usage())
+        return 0
+    if args[0] == "--version":
+        from gateway import __version__
+
+        print(f"meter-gateway {__version__}")
+        return 0
+    entry = COMMANDS.get(args[0])
+    if entry is None:
+        print(f"meter-gateway: unknown command {args[0]!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    try:
+        module = importlib.import_module(entry[0])
+    except ModuleNotFoundError as exc:
+        if exc.name != entry[0]:
+            raise
+        print(f"meter-gateway: command {args[0]!r} is not available in this build", file=sys.stderr)
+        return 2
+    code: int = module.main(args[1:])
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

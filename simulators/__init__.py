@@ -1,0 +1,1 @@
+"""Meter simulators that behave like real meters on a real bus."""

@@ -1,0 +1,1 @@
+"""MQTT broker fixture (mosquitto on a free loopback port)."""
