@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.plugins.vectors",
     "tests.plugins.broker",
     "tests.plugins.ports",
+    "tests.plugins.peers",
 ]

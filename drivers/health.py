@@ -1,0 +1,170 @@
+"""Per-meter health: online / degraded / offline from consecutive failed transactions.
+
+An offline meter is probed at most once per ``probe_interval``; in between, its transactions fail
+fast with MeterOffline without touching the wire, so one dead meter cannot eat its bus's time in
+reply timeouts. Only answers count: a link that is down says nothing about the meter behind it,
+and a refusal (abnormal reply, Modbus exception) proves the meter is alive.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from drivers.errors import BadReply, DriverError, MeterRefused, NoAnswer
+
+log = logging.getLogger(__name__)
+
+
+class MeterState(enum.StrEnum):
+    UNKNOWN = "unknown"  # no transaction finished yet
+    ONLINE = "online"
+    DEGRADED = "degraded"
+    OFFLINE = "offline"
+
+
+class MeterOffline(NoAnswer):
+    """The meter is offline and not due for a probe; nothing was sent."""
+
+    kind = "offline"
+
+    def __init__(self, meter_id: str, retry_in: float) -> None:
+        super().__init__(f"meter {meter_id} is offline; next probe in {max(retry_in, 0.0):.1f} s")
+        self.meter_id = meter_id
+        self.retry_in = retry_in
+
+
+@dataclass(frozen=True, slots=True)
+class HealthPolicy:
+    degraded_after: int = 1  # consecutive failed transactions
+    offline_after: int = 3
+    probe_interval: float = 60.0  # seconds between attempts on an offline meter
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.degraded_after <= self.offline_after:
+            raise ValueError("health policy needs 1 <= degraded_after <= offline_after")
+        if self.probe_interval < 0:
+            raise ValueError("health policy probe_interval must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    meter_id: str
+    old: MeterState
+    new: MeterState
+    failures: int  # consecutive failures at the time of the change
+    reason: str  # the error that caused a downgrade, "" for a recovery
+    at: float  # the health clock's time
+
+
+@dataclass(slots=True)
+class MeterHealth:
+    meter_id: str
+    state: MeterState = MeterState.UNKNOWN
+    failures: int = 0  # consecutive
+    last_ok: float | None = None
+    last_error: str = ""
+    next_probe_at: float = 0.0  # meaningful while offline
+
+
+class HealthBook:
+    """Health of every meter the gateway talks to (one book can serve many buses).
+
+    ``on_change`` is called synchronously on each state change; it must not block (the gateway
+    queues the publication). ``clock`` is monotonic seconds, injectable for tests.
+    """
+
+    def __init__(
+        self,
+        policy: HealthPolicy | None = None,
+        *,
+        on_change: Callable[[StateChange], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.policy = policy or HealthPolicy()
+        self._on_change = on_change
+        self._clock = clock
+        self._meters: dict[str, MeterHealth] = {}
+
+    def get(self, meter_id: str) -> MeterHealth:
+        h = self._meters.get(meter_id)
+        if h is None:
+            h = self._meters[meter_id] = MeterHealth(meter_id)
+        return h
+
+    def state(self, meter_id: str) -> MeterState:
+        return self.get(meter_id).state
+
+    def states(self) -> dict[str, MeterState]:
+        return {m: h.state for m, h in self._meters.items()}
+
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys((s.value for s in MeterState), 0)
+        for h in self._meters.values():
+            out[h.state.value] += 1
+        return out
+
+    def check(self, meter_id: str) -> None:
+        """Raise MeterOffline if the meter is offline and not due; no side effects."""
+        h = self.get(meter_id)
+        if h.state is MeterState.OFFLINE:
+            now = self._clock()
+            if now < h.next_probe_at:
+                raise MeterOffline(meter_id, h.next_probe_at - now)
+
+    def begin(self, meter_id: str) -> bool:
+        """Admit a transaction that is about to touch the wire; return True if it is a probe of an
+        offline meter (the caller then makes a single attempt). Raise MeterOffline if not due."""
+        self.check(meter_id)
+        h = self.get(meter_id)
+        if h.state is not MeterState.OFFLINE:
+            return False
+        # the probe slot is taken now, so transactions queued behind this one fail fast
+        h.next_probe_at = self._clock() + self.policy.probe_interval
+        return True
+
+    def record(self, meter_id: str, error: BaseException | None) -> None:
+        """Account for a finished transaction: None for success, else the error it ended with."""
+        if error is None or isinstance(error, MeterRefused):
+            self._success(meter_id)
+        elif isinstance(error, MeterOffline):
+            return
+        elif isinstance(error, NoAnswer | BadReply):
+            self._failure(meter_id, error)
+        # LinkDown, ConfigurationError and anything else say nothing about the meter
+
+    def _success(self, meter_id: str) -> None:
+        h = self.get(meter_id)
+        h.failures = 0
+        h.last_ok = self._clock()
+        h.last_error = ""
+        self._set(h, MeterState.ONLINE, "")
+
+    def _failure(self, meter_id: str, error: DriverError) -> None:
+        h = self.get(meter_id)
+        h.failures += 1
+        h.last_error = str(error)
+        p = self.policy
+        if h.failures >= p.offline_after:
+            if h.state is not MeterState.OFFLINE:
+                h.next_probe_at = self._clock() + p.probe_interval
+            self._set(h, MeterState.OFFLINE, h.last_error)
+        elif h.failures >= p.degraded_after:
+            self._set(h, MeterState.DEGRADED, h.last_error)
+
+    def _set(self, h: MeterHealth, new: MeterState, reason: str) -> None:
+        old = h.state
+        if old is new:
+            return
+        h.state = new
+        change = StateChange(h.meter_id, old, new, h.failures, reason, self._clock())
+        log.info("meter %s: %s -> %s%s", h.meter_id, old, new, f" ({reason})" if reason else "")
+        if self._on_change is not None:
+            try:
+                self._on_change(change)
+            except Exception:
+                # a broken subscriber must not break acquisition
+                log.exception("meter %s: state-change callback failed", h.meter_id)

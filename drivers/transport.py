@@ -1,0 +1,571 @@
+"""The southbound byte transport the bus drives, its settings, and the factory that builds one.
+
+A transport is a byte pipe to one physical bus (an RS-485 line behind a local adapter, or a TCP
+link to a transparent serial server / concentrator). It keeps itself connected: ``open()`` starts a
+supervisor that (re)connects with jittered, capped backoff and sleeps between attempts, so a
+vanished adapter or a dead server costs no CPU. Everything it raises is a ``drivers.errors``
+type; OSError and pyserial exceptions stop here.
+
+One reader at a time: the bus serializes transactions, and a transport assumes it.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from drivers.backoff import Backoff, BackoffPolicy
+from drivers.errors import ConfigurationError, LinkDown
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """What the bus needs from a link, whichever kind it is."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def down_since(self) -> float | None:
+        """Loop time the link went (or started) down; None while connected."""
+        ...
+
+    @property
+    def last_rx(self) -> float:
+        """Loop time the last byte arrived (-inf if none yet): the bus's quiet-time reference."""
+        ...
+
+    @property
+    def stats(self) -> LinkStats: ...
+
+    async def open(self) -> bool:
+        """Start keeping the link up; return whether the first attempt connected."""
+        ...
+
+    async def close(self) -> None: ...
+
+    async def wait_connected(self, within: float | None = None) -> bool: ...
+
+    async def write(self, data: bytes) -> None:
+        """Queue ``data`` and wait until the OS has taken it (drain). Raises LinkDown."""
+        ...
+
+    async def read(self, deadline: float) -> bytes:
+        """Return what has arrived, waiting until ``deadline`` (loop time) for at least one byte.
+
+        Returns b"" at the deadline; raises LinkDown if the link is down and nothing is buffered.
+        """
+        ...
+
+    def flush_input(self) -> int:
+        """Discard stale input (ours and the OS's); return how many bytes were discarded."""
+        ...
+
+    def tx_time(self, nbytes: int) -> float:
+        """Seconds the line needs to put ``nbytes`` on the wire after write() returned."""
+        ...
+
+    def note_reply(self) -> None:
+        """A transaction got an answer: the link is alive."""
+        ...
+
+    def note_silence(self) -> None:
+        """A transaction timed out with the link nominally up (input to half-open detection)."""
+        ...
+
+
+@dataclass(slots=True)
+class LinkStats:
+    """Plain counters per link; the gateway exports them."""
+
+    open_attempts: int = 0
+    connects: int = 0
+    losses: int = 0
+    half_open_resets: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    overflow_dropped: int = 0  # input nobody asked for, dropped when the buffer cap was hit
+    last_error: str = ""
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: v for k, v in asdict(self).items() if isinstance(v, int)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+
+
+PARITIES = {"N": "none", "E": "even", "O": "odd"}
+SERIAL_RECONNECT = BackoffPolicy(initial=0.5, maximum=30.0)
+TCP_RECONNECT = BackoffPolicy(initial=1.0, maximum=60.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Rs485Settings:
+    """Kernel RS-485 mode (TIOCSRS485): the UART driver switches the transceiver direction."""
+
+    rts_level_for_tx: bool = True
+    rts_level_for_rx: bool = False
+    rx_during_tx: bool = False  # adapters that hear their own transmission (the bus then sees echoes)
+    delay_before_tx: float | None = None  # seconds
+    delay_before_rx: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SerialSettings:
+    """A local serial port. DL/T 645 lines are normally 1200 or 2400 baud 8E1, Modbus RTU 9600 8N1."""
+
+    kind: ClassVar[str] = "serial"
+
+    port: str  # a stable /dev/serial/by-id/... path is best; it is just a path here
+    baudrate: int = 9600
+    bytesize: int = 8
+    parity: str = "N"
+    stopbits: float = 1
+    rs485: Rs485Settings | None = None
+    exclusive: bool = True  # flock the port so a second gateway cannot share the line
+    reconnect: BackoffPolicy = SERIAL_RECONNECT
+    # A quiet meter is no reason to reopen a local port; a wedged USB adapter can be, so opt-in.
+    no_reply_limit: int = 0
+    write_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.port:
+            raise ConfigurationError("serial link: 'port' is empty")
+        where = f"serial link {self.port}"
+        if self.baudrate <= 0:
+            raise ConfigurationError(f"{where}: baudrate must be positive, got {self.baudrate}")
+        if self.bytesize not in (5, 6, 7, 8):
+            raise ConfigurationError(f"{where}: bytesize must be 5..8, got {self.bytesize}")
+        if self.parity not in PARITIES:
+            raise ConfigurationError(f"{where}: parity must be N, E or O, got {self.parity!r}")
+        if self.stopbits not in (1, 1.5, 2):
+            raise ConfigurationError(f"{where}: stopbits must be 1, 1.5 or 2, got {self.stopbits}")
+        _check_common(where, self.no_reply_limit, self.write_timeout)
+
+    @property
+    def frame_bits(self) -> float:
+        """Bits one character occupies on the line: start + data + parity + stop."""
+        return 1 + self.bytesize + (0 if self.parity == "N" else 1) + self.stopbits
+
+    @property
+    def label(self) -> str:
+        stop = int(self.stopbits) if self.stopbits != 1.5 else 1.5
+        return f"{self.baudrate} {self.bytesize}{self.parity}{stop}"
+
+
+@dataclass(frozen=True, slots=True)
+class TcpSettings:
+    """A TCP link carrying raw bus bytes (transparent serial server, concentrator, Modbus gateway)."""
+
+    kind: ClassVar[str] = "tcp"
+
+    host: str
+    port: int
+    connect_timeout: float = 5.0
+    reconnect: BackoffPolicy = TCP_RECONNECT
+    keepalive_idle: int = 30  # seconds of silence before the first keepalive probe
+    keepalive_interval: int = 10
+    keepalive_count: int = 3
+    user_timeout: float = 30.0  # unacknowledged data older than this kills the connection
+    # N consecutive transaction timeouts on an "up" socket: assume it is half-open and reconnect.
+    no_reply_limit: int = 3
+    write_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        where = f"tcp link {self.host}:{self.port}"
+        if not self.host:
+            raise ConfigurationError("tcp link: 'host' is empty")
+        if not 0 < self.port < 65536:
+            raise ConfigurationError(f"{where}: port must be 1..65535")
+        if self.connect_timeout <= 0:
+            raise ConfigurationError(f"{where}: connect_timeout must be positive")
+        if min(self.keepalive_idle, self.keepalive_interval, self.keepalive_count) < 1:
+            raise ConfigurationError(f"{where}: keepalive settings must be >= 1")
+        if self.user_timeout < 0:
+            raise ConfigurationError(f"{where}: user_timeout must be >= 0")
+        _check_common(where, self.no_reply_limit, self.write_timeout)
+
+    @property
+    def label(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+LinkSettings = SerialSettings | TcpSettings
+
+
+def _check_common(where: str, no_reply_limit: int, write_timeout: float) -> None:
+    if no_reply_limit < 0:
+        raise ConfigurationError(f"{where}: no_reply_limit must be >= 0 (0 disables it)")
+    if write_timeout <= 0:
+        raise ConfigurationError(f"{where}: write_timeout must be positive")
+
+
+def settings_from_mapping(raw: Mapping[str, Any]) -> LinkSettings:
+    """Build link settings from a config table, e.g. ``{"type": "serial", "port": ..., "parity": "E"}``.
+
+    Backoff is given flat as ``reconnect_initial`` / ``reconnect_max`` (seconds); RS-485 mode as
+    ``rs485 = true`` or a table of Rs485Settings fields. Unknown keys are an error, not ignored:
+    a typo in a baud rate key must not silently become 9600.
+    """
+    data = dict(raw)
+    kind = data.pop("type", None)
+    cls: type[SerialSettings] | type[TcpSettings]
+    if kind == "serial":
+        cls = SerialSettings
+    elif kind == "tcp":
+        cls = TcpSettings
+    else:
+        raise ConfigurationError(f"link 'type' must be 'serial' or 'tcp', got {kind!r}")
+    initial = data.pop("reconnect_initial", None)
+    maximum = data.pop("reconnect_max", None)
+    if initial is not None or maximum is not None:
+        default = SERIAL_RECONNECT if cls is SerialSettings else TCP_RECONNECT
+        try:
+            data["reconnect"] = BackoffPolicy(
+                initial=float(initial if initial is not None else default.initial),
+                maximum=float(maximum if maximum is not None else default.maximum),
+            )
+        except (TypeError, ValueError) as e:
+            raise ConfigurationError(f"{kind} link: bad reconnect backoff: {e}") from e
+    if cls is SerialSettings and "rs485" in data:
+        rs = data["rs485"]
+        if rs is True:
+            data["rs485"] = Rs485Settings()
+        elif rs is False or rs is None:
+            data["rs485"] = None
+        elif isinstance(rs, Mapping):
+            try:
+                data["rs485"] = Rs485Settings(**rs)
+            except TypeError as e:
+                raise ConfigurationError(f"serial link: bad rs485 table: {e}") from e
+        else:
+            raise ConfigurationError(f"serial link: rs485 must be true/false or a table, got {rs!r}")
+    if cls is SerialSettings and isinstance(data.get("parity"), str):
+        data["parity"] = data["parity"].upper()
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigurationError(f"{kind} link: unknown setting(s) {', '.join(unknown)}")
+    try:
+        return cls(**data)
+    except TypeError as e:
+        raise ConfigurationError(f"{kind} link: {e}") from e
+
+
+def make_transport(settings: LinkSettings, *, name: str | None = None) -> StreamLink:
+    """The transport for ``settings`` (not yet opened)."""
+    if isinstance(settings, SerialSettings):
+        from drivers.serial_link import SerialLink
+
+        return SerialLink(settings, name=name)
+    if isinstance(settings, TcpSettings):
+        from drivers.tcp_link import TcpLink
+
+        return TcpLink(settings, name=name)
+    raise ConfigurationError(f"no transport for settings of type {type(settings).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared implementation for links built on an asyncio transport + protocol
+
+
+class Inbox(asyncio.Protocol):
+    """Feeds one connection's events to its link; a superseded connection's events are ignored."""
+
+    def __init__(self, link: StreamLink, generation: int) -> None:
+        self._link = link
+        self._generation = generation
+        self.closed = asyncio.Event()  # set when the connection is really gone (device closed)
+
+    def _current(self) -> bool:
+        return self._link._generation == self._generation
+
+    def data_received(self, data: bytes) -> None:
+        if self._current():
+            self._link._on_data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed.set()
+        self._link._inboxes.discard(self)
+        if self._current():
+            self._link._on_lost(str(exc) if exc is not None else "closed by peer")
+
+    def pause_writing(self) -> None:
+        if self._current():
+            self._link._writable.clear()
+
+    def resume_writing(self) -> None:
+        if self._current():
+            self._link._writable.set()
+
+
+class StreamLink(abc.ABC):
+    """Connection supervision, input buffering and half-open policy for stream links.
+
+    Subclasses only say how to connect (``_connect``) and may add a way to discard input the OS
+    still holds (``_discard_os_input``) and a line time (``tx_time``).
+    """
+
+    MAX_BUFFER = 64 * 1024
+    STABLE_AFTER = 10.0  # a connection that lived this long resets the reconnect backoff
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        reconnect: BackoffPolicy,
+        no_reply_limit: int,
+        write_timeout: float,
+    ) -> None:
+        self._name = name
+        self._reconnect = reconnect
+        self._no_reply_limit = no_reply_limit
+        self._write_timeout = write_timeout
+        self._stats = LinkStats()
+        self._generation = 0
+        self._transport: asyncio.BaseTransport | None = None
+        self._buf = bytearray()
+        self._wake = asyncio.Event()
+        self._up = asyncio.Event()
+        self._down = asyncio.Event()
+        self._down.set()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._supervisor: asyncio.Task[None] | None = None
+        self._inboxes: set[Inbox] = set()  # connections not yet fully closed
+        self._closing = False
+        self._silent = 0
+        self._last_rx = -math.inf
+        self._down_since: float | None = None
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def connected(self) -> bool:
+        return self._transport is not None and not self._transport.is_closing()
+
+    @property
+    def down_since(self) -> float | None:
+        return None if self.connected else self._down_since
+
+    @property
+    def last_rx(self) -> float:
+        return self._last_rx
+
+    @property
+    def stats(self) -> LinkStats:
+        return self._stats
+
+    def tx_time(self, nbytes: int) -> float:  # a stream socket has no line time
+        return 0.0
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._name} {'up' if self.connected else 'down'}>"
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def open(self) -> bool:
+        if self._supervisor is not None:
+            return self.connected
+        loop = asyncio.get_running_loop()
+        self._closing = False
+        self._down_since = loop.time()
+        first: asyncio.Future[None] = loop.create_future()
+        self._supervisor = asyncio.create_task(self._keep_up(first), name=f"link {self._name}")
+        await first
+        return self.connected
+
+    async def close(self) -> None:
+        self._closing = True
+        task, self._supervisor = self._supervisor, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        transport = self._transport
+        if transport is not None:
+            transport.close()
+            self._on_lost("closed")
+        # the serial transport closes the device in an executor; wait so nothing leaks
+        pending = [inbox.closed.wait() for inbox in self._inboxes]
+        if pending:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await asyncio.gather(*pending)
+
+    async def wait_connected(self, within: float | None = None) -> bool:
+        if self.connected:
+            return True
+        try:
+            async with asyncio.timeout(within):
+                await self._up.wait()
+        except TimeoutError:
+            return False
+        return self.connected
+
+    @abc.abstractmethod
+    async def _connect(self, inbox: Inbox) -> asyncio.BaseTransport:
+        """Connect once; return the asyncio transport driving ``inbox``. Raise LinkDown on failure."""
+
+    async def _connect_once(self, inbox: Inbox) -> asyncio.BaseTransport:
+        transport = await self._connect(inbox)
+        if inbox.closed.is_set():  # accepted, then closed before we even looked
+            raise LinkDown("closed by peer right after connecting")
+        return transport
+
+    async def _keep_up(self, first: asyncio.Future[None]) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = Backoff(self._reconnect)
+        outage_logged = False
+        try:
+            while not self._closing:
+                self._stats.open_attempts += 1
+                self._generation += 1
+                inbox = Inbox(self, self._generation)
+                self._buf.clear()
+                try:
+                    transport = await self._connect_once(inbox)
+                except LinkDown as e:
+                    self._stats.last_error = str(e)
+                    delay = backoff.next()
+                    level = logging.DEBUG if outage_logged else logging.WARNING
+                    log.log(level, "link %s: cannot connect: %s; next try in %.1f s", self._name, e, delay)
+                    outage_logged = True
+                    if not first.done():
+                        first.set_result(None)
+                    await asyncio.sleep(delay)
+                    continue
+                connected_at = loop.time()
+                self._inboxes.add(inbox)
+                self._transport = transport
+                self._silent = 0
+                self._writable.set()
+                self._down.clear()
+                self._up.set()
+                self._down_since = None
+                self._stats.connects += 1
+                outage_logged = False
+                log.info("link %s: connected", self._name)
+                if not first.done():
+                    first.set_result(None)
+                await self._down.wait()
+                if loop.time() - connected_at >= self.STABLE_AFTER:
+                    backoff.reset()
+                if not self._closing:
+                    await asyncio.sleep(backoff.next())
+        finally:
+            if not first.done():
+                first.set_result(None)
+
+    # -- callbacks from the connection -----------------------------------------------------
+
+    def _on_data(self, data: bytes) -> None:
+        self._stats.bytes_in += len(data)
+        self._last_rx = asyncio.get_running_loop().time()
+        self._buf += data
+        excess = len(self._buf) - self.MAX_BUFFER
+        if excess > 0:
+            # nobody is reading (a chattering bus between transactions): keep the newest bytes
+            del self._buf[:excess]
+            self._stats.overflow_dropped += excess
+        self._wake.set()
+
+    def _on_lost(self, reason: str) -> None:
+        if self._transport is None:
+            return
+        self._transport = None
+        self._generation += 1  # late callbacks of the dead connection are ignored from here on
+        self._down_since = asyncio.get_running_loop().time()
+        self._up.clear()
+        self._down.set()
+        self._writable.set()
+        self._wake.set()
+        if not self._closing:
+            self._stats.losses += 1
+            self._stats.last_error = reason
+            log.warning("link %s: lost: %s", self._name, reason)
+
+    def _drop(self, reason: str) -> None:
+        """Abort the current connection now; the supervisor reconnects after its backoff."""
+        transport = self._transport
+        if transport is None:
+            return
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.abort()
+        else:
+            transport.close()
+        self._on_lost(f"{reason}; reconnecting")
+
+    # -- I/O ------------------------------------------------------------------------------
+
+    async def write(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing() or not isinstance(transport, asyncio.WriteTransport):
+            raise LinkDown(f"link {self._name}: not connected")
+        transport.write(data)
+        self._stats.bytes_out += len(data)
+        if not self._writable.is_set():
+            try:
+                async with asyncio.timeout(self._write_timeout):
+                    await self._writable.wait()
+            except TimeoutError:
+                self._drop(f"write stalled for {self._write_timeout:.1f} s")
+                raise LinkDown(f"link {self._name}: write stalled") from None
+        if self._transport is not transport or transport.is_closing():
+            raise LinkDown(f"link {self._name}: lost while writing")
+
+    async def read(self, deadline: float) -> bytes:
+        while True:
+            if self._buf:
+                data = bytes(self._buf)
+                self._buf.clear()
+                return data
+            if not self.connected:
+                raise LinkDown(f"link {self._name}: not connected")
+            self._wake.clear()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._wake.wait()
+            except TimeoutError:
+                return b""
+
+    def flush_input(self) -> int:
+        n = len(self._buf)
+        self._buf.clear()
+        if self.connected:
+            n += self._discard_os_input()
+        return n
+
+    def _discard_os_input(self) -> int:
+        """Discard input the OS holds that has not reached us yet; return its size."""
+        return 0
+
+    # -- half-open policy ------------------------------------------------------------------
+
+    def note_reply(self) -> None:
+        self._silent = 0
+
+    def note_silence(self) -> None:
+        if not self.connected:
+            return
+        self._silent += 1
+        if self._no_reply_limit and self._silent >= self._no_reply_limit:
+            self._silent = 0
+            self._stats.half_open_resets += 1
+            self._drop(f"no reply to {self._no_reply_limit} consecutive requests on an open link")

@@ -1,0 +1,19 @@
+"""Pure Modbus helpers: register value codec. No pymodbus, sockets, asyncio or clocks here."""
+
+from protocols.modbus.values import (
+    BYTE_ORDERS,
+    DATA_TYPES,
+    LocalValueError,
+    ModbusValueError,
+    RemoteValueError,
+    ValueCodec,
+)
+
+__all__ = [
+    "BYTE_ORDERS",
+    "DATA_TYPES",
+    "LocalValueError",
+    "ModbusValueError",
+    "RemoteValueError",
+    "ValueCodec",
+]
