@@ -20,16 +20,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from protocols.dlt645.frame import (
+from protocols.dlt645.frame import (  # the hot path indexes these tables directly
+    _CONTROLS,
+    _SUB_33,
     END,
     HEADER_LENGTH,
     OVERHEAD,
-    PREAMBLE,
     START,
     Address,
-    Control,
     Frame,
-    unscramble,
 )
 
 
@@ -79,71 +78,69 @@ class Deframer:
         return stale
 
     def feed(self, data: bytes) -> list[Event]:
-        buf = self._buf
-        buf += data
+        # Scan an immutable copy by index and keep only the unresolved tail: cheaper than
+        # deleting from the front of a bytearray once per frame.
+        buf = bytes(self._buf) + data if self._buf else bytes(data)
+        n = len(buf)
+        pos = 0
         events: list[Event] = []
-        while buf:
-            start = buf.find(START)
+        max_length = self.max_data_length
+        while pos < n:
+            start = buf.find(START, pos)
             if start < 0:
-                self._drop(events, len(buf))
+                self._drop(events, buf[pos:])
+                pos = n
                 break
-            if start:
-                self._drop(events, start)
-            # buf[0] is now a start byte.
-            n = len(buf)
-            if n >= 8 and buf[7] != START:
-                events.append(Discarded("noise", bytes(buf[:1])))
-                del buf[:1]
+            if start > pos:
+                self._drop(events, buf[pos:start])
+                pos = start
+            if n - pos >= 8 and buf[pos + 7] != START:
+                events.append(Discarded("noise", buf[pos : pos + 1]))
+                pos += 1
                 continue
-            if n < HEADER_LENGTH:
+            if n - pos < HEADER_LENGTH:
                 break
-            length = buf[9]
-            if length > self.max_data_length:
-                events.append(
-                    Discarded("bad_length", bytes(buf[:1]), f"length byte L={length} exceeds {self.max_data_length}")
-                )
-                del buf[:1]
+            length = buf[pos + 9]
+            if length > max_length:
+                detail = f"length byte L={length} exceeds {max_length}"
+                events.append(Discarded("bad_length", buf[pos : pos + 1], detail))
+                pos += 1
                 continue
-            total = OVERHEAD + length
-            if n < total:
-                later = self._complete_frame_after(1)
+            end = pos + OVERHEAD + length
+            if n < end:
+                later = self._complete_frame_after(buf, pos + 1)
                 if later < 0:
                     break
+                detail = f"truncated after {later - pos} bytes (L={length})"
+                events.append(Discarded("truncated", buf[pos:later], detail))
+                pos = later
+                continue
+            cs = sum(buf[pos : end - 2]) & 0xFF
+            if cs != buf[end - 2]:
+                detail = f"checksum expected {cs:02X} found {buf[end - 2]:02X}"
+                events.append(Discarded("bad_checksum", buf[pos : pos + 1], detail))
+                pos += 1
+                continue
+            if buf[end - 1] != END:
                 events.append(
-                    Discarded("truncated", bytes(buf[:later]), f"truncated after {later} bytes (L={length})")
+                    Discarded("bad_end", buf[pos : pos + 1], f"end byte expected 16 found {buf[end - 1]:02X}")
                 )
-                del buf[:later]
+                pos += 1
                 continue
-            cs = sum(memoryview(buf)[: HEADER_LENGTH + length]) & 0xFF
-            if cs != buf[total - 2]:
-                events.append(
-                    Discarded("bad_checksum", bytes(buf[:1]), f"checksum expected {cs:02X} found {buf[total - 2]:02X}")
-                )
-                del buf[:1]
-                continue
-            if buf[total - 1] != END:
-                events.append(Discarded("bad_end", bytes(buf[:1]), f"end byte expected 16 found {buf[total - 1]:02X}"))
-                del buf[:1]
-                continue
-            events.append(self._frame(bytes(buf[:total]), length))
-            del buf[:total]
+            events.append(self._frame(buf, pos, length))
+            pos = end
+        self._buf = bytearray(buf[pos:]) if pos < n else bytearray()
         return events
 
-    def _drop(self, events: list[Event], count: int) -> None:
-        chunk = bytes(self._buf[:count])
-        del self._buf[:count]
-        stripped = chunk.lstrip(b"\xfe") if chunk[-1] == PREAMBLE else chunk.rstrip(b"\xfe")
-        # FE runs are wake-up preambles, not noise; only report what is left.
-        fe = len(chunk) - len(stripped)
-        self.preamble_bytes += fe
-        if stripped and stripped.count(PREAMBLE) != len(stripped):
+    def _drop(self, events: list[Event], chunk: bytes) -> None:
+        # FE runs before and after noise are wake-up preambles, counted apart from noise.
+        stripped = chunk.strip(b"\xfe")
+        self.preamble_bytes += len(chunk) - len(stripped)
+        if stripped:
             events.append(Discarded("noise", stripped))
-        elif stripped:
-            self.preamble_bytes += len(stripped)
 
-    def _complete_frame_after(self, offset: int) -> int:
+    def _complete_frame_after(self, buf: bytes, offset: int) -> int:
         """Index of the first start byte at or after ``offset`` that begins a complete valid frame."""
-        buf = self._buf
         n = len(buf)
         pos = buf.find(START, offset)
         while pos >= 0 and pos + OVERHEAD <= n:
@@ -154,17 +151,18 @@ class Deframer:
                     length <= self.max_data_length
                     and end <= n
                     and buf[end - 1] == END
-                    and sum(memoryview(buf)[pos : end - 2]) & 0xFF == buf[end - 2]
+                    and sum(buf[pos : end - 2]) & 0xFF == buf[end - 2]
                 ):
                     return pos
             pos = buf.find(START, pos + 1)
         return -1
 
-    def _frame(self, raw: bytes, length: int) -> Frame:
-        wire = raw[1:7]
+    def _frame(self, buf: bytes, pos: int, length: int) -> Frame:
+        wire = buf[pos + 1 : pos + 7]
         address = self._addresses.get(wire)
         if address is None:
             if len(self._addresses) > 4096:  # a bus rarely has more meters; keep the cache bounded
                 self._addresses.clear()
             address = self._addresses[wire] = Address(wire)
-        return Frame(address, Control.from_byte(raw[8]), unscramble(raw[HEADER_LENGTH : HEADER_LENGTH + length]))
+        data = buf[pos + HEADER_LENGTH : pos + HEADER_LENGTH + length]
+        return Frame(address, _CONTROLS[buf[pos + 8]], data.translate(_SUB_33))

@@ -111,8 +111,11 @@ class Control:
 
     @property
     def byte(self) -> int:
-        return self.function | (0x80 if self.from_meter else 0) | (0x40 if self.abnormal else 0) | (
-            0x20 if self.follow_up else 0
+        return (
+            self.function
+            | (0x80 if self.from_meter else 0)
+            | (0x40 if self.abnormal else 0)
+            | (0x20 if self.follow_up else 0)
         )
 
     def __str__(self) -> str:
@@ -120,9 +123,7 @@ class Control:
 
 
 # All 256 control bytes are decoded once: the deframer's hot path then only indexes a tuple.
-_CONTROLS: Final = tuple(
-    Control(b & 0x1F, bool(b & 0x80), bool(b & 0x40), bool(b & 0x20)) for b in range(256)
-)
+_CONTROLS: Final = tuple(Control(b & 0x1F, bool(b & 0x80), bool(b & 0x40), bool(b & 0x20)) for b in range(256))
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,9 +168,7 @@ def parse_frame(raw: bytes) -> Frame:
     length = body[9]
     total = OVERHEAD + length
     if len(body) < total:
-        raise RemoteProtocolError(
-            f"truncated after {len(body)} bytes (length byte L={length} needs {total})"
-        )
+        raise RemoteProtocolError(f"truncated after {len(body)} bytes (length byte L={length} needs {total})")
     expected = checksum(body[: HEADER_LENGTH + length])
     found = body[HEADER_LENGTH + length]
     if expected != found:

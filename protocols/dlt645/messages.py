@@ -120,9 +120,7 @@ class _Message:
         try:
             return self.FUNCTIONS[edition]
         except KeyError:
-            raise LocalProtocolError(
-                f"{type(self).__name__} does not exist in DL/T 645-{edition.value}"
-            ) from None
+            raise LocalProtocolError(f"{type(self).__name__} does not exist in DL/T 645-{edition.value}") from None
 
     def control(self, edition: Edition) -> Control:
         return Control(self.function(edition), from_meter=self.FROM_METER)
@@ -689,9 +687,7 @@ def parse_message(frame: Frame, edition: Edition) -> Message:
     parser = table[edition].get(control.function)
     if parser is None:
         direction = "reply" if control.from_meter else "request"
-        raise RemoteProtocolError(
-            f"control code {control} is not a DL/T 645-{edition.value} {direction} function"
-        )
+        raise RemoteProtocolError(f"control code {control} is not a DL/T 645-{edition.value} {direction} function")
     try:
         return parser(frame, edition)
     except ProtocolError:
