@@ -35,15 +35,18 @@ def _rate(step: Callable[[int], None], seconds: float) -> float:
     return done / elapsed
 
 
-def deframe(n: int, deframer: Deframer = Deframer()) -> None:
-    feed = deframer.feed
+_DEFRAMER = Deframer()
+
+
+def deframe(n: int) -> None:
+    feed = _DEFRAMER.feed
     for _ in range(n):
         feed(FRAME)
 
 
-def decode(n: int, deframer: Deframer = Deframer()) -> None:
+def decode(n: int) -> None:
     catalogue = default_catalogue()
-    feed = deframer.feed
+    feed = _DEFRAMER.feed
     for _ in range(n):
         for frame in feed(FRAME):
             if isinstance(frame, Frame):

@@ -95,9 +95,8 @@ def _pretty(frames: list[dict[str, Any]]) -> str:
                     unit = f" {item['unit']}" if "unit" in item else ""
                     lines.append(f"  {item['di']:<12} {item['value']}{unit}  {item['name']}{quantity}")
                 continue
-            if isinstance(value, dict | list):
-                value = json.dumps(value)
-            lines.append(f"  {key:<16} {value}")
+            shown = json.dumps(value) if isinstance(value, dict | list) else value
+            lines.append(f"  {key:<16} {shown}")
         lines.append("")
     return "\n".join(lines).rstrip("\n")
 
