@@ -50,7 +50,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"meter-gateway: command {args[0]!r} is not available in this build", file=sys.stderr)
         return 2
-    code: int = module.main(args[1:])
+    try:
+        code: int = module.main(args[1:])
+    except BrokenPipeError:  # `meter-gateway decode ... | head`: stop quietly like other Unix tools
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return code
 
 
