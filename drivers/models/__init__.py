@@ -1,0 +1,1 @@
+"""Meter model files (TOML), loaded by drivers.meter_models; a package so wheels ship them."""
