@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.plugins.broker",
     "tests.plugins.ports",
     "tests.plugins.peers",
+    "tests.plugins.simulators",
 ]

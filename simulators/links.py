@@ -1,0 +1,331 @@
+"""Simulated RS-485 buses: many simulated DL/T 645 meters behind one TCP port or one pty.
+
+A :class:`SimulatedBus` is what a gateway sees of one RS-485 segment: a transparent serial server
+(TCP; every connected client shares the one segment) or a pseudo-terminal (the gateway opens the
+slave path at 8N1; ptys here refuse even parity). Bytes from the gateway are deframed by length;
+each frame goes to the meter it addresses (dict lookup by address: no per-meter tasks);
+unaddressed meters stay silent; an AA wildcard (and 0x13 read address) is answered only when
+exactly one meter is on the link, as on a real bus where two would collide; 999999999999
+broadcasts reach every meter and get no reply.
+
+Wire-time emulation (``LinkConfig.baud``): the segment is half duplex and shared. A reply may
+start once the request has crossed the wire (``len * bits_per_char / baud``) plus the meter's
+turnaround, and no earlier than the wire is free; its bytes then leave in 20 ms slices no faster
+than the baud rate allows. One sender task per client connection does the sleeping, so the
+number of timers scales with connections, not meters. Without a baud rate replies are written at
+once (the fast path the throughput benchmark measures).
+
+Faults (:class:`~simulators.faults.Faults`) are applied per reply; ``bus.stats`` counts every
+frame, discard and injected fault so a test can assert that a fault actually happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import os
+import tty
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from protocols.dlt645.deframer import Deframer, Discarded
+from protocols.dlt645.frame import Address, Frame, checksum
+from simulators.dlt645_meter import Dlt645Meter
+from simulators.faults import Faults
+
+log = logging.getLogger(__name__)
+
+_SLICE = 0.02  # seconds of wire time per paced write
+
+
+@dataclass(frozen=True, slots=True)
+class LinkConfig:
+    kind: Literal["tcp", "pty"] = "tcp"
+    host: str = "127.0.0.1"
+    port: int = 0
+    baud: int | None = None
+    bits_per_char: int = 11  # 8E1: start + 8 data + parity + stop
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("tcp", "pty"):
+            raise ValueError(f"link kind must be 'tcp' or 'pty', got {self.kind!r}")
+        if self.baud is not None and self.baud <= 0:
+            raise ValueError(f"baud must be positive, got {self.baud}")
+        if not 7 <= self.bits_per_char <= 12:
+            raise ValueError(f"bits_per_char must be 7..12, got {self.bits_per_char}")
+
+    @property
+    def char_time(self) -> float:
+        return 0.0 if self.baud is None else self.bits_per_char / self.baud
+
+
+class SimulatedBus:
+    """One simulated RS-485 segment with its meters. ``await start()``, read ``endpoint``."""
+
+    def __init__(
+        self,
+        meters: Iterable[Dlt645Meter],
+        link: LinkConfig | None = None,
+        faults: Faults | None = None,
+    ) -> None:
+        self.link = link or LinkConfig()
+        self.faults = faults or Faults()
+        self.meters: dict[bytes, Dlt645Meter] = {}
+        for meter in meters:
+            if meter.address.wire in self.meters:
+                raise ValueError(f"meter address {meter.address_text} is on this bus twice")
+            self.meters[meter.address.wire] = meter
+        self.stats: Counter[str] = Counter()
+        self.wire_free = 0.0  # loop time at which the shared segment is next idle
+        self._server: asyncio.Server | None = None
+        self._connections: set[_Connection] = set()
+        self._pty: tuple[int, int] | None = None
+        self._endpoint: tuple[str, int] | str | None = None
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    @property
+    def endpoint(self) -> tuple[str, int] | str:
+        """(host, port) of the TCP listener, or the pty slave path."""
+        if self._endpoint is None:
+            raise RuntimeError("the bus is not started")
+        return self._endpoint
+
+    def meter(self, address: str) -> Dlt645Meter:
+        return self.meters[Address.parse(address).wire]
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.link.kind == "tcp":
+            self._server = await loop.create_server(lambda: _Connection(self), self.link.host, self.link.port)
+            sock = self._server.sockets[0].getsockname()
+            self._endpoint = (str(sock[0]), int(sock[1]))
+            return
+        master, slave = os.openpty()
+        tty.setraw(slave)  # no echo, no CR/LF translation: bytes pass as on a serial line
+        self._pty = (master, slave)
+        self._endpoint = os.ttyname(slave)
+        os.set_blocking(master, False)
+        connection = _Connection(self)
+        reader = os.fdopen(master, "rb", buffering=0, closefd=False)
+        writer = os.fdopen(os.dup(master), "wb", buffering=0)
+        await loop.connect_read_pipe(lambda: connection, reader)
+        write_transport, _ = await loop.connect_write_pipe(asyncio.BaseProtocol, writer)
+        connection.writer = write_transport
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self._connections):
+            connection.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+        if self._pty is not None:
+            for fd in self._pty:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._pty = None
+        self._endpoint = None
+
+    async def __aenter__(self) -> SimulatedBus:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- dispatch -------------------------------------------------------------------------------
+
+    def dispatch(self, frame: Frame) -> tuple[Dlt645Meter | None, list[bytes]]:
+        """Deliver one request frame; the meter that answers (if any) and its reply bytes."""
+        self.stats["frames"] += 1
+        address = frame.address
+        if frame.control.from_meter:
+            self.stats["ignored_replies"] += 1  # another master's traffic, or an echo
+            return None, []
+        if address.is_broadcast:
+            self.stats["broadcasts"] += 1
+            for each in self.meters.values():
+                if not self._fault_silences(each):
+                    each.handle(frame)
+            return None, []
+        meter: Dlt645Meter | None = self.meters.get(address.wire)
+        if meter is None and address.is_wildcard:
+            candidates = [m for m in self.meters.values() if address.matches(m.address)]
+            if len(self.meters) != 1 or not candidates:
+                self.stats["wildcard_unanswered"] += 1
+                return None, []
+            meter = candidates[0]
+        if meter is None:
+            self.stats["not_for_us"] += 1
+            return None, []
+        if self._fault_silences(meter):
+            return meter, []
+        replies = meter.handle(frame)
+        if replies:
+            self.stats["replies"] += 1
+        return meter, replies
+
+    def _fault_silences(self, meter: Dlt645Meter) -> bool:
+        if not self.faults.active:
+            return False
+        f = self.faults.for_meter(meter.address_text)
+        if f.stuck_relay:
+            meter.stuck_relay = True
+        if f.never_answer:
+            self.stats["never_answer"] += 1
+            return True
+        if f.hit(f.drop_request):
+            self.stats["drop_request"] += 1
+            return True
+        return False
+
+    def mangle(self, meter: Dlt645Meter, request: Frame, replies: list[bytes]) -> tuple[bytes, float, float]:
+        """Apply reply faults: (bytes to send, extra delay, seconds per byte when dribbling)."""
+        f = self.faults.for_meter(meter.address_text)
+        data = b"".join(replies)
+        if f.hit(f.drop_reply):
+            self.stats["drop_reply"] += 1
+            return b"", 0.0, 0.0
+        if f.hit(f.wrong_address):
+            self.stats["wrong_address"] += 1
+            data = b"".join(_readdress(r) for r in replies)
+        if f.hit(f.corrupt_byte):
+            self.stats["corrupt_byte"] += 1
+            start = len(data) - len(data.lstrip(b"\xfe"))
+            pos = f.rng.randrange(start, len(data))
+            data = data[:pos] + bytes((data[pos] ^ f.rng.randrange(1, 256),)) + data[pos + 1 :]
+        if f.hit(f.truncate_reply) and len(data) > 1:
+            self.stats["truncate_reply"] += 1
+            data = data[: f.rng.randrange(1, len(data))]
+        if f.hit(f.echo_request):
+            self.stats["echo_request"] += 1
+            data = request.encode() + data
+        if f.hit(f.noise_burst):
+            self.stats["noise_burst"] += 1
+            data = f.rng.randbytes(f.rng.randrange(3, 17)) + data
+        if f.late_reply > 0:
+            self.stats["late_reply"] += 1
+        if f.dribble > 0:
+            self.stats["dribble"] += 1
+        return data, f.late_reply, f.dribble
+
+
+def _readdress(reply: bytes) -> bytes:
+    """The same reply from a neighbouring address (lowest digit's last bit flipped), valid CS."""
+    start = reply.index(0x68)
+    body = bytearray(reply[start:])
+    body[1] ^= 0x01
+    body[-2] = checksum(body[:-2])
+    return reply[:start] + bytes(body)
+
+
+class _Connection(asyncio.Protocol):
+    """One client of a bus (a TCP connection or the pty master)."""
+
+    def __init__(self, bus: SimulatedBus) -> None:
+        self.bus = bus
+        self.deframer = Deframer()
+        self.writer: asyncio.WriteTransport | None = None
+        self.transport: asyncio.BaseTransport | None = None
+        self._queue: list[tuple[float, int, bytes, float]] = []
+        self._order = itertools.count()
+        self._wake = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        if isinstance(transport, asyncio.WriteTransport):
+            self.writer = transport
+        self.bus._connections.add(self)
+        self.bus.stats["connections"] += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self.bus._connections.discard(self)
+        if self._sender is not None:
+            self._sender.cancel()
+
+    def close(self) -> None:
+        self._closed = True
+        if self._sender is not None:
+            self._sender.cancel()
+        for t in (self.transport, self.writer):
+            if t is not None:
+                t.close()
+
+    def data_received(self, data: bytes) -> None:
+        bus = self.bus
+        now = None
+        for event in self.deframer.feed(data):
+            if isinstance(event, Discarded):
+                bus.stats[f"discarded_{event.reason}"] += 1
+                continue
+            meter, replies = bus.dispatch(event)
+            if meter is None or not replies:
+                continue
+            delay, dribble = 0.0, 0.0
+            out = b"".join(replies)
+            if bus.faults.active:
+                out, delay, dribble = bus.mangle(meter, event, replies)
+                if not out:
+                    continue
+            char_time = bus.link.char_time
+            delay += meter.turnaround
+            if not (char_time or delay or dribble) and not self._queue:
+                if self.writer is not None:
+                    self.writer.write(out)
+                continue
+            if now is None:
+                now = asyncio.get_running_loop().time()
+            # The request crossed the wire before the meter could see it (the 68 .. 16 bytes).
+            ready = now + (len(event.data) + 12) * char_time + delay
+            heapq.heappush(self._queue, (ready, next(self._order), out, dribble))
+            if self._sender is None or self._sender.done():
+                self._sender = asyncio.get_running_loop().create_task(self._send_loop())
+            self._wake.set()
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    async def _send_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._queue and not self._closed:
+            ready, _, data, dribble = self._queue[0]
+            wait = ready - loop.time()
+            if wait > 0:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), wait)
+                continue
+            heapq.heappop(self._queue)
+            await self._transmit(data, dribble)
+
+    async def _transmit(self, data: bytes, dribble: float) -> None:
+        bus = self.bus
+        loop = asyncio.get_running_loop()
+        char_time = bus.link.char_time
+        if dribble > 0:
+            step, pause = 1, max(dribble, char_time)
+        elif char_time > 0:
+            step = max(1, int(_SLICE / char_time))
+            pause = step * char_time
+        else:
+            if self.writer is not None and not self._closed:
+                self.writer.write(data)
+            return
+        for i in range(0, len(data), step):
+            chunk = data[i : i + step]
+            start = max(loop.time(), bus.wire_free)
+            bus.wire_free = start + (pause if len(chunk) == step else len(chunk) * char_time)
+            await asyncio.sleep(bus.wire_free - loop.time())
+            if self._closed or self.writer is None:
+                return
+            self.writer.write(chunk)
