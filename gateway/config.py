@@ -167,7 +167,7 @@ class UplinkSection(_Section, kw_only=True, frozen=True):
     password: Secret | None = None
     tls: TlsSection | None = None
     keepalive: Duration = Duration(60)
-    topic_prefix: str = "meters"
+    topic_prefix: str = "meter-gateway"  # gateway.mqtt_contract.TOPIC_ROOT
     protocol: Literal["auto", "5", "3.1.1"] = "auto"
     batch_max_readings: Annotated[int, Meta(ge=1, le=10000)] = 500
     max_inflight: Annotated[int, Meta(ge=1, le=65535)] = 20

@@ -21,5 +21,7 @@ def test_unknown_command_exits_2(capsys) -> None:  # type: ignore[no-untyped-def
 
 
 def test_console_script_version() -> None:
-    proc = subprocess.run([sys.executable, "-m", "gateway.cli", "--version"], capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "--version"], capture_output=True, text=True, check=True
+    )
     assert proc.stdout.startswith("meter-gateway ")

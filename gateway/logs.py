@@ -1,0 +1,222 @@
+"""Structured logging: one line per event, logfmt or JSON, journald-friendly, rate-limited, redacted.
+
+Messages are written as logfmt (``log.info("event=meter_offline meter=%s", mid)``) or as plain
+sentences; structured fields can also come through ``extra=fields(bus="a", n=3)``. Under journald
+($JOURNAL_STREAM names our stderr) lines carry an sd-daemon(3) priority prefix (``<6>``) and no
+timestamp, since the journal stamps each line itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import IO, Any, Literal
+
+__all__ = [
+    "REDACTED",
+    "JsonFormatter",
+    "LogfmtFormatter",
+    "RateLimiter",
+    "RedactFilter",
+    "fields",
+    "setup_logging",
+    "under_journald",
+]
+
+LogFormat = Literal["logfmt", "json"]
+REDACTED = "***"
+
+# sd-daemon(3) priorities (syslog levels)
+_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+
+# A key is secret when it is, or ends in, one of these words: password, mqtt_password, api_key, ...
+_SECRET_KEY = re.compile(r"(?:^|[_.-])(?:password|passwd|secret|key|token)$", re.IGNORECASE)
+_SECRET_IN_TEXT = re.compile(
+    r"""(?P<key>\b[\w.-]*?(?:password|passwd|secret|key|token))(?P<sep>['"]?\s*[=:]\s*)"""
+    r"""(?P<value>"(?:[^"\\]|\\.)*"|'[^']*'|[^\s,;}\]]+)""",
+    re.IGNORECASE,
+)
+_LOGFMT_PAIR = re.compile(r"""([A-Za-z_][\w.-]*)=("(?:[^"\\]|\\.)*"|\S*)""")
+_BARE = re.compile(r"""^[^\s="\\]+$""")
+
+
+def fields(**kv: object) -> dict[str, Any]:
+    """``extra=`` for structured fields: ``log.warning("event=x", extra=fields(bus="a"))``."""
+    return {"fields": kv}
+
+
+def is_secret_key(key: str) -> bool:
+    return _SECRET_KEY.search(key) is not None
+
+
+def redact_text(text: str) -> str:
+    def sub(m: re.Match[str]) -> str:
+        if not is_secret_key(m.group("key")):
+            return m.group(0)
+        return f"{m.group('key')}{m.group('sep')}{REDACTED}"
+
+    return _SECRET_IN_TEXT.sub(sub, text)
+
+
+class RedactFilter(logging.Filter):
+    """Replaces values of secret-named keys, in the message text and in structured fields."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_text(message)
+        if redacted != message or record.args:
+            record.msg, record.args = redacted, None
+        extra = getattr(record, "fields", None)
+        if isinstance(extra, Mapping):
+            record.fields = {k: REDACTED if is_secret_key(str(k)) else v for k, v in extra.items()}
+        return True
+
+
+def _logfmt_value(value: object) -> str:
+    text = "" if value is None else str(value)
+    if text and _BARE.match(text):
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _parse_logfmt(message: str) -> dict[str, str] | None:
+    """The message's key=value pairs when it is nothing but those, else None."""
+    pairs = _LOGFMT_PAIR.findall(message)
+    if not pairs or " ".join(f"{k}={v}" for k, v in pairs) != message.strip():
+        return None
+    return {k: json.loads(v) if v.startswith('"') else v for k, v in pairs}
+
+
+class _StructuredFormatter(logging.Formatter):
+    def __init__(self, journald: bool = False) -> None:
+        super().__init__()
+        self.journald = journald
+
+    def _prefix(self, record: logging.LogRecord) -> str:
+        if not self.journald:
+            return ""
+        level = max((lv for lv in _PRIORITY if lv <= record.levelno), default=logging.DEBUG)
+        return f"<{_PRIORITY[level]}>"
+
+    @staticmethod
+    def _extra(record: logging.LogRecord) -> dict[str, object]:
+        extra = getattr(record, "fields", None)
+        out = dict(extra) if isinstance(extra, Mapping) else {}
+        if record.exc_info:
+            out["exc"] = logging.Formatter().formatException(record.exc_info)
+        return out
+
+
+class LogfmtFormatter(_StructuredFormatter):
+    def format(self, record: logging.LogRecord) -> str:
+        parts = [] if self.journald else [f"ts={_iso(record.created)}"]
+        parts += [f"level={record.levelname.lower()}", f"logger={record.name}"]
+        message = record.getMessage()
+        if _parse_logfmt(message) is not None:
+            parts.append(message.strip())
+        elif message:
+            parts.append(f"msg={_logfmt_value(message)}")
+        parts += [f"{k}={_logfmt_value(v)}" for k, v in self._extra(record).items()]
+        return self._prefix(record) + " ".join(parts)
+
+
+class JsonFormatter(_StructuredFormatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, object] = {} if self.journald else {"ts": _iso(record.created)}
+        out |= {"level": record.levelname.lower(), "logger": record.name}
+        message = record.getMessage()
+        parsed = _parse_logfmt(message)
+        if parsed is None:
+            out["msg"] = message
+        else:
+            out |= {k: v for k, v in parsed.items() if k not in out}
+        out |= self._extra(record)
+        return self._prefix(record) + json.dumps(out, ensure_ascii=False, default=str)
+
+
+def _iso(created: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+
+
+def under_journald(stream: IO[str] | None = None, environ: Mapping[str, str] | None = None) -> bool:
+    """True when ``stream`` is the journal's stream ($JOURNAL_STREAM is "device:inode" of it)."""
+    env = os.environ if environ is None else environ
+    value = env.get("JOURNAL_STREAM", "")
+    if not value:
+        return False
+    stream = sys.stderr if stream is None else stream
+    try:
+        st = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return True  # cannot check (a wrapped stream): trust the environment
+    return value == f"{st.st_dev}:{st.st_ino}"
+
+
+def setup_logging(
+    level: str | int = "INFO",
+    fmt: LogFormat = "logfmt",
+    *,
+    stream: IO[str] | None = None,
+    journald: bool | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> logging.Handler:
+    """Configure the root logger (replacing earlier handlers of ours) and return the handler."""
+    if fmt not in ("logfmt", "json"):
+        raise ValueError(f"unknown log format {fmt!r}: use logfmt or json")
+    stream = sys.stderr if stream is None else stream
+    if journald is None:
+        journald = under_journald(stream, environ)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter(journald) if fmt == "json" else LogfmtFormatter(journald))
+    handler.addFilter(RedactFilter())
+    handler.set_name("meter-gateway")
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == "meter-gateway"]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper() if isinstance(level, str) else level)
+    return handler
+
+
+@dataclass(slots=True)
+class _Window:
+    opened: float
+    suppressed: int = 0
+
+
+class RateLimiter:
+    """One line per kind per ``interval`` seconds; the lines that were held back are counted.
+
+    The caller still counts every event in its metrics; this only keeps the journal readable when a
+    bus produces garbage hundreds of times a second.
+    """
+
+    def __init__(self, interval: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._windows: dict[str, _Window] = {}
+
+    def allow(self, kind: str) -> int | None:
+        """None to stay quiet; else the number of events suppressed since the last line of ``kind``."""
+        now = self._clock()
+        w = self._windows.get(kind)
+        if w is None or now - w.opened >= self.interval:
+            suppressed = 0 if w is None else w.suppressed
+            self._windows[kind] = _Window(now)
+            return suppressed
+        w.suppressed += 1
+        return None
+
+    def log(self, logger: logging.Logger, level: int, kind: str, msg: str, *args: object) -> bool:
+        """Log ``msg`` (logfmt) unless ``kind`` was logged within the interval; adds ``suppressed=N``."""
+        suppressed = self.allow(kind)
+        if suppressed is None:
+            return False
+        logger.log(level, msg, *args, extra=fields(suppressed=suppressed) if suppressed else None)
+        return True

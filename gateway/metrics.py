@@ -1,0 +1,318 @@
+"""Prometheus metrics of the gateway, on a registry of their own.
+
+Two kinds of metric live here. Events only the daemon sees (a reading acquired, a missed slot, a
+reply latency, a config reload) are ordinary prometheus-client metrics the daemon increments.
+Counters that other modules already keep as plain data (``Bus.snapshot()``, ``OutboxStats``,
+``UplinkStats``, ``HealthBook.counts()``) are not copied into prometheus counters: the daemon hands
+the latest snapshot to an ``update_*`` method and a custom collector reports those values at
+scrape time. That keeps a single owner for each count and keeps counters monotonic (a counter
+that restarts from zero, e.g. a bus re-created by a reload, is an ordinary counter reset to
+Prometheus).
+
+The snapshots are replaced whole under a lock, because scrapes run in the HTTP server's thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gateway import __version__
+
+__all__ = ["LATENCY_BUCKETS", "METER_STATES", "PREFIX", "Metrics", "MetricsServer", "start_http"]
+
+PREFIX = "meter_gateway"
+
+# One DL/T 645 reply at 2400 baud 8E1 is ~4.6 ms per byte: a 20-byte reply is ~90 ms and a long
+# one plus the meter's turnaround reaches seconds; a Modbus TCP reply on a LAN takes a few ms.
+LATENCY_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+METER_STATES: tuple[str, ...] = ("online", "degraded", "offline", "unknown")
+
+# Bus.snapshot() keys (drivers/bus.py BusCounters) -> (metric, label value). Grouped by unit so
+# each metric family counts one kind of thing: whole transactions, single attempts, rejected
+# replies, bytes thrown away.
+_BUS_TRANSACTIONS = {
+    "ok": "ok",
+    "link_down": "link_down",
+    "no_answer": "no_answer",
+    "bad_reply": "bad_reply",
+    "refused": "refused",
+    "offline_skipped": "offline_skipped",
+}
+_BUS_ATTEMPTS = {"retries": "retry", "timeouts": "timeout", "probes": "probe"}
+_BUS_REJECTED = {"echo_ignored": "echo", "mismatched": "mismatched", "late_replies": "late"}
+_BUS_DISCARDED_BYTES = {"garbage_bytes": "garbage", "stale_bytes_flushed": "stale_flushed"}
+
+
+@dataclass(frozen=True, slots=True)
+class _OutboxView:
+    depth: int
+    oldest_age: float | None
+    disk_bytes: int
+    disk_full: bool
+    counters: Mapping[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class _UplinkView:
+    connected: bool
+    connects: int
+    disconnects: int
+    connect_failures: int
+    published_batches: int
+    published_readings: int
+    inflight_batches: int
+    failures: Mapping[str, int]
+    last_delivery: float | None
+
+
+class _SnapshotCollector(Collector):
+    """Reports the latest snapshots handed to ``Metrics.update_*`` at scrape time."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.buses: dict[str, dict[str, int]] = {}
+        self.meter_states: dict[str, int] = {}
+        self.outbox: _OutboxView | None = None
+        self.uplink: _UplinkView | None = None
+
+    def collect(self) -> Iterable[Metric]:
+        with self.lock:
+            buses = dict(self.buses)
+            states = dict(self.meter_states)
+            outbox = self.outbox
+            uplink = self.uplink
+        yield from self._buses(buses)
+        meters = GaugeMetricFamily(f"{PREFIX}_meters", "Configured meters by health state.", labels=["state"])
+        for state in (*METER_STATES, *sorted(set(states) - set(METER_STATES))):
+            meters.add_metric([state], states.get(state, 0))
+        yield meters
+        if outbox is not None:
+            yield from self._outbox(outbox)
+        if uplink is not None:
+            yield from self._uplink(uplink)
+
+    @staticmethod
+    def _buses(buses: Mapping[str, Mapping[str, int]]) -> Iterator[Metric]:
+        def family(name: str, doc: str, keys: Mapping[str, str], label: str) -> CounterMetricFamily:
+            fam = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["bus", label])
+            for bus, snap in sorted(buses.items()):
+                for key, value in keys.items():
+                    fam.add_metric([bus, value], snap.get(key, 0))
+            return fam
+
+        yield family(
+            "bus_transactions", "Bus transactions by final outcome (retries not counted).", _BUS_TRANSACTIONS, "outcome"
+        )
+        yield family("bus_attempts", "Extra attempts on a bus: retries, timeouts, probes.", _BUS_ATTEMPTS, "kind")
+        yield family("bus_rejected_replies", "Frames heard on a bus and not taken as the reply.", _BUS_REJECTED, "kind")
+        yield family("bus_discarded_bytes", "Bytes thrown away on a bus.", _BUS_DISCARDED_BYTES, "kind")
+
+        sent = CounterMetricFamily(f"{PREFIX}_bus_requests_sent", "Requests written, retries included.", labels=["bus"])
+        queued = GaugeMetricFamily(f"{PREFIX}_bus_queued", "Transactions waiting for the bus.", labels=["bus"])
+        connected = GaugeMetricFamily(f"{PREFIX}_link_connected", "1 while the bus link is open.", labels=["bus"])
+        connects = CounterMetricFamily(f"{PREFIX}_link_connects", "Link (re)connections made.", labels=["bus"])
+        losses = CounterMetricFamily(f"{PREFIX}_link_losses", "Links lost after being up.", labels=["bus"])
+        rx = CounterMetricFamily(f"{PREFIX}_link_received_bytes", "Bytes read from the link.", labels=["bus"])
+        tx = CounterMetricFamily(f"{PREFIX}_link_sent_bytes", "Bytes written to the link.", labels=["bus"])
+        for bus, snap in sorted(buses.items()):
+            sent.add_metric([bus], snap.get("sent", 0))
+            queued.add_metric([bus], snap.get("queued", 0))
+            if "link_connected" in snap:  # buses without a transport of ours (pymodbus owns the I/O)
+                connected.add_metric([bus], snap["link_connected"])
+                connects.add_metric([bus], snap.get("link_connects", 0))
+                losses.add_metric([bus], snap.get("link_losses", 0))
+                rx.add_metric([bus], snap.get("link_bytes_in", 0))
+                tx.add_metric([bus], snap.get("link_bytes_out", 0))
+        yield from (sent, queued, connected, connects, losses, rx, tx)
+
+    @staticmethod
+    def _outbox(o: _OutboxView) -> Iterator[Metric]:
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+        def counter(name: str, doc: str, key: str) -> CounterMetricFamily:
+            return CounterMetricFamily(f"{PREFIX}_{name}", doc, value=o.counters.get(key, 0))
+
+        yield gauge("outbox_depth", "Readings committed and not yet delivered.", o.depth)
+        yield gauge(
+            "outbox_oldest_undelivered_age_seconds",
+            "How long the oldest undelivered reading has waited (0 when the outbox is empty).",
+            o.oldest_age or 0.0,
+        )
+        yield gauge("outbox_disk_bytes", "Outbox database size on disk, WAL included.", o.disk_bytes)
+        yield gauge("outbox_disk_full", "1 while the outbox storage refuses writes.", 1 if o.disk_full else 0)
+        yield counter("readings_committed", "Readings newly committed to the outbox.", "committed")
+        yield counter("readings_duplicates", "Readings already in the outbox, ignored.", "duplicates")
+        yield counter("readings_delivered", "Readings acknowledged by the head-end and removed.", "delivered")
+        yield counter(
+            "outbox_overflow_dropped", "Oldest undelivered readings dropped to stay in budget.", "overflow_dropped"
+        )
+        yield counter("outbox_refused", "Readings refused by a full outbox.", "refused")
+        yield counter("outbox_invalid", "Readings not storable (bad types or timestamps).", "invalid")
+
+    @staticmethod
+    def _uplink(u: _UplinkView) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            f"{PREFIX}_uplink_connected", "1 while connected to the broker.", value=int(u.connected)
+        )
+        yield CounterMetricFamily(f"{PREFIX}_uplink_connects", "Broker connections made.", value=u.connects)
+        yield CounterMetricFamily(f"{PREFIX}_uplink_disconnects", "Broker connections lost.", value=u.disconnects)
+        yield CounterMetricFamily(
+            f"{PREFIX}_uplink_connect_failures", "Broker connection attempts failed.", value=u.connect_failures
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_uplink_published_batches", "Batches acknowledged by the broker.", value=u.published_batches
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_uplink_published_readings", "Readings in acknowledged batches.", value=u.published_readings
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_uplink_inflight_batches", "Batches published, PUBACK pending.", value=u.inflight_batches
+        )
+        failures = CounterMetricFamily(
+            f"{PREFIX}_uplink_publish_failures", "Publish failures by reason.", labels=["reason"]
+        )
+        for reason, n in sorted(u.failures.items()):
+            failures.add_metric([reason], n)
+        yield failures
+        if u.last_delivery is not None:  # absent rather than 1970 until the first delivery
+            yield GaugeMetricFamily(
+                f"{PREFIX}_uplink_last_delivery_timestamp_seconds",
+                "Unix time of the last acknowledged delivery of readings.",
+                value=u.last_delivery,
+            )
+
+
+class Metrics:
+    """Every metric the daemon exports, on its own registry (several instances do not collide)."""
+
+    def __init__(self, version: str = __version__, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._snapshots = _SnapshotCollector()
+        r.register(self._snapshots)
+
+        self.build_info = Gauge(f"{PREFIX}_build_info", "Always 1; the labels say what runs.", ["version"], registry=r)
+        self.build_info.labels(version=version).set(1)
+        self.reply_latency = Histogram(
+            f"{PREFIX}_reply_latency_seconds",
+            "Time from request written to accepted reply, per bus.",
+            ["bus"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.readings_acquired = Counter(
+            f"{PREFIX}_readings_acquired", "Readings decoded from meters (before the outbox).", registry=r
+        )
+        self.missed_slots = Counter(
+            f"{PREFIX}_missed_slots", "Poll slots that ended without a reading, per bus.", ["bus"], registry=r
+        )
+        self.config_reloads = Counter(
+            f"{PREFIX}_config_reloads", "Configuration reloads (SIGHUP) by result.", ["result"], registry=r
+        )
+        for result in ("ok", "failed"):
+            self.config_reloads.labels(result=result)
+        # Reserved for remote disconnect/reconnect: exported now so dashboards and alerts can be
+        # written before the command path lands.
+        self.commands = Counter(
+            f"{PREFIX}_commands", "Remote commands by action and result.", ["action", "result"], registry=r
+        )
+        self.commands_rejected = Counter(
+            f"{PREFIX}_commands_rejected", "Commands refused before execution, by reason.", ["reason"], registry=r
+        )
+        self.config_last_reload = Gauge(
+            f"{PREFIX}_config_last_reload_timestamp_seconds", "Unix time of the last successful reload.", registry=r
+        )
+
+    # -- directly owned ---------------------------------------------------------------------
+
+    def observe_latency(self, bus: str, seconds: float) -> None:
+        self.reply_latency.labels(bus=bus).observe(seconds)
+
+    def count_reload(self, ok: bool, when: float | None = None) -> None:
+        self.config_reloads.labels(result="ok" if ok else "failed").inc()
+        if ok:
+            self.config_last_reload.set(time.time() if when is None else when)
+
+    # -- snapshots owned by other modules ------------------------------------------------
+
+    def update_bus(self, bus: str, snapshot: Mapping[str, int]) -> None:
+        """Latest ``Bus.snapshot()`` of one bus; unknown keys are ignored."""
+        with self._snapshots.lock:
+            self._snapshots.buses[bus] = dict(snapshot)
+
+    def remove_bus(self, bus: str) -> None:
+        """Stop exporting a bus (it left the configuration)."""
+        with self._snapshots.lock:
+            self._snapshots.buses.pop(bus, None)
+
+    def update_meter_states(self, counts: Mapping[str, int]) -> None:
+        """``HealthBook.counts()`` summed over buses: meters per state name."""
+        with self._snapshots.lock:
+            self._snapshots.meter_states = dict(counts)
+
+    def update_outbox(self, stats: Any, now: float | None = None) -> None:
+        """Latest ``OutboxStats`` (duck-typed so this module does not import the outbox)."""
+        now = time.time() if now is None else now
+        view = _OutboxView(
+            depth=int(stats.depth),
+            oldest_age=stats.oldest_age(now),
+            disk_bytes=int(stats.file_bytes) + int(stats.wal_bytes),
+            disk_full=stats.storage_alarm is not None,
+            counters=dict(stats.counters),
+        )
+        with self._snapshots.lock:
+            self._snapshots.outbox = view
+
+    def update_uplink(self, stats: Any) -> None:
+        """Latest ``UplinkStats`` (copied: the uplink keeps mutating its own)."""
+        view = _UplinkView(
+            connected=bool(stats.connected),
+            connects=int(stats.connects),
+            disconnects=int(stats.disconnects),
+            connect_failures=int(stats.connect_failures),
+            published_batches=int(stats.published_batches),
+            published_readings=int(stats.published_readings),
+            inflight_batches=int(stats.inflight_batches),
+            failures=dict(stats.failures),
+            last_delivery=stats.last_delivery,
+        )
+        with self._snapshots.lock:
+            self._snapshots.uplink = view
+
+
+class MetricsServer:
+    """The /metrics HTTP server (a thread of prometheus-client's); ``close`` stops it."""
+
+    def __init__(self, server: Any, thread: threading.Thread) -> None:
+        self._server = server
+        self._thread = thread
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    @property
+    def port(self) -> int:
+        return self.address[1]
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def start_http(host: str, port: int, metrics: Metrics) -> MetricsServer:
+    """Serve ``metrics`` on http://host:port/metrics (port 0 picks a free one)."""
+    server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return MetricsServer(server, thread)

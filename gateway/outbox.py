@@ -1,0 +1,1011 @@
+"""The durable outbox: every reading is committed to SQLite before it counts as acquired.
+
+Rows are keyed by an AUTOINCREMENT row id (delivery order) with the reading's deterministic id
+unique (a re-acquired reading is a counted duplicate, not a second row). A row leaves the outbox
+only through ``ack(row_ids)`` after a positive broker acknowledgement, or through the counted
+drop-oldest overflow policy; nothing is ever deleted by age, so a gateway clock step cannot
+lose undelivered data. The gateway time at insert is kept only for the oldest-undelivered-age
+metric.
+
+Storage failures (disk full, I/O error, lock timeout) do not stop the daemon: the failing batch
+is held in memory (bounded by ``hold_limit`` readings), an alarm is raised, and the batch is
+retried until the storage takes it again. See docs/outbox.md for the durability of each
+``synchronous`` setting and for why the default overflow policy refuses new readings.
+
+``Outbox`` is synchronous and must be used from one thread; ``AsyncOutbox`` runs it on a
+dedicated writer thread (so commit fsyncs never block the event loop) and group-commits
+concurrent ``add``/``ack`` calls into one transaction each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import errno
+import fcntl
+import logging
+import math
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
+
+from drivers.reading import Quality, Reading
+from gateway import outbox_schema
+from gateway.outbox_schema import COUNTER_NAMES, SchemaError
+
+__all__ = [
+    "AddResult",
+    "AsyncOutbox",
+    "Outbox",
+    "OutboxError",
+    "OutboxStats",
+    "OverflowPolicy",
+    "Row",
+    "SchemaError",
+    "Synchronous",
+]
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+DEFAULT_BUDGET_BYTES = 512 * 1024 * 1024
+MIN_BUDGET_BYTES = 64 * 1024
+DEFAULT_HOLD_LIMIT = 100_000
+# A fresh database has too few rows for a measured per-row size; this is above the real
+# figure (about 150-200 bytes with the unique index) so the budget errs on the safe side.
+_INITIAL_ROW_ESTIMATE = 256
+_IN_CHUNK = 500  # ids per "IN (...)" lookup, well under SQLite's bound-parameter limit
+
+# SQLite primary result codes (https://www.sqlite.org/rescode.html) we treat as "storage is
+# unavailable right now": retry later instead of failing the daemon.
+_SQLITE_BUSY = 5
+_SQLITE_LOCKED = 6
+_SQLITE_IOERR = 10
+_SQLITE_FULL = 13
+
+
+class Synchronous(enum.StrEnum):
+    """PRAGMA synchronous in WAL mode; docs/outbox.md says what survives a power cut with each."""
+
+    NORMAL = "NORMAL"
+    FULL = "FULL"
+    EXTRA = "EXTRA"
+
+
+class OverflowPolicy(enum.StrEnum):
+    """What happens when the outbox reaches its disk budget (both counted)."""
+
+    REFUSE_NEW = "refuse-new"  # keep every committed row; new readings are refused
+    DROP_OLDEST = "drop-oldest"  # delete the oldest undelivered rows to make room
+
+
+class OutboxError(Exception):
+    """The outbox cannot be opened or used as asked."""
+
+
+class Row(NamedTuple):
+    """One undelivered reading as stored; ``added_at`` is gateway time at insert (metric only)."""
+
+    row_id: int
+    reading_id: str
+    meter_id: str
+    quantity: str
+    value: float | int | str
+    unit: str
+    gateway_time: float
+    meter_time: float | None
+    slot: float | None
+    quality: int
+    added_at: float
+
+    def reading(self) -> Reading:
+        return Reading(
+            meter_id=self.meter_id,
+            quantity=self.quantity,
+            value=self.value,
+            unit=self.unit,
+            gateway_time=self.gateway_time,
+            meter_time=self.meter_time,
+            slot=self.slot,
+            quality=Quality(self.quality),
+        )
+
+
+_SELECT_ROWS = (
+    "SELECT row_id, reading_id, meter_id, quantity, value, unit, gateway_time, meter_time, slot, quality, "
+    "added_at FROM readings "
+)
+_PEEK = _SELECT_ROWS + "WHERE row_id > ? ORDER BY row_id LIMIT ?"
+_BY_ROW_ID = _SELECT_ROWS + "WHERE row_id = ?"
+_BY_READING_ID = _SELECT_ROWS + "WHERE reading_id = ?"
+_INSERT = (
+    "INSERT OR IGNORE INTO readings (reading_id, meter_id, quantity, value, unit, gateway_time, "
+    "meter_time, slot, quality, added_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AddResult:
+    """What became of the readings handed to one ``add`` call (and of earlier held ones)."""
+
+    committed: int = 0  # newly committed rows
+    duplicates: int = 0  # already in the outbox (same reading id): ignored
+    held: int = 0  # readings now waiting in memory for the storage to come back (all calls)
+    refused: int = 0  # not taken: budget full under refuse-new, or the hold buffer full
+    dropped: int = 0  # oldest undelivered rows deleted to make room (drop-oldest policy)
+    invalid: int = 0  # not storable (wrong types, non-finite timestamps): counted, logged, not stored
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    path: str
+    schema_version: int
+    instance: str
+    synchronous: str
+    overflow_policy: str
+    budget_bytes: int
+    depth: int
+    last_row_id: int
+    oldest_row_id: int | None
+    oldest_added_at: float | None
+    live_bytes: int
+    file_bytes: int
+    wal_bytes: int
+    storage_alarm: str | None  # None, or why the storage refuses writes ("disk full", ...)
+    held: int
+    pending_acks: int
+    counters: dict[str, int] = field(default_factory=dict)  # this process
+    totals: dict[str, int] = field(default_factory=dict)  # lifetime, persisted
+
+    def oldest_age(self, now: float) -> float | None:
+        """Seconds the oldest undelivered reading has waited (never negative after a clock step)."""
+        if self.oldest_added_at is None:
+            return None
+        return max(0.0, now - self.oldest_added_at)
+
+
+def _classify(exc: BaseException) -> str | None:
+    """Name the storage failure, or None when the error is not one to ride out."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        primary = code & 0xFF if isinstance(code, int) else None
+        text = str(exc).lower()
+        if primary == _SQLITE_FULL or "database or disk is full" in text:
+            return "disk full"
+        if primary == _SQLITE_IOERR or "disk i/o error" in text:
+            return "I/O error"
+        if primary in (_SQLITE_BUSY, _SQLITE_LOCKED) or "database is locked" in text:
+            return "database busy"
+        return None
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return "disk full"
+        return "I/O error"
+    return None
+
+
+# Values SQLite cannot hold as numbers (it stores NaN as NULL; ints beyond 64 bits overflow)
+# travel as strings, so nothing the meter said is lost: a float32 register can hold a NaN.
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _number_text(value: object) -> str:
+    if isinstance(value, float):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return str(value)
+
+
+def _stamp_ok(t: object) -> bool:
+    return (type(t) is float and math.isfinite(t)) or type(t) is int
+
+
+def _problem(r: Reading) -> str | None:
+    """Why a reading cannot be stored as is: None (fine), "convert" (value as text) or a reason."""
+    if type(r.meter_id) is not str or type(r.quantity) is not str or type(r.unit) is not str:
+        return "meter id, quantity and unit must be text"
+    if not _stamp_ok(r.gateway_time):
+        return f"gateway time {r.gateway_time!r} is not a finite number"
+    if (r.meter_time is not None and not _stamp_ok(r.meter_time)) or (r.slot is not None and not _stamp_ok(r.slot)):
+        return "meter time and slot must be finite numbers"
+    v = r.value
+    if isinstance(v, float):
+        return None if math.isfinite(v) else "convert"
+    if isinstance(v, int):
+        return None if _INT64[0] <= v <= _INT64[1] else "convert"
+    if isinstance(v, str):
+        return None
+    return f"value of type {type(v).__name__} is not a number or text"
+
+
+def _storable(group: Sequence[Reading]) -> tuple[list[Reading], int]:
+    """The readings of a batch the outbox can store, and how many it cannot (logged once)."""
+    out: list[Reading] = []
+    bad = 0
+    first: str | None = None
+    for r in group:
+        problem = _problem(r)
+        if problem is None:
+            out.append(r)
+        elif problem == "convert":
+            out.append(dataclasses.replace(r, value=_number_text(r.value)))
+        else:
+            bad += 1
+            first = first or f"{r.id}: {problem}"
+    if bad:
+        log.warning("outbox: refused %d invalid readings (first: %s)", bad, first)
+    return out, bad
+
+
+def _runs(ids: Sequence[int]) -> Iterator[tuple[int, int]]:
+    """Contiguous runs of sorted unique ids, so an ack of a batch is one range delete."""
+    it = iter(ids)
+    try:
+        start = prev = next(it)
+    except StopIteration:
+        return
+    for i in it:
+        if i != prev + 1:
+            yield start, prev
+            start = i
+        prev = i
+    yield start, prev
+
+
+class Outbox:
+    """Synchronous outbox on one SQLite connection; use it from a single thread."""
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        path: Path,
+        *,
+        synchronous: Synchronous,
+        budget_bytes: int,
+        overflow_policy: OverflowPolicy,
+        hold_limit: int,
+        clock: Callable[[], float],
+        lock_fd: int | None,
+        readonly: bool = False,
+    ) -> None:
+        self._conn = conn
+        self.path = path
+        self.synchronous = synchronous
+        self.budget_bytes = budget_bytes
+        self.overflow_policy = overflow_policy
+        self.hold_limit = hold_limit
+        self._clock = clock
+        self._lock_fd = lock_fd
+        self.readonly = readonly
+        self._page_size: int = conn.execute("PRAGMA page_size").fetchone()[0]
+        self.schema_version = outbox_schema.version(conn)
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        self.instance: str = meta.get("instance", "")
+        self._depth: int = conn.execute("SELECT count(*) FROM readings").fetchone()[0]
+        seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'readings'").fetchone()
+        self._last_row_id: int = seq[0] if seq else 0
+        self._totals: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
+        self._totals.update(dict(conn.execute("SELECT name, value FROM counters").fetchall()))
+        self.counters: dict[str, int] = dict.fromkeys((*COUNTER_NAMES, "storage_errors"), 0)
+        self._unflushed: dict[str, int] = {}  # counter increments not yet persisted
+        self._held: list[Reading] = []
+        self._pending_acks: set[int] = set()
+        self._alarm: str | None = None
+        self._closed = False
+
+    # -- opening ----------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: Synchronous | str = Synchronous.FULL,
+        budget_bytes: int = DEFAULT_BUDGET_BYTES,
+        overflow_policy: OverflowPolicy | str = OverflowPolicy.REFUSE_NEW,
+        hold_limit: int = DEFAULT_HOLD_LIMIT,
+        page_limit: int | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> Outbox:
+        """Open (creating and migrating as needed) the outbox at ``path`` for writing.
+
+        ``page_limit`` is a hard cap on the database file in pages (PRAGMA max_page_count): the
+        storage then reports "disk full" at that size. It is a backstop for storage that must
+        never grow past a size, and how tests fill the "disk" without filling a real one.
+        """
+        try:
+            sync = Synchronous(str(synchronous).upper())
+        except ValueError:
+            raise OutboxError(
+                f"outbox synchronous must be one of {', '.join(Synchronous)}, got {synchronous!r}"
+            ) from None
+        try:
+            policy = OverflowPolicy(str(overflow_policy))
+        except ValueError:
+            raise OutboxError(
+                f"outbox overflow policy must be one of {', '.join(OverflowPolicy)}, got {overflow_policy!r}"
+            ) from None
+        if budget_bytes < MIN_BUDGET_BYTES:
+            raise OutboxError(f"outbox budget must be at least {MIN_BUDGET_BYTES} bytes, got {budget_bytes}")
+        if hold_limit < 0:
+            raise OutboxError(f"outbox hold limit must be >= 0, got {hold_limit}")
+        db = Path(path)
+        if not db.parent.is_dir():
+            raise OutboxError(f"outbox directory {db.parent} does not exist")
+        lock_fd = _lock(db)
+        try:
+            conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False, timeout=5.0)
+            try:
+                _configure(conn, db, sync, page_limit)
+                outbox_schema.migrate(conn)
+                return cls(
+                    conn,
+                    db,
+                    synchronous=sync,
+                    budget_bytes=budget_bytes,
+                    overflow_policy=policy,
+                    hold_limit=hold_limit,
+                    clock=clock,
+                    lock_fd=lock_fd,
+                )
+            except BaseException:
+                conn.close()
+                raise
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+    @classmethod
+    def open_readonly(cls, path: str | os.PathLike[str]) -> Outbox:
+        """Open an existing outbox for inspection while the daemon may be writing to it."""
+        db = Path(path)
+        if not db.is_file():
+            raise OutboxError(f"no outbox at {db}")
+        conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+        try:
+            _check_current(conn, db)
+            return cls(
+                conn,
+                db,
+                synchronous=Synchronous.NORMAL,
+                budget_bytes=DEFAULT_BUDGET_BYTES,
+                overflow_policy=OverflowPolicy.REFUSE_NEW,
+                hold_limit=0,
+                clock=time.time,
+                lock_fd=None,
+                readonly=True,
+            )
+        except BaseException:
+            conn.close()
+            raise
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        """Committed, undelivered rows."""
+        return self._depth
+
+    @property
+    def last_row_id(self) -> int:
+        """Highest row id ever committed to this outbox (row ids are never reused)."""
+        return self._last_row_id
+
+    @property
+    def held(self) -> int:
+        """Readings waiting in memory because the storage refused them."""
+        return len(self._held)
+
+    @property
+    def pending_acks(self) -> int:
+        return len(self._pending_acks)
+
+    @property
+    def storage_alarm(self) -> str | None:
+        return self._alarm
+
+    def set_page_limit(self, pages: int | None) -> None:
+        """Change the hard page cap (None: SQLite's default maximum)."""
+        value = 0xFFFFFFFE if pages is None else int(pages)
+        self._conn.execute(f"PRAGMA max_page_count = {value:d}")
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def add(self, readings: Iterable[Reading]) -> AddResult:
+        """Commit a batch in one transaction (after any held readings, which keep their order)."""
+        results, _ = self.write([list(readings)], [])
+        return results[0]
+
+    def ack(self, row_ids: Iterable[int]) -> int:
+        """Delete delivered rows by row id; returns how many were still there."""
+        _, counts = self.write([], [list(row_ids)])
+        return counts[0]
+
+    def retry_held(self) -> AddResult:
+        """Try again to commit held readings and pending acks (call while ``storage_alarm``)."""
+        self.write([], [])
+        return AddResult(held=len(self._held))
+
+    def write(
+        self, adds: Sequence[Sequence[Reading]], acks: Sequence[Sequence[int]]
+    ) -> tuple[list[AddResult], list[int]]:
+        """Group commit: all acks in one transaction, then all adds in one transaction.
+
+        Returns one AddResult per add group and one delivered count per ack group.
+        """
+        if self.readonly:
+            raise OutboxError(f"outbox {self.path} is open read-only")
+        if self._closed:
+            raise OutboxError(f"outbox {self.path} is closed")
+        ack_counts = self._ack_groups(acks)
+        add_results = self._add_groups(adds)
+        return add_results, ack_counts
+
+    def _ack_groups(self, groups: Sequence[Sequence[int]]) -> list[int]:
+        if not groups and not self._pending_acks:
+            return []
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            retried = self._delete_ids(sorted(self._pending_acks))
+            counts = [self._delete_ids(sorted(set(group))) for group in groups]
+            delivered = retried + sum(counts)
+            deltas = {"delivered": delivered}
+            self._flush_counters(deltas)
+            self._conn.execute("COMMIT")
+        except (sqlite3.Error, OSError) as exc:
+            self._rollback()
+            self._storage_failed(exc)
+            for group in groups:
+                self._pending_acks.update(group)
+            return [0] * len(groups)
+        self._pending_acks.clear()
+        self._depth -= delivered
+        self._committed_counters(deltas)
+        self._storage_ok()
+        return counts
+
+    def _delete_ids(self, ids: Sequence[int]) -> int:
+        deleted = 0
+        for first, last in _runs(ids):
+            deleted += self._conn.execute("DELETE FROM readings WHERE row_id BETWEEN ? AND ?", (first, last)).rowcount
+        return deleted
+
+    def _add_groups(self, groups: Sequence[Sequence[Reading]]) -> list[AddResult]:
+        work: list[list[Reading]] = []
+        invalid: list[int] = []
+        for group in groups:
+            ok, bad = _storable(group)
+            work.append(ok)
+            invalid.append(bad)
+        self._count("invalid", sum(invalid))
+        results = self._add_clean(work)
+        return [dataclasses.replace(r, invalid=n) if n else r for r, n in zip(results, invalid, strict=True)]
+
+    def _add_clean(self, work: list[list[Reading]]) -> list[AddResult]:
+        if not self._held and not any(work):
+            return [AddResult() for _ in work]
+        # Held readings go first so the outbox keeps acquisition order; they belong to no caller.
+        held = self._held
+        self._held = []
+        attempt = [held, *work] if held else work
+        results: list[AddResult] = []
+        deltas: dict[str, int] = dict.fromkeys(("committed", "duplicates", "overflow_dropped", "refused"), 0)
+        depth = self._depth
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+            now = self._clock()
+            for group in attempt:
+                result = self._insert_group(group, now, depth)
+                depth += result.committed - result.dropped
+                deltas["committed"] += result.committed
+                deltas["duplicates"] += result.duplicates
+                deltas["overflow_dropped"] += result.dropped
+                deltas["refused"] += result.refused
+                results.append(result)
+            self._flush_counters(deltas)
+            self._conn.execute("COMMIT")
+        except (sqlite3.Error, OSError) as exc:
+            self._rollback()
+            self._storage_failed(exc)
+            return self._hold(held, work)
+        self._depth = depth
+        seq = self._conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'readings'").fetchone()
+        self._last_row_id = seq[0] if seq else self._last_row_id
+        self._committed_counters(deltas)
+        if held:
+            log.warning("outbox storage recovered: committed %d held readings", results[0].committed)
+            results = results[1:]
+        self._storage_ok()
+        return results
+
+    def _insert_group(self, group: list[Reading], now: float, depth: int) -> AddResult:
+        if not group:
+            return AddResult()
+        take, drop = self._budget_plan(len(group), depth)
+        dropped = 0
+        if drop:
+            dropped = self._conn.execute(
+                "DELETE FROM readings WHERE row_id IN (SELECT row_id FROM readings ORDER BY row_id LIMIT ?)",
+                (drop,),
+            ).rowcount
+            log.warning("outbox over budget: dropped %d oldest undelivered readings", dropped)
+        refused = len(group) - take
+        if refused:
+            log.warning("outbox over budget (%d bytes): refused %d new readings", self.budget_bytes, refused)
+        fresh = self._fresh(group[:take])
+        before = self._conn.total_changes
+        self._conn.executemany(
+            _INSERT,
+            [
+                (
+                    rid,
+                    r.meter_id,
+                    r.quantity,
+                    r.value,
+                    r.unit,
+                    r.gateway_time,
+                    r.meter_time,
+                    r.slot,
+                    int(r.quality),
+                    now,
+                )
+                for rid, r in fresh
+            ],
+        )
+        committed = self._conn.total_changes - before
+        return AddResult(committed=committed, duplicates=take - committed, refused=refused, dropped=dropped)
+
+    def _fresh(self, readings: Sequence[Reading]) -> list[tuple[str, Reading]]:
+        """(id, reading) of the readings not yet in the outbox, first of each id only.
+
+        Filtering before the INSERT keeps row numbers gap-free: SQLite advances the
+        AUTOINCREMENT counter even for rows INSERT OR IGNORE then ignores, and a gap in row
+        numbers must mean loss to the head-end. (OR IGNORE stays as the safety net.)
+        """
+        by_id: dict[str, Reading] = {}
+        for r in readings:
+            by_id.setdefault(r.id, r)
+        ids = list(by_id)
+        for start in range(0, len(ids), _IN_CHUNK):
+            chunk = ids[start : start + _IN_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            # only "?" placeholders are interpolated; the ids themselves are bound
+            query = f"SELECT reading_id FROM readings WHERE reading_id IN ({marks})"  # noqa: S608
+            for (known,) in self._conn.execute(query, chunk):
+                del by_id[known]
+        return list(by_id.items())
+
+    def _budget_plan(self, n: int, depth: int) -> tuple[int, int]:
+        """(how many of ``n`` new readings to take, how many oldest rows to drop first)."""
+        live = self.live_bytes()
+        per_row = live // depth if depth >= 64 else _INITIAL_ROW_ESTIMATE
+        room = max(0, (self.budget_bytes - live) // max(per_row, 1))
+        if n <= room:
+            return n, 0
+        if self.overflow_policy is OverflowPolicy.REFUSE_NEW:
+            return room, 0
+        return n, min(n - room, depth)
+
+    def _hold(self, held: list[Reading], work: list[list[Reading]]) -> list[AddResult]:
+        """Keep a failed attempt in memory, oldest first; refuse what exceeds the hold limit."""
+        self._held = held
+        results: list[AddResult] = []
+        refused_total = 0
+        for group in work:
+            space = max(0, self.hold_limit - len(self._held))
+            self._held.extend(group[:space])
+            refused = len(group) - min(space, len(group))
+            refused_total += refused
+            results.append(AddResult(refused=refused))
+        if refused_total:
+            self._count("refused", refused_total)
+            log.error(
+                "outbox storage unavailable and %d readings already held: refused %d readings",
+                self.hold_limit,
+                refused_total,
+            )
+        return [AddResult(held=len(self._held), refused=r.refused) for r in results]
+
+    def _count(self, name: str, n: int) -> None:
+        """Count an event that happened outside a successful transaction (persisted later)."""
+        if not n:
+            return
+        self.counters[name] += n
+        if name in self._totals:
+            self._totals[name] += n
+            self._unflushed[name] = self._unflushed.get(name, 0) + n
+
+    def _flush_counters(self, deltas: dict[str, int]) -> None:
+        """Persist counter increments inside the caller's open transaction."""
+        merged = dict(self._unflushed)
+        for name, n in deltas.items():
+            merged[name] = merged.get(name, 0) + n
+        rows = [(name, n) for name, n in merged.items() if n and name in self._totals]
+        if rows:
+            # an upsert, so a counter added to COUNTER_NAMES later needs no migration step
+            self._conn.executemany(
+                "INSERT INTO counters (name, value) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+                rows,
+            )
+
+    def _committed_counters(self, deltas: dict[str, int]) -> None:
+        for name, n in deltas.items():
+            self.counters[name] += n
+            self._totals[name] += n
+        self._unflushed.clear()
+
+    def _rollback(self) -> None:
+        if self._conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
+
+    def _storage_failed(self, exc: BaseException) -> None:
+        reason = _classify(exc)
+        if reason is None:
+            raise exc
+        if self._alarm is None:
+            if reason == "disk full":
+                self._count("disk_full_events", 1)
+            self.counters["storage_errors"] += 1
+            log.error("outbox storage unavailable (%s: %s): holding readings in memory, retrying", reason, exc)
+        self._alarm = reason
+
+    def _storage_ok(self) -> None:
+        if self._alarm is not None and not self._held and not self._pending_acks:
+            log.warning("outbox storage available again (was: %s)", self._alarm)
+            self._alarm = None
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def peek(self, after_row_id: int = 0, limit: int = 1000) -> list[Row]:
+        """Undelivered rows with row id > ``after_row_id``, in row-id order, at most ``limit``."""
+        return _peek(self._conn, after_row_id, limit, self._pending_acks)
+
+    def open_reader(self) -> OutboxReader:
+        """A second connection for peeks from another thread (WAL readers never block the writer)."""
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA query_only = 1")
+        return OutboxReader(conn, self._pending_acks)
+
+    def get(self, key: int | str) -> Row | None:
+        """One undelivered row by row id (int) or reading id (str)."""
+        query = _BY_ROW_ID if isinstance(key, int) else _BY_READING_ID
+        row = self._conn.execute(query, (key,)).fetchone()
+        return Row._make(row) if row else None
+
+    def oldest_undelivered(self) -> tuple[int, float] | None:
+        """(row id, gateway time at insert) of the oldest undelivered row, or None when empty."""
+        row = self._conn.execute("SELECT row_id, added_at FROM readings ORDER BY row_id LIMIT 1").fetchone()
+        return (row[0], row[1]) if row else None
+
+    def live_bytes(self) -> int:
+        """Bytes of database pages in use (the file may be larger: free pages are reused)."""
+        pages: int = self._conn.execute("PRAGMA page_count").fetchone()[0]
+        free: int = self._conn.execute("PRAGMA freelist_count").fetchone()[0]
+        return (pages - free) * self._page_size
+
+    def stats(self) -> OutboxStats:
+        oldest = self.oldest_undelivered()
+        if self.readonly:
+            # another process writes: read what is committed now rather than our cached view
+            depth = self._conn.execute("SELECT count(*) FROM readings").fetchone()[0]
+            seq = self._conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'readings'").fetchone()
+            last = seq[0] if seq else 0
+            totals = dict(self._conn.execute("SELECT name, value FROM counters").fetchall())
+        else:
+            depth, last, totals = self._depth, self._last_row_id, dict(self._totals)
+        return OutboxStats(
+            path=str(self.path),
+            schema_version=self.schema_version,
+            instance=self.instance,
+            synchronous=self.synchronous.value,
+            overflow_policy=self.overflow_policy.value,
+            budget_bytes=self.budget_bytes,
+            depth=depth,
+            last_row_id=last,
+            oldest_row_id=oldest[0] if oldest else None,
+            oldest_added_at=oldest[1] if oldest else None,
+            live_bytes=self.live_bytes(),
+            file_bytes=_size(self.path),
+            wal_bytes=_size(Path(f"{self.path}-wal")),
+            storage_alarm=self._alarm,
+            held=len(self._held),
+            pending_acks=len(self._pending_acks),
+            counters=dict(self.counters),
+            totals=totals,
+        )
+
+    def close(self) -> None:
+        """Close; a last attempt is made to commit held readings (loss is logged if it fails)."""
+        if self._closed:
+            return
+        try:
+            if not self.readonly and (self._held or self._pending_acks):
+                self.write([], [])
+                if self._held:
+                    log.error("outbox closed with %d readings never committed (storage unavailable)", len(self._held))
+            if not self.readonly:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            self._closed = True
+            self._conn.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+
+def _peek(conn: sqlite3.Connection, after_row_id: int, limit: int, pending_acks: set[int]) -> list[Row]:
+    out = list(map(Row._make, conn.execute(_PEEK, (after_row_id, limit)).fetchall()))
+    if pending_acks:
+        # rows whose ack is waiting for the storage were delivered: do not send them again
+        out = [r for r in out if r.row_id not in pending_acks]
+    return out
+
+
+class OutboxReader:
+    """Peeks on its own connection, so reading the backlog overlaps the writer's commits."""
+
+    def __init__(self, conn: sqlite3.Connection, pending_acks: set[int]) -> None:
+        self._conn = conn
+        self._pending_acks = pending_acks  # the writer's set, shared (membership tests only)
+
+    def peek(self, after_row_id: int = 0, limit: int = 1000) -> list[Row]:
+        return _peek(self._conn, after_row_id, limit, self._pending_acks)
+
+    def get(self, key: int | str) -> Row | None:
+        query = _BY_ROW_ID if isinstance(key, int) else _BY_READING_ID
+        row = self._conn.execute(query, (key,)).fetchone()
+        return Row._make(row) if row else None
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _configure(conn: sqlite3.Connection, db: Path, sync: Synchronous, page_limit: int | None) -> None:
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise OutboxError(f"outbox {db}: cannot switch to WAL mode (got {mode})")
+    # PRAGMAs take no bound parameters; both values are ours (an enum member, an int)
+    conn.execute(f"PRAGMA synchronous = {sync.value}")
+    # Truncate the WAL back to a few MiB after checkpoints so a drained backlog does not leave
+    # a large -wal file behind.
+    conn.execute("PRAGMA journal_size_limit = 8388608")
+    if page_limit is not None:
+        conn.execute(f"PRAGMA max_page_count = {int(page_limit):d}")
+
+
+def _check_current(conn: sqlite3.Connection, db: Path) -> None:
+    found = outbox_schema.version(conn)
+    if found != outbox_schema.CURRENT:
+        raise SchemaError(
+            f"outbox {db} has schema version {found}, this gateway reads {outbox_schema.CURRENT}; "
+            "the daemon migrates it on start"
+        )
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _lock(db: Path) -> int:
+    """One writer per outbox file: a second daemon on the same file would interleave row ids."""
+    fd = os.open(f"{db}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OutboxError(f"outbox {db} is in use by another process") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class AsyncOutbox:
+    """Runs an Outbox on a dedicated writer thread; concurrent add/ack calls share a transaction.
+
+    Peeks run on a second thread with their own connection, so the uplink reads the backlog
+    while acks are being committed.
+
+    Readers of ``depth``/``last_row_id``/``storage_alarm`` get the values as of the last
+    completed operation (plain attribute reads, safe under the GIL).
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        executor: ThreadPoolExecutor,
+        reader: OutboxReader,
+        reader_executor: ThreadPoolExecutor,
+        *,
+        max_group_readings: int = 50_000,
+        retry_interval: float = 1.0,
+    ) -> None:
+        self.outbox = outbox
+        self._executor = executor
+        self._reader = reader
+        self._reader_executor = reader_executor
+        self._loop = asyncio.get_running_loop()
+        self._max_group = max_group_readings
+        self._retry_interval = retry_interval
+        self._adds: list[tuple[list[Reading], asyncio.Future[AddResult]]] = []
+        self._acks: list[tuple[list[int], asyncio.Future[int]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._retry: asyncio.Task[None] | None = None
+        self._new_rows = asyncio.Event()
+        self._closed = False
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        max_group_readings: int = 50_000,
+        retry_interval: float = 1.0,
+        **kwargs: Any,
+    ) -> AsyncOutbox:
+        """Open like ``Outbox.open`` (same keyword arguments) on a fresh writer thread.
+
+        ``retry_interval``: how often held readings are retried while the storage is failing.
+        """
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox")
+        reader_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-read")
+        loop = asyncio.get_running_loop()
+        try:
+            outbox = await loop.run_in_executor(executor, lambda: Outbox.open(path, **kwargs))
+            try:
+                reader = await loop.run_in_executor(reader_executor, outbox.open_reader)
+            except BaseException:
+                await loop.run_in_executor(executor, outbox.close)
+                raise
+        except BaseException:
+            executor.shutdown(wait=False)
+            reader_executor.shutdown(wait=False)
+            raise
+        return cls(
+            outbox,
+            executor,
+            reader,
+            reader_executor,
+            max_group_readings=max_group_readings,
+            retry_interval=retry_interval,
+        )
+
+    @property
+    def depth(self) -> int:
+        return self.outbox.depth
+
+    @property
+    def instance(self) -> str:
+        return self.outbox.instance
+
+    @property
+    def last_row_id(self) -> int:
+        return self.outbox.last_row_id
+
+    @property
+    def storage_alarm(self) -> str | None:
+        return self.outbox.storage_alarm
+
+    async def add(self, readings: Iterable[Reading]) -> AddResult:
+        self._check_open()
+        fut: asyncio.Future[AddResult] = self._loop.create_future()
+        self._adds.append((list(readings), fut))
+        self._kick()
+        return await fut
+
+    async def ack(self, row_ids: Iterable[int]) -> int:
+        self._check_open()
+        fut: asyncio.Future[int] = self._loop.create_future()
+        self._acks.append((list(row_ids), fut))
+        self._kick()
+        return await fut
+
+    async def peek(self, after_row_id: int = 0, limit: int = 1000) -> list[Row]:
+        self._check_open()
+        return await self._loop.run_in_executor(self._reader_executor, self._reader.peek, after_row_id, limit)
+
+    async def get(self, key: int | str) -> Row | None:
+        return await self._loop.run_in_executor(self._reader_executor, self._reader.get, key)
+
+    async def oldest_undelivered(self) -> tuple[int, float] | None:
+        return await self._run(self.outbox.oldest_undelivered)
+
+    async def stats(self) -> OutboxStats:
+        return await self._run(self.outbox.stats)
+
+    async def set_page_limit(self, pages: int | None) -> None:
+        await self._run(self.outbox.set_page_limit, pages)
+
+    async def wait_for_rows(self, after_row_id: int) -> None:
+        """Return once a row with id > ``after_row_id`` has been committed."""
+        while self.outbox.last_row_id <= after_row_id:
+            self._new_rows.clear()
+            await self._new_rows.wait()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._retry is not None:
+            self._retry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retry
+        if self._writer is not None:
+            await asyncio.shield(self._writer)
+        try:
+            await self._loop.run_in_executor(self._reader_executor, self._reader.close)
+            await self._run(self.outbox.close)
+        finally:
+            self._reader_executor.shutdown(wait=True)
+            self._executor.shutdown(wait=True)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise OutboxError(f"outbox {self.outbox.path} is closed")
+
+    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return await self._loop.run_in_executor(self._executor, fn, *args)
+
+    def _kick(self) -> None:
+        if self._writer is None or self._writer.done():
+            self._writer = self._loop.create_task(self._write_loop(), name="outbox-writer")
+
+    def _take_adds(self) -> list[tuple[list[Reading], asyncio.Future[AddResult]]]:
+        taken: list[tuple[list[Reading], asyncio.Future[AddResult]]] = []
+        total = 0
+        while self._adds and (not taken or total + len(self._adds[0][0]) <= self._max_group):
+            item = self._adds.pop(0)
+            taken.append(item)
+            total += len(item[0])
+        return taken
+
+    async def _write_loop(self) -> None:
+        while self._adds or self._acks:
+            adds = self._take_adds()
+            acks, self._acks = self._acks, []
+            try:
+                add_results, ack_counts = await self._run(
+                    self.outbox.write, [a for a, _ in adds], [ids for ids, _ in acks]
+                )
+            except BaseException as exc:  # a real bug or corruption: every waiter hears about it
+                for _, add_fut in adds:
+                    if not add_fut.done():
+                        add_fut.set_exception(exc)
+                for _, ack_fut in acks:
+                    if not ack_fut.done():
+                        ack_fut.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            for (_, add_fut), result in zip(adds, add_results, strict=True):
+                if not add_fut.done():
+                    add_fut.set_result(result)
+            for (_, ack_fut), count in zip(acks, ack_counts, strict=True):
+                if not ack_fut.done():
+                    ack_fut.set_result(count)
+            self._new_rows.set()
+            if (self.outbox.held or self.outbox.pending_acks) and self._retry is None and not self._closed:
+                self._retry = self._loop.create_task(self._retry_loop(), name="outbox-retry")
+
+    async def _retry_loop(self) -> None:
+        try:
+            while self.outbox.held or self.outbox.pending_acks:
+                await asyncio.sleep(self._retry_interval)
+                await self._run(self.outbox.retry_held)
+                self._new_rows.set()
+        finally:
+            self._retry = None

@@ -1,0 +1,776 @@
+"""MQTT uplink: drains the outbox to the broker, publishes status and meter states, takes commands.
+
+The only module that imports aiomqtt/paho. Delivery is at least once from the outbox to the
+broker: rows are acked in the outbox only after a PUBACK with a success reason code. aiomqtt
+2.x resolves publish() on any PUBACK without looking at its reason code, so readings go out
+through paho directly with our own per-message-id futures, resolved from paho's on_publish
+callback (which carries the MQTT 5 reason code). A negative code (>= 0x80: not authorized,
+quota exceeded, ...) is a failure: the rows stay, the pump backs off and sends them again.
+
+The publish window is ours: at most ``window`` unacknowledged batches (capped by the broker's
+Receive Maximum), because thousands of concurrent publishes just time out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import inspect
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from drivers.backoff import Backoff, BackoffPolicy
+from gateway import __version__
+from gateway.mqtt_contract import (
+    BATCH_OVERHEAD,
+    CONTRACT_VERSION,
+    TOPIC_ROOT,
+    MeterState,
+    MeterStateName,
+    Status,
+    Topics,
+    WireReading,
+    encode_batch,
+    encode_meter_state,
+    encode_reading,
+    encode_status,
+)
+from gateway.outbox import AsyncOutbox, Row
+
+__all__ = [
+    "CommandHook",
+    "InboundMessage",
+    "Protocol",
+    "TlsConfig",
+    "Uplink",
+    "UplinkConfig",
+    "UplinkConfigError",
+    "UplinkStats",
+]
+
+log = logging.getLogger(__name__)
+_paho_log = logging.getLogger(f"{__name__}.paho")  # paho's own lines, separable from ours
+
+_UNSUPPORTED_PROTOCOL = (1, 0x84)  # MQTT 3.1.1 return code 1; MQTT 5 reason 0x84
+
+
+class Protocol(enum.StrEnum):
+    AUTO = "auto"  # MQTT 5, falling back to 3.1.1 when the broker refuses the protocol version
+    V5 = "5"
+    V311 = "3.1.1"
+
+
+class UplinkConfigError(ValueError):
+    """The uplink configuration cannot work (bad numbers, unreadable TLS files)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    ca_file: str | None = None  # None: the system's trusted CAs
+    cert_file: str | None = None  # client certificate (with key_file) for mutual TLS
+    key_file: str | None = None
+    key_password: str | None = None
+    check_hostname: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class UplinkConfig:
+    gateway_id: str
+    host: str
+    port: int = 1883
+    client_id: str | None = None  # default: "meter-gateway-{gateway_id}"
+    username: str | None = None
+    password: str | None = None
+    tls: TlsConfig | None = None
+    protocol: Protocol = Protocol.AUTO
+    keepalive: int = 30
+    connect_timeout: float = 10.0
+    batch_max_readings: int = 1000
+    batch_max_bytes: int = 256 * 1024
+    window: int = 16  # unacknowledged batches at once
+    ack_timeout: float = 30.0  # no PUBACK this long on a live connection: reconnect
+    shutdown_timeout: float = 5.0  # on stop(), wait this long for in-flight PUBACKs
+    reconnect: BackoffPolicy = field(default_factory=lambda: BackoffPolicy(initial=0.5, maximum=30.0))
+    refused_backoff: BackoffPolicy = field(default_factory=lambda: BackoffPolicy(initial=1.0, maximum=60.0))
+    topic_root: str = TOPIC_ROOT
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "protocol", Protocol(str(self.protocol)))
+        except ValueError:
+            raise UplinkConfigError(
+                f"uplink: protocol must be one of {', '.join(Protocol)}, got {self.protocol!r}"
+            ) from None
+        checks = [
+            (0 < self.port < 65536, f"port {self.port} out of range"),
+            (self.keepalive >= 5, f"keepalive must be >= 5 s, got {self.keepalive}"),
+            (self.batch_max_readings >= 1, "batch_max_readings must be >= 1"),
+            (self.batch_max_bytes >= 1024, "batch_max_bytes must be >= 1024"),
+            (1 <= self.window <= 65535, f"window must be 1..65535, got {self.window}"),
+            (self.ack_timeout > 0 and self.connect_timeout > 0, "timeouts must be > 0"),
+            (self.shutdown_timeout >= 0, "shutdown_timeout must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UplinkConfigError(f"uplink: {message}")
+        if self.password is not None and self.username is None:
+            raise UplinkConfigError("uplink: a password needs a username")
+        Topics(self.gateway_id, self.topic_root)  # validates the gateway id as a topic level
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMessage:
+    """A raw message on the command topic. ``retained`` ones are stale by definition: never run them."""
+
+    topic: str
+    payload: bytes
+    retained: bool
+    qos: int
+    received_at: float
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+
+
+CommandHook = Callable[[InboundMessage], Awaitable[None] | None]
+
+
+@dataclass
+class UplinkStats:
+    connected: bool = False
+    protocol: str | None = None
+    connects: int = 0
+    connect_failures: int = 0
+    disconnects: int = 0
+    published_batches: int = 0  # positively acknowledged
+    published_readings: int = 0
+    inflight_batches: int = 0  # published, PUBACK not yet received
+    max_inflight_batches: int = 0  # peak use of the publish window
+    failures: dict[str, int] = field(default_factory=dict)  # by reason ("not_authorized", ...)
+    last_delivery: float | None = None  # gateway time of the last positive PUBACK of readings
+    commands_received: int = 0
+    commands_retained: int = 0
+    command_errors: int = 0
+
+    def fail(self, reason: str) -> None:
+        self.failures[reason] = self.failures.get(reason, 0) + 1
+
+
+class _ConnectionLost(Exception):
+    """The connection ended while a publish waited for its PUBACK."""
+
+
+class _SessionBroken(Exception):
+    """The session cannot go on (no PUBACK in time, publish refused locally): reconnect."""
+
+
+def _reason_key(name: str) -> str:
+    return name.strip().lower().replace(" ", "_").replace("-", "_")
+
+
+class _Client(aiomqtt.Client):
+    """aiomqtt client that lets us see PUBACK reason codes and CONNACK properties.
+
+    ``publish_future`` publishes through paho and returns a future of (reason code, name),
+    resolved by paho's on_publish; every pending future fails when the connection drops.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.acks: dict[int, asyncio.Future[tuple[int, str]]] = {}
+        self.connack_properties: Properties | None = None
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None = None,
+    ) -> None:
+        self.connack_properties = properties
+        super()._on_connect(client, userdata, flags, reason_code, properties)
+
+    def _on_publish(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties,
+    ) -> None:
+        fut = self.acks.pop(mid, None)
+        if fut is None:
+            super()._on_publish(client, userdata, mid, reason_code, properties)
+        elif not fut.done():
+            fut.set_result((int(reason_code.value), reason_code.getName()))
+
+    def _on_disconnect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None = None,
+    ) -> None:
+        super()._on_disconnect(client, userdata, flags, reason_code, properties)
+        if not self._connected.done():
+            # closed before any CONNACK (e.g. a TLS 1.3 "certificate required" alert): fail the
+            # attempt now rather than after the whole connect timeout
+            self._connected.set_exception(aiomqtt.MqttError(f"connection closed before CONNACK ({reason_code})"))
+        self.fail_pending()
+
+    def abandon(self) -> None:
+        """Drop a connection attempt that was cancelled half-way (stop during connect)."""
+        with contextlib.suppress(Exception):
+            self._client.disconnect()
+        with contextlib.suppress(Exception):
+            sock = self._client.socket()
+            if sock is not None:
+                sock.close()
+
+    def fail_pending(self) -> None:
+        acks, self.acks = self.acks, {}
+        for fut in acks.values():
+            if not fut.done():
+                fut.set_exception(_ConnectionLost("connection lost before PUBACK"))
+
+    def publish_future(
+        self, topic: str, payload: bytes, *, retain: bool = False, properties: Properties | None = None
+    ) -> asyncio.Future[tuple[int, str]]:
+        info = self._client.publish(topic, payload, qos=1, retain=retain, properties=properties)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise _SessionBroken(f"publish refused by the client: {paho.error_string(info.rc)}")
+        fut: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
+        self.acks[info.mid] = fut
+        return fut
+
+
+def _tls_context(tls: TlsConfig) -> ssl.SSLContext:
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if tls.cert_file is not None:
+            ctx.load_cert_chain(tls.cert_file, tls.key_file, tls.key_password)
+        elif tls.key_file is not None:
+            raise UplinkConfigError("uplink TLS: key_file given without cert_file")
+    except (OSError, ssl.SSLError) as exc:
+        raise UplinkConfigError(f"uplink TLS: cannot load certificates: {exc}") from None
+    ctx.check_hostname = tls.check_hostname
+    return ctx
+
+
+def _wire(row: Row) -> WireReading:
+    return WireReading(
+        id=row.reading_id,
+        row=row.row_id,
+        meter=row.meter_id,
+        qty=row.quantity,
+        value=row.value,
+        unit=row.unit,
+        gt=row.gateway_time,
+        q=row.quality,
+        mt=row.meter_time,
+        slot=row.slot,
+    )
+
+
+class Uplink:
+    """One MQTT connection (re-established forever) carrying the outbox to the broker.
+
+    ``run()`` until ``stop()``; ``set_meter_state`` from the health tracker; ``on_command``
+    receives raw messages from the command topic (it runs inline: keep it quick).
+    """
+
+    def __init__(
+        self,
+        config: UplinkConfig,
+        outbox: AsyncOutbox,
+        *,
+        on_command: CommandHook | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.outbox = outbox
+        self.topics = Topics(config.gateway_id, config.topic_root)
+        self.stats = UplinkStats()
+        self._on_command = on_command
+        self._clock = clock
+        self._tls = _tls_context(config.tls) if config.tls is not None else None
+        self._client_id = config.client_id or f"meter-gateway-{config.gateway_id}"
+        self._protocol = Protocol.V5 if config.protocol is Protocol.AUTO else config.protocol
+        self._started_at = clock()
+        self._stopping = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._running = False
+        self._client: _Client | None = None
+        # the publish window of the current session: readings, status and meter states share it,
+        # so the broker's Receive Maximum is never exceeded
+        self._window_sem = asyncio.Semaphore(1)
+        self._meter_states: dict[str, bytes] = {}
+        self._side_tasks: set[asyncio.Task[None]] = set()
+        self._refusals = Backoff(config.refused_backoff)
+        self._refusing: str | None = None  # reason of the current run of negative PUBACKs
+        self._connect_error: str | None = None
+
+    # -- public ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, deliver, reconnect with jittered capped backoff; return after ``stop()``."""
+        if self._running:
+            raise RuntimeError("uplink is already running")
+        self._running = True
+        self._stopped.clear()
+        backoff = Backoff(self.config.reconnect)
+        try:
+            while not self._stopping.is_set():
+                client = await self._connect()
+                if client is not None:
+                    backoff.reset()
+                    try:
+                        await self._session(client)
+                    except Exception:  # a bug must not end delivery for good: log, back off, retry
+                        self.stats.fail("internal_error")
+                        log.exception("MQTT uplink session failed unexpectedly; reconnecting")
+                if self._stopping.is_set():
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), backoff.next())
+        finally:
+            self._running = False
+            self._stopped.set()
+            for task in list(self._side_tasks):
+                task.cancel()
+
+    async def stop(self) -> None:
+        """Stop taking batches, wait briefly for in-flight PUBACKs, say offline, disconnect."""
+        self._stopping.set()
+        if self._running:
+            await self._stopped.wait()
+
+    def set_meter_state(self, meter_id: str, state: MeterStateName, since: float, detail: str | None = None) -> None:
+        """Record a meter's state; published retained now if connected, and on every reconnect."""
+        topic = self.topics.meter_state(meter_id)
+        payload = encode_meter_state(
+            MeterState(
+                v=CONTRACT_VERSION,
+                gateway=self.config.gateway_id,
+                meter=meter_id,
+                state=state,
+                since=since,
+                detail=detail,
+            )
+        )
+        self._meter_states[topic] = payload
+        if self._client is not None and self.stats.connected:
+            self._spawn(self._publish_retained(self._client, topic, payload, "meter state"))
+
+    # -- connection --------------------------------------------------------------------------
+
+    def _make_client(self, protocol: Protocol) -> _Client:
+        will = aiomqtt.Will(
+            self.topics.status,
+            encode_status(self._status("offline", reason="connection lost")),
+            qos=1,
+            retain=True,
+        )
+        return _Client(
+            self.config.host,
+            self.config.port,
+            username=self.config.username,
+            password=self.config.password,
+            identifier=self._client_id,
+            protocol=aiomqtt.ProtocolVersion.V5 if protocol is Protocol.V5 else aiomqtt.ProtocolVersion.V311,
+            will=will,
+            keepalive=self.config.keepalive,
+            timeout=self.config.connect_timeout,
+            max_inflight_messages=self.config.window,
+            tls_context=self._tls,
+            logger=_paho_log,
+        )
+
+    async def _connect(self) -> _Client | None:
+        while True:
+            client = self._make_client(self._protocol)
+            try:
+                if not await self._wait_any(client.__aenter__(), self._stopping):
+                    client.abandon()
+                    return None
+            except aiomqtt.MqttCodeError as exc:
+                code = getattr(exc.rc, "value", exc.rc)
+                if (
+                    self.config.protocol is Protocol.AUTO
+                    and self._protocol is Protocol.V5
+                    and code in _UNSUPPORTED_PROTOCOL
+                ):
+                    log.warning("broker %s refused MQTT 5; using MQTT 3.1.1", self.config.host)
+                    self._protocol = Protocol.V311
+                    continue
+                self._connect_failed(f"refused: {exc}", "connect_refused")
+                return None
+            except aiomqtt.MqttError as exc:
+                self._connect_failed(str(exc) or type(exc).__name__, "connect_error")
+                return None
+            return client
+
+    def _connect_failed(self, text: str, key: str) -> None:
+        self.stats.connect_failures += 1
+        self.stats.fail(key)
+        message = f"cannot connect to MQTT broker {self.config.host}:{self.config.port}: {text}"
+        # one line per distinct problem, not one per retry
+        if message != self._connect_error:
+            log.warning("%s (retrying with backoff)", message)
+            self._connect_error = message
+
+    def _status(self, state: str, *, reason: str | None = None, connected_at: float | None = None) -> Status:
+        return Status(
+            v=CONTRACT_VERSION,
+            gateway=self.config.gateway_id,
+            state="online" if state == "online" else "offline",
+            version=__version__,
+            started_at=self._started_at,
+            connected_at=connected_at,
+            protocol=self._protocol.value,
+            reason=reason,
+        )
+
+    async def _session(self, client: _Client) -> None:
+        self._connect_error = None
+        self.stats.connects += 1
+        self.stats.connected = True
+        self.stats.protocol = self._protocol.value
+        self._client = client
+        log.info("connected to MQTT broker %s:%d (MQTT %s)", self.config.host, self.config.port, self._protocol.value)
+        tasks: list[asyncio.Task[None]] = []
+        clean = False
+        try:
+            window = asyncio.Semaphore(self._window(client))
+            self._window_sem = window
+            await self._publish_retained(
+                client,
+                self.topics.status,
+                encode_status(self._status("online", connected_at=self._clock())),
+                "status",
+            )
+            await self._subscribe(client)
+            for topic, payload in list(self._meter_states.items()):
+                self._spawn(self._publish_retained(client, topic, payload, "meter state"))
+            tasks = [
+                asyncio.create_task(self._pump(client, window), name="uplink-pump"),
+                asyncio.create_task(self._inbound(client), name="uplink-inbound"),
+            ]
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                exc = task.exception()
+                if exc is not None and not isinstance(exc, aiomqtt.MqttError | _SessionBroken | _ConnectionLost):
+                    raise exc
+                if exc is not None:
+                    log.warning("MQTT connection lost: %s", exc)
+            clean = self._stopping.is_set() and tasks[0] in done and tasks[0].exception() is None
+        except (aiomqtt.MqttError, _SessionBroken, _ConnectionLost) as exc:
+            log.warning("MQTT session ended: %s", exc)
+        finally:
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks)
+            self.stats.connected = False
+            self.stats.inflight_batches = 0  # unacked batches of this session are resent anyway
+            self._client = None
+            await self._close(client, clean=clean)
+            client.fail_pending()
+
+    async def _close(self, client: _Client, *, clean: bool) -> None:
+        if clean:
+            offline = encode_status(self._status("offline", reason="shutdown"))
+            # a clean DISCONNECT suppresses the Will, so say "offline" ourselves
+            with contextlib.suppress(aiomqtt.MqttError, _SessionBroken, _ConnectionLost, TimeoutError):
+                await self._publish_retained(
+                    client, self.topics.status, offline, "status", within=max(self.config.shutdown_timeout, 0.1)
+                )
+        else:
+            self.stats.disconnects += 1
+        try:
+            await asyncio.wait_for(client.__aexit__(None, None, None), timeout=2.0)
+        except (aiomqtt.MqttError, TimeoutError, OSError) as exc:
+            log.debug("disconnect: %s", exc)
+
+    def _window(self, client: _Client) -> int:
+        props = client.connack_properties
+        receive_max = getattr(props, "ReceiveMaximum", None) if props is not None else None
+        if isinstance(receive_max, int) and receive_max > 0:
+            return min(self.config.window, receive_max)
+        return self.config.window
+
+    def _max_payload(self, client: _Client) -> int:
+        props = client.connack_properties
+        limit = getattr(props, "MaximumPacketSize", None) if props is not None else None
+        if isinstance(limit, int) and limit > 0:
+            # fixed header, topic and properties take the rest of the packet
+            return max(1024, min(self.config.batch_max_bytes, limit - len(self.topics.readings) - 64))
+        return self.config.batch_max_bytes
+
+    async def _subscribe(self, client: _Client) -> None:
+        if self._protocol is Protocol.V5:
+            # never have retained commands sent to us; they are stale by definition
+            options = SubscribeOptions(qos=1, noLocal=True, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+            granted = await client.subscribe(self.topics.commands_filter, options=options)
+        else:
+            granted = await client.subscribe(self.topics.commands_filter, qos=1)
+        codes = [g.value if isinstance(g, ReasonCode) else int(g) for g in granted]
+        if any(c >= 0x80 for c in codes):
+            self.stats.fail("subscribe_refused")
+            log.warning("broker refused the command subscription %s (codes %s)", self.topics.commands_filter, codes)
+
+    def _publish_properties(self) -> Properties | None:
+        if self._protocol is not Protocol.V5:
+            return None
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.PayloadFormatIndicator = 1
+        props.ContentType = "application/json"
+        return props
+
+    async def _publish_retained(
+        self, client: _Client, topic: str, payload: bytes, what: str, within: float | None = None
+    ) -> bool:
+        window = self._window_sem
+        limit = within or self.config.ack_timeout
+        try:
+            await asyncio.wait_for(window.acquire(), limit)
+        except TimeoutError:
+            return False
+        try:
+            fut = client.publish_future(topic, payload, retain=True, properties=self._publish_properties())
+            code, name = await asyncio.wait_for(fut, limit)
+        except (_SessionBroken, _ConnectionLost, TimeoutError) as exc:
+            log.debug("%s publish on %s not confirmed: %s", what, topic, exc)
+            return False
+        finally:
+            window.release()
+        if code >= 0x80:
+            self.stats.fail(_reason_key(name))
+            log.warning("broker refused %s on %s: %s (0x%02x)", what, topic, name, code)
+            return False
+        return True
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        async def wrapper() -> None:
+            await coro
+
+        task = asyncio.get_running_loop().create_task(wrapper())
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    # -- readings ----------------------------------------------------------------------------
+
+    def _batches(self, rows: Sequence[Row], max_bytes: int) -> Iterator[tuple[list[int], bytes]]:
+        """Cut rows into batches by count and exact payload size; yield (row ids, payload)."""
+        limit = self.config.batch_max_readings
+        fixed = BATCH_OVERHEAD + len(self.config.gateway_id) + len(self.outbox.instance)
+        ids: list[int] = []
+        parts: list[bytes] = []
+        size = fixed
+        for row in rows:
+            part = encode_reading(_wire(row))
+            if ids and (len(ids) >= limit or size + len(part) + 1 > max_bytes):
+                yield ids, self._batch_payload(ids[0], ids[-1], parts)
+                ids, parts, size = [], [], fixed
+            ids.append(row.row_id)
+            parts.append(part)
+            size += len(part) + 1
+        if ids:
+            yield ids, self._batch_payload(ids[0], ids[-1], parts)
+
+    def _batch_payload(self, first_row: int, last_row: int, parts: list[bytes]) -> bytes:
+        return encode_batch(
+            gateway_id=self.config.gateway_id,
+            outbox=self.outbox.instance,
+            first_row=first_row,
+            last_row=last_row,
+            sent_at=self._clock(),
+            encoded_readings=parts,
+        )
+
+    async def _pump(self, client: _Client, window: asyncio.Semaphore) -> None:
+        """Publish undelivered rows in row order, at most the window's size unacknowledged."""
+        inflight: set[asyncio.Task[None]] = set()
+        refused = asyncio.Event()  # a negative PUBACK: pause, then resend from the oldest row
+        broken: list[BaseException] = []
+        wake = asyncio.Event()  # refused or broken: stop waiting for rows or window slots
+        properties = self._publish_properties()
+        max_bytes = self._max_payload(client)
+        prefetch = max(self.config.batch_max_readings * 4, 1000)
+        topic = self.topics.readings
+        loop = asyncio.get_running_loop()
+        cursor = 0
+        # the next chunk is read while this one is encoded and published; it is only valid
+        # if every row of this chunk went out (it starts after the chunk's last row)
+        ahead: asyncio.Task[list[Row]] | None = None
+
+        def drop_ahead() -> None:
+            nonlocal ahead
+            if ahead is not None:
+                ahead.cancel()
+                ahead = None
+
+        def settled(task: asyncio.Task[None]) -> None:
+            inflight.discard(task)
+            if task.cancelled():
+                return
+            exc = task.exception()
+            if exc is not None:
+                broken.append(exc)
+            if exc is not None or refused.is_set():
+                wake.set()
+
+        try:
+            while not self._stopping.is_set():
+                if broken:
+                    raise broken[0]
+                if refused.is_set():
+                    drop_ahead()
+                    await self._after_refusal(inflight)
+                    refused.clear()
+                    wake.clear()
+                    cursor = 0  # resend from the oldest undelivered row
+                    continue
+                if ahead is not None:
+                    rows = await ahead
+                    ahead = None
+                else:
+                    rows = await self.outbox.peek(cursor, prefetch)
+                if not rows:
+                    await self._wait_any(self.outbox.wait_for_rows(cursor), wake)
+                    continue
+                if len(rows) == prefetch:  # more backlog: read on while this chunk goes out
+                    ahead = loop.create_task(self.outbox.peek(rows[-1].row_id, prefetch))
+                for ids, payload in self._batches(rows, max_bytes):
+                    acquired = await self._wait_any(window.acquire(), wake)
+                    if not acquired or self._stopping.is_set() or wake.is_set():
+                        if acquired:
+                            window.release()
+                        drop_ahead()
+                        break
+                    fut = client.publish_future(topic, payload, properties=properties)
+                    self.stats.inflight_batches += 1
+                    self.stats.max_inflight_batches = max(self.stats.max_inflight_batches, self.stats.inflight_batches)
+                    cursor = ids[-1]
+                    task = loop.create_task(self._settle(fut, ids, window, refused))
+                    inflight.add(task)
+                    task.add_done_callback(settled)
+            # stopping: let in-flight batches get their PUBACKs (and their rows acked) briefly
+            if inflight:
+                await asyncio.wait(set(inflight), timeout=self.config.shutdown_timeout)
+        finally:
+            drop_ahead()
+            for task in list(inflight):
+                task.cancel()
+
+    async def _wait_any(self, aw: Awaitable[Any], wake: asyncio.Event) -> bool:
+        """Await ``aw`` unless stop or ``wake`` comes first (``aw`` is then cancelled).
+
+        Returns whether ``aw`` completed; its exception, if it raised, propagates.
+        """
+        main = asyncio.ensure_future(aw)
+        others = [asyncio.ensure_future(self._stopping.wait()), asyncio.ensure_future(wake.wait())]
+        try:
+            await asyncio.wait({main, *others}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for other in others:
+                other.cancel()
+            if not main.done():
+                main.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await main
+        if main.done() and not main.cancelled():
+            main.result()
+            return True
+        return False
+
+    async def _settle(
+        self,
+        fut: asyncio.Future[tuple[int, str]],
+        ids: list[int],
+        window: asyncio.Semaphore,
+        refused: asyncio.Event,
+    ) -> None:
+        try:
+            try:
+                code, name = await asyncio.wait_for(fut, self.config.ack_timeout)
+            except TimeoutError:
+                self.stats.fail("ack_timeout")
+                raise _SessionBroken(f"no PUBACK within {self.config.ack_timeout:g} s") from None
+            except _ConnectionLost:
+                self.stats.fail("disconnected")
+                return
+        finally:
+            window.release()
+            self.stats.inflight_batches -= 1
+        if code >= 0x80:
+            key = _reason_key(name)
+            self.stats.fail(key)
+            if self._refusing != key:
+                log.warning(
+                    "broker refused readings batch (rows %d..%d): %s (0x%02x); keeping them and retrying",
+                    ids[0],
+                    ids[-1],
+                    name,
+                    code,
+                )
+                self._refusing = key
+            refused.set()
+            return
+        if self._refusing is not None:
+            log.warning("broker accepts readings again (was refusing: %s)", self._refusing)
+            self._refusing = None
+            self._refusals.reset()
+        self.stats.published_batches += 1
+        self.stats.published_readings += len(ids)
+        self.stats.last_delivery = self._clock()
+        await self.outbox.ack(ids)
+
+    async def _after_refusal(self, inflight: set[asyncio.Task[None]]) -> None:
+        """Let the batches in flight settle, then wait out the refusal backoff before resending."""
+        if inflight:
+            await asyncio.wait(set(inflight), timeout=self.config.ack_timeout)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), self._refusals.next())
+
+    # -- commands (inbound skeleton) ---------------------------------------------------------
+
+    async def _inbound(self, client: _Client) -> None:
+        async for message in client.messages:
+            props = message.properties
+            payload = message.payload
+            msg = InboundMessage(
+                topic=str(message.topic),
+                payload=payload if isinstance(payload, bytes) else str(payload).encode(),
+                retained=bool(message.retain),
+                qos=message.qos,
+                received_at=self._clock(),
+                response_topic=getattr(props, "ResponseTopic", None) if props is not None else None,
+                correlation_data=getattr(props, "CorrelationData", None) if props is not None else None,
+            )
+            self.stats.commands_received += 1
+            if msg.retained:
+                self.stats.commands_retained += 1
+            if self._on_command is None:
+                continue
+            try:
+                result = self._on_command(msg)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                self.stats.command_errors += 1
+                log.exception("command hook failed on a message from %s", msg.topic)

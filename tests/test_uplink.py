@@ -1,0 +1,558 @@
+"""The MQTT uplink against a real mosquitto, and the MQTT contract it speaks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import pytest_asyncio
+
+from drivers.backoff import BackoffPolicy
+from drivers.reading import Quality, Reading
+from gateway import mqtt_contract as contract
+from gateway.outbox import AsyncOutbox
+from gateway.uplink import InboundMessage, Protocol, TlsConfig, Uplink, UplinkConfig, UplinkConfigError
+from tests.plugins.broker import Broker, Subscriber
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST: dict[str, Any] = {
+    "reconnect": BackoffPolicy(initial=0.05, maximum=0.3),
+    "refused_backoff": BackoffPolicy(initial=0.05, maximum=0.2),
+    "keepalive": 10,
+}
+
+
+def readings(n: int, *, start: int = 0, meters: int = 7) -> list[Reading]:
+    return [
+        Reading(
+            f"{i % meters:012d}",
+            "energy.import",
+            1000.0 + i / 4,
+            "kWh",
+            gateway_time=1_700_000_000.5 + i,
+            slot=1_700_000_000.0 + 900 * i,
+            quality=Quality.BACKFILLED if i % 5 == 0 else Quality.GOOD,
+        )
+        for i in range(start, start + n)
+    ]
+
+
+async def until(cond: Callable[[], object], within: float = 5.0, what: str = "condition") -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + within
+    while not cond():
+        assert loop.time() < end, f"{what} not reached within {within} s"
+        await asyncio.sleep(0.01)
+
+
+def batches_on(sub: Subscriber, topic: str) -> list[contract.ReadingsBatch]:
+    return [contract.decode_batch(m.payload) for m in sub.snapshot(topic)]
+
+
+def ids_on(sub: Subscriber, topic: str) -> list[str]:
+    return contract.reading_ids(batches_on(sub, topic))
+
+
+Starter = Callable[..., Awaitable[Uplink]]
+
+
+@pytest_asyncio.fixture
+async def start_uplink(tmp_path: Path) -> AsyncIterator[Starter]:
+    """``await start_uplink(broker, gateway_id=..., **config)``: an Uplink running on its own outbox."""
+    running: list[tuple[Uplink, asyncio.Task[None], AsyncOutbox]] = []
+
+    async def start(broker: Broker, *, gateway_id: str = "gw-1", on_command: Any = None, **config: Any) -> Uplink:
+        box = await AsyncOutbox.open(tmp_path / f"{gateway_id}-{len(running)}.sqlite", synchronous="NORMAL")
+        settings = {**FAST, **config}
+        if broker.tls is not None and "tls" not in settings:
+            settings["tls"] = TlsConfig(
+                ca_file=broker.tls.ca_file, cert_file=broker.tls.client_cert, key_file=broker.tls.client_key
+            )
+        uplink = Uplink(
+            UplinkConfig(gateway_id=gateway_id, host=broker.host, port=broker.port, **settings),
+            box,
+            on_command=on_command,
+        )
+        running.append((uplink, asyncio.create_task(uplink.run()), box))
+        return uplink
+
+    yield start
+    for uplink, task, box in running:
+        await asyncio.wait_for(uplink.stop(), 10)
+        await task
+        await box.close()
+
+
+@pytest.fixture
+def subscriber() -> Any:
+    subs: list[Subscriber] = []
+
+    def make(broker: Broker, topics: list[str], **kwargs: Any) -> Subscriber:
+        sub = Subscriber(broker, topics, **kwargs).start()
+        subs.append(sub)
+        return sub
+
+    yield make
+    for sub in subs:
+        sub.stop()
+
+
+# -- the contract ------------------------------------------------------------------------------
+
+
+def test_topics_follow_the_versioned_layout() -> None:
+    t = contract.Topics("gw-7")
+    assert t.readings == "meter-gateway/v1/gw-7/readings"
+    assert t.status == "meter-gateway/v1/gw-7/status"
+    assert t.meter_state("000012345678") == "meter-gateway/v1/gw-7/meters/000012345678/state"
+    assert t.commands_filter == "meter-gateway/v1/gw-7/commands/#"
+    assert t.acks == "meter-gateway/v1/gw-7/acks"
+    assert contract.shared_readings_filter() == "$share/headend/meter-gateway/v1/+/readings"
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "a+b", "x#", "$SYS", "a\x00b"])
+def test_ids_that_would_break_topics_are_refused(bad: str) -> None:
+    with pytest.raises(contract.ContractError):
+        contract.Topics(bad)
+    with pytest.raises(contract.ContractError):
+        contract.Topics("gw").meter_state(bad)
+
+
+def test_batch_encoding_round_trips_and_is_compact() -> None:
+    wire = [
+        contract.WireReading(id="m/e/s60", row=1, meter="m", qty="e", value=1.5, unit="kWh", gt=61.0, slot=60.0),
+        contract.WireReading(id="m/r/m55", row=2, meter="m", qty="r", value=1, unit="", gt=61.0, q=8, mt=55.0),
+    ]
+    payload = contract.encode_batch(
+        gateway_id="gw",
+        outbox="abc",
+        first_row=1,
+        last_row=2,
+        sent_at=62.0,
+        encoded_readings=[contract.encode_reading(w) for w in wire],
+    )
+    assert b" " not in payload
+    assert b'"mt"' not in payload.split(b"},{")[0]  # absent fields are omitted, not null
+    batch = contract.decode_batch(payload)
+    assert batch.readings == wire
+    assert (batch.v, batch.gateway, batch.outbox, batch.first_row, batch.last_row) == (1, "gw", "abc", 1, 2)
+    with pytest.raises(contract.ContractError):
+        contract.decode_batch(b'{"v":1,"gateway":"gw"}')
+    with pytest.raises(contract.ContractError):
+        contract.decode_batch(payload.replace(b'"v":1', b'"v":2'))
+
+
+def test_bad_uplink_config_is_a_clear_error() -> None:
+    with pytest.raises(UplinkConfigError, match="window"):
+        UplinkConfig(gateway_id="gw", host="h", window=0)
+    with pytest.raises(UplinkConfigError, match="username"):
+        UplinkConfig(gateway_id="gw", host="h", password="x")
+    with pytest.raises(contract.ContractError):
+        UplinkConfig(gateway_id="gw/1", host="h")
+    with pytest.raises(UplinkConfigError, match="protocol"):
+        UplinkConfig(gateway_id="gw", host="h", protocol="4")  # type: ignore[arg-type]
+    assert UplinkConfig(gateway_id="gw", host="h", protocol="3.1.1").protocol is Protocol.V311  # type: ignore[arg-type]
+
+
+# -- delivery ----------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_readings_arrive_in_order_with_their_ids_and_fields(
+    mosquitto: Broker, start_uplink: Starter, subscriber: Any
+) -> None:
+    topics = contract.Topics("gw-1")
+    sub = subscriber(mosquitto, [topics.readings, topics.status])
+    uplink = await start_uplink(mosquitto, batch_max_readings=1000)
+    sent = readings(2500)
+    await uplink.outbox.add(sent)
+
+    await sub.wait_for(lambda _: len(ids_on(sub, topics.readings)) >= 2500)
+    await until(lambda: uplink.outbox.depth == 0, what="outbox drained")
+    batches = batches_on(sub, topics.readings)
+    assert [len(b.readings) for b in batches] == [1000, 1000, 500]
+    assert ids_on(sub, topics.readings) == [r.id for r in sent]
+    assert [r.row for b in batches for r in b.readings] == list(range(1, 2501))
+    assert all(b.outbox == uplink.outbox.instance and b.gateway == "gw-1" for b in batches)
+    first = batches[0].readings[0]
+    assert (first.meter, first.qty, first.value, first.unit) == ("000000000000", "energy.import", 1000.0, "kWh")
+    assert (first.gt, first.slot, first.mt, first.q) == (1_700_000_000.5, 1_700_000_000.0, None, 1)
+    assert uplink.stats.published_readings == 2500
+    assert uplink.stats.published_batches == 3
+    assert uplink.stats.last_delivery is not None
+    assert uplink.stats.protocol == "5"
+
+    status = [contract.decode_status(m.payload) for m in sub.snapshot(topics.status)]
+    assert status[-1].state == "online"
+    assert status[-1].version
+
+
+@pytest.mark.asyncio
+async def test_backlog_drains_in_row_order_while_new_readings_arrive(
+    mosquitto: Broker, subscriber: Any, tmp_path: Path
+) -> None:
+    topic = contract.Topics("gw-1").readings
+    sub = subscriber(mosquitto, [topic])
+    box = await AsyncOutbox.open(tmp_path / "o.sqlite", synchronous="NORMAL")
+    await box.add(readings(20_000))  # accumulated during an outage
+    uplink = Uplink(UplinkConfig(gateway_id="gw-1", host=mosquitto.host, port=mosquitto.port, **FAST), box)
+    task = asyncio.create_task(uplink.run())
+    try:
+        for k in range(40):  # acquisition goes on meanwhile
+            await box.add(readings(100, start=20_000 + 100 * k))
+            await asyncio.sleep(0.005)
+        await until(lambda: box.depth == 0, within=20, what="backlog and new readings delivered")
+        rows = [
+            r.row
+            for b in await sub.wait_for(lambda _: len(ids_on(sub, topic)) >= 24_000)
+            for r in contract.decode_batch(b.payload).readings
+        ]
+        assert rows == list(range(1, 24_001))  # no failures, so no resends: strictly in row order
+    finally:
+        await uplink.stop()
+        await task
+        await box.close()
+
+
+@pytest.mark.asyncio
+async def test_batches_respect_the_byte_limit(mosquitto: Broker, start_uplink: Starter, subscriber: Any) -> None:
+    topic = contract.Topics("gw-1").readings
+    sub = subscriber(mosquitto, [topic])
+    uplink = await start_uplink(mosquitto, batch_max_bytes=4096)
+    await uplink.outbox.add(readings(300))
+    await sub.wait_for(lambda _: len(ids_on(sub, topic)) >= 300)
+    sizes = [len(m.payload) for m in sub.snapshot(topic)]
+    assert max(sizes) <= 4096
+    assert len(sizes) > 300 * 100 // 4096
+
+
+@pytest.mark.asyncio
+async def test_publish_window_is_bounded_by_config_and_broker_receive_maximum(
+    broker_factory: Callable[..., Broker], start_uplink: Starter
+) -> None:
+    broker = broker_factory(extra_config="max_inflight_messages 3")
+    uplink = await start_uplink(broker, batch_max_readings=5, window=50)
+    await uplink.outbox.add(readings(600))
+    await until(lambda: uplink.outbox.depth == 0, what="outbox drained")
+    assert uplink.stats.published_batches == 120
+    assert 1 <= uplink.stats.max_inflight_batches <= 3
+
+
+@pytest.mark.asyncio
+async def test_broker_restart_mid_stream_loses_nothing(
+    broker_factory: Callable[..., Broker], start_uplink: Starter, subscriber: Any
+) -> None:
+    # the head-end side needs what docs/mqtt.md asks of it: a persistent session on a broker
+    # that persists sessions, so messages queue for it while it reconnects
+    broker = broker_factory(persistence=True)
+    topic = contract.Topics("gw-1").readings
+    sub = subscriber(broker, [topic], client_id="headend-1", clean=False)
+    uplink = await start_uplink(broker, batch_max_readings=50)
+
+    sent: list[Reading] = []
+
+    async def acquire() -> None:
+        for k in range(60):
+            batch = readings(50, start=50 * k)
+            await uplink.outbox.add(batch)
+            sent.extend(batch)
+            await asyncio.sleep(0.01)
+
+    producer = asyncio.create_task(acquire())
+    await until(lambda: uplink.stats.published_readings >= 300, what="first deliveries")
+    await broker.astop()
+    await until(lambda: not uplink.stats.connected, what="uplink noticed the broker going")
+    await asyncio.sleep(0.2)
+    await broker.astart()
+    await producer
+    await until(lambda: uplink.outbox.depth == 0, within=10, what="outbox drained after the restart")
+    assert uplink.stats.connects >= 2
+
+    wanted = {r.id for r in sent}
+    got = await sub.wait_for(lambda _: wanted <= set(ids_on(sub, topic)), within=10)
+    assert got
+    received = ids_on(sub, topic)
+    assert set(received) == wanted  # after dedupe nothing is missing (duplicates are allowed)
+
+
+@pytest.mark.asyncio
+async def test_broker_killed_rows_stay_until_acknowledged(mosquitto: Broker, start_uplink: Starter) -> None:
+    uplink = await start_uplink(mosquitto)
+    await until(lambda: uplink.stats.connected, what="connected")
+    await mosquitto.akill()
+    await until(lambda: not uplink.stats.connected, what="disconnect noticed")
+    await uplink.outbox.add(readings(100))
+    await asyncio.sleep(0.3)  # reconnect attempts fail meanwhile
+    assert uplink.outbox.depth == 100
+    assert uplink.stats.failures.get("connect_error", 0) >= 1
+    await mosquitto.astart()
+    await until(lambda: uplink.outbox.depth == 0, what="delivered after the broker came back")
+
+
+ACL_WITHOUT_READINGS = """
+topic readwrite meter-gateway/v1/gw-acl/status
+topic readwrite meter-gateway/v1/gw-acl/commands/#
+topic readwrite meter-gateway/v1/gw-acl/meters/#
+"""
+
+
+@pytest.mark.asyncio
+async def test_negative_puback_keeps_rows_and_recovers(
+    broker_factory: Callable[..., Broker], start_uplink: Starter, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = broker_factory(acl=ACL_WITHOUT_READINGS)
+    uplink = await start_uplink(broker, gateway_id="gw-acl", batch_max_readings=20)
+    await uplink.outbox.add(readings(100))
+    await until(lambda: uplink.stats.failures.get("not_authorized", 0) >= 3, what="refusals counted")
+    assert uplink.outbox.depth == 100  # a PUBACK with 0x87 acked nothing
+    assert uplink.stats.published_readings == 0
+    assert uplink.stats.connected  # a refusal is not a connection problem
+    refusal_lines = [r for r in caplog.records if "refused readings batch" in r.getMessage()]
+    assert len(refusal_lines) == 1  # one line, not one per retry
+
+    broker.set_acl(ACL_WITHOUT_READINGS + "topic readwrite meter-gateway/v1/gw-acl/readings\n")
+    broker.reload()
+    await until(lambda: uplink.outbox.depth == 0, what="delivered once allowed")
+    assert uplink.stats.published_readings == 100
+    assert "accepts readings again" in caplog.text
+
+
+_DYING_GATEWAY = """
+import asyncio, sys
+from gateway.outbox import AsyncOutbox
+from gateway.uplink import Uplink, UplinkConfig
+
+async def main():
+    box = await AsyncOutbox.open(sys.argv[1])
+    uplink = Uplink(UplinkConfig(gateway_id="gw-lwt", host="127.0.0.1", port=int(sys.argv[2]), keepalive=5), box)
+    await uplink.run()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.asyncio
+async def test_last_will_says_offline_when_the_gateway_dies(mosquitto: Broker, subscriber: Any, tmp_path: Path) -> None:
+    topic = contract.Topics("gw-lwt").status
+    sub = subscriber(mosquitto, [topic])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _DYING_GATEWAY, str(tmp_path / "lwt.sqlite"), str(mosquitto.port), env=env, cwd=ROOT
+    )
+    try:
+        await sub.wait_for(lambda m: any(contract.decode_status(x.payload).state == "online" for x in m), within=10)
+    finally:
+        proc.send_signal(signal.SIGKILL)  # no DISCONNECT: the broker must publish the Will
+        await asyncio.wait_for(proc.wait(), 10)
+    got = await sub.wait_for(lambda m: contract.decode_status(m[-1].payload).state == "offline")
+    last = contract.decode_status(got[-1].payload)
+    assert last.reason == "connection lost"
+
+    late = subscriber(mosquitto, [topic])  # a head-end that starts later still learns it
+    seen = await late.wait_for(lambda m: len(m) >= 1)
+    assert seen[0].retain
+    assert contract.decode_status(seen[0].payload).state == "offline"
+
+
+@pytest.mark.asyncio
+async def test_clean_stop_publishes_retained_offline_and_finishes_in_flight(
+    mosquitto: Broker, subscriber: Any, tmp_path: Path
+) -> None:
+    box = await AsyncOutbox.open(tmp_path / "o.sqlite")
+    uplink = Uplink(UplinkConfig(gateway_id="gw-1", host=mosquitto.host, port=mosquitto.port, **FAST), box)
+    task = asyncio.create_task(uplink.run())
+    try:
+        await until(lambda: uplink.stats.connected, what="connected")
+        await box.add(readings(500))
+        await until(lambda: uplink.stats.published_readings > 0, what="first PUBACK")
+        await asyncio.wait_for(uplink.stop(), 10)
+        await task
+        assert not uplink.stats.connected
+        # whatever was in flight got its PUBACK and was acked; the rest waits for the next run
+        assert box.depth == 500 - uplink.stats.published_readings
+    finally:
+        await box.close()
+    sub = subscriber(mosquitto, [contract.Topics("gw-1").status])
+    got = await sub.wait_for(lambda m: len(m) >= 1)
+    status = contract.decode_status(got[0].payload)
+    assert got[0].retain
+    assert (status.state, status.reason) == ("offline", "shutdown")
+
+
+async def _refuse_mqtt5_proxy(target: Broker) -> tuple[asyncio.Server, int]:
+    """A broker front that answers MQTT 5 CONNECTs like a 3.1.1-only broker and passes the rest."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first = await reader.read(65536)
+        i = 1
+        while first[i] & 0x80:  # remaining-length varint
+            i += 1
+        level = first[i + 1 + 6]  # after the varint: 00 04 "MQTT", then the protocol level
+        if level == 5:
+            writer.write(b"\x20\x02\x00\x01")  # CONNACK, return code 1: unacceptable protocol version
+            await writer.drain()
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection(target.host, target.port)
+        up_writer.write(first)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+@pytest.mark.asyncio
+async def test_falls_back_to_mqtt_311_when_the_broker_refuses_5(
+    mosquitto: Broker, subscriber: Any, tmp_path: Path
+) -> None:
+    server, port = await _refuse_mqtt5_proxy(mosquitto)
+    topic = contract.Topics("gw-1").readings
+    sub = subscriber(mosquitto, [topic])
+    box = await AsyncOutbox.open(tmp_path / "o.sqlite")
+    uplink = Uplink(UplinkConfig(gateway_id="gw-1", host="127.0.0.1", port=port, **FAST), box)
+    task = asyncio.create_task(uplink.run())
+    try:
+        await box.add(readings(10))
+        await until(lambda: box.depth == 0, what="delivered over 3.1.1")
+        assert uplink.stats.protocol == Protocol.V311
+        await sub.wait_for(lambda _: len(ids_on(sub, topic)) == 10)
+    finally:
+        await uplink.stop()
+        await task
+        await box.close()
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.asyncio
+async def test_tls_with_client_certificate(
+    broker_factory: Callable[..., Broker], start_uplink: Starter, tmp_path: Path
+) -> None:
+    broker = broker_factory(tls=True)
+    assert broker.tls is not None
+    uplink = await start_uplink(broker)
+    await uplink.outbox.add(readings(20))
+    await until(lambda: uplink.outbox.depth == 0, what="delivered over TLS")
+
+    # without a client certificate the broker (require_certificate) turns us away: counted, retried
+    stranger = await start_uplink(broker, gateway_id="gw-2", tls=TlsConfig(ca_file=broker.tls.ca_file))
+    await until(lambda: stranger.stats.connect_failures >= 2, what="TLS refusals")
+    assert not stranger.stats.connected
+
+
+def test_unreadable_tls_files_fail_at_start_up(tmp_path: Path) -> None:
+    with pytest.raises(UplinkConfigError, match="certificates"):
+        Uplink(
+            UplinkConfig(gateway_id="gw", host="h", tls=TlsConfig(ca_file=str(tmp_path / "missing.pem"))),
+            None,  # type: ignore[arg-type]
+        )
+
+
+@pytest.mark.asyncio
+async def test_username_and_password(broker_factory: Callable[..., Broker], start_uplink: Starter) -> None:
+    broker = broker_factory(users={"gw-1": "s3cret"})
+    wrong = await start_uplink(broker, gateway_id="gw-x", username="gw-1", password="nope")
+    right = await start_uplink(broker, username="gw-1", password="s3cret")
+    await right.outbox.add(readings(5))
+    await until(lambda: right.outbox.depth == 0, what="delivered with a password")
+    await until(lambda: wrong.stats.failures.get("connect_refused", 0) >= 1, what="refusal counted")
+    assert not wrong.stats.connected
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("protocol", [Protocol.V5, Protocol.V311])
+async def test_commands_reach_the_hook_and_retained_ones_never_run(
+    mosquitto: Broker, start_uplink: Starter, protocol: Protocol
+) -> None:
+    import paho.mqtt.publish as publish
+
+    topics = contract.Topics("gw-1")
+    # a stale retained command waiting on the broker before the gateway connects
+    await asyncio.to_thread(
+        publish.single,
+        f"{topics.commands}/old",
+        b"stale",
+        qos=1,
+        retain=True,
+        hostname=mosquitto.host,
+        port=mosquitto.port,
+    )
+    got: list[InboundMessage] = []
+
+    async def hook(msg: InboundMessage) -> None:
+        got.append(msg)
+        if msg.payload == b"boom":
+            raise RuntimeError("a bad command must not take the uplink down")
+
+    uplink = await start_uplink(mosquitto, on_command=hook, protocol=protocol)
+    await until(lambda: uplink.stats.connected, what="connected")
+    await asyncio.sleep(0.1)  # let the subscription settle
+    for payload in (b"boom", b"disconnect meter 1"):
+        await asyncio.to_thread(
+            publish.single, f"{topics.commands}/c-1", payload, qos=1, hostname=mosquitto.host, port=mosquitto.port
+        )
+    await until(lambda: any(m.payload == b"disconnect meter 1" for m in got), what="live command")
+    live = [m for m in got if not m.retained]
+    assert [m.payload for m in live] == [b"boom", b"disconnect meter 1"]
+    assert live[1].topic == f"{topics.commands}/c-1"
+    assert uplink.stats.command_errors == 1
+    stale = [m for m in got if m.retained]
+    if protocol is Protocol.V5:
+        assert stale == []  # retain handling 2: the broker never sends them
+    else:
+        assert [m.payload for m in stale] == [b"stale"]  # 3.1.1: delivered, flagged, never to run
+        assert uplink.stats.commands_retained == 1
+    # clear the retained message so it does not leak into other tests on this broker
+    await asyncio.to_thread(
+        publish.single, f"{topics.commands}/old", b"", qos=1, retain=True, hostname=mosquitto.host, port=mosquitto.port
+    )
+
+
+@pytest.mark.asyncio
+async def test_meter_states_are_retained_and_republished_on_reconnect(
+    mosquitto: Broker, start_uplink: Starter, subscriber: Any
+) -> None:
+    topics = contract.Topics("gw-1")
+    uplink = await start_uplink(mosquitto)
+    uplink.set_meter_state("000000000001", "offline", since=1_700_000_000.0, detail="no answer x3")
+    await until(lambda: uplink.stats.connected, what="connected")
+    uplink.set_meter_state("000000000002", "online", since=1_700_000_100.0)
+    live = subscriber(mosquitto, [f"{topics.base}/meters/+/state"])
+    await live.wait_for(lambda m: len({x.topic for x in m}) >= 2)
+    sub = subscriber(mosquitto, [f"{topics.base}/meters/+/state"])  # joins after both went out
+    got = await sub.wait_for(lambda m: len(m) >= 2)
+    states = {m.topic: contract.decode_meter_state(m.payload) for m in got}
+    assert all(m.retain for m in got)
+    one = states[topics.meter_state("000000000001")]
+    assert (one.state, one.since, one.detail, one.gateway) == ("offline", 1_700_000_000.0, "no answer x3", "gw-1")
+    assert states[topics.meter_state("000000000002")].state == "online"
+    with pytest.raises(contract.ContractError):
+        uplink.set_meter_state("bad/id", "online", since=0.0)
+
+    # the broker forgot everything (no persistence): the states come back with the connection
+    await mosquitto.astop()
+    await mosquitto.astart()
+    await until(lambda: uplink.stats.connects >= 2 and uplink.stats.connected, what="reconnected")
+    late = subscriber(mosquitto, [f"{topics.base}/meters/+/state"])
+    got = await late.wait_for(lambda m: len(m) >= 2)
+    assert {m.topic for m in got} == set(states)
+
+
+def test_wire_payload_is_plain_json_for_any_consumer() -> None:
+    payload = contract.encode_status(contract.Status(v=1, gateway="gw", state="online", version="0.1.0"))
+    assert msgspec.json.decode(payload) == {"v": 1, "gateway": "gw", "state": "online", "version": "0.1.0"}
