@@ -183,6 +183,8 @@ class Bus:
         self._last_tx_end = -math.inf  # loop time our last request left the wire
         self._last_job_end = -math.inf
         self._closed = False
+        # called with the seconds from request written to accepted reply (for a job: its duration)
+        self.on_latency: Callable[[float], None] | None = None
 
     def __repr__(self) -> str:
         return f"<Bus {self.name} queued={self.queued}>"
@@ -265,6 +267,7 @@ class Bus:
         async with self._turn(meter, priority, force):
             await self._quiet(self.transport)
             self.counters.jobs += 1
+            started = asyncio.get_running_loop().time()
             try:
                 result = await job()
             except DriverError as e:
@@ -275,6 +278,8 @@ class Bus:
                 self._last_job_end = asyncio.get_running_loop().time()
             self.counters.ok += 1
             self._record(meter, None)
+            if self.on_latency is not None:
+                self.on_latency(asyncio.get_running_loop().time() - started)
             return result
 
     # -- internals ------------------------------------------------------------------------
@@ -342,6 +347,8 @@ class Bus:
             else:
                 transport.note_silence()
             if reply is not None:
+                if self.on_latency is not None:
+                    self.on_latency(asyncio.get_running_loop().time() - self._last_tx_end)
                 return reply
             self.counters.timeouts += 1
             if bad:

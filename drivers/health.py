@@ -98,6 +98,10 @@ class HealthBook:
     def state(self, meter_id: str) -> MeterState:
         return self.get(meter_id).state
 
+    def forget(self, meter_id: str) -> None:
+        """Drop a meter that left the configuration (it no longer counts in any state)."""
+        self._meters.pop(meter_id, None)
+
     def states(self) -> dict[str, MeterState]:
         return {m: h.state for m, h in self._meters.items()}
 

@@ -2,35 +2,44 @@
 
 ``Gateway.run`` opens the outbox, builds buses and meter drivers from the config, and runs one
 ``asyncio.TaskGroup`` of named tasks: ``uplink`` (outbox -> MQTT), ``poller`` (schedule -> bus
-reads -> outbox), ``housekeeping`` (metrics, outbox age, sd_notify watchdog). Signals only set
-events (``stop``, ``reload``). Shutdown runs the stages in reverse order within a budget: stop
-handing out reads and let in-flight reads finish (so what was read is committed), stop the
-uplink (it waits briefly for in-flight PUBACKs), close buses, close the outbox.
+reads -> outbox), ``housekeeping`` (metrics snapshots, the status file, sd_notify STATUS),
+``watchdog`` (sd_notify WATCHDOG=1 while the poller makes progress) and ``reloader`` (applies a
+new config on the ``reload`` event). Signals only set events (``stop``, ``reload``; see
+gateway/run_cmd.py). Shutdown runs the stages in reverse order within a budget: stop handing out
+reads and let in-flight reads finish (so what was read is committed), stop the uplink (it waits
+briefly for in-flight PUBACKs), close buses, close the outbox.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from drivers.bus import Bus, Priority
 from drivers.errors import DriverError
 from drivers.health import HealthBook, HealthPolicy, MeterState, StateChange
-from drivers.reading import Reading
-from gateway.config import Config
-from gateway.meters import build_buses, build_meters
+from gateway.config import Config, ConfigError, diff
+from gateway.meters import Fleet, MeterRuntime
+from gateway.metrics import Metrics
 from gateway.outbox import AsyncOutbox, OverflowPolicy
 from gateway.schedule import GroupPlan, PollSchedule
+from gateway.sdnotify import Notifier, run_watchdog, watchdog_interval
 from gateway.uplink import Protocol, TlsConfig, Uplink, UplinkConfig
 
 log = logging.getLogger("meter_gateway")
 
-ReadFn = Callable[[Sequence[str], float, float], Awaitable[list[Reading]]]
+STATUS_FILE = "status.json"
+STATUS_EVERY = 5.0  # seconds between status file writes
+# sections a reload cannot change in a running process: they need a restart
+RESTART_SECTIONS = frozenset({"gateway", "uplink", "outbox", "metrics"})
 
 OVERFLOW = {"pause_polling": OverflowPolicy.REFUSE_NEW, "drop_oldest": OverflowPolicy.DROP_OLDEST}
 
@@ -46,15 +55,6 @@ class PollStats:
 
     def fail(self, kind: str) -> None:
         self.failures[kind] = self.failures.get(kind, 0) + 1
-
-
-@dataclass(frozen=True)
-class MeterRuntime:
-    """A configured meter as the poller drives it: which bus, and how to read it."""
-
-    meter_id: str
-    bus: str
-    read: ReadFn
 
 
 def uplink_config(config: Config) -> UplinkConfig:
@@ -82,6 +82,10 @@ def outbox_path(config: Config) -> Path:
     return Path(config.outbox.path or Path(config.gateway.state_dir) / "outbox.sqlite")
 
 
+def status_path(config: Config) -> Path:
+    return Path(config.gateway.state_dir) / STATUS_FILE
+
+
 class Gateway:
     """The running daemon. ``run(stop)`` returns when ``stop`` is set and shutdown is done."""
 
@@ -93,11 +97,18 @@ class Gateway:
         shutdown_budget: float = 20.0,
         on_ready: Callable[[], None] | None = None,
         on_tick: Callable[[], None] | None = None,
+        metrics: Metrics | None = None,
+        notifier: Notifier | None = None,
+        load_config: Callable[[], Config] | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
         self.shutdown_budget = shutdown_budget
+        self.metrics = metrics
+        self.notifier = notifier
+        self._load_config = load_config
         self.stats = PollStats()
+        self.reloads = {"ok": 0, "failed": 0}
         self.health = HealthBook(
             HealthPolicy(
                 degraded_after=config.limits.degraded_after,
@@ -106,18 +117,29 @@ class Gateway:
             ),
             on_change=self._meter_state_changed,
         )
-        self.buses: dict[str, Bus] = {}
-        self.meters: dict[str, MeterRuntime] = {}
+        self.fleet = Fleet(self.health)
         self.outbox: AsyncOutbox | None = None
         self.uplink: Uplink | None = None
         self._quantities = {g.name: tuple(g.quantities) for g in config.poll_groups}
         self._in_flight: set[asyncio.Task[None]] = set()
         self._on_ready = on_ready
         self._on_tick = on_tick
+        self._schedule_changed = False
+        self._poll_progress = time.monotonic()  # last poller loop turn, for the watchdog
+        self._started_at = clock()
+        self._stopping = False
+
+    @property
+    def buses(self) -> dict[str, Bus]:
+        return self.fleet.buses
+
+    @property
+    def meters(self) -> dict[str, MeterRuntime]:
+        return self.fleet.meters
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, reload: asyncio.Event | None = None) -> None:
         config = self.config
         path = outbox_path(config)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,14 +151,19 @@ class Gateway:
         )
         try:
             self.uplink = Uplink(uplink_config(config), self.outbox)
-            self.buses = build_buses(config, self.health)
-            self.meters = build_meters(config, self.buses)
-            for bus in self.buses.values():
-                await bus.open()
+            self.fleet.build(config)
+            self._watch_buses()
+            await self.fleet.open()
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.uplink.run(), name="uplink")
                 poller = tg.create_task(self._poll(stop), name="poller")
                 tg.create_task(self._housekeeping(stop), name="housekeeping")
+                if self.notifier is not None:
+                    watchdog = tg.create_task(
+                        run_watchdog(self.notifier, watchdog_interval(), self._alive), name="watchdog"
+                    )
+                if reload is not None:
+                    reloader = tg.create_task(self._reloader(stop, reload), name="reloader")
                 log.info(
                     "event=started gateway=%s buses=%d meters=%d outbox=%s depth=%d",
                     config.gateway.id,
@@ -147,12 +174,21 @@ class Gateway:
                 )
                 if self._on_ready is not None:
                     self._on_ready()
+                if self.notifier is not None:
+                    self.notifier.ready(self._status_line())
                 await stop.wait()
+                self._stopping = True
+                if self.notifier is not None:
+                    self.notifier.stopping()
+                if reload is not None:
+                    reloader.cancel()
                 await self._shutdown(poller)
+                if self.notifier is not None:
+                    watchdog.cancel()
         finally:
-            for bus in self.buses.values():
-                with contextlib.suppress(Exception):
-                    await bus.close()
+            await self.fleet.close()
+            with contextlib.suppress(Exception):  # the status file is a convenience, never a reason to fail
+                await self._write_status(final=True)
             await self.outbox.close()
             log.info("event=stopped gateway=%s", config.gateway.id)
 
@@ -175,9 +211,13 @@ class Gateway:
 
     async def _poll(self, stop: asyncio.Event) -> None:
         schedule = PollSchedule(GroupPlan.from_config(self.config), self.clock())
-        max_queue = self.config.limits.max_queue_per_bus
         while not stop.is_set():
+            self._poll_progress = time.monotonic()
+            max_queue = self.config.limits.max_queue_per_bus
             now = self.clock()
+            if self._schedule_changed:
+                self._schedule_changed = False
+                schedule = PollSchedule(GroupPlan.from_config(self.config), now, resume=schedule.cursors())
             for due in schedule.next_due(now):
                 meter = self.meters.get(due.meter)
                 if meter is None:
@@ -193,6 +233,9 @@ class Gateway:
                 task.add_done_callback(self._in_flight.discard)
             for missed in schedule.take_missed():
                 self.stats.missed_slots += missed.count
+                runtime = self.meters.get(missed.meter)
+                if self.metrics is not None and runtime is not None:
+                    self.metrics.missed_slots.labels(bus=runtime.bus).inc(missed.count)
                 log.warning(
                     "event=missed_slots group=%s meter=%s first=%d count=%d",
                     missed.group,
@@ -216,17 +259,160 @@ class Gateway:
         if not readings or self.outbox is None:
             return
         self.stats.readings += len(readings)
+        if self.metrics is not None:
+            self.metrics.readings_acquired.inc(len(readings))
         result = await self.outbox.add(readings)
         self.stats.committed += result.committed
 
     # -- housekeeping -------------------------------------------------------------------------
 
     async def _housekeeping(self, stop: asyncio.Event) -> None:
+        last_status = -STATUS_EVERY
         while not stop.is_set():
             if self._on_tick is not None:
                 self._on_tick()
+            try:
+                await self._update_metrics()
+                if time.monotonic() - last_status >= STATUS_EVERY:
+                    last_status = time.monotonic()
+                    await self._write_status()
+                    if self.notifier is not None:
+                        self.notifier.status(self._status_line())
+            except Exception:  # observability must never take the daemon down
+                log.exception("event=housekeeping_failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
+
+    def _alive(self) -> bool:
+        """The watchdog's check beyond the loop itself: the poller turned recently."""
+        return time.monotonic() - self._poll_progress < 30.0
+
+    def _watch_buses(self) -> None:
+        if self.metrics is None:
+            return
+        for name, bus in self.buses.items():
+            if bus.on_latency is None:
+                bus.on_latency = self.metrics.reply_latency.labels(bus=name).observe
+
+    async def _update_metrics(self) -> None:
+        if self.metrics is None or self.outbox is None:
+            return
+        for name, bus in self.buses.items():
+            self.metrics.update_bus(name, bus.snapshot())
+        self.metrics.update_meter_states(self.health.counts())
+        self.metrics.update_outbox(await self.outbox.stats(), self.clock())
+        if self.uplink is not None:
+            self.metrics.update_uplink(self.uplink.stats)
+
+    def _status_line(self) -> str:
+        counts = self.health.counts()
+        depth = self.outbox.depth if self.outbox is not None else 0
+        up = "connected" if self.uplink is not None and self.uplink.stats.connected else "disconnected"
+        return (
+            f"{len(self.meters)} meters ({counts.get('online', 0)} online, {counts.get('offline', 0)} offline), "
+            f"outbox {depth}, uplink {up}"
+        )
+
+    async def _write_status(self, *, final: bool = False) -> None:
+        """``<state_dir>/status.json`` for ``meter-gateway status``: replaced atomically."""
+        if self.outbox is None:
+            return
+        stats = await self.outbox.stats()
+        now = self.clock()
+        up = self.uplink.stats if self.uplink is not None else None
+        doc: dict[str, Any] = {
+            "gateway": self.config.gateway.id,
+            "pid": os.getpid(),
+            "running": not final,
+            "started_at": self._started_at,
+            "updated_at": now,
+            "meters": {m: s.value for m, s in sorted(self.health.states().items()) if m in self.meters},
+            "meter_counts": self.health.counts(),
+            "configured_meters": len(self.meters),
+            "outbox": {
+                "path": stats.path,
+                "depth": stats.depth,
+                "oldest_age": stats.oldest_age(now),
+                "storage_alarm": stats.storage_alarm,
+            },
+            "uplink": {
+                "connected": bool(up.connected) if up else False,
+                "last_delivery": up.last_delivery if up else None,
+                "published_readings": up.published_readings if up else 0,
+            },
+            "poll": {
+                "reads": self.stats.reads,
+                "readings": self.stats.readings,
+                "missed_slots": self.stats.missed_slots,
+                "failures": dict(self.stats.failures),
+            },
+            "reloads": dict(self.reloads),
+        }
+        path = status_path(self.config)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        tmp.replace(path)
+
+    # -- reload -------------------------------------------------------------------------------
+
+    async def _reloader(self, stop: asyncio.Event, reload: asyncio.Event) -> None:
+        while not stop.is_set():
+            await reload.wait()
+            reload.clear()
+            if stop.is_set():
+                return
+            if self.notifier is not None:
+                self.notifier.reloading()
+            await self.reload()
+            if self.notifier is not None:
+                self.notifier.ready(self._status_line())
+
+    async def reload(self, new: Config | None = None) -> bool:
+        """Apply a new config to meters, buses and schedules; a bad config is rejected and the
+        running one kept. Sections that need a restart (uplink, outbox, ...) are reported, not applied."""
+        problems: list[str] = []
+        if new is None and self._load_config is None:
+            problems = ["no config file to reload from"]
+        elif new is None and self._load_config is not None:
+            try:
+                new = self._load_config()
+            except ConfigError as exc:
+                problems = list(exc.messages)
+        if new is None or problems:
+            self._reloaded(False)
+            for line in problems:
+                log.error("event=reload_rejected problem=%r", line)
+            log.error("event=reload_rejected errors=%d kept=running_config", len(problems))
+            return False
+        old = self.config
+        changes = diff(old, new)
+        restart = sorted(changes.sections & RESTART_SECTIONS)
+        if restart:
+            log.warning("event=reload_needs_restart sections=%s applied=meters,buses,schedules", ",".join(restart))
+            new = _keep_sections(new, old, restart)
+        buses, meters = await self.fleet.apply(old, new, changes)
+        self.config = new
+        self._quantities = {g.name: tuple(g.quantities) for g in new.poll_groups}
+        self._schedule_changed = True
+        if self.metrics is not None:
+            for name in changes.buses.removed:
+                self.metrics.remove_bus(name)
+        self._watch_buses()
+        self._reloaded(True)
+        log.info(
+            "event=reloaded buses_rebuilt=%d meters_rebuilt=%d meters_added=%d meters_removed=%d groups_changed=%d",
+            len(buses),
+            len(meters),
+            len(changes.meters.added),
+            len(changes.meters.removed),
+            len(changes.poll_groups.touched),
+        )
+        return True
+
+    def _reloaded(self, ok: bool) -> None:
+        self.reloads["ok" if ok else "failed"] += 1
+        if self.metrics is not None:
+            self.metrics.count_reload(ok)
 
     def _meter_state_changed(self, change: StateChange) -> None:
         log.info(
@@ -241,4 +427,10 @@ class Gateway:
             self.uplink.set_meter_state(change.meter_id, change.new.value, change.at, change.reason)  # type: ignore[arg-type]
 
 
-__all__ = ["Gateway", "MeterRuntime", "PollStats", "Priority", "outbox_path", "uplink_config"]
+def _keep_sections(new: Config, old: Config, names: Sequence[str]) -> Config:
+    import msgspec
+
+    return msgspec.structs.replace(new, **{name: getattr(old, name) for name in names})
+
+
+__all__ = ["Gateway", "MeterRuntime", "PollStats", "Priority", "outbox_path", "status_path", "uplink_config"]

@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("gateway.status_cmd", "show meters by state, outbox depth and last delivery"),
     "outbox": ("gateway.outbox_cmd", "inspect the durable outbox"),
     "demo": ("gateway.demo", "simulators + local MQTT broker + gateway, readings shown live"),
-    "ctl": ("gateway.ctl", "head-end reference client: signed remote-control commands"),
+    "ctl": ("gateway.ctl_cmd", "head-end reference client: signed remote-control commands"),
     "audit": ("gateway.audit_cmd", "query the remote-control audit log"),
 }
 

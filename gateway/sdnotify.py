@@ -60,7 +60,9 @@ class Notifier:
             return False
         try:
             if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # non-blocking: a full socket queue must drop a message, never stall the event loop
+                flags = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+                self._sock = socket.socket(socket.AF_UNIX, flags)
             self._sock.sendto("\n".join(lines).encode(), self._address)
         except OSError as exc:
             self.failures += 1

@@ -66,6 +66,19 @@ def test_messages(systemd: tuple[socket.socket, str]) -> None:
     n.close()
 
 
+def test_a_listener_that_stops_reading_never_blocks_us(systemd: tuple[socket.socket, str]) -> None:
+    sock, path = systemd
+    n = Notifier({"NOTIFY_SOCKET": path})
+    started = time.monotonic()
+    sent = [n.watchdog() for _ in range(200)]  # far more than a datagram socket queues
+    assert time.monotonic() - started < 1.0
+    assert sent[0] is True
+    assert sent[-1] is False  # dropped and counted, not waited for
+    assert n.failures > 0
+    assert drain(sock)[0] == "WATCHDOG=1"
+    n.close()
+
+
 def test_abstract_socket() -> None:
     name = f"meter-gateway-test-{os.getpid()}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:

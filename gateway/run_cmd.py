@@ -1,0 +1,100 @@
+"""`meter-gateway run -c FILE`: the daemon, as systemd runs it.
+
+Exit status: 0 after a clean stop (SIGTERM/SIGINT), 78 (EX_CONFIG) when the config is bad or
+names something unusable (a metrics port already taken), 1 on an unexpected failure. SIGHUP
+reloads meters, buses and schedules; a bad new config is logged and the running one kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Callable
+
+from gateway.app import Gateway
+from gateway.config import Config, ConfigError, load_config
+from gateway.config_cmd import EX_CONFIG
+from gateway.logs import setup_logging
+from gateway.metrics import Metrics, MetricsServer, start_http
+from gateway.sdnotify import Notifier
+
+log = logging.getLogger("meter_gateway")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meter-gateway run", description=__doc__.splitlines()[0])
+    p.add_argument("-c", "--config", required=True, help="the gateway's TOML config file")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-format", default="logfmt", choices=["logfmt", "json"])
+    return p
+
+
+def main(argv: list[str]) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    setup_logging(args.log_level, args.log_format)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for line in exc.messages:
+            print(line, file=sys.stderr)
+        print(f"{args.config}: {len(exc.messages)} error(s); not starting", file=sys.stderr)
+        return EX_CONFIG
+    try:
+        return asyncio.run(serve(config, args.config))
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        return 130
+
+
+async def serve(config: Config, path: str) -> int:
+    metrics = Metrics()
+    server: MetricsServer | None = None
+    if config.metrics.enabled:
+        try:
+            server = start_http(config.metrics.host, config.metrics.port, metrics)
+        except OSError as exc:
+            line = f"{path}: metrics.port: cannot listen on {config.metrics.host}:{config.metrics.port}: {exc.strerror}"
+            print(line, file=sys.stderr)
+            return EX_CONFIG
+        log.info("event=metrics_listening address=%s:%d", *server.address)
+    notifier = Notifier()
+    stop = asyncio.Event()
+    reload = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # signals only set events; the Gateway's lifecycle does the work
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _stop_handler(stop, sig))
+    loop.add_signal_handler(signal.SIGHUP, reload.set)
+    gateway = Gateway(config, metrics=metrics, notifier=notifier, load_config=lambda: load_config(path))
+    try:
+        await gateway.run(stop, reload)
+    except Exception:
+        log.exception("event=crashed")
+        return 1
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        if server is not None:
+            server.close()
+        with contextlib.suppress(Exception):
+            notifier.close()
+    return 0
+
+
+def _stop_handler(stop: asyncio.Event, sig: signal.Signals) -> Callable[[], None]:
+    def handler() -> None:
+        if not stop.is_set():
+            log.info("event=stopping signal=%s", sig.name)
+        stop.set()
+
+    return handler
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,141 @@
+"""`meter-gateway status -c FILE`: meters by state, outbox depth and last delivery.
+
+Reads the status file the daemon replaces every few seconds in its state directory and the
+outbox itself (read-only: the depth is the committed truth even when the daemon is down).
+Exit status: 0 the daemon is running, 3 it is not (the status file is missing, says it
+stopped, or is stale), 78 the config is bad.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from gateway.app import STATUS_EVERY, outbox_path, status_path
+from gateway.config import ConfigError, load_config
+from gateway.config_cmd import EX_CONFIG
+from gateway.outbox import Outbox, OutboxError
+
+NOT_RUNNING = 3  # as `systemctl status` / LSB init scripts
+STALE_AFTER = 6 * STATUS_EVERY
+
+
+def _pid_alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user (the service user)
+        return True
+    return True
+
+
+def _when(t: float | None) -> str:
+    if t is None:
+        return "never"
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat(timespec="seconds")
+
+
+def _ago(t: float | None, now: float) -> str:
+    return "" if t is None else f" ({max(0.0, now - t):.0f} s ago)"
+
+
+def collect(config_path: str, now: float | None = None) -> dict[str, Any]:
+    """Everything `status` prints, as data (``--json`` prints it as is)."""
+    config = load_config(config_path)
+    now = time.time() if now is None else now
+    out: dict[str, Any] = {"gateway": config.gateway.id, "configured_meters": len(config.meters)}
+    daemon: dict[str, Any] | None = None
+    try:
+        daemon = json.loads(status_path(config).read_text())
+    except FileNotFoundError:
+        daemon = None
+    except (OSError, ValueError) as exc:
+        out["status_file_error"] = str(exc)
+    running = bool(
+        daemon
+        and daemon.get("running")
+        and _pid_alive(daemon.get("pid"))
+        and now - float(daemon.get("updated_at", 0)) < STALE_AFTER
+    )
+    out["running"] = running
+    out["daemon"] = daemon
+    try:
+        outbox = Outbox.open_readonly(outbox_path(config))
+    except OutboxError as exc:
+        out["outbox"] = {"error": str(exc)}
+    else:
+        try:
+            stats = outbox.stats()
+            out["outbox"] = {
+                "path": stats.path,
+                "depth": stats.depth,
+                "oldest_age": stats.oldest_age(now),
+                "file_bytes": stats.file_bytes + stats.wal_bytes,
+                "totals": stats.totals,
+            }
+        finally:
+            outbox.close()
+    return out
+
+
+def render(info: dict[str, Any], now: float) -> str:
+    daemon = info.get("daemon") or {}
+    lines = [f"gateway {info['gateway']}: {'running' if info['running'] else 'NOT RUNNING'}"]
+    if daemon:
+        lines.append(f"  status file: updated {_when(daemon.get('updated_at'))}{_ago(daemon.get('updated_at'), now)}")
+    counts = daemon.get("meter_counts") or {}
+    if info["running"] and counts:
+        text = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("online", "degraded", "offline", "unknown"))
+        lines.append(f"  meters:      {info['configured_meters']} configured: {text}")
+        offline = [m for m, s in (daemon.get("meters") or {}).items() if s == "offline"]
+        if offline:
+            more = f" (+{len(offline) - 20} more)" if len(offline) > 20 else ""
+            lines.append(f"  offline:     {', '.join(offline[:20])}{more}")
+    else:
+        lines.append(f"  meters:      {info['configured_meters']} configured")
+    ob = info.get("outbox") or {}
+    if "error" in ob:
+        lines.append(f"  outbox:      {ob['error']}")
+    else:
+        age = ob.get("oldest_age")
+        lines.append(
+            f"  outbox:      {ob['depth']} undelivered"
+            + (f", oldest waiting {age:.0f} s" if age is not None else "")
+            + f" ({ob['path']})"
+        )
+    up = daemon.get("uplink") or {}
+    if daemon:
+        state = "connected" if up.get("connected") and info["running"] else "disconnected"
+        lines.append(f"  uplink:      {state}; last delivery {_when(up.get('last_delivery'))}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="meter-gateway status", description=__doc__.splitlines()[0])
+    parser.add_argument("-c", "--config", required=True, help="the gateway's TOML config file")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    now = time.time()
+    try:
+        info = collect(args.config, now)
+    except ConfigError as exc:
+        for line in exc.messages:
+            print(line, file=sys.stderr)
+        return EX_CONFIG
+    print(json.dumps(info, indent=2) if args.json else render(info, now))
+    return 0 if info["running"] else NOT_RUNNING
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
