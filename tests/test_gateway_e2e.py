@@ -158,3 +158,48 @@ async def test_broker_down_and_back_loses_nothing(
     # Every reading the gateway committed was delivered, or is still in the outbox to deliver.
     assert len(delivered) + left >= gateway.stats.committed
     assert len(delivered) > 0
+
+
+class SteppableClock:
+    """Wall clock with an offset the test steps, as NTP or an operator would."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+@pytest.mark.asyncio
+async def test_clock_stepped_forward_and_back(tmp_path: Path, mosquitto: Broker, modbus_sim: ModbusSimServer) -> None:
+    config = load_config(write_config(tmp_path, mosquitto, modbus_sim.address[1]))
+    topics = Topics("gw-test", "meter-gateway")
+    subscriber = Subscriber(mosquitto, [topics.readings]).start()
+    clock = SteppableClock()
+    gateway = Gateway(config, clock=clock)
+    stop = asyncio.Event()
+    task = asyncio.create_task(gateway.run(stop))
+    try:
+        await asyncio.sleep(2.5)
+        before_forward = gateway.stats.readings
+        clock.offset += 30.0  # forward: the skipped slots are missed (and counted), polling goes on
+        await asyncio.sleep(2.5)
+        assert gateway.stats.missed_slots >= 3 * 25
+        assert gateway.stats.readings > before_forward
+        clock.offset -= 3.0  # back: no slot is handed out twice; polling resumes when time catches up
+        await asyncio.sleep(5.0)
+        after_back = gateway.stats.readings
+        await asyncio.sleep(1.5)
+        assert gateway.stats.readings > after_back
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+    await asyncio.sleep(0.5)
+    subscriber.stop()
+    ids = [r.id for m in subscriber.snapshot(topics.readings) for r in decode_batch(m.payload).readings]
+    db = sqlite3.connect(tmp_path / "state" / "outbox.sqlite")
+    with contextlib.closing(db):
+        (left,) = db.execute("SELECT count(*) FROM readings").fetchone()
+    # every committed reading is at the broker or still in the outbox: a clock step deletes nothing
+    assert len(set(ids)) + left >= gateway.stats.committed
+    assert len(ids) == len(set(ids)), "a slot was read twice after the step back"
