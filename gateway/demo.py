@@ -43,6 +43,7 @@ async def start_simulators(config: Config) -> tuple[list[object], Config]:
     running: list[object] = []
     buses: list[BusConfig] = []
     clock = SimClock()
+    seeds = {m.id: i for i, m in enumerate(config.meters)}  # every simulated meter its own load
     for bus in config.buses:
         meters = [m for m in config.meters if m.bus == bus.name]
         if not isinstance(bus, TcpBus):
@@ -50,8 +51,8 @@ async def start_simulators(config: Config) -> tuple[list[object], Config]:
             continue
         if bus.protocol == "dlt645":
             sims = [
-                Dlt645Meter(m.dlt645_address, Edition.parse(m.protocol), clock=clock, seed=i)
-                for i, m in enumerate(meters)
+                Dlt645Meter(m.dlt645_address, Edition.parse(m.protocol), clock=clock, seed=seeds[m.id])
+                for m in meters
             ]
             sim_bus = SimulatedBus(sims, LinkConfig(kind="tcp", host="127.0.0.1", port=0))
             await sim_bus.start()
@@ -61,7 +62,12 @@ async def start_simulators(config: Config) -> tuple[list[object], Config]:
             transport = "tcp" if bus.protocol == "modbus-tcp" else "rtu-over-tcp"
             model = meters[0].model if meters else "sim-3ph"
             server = await serve_modbus(
-                units=[m.unit_id for m in meters], model=model, transport=transport, host="127.0.0.1", port=0
+                units=[m.unit_id for m in meters],
+                model=model,
+                seed=100 + min((seeds[m.id] for m in meters), default=0),
+                transport=transport,
+                host="127.0.0.1",
+                port=0,
             )
             running.append(server)
             port = int(server.address[1])

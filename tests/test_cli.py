@@ -25,3 +25,24 @@ def test_console_script_version() -> None:
         [sys.executable, "-m", "gateway.cli", "--version"], capture_output=True, text=True, check=True
     )
     assert proc.stdout.startswith("meter-gateway ")
+
+
+def test_demo_shows_readings_of_every_configured_meter() -> None:
+    """The README's first command: simulators + mosquitto + gateway, readings seen at the broker."""
+    from gateway.config import load_config
+    from gateway.demo import DEMO_CONFIG
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "demo", "--duration", "14"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    shown = {line.split()[1] for line in lines if line.strip() and line.split()[0].endswith("s")}
+    assert {m.id for m in load_config(DEMO_CONFIG).meters} <= shown
+    summary = lines[-1]
+    assert "read failures none" in summary
+    assert "reached the broker" in summary

@@ -1,0 +1,168 @@
+"""Recognising the one DL/T 645 reply a request expects, among everything a shared RS-485 bus carries.
+
+The bus (:mod:`drivers.bus`) feeds a matcher the bytes that arrive after a request; the matcher
+deframes them by length (:class:`~protocols.dlt645.deframer.Deframer`) and accepts only a frame that
+answers *this* request:
+
+* direction bit D7 = reply (a frame in request direction is our own request heard back: ``echo``);
+* the address the request went to (an ``AA`` wildcard request accepts the address it stands for,
+  which is how 0x13 discovery learns the meter's real address), else ``wrong_address``;
+* the request's function code (D4..D0) and, for reads, the same data identifier and (2007
+  follow-ups) the same SEQ, else ``wrong_function``.
+
+A reply that fails those checks but answers a request recently made on the same bus (by any
+driver: the history is kept per bus) is counted ``late`` instead: it is a reply that missed its
+own deadline, not a misbehaving meter. DL/T 645 has no transaction id, so a late reply to an
+*identical* earlier request is indistinguishable from the answer and is accepted; that is
+harmless (same question, same meaning) and the bus flushes stale input before every attempt.
+
+An abnormal reply (D6 set, e.g. 0xD1, 0xDC) from the right meter for the right function raises
+:class:`~drivers.errors.MeterRefused` with the error word and its decoded flag names (no retry);
+a matching frame whose payload does not parse raises :class:`~drivers.errors.BadReply` (retried).
+Abnormal replies carry no data identifier, so one cannot be told from a late refusal of an
+earlier read of the same function; the bus's input flush before each request keeps that rare.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from drivers.bus import Rejection, RejectionLog
+from drivers.errors import BadReply, MeterRefused
+from protocols.dlt645 import messages as m
+from protocols.dlt645.deframer import Deframer, Discarded
+from protocols.dlt645.edition import Edition
+from protocols.dlt645.error_words import describe_flags
+from protocols.dlt645.errors import ProtocolError
+from protocols.dlt645.frame import OVERHEAD, Address, Frame
+from protocols.dlt645.functions import function_name
+
+__all__ = ["Dlt645Matcher", "Expect", "ReplyHistory", "history_for"]
+
+HISTORY_LENGTH: Final = 32  # requests remembered per bus for telling late replies from strangers
+
+
+@dataclass(frozen=True, slots=True)
+class Expect:
+    """What answers a request: who, which function, and for reads which DI (and 2007 SEQ)."""
+
+    address: Address  # the request's address; AA bytes are wildcards
+    function: int  # the request's function code; the reply carries the same in D4..D0
+    di: int | None = None
+    seq: int | None = None  # 2007 read follow-up (0x12) sequence number
+
+    def answered_by(self, frame: Frame, edition: Edition) -> bool:
+        """Whether ``frame`` (a reply) has this request's address, function, DI and SEQ."""
+        if not self.address.matches(frame.address) or frame.control.function != self.function:
+            return False
+        if frame.control.abnormal or self.di is None:
+            return True
+        data = frame.data
+        n = edition.di_length
+        if len(data) < n or int.from_bytes(data[:n], "little") != self.di:
+            return False
+        return self.seq is None or (len(data) > n and data[-1] == self.seq)
+
+
+class ReplyHistory:
+    """The last requests made on one bus, newest last."""
+
+    def __init__(self, size: int = HISTORY_LENGTH) -> None:
+        self._recent: deque[Expect] = deque(maxlen=size)
+
+    def note(self, expect: Expect) -> None:
+        self._recent.append(expect)
+
+    def answers_earlier(self, frame: Frame, edition: Edition, current: Expect) -> bool:
+        return any(e != current and e.answered_by(frame, edition) for e in self._recent)
+
+
+_histories: weakref.WeakKeyDictionary[object, ReplyHistory] = weakref.WeakKeyDictionary()
+
+
+def history_for(bus: object) -> ReplyHistory:
+    """The request history of ``bus`` (created on first use, dropped with the bus)."""
+    history = _histories.get(bus)
+    if history is None:
+        history = _histories[bus] = ReplyHistory()
+    return history
+
+
+class Dlt645Matcher(RejectionLog):
+    """A :class:`drivers.bus.ReplyMatcher` for one DL/T 645 request; returns the parsed reply.
+
+    ``check`` may inspect an accepted reply and raise BadReply (e.g. data that does not decode),
+    which makes the bus retry instead of handing garbage to the caller.
+    """
+
+    def __init__(
+        self,
+        edition: Edition,
+        expect: Expect,
+        *,
+        history: ReplyHistory | None = None,
+        check: Callable[[m.Message], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.edition = edition
+        self.expect = expect
+        self.history = history
+        self.check = check
+        self._deframer = Deframer(max_data_length=255)
+        if history is not None:
+            history.note(expect)
+
+    def reset(self) -> None:
+        self._deframer.reset()
+
+    def feed(self, data: bytes) -> m.Message | None:
+        for event in self._deframer.feed(data):
+            if isinstance(event, Discarded):
+                self.reject(Rejection.GARBAGE, len(event.data), f"{event.reason} {event.detail}".strip())
+                continue
+            reply = self._consider(event)
+            if reply is not None:
+                return reply
+        return None
+
+    def _consider(self, frame: Frame) -> m.Message | None:
+        size = OVERHEAD + len(frame.data)
+        control = frame.control
+        if not control.from_meter:
+            self.reject(Rejection.ECHO, size, f"request {control} to {frame.address}")
+            return None
+        expect = self.expect
+        if not expect.answered_by(frame, self.edition):
+            if self.history is not None and self.history.answers_earlier(frame, self.edition, expect):
+                self.reject(Rejection.LATE, size, f"reply {control} from {frame.address}")
+            elif not expect.address.matches(frame.address):
+                self.reject(Rejection.WRONG_ADDRESS, size, f"reply from {frame.address}, asked {expect.address}")
+            else:
+                self.reject(Rejection.WRONG_FUNCTION, size, self._describe_mismatch(frame))
+            return None
+        try:
+            message = m.parse_message(frame, self.edition)
+        except ProtocolError as exc:
+            raise BadReply(f"meter {frame.address}: reply {control}: {exc}") from exc
+        if isinstance(message, m.ErrorReply):
+            what = function_name(self.edition, message.failed)
+            raise MeterRefused(
+                f"meter {frame.address} refused {what}: {describe_flags(message.flags)} (error {message.code:#x})",
+                code=message.code,
+                reasons=message.flags,
+            )
+        if self.check is not None:
+            self.check(message)
+        return message
+
+    def _describe_mismatch(self, frame: Frame) -> str:
+        n = self.edition.di_length
+        got = f"reply {frame.control}"
+        if self.expect.di is not None and len(frame.data) >= n:
+            got += f" for DI {self.edition.format_di(int.from_bytes(frame.data[:n], 'little'))}"
+            return f"{got}, asked {self.edition.format_di(self.expect.di)}"
+        return f"{got}, asked function {self.expect.function:02X}"
