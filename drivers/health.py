@@ -165,7 +165,7 @@ class HealthBook:
             return
         h.state = new
         change = StateChange(h.meter_id, old, new, h.failures, reason, self._clock())
-        log.info("meter %s: %s -> %s%s", h.meter_id, old, new, f" ({reason})" if reason else "")
+        log.debug("meter %s: %s -> %s%s", h.meter_id, old, new, f" ({reason})" if reason else "")
         if self._on_change is not None:
             try:
                 self._on_change(change)
