@@ -32,6 +32,8 @@ from msgspec import Meta, inspect
 
 __all__ = [
     "BusConfig",
+    "CommandKeyConfig",
+    "CommandsSection",
     "Config",
     "ConfigDiff",
     "ConfigError",
@@ -254,6 +256,10 @@ class Meter(_Section, kw_only=True, frozen=True):
     address: str | int  # DL/T 645: 12 digits as a string; Modbus: unit id 1..247
     model: str
     credentials: Credentials | None = None
+    # How a remote reconnect closes the relay when the command does not say: "close_permit" arms
+    # it and the customer presses the meter's button (safe default: nobody is surprised by power
+    # coming back); "direct_close" closes it at once (DL/T 645 1C, 2013 amendment).
+    reconnect: Literal["close_permit", "direct_close"] = "close_permit"
 
     @property
     def unit_id(self) -> int:
@@ -295,6 +301,37 @@ class DailyFrozen(_Section, kw_only=True, frozen=True):
     backfill_days: Annotated[int, Meta(ge=0, le=MAX_FROZEN_DAYS)] = 7
 
 
+class CommandKeyConfig(_Section, kw_only=True, frozen=True):
+    """A key remote-control commands may be signed with (gateway.commands.auth.KeyRing)."""
+
+    resolved: ClassVar[frozenset[str]] = frozenset({"public_key", "secret"})
+
+    id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._:-]{1,64}$")]
+    alg: Literal["ed25519", "hmac-sha256"]
+    public_key_file: str | None = None  # ed25519: PEM public key, or the raw 32 bytes in base64
+    secret_file: str | None = None  # hmac-sha256: the shared secret (>= 32 bytes)
+    secret_env: str | None = None
+    roles: Annotated[list[Literal["command", "release"]], Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: ["command"]
+    )
+    public_key: bytes | None = None  # resolved: raw Ed25519 public key
+    secret: Secret | None = None  # resolved: HMAC key
+
+
+class CommandsSection(_Section, kw_only=True, frozen=True):
+    """Remote control (docs/mqtt.md "Commands and acknowledgements"). Off unless enabled."""
+
+    enabled: bool = False
+    keys: list[CommandKeyConfig] = msgspec.field(default_factory=list)
+    max_validity: Duration = Duration(86400)  # longest expires_at - issued_at accepted
+    max_disconnects: Annotated[int, Meta(ge=1)] = 50  # per guard_window, then commands are held
+    guard_window: Duration = Duration(3600)
+    verify_window: Duration = Duration(30)  # to read the relay back after a control frame
+    retry: Annotated[int, Meta(ge=1, le=10)] = 3  # attempts per control frame
+    store_path: str | None = None  # default: <state_dir>/commands.sqlite
+    audit_path: str | None = None  # default: <state_dir>/audit.sqlite
+
+
 class Config(_Section, kw_only=True, frozen=True):
     gateway: GatewaySection
     uplink: UplinkSection
@@ -306,6 +343,7 @@ class Config(_Section, kw_only=True, frozen=True):
     poll_groups: list[PollGroup] = msgspec.field(default_factory=list)
     time_sync: TimeSync | None = None
     daily_frozen: DailyFrozen | None = None
+    commands: CommandsSection = CommandsSection()
 
     def bus(self, name: str) -> BusConfig:
         for b in self.buses:
@@ -429,7 +467,8 @@ class _Validator:
             for key, item in value.items():
                 path = f"{where}.{key}" if where else key
                 if key in resolved:
-                    self.error(path, "secrets are given by reference: use password_file or password_env")
+                    refs = [f for f in fields if f.startswith(key + "_")] or [f"{key}_file", f"{key}_env"]
+                    self.error(path, f"secrets are given by reference: use {' or '.join(refs)}")
                 elif key == t.tag_field:
                     out[key] = item
                 elif key not in fields:
@@ -518,7 +557,77 @@ class _Validator:
                 )
             elif sync.offset >= sync.interval:
                 self.error("time_sync.offset", f"must be less than time_sync.interval ({float(sync.interval):g} s)")
-        return msgspec.structs.replace(c, gateway=gateway, outbox=outbox, uplink=uplink, buses=buses, meters=meters)
+        commands = self._commands(c.commands, state_dir)
+        return msgspec.structs.replace(
+            c, gateway=gateway, outbox=outbox, uplink=uplink, buses=buses, meters=meters, commands=commands
+        )
+
+    def _commands(self, section: CommandsSection, state_dir: str) -> CommandsSection:
+        where = "commands"
+        for name in ("max_validity", "guard_window", "verify_window"):
+            if getattr(section, name) <= 0:
+                self.error(f"{where}.{name}", "must be > 0")
+        if section.enabled and not section.keys:
+            self.error(f"{where}.keys", "remote control is enabled but no key is configured")
+        self._duplicates([k.id for k in section.keys], f"{where}.keys", "id", "key id")
+        keys = [self._command_key(k, f"{where}.keys[{ki}]") for ki, k in enumerate(section.keys)]
+        return msgspec.structs.replace(
+            section,
+            keys=keys,
+            store_path=self._path(section.store_path or str(Path(state_dir) / "commands.sqlite")),
+            audit_path=self._path(section.audit_path or str(Path(state_dir) / "audit.sqlite")),
+        )
+
+    def _command_key(self, k: CommandKeyConfig, where: str) -> CommandKeyConfig:
+        if len(set(k.roles)) != len(k.roles):
+            self.error(f"{where}.roles", "lists a role more than once")
+        shared = k.secret_file is not None or k.secret_env is not None
+        if k.alg == "ed25519":
+            if shared:
+                self.error(where, "an ed25519 key takes public_key_file, not secret_file/secret_env")
+            if k.public_key_file is None:
+                self.error(f"{where}.public_key_file", "missing (required for alg 'ed25519')")
+                return k
+            path = self._path(k.public_key_file)
+            try:
+                data = Path(path).read_bytes()
+            except OSError as e:
+                self.error(f"{where}.public_key_file", f"cannot read key file {path}: {e.strerror or e}")
+                return k
+            from gateway.commands.auth import load_ed25519_public_key
+
+            try:
+                raw = load_ed25519_public_key(data)
+            except ValueError as e:
+                self.error(f"{where}.public_key_file", f"{path}: {e}")
+                return k
+            return msgspec.structs.replace(k, public_key_file=path, public_key=raw)
+        if k.public_key_file is not None:
+            self.error(f"{where}.public_key_file", "an hmac-sha256 key takes secret_file or secret_env")
+        if k.secret_file is not None and k.secret_env is not None:
+            self.error(where, "give secret_file or secret_env, not both")
+            return k
+        secret: Secret | None = None
+        if k.secret_file is not None:
+            path = self._path(k.secret_file)
+            try:
+                text = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+            except (OSError, UnicodeError) as e:
+                reason = getattr(e, "strerror", None) or e
+                self.error(f"{where}.secret_file", f"cannot read secret file {path}: {reason}")
+                return k
+            secret, src = Secret(text), f"{where}.secret_file"
+        elif k.secret_env is not None:
+            secret, src = Secret(self.environ.get(k.secret_env, "")), f"{where}.secret_env"
+            if not secret.reveal():
+                self.error(src, f"environment variable {k.secret_env} is not set (or empty)")
+                return k
+        else:
+            self.error(where, "an hmac-sha256 key needs secret_file or secret_env")
+            return k
+        if len(secret.reveal().encode()) < 32:
+            self.error(src, "the shared secret must be at least 32 bytes (value not shown)")
+        return msgspec.structs.replace(k, secret=secret)
 
     def _path(self, text: str) -> str:
         return os.path.normpath(self.base / Path(text).expanduser())
@@ -863,7 +972,7 @@ def _changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> Changes:
 
 def diff(old: Config, new: Config) -> ConfigDiff:
     """Pure comparison of two loaded configs (secrets compare by value, without revealing them)."""
-    singletons = ("gateway", "uplink", "outbox", "metrics", "limits", "time_sync", "daily_frozen")
+    singletons = ("gateway", "uplink", "outbox", "metrics", "limits", "time_sync", "daily_frozen", "commands")
     return ConfigDiff(
         buses=_changes({b.name: b for b in old.buses}, {b.name: b for b in new.buses}),
         meters=_changes({m.id: m for m in old.meters}, {m.id: m for m in new.meters}),

@@ -1,0 +1,291 @@
+"""Gateway memory: RSS with 10,000 meters configured, against the same process with none.
+
+    python -m bench memory [--protocol dlt645|modbus] [--buses 100] [--meters-per-bus 100]
+                           [--interval 30] [--settle 30] [--sample 5] [--runs 1] [--tracemalloc 25]
+
+The gateway runs as a user runs it (``meter-gateway run -c gateway.toml``), polling its meters
+through the simulator (``meter-gateway simulate``, another process) into a local mosquitto. Each
+meter is read every ``--interval`` seconds (DL/T 645: the forward active energy block, 5 readings
+in one request; Modbus: the 12 energy registers in one read), spread over 90 % of the interval:
+a modest, steady rate (10,000 meters / 30 s = 333 reads/s). After ``--settle`` seconds, so every
+meter has been read at least once, VmRSS is sampled once a second for ``--sample`` seconds; the
+median sample is the figure, VmHWM (peak) is reported beside it.
+
+Baselines, same run: the same gateway, metrics and uplink with 0 meters (interpreter, imports,
+SQLite, MQTT session), and with the N meters configured but no poll group (what the meter
+objects cost at rest, without the read tasks polling creates). Per-meter bytes = (RSS with N
+meters - RSS with none) / N.
+
+``--tracemalloc N`` runs the gateway once more in a probe process (this module, ``_probe``) with
+tracemalloc started before any import, and prints the N biggest allocators by file and by line
+after the same settle time: where the memory goes. (tracemalloc itself costs memory and CPU, so
+its RSS is not the figure.)
+
+Goal: <= 60 MB RSS with 10,000 meters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.e2e import (
+    PROTOCOLS,
+    ROOT,
+    LineReader,
+    gateway_config,
+    memory_kib,
+    parse_endpoints,
+    rss_kib,
+    scrape,
+    simulator_config,
+    stop_process,
+)
+
+GOAL_MB = 60.0
+POLLED = {
+    "dlt645": tuple(f"energy.active.import.{t}" for t in ("total", "t1", "t2", "t3", "t4")),
+    "modbus": (
+        *(f"energy.{kind}.{d}.total" for kind in ("active", "reactive") for d in ("import", "export")),
+        *(f"energy.active.{d}.t{t}" for d in ("import", "export") for t in (1, 2, 3, 4)),
+    ),
+}
+
+
+@dataclass
+class Sample:
+    meters: int
+    rss_mib: float
+    hwm_mib: float
+    committed: float
+    startup_s: float
+    anon_mib: float
+
+
+def _start_simulator(
+    workdir: Path, protocol: str, buses: int, per_bus: int
+) -> tuple[subprocess.Popen[str], dict[str, int]]:
+    (workdir / "sim.toml").write_text(simulator_config(PROTOCOLS[protocol], buses, per_bus))
+    sim = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "simulate", "--config", str(workdir / "sim.toml")],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert sim.stdout is not None
+    try:
+        ports = parse_endpoints(LineReader(sim.stdout).wait_for("ready", 120))
+    except BaseException:
+        stop_process(sim)
+        raise
+    return sim, ports
+
+
+def _write_config(
+    workdir: Path,
+    args: argparse.Namespace,
+    ports: dict[str, int],
+    broker_port: int,
+    metrics_port: int,
+    *,
+    poll: bool = True,
+) -> Path:
+    from bench.e2e import PROTOCOLS as P
+
+    config = gateway_config(
+        P[args.protocol],
+        ports,
+        args.meters_per_bus,
+        broker_port=broker_port,
+        metrics_port=metrics_port,
+        state_dir=workdir / "state",
+        interval=args.interval,
+        quantities=POLLED[args.protocol] if ports and poll else (),
+        spread=0.9,
+    )
+    path = workdir / f"gateway-{len(ports)}{'' if poll else '-idle'}.toml"
+    path.write_text(config)
+    return path
+
+
+def _wait_metrics(port: int, proc: subprocess.Popen[Any], timeout: float = 120.0) -> float:
+    """Seconds until the gateway answers on its metrics port."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited {proc.returncode}")
+        try:
+            scrape(port)
+        except OSError:
+            time.sleep(0.2)
+        else:
+            return time.monotonic() - started
+    raise RuntimeError("gateway metrics never answered")
+
+
+def measure(
+    args: argparse.Namespace, workdir: Path, ports: dict[str, int], broker_port: int, *, poll: bool = True
+) -> Sample:
+    from gateway.local_broker import free_port
+
+    metrics_port = free_port()
+    config = _write_config(workdir, args, ports, broker_port, metrics_port, poll=poll)
+    log = config.with_suffix(".log").open("w")
+    gw = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "run", "-c", str(config), "--log-level", "WARNING"],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        startup = _wait_metrics(metrics_port, gw)
+        time.sleep(args.settle)
+        samples = []
+        anon = []
+        for _ in range(max(1, int(args.sample))):
+            kib = memory_kib(gw.pid)
+            samples.append(kib["VmRSS"])
+            anon.append(kib["RssAnon"])
+            time.sleep(1.0)
+        _, hwm = rss_kib(gw.pid)
+        committed = scrape(metrics_port)["committed"]
+        if gw.poll() is not None:
+            raise RuntimeError(f"gateway exited {gw.returncode}")
+    finally:
+        stop_process(gw)
+        log.close()
+    meters = len(ports) * args.meters_per_bus
+    return Sample(
+        meters, statistics.median(samples) / 1024, hwm / 1024, committed, startup, statistics.median(anon) / 1024
+    )
+
+
+def probe(args: argparse.Namespace, workdir: Path, ports: dict[str, int], broker_port: int) -> None:
+    from gateway.local_broker import free_port
+
+    config = _write_config(workdir, args, ports, broker_port, free_port())
+    subprocess.run(
+        [sys.executable, "-m", "bench.memory", "_probe", str(config), str(args.settle), str(args.tracemalloc)],
+        cwd=ROOT,
+        check=True,
+        timeout=args.settle + 300,
+    )
+
+
+def _probe_main(config_path: str, seconds: float, top: int) -> int:
+    """Run the gateway in this process under tracemalloc; print the top allocators."""
+    import tracemalloc
+
+    tracemalloc.start(1)
+    import asyncio
+    import logging
+
+    from gateway.config import load_config
+    from gateway.run_cmd import serve
+
+    logging.basicConfig(level=logging.WARNING)
+    imports = tracemalloc.take_snapshot()
+    config = load_config(config_path)
+
+    async def run() -> tracemalloc.Snapshot:
+        task = asyncio.create_task(serve(config, config_path))
+        await asyncio.sleep(seconds)
+        snap = tracemalloc.take_snapshot()
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGTERM)
+        await task
+        return snap
+
+    snap = asyncio.run(run())
+    traced = sum(s.size for s in snap.statistics("filename")) / 2**20
+    at_imports = sum(s.size for s in imports.statistics("filename")) / 2**20
+    print(f"tracemalloc: {traced:.1f} MiB traced; {at_imports:.1f} MiB of it after imports")
+    for key in ("filename", "lineno"):
+        print(f"top {top} by {key}:")
+        for stat in snap.statistics(key)[:top]:
+            frame = stat.traceback[0]
+            where = str(Path(frame.filename).resolve()).replace(str(ROOT) + "/", "").replace(sys.prefix, "<venv>")
+            line = f":{frame.lineno}" if key == "lineno" else ""
+            print(f"  {stat.size / 1024:9.0f} KiB {stat.count:8d} blocks  {where}{line}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_probe"]:
+        return _probe_main(argv[1], float(argv[2]), int(argv[3]))
+    parser = argparse.ArgumentParser(prog="memory", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--protocol", choices=list(POLLED), default="dlt645")
+    parser.add_argument("--buses", type=int, default=100)
+    parser.add_argument("--meters-per-bus", type=int, default=100)
+    parser.add_argument("--interval", type=float, default=30.0, help="poll interval of every meter, seconds")
+    parser.add_argument("--settle", type=float, default=30.0, help="seconds after start-up before sampling")
+    parser.add_argument("--sample", type=float, default=5.0, help="seconds of once-a-second RSS samples")
+    parser.add_argument("--runs", type=int, default=1, help="runs; medians are reported")
+    parser.add_argument("--tracemalloc", type=int, default=0, metavar="N", help="also print the N top allocators")
+    args = parser.parse_args(argv)
+    if args.protocol == "modbus" and args.meters_per_bus > 247:
+        parser.error("Modbus unit ids stop at 247")
+    from gateway.local_broker import LocalBroker
+
+    empty: list[Sample] = []
+    idle: list[Sample] = []
+    full: list[Sample] = []
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp, LocalBroker() as broker:
+        workdir = Path(tmp)
+        sim, ports = _start_simulator(workdir, args.protocol, args.buses, args.meters_per_bus)
+        try:
+            for run in range(1, args.runs + 1):
+                base = measure(args, workdir, {}, broker.port)
+                still = measure(args, workdir, ports, broker.port, poll=False)
+                loaded = measure(args, workdir, ports, broker.port)
+                empty.append(base)
+                idle.append(still)
+                full.append(loaded)
+                print(
+                    f"run {run}: 0 meters {base.rss_mib:.1f} MiB (anon {base.anon_mib:.1f}); {loaded.meters:,} meters "
+                    f"not polled {still.rss_mib:.1f} MiB; polled {loaded.rss_mib:.1f} MiB (peak {loaded.hwm_mib:.1f}, "
+                    f"anon {loaded.anon_mib:.1f}), "
+                    f"{_per_meter(loaded, base):,.0f} bytes per meter; started in {loaded.startup_s:.1f} s, "
+                    f"{loaded.committed:,.0f} readings committed",
+                    flush=True,
+                )
+            if args.tracemalloc:
+                probe(args, workdir, ports, broker.port)
+        finally:
+            stop_process(sim)
+    med = statistics.median
+    rss0, rss_idle, rss = (med(s.rss_mib for s in group) for group in (empty, idle, full))
+    meters = full[0].meters
+    verdict = "meets" if rss * 2**20 / 1e6 <= GOAL_MB else "misses"
+    print()
+    print(
+        "| protocol | meters | RSS MiB, polled (median; runs) | peak MiB | not polled MiB | 0 meters MiB "
+        "| bytes per meter (polled; not polled) | goal |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    print(
+        f"| {args.protocol} | {meters:,} | {rss:.1f} ({', '.join(f'{s.rss_mib:.1f}' for s in full)}) | "
+        f"{med(s.hwm_mib for s in full):.1f} | {rss_idle:.1f} | {rss0:.1f} | "
+        f"{(rss - rss0) * 2**20 / meters:,.0f}; {(rss_idle - rss0) * 2**20 / meters:,.0f} | "
+        f"<= {GOAL_MB:.0f} MB: {verdict} |"
+    )
+    return 0
+
+
+def _per_meter(loaded: Sample, base: Sample) -> float:
+    return (loaded.rss_mib - base.rss_mib) * 2**20 / loaded.meters
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,617 @@
+"""Daily frozen reads and backfill: each meter's midnight freeze, and what outages made us miss.
+
+:class:`FrozenJob` runs beside the poller. Every DL/T 645-2007 meter of ``[daily_frozen]`` has
+its newest daily freeze read ``delay`` + a per-meter share of ``spread`` after local midnight
+(:class:`~gateway.schedule.DailyFrozenSchedule`) and committed to the outbox with
+``Quality.FROZEN`` and ``meter_time`` = the freeze time the meter reports, so the reading id
+(``meter/quantity/m<freeze time>``) is the same however often the freeze is read: a re-read
+dedupes in the outbox.
+
+Owed freezes
+    A freeze is *owed* from the moment the schedule hands it out until its readings are
+    committed. Freezes the schedule skipped (the gateway was down: the persisted cursor lags;
+    the clock stepped forward) are owed as backfill, up to ``backfill_days`` back. A read that
+    fails (meter offline, bus down, garbled reply) leaves the freeze owed: it is retried with
+    backoff (``retry_base`` doubling up to ``retry_max``) and committed as backfill
+    (``FROZEN | BACKFILLED``) when it succeeds. Owed freezes are kept in the cursor store, so a
+    restart loses none. A freeze first read more than ``late_after`` (1 h) after its read time
+    (the gateway was down at midnight) is flagged ``BACKFILLED`` too. Backfill reads run at
+    ``Priority.BACKFILL`` (behind live polls), one read at a time per bus.
+
+Which record
+    A meter numbers its freezes 1 (newest) .. 62; the job asks for the index the gateway's
+    calendar predicts and checks the freeze time the meter returns. A meter whose clock is a
+    little off, or that did not freeze some midnight (it was unpowered), numbers its records
+    differently: the job moves the index by the difference and asks again (at most 3 reads),
+    and gives a day up as lost only when the records either side of it are both found.
+
+Poll slots
+    For poll groups with ``backfill = true``, :meth:`FrozenJob.note_missed` takes the poll
+    schedule's missed slots. A missed slot that starts exactly at a freeze instant (local
+    midnight) is filled from that freeze: its energies carry ``slot`` = the missed slot. Other
+    slots, and quantities a meter does not freeze (voltages, powers...), cannot be filled;
+    they are counted (``slots_unfillable``). docs/backfill.md has the whole story.
+
+Meters without daily freezes (Modbus meters; DL/T 645-1997, whose tables have none) are
+skipped, each logged once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from typing import TYPE_CHECKING, Final, Protocol
+
+from drivers.bus import Priority
+from drivers.errors import ConfigurationError, DriverError, MeterRefused
+from drivers.reading import Quality, Reading
+from gateway.cursors import MAX_OWED_PER_METER, CursorStore, OwedFreeze
+from gateway.schedule import (
+    MAX_FROZEN_DAYS,
+    DailyFrozenSchedule,
+    MissedSlots,
+    freeze_time,
+    frozen_index,
+    latest_freeze_date,
+)
+from protocols.dlt645.catalogue import Catalogue, default_catalogue
+from protocols.dlt645.edition import Edition
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from drivers.bus import Bus
+    from drivers.meter_models import Dlt645Model
+    from gateway.config import Config
+    from gateway.outbox import AddResult
+
+__all__ = ["FROZEN_PREFIX", "FrozenJob", "FrozenReader", "FrozenStats", "ReadingSink", "frozen_quantities"]
+
+log = logging.getLogger("meter_gateway")
+
+FROZEN_PREFIX: Final = "frozen.daily."  # catalogue quantities of DL/T 645-2007 Table A.6
+MAX_PROBES: Final = 3  # reads to find one freeze when the meter numbers its records differently
+MAX_REFUSALS: Final = 3  # a freeze the meter keeps refusing (not "no data") is given up after this
+DEFAULT_DELAY: Final = 300.0
+DEFAULT_SPREAD: Final = 600.0
+DEFAULT_BACKFILL_DAYS: Final = 7
+
+
+class FrozenReader(Protocol):
+    """What the job needs of a meter driver (drivers.dlt645_driver.Dlt645Driver)."""
+
+    meter_id: str
+    bus: Bus
+    model: Dlt645Model
+    edition: Edition
+
+    async def read_frozen_daily(
+        self, index: int, quantities: Sequence[str], *, priority: int = Priority.POLL
+    ) -> list[Reading]: ...
+
+
+class ReadingSink(Protocol):
+    """Where readings are committed (gateway.outbox.AsyncOutbox)."""
+
+    async def add(self, readings: Iterable[Reading]) -> AddResult: ...
+
+
+@dataclass
+class FrozenStats:
+    frozen_reads: int = 0  # freezes read on time and committed
+    backfilled_days: int = 0  # freezes committed as backfill (missed or retried)
+    backfill_failures: int = 0  # failed read attempts of backfill freezes
+    read_failures: dict[str, int] = field(default_factory=dict)  # failed attempts by kind (live and backfill)
+    lost_days: int = 0  # freezes given up: no longer in the meter, or beyond backfill_days
+    rereads: int = 0  # freezes read again whose readings the outbox already had (not counted above)
+    committed: int = 0  # readings newly committed
+    duplicates: int = 0  # readings the outbox already had (a freeze read twice)
+    index_corrections: int = 0  # reads whose record turned out to be another day
+    slots_filled: int = 0  # missed poll slots filled from a freeze
+    slots_unfillable: int = 0  # missed poll slots of backfill groups that no freeze can fill
+    skipped_meters: dict[str, str] = field(default_factory=dict)  # meter -> why it has no frozen reads
+    owed: int = 0  # freezes owed right now
+
+    def fail(self, kind: str, *, backfill: bool) -> None:
+        self.read_failures[kind] = self.read_failures.get(kind, 0) + 1
+        if backfill:
+            self.backfill_failures += 1
+
+
+def frozen_quantities(model: Dlt645Model, catalogue: Catalogue | None = None) -> tuple[str, ...]:
+    """The quantities of ``model`` a DL/T 645-2007 meter keeps in its daily freezes (its
+    energies; Table A.6 has no instantaneous values)."""
+    cat = catalogue or default_catalogue()
+    return tuple(q for q in model.quantities if cat.by_quantity(Edition.DLT645_2007, FROZEN_PREFIX + q) is not None)
+
+
+@dataclass
+class _Owed:
+    backfill: bool
+    fills: dict[str, int] = field(default_factory=dict)  # poll group -> missed slot it fills
+    attempts: int = 0
+    retry_at: float = float("-inf")
+    parked: bool = False  # beyond backfill_days by the current clock: not read, not deleted
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    kind: str  # ok | not_yet | gone | missing | failed | unsupported
+    records: Mapping[date, list[Reading]] = field(default_factory=dict)
+    error: DriverError | None = None
+
+
+class FrozenJob:
+    """Daily frozen reads, their retries and backfill; see the module doc.
+
+    ``drivers`` maps meter ids to DL/T 645 drivers (meters missing from it are skipped);
+    ``outbox`` takes the readings; ``clock`` is gateway unix time; ``cursors`` persists the
+    schedule cursor and the owed freezes. ``tick`` bounds each sleep (the clock may be stepped).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        drivers: Mapping[str, FrozenReader],
+        outbox: ReadingSink,
+        clock: Callable[[], float],
+        cursors: CursorStore,
+        *,
+        tick: float = 1.0,
+        save_every: float = 30.0,
+        retry_base: float = 60.0,
+        retry_max: float = 3600.0,
+        shutdown_grace: float = 5.0,
+        late_after: float = 3600.0,
+    ) -> None:
+        self.config = config
+        self.drivers = drivers
+        self.outbox = outbox
+        self.clock = clock
+        self.cursors = cursors
+        self.tick = tick
+        self.save_every = save_every
+        self.retry_base = retry_base
+        self.retry_max = retry_max
+        self.shutdown_grace = shutdown_grace
+        self.late_after = late_after
+        self.stats = FrozenStats()
+        self.tz = config.gateway.zone()
+        daily = config.daily_frozen
+        self.daily_enabled = daily is not None and daily.enabled
+        self.delay = float(daily.delay) if daily is not None else DEFAULT_DELAY
+        self.spread = float(daily.spread) if daily is not None else DEFAULT_SPREAD
+        self.backfill_days = daily.backfill_days if daily is not None else DEFAULT_BACKFILL_DAYS
+        self._catalogue = default_catalogue()
+        self._quantities: dict[str, tuple[str, ...]] = {}
+        self._group_quantities = {g.name: tuple(g.quantities) for g in config.poll_groups if g.backfill}
+        self._daily_meters = (
+            [m.id for m in config.group_meters(daily) if self._readable(m.id)]
+            if daily is not None and self.daily_enabled
+            else []
+        )
+        self.schedule: DailyFrozenSchedule | None = None
+        self._owed: dict[str, dict[date, _Owed]] = {}
+        self._dirty: set[tuple[str, date]] = set()
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # bus name -> the read in flight there
+        self._wake = asyncio.Event()
+        self._last_save = float("-inf")
+        self._loaded = False
+
+    # -- which meters -------------------------------------------------------------------------
+
+    def _readable(self, meter_id: str) -> bool:
+        """Whether a meter keeps daily freezes we can read; logs the reason once when not."""
+        if meter_id in self.stats.skipped_meters:
+            return False
+        try:
+            protocol: str = self.config.meter(meter_id).protocol
+        except KeyError:
+            protocol = "unknown"
+        reason = None
+        if protocol == "modbus":
+            reason = "modbus meters keep no daily frozen records"
+        elif protocol == "dlt645-1997":
+            reason = "DL/T 645-1997 has no daily frozen data"
+        elif meter_id not in self.drivers:
+            reason = "no driver"
+        if reason is None:
+            return True
+        self.stats.skipped_meters[meter_id] = reason
+        log.info("event=frozen_skipped meter=%s reason=%r", meter_id, reason)
+        return False
+
+    def _frozen_quantities(self, meter_id: str) -> tuple[str, ...]:
+        qs = self._quantities.get(meter_id)
+        if qs is None:
+            qs = self._quantities[meter_id] = frozen_quantities(self.drivers[meter_id].model, self._catalogue)
+        return qs
+
+    # -- owed freezes -------------------------------------------------------------------------
+
+    def owed(self) -> dict[str, list[date]]:
+        """Freezes owed per meter, oldest first (for status and tests)."""
+        return {m: sorted(days) for m, days in self._owed.items() if days}
+
+    def _add(self, meter: str, day: date, *, backfill: bool, fills: Mapping[str, int] | None = None) -> None:
+        if meter in self.stats.skipped_meters:  # found unable to freeze: do not ask it again every day
+            return
+        days = self._owed.setdefault(meter, {})
+        item = days.get(day)
+        if item is None:
+            item = days[day] = _Owed(backfill)
+        else:
+            item.backfill = item.backfill or backfill
+            item.parked = False
+        if fills:
+            item.fills.update(fills)
+        self._dirty.add((meter, day))
+        while len(days) > MAX_OWED_PER_METER:  # by count, never by the clock
+            oldest = min(days)
+            self._settle(meter, oldest, lost="too many owed freezes")
+
+    def _settle(self, meter: str, day: date, *, lost: str | None = None) -> None:
+        item = self._owed.get(meter, {}).pop(day, None)
+        self._dirty.add((meter, day))
+        if lost is not None and item is not None:
+            self.stats.lost_days += 1
+            log.warning("event=frozen_lost meter=%s day=%s reason=%r", meter, day.isoformat(), lost)
+
+    def note_missed(self, missed: Iterable[MissedSlots]) -> None:
+        """Missed poll slots (``PollSchedule.take_missed()``; also a slot whose live read
+        failed) of groups with ``backfill = true``: those at a freeze instant get filled."""
+        for m in missed:
+            quantities = self._group_quantities.get(m.group)
+            if quantities is None:
+                continue
+            fillable: list[tuple[date, int]] = []
+            if self._readable(m.meter):
+                frozen = set(self._frozen_quantities(m.meter))
+                if frozen.intersection(quantities):
+                    fillable = self._freeze_slots(m)
+            window = self._window_start(self.clock())
+            kept = [(d, s) for d, s in fillable if d >= window]
+            for day, slot in kept:
+                self._add(m.meter, day, backfill=True, fills={m.group: slot})
+            self.stats.slots_unfillable += m.count - len(kept)
+            log.info(
+                "event=backfill_slots group=%s meter=%s missed=%d from_freezes=%d unfillable=%d",
+                m.group,
+                m.meter,
+                m.count,
+                len(kept),
+                m.count - len(kept),
+            )
+
+    def _freeze_slots(self, m: MissedSlots) -> list[tuple[date, int]]:
+        """(freeze date, slot) for the missed slots that start at a freeze instant."""
+        first_day = datetime.fromtimestamp(m.first, self.tz).date()
+        last_day = datetime.fromtimestamp(m.last, self.tz).date()
+        first_day = max(first_day, last_day - timedelta(days=MAX_FROZEN_DAYS))  # older ones are gone anyway
+        out: list[tuple[date, int]] = []
+        day = first_day
+        while day <= last_day:
+            t = freeze_time(day, self.tz)
+            if t == int(t) and m.first <= t <= m.last and (int(t) - m.first) % m.interval == 0:
+                out.append((day, int(t)))
+            day += timedelta(days=1)
+        return out
+
+    def _window_start(self, now: float) -> date:
+        """The oldest freeze backfill still reads at ``now``."""
+        latest = latest_freeze_date(now, self.tz)
+        return latest - timedelta(days=max(1, min(self.backfill_days, MAX_FROZEN_DAYS)) - 1)
+
+    # -- running ------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set; in-flight reads get ``shutdown_grace`` seconds to commit,
+        and the cursors are saved on the way out."""
+        await self.load()
+        try:
+            while not stop.is_set():
+                self._wake.clear()
+                now = self.clock()
+                self.step(now)
+                if self._dirty and time.monotonic() - self._last_save >= self.save_every:
+                    await self.save()
+                await self._sleep(stop, self._delay(self.clock()))
+        finally:
+            await self._drain()
+            await self.save()
+
+    async def load(self) -> None:
+        """Restore the schedule cursor and owed freezes (once)."""
+        if self._loaded:
+            return
+        self._loaded = True
+        now = self.clock()
+        resume = await asyncio.to_thread(self.cursors.load_frozen, now, self.tz)
+        owed = await asyncio.to_thread(self.cursors.load_owed)
+        for o in owed:
+            if o.meter in self.drivers and self._readable(o.meter):
+                item = self._owed.setdefault(o.meter, {}).setdefault(o.day, _Owed(o.backfill))
+                item.fills.update(o.fills)
+                item.attempts = o.attempts
+            else:
+                self._dirty.add((o.meter, o.day))  # a meter no longer configured: drop its rows
+        if self._daily_meters:
+            self.schedule = DailyFrozenSchedule(
+                self._daily_meters,
+                self.tz,
+                now,
+                delay=self.delay,
+                spread=self.spread,
+                resume={m: d for m, d in resume.items() if m in self._daily_meters},
+            )
+        if owed or resume:
+            log.info(
+                "event=frozen_resumed cursors=%d owed=%d",
+                len(resume),
+                sum(len(d) for d in self._owed.values()),
+            )
+
+    def step(self, now: float) -> None:
+        """Take what the schedule hands out and start reads that are due (no waiting)."""
+        if self.schedule is not None:
+            for due in self.schedule.next_due(now):
+                # first read more than late_after after its time (the gateway was down): backfill
+                late = now > due.at + self.late_after
+                self._add(due.meter, due.freeze_date, backfill=late)
+            window = self._window_start(now)
+            for missed in self.schedule.take_missed():
+                first = max(missed.first, window)
+                lost = (first - missed.first).days
+                if lost > 0:
+                    self.stats.lost_days += lost
+                    log.warning(
+                        "event=frozen_lost meter=%s first=%s days=%d reason='older than backfill_days=%d'",
+                        missed.meter,
+                        missed.first.isoformat(),
+                        lost,
+                        self.backfill_days,
+                    )
+                day = first
+                while day <= missed.last:
+                    self._add(missed.meter, day, backfill=True)
+                    day += timedelta(days=1)
+                if first <= missed.last:
+                    log.info(
+                        "event=frozen_backfill_planned meter=%s first=%s last=%s",
+                        missed.meter,
+                        first.isoformat(),
+                        missed.last.isoformat(),
+                    )
+        self._dispatch(now)
+        self.stats.owed = sum(len(d) for d in self._owed.values())
+
+    def _dispatch(self, now: float) -> None:
+        window = self._window_start(now)
+        ready: dict[str, tuple[tuple[bool, date, str], str, date]] = {}
+        for meter, days in self._owed.items():
+            driver = self.drivers.get(meter)
+            if driver is None:
+                continue
+            bus = driver.bus.name
+            if bus in self._tasks:
+                continue
+            for day, item in days.items():
+                if day < window:
+                    if not item.parked:
+                        item.parked = True
+                        log.warning(
+                            "event=frozen_out_of_reach meter=%s day=%s backfill_days=%d",
+                            meter,
+                            day.isoformat(),
+                            self.backfill_days,
+                        )
+                    continue
+                item.parked = False
+                if item.retry_at > now + self.retry_max:  # the clock stepped back: do not wait it out
+                    item.retry_at = now
+                if item.retry_at > now:
+                    continue
+                key = (item.backfill, day, meter)
+                if bus not in ready or key < ready[bus][0]:
+                    ready[bus] = (key, meter, day)
+        for bus, (_, meter, day) in ready.items():
+            task = asyncio.create_task(self._read(meter, day), name=f"frozen:{meter}:{day.isoformat()}")
+            self._tasks[bus] = task
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        for bus, t in list(self._tasks.items()):
+            if t is task:
+                del self._tasks[bus]
+        self._wake.set()
+
+    def _delay(self, now: float) -> float:
+        times = [self.schedule.next_time() or now + self.tick] if self.schedule is not None else []
+        window = self._window_start(now)
+        for meter, days in self._owed.items():
+            times.extend(i.retry_at for d, i in days.items() if d >= window and meter in self.drivers)
+        soonest = min(times, default=now + self.tick)
+        return min(self.tick, max(0.0, soonest - now))
+
+    async def _sleep(self, stop: asyncio.Event, seconds: float) -> None:
+        waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())}
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+
+    async def _drain(self) -> None:
+        tasks = list(self._tasks.values())
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=self.shutdown_grace)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def save(self) -> None:
+        """Persist the schedule cursor and the owed freezes that changed."""
+        dirty, self._dirty = self._dirty, set()
+        owed: list[OwedFreeze] = []
+        settled: list[tuple[str, date]] = []
+        for meter, day in dirty:
+            item = self._owed.get(meter, {}).get(day)
+            if item is None:
+                settled.append((meter, day))
+            else:
+                owed.append(OwedFreeze(meter, day, item.backfill, dict(item.fills), item.attempts))
+        cursors = self.schedule.cursors() if self.schedule is not None else {}
+        try:
+            await asyncio.to_thread(self.cursors.save_frozen, cursors, owed=owed, settled=settled)
+        except Exception:  # the state file is worth retrying, never worth stopping frozen reads
+            self._dirty |= dirty
+            log.exception("event=cursor_save_failed kind=frozen")
+            return
+        self._last_save = time.monotonic()
+
+    # -- one freeze ---------------------------------------------------------------------------
+
+    async def _read(self, meter: str, day: date) -> None:
+        item = self._owed.get(meter, {}).get(day)
+        if item is None:
+            return
+        now = self.clock()
+        try:
+            outcome = await self._locate(meter, day, now, Priority.BACKFILL if item.backfill else Priority.POLL)
+            await self._finish(meter, day, item, outcome, now)
+        except Exception:  # one meter's bad day must not end the job
+            log.exception("event=frozen_read_crashed meter=%s day=%s", meter, day.isoformat())
+            self._retry_later(meter, day, item, now, "internal", None)
+
+    async def _locate(self, meter: str, day: date, now: float, priority: int) -> _Outcome:
+        """Read the meter's record of ``day``, moving the index if the meter numbers differently."""
+        driver = self.drivers[meter]
+        quantities = self._frozen_quantities(meter)
+        if not quantities:
+            return _Outcome("unsupported")
+        index = frozen_index(day, latest_freeze_date(now, self.tz))
+        records: dict[date, list[Reading]] = {}
+        tried: set[int] = set()
+        for _ in range(MAX_PROBES):
+            if index < 1:
+                return _Outcome("not_yet", records)  # the meter has not frozen it yet (or our clock went back)
+            if index > MAX_FROZEN_DAYS or index in tried:
+                return _Outcome("gone" if index > MAX_FROZEN_DAYS else "missing", records)
+            tried.add(index)
+            try:
+                readings = await driver.read_frozen_daily(index, quantities, priority=priority)
+            except ConfigurationError as exc:
+                return _Outcome("unsupported", records, exc)
+            except DriverError as exc:
+                return _Outcome("failed", records, exc)
+            if not readings:  # fewer freezes than that in the meter
+                return _Outcome("not_yet" if index == 1 else "gone", records)
+            stamp = readings[0].meter_time
+            if stamp is None:
+                return _Outcome("failed", records, DriverError("frozen readings without a freeze time"))
+            got = datetime.fromtimestamp(stamp, self.tz).date()
+            records[got] = readings
+            if got == day:
+                return _Outcome("ok", records)
+            self.stats.index_corrections += 1
+            log.info(
+                "event=frozen_index_moved meter=%s wanted=%s index=%d got=%s",
+                meter,
+                day.isoformat(),
+                index,
+                got.isoformat(),
+            )
+            index += (got - day).days
+        return _Outcome("missing", records)
+
+    async def _finish(self, meter: str, day: date, item: _Owed, outcome: _Outcome, now: float) -> None:
+        # every record read that is owed gets committed, the wanted one or a neighbour
+        for got, readings in outcome.records.items():
+            owed = self._owed.get(meter, {}).get(got)
+            if owed is None:
+                continue
+            result = await self.outbox.add(self._stamped(readings, owed))
+            self.stats.committed += result.committed
+            self.stats.duplicates += result.duplicates
+            if result.refused or result.invalid:
+                self._retry_later(meter, got, owed, now, "outbox_refused", None)
+                continue
+            self._committed(meter, got, owed, fresh=result.committed > 0)
+        if outcome.kind == "ok":
+            return
+        if outcome.kind == "not_yet":
+            item.retry_at = now + self.retry_base
+            return
+        if outcome.kind in ("gone", "missing"):
+            self._settle(meter, day, lost="not in the meter" if outcome.kind == "gone" else "the meter never froze it")
+            return
+        if outcome.kind == "unsupported":
+            reason = str(outcome.error) if outcome.error is not None else "no quantities the meter freezes"
+            self.stats.skipped_meters[meter] = reason
+            log.warning("event=frozen_skipped meter=%s reason=%r", meter, reason)
+            for d in list(self._owed.get(meter, {})):
+                self._settle(meter, d)
+            return
+        error = outcome.error
+        kind = error.kind if error is not None else "error"
+        if isinstance(error, MeterRefused) and item.attempts + 1 >= MAX_REFUSALS:
+            self.stats.fail(kind, backfill=item.backfill)
+            self._settle(meter, day, lost=f"refused {MAX_REFUSALS} times: {error}")
+            return
+        self._retry_later(meter, day, item, now, kind, error)
+
+    def _stamped(self, readings: Sequence[Reading], item: _Owed) -> list[Reading]:
+        quality = Quality.FROZEN | (Quality.BACKFILLED if item.backfill else Quality.GOOD)
+        slot_of: dict[str, int] = {}
+        for group, slot in item.fills.items():
+            for q in self._group_quantities.get(group, ()):
+                slot_of.setdefault(q, slot)
+        return [
+            dataclasses.replace(r, quality=r.quality | quality, slot=slot_of.get(r.quantity, r.slot)) for r in readings
+        ]
+
+    def _committed(self, meter: str, day: date, item: _Owed, *, fresh: bool) -> None:
+        if not fresh:
+            self.stats.rereads += 1
+        elif item.backfill:
+            self.stats.backfilled_days += 1
+        else:
+            self.stats.frozen_reads += 1
+        filled = len(item.fills)
+        self.stats.slots_filled += filled
+        log.info(
+            "event=frozen_committed meter=%s day=%s backfill=%s new=%s attempts=%d slots_filled=%d",
+            meter,
+            day.isoformat(),
+            item.backfill,
+            fresh,
+            item.attempts + 1,
+            filled,
+        )
+        self._settle(meter, day)
+
+    def _retry_later(  # noqa: PLR0917 (private, called from three places)
+        self, meter: str, day: date, item: _Owed, now: float, kind: str, error: Exception | None
+    ) -> None:
+        self.stats.fail(kind, backfill=item.backfill)
+        item.attempts += 1
+        item.backfill = True  # whatever is read after a failed attempt is read late
+        item.retry_at = now + min(self.retry_base * 2 ** (item.attempts - 1), self.retry_max)
+        self._dirty.add((meter, day))
+        level = logging.WARNING if item.attempts == 1 else logging.DEBUG
+        log.log(
+            level,
+            "event=frozen_read_failed meter=%s day=%s kind=%s attempts=%d retry_in=%.0f detail=%s",
+            meter,
+            day.isoformat(),
+            kind,
+            item.attempts,
+            item.retry_at - now,
+            error,
+        )
