@@ -2,18 +2,27 @@
 
 ``Gateway.run`` opens the outbox, builds buses and meter drivers from the config, and runs one
 ``asyncio.TaskGroup`` of named tasks: ``uplink`` (outbox -> MQTT), ``poller`` (schedule -> bus
-reads -> outbox), ``housekeeping`` (metrics snapshots, the status file, sd_notify STATUS),
-``watchdog`` (sd_notify WATCHDOG=1 while the poller makes progress) and ``reloader`` (applies a
-new config on the ``reload`` event). Signals only set events (``stop``, ``reload``; see
-gateway/run_cmd.py). Shutdown runs the stages in reverse order within a budget: stop handing out
-reads and let in-flight reads finish (so what was read is committed), stop the uplink (it waits
-briefly for in-flight PUBACKs), close buses, close the outbox.
+reads -> outbox), ``cursors`` (saves the poll schedule's cursors so a restart resumes and
+backfills), ``jobs`` (the daily frozen reads with backfill, and meter time sync; restarted on a
+reload), ``commands`` (remote control, when ``[commands] enabled``), ``housekeeping`` (metrics
+snapshots, the status file, sd_notify STATUS), ``watchdog`` (sd_notify WATCHDOG=1 while the
+poller makes progress) and ``reloader`` (applies a new config on the ``reload`` event). Signals
+only set events (``stop``, ``reload``; see gateway/run_cmd.py). Shutdown runs the stages in
+reverse order within a budget: stop handing out reads and let in-flight reads finish (so what
+was read is committed), let commands persist their state, stop the uplink (it waits briefly for
+in-flight PUBACKs), close buses, close the cursor store and the outbox.
+
+Polls are queued per bus and at most :data:`READS_PER_BUS` run at once on a bus (the bus does
+one transaction at a time anyway): a task per due read would cost memory per meter at 10,000
+meters, for nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -21,27 +30,41 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from drivers.bus import Bus, Priority
+from drivers.dlt645_driver import Dlt645Driver
 from drivers.errors import DriverError
 from drivers.health import HealthBook, HealthPolicy, MeterState, StateChange
 from gateway.config import Config, ConfigError, diff
+from gateway.cursors import CursorStore, autosave_poll
+from gateway.frozen_job import FrozenJob
 from gateway.meters import Fleet, MeterRuntime
 from gateway.metrics import Metrics
 from gateway.outbox import AsyncOutbox, OverflowPolicy
-from gateway.schedule import GroupPlan, PollSchedule
+from gateway.schedule import GroupPlan, MissedSlots, PollSchedule
 from gateway.sdnotify import Notifier, run_watchdog, watchdog_interval
-from gateway.uplink import Protocol, TlsConfig, Uplink, UplinkConfig
+from gateway.time_sync_job import TimeSyncJob
+from gateway.uplink import InboundMessage, Protocol, TlsConfig, Uplink, UplinkConfig
+
+if TYPE_CHECKING:
+    from gateway.commands.service import CommandService
 
 log = logging.getLogger("meter_gateway")
 
 STATUS_FILE = "status.json"
+READS_PER_BUS = 2  # one on the wire, one waiting its turn: keeps the bus busy without a task per meter
 STATUS_EVERY = 5.0  # seconds between status file writes
 # sections a reload cannot change in a running process: they need a restart
 RESTART_SECTIONS = frozenset({"gateway", "uplink", "outbox", "metrics"})
 
 OVERFLOW = {"pause_polling": OverflowPolicy.REFUSE_NEW, "drop_oldest": OverflowPolicy.DROP_OLDEST}
+
+
+class _DueRead(NamedTuple):
+    meter: MeterRuntime
+    group: str
+    slot: float
 
 
 @dataclass
@@ -121,7 +144,18 @@ class Gateway:
         self.outbox: AsyncOutbox | None = None
         self.uplink: Uplink | None = None
         self._quantities = {g.name: tuple(g.quantities) for g in config.poll_groups}
+        self._intervals = {g.name: int(g.interval) for g in config.poll_groups}
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._waiting: dict[str, collections.deque[_DueRead]] = {}
+        self._running: dict[str, int] = {}
+        self.cursors: CursorStore | None = None
+        self.schedule: PollSchedule | None = None
+        self.frozen: FrozenJob | None = None
+        self.time_sync: TimeSyncJob | None = None
+        self.commands: CommandService | None = None
+        self._jobs_restart = asyncio.Event()
+        self._commands_stop = asyncio.Event()
+        self._ignored_commands = 0
         self._on_ready = on_ready
         self._on_tick = on_tick
         self._schedule_changed = False
@@ -150,13 +184,26 @@ class Gateway:
             overflow_policy=OVERFLOW[config.outbox.overflow_policy],
         )
         try:
-            self.uplink = Uplink(uplink_config(config), self.outbox)
+            self.cursors = await asyncio.to_thread(CursorStore.for_config, config)
+            self.uplink = Uplink(uplink_config(config), self.outbox, on_command=self._on_command)
             self.fleet.build(config)
             self._watch_buses()
             await self.fleet.open()
+            self.commands = self._make_commands(config)
+            await self._build_jobs()
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.uplink.run(), name="uplink")
+                self.schedule = PollSchedule(
+                    GroupPlan.from_config(config), self.clock(), resume=self.cursors.load_poll(self.clock())
+                )
                 poller = tg.create_task(self._poll(stop), name="poller")
+                tg.create_task(autosave_poll(self.cursors, self._poll_cursors, stop), name="cursors")
+                jobs = tg.create_task(self._jobs(stop), name="jobs")
+                commands = (
+                    tg.create_task(self.commands.run(self._commands_stop), name="commands")
+                    if self.commands is not None
+                    else None
+                )
                 tg.create_task(self._housekeeping(stop), name="housekeeping")
                 if self.notifier is not None:
                     watchdog = tg.create_task(
@@ -165,12 +212,13 @@ class Gateway:
                 if reload is not None:
                     reloader = tg.create_task(self._reloader(stop, reload), name="reloader")
                 log.info(
-                    "event=started gateway=%s buses=%d meters=%d outbox=%s depth=%d",
+                    "event=started gateway=%s buses=%d meters=%d outbox=%s depth=%d commands=%s",
                     config.gateway.id,
                     len(self.buses),
                     len(self.meters),
                     path,
                     self.outbox.depth,
+                    "enabled" if self.commands is not None else "disabled",
                 )
                 if self._on_ready is not None:
                     self._on_ready()
@@ -182,26 +230,38 @@ class Gateway:
                     self.notifier.stopping()
                 if reload is not None:
                     reloader.cancel()
-                await self._shutdown(poller)
+                await self._shutdown(poller, jobs, commands)
                 if self.notifier is not None:
                     watchdog.cancel()
         finally:
             await self.fleet.close()
             with contextlib.suppress(Exception):  # the status file is a convenience, never a reason to fail
                 await self._write_status(final=True)
+            if self.cursors is not None:
+                self.cursors.close()
             await self.outbox.close()
             log.info("event=stopped gateway=%s", config.gateway.id)
 
-    async def _shutdown(self, poller: asyncio.Task[None]) -> None:
-        """Reverse order: no new reads; in-flight reads commit; uplink drains briefly and stops."""
-        deadline = asyncio.get_running_loop().time() + self.shutdown_budget
+    async def _shutdown(
+        self, poller: asyncio.Task[None], jobs: asyncio.Task[None], commands: asyncio.Task[None] | None
+    ) -> None:
+        """Reverse order: no new reads; in-flight reads and jobs commit; commands persist their
+        state; the uplink drains briefly (acks and readings) and stops."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.shutdown_budget
         poller.cancel()
-        if self._in_flight:
-            _, pending = await asyncio.wait(self._in_flight, timeout=max(0.0, self.shutdown_budget / 2))
-            for task in pending:
-                task.cancel()
+        for waiting in self._waiting.values():
+            waiting.clear()
+        self._commands_stop.set()
+        stages: set[asyncio.Task[None]] = {*self._in_flight, jobs}
+        if commands is not None:
+            stages.add(commands)
+        _, pending = await asyncio.wait(stages, timeout=max(0.0, self.shutdown_budget / 2))
+        for task in pending:
+            log.warning("event=shutdown_budget_exceeded stage=%s", task.get_name())
+            task.cancel()
         if self.uplink is not None:
-            remaining = deadline - asyncio.get_running_loop().time()
+            remaining = deadline - loop.time()
             try:
                 await asyncio.wait_for(self.uplink.stop(), timeout=max(1.0, remaining))
             except TimeoutError:
@@ -209,52 +269,75 @@ class Gateway:
 
     # -- polling ------------------------------------------------------------------------------
 
+    def _poll_cursors(self) -> dict[tuple[str, str], int]:
+        return self.schedule.cursors() if self.schedule is not None else {}
+
     async def _poll(self, stop: asyncio.Event) -> None:
-        schedule = PollSchedule(GroupPlan.from_config(self.config), self.clock())
+        assert self.schedule is not None
         while not stop.is_set():
             self._poll_progress = time.monotonic()
             max_queue = self.config.limits.max_queue_per_bus
             now = self.clock()
             if self._schedule_changed:
                 self._schedule_changed = False
-                schedule = PollSchedule(GroupPlan.from_config(self.config), now, resume=schedule.cursors())
+                self.schedule = PollSchedule(GroupPlan.from_config(self.config), now, resume=self.schedule.cursors())
+            schedule = self.schedule
             for due in schedule.next_due(now):
                 meter = self.meters.get(due.meter)
                 if meter is None:
                     continue
-                bus = self.buses[meter.bus]
-                if bus.queued >= max_queue:
+                waiting = self._waiting.setdefault(meter.bus, collections.deque())
+                if len(waiting) >= max_queue:
                     self.stats.shed += 1
                     continue
-                task = asyncio.create_task(
-                    self._read(meter, self._quantities[due.group], float(due.slot)), name=f"read:{due.meter}"
-                )
-                self._in_flight.add(task)
-                task.add_done_callback(self._in_flight.discard)
-            for missed in schedule.take_missed():
-                self.stats.missed_slots += missed.count
-                runtime = self.meters.get(missed.meter)
+                item = _DueRead(meter, due.group, float(due.slot))
+                if self._running.get(meter.bus, 0) < READS_PER_BUS:
+                    self._start_read(item)
+                else:
+                    waiting.append(item)
+            missed = schedule.take_missed()
+            for m in missed:
+                self.stats.missed_slots += m.count
+                runtime = self.meters.get(m.meter)
                 if self.metrics is not None and runtime is not None:
-                    self.metrics.missed_slots.labels(bus=runtime.bus).inc(missed.count)
+                    self.metrics.missed_slots.labels(bus=runtime.bus).inc(m.count)
                 log.warning(
-                    "event=missed_slots group=%s meter=%s first=%d count=%d",
-                    missed.group,
-                    missed.meter,
-                    missed.first,
-                    missed.count,
+                    "event=missed_slots group=%s meter=%s first=%d count=%d", m.group, m.meter, m.first, m.count
                 )
+            if missed and self.frozen is not None:
+                self.frozen.note_missed(missed)
             next_time = schedule.next_time()
             delay = 1.0 if next_time is None else min(1.0, max(0.0, next_time - self.clock()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
 
-    async def _read(self, meter: MeterRuntime, quantities: Sequence[str], slot: float) -> None:
+    def _start_read(self, item: _DueRead) -> None:
+        bus = item.meter.bus
+        self._running[bus] = self._running.get(bus, 0) + 1
+        task = asyncio.create_task(self._read(item), name=f"read:{bus}")
+        self._in_flight.add(task)
+        task.add_done_callback(lambda t: self._read_done(t, bus))
+
+    def _read_done(self, task: asyncio.Task[None], bus: str) -> None:
+        self._in_flight.discard(task)
+        self._running[bus] -= 1
+        waiting = self._waiting.get(bus)
+        if waiting and not self._stopping:
+            self._start_read(waiting.popleft())
+
+    async def _read(self, item: _DueRead) -> None:
+        meter = item.meter
         self.stats.reads += 1
         try:
-            readings = await meter.read(quantities, slot, self.clock())
+            readings = await meter.read(self._quantities.get(item.group, ()), item.slot, self.clock())
         except DriverError as exc:
             self.stats.fail(exc.kind)
             log.debug("event=read_failed meter=%s kind=%s detail=%s", meter.meter_id, exc.kind, exc)
+            interval = self._intervals.get(item.group)
+            if self.frozen is not None and interval is not None:
+                # a failed live read is a missed slot: the daily freeze can fill it if it is at midnight
+                slot = int(item.slot)
+                self.frozen.note_missed([MissedSlots(item.group, meter.meter_id, slot, slot, interval)])
             return
         if not readings or self.outbox is None:
             return
@@ -263,6 +346,62 @@ class Gateway:
             self.metrics.readings_acquired.inc(len(readings))
         result = await self.outbox.add(readings)
         self.stats.committed += result.committed
+
+    # -- frozen data and time sync ------------------------------------------------------------
+
+    def _dlt645_drivers(self) -> dict[str, Dlt645Driver]:
+        return {m: rt.driver for m, rt in self.meters.items() if isinstance(rt.driver, Dlt645Driver)}
+
+    async def _build_jobs(self) -> None:
+        """Built (and the frozen job's owed days loaded) before the poller starts, so missed
+        slots it reports on its first turn are not lost."""
+        assert self.outbox is not None
+        assert self.cursors is not None
+        drivers = self._dlt645_drivers()
+        self.frozen = FrozenJob(self.config, drivers, self.outbox, self.clock, self.cursors)
+        self.time_sync = TimeSyncJob(self.config, drivers, self.buses, self.clock, cursors=self.cursors)
+        await self.frozen.load()
+
+    async def _jobs(self, stop: asyncio.Event) -> None:
+        """The daily frozen job and the time-sync job, rebuilt from the config after a reload
+        (they save their cursors on the way out, so nothing owed is forgotten)."""
+        while not stop.is_set():
+            if self._jobs_restart.is_set():
+                self._jobs_restart.clear()
+                await self._build_jobs()
+            frozen, time_sync = self.frozen, self.time_sync
+            assert frozen is not None
+            assert time_sync is not None
+            local_stop = asyncio.Event()
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(frozen.run(local_stop), name="frozen")
+                tg.create_task(time_sync.run(local_stop), name="time_sync")
+                stopped = asyncio.ensure_future(stop.wait())
+                restarted = asyncio.ensure_future(self._jobs_restart.wait())
+                try:
+                    await asyncio.wait({stopped, restarted}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stopped.cancel()
+                    restarted.cancel()
+                    local_stop.set()
+
+    # -- commands -----------------------------------------------------------------------------
+
+    def _make_commands(self, config: Config) -> CommandService | None:
+        if not config.commands.enabled or self.uplink is None:
+            return None
+        from gateway.commands.service import CommandService
+
+        return CommandService(
+            config, self.meters, self.buses, self.uplink.publish, self.uplink.topics.acks, clock=self.clock
+        )
+
+    async def _on_command(self, msg: InboundMessage) -> None:
+        if self.commands is not None:
+            await self.commands.on_message(msg)
+            return
+        self._ignored_commands += 1
+        log.warning("event=command_ignored topic=%s reason='[commands] enabled = false'", msg.topic)
 
     # -- housekeeping -------------------------------------------------------------------------
 
@@ -348,6 +487,31 @@ class Gateway:
             },
             "reloads": dict(self.reloads),
         }
+        if self.frozen is not None:
+            f = self.frozen.stats
+            doc["frozen"] = {
+                "frozen_reads": f.frozen_reads,
+                "backfilled_days": f.backfilled_days,
+                "owed": f.owed,
+                "lost_days": f.lost_days,
+                "slots_filled": f.slots_filled,
+                "slots_unfillable": f.slots_unfillable,
+                "read_failures": dict(f.read_failures),
+            }
+        if self.time_sync is not None and self.time_sync.enabled:
+            t = self.time_sync.stats
+            doc["time_sync"] = {
+                "runs": t.runs,
+                "syncs": t.syncs,
+                "corrected": t.corrected,
+                "ineffective": t.ineffective,
+                "alarms": dict(t.alarms),
+                "failures": dict(t.failures),
+            }
+        if self.commands is not None:
+            doc["commands"] = dataclasses.asdict(self.commands.stats)
+        elif self._ignored_commands:
+            doc["commands"] = {"ignored": self._ignored_commands}
         path = status_path(self.config)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, indent=1))
@@ -393,7 +557,11 @@ class Gateway:
         buses, meters = await self.fleet.apply(old, new, changes)
         self.config = new
         self._quantities = {g.name: tuple(g.quantities) for g in new.poll_groups}
+        self._intervals = {g.name: int(g.interval) for g in new.poll_groups}
         self._schedule_changed = True
+        self._jobs_restart.set()
+        if self.commands is not None:
+            self.commands.update(new, self.meters, self.buses)
         if self.metrics is not None:
             for name in changes.buses.removed:
                 self.metrics.remove_bus(name)

@@ -17,7 +17,6 @@ from drivers.backoff import BackoffPolicy
 from drivers.bus import Bus, BusSettings
 from drivers.health import HealthBook
 from drivers.meter_models import Dlt645Model, ModbusModel, load_model
-from drivers.modbus import ModbusLink, ModbusMeter
 from drivers.reading import Reading
 from drivers.transport import Rs485Settings, SerialSettings, TcpSettings, make_transport
 from gateway.config import BusConfig, Config, ConfigDiff, Meter, SerialBus, TcpBus
@@ -25,13 +24,14 @@ from protocols.dlt645.edition import Edition
 
 if TYPE_CHECKING:
     from drivers.dlt645_driver import Dlt645Driver
+    from drivers.modbus import ModbusLink, ModbusMeter
 
 log = logging.getLogger("meter_gateway")
 
 ReadFn = Callable[[Sequence[str], float, float], Awaitable[list[Reading]]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MeterRuntime:
     """A configured meter as the daemon drives it: its bus, how to read it, and its driver
     (``Dlt645Driver`` or ``ModbusMeter``) for everything beyond polling (commands, frozen data,
@@ -82,6 +82,8 @@ def build_buses(config: Config, health: HealthBook) -> dict[str, Bus]:
 class _ModbusReader:
     """Runs a Modbus meter's reads through its bus, so one transaction at a time per bus."""
 
+    __slots__ = ("bus", "meter")
+
     def __init__(self, bus: Bus, meter: ModbusMeter) -> None:
         self.bus = bus
         self.meter = meter
@@ -91,6 +93,8 @@ class _ModbusReader:
 
 
 class _Dlt645Reader:
+    __slots__ = ("driver",)
+
     def __init__(self, driver: Dlt645Driver) -> None:
         self.driver = driver
 
@@ -162,6 +166,8 @@ class Fleet:
         bus = self.buses[meter.bus]
         model = load_model(meter.model)
         if meter.protocol == "modbus":
+            from drivers.modbus import ModbusLink, ModbusMeter  # pymodbus only where Modbus is configured
+
             assert isinstance(model, ModbusModel)
             link = self._links.get(meter.bus)
             if link is None:

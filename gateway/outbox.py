@@ -672,6 +672,7 @@ class Outbox:
         """A second connection for peeks from another thread (WAL readers never block the writer)."""
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA query_only = 1")
+        conn.execute("PRAGMA cache_size = -512")
         return OutboxReader(conn, self._pending_acks)
 
     def get(self, key: int | str) -> Row | None:
@@ -775,6 +776,7 @@ def _configure(conn: sqlite3.Connection, db: Path, sync: Synchronous, page_limit
         raise OutboxError(f"outbox {db}: cannot switch to WAL mode (got {mode})")
     # PRAGMAs take no bound parameters; both values are ours (an enum member, an int)
     conn.execute(f"PRAGMA synchronous = {sync.value}")
+    conn.execute("PRAGMA cache_size = -512")
     # Truncate the WAL back to a few MiB after checkpoints so a drained backlog does not leave
     # a large -wal file behind.
     conn.execute("PRAGMA journal_size_limit = 8388608")

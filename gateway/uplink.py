@@ -376,6 +376,36 @@ class Uplink:
         if self._client is not None and self.stats.connected:
             self._spawn(self._publish_retained(self._client, topic, payload, "meter state"))
 
+    @property
+    def connected(self) -> bool:
+        return self._client is not None and self.stats.connected
+
+    async def publish(self, topic: str, payload: bytes, *, within: float | None = None) -> bool:
+        """Publish one non-retained QoS 1 message (command acks); True once the broker gave a
+        success PUBACK, False if not connected, not confirmed within ``within`` (default
+        ``ack_timeout``) or refused. The caller keeps the message and retries on False."""
+        client = self._client
+        if client is None or not self.stats.connected:
+            return False
+        limit = within or self.config.ack_timeout
+        try:
+            await asyncio.wait_for(self._window_sem.acquire(), limit)
+        except TimeoutError:
+            return False
+        try:
+            fut = client.publish_future(topic, payload, properties=self._publish_properties())
+            code, name = await asyncio.wait_for(fut, limit)
+        except (_SessionBroken, _ConnectionLost, TimeoutError) as exc:
+            log.debug("publish on %s not confirmed: %s", topic, exc)
+            return False
+        finally:
+            self._window_sem.release()
+        if code >= 0x80:
+            self.stats.fail(_reason_key(name))
+            log.warning("broker refused a message on %s: %s (0x%02x)", topic, name, code)
+            return False
+        return True
+
     # -- connection --------------------------------------------------------------------------
 
     def _make_client(self, protocol: Protocol) -> _Client:

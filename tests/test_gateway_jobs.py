@@ -1,0 +1,180 @@
+"""The whole daemon (gateway.app.Gateway) with its background jobs wired in: poll cursors that
+survive a restart, missed slots filled from the meters' daily freezes, and meter time sync.
+
+Simulated DL/T 645-2007 meters on a real TCP port, a real outbox and cursor store on disk, a real
+broker port nobody listens on, so every reading stays in the outbox for the test to read. Time is the simulators' SimClock (standing still unless the test moves it); the
+gateway clock is that wall time read in Asia/Shanghai.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from drivers.reading import Quality
+from gateway.app import Gateway
+from gateway.config import load_config
+from gateway.schedule import freeze_time
+from simulators.clock import SimClock
+from tests.plugins.simulators import SimBusFactory
+
+TZ = ZoneInfo("Asia/Shanghai")
+E_TOTAL = "energy.active.import.total"
+START = datetime.datetime(2026, 3, 14, 10, 0)
+
+
+@dataclass
+class SimWallClock:
+    sim: SimClock
+
+    def __call__(self) -> float:
+        return self.sim.now().replace(tzinfo=TZ).timestamp()
+
+
+def write_config(path: Path, state: Path, broker_port: int, port: int, extra: str = "") -> Path:
+    path.write_text(f"""
+[gateway]
+id = "gw-jobs"
+timezone = "Asia/Shanghai"
+state_dir = "{state}"
+
+[uplink]
+host = "127.0.0.1"
+port = {broker_port}
+
+[metrics]
+enabled = false
+
+[[buses]]
+name = "dlt-a"
+type = "tcp"
+host = "127.0.0.1"
+port = {port}
+protocol = "dlt645"
+reply_timeout = "300ms"
+
+[[meters]]
+id = "m1"
+bus = "dlt-a"
+protocol = "dlt645-2007"
+address = "000000000001"
+model = "dlt645-2007-generic"
+
+[[meters]]
+id = "m2"
+bus = "dlt-a"
+protocol = "dlt645-2007"
+address = "000000000002"
+model = "dlt645-2007-generic"
+
+[[poll_groups]]
+name = "energy15"
+interval = "15m"
+quantities = ["{E_TOTAL}", "voltage.l1"]
+spread = 0
+backfill = true
+{extra}
+""")
+    return path
+
+
+@asynccontextmanager
+async def running(config_path: Path, clock: Callable[[], float]) -> AsyncIterator[Gateway]:
+    gateway = Gateway(load_config(config_path), clock=clock, shutdown_budget=5.0)
+    stop = asyncio.Event()
+    task = asyncio.create_task(gateway.run(stop))
+    try:
+        yield gateway
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+
+
+async def until(cond: Callable[[], bool], within: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+def rows(state: Path) -> list[sqlite3.Row]:
+    with sqlite3.connect(state / "outbox.sqlite") as conn:
+        conn.row_factory = sqlite3.Row
+        return conn.execute("SELECT * FROM readings ORDER BY row_id").fetchall()
+
+
+def day(n: int) -> datetime.date:
+    return datetime.date(2026, 3, n)
+
+
+@pytest.mark.asyncio
+async def test_restart_after_an_outage_resumes_the_schedule_and_fills_midnights_from_freezes(
+    sim_bus: SimBusFactory, unused_port: int, tmp_path: Path
+) -> None:
+    handle = await sim_bus(2, speed=0.0, history_days=10, start_time=START)
+    assert isinstance(handle.endpoint, tuple)
+    state = tmp_path / "state"
+    config = write_config(tmp_path / "gw.toml", state, unused_port, handle.endpoint[1], "\n[daily_frozen]\n")
+    clock = SimWallClock(handle.clock)
+
+    async with running(config, clock) as gw:
+        # the 10:00 slot is polled live; today's freeze (10 h old) is read as backfill at start-up
+        await until(lambda: gw.stats.committed >= 4 and gw.frozen is not None and gw.frozen.stats.backfilled_days == 2)
+        assert gw.stats.missed_slots == 0
+    live = [r for r in rows(state) if r["slot"] == int(clock())]
+    assert {(r["meter_id"], r["quantity"]) for r in live} == {(m, q) for m in ("m1", "m2") for q in (E_TOTAL, "voltage.l1")}
+
+    # down for three days: the restarted daemon knows which slots it owes (saved cursors) ...
+    handle.clock.set(datetime.datetime(2026, 3, 17, 10, 0))
+    async with running(config, clock) as gw:
+        per_meter = 3 * 96 - 1  # 14th 10:15 .. 17th 09:45; 17th 10:00 is read live
+        await until(lambda: gw.stats.missed_slots == 2 * per_meter)
+        # ... and the three midnights among them come back from the meters' daily freezes
+        await until(lambda: gw.frozen is not None and gw.frozen.stats.slots_filled == 2 * 3)
+        assert gw.frozen is not None
+        assert gw.frozen.stats.slots_unfillable == 2 * (per_meter - 3)
+        assert gw.frozen.stats.backfilled_days == 2 * 3
+        status = (state / "status.json").read_text()
+    assert '"frozen"' in status
+    filled = {
+        (r["meter_id"], datetime.datetime.fromtimestamp(r["slot"], TZ).date())
+        for r in rows(state)
+        if r["quantity"] == E_TOTAL and r["slot"] is not None and r["meter_time"] is not None
+    }
+    assert filled == {(m, day(n)) for m in ("m1", "m2") for n in (15, 16, 17)}
+    for r in rows(state):
+        if r["quantity"] == E_TOTAL and r["meter_time"] is not None and r["slot"] is not None:
+            assert r["slot"] == freeze_time(datetime.datetime.fromtimestamp(r["slot"], TZ).date(), TZ)
+            assert Quality(r["quality"]) & Quality.BACKFILLED
+
+
+@pytest.mark.asyncio
+async def test_time_sync_runs_inside_the_daemon_and_reports_drift(
+    sim_bus: SimBusFactory, unused_port: int, tmp_path: Path
+) -> None:
+    handle = await sim_bus(2, speed=0.0, start_time=START)
+    assert isinstance(handle.endpoint, tuple)
+    handle.meters[0].clock_offset = 90  # this one runs 1.5 min fast
+    state = tmp_path / "state"
+    extra = '\n[time_sync]\ninterval = "1h"\nmode = "unicast"\nmax_drift = "5s"\n'
+    config = write_config(tmp_path / "gw.toml", state, unused_port, handle.endpoint[1], extra)
+    clock = SimWallClock(handle.clock)
+    async with running(config, clock) as gw:
+        await asyncio.sleep(0.5)
+        handle.clock.set(datetime.datetime(2026, 3, 14, 11, 0, 1))  # the next hourly sync is due
+        await until(lambda: gw.time_sync is not None and gw.time_sync.stats.corrected >= 1)
+        assert gw.time_sync is not None
+        assert gw.time_sync.stats.last_drift["m2"] == pytest.approx(0, abs=1)
+        assert abs(gw.time_sync.stats.last_drift["m1"]) <= 1  # read back after the correction
+    assert handle.meters[0].clock_offset == pytest.approx(0, abs=1)
+    assert handle.meters[1].clock_offset == 0  # within max_drift: left alone
