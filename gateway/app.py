@@ -442,6 +442,8 @@ class Gateway:
         self.metrics.update_outbox(await self.outbox.stats(), self.clock())
         if self.uplink is not None:
             self.metrics.update_uplink(self.uplink.stats)
+        time_sync = self.time_sync if self.time_sync is not None and self.time_sync.enabled else None
+        self.metrics.update_jobs(self.frozen.stats if self.frozen is not None else None, time_sync and time_sync.stats)
 
     def _status_line(self) -> str:
         counts = self.health.counts()

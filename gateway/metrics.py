@@ -83,6 +83,7 @@ class _SnapshotCollector(Collector):
         self.meter_states: dict[str, int] = {}
         self.outbox: _OutboxView | None = None
         self.uplink: _UplinkView | None = None
+        self.jobs: list[Metric] = []
 
     def collect(self) -> Iterable[Metric]:
         with self.lock:
@@ -90,6 +91,7 @@ class _SnapshotCollector(Collector):
             states = dict(self.meter_states)
             outbox = self.outbox
             uplink = self.uplink
+            jobs = list(self.jobs)
         yield from self._buses(buses)
         meters = GaugeMetricFamily(f"{PREFIX}_meters", "Configured meters by health state.", labels=["state"])
         for state in (*METER_STATES, *sorted(set(states) - set(METER_STATES))):
@@ -99,6 +101,7 @@ class _SnapshotCollector(Collector):
             yield from self._outbox(outbox)
         if uplink is not None:
             yield from self._uplink(uplink)
+        yield from jobs
 
     @staticmethod
     def _buses(buses: Mapping[str, Mapping[str, int]]) -> Iterator[Metric]:
@@ -273,6 +276,12 @@ class Metrics:
         with self._snapshots.lock:
             self._snapshots.outbox = view
 
+    def update_jobs(self, frozen: Any, time_sync: Any) -> None:
+        """Latest ``FrozenStats`` and ``TimeSyncStats`` (either may be None: not exported)."""
+        families = _jobs_families(frozen, time_sync)
+        with self._snapshots.lock:
+            self._snapshots.jobs = families
+
     def update_uplink(self, stats: Any) -> None:
         """Latest ``UplinkStats`` (copied: the uplink keeps mutating its own)."""
         view = _UplinkView(
@@ -288,6 +297,59 @@ class Metrics:
         )
         with self._snapshots.lock:
             self._snapshots.uplink = view
+
+
+def _jobs_families(frozen: Any, time_sync: Any) -> list[Metric]:
+    """Families for the daily frozen job (``FrozenStats``) and time sync (``TimeSyncStats``)."""
+    out: list[Metric] = []
+    if frozen is not None:
+        days = CounterMetricFamily(
+            f"{PREFIX}_frozen_days", "Daily freezes committed, read on time or as backfill.", labels=["kind"]
+        )
+        days.add_metric(["on_time"], frozen.frozen_reads)
+        days.add_metric(["backfill"], frozen.backfilled_days)
+        out.append(days)
+        out.append(
+            CounterMetricFamily(
+                f"{PREFIX}_frozen_lost_days",
+                "Freezes given up (gone from the meter or outside backfill_days).",
+                value=frozen.lost_days,
+            )
+        )
+        out.append(GaugeMetricFamily(f"{PREFIX}_frozen_owed", "Daily freezes owed right now.", value=frozen.owed))
+        slots = CounterMetricFamily(
+            f"{PREFIX}_backfill_slots", "Missed poll slots of backfill groups, by outcome.", labels=["result"]
+        )
+        slots.add_metric(["filled"], frozen.slots_filled)
+        slots.add_metric(["unfillable"], frozen.slots_unfillable)
+        out.append(slots)
+    if time_sync is not None:
+        syncs = CounterMetricFamily(f"{PREFIX}_time_syncs", "Clock corrections sent (0x08).", labels=["mode"])
+        syncs.add_metric(["broadcast"], time_sync.broadcasts)
+        syncs.add_metric(["unicast"], time_sync.unicasts)
+        out.append(syncs)
+        results = CounterMetricFamily(
+            f"{PREFIX}_time_sync_results", "Meters read back after a correction, by result.", labels=["result"]
+        )
+        results.add_metric(["corrected"], time_sync.corrected)
+        results.add_metric(["ineffective"], time_sync.ineffective)
+        out.append(results)
+        out.append(
+            GaugeMetricFamily(
+                f"{PREFIX}_meter_clock_alarms",
+                "Meters whose clock is off by more than a broadcast may correct.",
+                value=len(time_sync.alarms),
+            )
+        )
+        if time_sync.drifts:
+            out.append(
+                GaugeMetricFamily(
+                    f"{PREFIX}_meter_clock_drift_max_seconds",
+                    "Largest absolute meter clock drift among the recent measurements.",
+                    value=max(abs(d) for d in time_sync.drifts),
+                )
+            )
+    return out
 
 
 class MetricsServer:

@@ -207,3 +207,28 @@ def test_dashboard_queries_only_exported_metrics() -> None:
     used = {name for e in exprs for name in re.findall(r"\bmeter_gateway_\w+", e)}
     assert len(used) > 20
     assert used - exported == set()
+
+
+def test_frozen_and_time_sync_jobs(served: tuple[Metrics, MetricsServer]) -> None:
+    from gateway.frozen_job import FrozenStats
+    from gateway.time_sync_job import TimeSyncStats
+
+    metrics, server = served
+    metrics.update_jobs(None, None)
+    assert not any(name.startswith("meter_gateway_frozen") for name, _ in scrape(server))
+    frozen = FrozenStats(frozen_reads=4, backfilled_days=3, lost_days=1, owed=2, slots_filled=6, slots_unfillable=9)
+    sync = TimeSyncStats(broadcasts=1, unicasts=2, corrected=5, ineffective=1)
+    sync.drifts.extend([1.5, -42.0, 3.0])
+    sync.alarms["m9"] = 400.0
+    metrics.update_jobs(frozen, sync)
+    s = scrape(server)
+    assert s[("meter_gateway_frozen_days_total", (("kind", "on_time"),))] == 4
+    assert s[("meter_gateway_frozen_days_total", (("kind", "backfill"),))] == 3
+    assert s[("meter_gateway_frozen_lost_days_total", ())] == 1
+    assert s[("meter_gateway_frozen_owed", ())] == 2
+    assert s[("meter_gateway_backfill_slots_total", (("result", "filled"),))] == 6
+    assert s[("meter_gateway_backfill_slots_total", (("result", "unfillable"),))] == 9
+    assert s[("meter_gateway_time_syncs_total", (("mode", "unicast"),))] == 2
+    assert s[("meter_gateway_time_sync_results_total", (("result", "ineffective"),))] == 1
+    assert s[("meter_gateway_meter_clock_alarms", ())] == 1
+    assert s[("meter_gateway_meter_clock_drift_max_seconds", ())] == 42.0
