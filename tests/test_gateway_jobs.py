@@ -2,8 +2,9 @@
 survive a restart, missed slots filled from the meters' daily freezes, and meter time sync.
 
 Simulated DL/T 645-2007 meters on a real TCP port, a real outbox and cursor store on disk, a real
-broker port nobody listens on, so every reading stays in the outbox for the test to read. Time is the simulators' SimClock (standing still unless the test moves it); the
-gateway clock is that wall time read in Asia/Shanghai.
+broker port nobody listens on, so every reading stays in the outbox for the test to read. Time is
+the simulators' SimClock (standing still unless the test moves it); the gateway clock is that
+wall time read in Asia/Shanghai.
 """
 
 from __future__ import annotations
@@ -132,7 +133,8 @@ async def test_restart_after_an_outage_resumes_the_schedule_and_fills_midnights_
         await until(lambda: gw.stats.committed >= 4 and gw.frozen is not None and gw.frozen.stats.backfilled_days == 2)
         assert gw.stats.missed_slots == 0
     live = [r for r in rows(state) if r["slot"] == int(clock())]
-    assert {(r["meter_id"], r["quantity"]) for r in live} == {(m, q) for m in ("m1", "m2") for q in (E_TOTAL, "voltage.l1")}
+    wanted = {(m, q) for m in ("m1", "m2") for q in (E_TOTAL, "voltage.l1")}
+    assert {(r["meter_id"], r["quantity"]) for r in live} == wanted
 
     # down for three days: the restarted daemon knows which slots it owes (saved cursors) ...
     handle.clock.set(datetime.datetime(2026, 3, 17, 10, 0))
