@@ -1,9 +1,10 @@
 """`meter-gateway demo`: the whole chain on embedded defaults, without hardware.
 
 Loads ``config/demo.toml``, starts a simulated meter for every meter it lists (DL/T 645-2007 and
--1997 meters on simulated RS-485 lines reached over TCP, Modbus TCP meters), a local mosquitto,
-and the gateway itself; then subscribes to the gateway's readings like a head-end would and prints
-them as they arrive at the broker. Ports are picked free at start, so it runs beside anything.
+-1997 meters on simulated RS-485 lines reached over TCP, Modbus TCP meters), a local MQTT broker
+(mosquitto when installed, else an embedded Python broker), and the gateway itself; then
+subscribes to the gateway's readings like a head-end would and prints them as they arrive at the
+broker. Ports are picked free at start, so it runs beside anything.
 Stop with Ctrl-C, or give ``--duration``.
 """
 
@@ -25,7 +26,7 @@ import msgspec
 from gateway.app import Gateway
 from gateway.config import BusConfig, Config, ConfigError, TcpBus, load_config
 from gateway.headend_client import ReadingsWatcher
-from gateway.local_broker import LocalBroker, find_mosquitto
+from gateway.local_broker import LocalBroker
 from gateway.mqtt_contract import ReadingsBatch, Topics
 from protocols.dlt645.edition import Edition
 
@@ -102,9 +103,6 @@ async def run_demo(config_path: Path, duration: float | None) -> int:
     except ConfigError as exc:
         print("\n".join(exc.messages), file=sys.stderr)
         return 78
-    if find_mosquitto() is None:
-        print("meter-gateway demo: mosquitto is not installed (Debian: apt-get install mosquitto)", file=sys.stderr)
-        return 69
     sims, config = await start_simulators(config)
     state = tempfile.TemporaryDirectory(prefix="meter-gateway-demo-")
     try:
@@ -119,8 +117,9 @@ async def run_demo(config_path: Path, duration: float | None) -> int:
             seen, on_batch, on_state = _printer(started)
             topics = Topics(config.gateway.id, config.uplink.topic_prefix)
             watcher = ReadingsWatcher(broker.host, broker.port, topics, on_batch, on_state).start()  # type: ignore[arg-type]
+            print(f"demo: MQTT broker: {broker.description}", flush=True)
             print(
-                f"demo: {len(config.meters)} simulated meters on {len(config.buses)} buses; mosquitto on "
+                f"demo: {len(config.meters)} simulated meters on {len(config.buses)} buses; {broker.kind} broker on "
                 f"{broker.host}:{broker.port}; readings on {topics.readings}; Ctrl-C to stop",
                 flush=True,
             )

@@ -1,0 +1,190 @@
+"""One interface over the meters' remote-control functions, so the executor need not know the protocol.
+
+* DL/T 645-2007: function 0x1C (clause 6.13; 1C direct close from the 2013 filing amendment)
+  through :meth:`Dlt645Driver.remote_control`, with the command's ``expires_at`` as the frame's
+  validity time, so a frame that lingers in a serial server cannot act after the order expired;
+  relay, close permit and keep-power from status word 3 (:meth:`Dlt645Driver.read_relay`).
+* Modbus: the model's relay coil or register (:meth:`ModbusMeter.set_relay`/``read_relay``), run
+  under ``bus.run(..., priority=Priority.COMMAND, force=True)``: a command goes ahead of polls
+  and is tried even on a meter the health book calls offline. Modbus meters have no close permit,
+  keep-power or alarm: a reconnect closes directly.
+
+Each control call is ONE attempt (the executor owns retries, so each attempt is acked as
+``sent``). Driver errors become :class:`ActuatorError` with the ack reason the executor needs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Final, Literal, Protocol, TypeVar
+
+from drivers.bus import Bus, Priority
+from drivers.dlt645_driver import Dlt645Driver
+from drivers.errors import ConfigurationError, DriverError, MeterRefused
+from drivers.modbus import ModbusMeter
+from drivers.reading import Reading
+from gateway.commands.envelope import RelayState
+from protocols.dlt645.edition import Edition
+from protocols.dlt645.remote_control import RemoteCommand
+
+__all__ = [
+    "RELAY_ACTIONS",
+    "ActuatorError",
+    "Dlt645Actuator",
+    "MeterActuator",
+    "ModbusActuator",
+    "RelayReading",
+    "make_actuator",
+]
+
+T = TypeVar("T")
+
+# Actions that move the relay and are verified by reading it back.
+RELAY_ACTIONS: Final = frozenset({"disconnect", "reconnect"})
+# DL/T 645 N1 codes for the actions that are one 0x1C frame (clause 6.13 / remote_control.py).
+_DLT_COMMANDS: Final = {
+    "disconnect": RemoteCommand.TRIP,
+    "keep_power_on": RemoteCommand.KEEP_POWER_ON,
+    "keep_power_off": RemoteCommand.KEEP_POWER_OFF,
+    "alarm_on": RemoteCommand.ALARM_ON,
+    "alarm_off": RemoteCommand.ALARM_OFF,
+}
+_RECONNECT: Final = {"close_permit": RemoteCommand.CLOSE_PERMIT, "direct_close": RemoteCommand.DIRECT_CLOSE}
+CONTROL_ACTIONS: Final = frozenset({*_DLT_COMMANDS, "reconnect"})
+
+Failure = Literal["no_answer", "meter_refused", "unsupported"]
+
+
+class ActuatorError(Exception):
+    """A control or read that did not succeed. ``kind``: ``no_answer`` (no reply, garbled reply,
+    link down: worth retrying), ``meter_refused`` (the meter said no: final; ``reason`` is the
+    meter's reason, e.g. ``keep_power``, ``authentication_failed``, ``validity_expired``) or
+    ``unsupported`` (this meter or its model cannot do it: nothing was sent)."""
+
+    def __init__(self, kind: Failure, reason: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind: Failure = kind
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class RelayReading:
+    state: RelayState  # closed | open | armed (close permit pending the customer's button)
+    keep_power: bool  # False when the meter cannot say
+    raw: int | None  # the raw status word (DL/T 645), None for Modbus
+
+
+def _convert(exc: DriverError) -> ActuatorError:
+    if isinstance(exc, MeterRefused):
+        reason = exc.reasons[0] if exc.reasons else f"code_{exc.code:#x}"
+        return ActuatorError("meter_refused", reason, str(exc))
+    if isinstance(exc, ConfigurationError):
+        return ActuatorError("unsupported", "unsupported", str(exc))
+    return ActuatorError("no_answer", exc.kind, str(exc))  # NoAnswer, LinkDown, BadReply, MeterOffline
+
+
+async def _guarded(call: Awaitable[T]) -> T:
+    try:
+        return await call
+    except DriverError as exc:
+        raise _convert(exc) from exc
+
+
+class MeterActuator(Protocol):
+    meter_id: str
+    protocol: str
+
+    def unsupported(self, action: str) -> str | None:
+        """Why this meter cannot do ``action`` (checked before anything is sent), or None."""
+
+    async def control(self, action: str, mode: str | None, valid_until: float) -> None:
+        """One attempt of a control frame; raises ActuatorError."""
+
+    async def read_relay(self) -> RelayReading: ...
+
+    async def read_now(self, quantities: Sequence[str] | None, now: float) -> list[Reading]: ...
+
+    async def time_sync(self, now: float) -> float:
+        """Set the meter clock to ``now``; returns the meter clock's offset read back after."""
+
+
+class Dlt645Actuator:
+    protocol = "dlt645"
+
+    def __init__(self, driver: Dlt645Driver, clock: Callable[[], float] = time.time) -> None:
+        self.driver = driver
+        self.meter_id = driver.meter_id
+        self.clock = clock
+
+    def unsupported(self, action: str) -> str | None:
+        d = self.driver
+        if action in CONTROL_ACTIONS and d.edition is not Edition.DLT645_2007:
+            return "DL/T 645-1997 has no remote control (0x1C)"
+        if action in {*RELAY_ACTIONS, "relay_status", "keep_power_on", "keep_power_off"} and d.model.relay is None:
+            return f"model {d.model.name} does not report its relay"
+        return None
+
+    async def control(self, action: str, mode: str | None, valid_until: float) -> None:
+        command = _RECONNECT[mode or "close_permit"] if action == "reconnect" else _DLT_COMMANDS[action]
+        await _guarded(self.driver.remote_control(command, valid_until, priority=Priority.COMMAND, attempts=1))
+
+    async def read_relay(self) -> RelayReading:
+        status = await _guarded(self.driver.read_relay(priority=Priority.COMMAND))
+        state: RelayState = "closed" if status.closed else "armed" if status.armed else "open"
+        return RelayReading(state, status.keep_power, status.raw)
+
+    async def read_now(self, quantities: Sequence[str] | None, now: float) -> list[Reading]:
+        wanted = list(quantities) if quantities else list(self.driver.model.quantities)
+        return await _guarded(self.driver.read(wanted, slot=float(int(now)), now=now, priority=Priority.COMMAND))
+
+    async def time_sync(self, now: float) -> float:
+        await _guarded(self.driver.sync_time(now, priority=Priority.COMMAND))
+        meter = await _guarded(self.driver.read_clock(priority=Priority.COMMAND))
+        return meter - self.clock()
+
+
+class ModbusActuator:
+    protocol = "modbus"
+
+    def __init__(self, meter: ModbusMeter, bus: Bus) -> None:
+        self.meter = meter
+        self.bus = bus
+        self.meter_id = meter.meter_id
+
+    def unsupported(self, action: str) -> str | None:
+        if action in {*RELAY_ACTIONS, "relay_status"} and self.meter.model.relay is None:
+            return f"model {self.meter.model.name} has no relay"
+        if action in {"keep_power_on", "keep_power_off", "alarm_on", "alarm_off", "time_sync"}:
+            return f"Modbus meters have no {action.replace('_', ' ')}"
+        return None
+
+    async def _run(self, job: Callable[[], Awaitable[T]]) -> T:
+        return await _guarded(self.bus.run(job, meter=self.meter_id, priority=Priority.COMMAND, force=True))
+
+    async def control(self, action: str, mode: str | None, valid_until: float) -> None:
+        # no validity time on Modbus: the executor does not start a command after its expiry
+        closed = action == "reconnect"
+        await self._run(lambda: self.meter.set_relay(closed))
+
+    async def read_relay(self) -> RelayReading:
+        closed = await self._run(self.meter.read_relay)
+        return RelayReading("closed" if closed else "open", False, None)
+
+    async def read_now(self, quantities: Sequence[str] | None, now: float) -> list[Reading]:
+        wanted = list(quantities) if quantities else None
+        return await self._run(lambda: self.meter.read(wanted, slot=float(int(now)), now=now))
+
+    async def time_sync(self, now: float) -> float:
+        raise ActuatorError("unsupported", "unsupported", "Modbus meters have no clock to set")
+
+
+def make_actuator(driver: Dlt645Driver | ModbusMeter, bus: Bus | None) -> MeterActuator:
+    """The actuator for a meter runtime's driver (Modbus needs its bus for ``run``)."""
+    if isinstance(driver, Dlt645Driver):
+        return Dlt645Actuator(driver)
+    if bus is None:
+        raise ConfigurationError(f"meter {driver.meter_id}: a Modbus meter needs its bus")
+    return ModbusActuator(driver, bus)

@@ -1,0 +1,84 @@
+"""The mass-disconnect guard: at most ``max_disconnects`` meters disconnected per sliding
+``guard_window``; beyond that, disconnects are held until a ``release`` (signed by a key with
+the ``release`` role) or their expiry.
+
+A wrong or malicious mass disconnect is a safety incident (hospitals, lifts, heating in winter);
+a limit that a second person must lift bounds the damage of one compromised key or one buggy
+head-end run. The window entries live in the command store, so a restart does not reset it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from gateway.commands.store import CommandStore, Execution, Transition
+
+__all__ = ["GUARD_REASON", "GuardDecision", "MassDisconnectGuard"]
+
+log = logging.getLogger(__name__)
+
+GUARD_REASON = "mass_disconnect_guard"
+
+
+@dataclass(frozen=True, slots=True)
+class GuardDecision:
+    admitted: list[str]  # meters that may run now (each takes a window entry)
+    held: list[str]
+
+
+class MassDisconnectGuard:
+    """Decides, per disconnect, run or hold; counts how often it started holding."""
+
+    def __init__(self, store: CommandStore, max_disconnects: int, window: float, clock: Callable[[], float]) -> None:
+        self.store = store
+        self.max_disconnects = max_disconnects
+        self.window = window
+        self.clock = clock
+        self.tripped = 0  # times the guard went from "nothing held" to holding
+        self.released = 0
+        self._holding = store.count_state("held") > 0
+
+    def update(self, max_disconnects: int, window: float) -> None:
+        self.max_disconnects = max_disconnects
+        self.window = window
+
+    def room(self, now: float) -> int:
+        """Disconnects that may still start in the window ending at ``now``."""
+        return max(0, self.max_disconnects - self.store.guard_count(now - self.window))
+
+    def decide(self, meters: Sequence[str], now: float) -> GuardDecision:
+        """Admit meters in the command's order while the window has room; hold the rest."""
+        room = self.room(now)
+        decision = GuardDecision(list(meters[:room]), list(meters[room:]))
+        if decision.held and not self._holding:
+            self._holding = True
+            self.tripped += 1
+            log.warning(
+                "mass-disconnect guard tripped: %d disconnect(s) held (limit %d per %g s); a release is needed",
+                len(decision.held),
+                self.max_disconnects,
+                self.window,
+            )
+        return decision
+
+    def release(self, held: Sequence[Execution], now: float, detail: str) -> list[Transition]:
+        """Transitions for held executions named by a release: queued (they bypass the limit:
+        the release is the second person's approval, but still enter the window so the guard
+        keeps counting) or expired."""
+        out: list[Transition] = []
+        for exe in held:
+            if exe.state != "held":
+                continue
+            if now >= exe.expires_at:
+                out.append(Transition(exe.command, exe.meter, "expired", detail="expired while held by the guard"))
+            else:
+                out.append(Transition(exe.command, exe.meter, "queued", detail=detail, guarded=True))
+                self.released += 1
+        return out
+
+    def settle(self) -> None:
+        """Call after held executions changed: the guard stops "holding" when none are left."""
+        if self._holding and self.store.count_state("held") == 0:
+            self._holding = False
