@@ -48,6 +48,7 @@ from gateway.time_sync_job import TimeSyncJob
 from gateway.uplink import InboundMessage, Protocol, TlsConfig, Uplink, UplinkConfig
 
 if TYPE_CHECKING:
+    from drivers.reading import Reading
     from gateway.commands.service import CommandService
 
 log = logging.getLogger("meter_gateway")
@@ -393,8 +394,24 @@ class Gateway:
         from gateway.commands.service import CommandService
 
         return CommandService(
-            config, self.meters, self.buses, self.uplink.publish, self.uplink.topics.acks, clock=self.clock
+            config,
+            self.meters,
+            self.buses,
+            self.uplink.publish,
+            self.uplink.topics.acks,
+            clock=self.clock,
+            commit_readings=self._commit_command_readings,
         )
+
+    async def _commit_command_readings(self, readings: list[Reading]) -> None:
+        # a read_now command's readings go through the outbox like polled ones (same ids, same delivery)
+        if self.outbox is None or not readings:
+            return
+        self.stats.readings += len(readings)
+        if self.metrics is not None:
+            self.metrics.readings_acquired.inc(len(readings))
+        result = await self.outbox.add(readings)
+        self.stats.committed += result.committed
 
     async def _on_command(self, msg: InboundMessage) -> None:
         if self.commands is not None:
