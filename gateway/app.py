@@ -340,6 +340,10 @@ class Gateway:
                 slot = int(item.slot)
                 self.frozen.note_missed([MissedSlots(item.group, meter.meter_id, slot, slot, interval)])
             return
+        await self._commit(readings)
+
+    async def _commit(self, readings: list[Reading]) -> None:
+        # polled readings and a read_now command's readings go the same way: outbox, same ids
         if not readings or self.outbox is None:
             return
         self.stats.readings += len(readings)
@@ -400,18 +404,8 @@ class Gateway:
             self.uplink.publish,
             self.uplink.topics.acks,
             clock=self.clock,
-            commit_readings=self._commit_command_readings,
+            commit_readings=self._commit,
         )
-
-    async def _commit_command_readings(self, readings: list[Reading]) -> None:
-        # a read_now command's readings go through the outbox like polled ones (same ids, same delivery)
-        if self.outbox is None or not readings:
-            return
-        self.stats.readings += len(readings)
-        if self.metrics is not None:
-            self.metrics.readings_acquired.inc(len(readings))
-        result = await self.outbox.add(readings)
-        self.stats.committed += result.committed
 
     async def _on_command(self, msg: InboundMessage) -> None:
         if self.commands is not None:
