@@ -455,6 +455,7 @@ class Gateway:
             self.metrics.update_uplink(self.uplink.stats)
         time_sync = self.time_sync if self.time_sync is not None and self.time_sync.enabled else None
         self.metrics.update_jobs(self.frozen.stats if self.frozen is not None else None, time_sync and time_sync.stats)
+        self.metrics.update_commands(self.commands.stats if self.commands is not None else None)
 
     def _status_line(self) -> str:
         counts = self.health.counts()

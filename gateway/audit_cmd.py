@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
         path = args.file
     else:
         try:
-            path = load_config(args.config).commands.audit_path
+            path = load_config(args.config, secrets=False).commands.audit_path
         except ConfigError as exc:
             print(exc, file=sys.stderr)
             return EX_CONFIG

@@ -385,9 +385,13 @@ def _redact(obj: Any) -> Any:
 # Loading
 
 
-def load_config(path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None, secrets: bool = True
+) -> Config:
     """Read, validate and resolve a config file. ``environ`` (default ``os.environ``) supplies
-    ``password_env`` secrets. Raises :class:`ConfigError` listing every problem found."""
+    ``password_env`` secrets. ``secrets=False`` leaves every secret unread (empty) for tools that
+    never use one, such as ``meter-gateway audit`` in an operator's shell. Raises
+    :class:`ConfigError` listing every problem found."""
     file = Path(path)
     env = os.environ if environ is None else environ
     try:
@@ -397,15 +401,16 @@ def load_config(path: str | os.PathLike[str], *, environ: Mapping[str, str] | No
         raise ConfigError([f"error: {file}: cannot read: {e.strerror or e}"]) from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"error: {file}: not valid TOML: {e}"]) from e
-    v = _Validator(file, env)
+    v = _Validator(file, env, secrets=secrets)
     return v.run(raw)
 
 
 class _Validator:
-    def __init__(self, file: Path, environ: Mapping[str, str]) -> None:
+    def __init__(self, file: Path, environ: Mapping[str, str], *, secrets: bool = True) -> None:
         self.file = file
         self.base = file.resolve().parent
         self.environ = environ
+        self.secrets = secrets
         self.errors: list[tuple[str, str]] = []
 
     def error(self, where: str, message: str) -> None:
@@ -607,6 +612,8 @@ class _Validator:
         if k.secret_file is not None and k.secret_env is not None:
             self.error(where, "give secret_file or secret_env, not both")
             return k
+        if not self.secrets:
+            return k
         secret: Secret | None = None
         if k.secret_file is not None:
             path = self._path(k.secret_file)
@@ -645,6 +652,8 @@ class _Validator:
         if file is not None and env is not None:
             self.error(where, "give password_file or password_env, not both")
             return None
+        if not self.secrets and (file is not None or env is not None):
+            return Secret("")
         if file is not None:
             path = self._path(file)
             try:

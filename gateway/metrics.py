@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 
 from gateway import __version__
 
-__all__ = ["LATENCY_BUCKETS", "METER_STATES", "PREFIX", "Metrics", "MetricsServer", "start_http"]
+__all__ = ["COMMAND_RESULTS", "LATENCY_BUCKETS", "METER_STATES", "PREFIX", "Metrics", "MetricsServer", "start_http"]
 
 PREFIX = "meter_gateway"
 
@@ -84,6 +84,7 @@ class _SnapshotCollector(Collector):
         self.outbox: _OutboxView | None = None
         self.uplink: _UplinkView | None = None
         self.jobs: list[Metric] = []
+        self.commands: list[Metric] = []
 
     def collect(self) -> Iterable[Metric]:
         with self.lock:
@@ -92,6 +93,7 @@ class _SnapshotCollector(Collector):
             outbox = self.outbox
             uplink = self.uplink
             jobs = list(self.jobs)
+            commands = list(self.commands)
         yield from self._buses(buses)
         meters = GaugeMetricFamily(f"{PREFIX}_meters", "Configured meters by health state.", labels=["state"])
         for state in (*METER_STATES, *sorted(set(states) - set(METER_STATES))):
@@ -102,6 +104,7 @@ class _SnapshotCollector(Collector):
         if uplink is not None:
             yield from self._uplink(uplink)
         yield from jobs
+        yield from commands
 
     @staticmethod
     def _buses(buses: Mapping[str, Mapping[str, int]]) -> Iterator[Metric]:
@@ -224,14 +227,6 @@ class Metrics:
         )
         for result in ("ok", "failed"):
             self.config_reloads.labels(result=result)
-        # Reserved for remote disconnect/reconnect: exported now so dashboards and alerts can be
-        # written before the command path lands.
-        self.commands = Counter(
-            f"{PREFIX}_commands", "Remote commands by action and result.", ["action", "result"], registry=r
-        )
-        self.commands_rejected = Counter(
-            f"{PREFIX}_commands_rejected", "Commands refused before execution, by reason.", ["reason"], registry=r
-        )
         self.config_last_reload = Gauge(
             f"{PREFIX}_config_last_reload_timestamp_seconds", "Unix time of the last successful reload.", registry=r
         )
@@ -281,6 +276,13 @@ class Metrics:
         families = _jobs_families(frozen, time_sync)
         with self._snapshots.lock:
             self._snapshots.jobs = families
+
+    def update_commands(self, stats: Any) -> None:
+        """Latest ``CommandStats`` of the command service (gateway/commands/executor.py); None
+        (commands disabled) exports nothing."""
+        families = _commands_families(stats) if stats is not None else []
+        with self._snapshots.lock:
+            self._snapshots.commands = families
 
     def update_uplink(self, stats: Any) -> None:
         """Latest ``UplinkStats`` (copied: the uplink keeps mutating its own)."""
@@ -350,6 +352,68 @@ def _jobs_families(frozen: Any, time_sync: Any) -> list[Metric]:
                 )
             )
     return out
+
+
+# Terminal results of an accepted execution (CommandStats.results); always exported so a
+# success-rate expression has every series from the start.
+COMMAND_RESULTS: tuple[str, ...] = ("verified", "unverified", "meter_refused", "expired")
+# The relay actions the disconnect/reconnect KPI is about: their result series exist from the start.
+_KPI_ACTIONS: tuple[str, ...] = ("disconnect", "reconnect")
+
+
+def _commands_families(s: Any) -> list[Metric]:
+    """Families for remote control (``CommandStats``); docs/commands.md "Metrics" explains them."""
+
+    def counter(name: str, doc: str, value: int) -> CounterMetricFamily:
+        return CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+    def gauge(name: str, doc: str, value: int) -> GaugeMetricFamily:
+        return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+    rejected = CounterMetricFamily(
+        f"{PREFIX}_commands_rejected", "Commands (or meters of a command) refused, by reason.", labels=["reason"]
+    )
+    for reason, n in sorted(s.rejected.items()):
+        rejected.add_metric([reason], n)
+    executions = CounterMetricFamily(
+        f"{PREFIX}_command_executions", "Executions started on a meter, by action.", labels=["action"]
+    )
+    for action, n in sorted(s.executed.items()):
+        executions.add_metric([action], n)
+    results = CounterMetricFamily(
+        f"{PREFIX}_command_results",
+        "Executions finished, by action and terminal result (verified, unverified, meter_refused, expired).",
+        labels=["action", "result"],
+    )
+    by_action: dict[str, dict[str, int]] = {a: {} for a in _KPI_ACTIONS}
+    for action, counts in getattr(s, "results", {}).items():
+        by_action[action] = dict(counts)
+    for action, counts in sorted(by_action.items()):
+        for result in (*COMMAND_RESULTS, *sorted(set(counts) - set(COMMAND_RESULTS))):
+            results.add_metric([action, result], counts.get(result, 0))
+    return [
+        counter("commands_received", "Messages received on the command topic.", s.received),
+        counter("commands_accepted", "Commands authenticated, not replayed, stored: they will run.", s.accepted),
+        rejected,
+        counter("commands_duplicates", "Re-deliveries of a known command id (answered, not run again).", s.duplicates),
+        executions,
+        results,
+        counter("command_retries", "Control frames sent again (no answer, or resumed after a restart).", s.retries),
+        counter("command_no_answer", "Control attempts the meter did not answer.", s.no_answer),
+        counter("command_resumed", "Executions picked up again after a restart.", s.resumed),
+        counter("command_acks_published", "Acks confirmed by the broker (PUBACK).", s.acks_published),
+        gauge("command_acks_pending", "Acks stored and not yet confirmed by the broker.", s.acks_pending),
+        gauge("commands_held", "Meters held by the mass-disconnect guard right now.", s.held_now),
+        counter(
+            "mass_disconnect_guard_trips",
+            "Times the mass-disconnect guard started holding disconnects.",
+            s.guard_tripped,
+        ),
+        counter("commands_released", "Held meters released to run by a release command.", s.released),
+        counter(
+            "command_internal_errors", "Command handling failures that are bugs or a broken disk.", s.internal_errors
+        ),
+    ]
 
 
 class MetricsServer:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 from pathlib import Path
 
@@ -197,6 +198,14 @@ def test_cli_reads_the_path_from_the_config(tmp_path: Path, capsys: pytest.Captu
     assert audit_cmd.main(["-c", str(config)]) == 1  # nothing logged yet
     assert "no audit log" in capsys.readouterr().err
     _fill(tmp_path / "st" / "audit.sqlite", 2)
+    assert audit_cmd.main(["-c", str(config), "--verify"]) == 0
+    assert "intact, 2 records" in capsys.readouterr().out
+    # an operator's shell has none of the daemon's secrets: the audit tool does not need them
+    config.write_text(
+        '[gateway]\nid = "gw-1"\nstate_dir = "st"\n\n[uplink]\nhost = "127.0.0.1"\n'
+        'password_env = "AUDIT_TEST_UNSET_SECRET"\nusername = "gw"\n'
+    )
+    assert "AUDIT_TEST_UNSET_SECRET" not in os.environ
     assert audit_cmd.main(["-c", str(config), "--verify"]) == 0
     assert "intact, 2 records" in capsys.readouterr().out
     config.write_text('[gateway]\nid = "gw-1"\n[uplink]\nhots = "x"\n')

@@ -168,6 +168,9 @@ def test_names_follow_conventions() -> None:
     metrics = Metrics()
     metrics.update_bus("b", BusCounters().as_dict() | {"link_connected": 0})
     metrics.update_outbox(FakeOutboxStats(0, None, 0, 0, None), now=0.0)
+    from gateway.commands.executor import CommandStats
+
+    metrics.update_commands(CommandStats(rejected={"malformed": 1}, executed={"disconnect": 1}))
     for family in metrics.registry.collect():
         assert family.name.startswith("meter_gateway_"), family.name
         if family.type == "counter":
@@ -232,3 +235,62 @@ def test_frozen_and_time_sync_jobs(served: tuple[Metrics, MetricsServer]) -> Non
     assert s[("meter_gateway_time_sync_results_total", (("result", "ineffective"),))] == 1
     assert s[("meter_gateway_meter_clock_alarms", ())] == 1
     assert s[("meter_gateway_meter_clock_drift_max_seconds", ())] == 42.0
+
+
+def test_command_stats_snapshot(served: tuple[Metrics, MetricsServer]) -> None:
+    from gateway.commands.executor import CommandStats
+
+    metrics, server = served
+    metrics.update_commands(None)  # commands disabled: nothing exported
+    assert not any("command" in name for name, _ in scrape(server))
+
+    stats = CommandStats(received=12, accepted=9, duplicates=1, retries=2, no_answer=3, resumed=1)
+    stats.reject("bad_signature")
+    stats.reject("replayed")
+    stats.reject("replayed")
+    stats.executed.update({"disconnect": 6, "relay_status": 1})
+    for state, action in [
+        ("verified", "disconnect"),
+        ("verified", "disconnect"),
+        ("unverified", "disconnect"),
+        ("meter_refused", "disconnect"),
+        ("expired", "reconnect"),
+        ("verified", "relay_status"),
+        ("queued", "disconnect"),  # not a result: not counted
+    ]:
+        stats.count_state(state, action)
+    stats.held_now, stats.guard_tripped, stats.released = 950, 1, 50
+    stats.acks_pending, stats.acks_published = 4, 40
+    metrics.update_commands(stats)
+    s = scrape(server)
+
+    def result(action: str, res: str) -> float:
+        return s[("meter_gateway_command_results_total", (("action", action), ("result", res)))]
+
+    assert s[("meter_gateway_commands_received_total", ())] == 12
+    assert s[("meter_gateway_commands_accepted_total", ())] == 9
+    assert s[("meter_gateway_commands_rejected_total", (("reason", "replayed"),))] == 2
+    assert s[("meter_gateway_commands_rejected_total", (("reason", "bad_signature"),))] == 1
+    assert s[("meter_gateway_command_executions_total", (("action", "disconnect"),))] == 6
+    assert (result("disconnect", "verified"), result("disconnect", "unverified")) == (2, 1)
+    assert (result("disconnect", "meter_refused"), result("disconnect", "expired")) == (1, 0)
+    assert result("reconnect", "expired") == 1
+    assert result("reconnect", "verified") == 0  # KPI series exist before the first result
+    assert result("relay_status", "verified") == 1
+    assert (stats.verified, stats.unverified, stats.expired) == (3, 1, 1)
+    assert s[("meter_gateway_command_retries_total", ())] == 2
+    assert s[("meter_gateway_command_no_answer_total", ())] == 3
+    assert s[("meter_gateway_command_resumed_total", ())] == 1
+    assert s[("meter_gateway_command_acks_pending", ())] == 4
+    assert s[("meter_gateway_command_acks_published_total", ())] == 40
+    assert s[("meter_gateway_commands_held", ())] == 950
+    assert s[("meter_gateway_mass_disconnect_guard_trips_total", ())] == 1
+    assert s[("meter_gateway_commands_released_total", ())] == 50
+
+    # the service owns the counts: a later snapshot replaces the earlier one
+    stats.held_now = 0
+    stats.count_state("verified", "reconnect")
+    metrics.update_commands(stats)
+    s = scrape(server)
+    assert s[("meter_gateway_commands_held", ())] == 0
+    assert result("reconnect", "verified") == 1

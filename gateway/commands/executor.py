@@ -36,7 +36,7 @@ from gateway.commands.actuators import RELAY_ACTIONS, ActuatorError, MeterActuat
 from gateway.commands.envelope import Ack
 from gateway.commands.store import CommandStore, Execution, Transition
 
-__all__ = ["CommandStats", "ExecSettings", "Executor", "Recorder", "wanted_relay"]
+__all__ = ["RESULT_STATES", "CommandStats", "ExecSettings", "Executor", "Recorder", "wanted_relay"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ CLOCK_TOLERANCE: Final = 2.0
 Recorder = Callable[[Sequence[Transition]], list[Ack]]
 CommitReadings = Callable[[list[Reading]], Awaitable[None]]
 Outcome = Literal["acknowledged", "refused", "no_answer", "expired"]
+# terminal states that end an execution that was accepted (``rejected`` is counted by reason)
+RESULT_STATES: Final = ("verified", "unverified", "meter_refused", "expired")
 
 
 @dataclass
@@ -71,13 +73,18 @@ class CommandStats:
     acks_pending: int = 0
     guard_tripped: int = 0
     internal_errors: int = 0
+    # terminal results by action, then result (the disconnect/reconnect success-rate KPI needs
+    # them apart from relay_status, read_now...); "unknown" when the action could not be found
+    results: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
-    def count_state(self, state: str) -> None:
-        if state in ("verified", "unverified", "meter_refused", "expired"):
+    def count_state(self, state: str, action: str | None = None) -> None:
+        if state in RESULT_STATES:
             setattr(self, state, getattr(self, state) + 1)
+            by_result = self.results.setdefault(action or "unknown", {})
+            by_result[state] = by_result.get(state, 0) + 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,18 +48,34 @@ class MassDisconnectGuard:
         """Disconnects that may still start in the window ending at ``now``."""
         return max(0, self.max_disconnects - self.store.guard_count(now - self.window))
 
-    def decide(self, meters: Sequence[str], now: float) -> GuardDecision:
-        """Admit meters in the command's order while the window has room; hold the rest."""
+    def decide(self, meters: Sequence[str], now: float, command: str | None = None) -> GuardDecision:
+        """Admit meters in the command's order while the window has room; hold the rest.
+
+        The trip (nothing held -> holding) is logged as ONE warning line with a stable
+        ``event=mass_disconnect_guard_tripped`` token to alert on; more commands held while it
+        already holds get an info line each."""
         room = self.room(now)
         decision = GuardDecision(list(meters[:room]), list(meters[room:]))
-        if decision.held and not self._holding:
+        if not decision.held:
+            return decision
+        if not self._holding:
             self._holding = True
             self.tripped += 1
             log.warning(
-                "mass-disconnect guard tripped: %d disconnect(s) held (limit %d per %g s); a release is needed",
+                "event=mass_disconnect_guard_tripped command=%s held=%d admitted=%d limit=%d window=%gs"
+                ' next="held until a release signed by a key with role release, or until expiry"',
+                command or "-",
                 len(decision.held),
+                len(decision.admitted),
                 self.max_disconnects,
                 self.window,
+            )
+        else:
+            log.info(
+                "event=mass_disconnect_guard_holding command=%s held=%d admitted=%d",
+                command or "-",
+                len(decision.held),
+                len(decision.admitted),
             )
         return decision
 

@@ -281,7 +281,7 @@ class CommandService:
         mode = env.reconnect_mode
         held: set[str] = set()
         if env.action == "disconnect":
-            decision = guard.decide(runnable, now)
+            decision = guard.decide(runnable, now, env.id)
             held = set(decision.held)
         for meter in runnable:
             cfg = self._meters_cfg.get(meter)
@@ -368,6 +368,7 @@ class CommandService:
     def _after(self, acks: Sequence[Ack], *, actor: str | None = None, action: str | None = None) -> None:
         entries = []
         for ack in acks:
+            who, what = (actor, action) if actor is not None else self._command_meta(ack.command)
             if ack.state == "accepted" and ack.meter is None:
                 self._stats.accepted += 1
             elif ack.state == "rejected":
@@ -375,8 +376,7 @@ class CommandService:
                 if ack.meter is not None:
                     log.info("command %s meter %s rejected: %s (%s)", ack.command, ack.meter, ack.reason, ack.detail)
             else:
-                self._stats.count_state(ack.state)
-            who, what = (actor, action) if actor is not None else self._command_meta(ack.command)
+                self._stats.count_state(ack.state, what)
             parts = [p for p in (ack.reason, f"relay={ack.relay}" if ack.relay else None, ack.detail) if p]
             entries.append(
                 AuditEntry(
