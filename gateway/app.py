@@ -36,6 +36,7 @@ from drivers.bus import Bus, Priority
 from drivers.dlt645_driver import Dlt645Driver
 from drivers.errors import DriverError
 from drivers.health import HealthBook, HealthPolicy, MeterState, StateChange
+from drivers.reading import Quality
 from gateway.config import Config, ConfigError, diff
 from gateway.cursors import CursorStore, autosave_poll
 from gateway.frozen_job import FrozenJob
@@ -346,11 +347,23 @@ class Gateway:
         # polled readings and a read_now command's readings go the same way: outbox, same ids
         if not readings or self.outbox is None:
             return
+        readings = self._flag_clock_suspect(readings)
         self.stats.readings += len(readings)
         if self.metrics is not None:
             self.metrics.readings_acquired.inc(len(readings))
         result = await self.outbox.add(readings)
         self.stats.committed += result.committed
+
+    def _flag_clock_suspect(self, readings: list[Reading]) -> list[Reading]:
+        """Readings of a meter whose clock the time-sync job last measured too far from ours carry
+        Quality.CLOCK_SUSPECT (ids do not depend on quality, so dedupe is unaffected)."""
+        ts = self.time_sync
+        if ts is None or not ts.suspect_meters:
+            return readings
+        return [
+            dataclasses.replace(r, quality=r.quality | Quality.CLOCK_SUSPECT) if ts.clock_suspect(r.meter_id) else r
+            for r in readings
+        ]
 
     # -- frozen data and time sync ------------------------------------------------------------
 

@@ -289,6 +289,9 @@ class TimeSync(_Section, kw_only=True, frozen=True):
     offset: Duration = Duration(0)  # into each interval, so syncs need not coincide with reads at :00
     mode: Literal["broadcast", "unicast"] = "broadcast"
     max_drift: Duration = Duration(5)  # seconds of meter clock drift tolerated before correcting
+    # meter-vs-gateway skew beyond which the meter's readings carry Quality.CLOCK_SUSPECT
+    # (default: the drift beyond which a broadcast cannot correct a meter, time_sync_job.BROADCAST_LIMIT)
+    suspect_drift: Duration = Duration(300)
 
 
 class DailyFrozen(_Section, kw_only=True, frozen=True):
@@ -562,6 +565,12 @@ class _Validator:
                 )
             elif sync.offset >= sync.interval:
                 self.error("time_sync.offset", f"must be less than time_sync.interval ({float(sync.interval):g} s)")
+            if sync.suspect_drift < sync.max_drift:
+                self.error(
+                    "time_sync.suspect_drift",
+                    f"must be at least time_sync.max_drift ({float(sync.max_drift):g} s): a drift the job "
+                    "corrects is not a suspect clock",
+                )
         commands = self._commands(c.commands, state_dir)
         return msgspec.structs.replace(
             c, gateway=gateway, outbox=outbox, uplink=uplink, buses=buses, meters=meters, commands=commands

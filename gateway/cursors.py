@@ -20,9 +20,12 @@ clock got there.
 
 The store is small and written with ``synchronous=NORMAL`` in WAL mode: a power cut can lose
 the last few saves, never the file; a lost save only means a few slots are read again (their
-reading ids dedupe in the outbox) or backfilled again. A file that is not a readable database
-is moved aside (``schedule.sqlite.corrupt``) and a fresh one started, logged: losing cursors
-costs backfill, never billing data.
+reading ids dedupe in the outbox) or backfilled again. A file that is not a readable database,
+or that ``PRAGMA quick_check`` finds damaged, is moved aside with its -wal/-shm
+(``schedule.sqlite.corrupt-<UTC timestamp>``, kept for forensics) and a fresh one started,
+logged on one line: losing cursors costs backfill and at worst one extra time sync (the
+once-a-day record), never billing data. Checking on open matters: a damaged page found later,
+by a load during start-up, would fail every start (a crash loop).
 
 The methods are synchronous and thread safe (one connection behind a lock); async callers run
 them with ``asyncio.to_thread``.
@@ -38,6 +41,7 @@ import math
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, timedelta, tzinfo
@@ -117,6 +121,7 @@ class CursorStore:
         self.path = path
         self._lock = threading.Lock()
         self.saves = 0
+        self.quarantined: Path | None = None  # where open() moved a damaged file, if it did
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> CursorStore:
@@ -128,13 +133,15 @@ class CursorStore:
         except sqlite3.DatabaseError as exc:
             if isinstance(exc, sqlite3.OperationalError) and "unable to open" in str(exc):
                 raise CursorStoreError(f"cannot open cursor store {db}: {exc}") from exc
-            aside = db.with_name(db.name + ".corrupt")
-            log.error("event=cursor_store_unreadable path=%s error=%r moved_to=%s", db, str(exc), aside)  # noqa: TRY400 (one line, no traceback: the cause is the file)
+            aside = _aside(db)
+            log.error("event=cursor_store_unreadable path=%s error=%r moved_to=%s", db, str(exc)[:300], aside)  # noqa: TRY400 (one line, no traceback: the cause is the file)
             for suffix in ("", "-wal", "-shm"):
                 src = Path(str(db) + suffix)
                 if src.exists():
                     src.replace(Path(str(aside) + suffix))
-            return cls(_connect(db), db)
+            store = cls(_connect(db), db)
+            store.quarantined = aside
+            return store
 
     @classmethod
     def for_config(cls, config: Config) -> CursorStore:
@@ -294,12 +301,30 @@ def _connect(db: Path) -> sqlite3.Connection:
         conn.executescript(_SCHEMA)
         _check_version(conn, db)
         conn.execute("SELECT count(*) FROM poll_cursor").fetchone()  # touch: a damaged file fails here
+        _quick_check(conn)
     except BaseException:
         conn.close()
         raise
     # isolation_level=None: "with conn" alone would not open a transaction
     conn.isolation_level = "DEFERRED"
     return conn
+
+
+def _quick_check(conn: sqlite3.Connection) -> None:
+    """A damaged page in any table (the file is small: the whole check takes milliseconds)."""
+    found = [str(r[0]) for r in conn.execute("PRAGMA quick_check(5)").fetchall()]
+    if found != ["ok"]:
+        raise sqlite3.DatabaseError("quick_check: " + "; ".join(" ".join(f.split()) for f in found))
+
+
+def _aside(db: Path) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = db.with_name(f"{db.name}.corrupt-{stamp}")
+    n = 1
+    while any(Path(f"{aside}{s}").exists() for s in ("", "-wal", "-shm")):
+        n += 1
+        aside = db.with_name(f"{db.name}.corrupt-{stamp}-{n}")
+    return aside
 
 
 def _check_version(conn: sqlite3.Connection, db: Path) -> None:

@@ -58,6 +58,7 @@ class _OutboxView:
     oldest_age: float | None
     disk_bytes: int
     disk_full: bool
+    held: int
     counters: Mapping[str, int]
 
 
@@ -156,6 +157,20 @@ class _SnapshotCollector(Collector):
         )
         yield gauge("outbox_disk_bytes", "Outbox database size on disk, WAL included.", o.disk_bytes)
         yield gauge("outbox_disk_full", "1 while the outbox storage refuses writes.", 1 if o.disk_full else 0)
+        yield gauge(
+            "outbox_held", "Readings held in memory while the outbox storage refuses writes (disk full).", o.held
+        )
+        yield counter(
+            "outbox_disk_full_events", "Times the outbox storage started refusing writes.", "disk_full_events"
+        )
+        yield counter(
+            "outbox_quarantined",
+            "Damaged outbox files moved aside at start (a fresh outbox was started; alert on any).",
+            "quarantined",
+        )
+        yield counter(
+            "outbox_wal_lost", "Starts that found the outbox's write-ahead log missing after a crash.", "wal_lost"
+        )
         yield counter("readings_committed", "Readings newly committed to the outbox.", "committed")
         yield counter("readings_duplicates", "Readings already in the outbox, ignored.", "duplicates")
         yield counter("readings_delivered", "Readings acknowledged by the head-end and removed.", "delivered")
@@ -266,6 +281,7 @@ class Metrics:
             oldest_age=stats.oldest_age(now),
             disk_bytes=int(stats.file_bytes) + int(stats.wal_bytes),
             disk_full=stats.storage_alarm is not None,
+            held=int(getattr(stats, "held", 0)),
             counters=dict(stats.counters),
         )
         with self._snapshots.lock:
@@ -341,6 +357,13 @@ def _jobs_families(frozen: Any, time_sync: Any) -> list[Metric]:
                 f"{PREFIX}_meter_clock_alarms",
                 "Meters whose clock is off by more than a broadcast may correct.",
                 value=len(time_sync.alarms),
+            )
+        )
+        out.append(
+            GaugeMetricFamily(
+                f"{PREFIX}_meters_clock_suspect",
+                "Meters whose readings are flagged CLOCK_SUSPECT (clock beyond time_sync.suspect_drift).",
+                value=time_sync.clock_suspect_meters,
             )
         )
         if time_sync.drifts:

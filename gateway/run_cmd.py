@@ -14,13 +14,14 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from gateway.app import Gateway
 from gateway.config import Config, ConfigError, load_config
 from gateway.config_cmd import EX_CONFIG
 from gateway.logs import setup_logging
-from gateway.metrics import Metrics, MetricsServer, start_http
-from gateway.sdnotify import Notifier
+
+if TYPE_CHECKING:
+    from gateway.metrics import MetricsServer
 
 log = logging.getLogger("meter_gateway")
 
@@ -53,6 +54,11 @@ def main(argv: list[str]) -> int:
 
 
 async def serve(config: Config, path: str) -> int:
+    # imported here, after the config is known good: a bad config exits 78 without paying for them
+    from gateway.app import Gateway
+    from gateway.metrics import Metrics, start_http
+    from gateway.sdnotify import Notifier
+
     metrics = Metrics()
     server: MetricsServer | None = None
     if config.metrics.enabled:

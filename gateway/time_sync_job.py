@@ -34,6 +34,16 @@ clock is wrong than all of them: nothing is sent and ``gateway_clock_suspect`` i
 never be set from a clock nobody vouches for.
 
 Modbus meters have no time-sync command we use; they are skipped (logged once).
+
+Clock-suspect readings: :meth:`TimeSyncJob.clock_suspect` says whether a meter's last measured
+skew (meter minus gateway, whoever is wrong) exceeds ``suspect_drift`` by more than the
+measurement's uncertainty, so the poller can OR ``Quality.CLOCK_SUSPECT`` into that meter's
+readings. The threshold defaults to :data:`BROADCAST_LIMIT` (the drift at which the job already
+raises an alarm); ``[time_sync] suspect_drift`` sets it. The
+last drift is reloaded from the cursor store on start. A step of the gateway's own clock (wall
+time against the monotonic clock, by more than ``max_drift``) triggers a measurement of every
+meter at once (no sync is sent by it), so readings are flagged from the step on, not from the
+next scheduled run a day later.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ import asyncio
 import contextlib
 import logging
 import statistics
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -128,6 +139,7 @@ class TimeSyncStats:
     ineffective: int = 0  # meters still off after a sync (ignored it)
     deferred: int = 0  # runs whose syncs waited for the midnight window to pass
     gateway_clock_suspect: int = 0
+    clock_suspect_meters: int = 0  # meters whose readings are flagged CLOCK_SUSPECT now
     failures: dict[str, int] = field(default_factory=dict)  # clock reads / sends failed, by kind
     skipped: dict[str, int] = field(default_factory=dict)  # syncs not sent, by reason
     last_drift: dict[str, float] = field(default_factory=dict)
@@ -188,6 +200,7 @@ class TimeSyncJob:
         broadcast: BroadcastFn | None = None,
         clock_trusted: Callable[[], bool] | None = None,
         tick: float = 1.0,
+        suspect_drift: float | None = None,
     ) -> None:
         self.config = config
         self.buses = buses
@@ -203,6 +216,9 @@ class TimeSyncJob:
         self.max_drift = float(ts.max_drift) if ts is not None else 5.0
         self.interval = int(ts.interval) if ts is not None else 86400
         self.offset = float(ts.offset) if ts is not None else 0.0
+        if suspect_drift is None:
+            suspect_drift = float(ts.suspect_drift) if ts is not None else BROADCAST_LIMIT
+        self.suspect_drift = suspect_drift
         self._broadcast = broadcast
         self.drivers: dict[str, ClockDriver] = {}
         for m in config.meters:
@@ -211,7 +227,39 @@ class TimeSyncJob:
             elif m.id in drivers:
                 self.drivers[m.id] = drivers[m.id]
         self._synced_at: dict[str, float] = {}
+        self._last: dict[str, Measurement] = {}  # latest clock read per meter (incl. read-backs)
+        self._suspect: frozenset[str] = frozenset()
         self._loaded = False
+
+    # -- clock-suspect readings ---------------------------------------------------------------
+
+    def clock_suspect(self, meter_id: str) -> bool:
+        """True while ``meter_id``'s last measured skew exceeds ``suspect_drift`` (beyond the
+        measurement's uncertainty): its readings should carry ``Quality.CLOCK_SUSPECT``."""
+        return meter_id in self._suspect
+
+    @property
+    def suspect_meters(self) -> frozenset[str]:
+        return self._suspect
+
+    def _record(self, m: Measurement) -> None:
+        self._last[m.meter] = m
+        self.stats.last_drift[m.meter] = m.drift
+        self._update_suspect()
+
+    def _update_suspect(self) -> None:
+        now = {meter for meter, m in self._last.items() if abs(m.drift) - m.uncertainty > self.suspect_drift}
+        for meter in sorted(now - self._suspect):
+            log.warning(
+                "event=clock_suspect meter=%s drift=%+.1fs threshold=%.0fs action=flag_readings",
+                meter,
+                self._last[meter].drift,
+                self.suspect_drift,
+            )
+        for meter in sorted(self._suspect - now):
+            log.info("event=clock_suspect_cleared meter=%s drift=%+.1fs", meter, self._last[meter].drift)
+        self._suspect = frozenset(now)
+        self.stats.clock_suspect_meters = len(self._suspect)
 
     # -- running ------------------------------------------------------------------------------
 
@@ -222,8 +270,18 @@ class TimeSyncJob:
         await self.load()
         schedule = TimeSyncSchedule(self.interval, self.clock(), offset=min(self.offset, self.interval - 1))
         deferred: float | None = None
+        base = self.clock() - time.monotonic()
         while not stop.is_set():
             now = self.clock()
+            if abs((now - time.monotonic()) - base) > max(self.max_drift, 1.0):
+                log.warning(
+                    "event=gateway_clock_step step=%+.1fs action=measure_meter_clocks", now - time.monotonic() - base
+                )
+                base = now - time.monotonic()
+                try:
+                    await self.check_clocks()
+                except Exception:
+                    log.exception("event=time_sync_crashed")
             due = schedule.next_due(now) is not None
             if deferred is not None and (now >= deferred or deferred - now > DAY):  # or the clock went back
                 due, deferred = True, None
@@ -245,6 +303,18 @@ class TimeSyncJob:
         self._loaded = True
         records = await asyncio.to_thread(self.cursors.load_time_sync)
         self._synced_at = {m: r.synced_at for m, r in records.items() if r.synced_at is not None}
+        for meter, r in records.items():
+            if meter in self.drivers and r.drift is not None and meter not in self._last:
+                self._last[meter] = Measurement(meter, r.drift, 0.0, r.measured_at or 0.0)
+        self._update_suspect()
+
+    async def check_clocks(self) -> SyncReport:
+        """Measure every meter's drift now (e.g. after a gateway clock step); never syncs."""
+        await self.load()
+        report = SyncReport()
+        await self._measure_all(list(self.drivers), report)
+        await self._persist(report)
+        return report
 
     async def sync_once(self) -> SyncReport:
         """Measure every meter's drift and correct what may be corrected, now."""
@@ -284,8 +354,8 @@ class TimeSyncJob:
                     continue
                 report.measured[meter] = m
                 self.stats.measured += 1
-                self.stats.last_drift[meter] = m.drift
                 self.stats.drifts.append(abs(m.drift))
+                self._record(m)
 
         await asyncio.gather(*(one_bus(g) for g in by_bus.values()))
 
@@ -426,7 +496,7 @@ class TimeSyncJob:
             except DriverError as exc:
                 self.stats.fail(exc.kind)
                 continue
-            self.stats.last_drift[meter] = m.drift
+            self._record(m)
             report.measured[meter] = m
             if abs(m.drift) <= self.max_drift:
                 report.corrected.append(meter)

@@ -312,6 +312,14 @@ def test_time_sync_offset_within_interval(tmp_path: Path, capsys: pytest.Capture
     assert_error(tmp_path, capsys, text, "time_sync.offset", "less than time_sync.interval")
 
 
+def test_time_sync_suspect_drift_not_below_max_drift(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = BASE + '\n[time_sync]\nmax_drift = "10s"\nsuspect_drift = "5s"\n'
+    assert_error(tmp_path, capsys, text, "time_sync.suspect_drift", "at least time_sync.max_drift")
+    config = load_config(write(tmp_path, BASE + '\n[time_sync]\nsuspect_drift = "2m"\n'))
+    assert config.time_sync is not None
+    assert float(config.time_sync.suspect_drift) == 120
+
+
 def test_quantity_syntax(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     text = BASE.replace('quantities = ["energy.active.import.total"]', 'quantities = ["Energy Import"]')
     assert_error(tmp_path, capsys, text, "poll_groups[0].quantities[0]", "not a quantity name")

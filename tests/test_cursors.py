@@ -98,8 +98,39 @@ def test_the_store_is_wal_and_survives_an_unreadable_file(tmp_path: Path, caplog
         assert store.load_poll(T0) == {("fast", "m1"): 1800}
     finally:
         store.close()
-    assert (tmp_path / "schedule.sqlite.corrupt").read_bytes().startswith(b"this is not")
+    assert store.quarantined is not None
+    assert store.quarantined.name.startswith("schedule.sqlite.corrupt-")
+    assert store.quarantined.read_bytes().startswith(b"this is not")
     assert any("cursor_store_unreadable" in r.message for r in caplog.records)
+
+
+def test_a_damaged_page_the_open_does_not_touch_is_found_and_quarantined(tmp_path: Path) -> None:
+    # A damaged time_sync page would otherwise fail load_time_sync on every start: a crash loop.
+    path = tmp_path / "schedule.sqlite"
+    store = CursorStore.open(path)
+    store.save_poll({("fast", "m1"): 900})
+    store.save_time_sync({f"m{i:04d}": TimeSyncRecord(T0, 1.0, T0) for i in range(400)})
+    store.close()
+    with closing(sqlite3.connect(path)) as conn:
+        (root,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'time_sync'").fetchone()
+        (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+    raw = bytearray(path.read_bytes())
+    raw[(root - 1) * page_size] = 0x07  # not a b-tree page type
+    path.write_bytes(bytes(raw))
+    first = CursorStore.open(path)
+    try:
+        assert first.quarantined is not None
+        assert first.load_time_sync() == {}
+        assert first.load_poll(T0) == {}
+    finally:
+        first.close()
+    aside = first.quarantined
+    second = CursorStore.open(path)  # the fresh file is sound: no second quarantine
+    try:
+        assert second.quarantined is None
+    finally:
+        second.close()
+    assert aside.read_bytes() == bytes(raw)  # kept as it was, for forensics
 
 
 def test_a_store_from_a_newer_gateway_is_refused_not_discarded(tmp_path: Path) -> None:

@@ -180,3 +180,30 @@ async def test_time_sync_runs_inside_the_daemon_and_reports_drift(
         assert abs(gw.time_sync.stats.last_drift["m1"]) <= 1  # read back after the correction
     assert handle.meters[0].clock_offset == pytest.approx(0, abs=1)
     assert handle.meters[1].clock_offset == 0  # within max_drift: left alone
+
+
+@pytest.mark.asyncio
+async def test_readings_of_a_meter_with_a_suspect_clock_are_flagged(
+    sim_bus: SimBusFactory, unused_port: int, tmp_path: Path
+) -> None:
+    handle = await sim_bus(2, speed=0.0, start_time=START)
+    assert isinstance(handle.endpoint, tuple)
+    handle.meters[0].clock_offset = 600  # 10 min fast: beyond what a broadcast may correct
+    state = tmp_path / "state"
+    extra = '\n[time_sync]\ninterval = "1h"\nmode = "broadcast"\nsuspect_drift = "2m"\n'
+    config = write_config(tmp_path / "gw.toml", state, unused_port, handle.endpoint[1], extra)
+    clock = SimWallClock(handle.clock)
+    async with running(config, clock) as gw:
+        await asyncio.sleep(0.5)
+        handle.clock.set(datetime.datetime(2026, 3, 14, 11, 0, 1))  # the hourly clock check is due
+        await until(lambda: gw.time_sync is not None and gw.time_sync.clock_suspect("m1"))
+        assert gw.time_sync is not None
+        assert not gw.time_sync.clock_suspect("m2")
+        handle.clock.set(datetime.datetime(2026, 3, 14, 11, 15, 1))  # the next poll slot
+        slot = datetime.datetime(2026, 3, 14, 11, 15, tzinfo=TZ).timestamp()
+        await until(lambda: len([r for r in rows(state) if r["slot"] == slot]) == 4)
+    flagged = {
+        r["meter_id"]: bool(Quality(r["quality"]) & Quality.CLOCK_SUSPECT) for r in rows(state) if r["slot"] == slot
+    }
+    assert flagged == {"m1": True, "m2": False}
+    assert handle.meters[0].clock_offset == 600  # not corrected by a broadcast (too far off)

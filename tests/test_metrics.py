@@ -116,6 +116,7 @@ class FakeOutboxStats:
     wal_bytes: int
     storage_alarm: str | None
     counters: dict[str, int] = field(default_factory=dict)
+    held: int = 0
 
     def oldest_age(self, now: float) -> float | None:
         return None if self.oldest_added_at is None else max(0.0, now - self.oldest_added_at)
@@ -126,7 +127,8 @@ def test_outbox_meters_and_uplink(served: tuple[Metrics, MetricsServer]) -> None
 
     metrics, server = served
     counters = {"committed": 10, "duplicates": 2, "overflow_dropped": 3, "refused": 4, "delivered": 6, "invalid": 0}
-    metrics.update_outbox(FakeOutboxStats(7, 1000.0, 4096, 512, "disk full", counters), now=1090.0)
+    counters |= {"disk_full_events": 1, "quarantined": 1, "wal_lost": 0}
+    metrics.update_outbox(FakeOutboxStats(7, 1000.0, 4096, 512, "disk full", counters, held=200), now=1090.0)
     metrics.update_meter_states({"online": 5, "offline": 2})
     up = UplinkStats(connected=True, published_batches=3, published_readings=30, last_delivery=1_700_000_123.5)
     up.fail("not_authorized")
@@ -137,6 +139,10 @@ def test_outbox_meters_and_uplink(served: tuple[Metrics, MetricsServer]) -> None
     assert s[("meter_gateway_outbox_oldest_undelivered_age_seconds", ())] == 90.0
     assert s[("meter_gateway_outbox_disk_bytes", ())] == 4608
     assert s[("meter_gateway_outbox_disk_full", ())] == 1
+    assert s[("meter_gateway_outbox_held", ())] == 200
+    assert s[("meter_gateway_outbox_disk_full_events_total", ())] == 1
+    assert s[("meter_gateway_outbox_quarantined_total", ())] == 1
+    assert s[("meter_gateway_outbox_wal_lost_total", ())] == 0
     assert s[("meter_gateway_readings_committed_total", ())] == 10
     assert s[("meter_gateway_readings_duplicates_total", ())] == 2
     assert s[("meter_gateway_outbox_overflow_dropped_total", ())] == 3
@@ -220,7 +226,7 @@ def test_frozen_and_time_sync_jobs(served: tuple[Metrics, MetricsServer]) -> Non
     metrics.update_jobs(None, None)
     assert not any(name.startswith("meter_gateway_frozen") for name, _ in scrape(server))
     frozen = FrozenStats(frozen_reads=4, backfilled_days=3, lost_days=1, owed=2, slots_filled=6, slots_unfillable=9)
-    sync = TimeSyncStats(broadcasts=1, unicasts=2, corrected=5, ineffective=1)
+    sync = TimeSyncStats(broadcasts=1, unicasts=2, corrected=5, ineffective=1, clock_suspect_meters=3)
     sync.drifts.extend([1.5, -42.0, 3.0])
     sync.alarms["m9"] = 400.0
     metrics.update_jobs(frozen, sync)
@@ -234,6 +240,7 @@ def test_frozen_and_time_sync_jobs(served: tuple[Metrics, MetricsServer]) -> Non
     assert s[("meter_gateway_time_syncs_total", (("mode", "unicast"),))] == 2
     assert s[("meter_gateway_time_sync_results_total", (("result", "ineffective"),))] == 1
     assert s[("meter_gateway_meter_clock_alarms", ())] == 1
+    assert s[("meter_gateway_meters_clock_suspect", ())] == 3
     assert s[("meter_gateway_meter_clock_drift_max_seconds", ())] == 42.0
 
 
