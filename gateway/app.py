@@ -318,10 +318,9 @@ class Gateway:
         self._running[bus] = self._running.get(bus, 0) + 1
         task = asyncio.create_task(self._read(item), name=f"read:{bus}")
         self._in_flight.add(task)
-        task.add_done_callback(lambda t: self._read_done(t, bus))
+        task.add_done_callback(self._in_flight.discard)
 
-    def _read_done(self, task: asyncio.Task[None], bus: str) -> None:
-        self._in_flight.discard(task)
+    def _bus_turn_done(self, bus: str) -> None:
         self._running[bus] -= 1
         waiting = self._waiting.get(bus)
         if waiting and not self._stopping:
@@ -333,6 +332,7 @@ class Gateway:
         try:
             readings = await meter.read(self._quantities.get(item.group, ()), item.slot, self.clock())
         except DriverError as exc:
+            self._bus_turn_done(meter.bus)
             self.stats.fail(exc.kind)
             log.debug("event=read_failed meter=%s kind=%s detail=%s", meter.meter_id, exc.kind, exc)
             interval = self._intervals.get(item.group)
@@ -341,6 +341,12 @@ class Gateway:
                 slot = int(item.slot)
                 self.frozen.note_missed([MissedSlots(item.group, meter.meter_id, slot, slot, interval)])
             return
+        except BaseException:
+            self._bus_turn_done(meter.bus)
+            raise
+        # the bus's turn ends with the read, not with the commit: a commit waiting behind a drain's
+        # deletes must not hold the next meter's read back (the task stays in _in_flight for shutdown)
+        self._bus_turn_done(meter.bus)
         await self._commit(readings)
 
     async def _commit(self, readings: list[Reading]) -> None:

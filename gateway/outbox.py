@@ -74,6 +74,7 @@ DEFAULT_HOLD_LIMIT = 100_000
 # Seconds the open-time quick_check may take: on a large backlog it stops there (logged) rather
 # than delay the start. Measured on 1,000,000 rows: see docs/outbox.md "Damaged database".
 DEFAULT_CHECK_BUDGET = 2.0
+ACK_GROUP_ROWS = 5_000  # acked rows deleted per writer transaction at most (see AsyncOutbox._take_acks)
 # A fresh database has too few rows for a measured per-row size; this is above the real
 # figure (about 150-200 bytes with the unique index) so the budget errs on the safe side.
 _INITIAL_ROW_ESTIMATE = 256
@@ -1162,6 +1163,17 @@ class AsyncOutbox:
         if self._writer is None or self._writer.done():
             self._writer = self._loop.create_task(self._write_loop(), name="outbox-writer")
 
+    def _take_acks(self) -> list[tuple[list[int], asyncio.Future[int]]]:
+        # Deletes cost page writes (the id index too): a drain acks thousands of rows a second,
+        # and one huge delete would hold the adds of the same transaction back (polls' commits wait).
+        taken: list[tuple[list[int], asyncio.Future[int]]] = []
+        total = 0
+        while self._acks and (not taken or total + len(self._acks[0][0]) <= ACK_GROUP_ROWS):
+            item = self._acks.pop(0)
+            taken.append(item)
+            total += len(item[0])
+        return taken
+
     def _take_adds(self) -> list[tuple[list[Reading], asyncio.Future[AddResult]]]:
         taken: list[tuple[list[Reading], asyncio.Future[AddResult]]] = []
         total = 0
@@ -1174,7 +1186,7 @@ class AsyncOutbox:
     async def _write_loop(self) -> None:
         while self._adds or self._acks:
             adds = self._take_adds()
-            acks, self._acks = self._acks, []
+            acks = self._take_acks()
             try:
                 add_results, ack_counts = await self._run(
                     self.outbox.write, [a for a, _ in adds], [ids for ids, _ in acks]
