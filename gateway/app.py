@@ -149,6 +149,9 @@ class Gateway:
         self._intervals = {g.name: int(g.interval) for g in config.poll_groups}
         self._in_flight: set[asyncio.Task[None]] = set()
         self._waiting: dict[str, collections.deque[_DueRead]] = {}
+        # (group, meter, slot) handed out by the schedule and not yet committed or failed: the saved
+        # cursors never pass them, so a crash or a stop re-reads them instead of skipping them
+        self._unfinished: set[tuple[str, str, int]] = set()
         self._running: dict[str, int] = {}
         self.cursors: CursorStore | None = None
         self.schedule: PollSchedule | None = None
@@ -272,7 +275,12 @@ class Gateway:
     # -- polling ------------------------------------------------------------------------------
 
     def _poll_cursors(self) -> dict[tuple[str, str], int]:
-        return self.schedule.cursors() if self.schedule is not None else {}
+        cursors = self.schedule.cursors() if self.schedule is not None else {}
+        for group, meter, slot in self._unfinished:
+            key = (group, meter)
+            if key in cursors:
+                cursors[key] = min(cursors[key], slot)
+        return cursors
 
     async def _poll(self, stop: asyncio.Event) -> None:
         assert self.schedule is not None
@@ -293,6 +301,7 @@ class Gateway:
                     self.stats.shed += 1
                     continue
                 item = _DueRead(meter, due.group, float(due.slot))
+                self._unfinished.add((due.group, meter.meter_id, int(due.slot)))
                 if self._running.get(meter.bus, 0) < READS_PER_BUS:
                     self._start_read(item)
                 else:
@@ -327,6 +336,15 @@ class Gateway:
             self._start_read(waiting.popleft())
 
     async def _read(self, item: _DueRead) -> None:
+        unfinished = (item.group, item.meter.meter_id, int(item.slot))
+        try:
+            await self._read_and_commit(item)
+        finally:
+            # done: committed, or failed and reported as a missed slot (a cancelled read stays owed)
+            if not self._stopping or not asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                self._unfinished.discard(unfinished)
+
+    async def _read_and_commit(self, item: _DueRead) -> None:
         meter = item.meter
         self.stats.reads += 1
         try:

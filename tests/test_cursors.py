@@ -158,12 +158,20 @@ async def test_autosave_saves_at_start_periodically_and_at_stop(tmp_path: Path) 
         stop.set()
         await asyncio.wait_for(task, 5)
         assert store.load_poll(T0) == {("fast", "m1"): 1800}  # saved on the way out, not an hour later
+        # periodic: only cursors that moved are written
         stop = asyncio.Event()
         before = store.saves
         task = asyncio.create_task(autosave_poll(store, lambda: cursors, stop, every=0.02))
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.1)
+        assert store.saves - before == 1  # the first save; nothing moved since
+        for slot in (2700, 3600, 4500):
+            cursors[("fast", "m1")] = slot
+            end = asyncio.get_running_loop().time() + 5
+            while store.load_poll(T0 + 86400) != {("fast", "m1"): slot}:
+                assert asyncio.get_running_loop().time() < end
+                await asyncio.sleep(0.01)
         stop.set()
         await asyncio.wait_for(task, 5)
-        assert store.saves - before >= 4
+        assert store.saves - before == 4
     finally:
         store.close()
