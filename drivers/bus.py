@@ -81,7 +81,9 @@ class RejectionLog:
         self._rejections.append(Rejected(kind, size, detail))
 
     def take_rejections(self) -> list[Rejected]:
-        out, self._rejections = self._rejections, []
+        out = self._rejections
+        if out:  # the usual empty case allocates nothing
+            self._rejections = []
         return out
 
 
@@ -139,22 +141,37 @@ class _PriorityGate:
     def waiting(self) -> int:
         return sum(1 for *_, f in self._waiters if not f.done())
 
+    def try_acquire(self) -> bool:
+        """Take the gate at once if it is free and nobody queues; no await, no allocation."""
+        if self._held or self._waiters:
+            return False
+        self._held = True
+        return True
+
     async def acquire(self, priority: int) -> None:
-        if not self._held and not self._waiters:
-            self._held = True
+        if self.try_acquire():
             return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiters, (priority, next(self._order), fut))
+        fut = self.enqueue(priority)
         try:
             await fut
         except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                self.release()  # granted as we were cancelled: pass it on
+            self.abandon(fut)
             raise
+
+    def enqueue(self, priority: int) -> asyncio.Future[None]:
+        """Queue for the gate: the future resolves when it is ours (``acquire`` without a coroutine)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (priority, next(self._order), fut))
+        return fut
+
+    def abandon(self, fut: asyncio.Future[None]) -> None:
+        """The waiter of ``fut`` was cancelled: if the gate was handed to it meanwhile, pass it on."""
+        if fut.done() and not fut.cancelled():
+            self.release()
 
     def release(self) -> None:
         while self._waiters:
-            *_, fut = heapq.heappop(self._waiters)
+            fut = heapq.heappop(self._waiters)[2]
             if not fut.done():
                 fut.set_result(None)  # ownership moves; _held stays True
                 return
@@ -230,18 +247,95 @@ class Bus:
         MeterOffline (without sending) for an offline meter that is not due for a probe unless
         ``force`` (operator commands). ``meter`` keys the health book.
         """
-        async with self._turn(meter, priority, force) as probing:
-            tries = 1 if probing else (attempts or self.settings.attempts)
+        # the hot path of every poll: plain acquire/release rather than an async context manager
+        self._admit(meter, force)
+        gate = self._gate
+        if not gate.try_acquire():
+            fut = gate.enqueue(priority)
             try:
-                reply = await self._transact(
-                    request, matcher, reply_timeout or self.settings.reply_timeout, tries
-                )
+                await fut
+            except asyncio.CancelledError:
+                gate.abandon(fut)
+                raise
+        try:
+            probing = self._begin(meter, force)
+            tries = 1 if probing else (attempts or self.settings.attempts)
+            limit = reply_timeout or self.settings.reply_timeout
+            try:
+                # the attempts run inline: one coroutine level less on every wake-up of the caller
+                backoff: Backoff | None = None  # only a retry needs one
+                failure: DriverError | None = None
+                reply: R | None = None
+                heard = False
+                bad: list[str] = []
+
+                def consume(data: bytes) -> bool:  # called from the link's data_received: no wake-up per chunk
+                    nonlocal reply, heard
+                    heard = True
+                    try:
+                        reply = matcher.feed(data)
+                    finally:
+                        rejections = matcher.take_rejections()
+                        if rejections:
+                            bad.extend(self._describe(r) for r in rejections if self._count_rejection(r))
+                    return reply is not None
+
+                for attempt in range(tries):
+                    if attempt:
+                        self.counters.retries += 1
+                        if backoff is None:
+                            backoff = Backoff(self.settings.retry, rng=self._rng)
+                        await asyncio.sleep(backoff.next())
+                    transport = self.transport
+                    if transport is None or not transport.connected:
+                        transport = await self._link()
+                    if self.settings.inter_frame_gap > 0:
+                        await self._quiet(transport)
+                    self.counters.stale_bytes_flushed += transport.flush_input()
+                    matcher.reset()
+                    reply, heard = None, False
+                    bad.clear()
+                    try:
+                        await transport.write(request)
+                        self._sent(transport, request)
+                        # the deadline is fixed from the request being on the wire: dribbling cannot extend it
+                        await transport.read_until(consume, self._last_tx_end + limit)
+                    except MeterRefused:
+                        transport.note_reply()
+                        raise
+                    except BadReply as e:
+                        transport.note_reply()  # something answered: the link is alive
+                        failure = e
+                        continue
+                    except LinkDown as e:
+                        if attempt + 1 == tries:
+                            raise
+                        log.debug("bus %s: %s; retrying", self.name, e)
+                        continue
+                    # any byte heard (even an echo or a late reply) shows the link itself is alive
+                    if heard:
+                        transport.note_reply()
+                    else:
+                        transport.note_silence()
+                    if reply is not None:
+                        if self.on_latency is not None:
+                            self.on_latency(asyncio.get_running_loop().time() - self._last_tx_end)
+                        self.counters.ok += 1
+                        self._record(meter, None)
+                        return reply
+                    self.counters.timeouts += 1
+                    if bad:
+                        failure = BadReply(
+                            f"bus {self.name}: no valid matching reply within {limit:.2f} s ({', '.join(bad)})"
+                        )
+                    else:
+                        failure = NoAnswer(f"bus {self.name}: no reply within {limit:.2f} s")
+                raise failure or NoAnswer(f"bus {self.name}: no reply")
             except DriverError as e:
                 self._account_failure(meter, e)
                 raise
-            self.counters.ok += 1
-            self._record(meter, None)
-            return reply
+        finally:
+            gate.release()
 
     async def send(self, request: bytes, *, priority: int = Priority.POLL) -> None:
         """Send a request that gets no reply (a broadcast), honouring gap and flush."""
@@ -287,25 +381,17 @@ class Bus:
     @asynccontextmanager
     async def _turn(self, meter: str | None, priority: int, force: bool) -> AsyncIterator[bool]:
         """Hold the bus for one transaction; yield whether it is a probe of an offline meter."""
-        if self._closed:
-            raise LinkDown(f"bus {self.name} is closed")
-        self._admit_check(meter, force)  # fail fast, before queueing behind others
+        self._admit(meter, force)
         await self._gate.acquire(priority)
         try:
-            probing = False
-            if meter is not None and self.health is not None and not force:
-                try:
-                    probing = self.health.begin(meter)
-                except MeterOffline:
-                    self.counters.offline_skipped += 1
-                    raise
-            if probing:
-                self.counters.probes += 1
-            yield probing
+            yield self._begin(meter, force)
         finally:
             self._gate.release()
 
-    def _admit_check(self, meter: str | None, force: bool) -> None:
+    def _admit(self, meter: str | None, force: bool) -> None:
+        """Fail fast, before queueing behind others: a closed bus, an offline meter not due."""
+        if self._closed:
+            raise LinkDown(f"bus {self.name} is closed")
         if meter is None or self.health is None or force:
             return
         try:
@@ -314,74 +400,22 @@ class Bus:
             self.counters.offline_skipped += 1
             raise
 
-    async def _transact(self, request: bytes, matcher: ReplyMatcher[R], limit: float, tries: int) -> R:
-        backoff = Backoff(self.settings.retry, rng=self._rng)
-        failure: DriverError = NoAnswer(f"bus {self.name}: no reply")
-        for attempt in range(tries):
-            if attempt:
-                self.counters.retries += 1
-                await asyncio.sleep(backoff.next())
-            transport = await self._link()
-            await self._quiet(transport)
-            self.counters.stale_bytes_flushed += transport.flush_input()
-            matcher.reset()
-            try:
-                await self._write(transport, request)
-                deadline = self._last_tx_end + limit
-                reply, bad, heard = await self._collect(transport, matcher, deadline)
-            except MeterRefused:
-                transport.note_reply()
-                raise
-            except BadReply as e:
-                transport.note_reply()  # something answered: the link is alive
-                failure = e
-                continue
-            except LinkDown as e:
-                if attempt + 1 == tries:
-                    raise
-                log.debug("bus %s: %s; retrying", self.name, e)
-                continue
-            # any byte heard (even an echo or a late reply) shows the link itself is alive
-            if heard:
-                transport.note_reply()
-            else:
-                transport.note_silence()
-            if reply is not None:
-                if self.on_latency is not None:
-                    self.on_latency(asyncio.get_running_loop().time() - self._last_tx_end)
-                return reply
-            self.counters.timeouts += 1
-            if bad:
-                failure = BadReply(f"bus {self.name}: no valid matching reply within {limit:.2f} s ({bad})")
-            else:
-                failure = NoAnswer(f"bus {self.name}: no reply within {limit:.2f} s")
-        raise failure
+    def _begin(self, meter: str | None, force: bool) -> bool:
+        """With the bus held: whether this transaction is a probe of an offline meter."""
+        if meter is None or self.health is None or force:
+            return False
+        try:
+            probing = self.health.begin(meter)
+        except MeterOffline:
+            self.counters.offline_skipped += 1
+            raise
+        if probing:
+            self.counters.probes += 1
+        return probing
 
-    async def _collect(
-        self, transport: Transport, matcher: ReplyMatcher[R], deadline: float
-    ) -> tuple[R | None, str, bool]:
-        """Feed arriving bytes to the matcher until it accepts or the deadline passes.
-
-        Returns the reply (or None), a description of what was rejected as not ours or invalid,
-        and whether any byte arrived at all.
-        """
-        bad: list[str] = []
-        heard = False
-        while True:
-            data = await transport.read(deadline)  # the deadline is fixed: dribbling cannot extend it
-            if not data:
-                return None, ", ".join(bad), heard
-            heard = True
-            try:
-                reply = matcher.feed(data)
-            finally:
-                bad.extend(
-                    f"{r.kind}{': ' + r.detail if r.detail else ''}"
-                    for r in matcher.take_rejections()
-                    if self._count_rejection(r)
-                )
-            if reply is not None:
-                return reply, "", True
+    @staticmethod
+    def _describe(r: Rejected) -> str:
+        return f"{r.kind}{': ' + r.detail if r.detail else ''}"
 
     def _count_rejection(self, r: Rejected) -> bool:
         """Count one rejection; return True if it means a bad reply rather than silence."""
@@ -414,6 +448,9 @@ class Bus:
 
     async def _write(self, transport: Transport, request: bytes) -> None:
         await transport.write(request)
+        self._sent(transport, request)
+
+    def _sent(self, transport: Transport, request: bytes) -> None:
         self.counters.sent += 1
         self._last_tx_end = asyncio.get_running_loop().time() + transport.tx_time(len(request))
 

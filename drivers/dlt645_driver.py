@@ -28,6 +28,7 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime
 import logging
 import math
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 
 E7 = Edition.DLT645_2007
 E97 = Edition.DLT645_1997
+READ: Final = 0x11  # DL/T 645-2007 clause 6.2: read data (the only function on the hot path)
 
 # Refusal flags that mean "this meter has no such data" rather than "you may not" (error_words.toml).
 NO_DATA_FLAGS: Final = frozenset({"no_requested_data", "bad_data_identifier"})
@@ -130,6 +132,27 @@ def _catalogue_di(catalogue: Catalogue, edition: Edition, quantity: str) -> int:
     return item.di
 
 
+class _SingleFrameCheck:
+    """The matcher's check of a read: a complete single-frame reply whose data does not decode is
+    rejected (so the bus retries); one that decodes keeps its values, so nothing decodes twice."""
+
+    __slots__ = ("decoded", "di", "driver")
+
+    def __init__(self, driver: Dlt645Driver, di: int) -> None:
+        self.driver = driver
+        self.di = di
+        self.decoded: list[DecodedValue] | None = None
+
+    def __call__(self, message: m.Message) -> None:
+        self.decoded = None
+        if isinstance(message, m.ReadReply) and not message.more:
+            d = self.driver
+            try:
+                self.decoded = d.catalogue.decode(d.edition, self.di, message.value)
+            except ProtocolError as exc:
+                raise BadReply(f"meter {d.meter_id}: DI {d._di(self.di)}: {exc}") from exc
+
+
 class _BrokenChain(Exception):
     """A follow-up frame of a read that cannot be retried on its own was lost."""
 
@@ -147,8 +170,83 @@ def _is_no_data(refusal: MeterRefused) -> bool:
     return bool(NO_DATA_FLAGS.intersection(refusal.reasons))
 
 
+Plan = tuple[tuple[int, tuple[str, ...]], ...]  # (DI, the quantities its reply answers) per read
+PLAN_CACHE_SIZE: Final = 64  # distinct quantity lists per model; the configuration has a handful
+
+
+class _ModelInfo:
+    """What every driver of one model (with one catalogue) shares, built and checked once.
+
+    Thousands of meters of a model cost one of these, not one DI map and plan cache each.
+    """
+
+    __slots__ = ("block_dis", "blocks", "plans", "quantity_of", "units")
+
+    def __init__(self, model: Dlt645Model, catalogue: Catalogue, meter_id: str) -> None:
+        edition = model.edition
+        for p in model.points:
+            if catalogue.get(edition, p.di) is None:
+                raise ConfigurationError(
+                    f"meter {meter_id}: model {model.name} reads {p.quantity} from DI {edition.format_di(p.di)}, "
+                    f"which the DL/T 645-{edition.value} catalogue cannot decode"
+                )
+        self.blocks = model.blocks if model.supports_block_reads else ()
+        for block in self.blocks:
+            item = catalogue.get(edition, block.di)
+            covered = {model.di_for(q) for q in block.covers}
+            if item is None or item.kind != "block" or not covered <= set(item.members):
+                raise ConfigurationError(
+                    f"meter {meter_id}: model {model.name} block {edition.format_di(block.di)} is not a catalogue"
+                    " block of the data identifiers it claims to cover"
+                )
+        self.quantity_of = {p.di: p.quantity for p in model.points}
+        self.block_dis = frozenset(b.di for b in self.blocks)
+        self.plans: dict[tuple[str, ...], tuple[tuple[str, ...], Plan]] = {}  # drivers with no refused block
+        # quantity -> (canonical unit, plausible range), None for DL/T 645 extras (catalogue unit)
+        self.units: dict[str, tuple[str, tuple[float, float]] | None] = {}
+
+
+_model_infos: dict[tuple[Dlt645Model, int], tuple[Catalogue, _ModelInfo]] = {}
+
+
+def _model_info(model: Dlt645Model, catalogue: Catalogue, meter_id: str) -> _ModelInfo:
+    key = (model, id(catalogue))
+    found = _model_infos.get(key)
+    if found is not None and found[0] is catalogue:
+        return found[1]
+    info = _ModelInfo(model, catalogue, meter_id)
+    _model_infos[key] = (catalogue, info)  # the catalogue is kept alive, so its id is not reused
+    return info
+
+
 class Dlt645Driver:
     """One DL/T 645 meter on a bus. See the module docstring for the behaviour."""
+
+    # 10,000 meters on one gateway: no per-instance __dict__, and the sets, plan cache and chain
+    # waiters below exist only for the meters that need them
+    __slots__ = (
+        "_address",
+        "_chain_busy",
+        "_chain_waiters",
+        "_expect",
+        "_history",
+        "_info",
+        "_missing",
+        "_password",
+        "_plans",
+        "_refused_blocks",
+        "_request",
+        "_request_di",
+        "address",
+        "bus",
+        "catalogue",
+        "clock",
+        "edition",
+        "meter_id",
+        "model",
+        "operator",
+        "tz",
+    )
 
     def __init__(
         self,
@@ -193,25 +291,19 @@ class Dlt645Driver:
         self.clock = clock
         self.catalogue = catalogue or default_catalogue()
         self._history = history_for(bus)
-        self._quantity_of = {p.di: p.quantity for p in model.points}
-        self._blocks = model.blocks if model.supports_block_reads else ()
-        self._refused_blocks: set[int] = set()
-        self._missing: set[int] = set()  # DIs the meter said it has no data for (logged once)
-        self._chain = asyncio.Lock()  # one multi-frame read at a time: follow-ups are per DI state
-        for p in model.points:
-            if self.catalogue.get(edition, p.di) is None:
-                raise ConfigurationError(
-                    f"meter {meter_id}: model {model.name} reads {p.quantity} from DI {edition.format_di(p.di)}, "
-                    f"which the DL/T 645-{edition.value} catalogue cannot decode"
-                )
-        for block in self._blocks:
-            item = self.catalogue.get(edition, block.di)
-            covered = {model.di_for(q) for q in block.covers}
-            if item is None or item.kind != "block" or not covered <= set(item.members):
-                raise ConfigurationError(
-                    f"meter {meter_id}: model {model.name} block {edition.format_di(block.di)} is not a catalogue"
-                    " block of the data identifiers it claims to cover"
-                )
+        self._info = _model_info(model, self.catalogue, meter_id)
+        self._refused_blocks: frozenset[int] = frozenset()  # blocks this meter said it lacks
+        self._plans: dict[tuple[str, ...], tuple[tuple[str, ...], Plan]] | None = None  # once a block is refused
+        self._missing: set[int] | None = None  # DIs the meter said it has no data for (logged once)
+        # one multi-frame read at a time (follow-ups are per-DI state in the meter): a flag, and a
+        # queue of waiters created only if two reads of one meter ever overlap
+        # the last read request's frame and what answers it (a poll usually repeats one DI): built
+        # once, not per poll
+        self._request_di = -1
+        self._request = b""
+        self._expect: Expect | None = None
+        self._chain_busy: bool = False
+        self._chain_waiters: collections.deque[asyncio.Future[None]] | None = None
 
     def __repr__(self) -> str:
         return f"<Dlt645Driver {self.meter_id} {self.address} DL/T 645-{self.edition.value} on {self.bus.name}>"
@@ -226,25 +318,42 @@ class Dlt645Driver:
         Raises ConfigurationError for a quantity the model lacks, and the first transaction's
         DriverError (LinkDown, NoAnswer, BadReply, MeterRefused other than "no data").
         """
-        wanted = tuple(dict.fromkeys(quantities))
-        for quantity in wanted:
-            self.model.di_for(quantity)  # a clear error before any traffic
+        wanted, plan = self._plan_for(quantities)
         values: dict[str, DecodedValue] = {}
-        for di, covers in self.plan(wanted):
+        for di, covers in plan:
             decoded = await self._read_values(di, priority)
-            if decoded is None and di in self._block_dis:
-                self._refused_blocks.add(di)
-                log.info("meter %s: block %s refused; reading its members one by one", self.meter_id, self._di(di))
+            if decoded is None and di in self._info.block_dis:
+                self._refuse_block(di)
                 for quantity in covers:
                     single = await self._read_values(self.model.di_for(quantity), priority)
-                    self._collect(single or [], {quantity}, values)
+                    self._collect(single or [], (quantity,), values)
                 continue
-            self._collect(decoded or [], set(covers), values)
+            self._collect(decoded or [], covers, values)
         return [
             self._reading(q, values[q], gateway_time=now, slot=slot, meter_time=None, quality=Quality.GOOD)
             for q in wanted
             if q in values
         ]
+
+    def _plan_for(self, quantities: Sequence[str]) -> tuple[tuple[str, ...], Plan]:
+        """The de-duplicated quantities and their plan, cached (per model while no block is refused)."""
+        key = quantities if isinstance(quantities, tuple) else tuple(quantities)
+        cache = self._info.plans if self._plans is None else self._plans
+        hit = cache.get(key)
+        if hit is None:
+            wanted = tuple(dict.fromkeys(key))
+            for quantity in wanted:
+                self.model.di_for(quantity)  # a clear error before any traffic
+            hit = (wanted, tuple(self.plan(wanted)))
+            if len(cache) >= PLAN_CACHE_SIZE:
+                cache.clear()
+            cache[key] = hit
+        return hit
+
+    def _refuse_block(self, di: int) -> None:
+        self._refused_blocks |= {di}
+        self._plans = {}  # this meter's plans differ from its model's from now on
+        log.info("meter %s: block %s refused; reading its members one by one", self.meter_id, self._di(di))
 
     def plan(self, quantities: Sequence[str]) -> list[tuple[int, tuple[str, ...]]]:
         """The (DI, quantities it answers) reads :meth:`read` makes for ``quantities``."""
@@ -258,16 +367,13 @@ class Dlt645Driver:
         plan.extend((self.model.di_for(q), (q,)) for q in left)
         return plan
 
-    @property
-    def _block_dis(self) -> set[int]:
-        return {b.di for b in self._blocks}
-
     def _usable_blocks(self) -> list[Dlt645Block]:
-        return [b for b in self._blocks if b.di not in self._refused_blocks]
+        return [b for b in self._info.blocks if b.di not in self._refused_blocks]
 
-    def _collect(self, decoded: list[DecodedValue], wanted: set[str], into: dict[str, DecodedValue]) -> None:
+    def _collect(self, decoded: list[DecodedValue], wanted: tuple[str, ...], into: dict[str, DecodedValue]) -> None:
+        quantity_of = self._info.quantity_of
         for value in decoded:
-            quantity = self._quantity_of.get(value.di)
+            quantity = quantity_of.get(value.di)
             if quantity in wanted and value.value is not None:  # None: "never happened" timestamps
                 into[quantity] = value
 
@@ -286,54 +392,120 @@ class Dlt645Driver:
             value = int(value)
         elif not isinstance(value, int | float | str):
             value = str(value)
-        try:
-            unit = canonical_unit(quantity)
-            bounds: tuple[float, float] | None = plausible_range(quantity)
-        except KeyError:  # a DL/T 645 extra (clock, status word, address): the catalogue's unit
+        units = self._info.units
+        if quantity in units:
+            info = units[quantity]
+        else:
+            try:
+                info = units[quantity] = (canonical_unit(quantity), plausible_range(quantity))
+            except KeyError:  # a DL/T 645 extra (clock, status word, address): the catalogue's unit
+                info = units[quantity] = None
+        bounds: tuple[float, float] | None
+        if info is None:
             unit, bounds = decoded.unit or "", None
+        else:
+            unit, bounds = info
         if bounds is not None and isinstance(value, int | float) and not _plausible(float(value), bounds):
             quality |= Quality.OUT_OF_RANGE
         return Reading(self.meter_id, quantity, value, unit, gateway_time, meter_time, slot, quality)
 
     async def _read_values(self, di: int, priority: int) -> list[DecodedValue] | None:
-        """The decoded values of ``di``, or None when the meter has no such data."""
+        """The decoded values of ``di`` (follow-up frames joined), or None when the meter has no
+        such data. The hot path of every poll: kept flat, since each await level is paid again on
+        every wake-up of the polling task."""
+        if self._chain_busy:
+            await self._chain_wait()
+        else:
+            self._chain_busy = True
         try:
-            raw = await self._read_raw(di, priority)
+            if self.edition is E7:
+                check = _SingleFrameCheck(self, di)
+                if di != self._request_di or self._expect is None:
+                    self._request = m.ReadRequest(self._address, di).encode(E7)
+                    self._expect = Expect(self._address, READ, di)
+                    self._request_di = di
+                reply = await self.bus.exchange(
+                    self._request,
+                    Dlt645Matcher(E7, self._expect, history=self._history, check=check),
+                    meter=self.meter_id,
+                    priority=priority,
+                )
+                if not isinstance(reply, m.ReadReply):
+                    raise BadReply(f"meter {self.meter_id}: expected ReadReply, got {type(reply).__name__}")
+                if not reply.more:
+                    return check.decoded  # a single frame: the matcher's check decoded it already
+                raw = await self._follow_ups(di, reply, priority)
+            else:
+                raw, decoded = await self._read_1997(di, priority)
+                if decoded is not None:
+                    return decoded
         except MeterRefused as exc:
             if not _is_no_data(exc):
                 raise
+            if self._missing is None:
+                self._missing = set()
             if di not in self._missing:
                 self._missing.add(di)
                 log.warning("meter %s: has no data for DI %s (%s)", self.meter_id, self._di(di), exc)
             return None
+        finally:
+            self._chain_release()
         try:
             return self.catalogue.decode(self.edition, di, raw)
         except ProtocolError as exc:
             raise BadReply(f"meter {self.meter_id}: DI {self._di(di)}: {exc}") from exc
 
-    async def _read_raw(self, di: int, priority: int) -> bytes:
-        """The whole data of ``di`` (follow-up frames joined), DI bytes stripped."""
-        async with self._chain:
-            if self.edition is E7:
-                return await self._read_chain(di, priority)
-            # 1997 follow-ups cannot be retried (no SEQ): a broken chain starts again from 0x01
-            attempts = self.bus.settings.attempts
-            for attempt in range(1, attempts + 1):
-                try:
-                    return await self._read_chain(di, priority, follow_up_attempts=1)
-                except _BrokenChain as broken:
-                    if attempt == attempts:
-                        raise broken.cause from None
-                    log.debug("meter %s: follow-up of %s lost (%s); reading again", self.meter_id, self._di(di), broken)
-            raise AssertionError("unreachable")  # pragma: no cover
+    async def _read_1997(self, di: int, priority: int) -> tuple[bytes, list[DecodedValue] | None]:
+        """The whole data of ``di`` from a 1997 meter (follow-up frames joined, DI bytes stripped),
+        and its decoded values if it came in one frame.
 
-    async def _read_chain(self, di: int, priority: int, *, follow_up_attempts: int | None = None) -> bytes:
+        1997 follow-ups cannot be retried (no SEQ): a broken chain starts again from 0x01.
+        """
+        attempts = self.bus.settings.attempts
+        for attempt in range(1, attempts + 1):
+            check = _SingleFrameCheck(self, di)
+            first = await self._exchange(m.ReadRequest(self._address, di), m.ReadReply, priority, di=di, check=check)
+            if not first.more:
+                return first.value, check.decoded
+            try:
+                return await self._follow_ups(di, first, priority, follow_up_attempts=1), None
+            except _BrokenChain as broken:
+                if attempt == attempts:
+                    raise broken.cause from None
+                log.debug("meter %s: follow-up of %s lost (%s); reading again", self.meter_id, self._di(di), broken)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _chain_wait(self) -> None:
+        """Queue for the chain held by another read of this meter; FIFO, ownership handed over."""
+        waiters = self._chain_waiters
+        if waiters is None:
+            waiters = self._chain_waiters = collections.deque()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._chain_release()  # handed to us as we were cancelled: pass it on
+            raise
+
+    def _chain_release(self) -> None:
+        waiters = self._chain_waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # ownership moves; _chain_busy stays True
+                return
+        self._chain_busy = False
+        self._chain_waiters = None
+
+    async def _follow_ups(
+        self, di: int, first: m.ReadReply, priority: int, *, follow_up_attempts: int | None = None
+    ) -> bytes:
+        """The data of ``first`` joined with its follow-up frames' (2007 0x12 + SEQ, 1997 0x02)."""
         edition = self.edition
-        first = await self._exchange(
-            m.ReadRequest(self._address, di), m.ReadReply, priority, di=di, check=self._check_single(di)
-        )
         parts = [first.value]
-        more = first.more
+        more: bool = first.more
         seq = 0
         while more:
             seq += 1
@@ -356,18 +528,6 @@ class Dlt645Driver:
             parts.append(reply.value)
             more = reply.more
         return b"".join(parts)
-
-    def _check_single(self, di: int) -> Callable[[m.Message], None]:
-        """Reject (so the bus retries) a complete single-frame reply whose data does not decode."""
-
-        def check(message: m.Message) -> None:
-            if isinstance(message, m.ReadReply) and not message.more:
-                try:
-                    self.catalogue.decode(self.edition, di, message.value)
-                except ProtocolError as exc:
-                    raise BadReply(f"meter {self.meter_id}: DI {self._di(di)}: {exc}") from exc
-
-        return check
 
     async def _exchange(
         self,

@@ -57,7 +57,10 @@ class Expect:
 
     def answered_by(self, frame: Frame, edition: Edition) -> bool:
         """Whether ``frame`` (a reply) has this request's address, function, DI and SEQ."""
-        if not self.address.matches(frame.address) or frame.control.function != self.function:
+        wire = self.address.wire
+        if frame.control.function != self.function:
+            return False
+        if wire != frame.address.wire and (0xAA not in wire or not self.address.matches(frame.address)):
             return False
         if frame.control.abnormal or self.di is None:
             return True
@@ -69,10 +72,16 @@ class Expect:
 
 
 class ReplyHistory:
-    """The last requests made on one bus, newest last."""
+    """The last requests made on one bus, newest last; and the bus's one deframer.
+
+    The bus runs one transaction at a time and every matcher resets the deframer before its
+    attempt, so the matchers of one bus can share it (and its cache of decoded addresses)
+    instead of building one per request.
+    """
 
     def __init__(self, size: int = HISTORY_LENGTH) -> None:
         self._recent: deque[Expect] = deque(maxlen=size)
+        self.deframer = Deframer(max_data_length=255)
 
     def note(self, expect: Expect) -> None:
         self._recent.append(expect)
@@ -107,14 +116,16 @@ class Dlt645Matcher(RejectionLog):
         history: ReplyHistory | None = None,
         check: Callable[[m.Message], None] | None = None,
     ) -> None:
-        super().__init__()
+        self._rejections = []  # RejectionLog's state, set here: this runs once per request
         self.edition = edition
         self.expect = expect
         self.history = history
         self.check = check
-        self._deframer = Deframer(max_data_length=255)
         if history is not None:
             history.note(expect)
+            self._deframer = history.deframer
+        else:
+            self._deframer = Deframer(max_data_length=255)
 
     def reset(self) -> None:
         self._deframer.reset()

@@ -122,10 +122,10 @@ class HealthBook:
     def begin(self, meter_id: str) -> bool:
         """Admit a transaction that is about to touch the wire; return True if it is a probe of an
         offline meter (the caller then makes a single attempt). Raise MeterOffline if not due."""
-        self.check(meter_id)
         h = self.get(meter_id)
         if h.state is not MeterState.OFFLINE:
             return False
+        self.check(meter_id)
         # the probe slot is taken now, so transactions queued behind this one fail fast
         h.next_probe_at = self._clock() + self.policy.probe_interval
         return True
@@ -142,8 +142,10 @@ class HealthBook:
 
     def _success(self, meter_id: str) -> None:
         h = self.get(meter_id)
-        h.failures = 0
         h.last_ok = self._clock()
+        if h.state is MeterState.ONLINE and not h.failures:
+            return  # the usual case: nothing else to change
+        h.failures = 0
         h.last_error = ""
         self._set(h, MeterState.ONLINE, "")
 

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -66,6 +66,12 @@ class Transport(Protocol):
 
         Returns b"" at the deadline; raises LinkDown if the link is down and nothing is buffered.
         """
+        ...
+
+    async def read_until(self, consume: Callable[[bytes], bool], deadline: float) -> bool:
+        """Hand arriving bytes to ``consume`` until it returns True (then return True) or the
+        ``deadline`` (loop time) passes (then return False). What ``consume`` raises is raised
+        here; LinkDown if the link goes down first. The bus's fast path (one wake-up per reply)."""
         ...
 
     def flush_input(self) -> int:
@@ -293,8 +299,9 @@ class Inbox(asyncio.Protocol):
         return self._link._generation == self._generation
 
     def data_received(self, data: bytes) -> None:
-        if self._current():
-            self._link._on_data(data)
+        link = self._link
+        if link._generation == self._generation:  # _current(), inlined: this runs once per reply
+            link._on_data(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed.set()
@@ -349,6 +356,14 @@ class StreamLink(abc.ABC):
         self._silent = 0
         self._last_rx = -math.inf
         self._down_since: float | None = None
+        # read_until: the consumer fed straight from data_received, the future it resolves, and one
+        # lazily re-armed deadline timer per link (deadlines only move forward, so a transaction
+        # usually just moves ``_deadline`` instead of scheduling and cancelling a timer of its own)
+        self._consumer: Callable[[bytes], bool] | None = None
+        self._waiter: asyncio.Future[bool] | None = None
+        self._deadline = -math.inf
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
 
     # -- state ------------------------------------------------------------------------------
 
@@ -394,6 +409,9 @@ class StreamLink(abc.ABC):
     async def close(self) -> None:
         self._closing = True
         task, self._supervisor = self._supervisor, None
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -478,6 +496,20 @@ class StreamLink(abc.ABC):
     def _on_data(self, data: bytes) -> None:
         self._stats.bytes_in += len(data)
         self._last_rx = asyncio.get_running_loop().time()
+        consume = self._consumer
+        if consume is not None:
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                try:
+                    done = consume(data)
+                except Exception as e:  # the matcher's verdict (MeterRefused, BadReply...) goes to the reader
+                    self._consumer = None
+                    waiter.set_exception(e)
+                    return
+                if done:
+                    self._consumer = None
+                    waiter.set_result(True)
+                return
         self._buf += data
         excess = len(self._buf) - self.MAX_BUFFER
         if excess > 0:
@@ -496,6 +528,10 @@ class StreamLink(abc.ABC):
         self._down.set()
         self._writable.set()
         self._wake.set()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            self._consumer = None
+            waiter.set_exception(LinkDown(f"link {self._name}: not connected"))
         if not self._closing:
             self._stats.losses += 1
             self._stats.last_error = reason
@@ -544,6 +580,48 @@ class StreamLink(abc.ABC):
                     await self._wake.wait()
             except TimeoutError:
                 return b""
+
+    async def read_until(self, consume: Callable[[bytes], bool], deadline: float) -> bool:
+        if self._buf:
+            data = bytes(self._buf)
+            self._buf.clear()
+            if consume(data):
+                return True
+        if not self.connected:
+            raise LinkDown(f"link {self._name}: not connected")
+        loop = asyncio.get_running_loop()
+        if loop.time() >= deadline:
+            return False
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._consumer = consume
+        self._waiter = waiter
+        self._deadline = deadline
+        if self._timer is None or self._timer_at > deadline:
+            self._arm(loop, deadline)
+        try:
+            return await waiter
+        finally:
+            self._consumer = None
+            self._waiter = None
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_at(when, self._on_timer)
+        self._timer_at = when
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # nobody waiting: the next read_until arms it again
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline:
+            self._arm(loop, self._deadline)  # a later transaction moved the deadline on
+            return
+        self._consumer = None
+        waiter.set_result(False)
 
     def flush_input(self) -> int:
         n = len(self._buf)

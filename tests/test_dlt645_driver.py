@@ -249,6 +249,26 @@ async def test_a_refused_block_falls_back_to_single_reads_and_is_remembered(sim_
         assert (bus.counters.sent, bus.counters.refused) == (1 + 3 + 3, 1)  # no second try of the block
 
 
+@pytest.mark.asyncio
+async def test_a_block_refused_by_one_meter_is_still_read_as_a_block_from_others(sim_bus: SimBusFactory) -> None:
+    # drivers of one model share their read plans: one meter's refusal must stay that meter's
+    no_block = Catalogue.from_items(item for item in CAT.items(E7) if item.di != 0x0201FF00)
+    lacking = await sim_bus(1, speed=0.0, catalogue=no_block)
+    full = await sim_bus(1, speed=0.0)
+    async with bus_to(lacking) as bus1, bus_to(full) as bus2:
+        d_full = driver(bus2, full.meters[0])
+        await d_full.read(QTY, slot=0.0, now=0.0)
+        assert bus2.counters.sent == 1
+        d_lacking = driver(bus1, lacking.meters[0])
+        await d_lacking.read(QTY, slot=0.0, now=0.0)
+        await d_lacking.read(tuple(QTY), slot=0.0, now=0.0)  # a tuple asks the same as the list
+        assert (bus1.counters.sent, bus1.counters.refused) == (1 + 3 + 3, 1)
+        await d_full.read(QTY, slot=0.0, now=0.0)
+        readings = await driver(bus2, full.meters[0]).read(QTY, slot=0.0, now=0.0)  # a new driver, same model
+        assert bus2.counters.sent == 3
+        assert {r.quantity: r.value for r in readings} == {q: sim_values(full.meters[0], model_of(E7))[q] for q in QTY}
+
+
 # -- faults ----------------------------------------------------------------------------------------
 
 

@@ -175,6 +175,93 @@ async def test_read_returns_what_arrived_or_nothing_at_the_deadline(toy_server) 
 
 
 @pytest.mark.asyncio
+async def test_read_until_feeds_arrivals_to_the_consumer_until_it_accepts(toy_server) -> None:
+    async def two_parts(frame: ToyFrame, conn: PeerConn) -> None:
+        raw = frame.reply().encode()
+        conn.write(raw[:3])
+        await asyncio.sleep(0.05)
+        conn.write(raw[3:])
+
+    server = await toy_server(two_parts)
+    link = TcpLink(TcpSettings(server.host, server.port))
+    loop = asyncio.get_running_loop()
+    chunks: list[bytes] = []
+    deframer = ToyDeframer()
+
+    def whole_frame(data: bytes) -> bool:
+        chunks.append(data)
+        return any(frame is not None for _, frame in deframer.feed(data))
+
+    try:
+        await link.open()
+        await link.write(request(1, 1).encode())
+        assert await link.read_until(whole_frame, loop.time() + 1.0) is True
+        assert len(chunks) == 2  # both parts went to the consumer, nothing was left buffered
+        assert b"".join(chunks) == ToyFrame(0x81, 1, 1, b"re:").encode()
+        assert link.flush_input() == 0
+    finally:
+        await link.close()
+
+
+@pytest.mark.asyncio
+async def test_read_until_ends_at_each_deadline_and_passes_on_what_the_consumer_raises(toy_server) -> None:
+    server = await toy_server(silent)
+    link = TcpLink(TcpSettings(server.host, server.port))
+    loop = asyncio.get_running_loop()
+
+    def refuse(data: bytes) -> bool:
+        raise NoAnswer(f"refused {data!r}")
+
+    try:
+        await link.open()
+        await until(lambda: server.connections == 1)
+        # a long deadline arms the link's timer; a later, shorter one must still end on time
+        t0 = loop.time()
+        assert await link.read_until(lambda data: False, t0 + 0.05) is False
+        assert 0.04 <= loop.time() - t0 < 0.3
+        t1 = loop.time()
+        assert await link.read_until(lambda data: False, t1 + 0.15) is False
+        assert 0.14 <= loop.time() - t1 < 0.4
+        t2 = loop.time()
+        assert await link.read_until(lambda data: False, t2 + 0.02) is False
+        assert 0.01 <= loop.time() - t2 < 0.3
+        # a deadline already passed returns at once
+        assert await link.read_until(lambda data: False, loop.time() - 1) is False
+        # bytes that arrive with nobody reading are kept for the next reader (or a flush)
+        server.conns[0].write(b"\x01\x02")
+        await until(lambda: link.stats.bytes_in == 2)
+        with pytest.raises(NoAnswer, match="refused"):
+            await link.read_until(refuse, loop.time() + 1.0)
+        # and from data_received, while waiting
+        waiting = asyncio.ensure_future(link.read_until(refuse, loop.time() + 1.0))
+        await asyncio.sleep(0.02)
+        server.conns[0].write(b"\x03")
+        with pytest.raises(NoAnswer, match="refused"):
+            await waiting
+    finally:
+        await link.close()
+
+
+@pytest.mark.asyncio
+async def test_read_until_raises_link_down_when_the_peer_goes_away(toy_server) -> None:
+    server = await toy_server(silent)
+    link = TcpLink(TcpSettings(server.host, server.port, reconnect=FAST))
+    loop = asyncio.get_running_loop()
+    try:
+        await link.open()
+        await until(lambda: server.connections == 1)
+        waiting = asyncio.ensure_future(link.read_until(lambda data: False, loop.time() + 5.0))
+        await asyncio.sleep(0.02)
+        server.conns[0].hang_up()
+        t0 = loop.time()
+        with pytest.raises(LinkDown):
+            await waiting
+        assert loop.time() - t0 < 1.0  # not at the deadline
+    finally:
+        await link.close()
+
+
+@pytest.mark.asyncio
 async def test_flush_input_discards_and_counts(toy_server) -> None:
     server = await toy_server(silent)
     link = TcpLink(TcpSettings(server.host, server.port))
