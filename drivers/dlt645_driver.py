@@ -409,10 +409,11 @@ class Dlt645Driver:
             quality |= Quality.OUT_OF_RANGE
         return Reading(self.meter_id, quantity, value, unit, gateway_time, meter_time, slot, quality)
 
-    async def _read_values(self, di: int, priority: int) -> list[DecodedValue] | None:
+    async def _read_values(self, di: int, priority: int, *, force: bool = False) -> list[DecodedValue] | None:
         """The decoded values of ``di`` (follow-up frames joined), or None when the meter has no
-        such data. The hot path of every poll: kept flat, since each await level is paid again on
-        every wake-up of the polling task."""
+        such data. ``force`` reads even a meter the health book holds offline (a command's
+        read-back must not wait for the next probe). The hot path of every poll: kept flat,
+        since each await level is paid again on every wake-up of the polling task."""
         if self._chain_busy:
             await self._chain_wait()
         else:
@@ -429,14 +430,15 @@ class Dlt645Driver:
                     Dlt645Matcher(E7, self._expect, history=self._history, check=check),
                     meter=self.meter_id,
                     priority=priority,
+                    force=force,
                 )
                 if not isinstance(reply, m.ReadReply):
                     raise BadReply(f"meter {self.meter_id}: expected ReadReply, got {type(reply).__name__}")
                 if not reply.more:
                     return check.decoded  # a single frame: the matcher's check decoded it already
-                raw = await self._follow_ups(di, reply, priority)
+                raw = await self._follow_ups(di, reply, priority, force=force)
             else:
-                raw, decoded = await self._read_1997(di, priority)
+                raw, decoded = await self._read_1997(di, priority, force=force)
                 if decoded is not None:
                     return decoded
         except MeterRefused as exc:
@@ -455,7 +457,9 @@ class Dlt645Driver:
         except ProtocolError as exc:
             raise BadReply(f"meter {self.meter_id}: DI {self._di(di)}: {exc}") from exc
 
-    async def _read_1997(self, di: int, priority: int) -> tuple[bytes, list[DecodedValue] | None]:
+    async def _read_1997(
+        self, di: int, priority: int, *, force: bool = False
+    ) -> tuple[bytes, list[DecodedValue] | None]:
         """The whole data of ``di`` from a 1997 meter (follow-up frames joined, DI bytes stripped),
         and its decoded values if it came in one frame.
 
@@ -464,11 +468,13 @@ class Dlt645Driver:
         attempts = self.bus.settings.attempts
         for attempt in range(1, attempts + 1):
             check = _SingleFrameCheck(self, di)
-            first = await self._exchange(m.ReadRequest(self._address, di), m.ReadReply, priority, di=di, check=check)
+            first = await self._exchange(
+                m.ReadRequest(self._address, di), m.ReadReply, priority, di=di, check=check, force=force
+            )
             if not first.more:
                 return first.value, check.decoded
             try:
-                return await self._follow_ups(di, first, priority, follow_up_attempts=1), None
+                return await self._follow_ups(di, first, priority, follow_up_attempts=1, force=force), None
             except _BrokenChain as broken:
                 if attempt == attempts:
                     raise broken.cause from None
@@ -500,7 +506,7 @@ class Dlt645Driver:
         self._chain_waiters = None
 
     async def _follow_ups(
-        self, di: int, first: m.ReadReply, priority: int, *, follow_up_attempts: int | None = None
+        self, di: int, first: m.ReadReply, priority: int, *, follow_up_attempts: int | None = None, force: bool = False
     ) -> bytes:
         """The data of ``first`` joined with its follow-up frames' (2007 0x12 + SEQ, 1997 0x02)."""
         edition = self.edition
@@ -520,6 +526,7 @@ class Dlt645Driver:
                     di=di,
                     seq=seq if edition is E7 else None,
                     attempts=follow_up_attempts,
+                    force=force,
                 )
             except (NoAnswer, BadReply) as exc:
                 if follow_up_attempts is None:
@@ -628,7 +635,7 @@ class Dlt645Driver:
             raise ConfigurationError(f"meter {self.meter_id}: {exc}") from exc
         await self._exchange(request, m.RemoteControlReply, priority, attempts=attempts, force=True)
 
-    async def read_relay(self, *, priority: int = Priority.COMMAND) -> RelayStatus:
+    async def read_relay(self, *, priority: int = Priority.COMMAND, force: bool = False) -> RelayStatus:
         """The relay as the meter reports it (2007: status word 3, DI 04000503).
 
         DL/T 645-2007 Appendix A, Table A.5 notes (电表运行状态字3) with the 2013 filing
@@ -641,7 +648,7 @@ class Dlt645Driver:
         relay = self.model.relay
         if relay is None:
             raise ConfigurationError(f"meter {self.meter_id}: model {self.model.name} does not report its relay")
-        decoded = await self._read_values(relay.state_di, priority)
+        decoded = await self._read_values(relay.state_di, priority, force=force)
         if not decoded or not isinstance(decoded[0].value, int):
             raise BadReply(f"meter {self.meter_id}: relay status DI {self._di(relay.state_di)} gave no status word")
         word = decoded[0].value

@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("meter_gateway")
 
 STATUS_FILE = "status.json"
+COMMITS_PENDING = 256  # read results waiting for the outbox at most (see Gateway._commits)
 READS_PER_BUS = 2  # one on the wire, one waiting its turn: keeps the bus busy without a task per meter
 STATUS_EVERY = 5.0  # seconds between status file writes
 # sections a reload cannot change in a running process: they need a restart
@@ -152,6 +153,9 @@ class Gateway:
         # (group, meter, slot) handed out by the schedule and not yet committed or failed: the saved
         # cursors never pass them, so a crash or a stop re-reads them instead of skipping them
         self._unfinished: set[tuple[str, str, int]] = set()
+        # Reads whose bus turn ended and whose commit is still waiting (a drain, a slow disk): bounded,
+        # or a stalled outbox would fill memory with readings; at the bound the bus waits instead.
+        self._commits = asyncio.Semaphore(COMMITS_PENDING)
         self._running: dict[str, int] = {}
         self.cursors: CursorStore | None = None
         self.schedule: PollSchedule | None = None
@@ -364,8 +368,14 @@ class Gateway:
             raise
         # the bus's turn ends with the read, not with the commit: a commit waiting behind a drain's
         # deletes must not hold the next meter's read back (the task stays in _in_flight for shutdown)
-        self._bus_turn_done(meter.bus)
-        await self._commit(readings)
+        try:
+            await self._commits.acquire()
+        finally:
+            self._bus_turn_done(meter.bus)
+        try:
+            await self._commit(readings)
+        finally:
+            self._commits.release()
 
     async def _commit(self, readings: list[Reading]) -> None:
         # polled readings and a read_now command's readings go the same way: outbox, same ids
@@ -643,7 +653,8 @@ class Gateway:
             change.reason,
         )
         if self.uplink is not None and change.new is not MeterState.UNKNOWN:
-            self.uplink.set_meter_state(change.meter_id, change.new.value, change.at, change.reason)  # type: ignore[arg-type]
+            # since: gateway time (docs/mqtt.md), not the health book's monotonic clock
+            self.uplink.set_meter_state(change.meter_id, change.new.value, self.clock(), change.reason)  # type: ignore[arg-type]
 
 
 def _keep_sections(new: Config, old: Config, names: Sequence[str]) -> Config:

@@ -13,25 +13,48 @@ lower-case hex characters; the first record's ``prev_hash`` is 64 zeros.
 
 The chain cannot reveal the newest records being cut off (nothing follows them): keep a copy
 of :meth:`AuditLog.head` somewhere else (the head-end, a log shipper) to anchor it.
+
+A damaged file (SQLite says "not a database" or "malformed", or ``PRAGMA quick_check`` finds
+damage) must not stop remote control: opening it for writing moves it aside with its -wal/-shm
+(``audit.sqlite.corrupt-<UTC>``, kept for forensics: ``meter-gateway audit --file ... --verify``
+still reads what it can), logs one ERROR line ``event=audit_log_quarantined`` and starts a fresh
+log whose first record (state :data:`QUARANTINE_STATE`) names the moved file, the damage and the
+last record still readable in it (its seq and hash), so the break is on the record and the old
+chain's head can be matched against a copy kept elsewhere.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 from typing import Any, Final, Self
 
 import msgspec
 
-__all__ = ["GENESIS", "AuditEntry", "AuditError", "AuditLog", "AuditRecord", "record_hash"]
+from gateway.sqlite_check import (
+    DEFAULT_CHECK_BUDGET,
+    DamagedDatabase,
+    is_damage,
+    open_readonly,
+    quarantine,
+    quick_check,
+    time_limit,
+)
+
+__all__ = ["GENESIS", "QUARANTINE_STATE", "AuditEntry", "AuditError", "AuditLog", "AuditRecord", "record_hash"]
+
+log = logging.getLogger(__name__)
 
 GENESIS: Final = "0" * 64
 SCHEMA_VERSION: Final = 1
+QUARANTINE_STATE: Final = "audit_log_quarantined"  # first record of a log started after a quarantine
 
 _SCHEMA: Final = f"""
 CREATE TABLE IF NOT EXISTS audit (
@@ -129,30 +152,54 @@ class AuditLog:
         self._lock = threading.Lock()
         self.path = path
         self.readonly = readonly
+        self.quarantined: Path | None = None  # where open() moved a damaged file, if it did
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, readonly: bool = False) -> Self:
-        """Open (creating it unless ``readonly``) the audit log at ``path``."""
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        readonly: bool = False,
+        check_budget: float = DEFAULT_CHECK_BUDGET,
+        clock: Callable[[], float] = time.time,
+    ) -> Self:
+        """Open (creating it unless ``readonly``) the audit log at ``path``. For writing, a
+        damaged file is quarantined and a fresh log started (module docstring); ``quarantined``
+        then names where it went. ``check_budget``: seconds the open-time ``quick_check`` may
+        take (0 skips it). Read-only opens never move anything: damage is an AuditError."""
         file = Path(path)
-        try:
-            if readonly:
-                if not file.is_file():
-                    raise AuditError(f"no audit log at {file}")
+        if readonly:
+            if not file.is_file():
+                raise AuditError(f"no audit log at {file}")
+            try:
                 conn = sqlite3.connect(f"{file.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
-            else:
-                file.parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(file, check_same_thread=False, isolation_level=None)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.executescript(_SCHEMA)
-            conn.execute("PRAGMA busy_timeout=5000")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-        except sqlite3.Error as exc:
-            raise AuditError(f"cannot open audit log {file}: {exc}") from exc
-        if version != SCHEMA_VERSION:
-            conn.close()
-            raise AuditError(f"{file} is not an audit log of schema version {SCHEMA_VERSION} (found {version})")
-        return cls(conn, str(file), readonly=readonly)
+            except sqlite3.Error as exc:
+                raise AuditError(f"cannot open audit log {file}: {exc}") from exc
+            _check_version(conn, file)
+            return cls(conn, str(file), readonly=True)
+        try:
+            return cls(_connect(file, check_budget), str(file), readonly=False)
+        except DamagedDatabase as exc:
+            reason = str(exc)
+        old_head = _last_readable(file)
+        aside = quarantine(file)
+        try:
+            fresh = cls(_connect(file, check_budget), str(file), readonly=False)
+        except DamagedDatabase as again:
+            raise AuditError(f"audit log {file}: a fresh log is damaged too: {again}") from again
+        fresh.quarantined = aside
+        detail = f"previous audit log damaged ({reason[:300]}); moved to {aside.name}; {old_head}"
+        fresh.append(at=clock(), state=QUARANTINE_STATE, detail=detail)
+        # one line, no traceback: the cause is the file, not the code
+        log.error(
+            "event=audit_log_quarantined path=%s moved_to=%s reason=%r old_chain=%r action=fresh_log"
+            " detail='the fresh log starts a new chain with a record of this; keep the moved file for forensics'",
+            file,
+            aside,
+            reason,
+            old_head,
+        )
+        return fresh
 
     def close(self) -> None:
         with self._lock:
@@ -220,7 +267,10 @@ class AuditLog:
 
     def _rows(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> Iterator[AuditRecord]:
         with self._lock:
-            rows = self._conn.execute(sql, params).fetchall()
+            try:
+                rows = self._conn.execute(sql, params).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise AuditError(f"cannot read audit log {self.path}: {exc}") from exc
         for row in rows:
             yield AuditRecord(*row)
 
@@ -230,36 +280,51 @@ class AuditLog:
 
     def count(self) -> int:
         with self._lock:
-            n: int = self._conn.execute("SELECT count(*) FROM audit").fetchone()[0]
+            try:
+                n: int = self._conn.execute("SELECT count(*) FROM audit").fetchone()[0]
+            except sqlite3.DatabaseError as exc:
+                raise AuditError(f"cannot read audit log {self.path}: {exc}") from exc
         return n
 
     def verify(self) -> int | None:
         """Recompute the chain; the seq of the first record that does not fit, or None if all do.
 
         A changed record fails its own hash; a deleted or inserted one breaks the link (or the
-        numbering) of the record after it.
+        numbering) of the record after it. A log started after a quarantine begins with a
+        :data:`QUARANTINE_STATE` record (see :meth:`breaks`). A file SQLite cannot read to the
+        end raises AuditError.
         """
-        prev, expected_seq = GENESIS, 1
         with self._lock:
-            cursor = self._conn.execute(_ALL)
-            for row in cursor:
-                r = AuditRecord(*row)
-                if r.seq != expected_seq or r.prev_hash != prev:
-                    return r.seq
-                digest = record_hash(
-                    prev,
-                    seq=r.seq,
-                    at=r.at,
-                    actor=r.actor,
-                    command=r.command,
-                    meter=r.meter,
-                    action=r.action,
-                    state=r.state,
-                    detail=r.detail,
-                )
-                if digest != r.hash:
-                    return r.seq
-                prev, expected_seq = r.hash, r.seq + 1
+            try:
+                return self._verify()
+            except sqlite3.DatabaseError as exc:
+                raise AuditError(f"cannot read audit log {self.path} to the end: {exc}") from exc
+
+    def breaks(self) -> list[AuditRecord]:
+        """The records saying this log was started fresh after a damaged one was quarantined."""
+        return list(self._rows(_SELECT + " WHERE state = ? ORDER BY seq", (QUARANTINE_STATE,)))
+
+    def _verify(self) -> int | None:
+        prev, expected_seq = GENESIS, 1
+        cursor = self._conn.execute(_ALL)
+        for row in cursor:
+            r = AuditRecord(*row)
+            if r.seq != expected_seq or r.prev_hash != prev:
+                return r.seq
+            digest = record_hash(
+                prev,
+                seq=r.seq,
+                at=r.at,
+                actor=r.actor,
+                command=r.command,
+                meter=r.meter,
+                action=r.action,
+                state=r.state,
+                detail=r.detail,
+            )
+            if digest != r.hash:
+                return r.seq
+            prev, expected_seq = r.hash, r.seq + 1
         return None
 
     def query(
@@ -273,3 +338,61 @@ class AuditLog:
         """Matching records, oldest first; with ``limit``, the newest ``limit`` of them."""
         params = {"meter": meter, "command": command, "since": since, "limit": -1 if limit is None else limit}
         return list(reversed(list(self._rows(_QUERY, params))))
+
+
+def _check_version(conn: sqlite3.Connection, file: Path) -> None:
+    try:
+        conn.execute("PRAGMA busy_timeout=5000")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.Error as exc:
+        conn.close()
+        raise AuditError(f"cannot open audit log {file}: {exc}") from exc
+    if version != SCHEMA_VERSION:
+        conn.close()
+        raise AuditError(f"{file} is not an audit log of schema version {SCHEMA_VERSION} (found {version})")
+
+
+def _connect(file: Path, check_budget: float) -> sqlite3.Connection:
+    """Open the log for writing, checked and set up; DamagedDatabase if SQLite finds it damaged."""
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        if file.is_file() and file.stat().st_size == 0 and not Path(f"{file}-wal").is_file():
+            # SQLite takes an empty file for a new database: a truncated log would start over silently
+            raise DamagedDatabase("empty file (truncated)")
+        conn = sqlite3.connect(file, check_same_thread=False, isolation_level=None)
+    except (OSError, sqlite3.Error) as exc:
+        raise AuditError(f"cannot open audit log {file}: {exc}") from exc
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        quick_check(conn, check_budget, what="audit_log", path=file)
+        conn.executescript(_SCHEMA)
+        conn.execute(_HEAD).fetchone()  # what every append reads first
+    except DamagedDatabase:
+        conn.close()
+        raise
+    except sqlite3.Error as exc:
+        conn.close()
+        if is_damage(exc):
+            raise DamagedDatabase(str(exc)) from exc
+        raise AuditError(f"cannot open audit log {file}: {exc}") from exc
+    _check_version(conn, file)
+    return conn
+
+
+def _last_readable(file: Path) -> str:
+    """Best effort, read-only, bounded: the newest record a damaged log still shows."""
+    try:
+        conn = open_readonly(file)
+    except sqlite3.Error:
+        return "no record readable"
+    try:
+        with time_limit(conn, 1.0):
+            row = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+    except sqlite3.Error:
+        return "no record readable"
+    finally:
+        conn.close()
+    if row is None:
+        return "no record readable"
+    return f"its last readable record: seq {row[0]} hash {row[1]}"

@@ -40,8 +40,20 @@ class MeterRuntime:
     meter_id: str
     bus: str
     protocol: str
-    read: ReadFn
     driver: Dlt645Driver | ModbusMeter
+    # Modbus meters: the bus whose turn a read waits for (their pymodbus link does the I/O);
+    # DL/T 645 drivers go through their bus themselves. ``read`` is a method, not a stored
+    # callable, so 10,000 meters do not each carry a reader object.
+    modbus_bus: Bus | None = None
+
+    async def read(self, quantities: Sequence[str], slot: float, now: float) -> list[Reading]:
+        """Read ``quantities`` for the slot starting at ``slot`` (a :data:`ReadFn`)."""
+        driver = self.driver
+        bus = self.modbus_bus
+        if bus is None:
+            readings: list[Reading] = await driver.read(quantities, slot=slot, now=now)
+            return readings
+        return await bus.run(lambda: driver.read(quantities, slot=slot, now=now), meter=self.meter_id)
 
 
 def link_settings(bus: BusConfig) -> SerialSettings | TcpSettings:
@@ -77,30 +89,6 @@ def build_bus(bus: BusConfig, health: HealthBook) -> Bus:
 
 def build_buses(config: Config, health: HealthBook) -> dict[str, Bus]:
     return {bus.name: build_bus(bus, health) for bus in config.buses}
-
-
-class _ModbusReader:
-    """Runs a Modbus meter's reads through its bus, so one transaction at a time per bus."""
-
-    __slots__ = ("bus", "meter")
-
-    def __init__(self, bus: Bus, meter: ModbusMeter) -> None:
-        self.bus = bus
-        self.meter = meter
-
-    async def __call__(self, quantities: Sequence[str], slot: float, now: float) -> list[Reading]:
-        return await self.bus.run(lambda: self.meter.read(quantities, slot=slot, now=now), meter=self.meter.meter_id)
-
-
-class _Dlt645Reader:
-    __slots__ = ("driver",)
-
-    def __init__(self, driver: Dlt645Driver) -> None:
-        self.driver = driver
-
-    async def __call__(self, quantities: Sequence[str], slot: float, now: float) -> list[Reading]:
-        readings: list[Reading] = await self.driver.read(quantities, slot=slot, now=now)
-        return readings
 
 
 def dlt645_driver(config: Config, meter: Meter, bus: Bus, model: Dlt645Model) -> Dlt645Driver:
@@ -176,10 +164,10 @@ class Fleet:
                     link_settings(bus_config), framing=framing, timeout=float(bus_config.reply_timeout), name=meter.bus
                 )
             modbus = ModbusMeter(link, model, unit=meter.unit_id, meter_id=meter.id)
-            return MeterRuntime(meter.id, meter.bus, meter.protocol, _ModbusReader(bus, modbus), modbus)
+            return MeterRuntime(meter.id, meter.bus, meter.protocol, modbus, modbus_bus=bus)
         assert isinstance(model, Dlt645Model)
         driver = dlt645_driver(config, meter, bus, model)
-        return MeterRuntime(meter.id, meter.bus, meter.protocol, _Dlt645Reader(driver), driver)
+        return MeterRuntime(meter.id, meter.bus, meter.protocol, driver)
 
     async def _close_bus(self, name: str) -> None:
         bus = self.buses.pop(name, None)

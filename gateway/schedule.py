@@ -33,6 +33,8 @@ from __future__ import annotations
 import hashlib
 import heapq
 import math
+import struct
+from array import array
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, tzinfo
@@ -148,12 +150,35 @@ class MissedSlots:
         return range(self.first, self.last + 1, self.interval)
 
 
+def _order_key(t: float) -> int:
+    """A non-negative int that sorts like the float ``t`` (its IEEE 754 bits, sign-folded)."""
+    bits: int = _INT64.unpack(_FLOAT64.pack(t))[0]
+    return bits | _SIGN if bits >= 0 else ~bits & _MASK64
+
+
+_FLOAT64: Final = struct.Struct("<d")
+_INT64: Final = struct.Struct("<q")
+_SIGN: Final = 1 << 63
+_MASK64: Final = (1 << 64) - 1
+
+
+def _sorted_unique(meters: tuple[str, ...]) -> tuple[str, ...]:
+    members = tuple(sorted(set(meters)))
+    return meters if members == meters else members  # the plan's own tuple when it already is
+
+
 class PollSchedule:
     """Hands out (group, meter, slot) reads as their time comes; see the module doc.
 
     ``resume`` maps (group, meter) to the next slot owed, from :meth:`cursors` of the schedule
     this one replaces (config reload), so a reload neither repeats nor skips slots. Without it a
     (group, meter) starts with the slot in progress, read at once if its time has passed.
+
+    Memory: with 10,000 meters this is a per-meter cost, so each (group, meter) is an index into
+    two arrays (its read offset and the next slot it is owed, 16 bytes) and one int in the heap
+    that orders the reads by time: ``_order_key(slot + offset)`` with the group and meter
+    indexes in its low bits. Groups are indexed by name and meters by id, so reads due at the
+    same time come out in the order (group, meter) tuples would sort in.
     """
 
     def __init__(
@@ -171,22 +196,44 @@ class PollSchedule:
             self.groups[g.name] = g
         self.resync_after = resync_after
         self.missed_total = 0  # slots, not ranges
-        self.clock_resets = 0
         self._missed: list[MissedSlots] = []
+        self.clock_resets = 0
         self._high_water = now
-        self._heap: list[tuple[float, str, str, int]] = []  # (at, group, meter, slot)
+        self._plans = [self.groups[name] for name in sorted(self.groups)]
+        self._members = [_sorted_unique(g.meters) for g in self._plans]
+        self._offsets = [
+            array("d", (g.offset(m) for m in members)) for g, members in zip(self._plans, self._members, strict=True)
+        ]
+        self._slots = [array("q", bytes(8 * len(members))) for members in self._members]
+        self._meter_bits = max((len(members) for members in self._members), default=0).bit_length()
+        self._index_bits = self._meter_bits + len(self._plans).bit_length()
+        self._heap: list[int] = []
         self._start(now, resume or {})
 
+    def _key(self, at: float, gi: int, mi: int) -> int:
+        return (_order_key(at) << self._index_bits) | (gi << self._meter_bits) | mi
+
     def _start(self, now: float, resume: Mapping[tuple[str, str], int]) -> None:
-        self._heap.clear()
-        for g in self.groups.values():
+        heap = self._heap
+        heap.clear()
+        for gi, g in enumerate(self._plans):
             current = slot_start(now, g.interval)
-            for meter in dict.fromkeys(g.meters):
+            offsets, slots = self._offsets[gi], self._slots[gi]
+            for mi, meter in enumerate(self._members[gi]):
                 slot = resume.get((g.name, meter))
                 if slot is None or slot % g.interval:
                     slot = current  # new, or its interval changed: start with the slot in progress
-                self._heap.append((slot + g.offset(meter), g.name, meter, slot))
-        heapq.heapify(self._heap)
+                slots[mi] = slot
+                heap.append(self._key(slot + offsets[mi], gi, mi))
+        heapq.heapify(heap)
+
+    def _top(self) -> tuple[float, int, int] | None:
+        """(read time, group index, meter index) of the earliest read, or None with no meters."""
+        if not self._heap:
+            return None
+        low = self._heap[0] & ((1 << self._index_bits) - 1)
+        gi, mi = low >> self._meter_bits, low & ((1 << self._meter_bits) - 1)
+        return self._slots[gi][mi] + self._offsets[gi][mi], gi, mi
 
     def next_due(self, now: float) -> list[Due]:
         """Reads whose time has come, oldest first; each (group, meter, slot) is returned once.
@@ -198,25 +245,28 @@ class PollSchedule:
         self._high_water = max(self._high_water, now)
         out: list[Due] = []
         heap = self._heap
-        while heap and heap[0][0] <= now:
-            at, name, meter, slot = heapq.heappop(heap)
-            g = self.groups[name]
+        while (top := self._top()) is not None and top[0] <= now:
+            at, gi, mi = top
+            g, meter, slots = self._plans[gi], self._members[gi][mi], self._slots[gi]
+            slot = slots[mi]
             if now >= slot + g.interval:
                 current = slot_start(now, g.interval)
-                missed = MissedSlots(name, meter, slot, current - g.interval, g.interval)
+                missed = MissedSlots(g.name, meter, slot, current - g.interval, g.interval)
                 self._missed.append(missed)
                 self.missed_total += missed.count
-                heapq.heappush(heap, (current + g.offset(meter), name, meter, current))
-                continue
-            out.append(Due(at, name, meter, slot, g.interval))
-            nxt = slot + g.interval
-            heapq.heappush(heap, (nxt + g.offset(meter), name, meter, nxt))
+                nxt = current
+            else:
+                out.append(Due(at, g.name, meter, slot, g.interval))
+                nxt = slot + g.interval
+            slots[mi] = nxt
+            heapq.heapreplace(heap, self._key(nxt + self._offsets[gi][mi], gi, mi))
         out.sort()
         return out
 
     def next_time(self) -> float | None:
         """When the next read falls due (None with no meters): sleep until then."""
-        return self._heap[0][0] if self._heap else None
+        top = self._top()
+        return None if top is None else top[0]
 
     def take_missed(self) -> list[MissedSlots]:
         """Missed ranges recorded since the last call."""
@@ -225,7 +275,11 @@ class PollSchedule:
 
     def cursors(self) -> dict[tuple[str, str], int]:
         """The next slot each (group, meter) is owed; pass as ``resume`` to a replacement."""
-        return {(name, meter): slot for _, name, meter, slot in self._heap}
+        return {
+            (g.name, meter): slot
+            for g, members, slots in zip(self._plans, self._members, self._slots, strict=True)
+            for meter, slot in zip(members, slots, strict=True)
+        }
 
 
 # ---------------------------------------------------------------------------------------------

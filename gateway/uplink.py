@@ -64,6 +64,10 @@ log = logging.getLogger(__name__)
 _paho_log = logging.getLogger(f"{__name__}.paho")  # paho's own lines, separable from ours
 
 _UNSUPPORTED_PROTOCOL = (1, 0x84)  # MQTT 3.1.1 return code 1; MQTT 5 reason 0x84
+# What nearly every meter's state is in steady operation (the health book reports a recovery
+# with an empty reason): such a state is kept as its bare ``since`` float, not a (state, since,
+# detail) tuple, which saves 64 bytes a meter (0.6 MB at 10,000 meters).
+_ONLINE_RECOVERED: tuple[MeterStateName, str | None] = ("online", "")
 
 
 class Protocol(enum.StrEnum):
@@ -318,8 +322,11 @@ class Uplink:
         # the publish window of the current session: readings, status and meter states share it,
         # so the broker's Receive Maximum is never exceeded
         self._window_sem = asyncio.Semaphore(1)
-        self._meter_states: dict[str, bytes] = {}
-        self._side_tasks: set[asyncio.Task[None]] = set()
+        # the latest state of every meter: topic and payload are built when published (kept, they
+        # would cost ~300 bytes a meter at 10,000 meters); see _remember_state for the values
+        self._meter_states: dict[str, float | tuple[MeterStateName, float, str | None]] = {}
+        self._states_due: dict[str, None] = {}  # meters whose state this session still has to publish
+        self._states_changed = asyncio.Event()
         self._refusals = Backoff(config.refused_backoff)
         self._refusing: str | None = None  # reason of the current run of negative PUBACKs
         self._connect_error: str | None = None
@@ -350,8 +357,6 @@ class Uplink:
         finally:
             self._running = False
             self._stopped.set()
-            for task in list(self._side_tasks):
-                task.cancel()
 
     async def stop(self) -> None:
         """Stop taking batches, wait briefly for in-flight PUBACKs, say offline, disconnect."""
@@ -361,20 +366,12 @@ class Uplink:
 
     def set_meter_state(self, meter_id: str, state: MeterStateName, since: float, detail: str | None = None) -> None:
         """Record a meter's state; published retained now if connected, and on every reconnect."""
-        topic = self.topics.meter_state(meter_id)
-        payload = encode_meter_state(
-            MeterState(
-                v=CONTRACT_VERSION,
-                gateway=self.config.gateway_id,
-                meter=meter_id,
-                state=state,
-                since=since,
-                detail=detail,
-            )
-        )
-        self._meter_states[topic] = payload
+        self.topics.meter_state(meter_id)  # a meter id that cannot be a topic level fails here, not later
+        common = isinstance(since, float) and (state, detail) == _ONLINE_RECOVERED
+        self._meter_states[meter_id] = since if common else (state, since, detail)
         if self._client is not None and self.stats.connected:
-            self._spawn(self._publish_retained(self._client, topic, payload, "meter state"))
+            self._states_due[meter_id] = None
+            self._states_changed.set()
 
     @property
     def connected(self) -> bool:
@@ -494,11 +491,11 @@ class Uplink:
                 "status",
             )
             await self._subscribe(client)
-            for topic, payload in list(self._meter_states.items()):
-                self._spawn(self._publish_retained(client, topic, payload, "meter state"))
+            self._states_due = dict.fromkeys(self._meter_states)  # all of them again, after every connect
             tasks = [
                 asyncio.create_task(self._pump(client, window), name="uplink-pump"),
                 asyncio.create_task(self._inbound(client), name="uplink-inbound"),
+                asyncio.create_task(self._publish_states(client), name="uplink-meter-states"),
             ]
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -516,6 +513,7 @@ class Uplink:
             if tasks:
                 await asyncio.wait(tasks)
             self.stats.connected = False
+            self._states_due = {}
             self.stats.inflight_batches = 0  # unacked batches of this session are resent anyway
             self._client = None
             await self._close(client, clean=clean)
@@ -594,13 +592,58 @@ class Uplink:
             return False
         return True
 
-    def _spawn(self, coro: Awaitable[Any]) -> None:
-        async def wrapper() -> None:
-            await coro
+    def _meter_state_payload(self, meter_id: str, state: float | tuple[MeterStateName, float, str | None]) -> bytes:
+        if isinstance(state, float):
+            name, detail = _ONLINE_RECOVERED
+            since = state
+        else:
+            name, since, detail = state
+        return encode_meter_state(
+            MeterState(
+                v=CONTRACT_VERSION,
+                gateway=self.config.gateway_id,
+                meter=meter_id,
+                state=name,
+                since=since,
+                detail=detail,
+            )
+        )
 
-        task = asyncio.get_running_loop().create_task(wrapper())
-        self._side_tasks.add(task)
-        task.add_done_callback(self._side_tasks.discard)
+    async def _publish_states(self, client: _Client) -> None:
+        """Publish the states of the meters in ``_states_due`` (retained), the latest state of
+        each, at most a window's worth at once: one task per meter would cost 10,000 tasks
+        after a reconnect. A state not confirmed is published again after the next connect."""
+        limit = asyncio.Semaphore(max(1, self._window(client)))
+        pending: set[asyncio.Task[bool]] = set()
+        loop = asyncio.get_running_loop()
+
+        def published(task: asyncio.Task[bool]) -> None:
+            pending.discard(task)
+            limit.release()
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("meter state publish failed: %s", task.exception())
+
+        try:
+            while True:
+                if not self._states_due:
+                    self._states_changed.clear()
+                    await self._states_changed.wait()
+                    continue
+                due, self._states_due = self._states_due, {}  # changes from now on go to a new round
+                for meter_id in due:
+                    await limit.acquire()
+                    state = self._meter_states.get(meter_id)
+                    if state is None:
+                        limit.release()
+                        continue
+                    topic = self.topics.meter_state(meter_id)
+                    payload = self._meter_state_payload(meter_id, state)
+                    task = loop.create_task(self._publish_retained(client, topic, payload, "meter state"))
+                    pending.add(task)
+                    task.add_done_callback(published)
+        finally:
+            for task in list(pending):
+                task.cancel()
 
     # -- readings ----------------------------------------------------------------------------
 

@@ -149,7 +149,12 @@ def test_readonly_and_bad_files(tmp_path: Path) -> None:
         log.append(at=T0, state="accepted")
     (tmp_path / "junk.sqlite").write_bytes(b"this is not a database" * 100)
     with pytest.raises(AuditError, match="cannot open"):
-        AuditLog.open(tmp_path / "junk.sqlite")
+        AuditLog.open(tmp_path / "junk.sqlite", readonly=True)
+    # opened for writing, a file that is not a database is quarantined, not a start failure
+    # (tests/faults/test_command_store_damage.py has the damage cases)
+    with AuditLog.open(tmp_path / "junk.sqlite") as log:
+        assert log.quarantined is not None
+        assert log.quarantined.read_bytes() == b"this is not a database" * 100
     other = sqlite3.connect(tmp_path / "other.sqlite")
     other.execute("CREATE TABLE t (x)")
     other.commit()

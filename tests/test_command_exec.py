@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from drivers.backoff import BackoffPolicy
 from drivers.bus import Bus, BusSettings
 from drivers.dlt645_driver import Dlt645Driver
+from drivers.health import HealthBook, HealthPolicy, MeterState
 from drivers.meter_models import Dlt645Model, load_model
 from drivers.modbus import ModbusLink, ModbusMeter
 from drivers.reading import Reading
@@ -226,10 +227,6 @@ class Rig:
             await asyncio.sleep(0.01)
 
 
-async def _read_none(quantities: Sequence[str], slot: float, now: float) -> list[Reading]:
-    return []
-
-
 def dlt_meter_config(meter: Dlt645Meter, *, password: str = "000000", **kw: Any) -> Meter:
     return Meter(
         id=f"m{meter.address_text}",
@@ -251,12 +248,13 @@ async def dlt_rig(
     password: str = "000000",
     reconnect: dict[str, str] | None = None,
     attempts: int = 1,
+    health: HealthBook | None = None,
     **commands: Any,
 ) -> AsyncIterator[Rig]:
     """A rig over every meter of a simulated bus (meter ids ``m<address>``)."""
     host, port = handle.endpoint  # type: ignore[misc]
     link = TcpLink(TcpSettings(host, port, no_reply_limit=0, reconnect=BackoffPolicy(initial=0.05, maximum=0.1)))
-    bus = Bus("sim", link, settings=BusSettings(reply_timeout=0.2, attempts=attempts, retry=QUICK))
+    bus = Bus("sim", link, settings=BusSettings(reply_timeout=0.2, attempts=attempts, retry=QUICK), health=health)
     assert await bus.open()
     model = dlt_model()
     configs, runtimes = [], {}
@@ -269,7 +267,7 @@ async def dlt_rig(
             bus, cfg.id, meter.address_text, Edition.DLT645_2007, model, password=secret, operator="12345678", tz=TZ
         )
         configs.append(cfg)
-        runtimes[cfg.id] = MeterRuntime(cfg.id, "sim", cfg.protocol, _read_none, driver)
+        runtimes[cfg.id] = MeterRuntime(cfg.id, "sim", cfg.protocol, driver)
     rig = Rig(tmp_path, make_config(tmp_path, configs, **commands), runtimes, {"sim": bus})
     try:
         yield rig
@@ -453,6 +451,37 @@ async def test_dropped_replies_no_answer_then_retry_then_verified(tmp_path: Path
         assert rig.service is not None
         assert (rig.service.stats.no_answer, rig.service.stats.retries) == (1, 1)
         assert meter.trip_count == 1  # the repeated trip was harmless
+
+
+@pytest.mark.asyncio
+async def test_read_back_reaches_a_meter_its_lost_replies_marked_offline(
+    tmp_path: Path, sim_bus: SimBusFactory
+) -> None:
+    """Every control frame's reply lost: the health book marks the meter offline (polls then wait
+    for the next probe, a minute away), but the command's read-back must still go to the meter."""
+    faults = Faults()
+    handle = await sim_bus(1, faults=faults)
+    meter = handle.meters[0]
+    health = HealthBook(HealthPolicy(degraded_after=1, offline_after=2, probe_interval=60.0))
+    async with dlt_rig(tmp_path, handle, retry=2, health=health) as rig:
+
+        offline_at_heal: list[MeterState] = []
+
+        def heal(ack: Ack) -> None:
+            if ack.state == "no_answer" and rig.states(ack.command, ack.meter).count("no_answer") == 2:
+                offline_at_heal.append(health.state(mid(meter)))
+                faults.per_meter.clear()
+
+        rig.on_ack = heal
+        await rig.start()
+        cut = envelope("disconnect", [mid(meter)])
+        faults.per_meter[meter.address_text] = Faults(drop_reply=1.0)  # the meter trips; replies lost
+        await rig.send(cut)
+        final = (await rig.finished(cut.id, [mid(meter)]))[mid(meter)]
+        assert offline_at_heal == [MeterState.OFFLINE]  # the read-back went to an "offline" meter
+        assert (final.state, final.relay) == ("verified", "open"), final
+        assert rig.states(cut.id, mid(meter)).count("no_answer") == 2
+        assert meter.trip_count == 1
 
 
 @pytest.mark.asyncio
@@ -683,7 +712,7 @@ async def test_modbus_disconnect_and_reconnect_via_relay_coil(tmp_path: Path) ->
     rig = Rig(
         tmp_path,
         make_config(tmp_path, [cfg]),
-        {"mb1": MeterRuntime("mb1", "mb", "modbus", _read_none, meter)},
+        {"mb1": MeterRuntime("mb1", "mb", "modbus", meter, modbus_bus=bus)},
         {"mb": bus},
     )
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -97,7 +98,9 @@ async def test_readings_arrive_at_the_broker_with_deterministic_ids(
 ) -> None:
     config = load_config(write_config(tmp_path, mosquitto, modbus_sim.address[1]))
     topics = Topics("gw-test", "meter-gateway")
-    subscriber = Subscriber(mosquitto, [topics.readings]).start()
+    state_topic = f"{topics.base}/meters/+/state"
+    subscriber = Subscriber(mosquitto, [topics.readings, state_topic]).start()
+    started = time.time()
     try:
         gateway = Gateway(config)
 
@@ -108,8 +111,12 @@ async def test_readings_arrive_at_the_broker_with_deterministic_ids(
 
         await _run_until(gateway, asyncio.Event(), enough, within=20)
         batches = [decode_batch(m.payload) for m in subscriber.snapshot(topics.readings)]
+        states = [json.loads(m.payload) for m in subscriber.messages if m.topic.endswith("/state")]
     finally:
         subscriber.stop()
+    # meter states: retained, one per meter, "since" in gateway (wall) time
+    assert {s["meter"]: s["state"] for s in states} == {"mb-1": "online", "mb-2": "online", "mb-3": "online"}
+    assert all(started - 1 <= s["since"] <= time.time() for s in states), states
     readings = [r for b in batches for r in b.readings]
     assert {r.meter for r in readings} == {"mb-1", "mb-2", "mb-3"}
     assert {r.qty for r in readings} == set(QUANTITIES)

@@ -8,12 +8,15 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.config import load_config
 from gateway.schedule import (
     DailyFrozenSchedule,
     Due,
     GroupPlan,
+    MissedSlots,
     PollSchedule,
     TimeSyncSchedule,
     freeze_time,
@@ -359,3 +362,94 @@ def test_group_plans_from_config() -> None:
     assert plan.interval == 10
     assert plan.meters == tuple(m.id for m in config.meters)
     assert plan.spread == config.poll_groups[0].spread
+
+
+# -- the compact heap against the plain one ----------------------------------------------------
+
+
+class _TupleHeapSchedule:
+    """The straightforward PollSchedule (a heap of (at, group, meter, slot) tuples) that the
+    compact one replaced to save ~80 bytes a meter: same inputs must give the same outputs."""
+
+    def __init__(self, groups: list[GroupPlan], now: float, resume: dict[tuple[str, str], int]) -> None:
+        import heapq
+
+        self.heapq = heapq
+        self.groups = {g.name: g for g in groups}
+        self.missed: list[MissedSlots] = []
+        self.high_water = now
+        self.heap: list[tuple[float, str, str, int]] = []
+        self.start(now, resume)
+
+    def start(self, now: float, resume: dict[tuple[str, str], int]) -> None:
+        self.heap.clear()
+        for g in self.groups.values():
+            for meter in dict.fromkeys(g.meters):
+                slot = resume.get((g.name, meter))
+                if slot is None or slot % g.interval:
+                    slot = slot_start(now, g.interval)
+                self.heap.append((slot + g.offset(meter), g.name, meter, slot))
+        self.heapq.heapify(self.heap)
+
+    def next_due(self, now: float) -> list[Due]:
+        if now < self.high_water - 6 * 3600.0:
+            self.high_water = now
+            self.start(now, {})
+        self.high_water = max(self.high_water, now)
+        out = []
+        while self.heap and self.heap[0][0] <= now:
+            at, name, meter, slot = self.heapq.heappop(self.heap)
+            g = self.groups[name]
+            if now >= slot + g.interval:
+                current = slot_start(now, g.interval)
+                self.missed.append(MissedSlots(name, meter, slot, current - g.interval, g.interval))
+                self.heapq.heappush(self.heap, (current + g.offset(meter), name, meter, current))
+                continue
+            out.append(Due(at, name, meter, slot, g.interval))
+            self.heapq.heappush(self.heap, (slot + g.interval + g.offset(meter), name, meter, slot + g.interval))
+        out.sort()
+        return out
+
+    def next_time(self) -> float | None:
+        return self.heap[0][0] if self.heap else None
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    groups=st.lists(
+        st.tuples(
+            st.sampled_from([1, 7, 60, 900]),
+            st.sampled_from([0.0, 0.5, 0.9]),
+            st.lists(st.sampled_from([f"m{i}" for i in range(12)]), max_size=8),
+        ),
+        max_size=3,
+    ),
+    steps=st.lists(st.one_of(st.floats(0, 50), st.floats(-30, 0), st.sampled_from([3000.0, -30000.0])), max_size=40),
+    resume_shift=st.sampled_from([None, -900, 0, 900, 3]),
+)
+def test_compact_heap_hands_out_what_a_tuple_heap_would(
+    groups: list[tuple[int, float, list[str]]], steps: list[float], resume_shift: int | None
+) -> None:
+    plans = [GroupPlan(f"g{i}", interval, tuple(meters), spread) for i, (interval, spread, meters) in enumerate(groups)]
+    now = T0 + 13.25
+    resume = (
+        {}
+        if resume_shift is None
+        else {(p.name, m): slot_start(now, p.interval) + resume_shift for p in plans for m in p.meters[::2]}
+    )
+    compact = PollSchedule(plans, now, resume=resume)
+    plain = _TupleHeapSchedule(plans, now, resume)
+    for step in [0.0, *steps]:
+        now += step
+        assert compact.next_due(now) == plain.next_due(now)
+        assert compact.take_missed() == plain.missed
+        plain.missed = []
+        assert compact.next_time() == plain.next_time()
+        assert compact.cursors() == {(name, meter): slot for _, name, meter, slot in plain.heap}
+
+
+def test_read_times_sort_like_floats_across_zero_and_magnitudes() -> None:
+    times = [-1e9, -3.5, -1e-300, -0.0, 0.0, 1e-300, 0.5, 1.0, 1_773_129_600.0, 1_773_129_600.0000002, 4e9]
+    s = PollSchedule([GroupPlan("g", 1, ("a",))], -2e9)
+    assert [s._key(t, 0, 0) for t in times] == sorted(s._key(t, 0, 0) for t in times)
+    assert len({s._key(t, 0, 0) for t in times if t != 0}) == len(times) - 2

@@ -556,3 +556,64 @@ async def test_meter_states_are_retained_and_republished_on_reconnect(
 def test_wire_payload_is_plain_json_for_any_consumer() -> None:
     payload = contract.encode_status(contract.Status(v=1, gateway="gw", state="online", version="0.1.0"))
     assert msgspec.json.decode(payload) == {"v": 1, "gateway": "gw", "state": "online", "version": "0.1.0"}
+
+
+@pytest.mark.asyncio
+async def test_many_meter_states_go_out_through_a_bounded_number_of_tasks(
+    mosquitto: Broker, start_uplink: Starter, subscriber: Any
+) -> None:
+    n = 1000
+    topics = contract.Topics("gw-states")
+    sub = subscriber(mosquitto, [f"{topics.base}/meters/+/state"])
+    uplink = await start_uplink(mosquitto, gateway_id="gw-states", window=4)
+    for i in range(n):  # before the connection: all of them go out when it comes up
+        uplink.set_meter_state(f"m{i:05d}", "online", since=1_700_000_000.0 + i)
+    most_tasks = 0
+
+    def all_arrived() -> bool:
+        nonlocal most_tasks
+        most_tasks = max(most_tasks, len(asyncio.all_tasks()))
+        return len({m.topic for m in sub.snapshot()}) >= n
+
+    await until(all_arrived, within=30.0, what=f"{n} meter states")
+    # a task per meter would be ~n tasks at once; the window (4) bounds them
+    assert most_tasks < 40, most_tasks
+    got = {m.topic: contract.decode_meter_state(m.payload) for m in sub.snapshot()}
+    assert got[topics.meter_state("m00007")].since == 1_700_000_007.0
+
+    # changes while connected: the latest state of a meter is what stays retained
+    uplink.set_meter_state("m00001", "degraded", since=1_700_001_000.0, detail="no answer")
+    uplink.set_meter_state("m00001", "offline", since=1_700_001_001.0, detail="no answer x3")
+    await sub.wait_for(lambda ms: any(m.payload and b'"offline"' in m.payload for m in ms))
+    late = subscriber(mosquitto, [topics.meter_state("m00001")])
+    (retained,) = await late.wait_for(lambda ms: len(ms) >= 1)
+    state = contract.decode_meter_state(retained.payload)
+    assert retained.retain
+    assert (state.state, state.since, state.detail) == ("offline", 1_700_001_001.0, "no answer x3")
+
+
+@pytest.mark.asyncio
+async def test_meter_state_payloads_are_the_same_whatever_form_they_are_kept_in(
+    mosquitto: Broker, start_uplink: Starter, subscriber: Any
+) -> None:
+    topics = contract.Topics("gw-forms")
+    uplink = await start_uplink(mosquitto, gateway_id="gw-forms")
+    cases = {
+        "recovered": ("online", 1_700_000_000.25, ""),  # the health book's recovery: kept as a bare float
+        "no-detail": ("online", 1_700_000_001.5, None),
+        "int-since": ("online", 1_700_000_002, ""),
+        "offline": ("offline", 1_700_000_003.0, "no answer x3"),
+    }
+    for meter, (state, since, detail) in cases.items():
+        uplink.set_meter_state(meter, state, since, detail)  # type: ignore[arg-type]
+    await until(lambda: uplink.stats.connected, what="connected")
+    sub = subscriber(mosquitto, [f"{topics.base}/meters/+/state"])
+    got = await sub.wait_for(lambda ms: len({m.topic for m in ms}) >= len(cases))
+    payloads = {m.topic: m.payload for m in got}
+    for meter, (state, since, detail) in cases.items():
+        expected = contract.encode_meter_state(
+            contract.MeterState(v=1, gateway="gw-forms", meter=meter, state=state, since=since, detail=detail)  # type: ignore[arg-type]
+        )
+        assert payloads[topics.meter_state(meter)] == expected
+    assert msgspec.json.decode(payloads[topics.meter_state("recovered")])["detail"] == ""
+    assert b'"since":1700000002,' in payloads[topics.meter_state("int-since")]

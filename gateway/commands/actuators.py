@@ -132,7 +132,8 @@ class Dlt645Actuator:
         await _guarded(self.driver.remote_control(command, valid_until, priority=Priority.COMMAND, attempts=1))
 
     async def read_relay(self) -> RelayReading:
-        status = await _guarded(self.driver.read_relay(priority=Priority.COMMAND))
+        # forced: a meter marked offline by the control frames' lost replies must still be read back
+        status = await _guarded(self.driver.read_relay(priority=Priority.COMMAND, force=True))
         state: RelayState = "closed" if status.closed else "armed" if status.armed else "open"
         return RelayReading(state, status.keep_power, status.raw)
 

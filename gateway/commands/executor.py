@@ -284,11 +284,15 @@ class Executor:
         return "no_answer"
 
     async def _relay(self, exe: Execution, actuator: MeterActuator) -> None:
-        if exe.action == "disconnect" and actuator.protocol == "dlt645":
+        keep_power_check = exe.action == "disconnect" and actuator.protocol == "dlt645"
+        # After a command store reset this command may already have run: look first, and do not
+        # operate a relay that is already where it should be (store.py "reset_caution").
+        after_reset = self.store.reset_caution
+        if keep_power_check or after_reset:
             # Never trip a keep-power meter (hospital, life support): look before sending. If the
             # read fails we still send: the meter itself refuses a trip under keep-power.
             before = await self._read(actuator)
-            if before is not None and before.keep_power:
+            if keep_power_check and before is not None and before.keep_power:
                 self._step(
                     exe,
                     "meter_refused",
@@ -296,6 +300,11 @@ class Executor:
                     relay=before.state,
                     detail="keep-power is on; no trip sent",
                 )
+                return
+            wanted = wanted_relay(exe.action, exe.mode, actuator.protocol)
+            if after_reset and before is not None and before.state in wanted:
+                detail = f"{_relay_detail(before)} already; nothing sent (read first after a command store reset)"
+                self._step(exe, "verified", relay=before.state, detail=detail)
                 return
         outcome = await self._control(exe, actuator)
         if outcome in ("refused", "expired"):

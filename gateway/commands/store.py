@@ -15,23 +15,70 @@ What it remembers, and why it must survive a power cut:
 
 Commands are rare, so every write is its own fsync'd transaction; a 1,000-meter command is one
 transaction. All methods are synchronous and quick; the service calls them from the event loop.
+
+A damaged file (SQLite says "not a database" or "malformed", or ``PRAGMA quick_check`` finds
+damage within ``check_budget``) must not crash-loop the daemon: :meth:`CommandStore.open` moves
+it aside with its -wal/-shm (``commands.sqlite.corrupt-<UTC>``, kept for forensics), starts a
+fresh store and logs one ERROR line ``event=command_store_quarantined``. What the damaged file
+knew about executed commands is gone, so the fresh store records ``reset_at`` and from then on:
+
+* every command issued before ``reset_at`` is rejected ``store_reset`` (it may already have run),
+  as is any command whose id could be read from the damaged file (best-effort salvage, together
+  with the per-key ``seq`` and the guard window entries);
+* relay actions read the relay first and are acked ``verified`` without operating when it is
+  already in the wanted state (:attr:`CommandStore.reset_caution`, until every command that could
+  predate the reset has expired: see :meth:`CommandStore.prune`);
+* acks of a command id that predates the reset are numbered from :data:`RESET_ACK_BASE`, above
+  any ``seq`` the head-end may have seen (and deduplicated on) for that id before the reset.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Self
 
 from gateway.commands.envelope import TERMINAL_STATES, Ack, CommandEnvelope, canonical_bytes, encode_ack
+from gateway.sqlite_check import (
+    DEFAULT_CHECK_BUDGET,
+    DamagedDatabase,
+    is_damage,
+    open_readonly,
+    quarantine,
+    quick_check,
+    time_limit,
+)
 
-__all__ = ["ACTIVE_STATES", "SCHEMA_VERSION", "CommandStore", "Execution", "MeterPlan", "StoreError", "Transition"]
+__all__ = [
+    "ACTIVE_STATES",
+    "RESET_ACK_BASE",
+    "SCHEMA_VERSION",
+    "STORE_RESET",
+    "CommandStore",
+    "Execution",
+    "MeterPlan",
+    "StoreError",
+    "Transition",
+]
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION: Final = 1
+STORE_RESET: Final = "store_reset"  # rejection reason: the command predates a store reset
+# First ack seq - 1 for a command id that predates a reset: a 1000-meter command with 10 retries
+# per meter numbers its acks far below this, so nothing the head-end saw before is reused.
+RESET_ACK_BASE: Final = 1_000_000
+# Head-end clock ahead of the gateway's by up to this much still counts when deciding that no
+# command from before a reset can be valid any more (the end of reset_caution).
+RESET_CLOCK_MARGIN: Final = 600.0
+# Seconds the best-effort salvage from a quarantined file may take.
+_SALVAGE_BUDGET: Final = 1.0
 
 _SCHEMA: Final = f"""
 CREATE TABLE IF NOT EXISTS commands (
@@ -82,6 +129,8 @@ CREATE TABLE IF NOT EXISTS guard (
     id INTEGER PRIMARY KEY, at REAL NOT NULL, command TEXT NOT NULL, meter TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS guard_at ON guard (at);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS seen_before_reset (id TEXT PRIMARY KEY, key_id TEXT, seq INTEGER);
 PRAGMA user_version = {SCHEMA_VERSION};
 """
 
@@ -187,24 +236,86 @@ class CommandStore:
         self._conn = conn
         self.path = path
         self.gateway_id = gateway_id
+        self.quarantined: Path | None = None  # where open() moved a damaged file, if it did
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        self.reset_at: float | None = float(meta["reset_at"]) if "reset_at" in meta else None
+        self._caution = "reset_caution" in meta
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], gateway_id: str) -> Self:
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        gateway_id: str,
+        *,
+        check_budget: float = DEFAULT_CHECK_BUDGET,
+        clock: Callable[[], float] = time.time,
+    ) -> Self:
+        """Open (creating it if needed) the store at ``path``. A damaged file is quarantined and
+        a fresh store started (module docstring); ``quarantined`` then names where it went.
+        ``check_budget``: seconds the open-time ``quick_check`` may take (0 skips it)."""
         file = Path(path)
         try:
             file.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(file, isolation_level=None)
-            conn.execute("PRAGMA busy_timeout=5000")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
-                conn.close()
-                raise StoreError(f"{file}: command store schema {version}, this gateway knows {SCHEMA_VERSION}")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")  # an accepted command must survive a power cut
-            conn.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
+        except OSError as exc:
             raise StoreError(f"cannot open command store {file}: {exc}") from exc
-        return cls(conn, str(file), gateway_id)
+        try:
+            return cls(_connect(file, check_budget), str(file), gateway_id)
+        except DamagedDatabase as exc:
+            reason = str(exc)
+        aside = quarantine(file)
+        try:
+            store = cls(_connect(file, check_budget), str(file), gateway_id)
+        except DamagedDatabase as again:
+            raise StoreError(f"command store {file}: a fresh store is damaged too: {again}") from again
+        store._after_quarantine(aside, reason, clock())
+        return store
+
+    def _after_quarantine(self, aside: Path, reason: str, now: float) -> None:
+        """Record the reset in the fresh store, with what can still be read from the damaged one."""
+        keys, ids, guard = _salvage(aside)
+        meta = {"reset_at": repr(now), "reset_caution": "1", "quarantined_from": str(aside), "reason": reason[:500]}
+        with self._txn() as cur:
+            cur.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", list(meta.items()))
+            cur.executemany(
+                "INSERT INTO key_seq (key_id, seq) VALUES (?, ?)"
+                " ON CONFLICT (key_id) DO UPDATE SET seq = max(seq, excluded.seq)",
+                keys,
+            )
+            cur.executemany("INSERT OR IGNORE INTO seen_before_reset (id, key_id, seq) VALUES (?, ?, ?)", ids)
+            cur.executemany("INSERT INTO guard (at, command, meter) VALUES (?, ?, ?)", guard)
+        self.quarantined, self.reset_at, self._caution = aside, now, True
+        # one line, no traceback: the cause is the file, not the code
+        log.error(
+            "event=command_store_quarantined path=%s moved_to=%s reason=%r reset_at=%.3f salvaged_keys=%d"
+            " salvaged_ids=%d salvaged_guard=%d action=fresh_store detail='commands issued before reset_at are"
+            " rejected (store_reset); relay commands read the relay first; unfinished executions and unsent acks"
+            " of the damaged file are lost'",
+            self.path,
+            aside,
+            reason,
+            now,
+            len(keys),
+            len(ids),
+            len(guard),
+        )
+
+    @property
+    def reset_caution(self) -> bool:
+        """The store was reset and a command from before the reset could still be valid: relay
+        actions read the relay first and do not operate when it is already in the wanted state."""
+        return self._caution
+
+    def predates_reset(self, env: CommandEnvelope) -> str | None:
+        """Why ``env`` must be rejected ``store_reset`` (it may have run before the store was
+        reset), or None. :meth:`accept` checks it too."""
+        if self.reset_at is None:
+            return None
+        when = f"the command store was reset at {self.reset_at:.3f} (damaged file quarantined)"
+        if env.issued_at < self.reset_at:
+            return f"issued at {env.issued_at:.3f}, before {when}; it may already have run"
+        if self._one("SELECT 1 FROM seen_before_reset WHERE id = ?", (env.id,)) is not None:
+            return f"command id seen before {when}; it may already have run"
+        return None
 
     def close(self) -> None:
         self._conn.close()
@@ -293,7 +404,14 @@ class CommandStore:
 
         Raises StoreError if the id is already known or the seq is not new: the caller checks
         first (same event loop, no await in between), this is the last line of defence.
+
+        A command that :meth:`predates_reset` is not accepted: the acks returned are then
+        ``received`` + ``rejected`` (reason ``store_reset``) and nothing else is stored.
         """
+        why = self.predates_reset(env)
+        if why is not None:
+            log.warning("event=command_rejected_store_reset command=%s key=%s detail=%r", env.id, env.key_id, why)
+            return self.reject(env.id, now, STORE_RESET, why, predates_reset=True)
         params = json.dumps(list(env.params.quantities)) if env.params and env.params.quantities else None
         with self._txn() as cur:
             if cur.execute("SELECT 1 FROM commands WHERE id = ?", (env.id,)).fetchone():
@@ -338,12 +456,22 @@ class CommandStore:
             acks += self._apply(cur, then, now)
             return acks
 
-    def reject(self, command_id: str | None, now: float, reason: str, detail: str) -> list[Ack]:
+    def reject(
+        self, command_id: str | None, now: float, reason: str, detail: str, *, predates_reset: bool = False
+    ) -> list[Ack]:
         """Acks for a refused message: ``received`` + ``rejected`` under its id, or just
-        ``rejected`` (seq 1) when it had no readable id. Nothing else is remembered."""
+        ``rejected`` (seq 1) when it had no readable id. Nothing else is remembered.
+        ``predates_reset``: the id may have been acked before a store reset (see RESET_ACK_BASE)."""
         with self._txn() as cur:
             if command_id is None:
                 return [self._ack(cur, None, None, "rejected", now, reason=reason, detail=detail)]
+            if self.reset_at is not None and (
+                predates_reset or cur.execute("SELECT 1 FROM seen_before_reset WHERE id = ?", (command_id,)).fetchone()
+            ):
+                cur.execute(
+                    "INSERT OR IGNORE INTO ack_counter (command, last, touched_at) VALUES (?, ?, ?)",
+                    (command_id, RESET_ACK_BASE, now),
+                )
             return [
                 self._ack(cur, command_id, None, "received", now),
                 self._ack(cur, command_id, None, "rejected", now, reason=reason, detail=detail),
@@ -420,7 +548,8 @@ class CommandStore:
         """Forget what replay protection no longer needs (docs/mqtt.md "Replay"): commands more than
         ``max_validity`` past their expiry (such a command is rejected as ``expired`` anyway; the
         per-key seq stays forever), ack counters of refused ids as old, guard entries older than
-        the window. Executions not yet terminal are never pruned."""
+        the window. Executions not yet terminal are never pruned. Ends :attr:`reset_caution` once
+        no command from before a reset can be valid."""
         horizon = now - max_validity
         with self._txn() as cur:
             old = [str(r[0]) for r in cur.execute(_PRUNABLE, (horizon,)).fetchall()]
@@ -434,7 +563,18 @@ class CommandStore:
                 (horizon - max_validity,),
             )
             cur.execute("DELETE FROM guard WHERE at <= ?", (now - guard_window,))
-            return len(old)
+            # After a reset: once every command that could predate it has expired (its validity
+            # is at most max_validity, its issuer's clock maybe a little ahead), the read-first
+            # caution and the salvaged ids have nothing left to protect against.
+            reset = self.reset_at
+            over = self._caution and reset is not None and now >= reset + max_validity + RESET_CLOCK_MARGIN
+            if over:
+                cur.execute("DELETE FROM meta WHERE key = 'reset_caution'")
+                cur.execute("DELETE FROM seen_before_reset")
+        if over:
+            self._caution = False
+            log.info("command store: no command from before the reset at %.3f can be valid any more", self.reset_at)
+        return len(old)
 
     # -- internals --------------------------------------------------------------------------------
 
@@ -488,6 +628,89 @@ class CommandStore:
             )
         cur.execute("INSERT INTO pending_acks (command, seq, payload) VALUES (?, ?, ?)", (command, seq, payload))
         return ack
+
+
+def _connect(file: Path, check_budget: float) -> sqlite3.Connection:
+    """Open, check and set up the store file; DamagedDatabase if SQLite finds it damaged."""
+    try:
+        if file.is_file() and file.stat().st_size == 0 and not Path(f"{file}-wal").is_file():
+            # SQLite takes an empty file for a new database: a store truncated to nothing would
+            # silently forget which commands ran
+            raise DamagedDatabase("empty file (truncated)")
+        conn = sqlite3.connect(file, isolation_level=None)
+    except (OSError, sqlite3.Error) as exc:
+        raise StoreError(f"cannot open command store {file}: {exc}") from exc
+    try:
+        conn.execute("PRAGMA busy_timeout=5000")
+        _check_version(conn, file)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")  # an accepted command must survive a power cut
+        quick_check(conn, check_budget, what="command_store", path=file)
+        conn.executescript(_SCHEMA)
+        # What the service reads at start (resume, guard, publisher): damage there would fail
+        # every start, even when quick_check ran out of budget before reaching it.
+        conn.execute(_SELECT_EXECUTIONS, {"command": None, "meter": None, "states": json.dumps(ACTIVE_STATES)})
+        conn.execute("SELECT count(*) FROM executions WHERE state = 'held'").fetchone()
+        conn.execute("SELECT count(*) FROM pending_acks").fetchone()
+        conn.execute("SELECT key, value FROM meta").fetchall()
+    except DamagedDatabase:
+        conn.close()
+        raise
+    except sqlite3.Error as exc:
+        conn.close()
+        if is_damage(exc):
+            raise DamagedDatabase(str(exc)) from exc
+        raise StoreError(f"cannot open command store {file}: {exc}") from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _check_version(conn: sqlite3.Connection, file: Path) -> None:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version not in (0, SCHEMA_VERSION):
+        raise StoreError(f"{file}: command store schema {version}, this gateway knows {SCHEMA_VERSION}")
+
+
+Salvage = tuple[list[tuple[str, int]], list[tuple[str, str | None, int | None]], list[tuple[float, str, str]]]
+
+
+def _salvage(aside: Path) -> Salvage:
+    """Best effort, read-only, bounded in time: the per-key seq, the command ids and the guard
+    window entries still readable in a quarantined store. Anything unreadable is skipped."""
+    keys: list[tuple[str, int]] = []
+    ids: list[tuple[str, str | None, int | None]] = []
+    guard: list[tuple[float, str, str]] = []
+    try:
+        conn = open_readonly(aside)
+    except sqlite3.Error:
+        return keys, ids, guard
+    try:
+        with time_limit(conn, _SALVAGE_BUDGET):
+            for key_id, seq in _rows(conn, "SELECT key_id, seq FROM key_seq"):
+                if isinstance(key_id, str) and isinstance(seq, int) and 0 <= seq < 2**63:
+                    keys.append((key_id, seq))
+            for cid, key_id, seq in _rows(conn, "SELECT id, key_id, seq FROM commands"):
+                if isinstance(cid, str):
+                    key = key_id if isinstance(key_id, str) else None
+                    ids.append((cid, key, seq if isinstance(seq, int) else None))
+            for at, cid, meter in _rows(conn, "SELECT at, command, meter FROM guard"):
+                if isinstance(at, float | int) and isinstance(cid, str) and isinstance(meter, str):
+                    guard.append((float(at), cid, meter))
+    finally:
+        conn.close()
+    return keys, ids, guard
+
+
+def _rows(conn: sqlite3.Connection, sql: str) -> list[tuple[Any, ...]]:
+    """The rows SQLite returns before an error (a damaged page ends the scan, not the salvage)."""
+    out: list[tuple[Any, ...]] = []
+    try:
+        out.extend(tuple(row) for row in conn.execute(sql))
+    except sqlite3.Error as exc:
+        log.debug("command store salvage: %s stopped: %s", sql, exc)
+    return out
 
 
 class _Transaction:

@@ -8,7 +8,7 @@ the byte before CS. :class:`Frame` holds the data *without* the 0x33 offset.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from protocols.dlt645.errors import LocalProtocolError, RemoteProtocolError
@@ -48,6 +48,10 @@ class Address:
     """
 
     wire: bytes
+    # The printed form when parsed from text: the caller's own string when it was already
+    # canonical, so 10,000 configured meters do not each hold a second copy of their address
+    # (a second slot costs nothing: the object stays in the same 48-byte allocator class).
+    _text: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.wire) != 6:
@@ -66,10 +70,13 @@ class Address:
         for byte in raw:
             if byte != 0xAA and ((byte >> 4) > 9 or (byte & 0x0F) > 9):
                 raise LocalProtocolError(f"address {text!r} is not BCD (byte {byte:02X})")
-        return cls(raw[::-1])
+        address = cls(raw[::-1])
+        # 12 characters that fromhex turned into 6 bytes are 12 hex digits: the canonical form
+        object.__setattr__(address, "_text", text if text == digits else digits)
+        return address
 
     def __str__(self) -> str:
-        return self.wire[::-1].hex().upper()
+        return self._text if self._text is not None else self.wire[::-1].hex().upper()
 
     def __repr__(self) -> str:
         return f"Address('{self}')"

@@ -1,0 +1,134 @@
+"""Finding a damaged SQLite file on open and moving it aside: shared by the stores that must not
+crash-loop the daemon on a damaged file (the command store, the audit log).
+
+The approach is the outbox's (docs/outbox.md "Damaged database: quarantine on open"): SQLite's
+own errors on first use (not a database, malformed image) and ``PRAGMA quick_check`` within a
+time budget count as damage; the file and its -wal/-shm are renamed to
+``<name>.corrupt-<UTC timestamp>`` (kept for forensics) and the caller starts a fresh one and
+logs its own one-line ``event=..._quarantined``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Final
+
+__all__ = [
+    "DEFAULT_CHECK_BUDGET",
+    "DamagedDatabase",
+    "is_damage",
+    "open_readonly",
+    "quarantine",
+    "quick_check",
+    "time_limit",
+]
+
+log = logging.getLogger(__name__)
+
+# Small state files (commands, audit): a quick_check of a few MiB takes milliseconds.
+DEFAULT_CHECK_BUDGET: Final = 1.0
+
+# SQLite primary result codes (https://www.sqlite.org/rescode.html)
+_SQLITE_CORRUPT: Final = 11
+_SQLITE_NOTADB: Final = 26
+_SIDE_FILES: Final = ("", "-wal", "-shm")
+
+
+class DamagedDatabase(Exception):
+    """The database file is damaged; the message says what SQLite found."""
+
+
+def is_damage(exc: BaseException) -> bool:
+    """True for SQLite's "this file is damaged" errors (CORRUPT, NOTADB), not for busy/full/I/O."""
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    text = str(exc).lower()
+    return primary in (_SQLITE_CORRUPT, _SQLITE_NOTADB) or "malformed" in text or "file is not a database" in text
+
+
+@contextlib.contextmanager
+def time_limit(conn: sqlite3.Connection, seconds: float) -> Iterator[None]:
+    """Interrupt whatever ``conn`` runs after ``seconds`` (it then raises OperationalError
+    "interrupted"). ``Connection.interrupt()`` from a timer: a progress handler would only run
+    between VDBE opcodes, and quick_check is one opcode for the whole file."""
+    lock = threading.Lock()
+    running = True
+
+    def expire() -> None:
+        with lock:  # never interrupt a statement after the block: only what runs inside it
+            if running:
+                conn.interrupt()
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        with lock:
+            running = False
+        timer.cancel()
+
+
+def quick_check(conn: sqlite3.Connection, budget: float, *, what: str, path: Path) -> None:
+    """Raise :class:`DamagedDatabase` with what ``PRAGMA quick_check`` (or opening the file) finds
+    wrong. A check cut short by ``budget`` seconds found nothing in what it covered: logged as
+    ``event=<what>_check_incomplete`` and the open goes on. ``budget <= 0`` skips the check."""
+    if budget <= 0:
+        return
+    started = time.monotonic()
+    try:
+        with time_limit(conn, budget):
+            rows = conn.execute("PRAGMA quick_check(5)").fetchall()
+    except sqlite3.OperationalError as exc:
+        if "interrupted" in str(exc).lower():
+            log.warning("event=%s_check_incomplete path=%s budget=%.1fs", what, path, budget)
+            return
+        if is_damage(exc):
+            raise DamagedDatabase(str(exc)) from exc
+        raise
+    except sqlite3.DatabaseError as exc:
+        if is_damage(exc):
+            raise DamagedDatabase(str(exc)) from exc
+        raise
+    log.debug("%s quick_check took %.3f s", what, time.monotonic() - started)
+    found = [str(r[0]) for r in rows]
+    if found != ["ok"]:
+        raise DamagedDatabase("; ".join(" ".join(f.split()) for f in found)[:400])
+
+
+def quarantine(db: Path) -> Path:
+    """Rename ``db`` and its -wal/-shm to ``<name>.corrupt-<UTC timestamp>[-n]`` (never over an
+    earlier quarantine); the new path of the main file. The caller logs the event."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = db.with_name(f"{db.name}.corrupt-{stamp}")
+    n = 1
+    while any(Path(f"{aside}{s}").exists() for s in _SIDE_FILES):
+        n += 1
+        aside = db.with_name(f"{db.name}.corrupt-{stamp}-{n}")
+    for suffix in _SIDE_FILES:
+        src = Path(f"{db}{suffix}")
+        if src.exists():
+            src.replace(Path(f"{aside}{suffix}"))
+    return aside
+
+
+def open_readonly(path: Path) -> sqlite3.Connection:
+    """A read-only connection to a (quarantined) file for best-effort salvage: with its -wal if
+    SQLite can use it, else the main file alone (``immutable``)."""
+    uri = path.resolve().as_uri()
+    conn = sqlite3.connect(f"{uri}?mode=ro", uri=True)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error:
+        conn.close()
+        conn = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True)
+    return conn
