@@ -83,6 +83,8 @@ _GATEWAY_NO_RESPONSE: Final = 0x0B
 _READ_FUNCTIONS: Final = frozenset(FUNCTIONS.values())
 _WRITE_COIL: Final = 5
 _WRITE_REGISTER: Final = 6
+# The largest Modbus ADU (TCP: 7-byte MBAP + 253-byte PDU; RTU: 256): more waiting input is noise.
+RECEIVE_BUFFER_CAP: Final = 260
 # §6.1-6.4: per-request limits of the read functions
 _MAX_COUNT: Final = {1: 2000, 2: 2000, 3: 125, 4: 125}
 
@@ -146,6 +148,7 @@ class ModbusLink:
         self._down_since: float | None = None
         self._silent = 0  # consecutive transactions without a reply
         self._quiet_until = -math.inf  # loop time the late-reply guard ends
+        self._receive_cap = RECEIVE_BUFFER_CAP  # input kept for the reply now awaited (see _trace_packet)
         self._in_flight = False  # a request is waiting for its reply
         self.rs485_active = False  # kernel RS-485 mode is on (serial links that asked for it)
         self._rs485_refusal_logged = False
@@ -305,8 +308,21 @@ class ModbusLink:
     def _trace_packet(self, sending: bool, data: bytes) -> bytes:
         if sending:
             self.stats.bytes_out += len(data)
-        else:
-            self.stats.bytes_in += len(data)
+            return data
+        # ``data`` is pymodbus' whole receive buffer (what is left over plus what arrived), so this
+        # counts left-over bytes again when a reply comes in pieces
+        self.stats.bytes_in += len(data)
+        cap = self._receive_cap
+        if len(data) > cap and self._client is not None:
+            # Line noise that never forms a frame would stay in pymodbus' buffer and be rescanned
+            # (RTU: a CRC per candidate length, in the event loop) on every chunk: keep only the
+            # tail that can still hold the awaited reply (pymodbus' scan is quadratic or worse in
+            # what it holds). pymodbus 3.11 cuts ``ctx.recv_buffer`` by what the framer used of
+            # the data returned here, so both are shortened alike.
+            kept = data[-cap:]
+            self._client.ctx.recv_buffer = kept
+            self.stats.overflow_dropped += len(data) - len(kept)
+            return kept
         return data
 
     def _trace_connect(self, connected: bool) -> None:
@@ -374,6 +390,7 @@ class ModbusLink:
                 await asyncio.sleep(wait)
             self.transactions += 1
             call = _request(client, function, unit, address, arg)
+            self._receive_cap = 2 * _reply_size(function, arg) + 8
             self._in_flight = True
             try:
                 response = await call
@@ -446,6 +463,15 @@ def _check_span(function: int, address: int, count: int) -> None:
         raise ConfigurationError(f"function {function} reads 1..{limit} at a time, not {count}")
     if address < 0 or address + count > 0x10000:
         raise ConfigurationError(f"addresses {address}..{address + count - 1} are outside 0..65535")
+
+
+def _reply_size(function: int, arg: int | bool) -> int:
+    """Bytes of the RTU reply to a request (unit, function, payload, CRC)."""
+    if function in (1, 2):
+        return 5 + (int(arg) + 7) // 8
+    if function in (3, 4):
+        return 5 + 2 * int(arg)
+    return 8  # a write is echoed
 
 
 def _request(

@@ -113,7 +113,9 @@ class LinkStats:
 
 
 PARITIES = {"N": "none", "E": "even", "O": "odd"}
-SERIAL_RECONNECT = BackoffPolicy(initial=0.5, maximum=30.0)
+# A failed open of a missing device path costs nothing: retry often enough that a returning
+# adapter is back within seconds (the field expects < 10 s), never spinning.
+SERIAL_RECONNECT = BackoffPolicy(initial=0.5, maximum=5.0)
 TCP_RECONNECT = BackoffPolicy(initial=1.0, maximum=60.0)
 
 

@@ -185,7 +185,7 @@ def decode_envelope(payload: bytes) -> CommandEnvelope:
         raise ContractError(f"command envelope of {len(payload)} bytes, more than {MAX_ENVELOPE_BYTES}")
     try:
         env = _envelope_decoder.decode(payload)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:  # bad UTF-8, JSON nested too deep
         raise ContractError(f"bad command envelope: {exc}") from None
     env.check()
     return env
@@ -197,7 +197,7 @@ def peek_command_id(payload: bytes) -> str | None:
         return None
     try:
         raw = msgspec.json.decode(payload)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None
     value = raw.get("id") if isinstance(raw, dict) else None
     return value if isinstance(value, str) and _ID.fullmatch(value) else None
@@ -214,7 +214,7 @@ def decode_ack(payload: bytes) -> Ack:
     """Decode an ack; unknown fields are ignored (new optional fields do not bump the version)."""
     try:
         ack = _ack_decoder.decode(payload)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:  # bad UTF-8, JSON nested too deep
         raise ContractError(f"bad ack: {exc}") from None
     if ack.v != CONTRACT_VERSION:
         raise ContractError(f"ack version {ack.v}, expected {CONTRACT_VERSION}")
