@@ -193,7 +193,7 @@ async def _send_burst(gw: Gateway, payloads: list[bytes]) -> float:
 @pytest.mark.asyncio
 @pytest.mark.timeout(scale(120, 900))
 async def test_a_thousand_disconnects_in_a_second_are_held_by_the_guard(tmp_path: Path, mosquitto: Broker) -> None:
-    n, limit, meters_on_bus = 1000, 10, 20  # see docs/reliability-input.md: 5,000 exceed mosquitto's queue
+    n, limit, meters_on_bus = 1000, 10, 20  # see docs/reliability.md finding 10: 5,000 exceed mosquitto's queue
     async with counting_bus(meters_on_bus) as handle:
         ids = [mid(m) for m in handle.meters]
         cmds = [envelope("disconnect", [ids[i % meters_on_bus]], expires=600) for i in range(n)]

@@ -1,4 +1,4 @@
-"""Crash and broker faults against the real daemon (docs/reliability-crash.md has the table).
+"""Crash and broker faults against the real daemon (docs/reliability.md has the table).
 
 1. ``meter-gateway run`` SIGKILLed at random moments while it polls, many times over: every row
    it ever committed reaches the subscriber after a restart, ``PRAGMA quick_check`` is ``ok``
