@@ -526,3 +526,35 @@ def test_decoded_values_are_json_friendly() -> None:
     for value in samples:
         json.dumps({"value": value.value, "fields": value.fields})
         assert isinstance(value.fields, Mapping)
+
+
+def test_repeated_decodes_of_a_number_match_the_first_and_still_name_bad_bytes() -> None:
+    """The second decode of a numeric DI takes the catalogue's shortcut: same values, same errors."""
+    packaged = default_catalogue()
+    cases = [
+        (E07, 0x00010000, _energy("26"), b"\x0a\x00\x00\x00"),
+        (E97, 0x9010, _energy("123456"), b"\x00\x00\xf0\x00"),
+        (E07, 0x02010100, bytes.fromhex("2002"), bytes.fromhex("2a02")),  # voltage, XXX.X
+        (E07, 0x00000000, bytes.fromhex("00000080"), bytes.fromhex("0000008a")),  # signed: -0.00
+        (E07, 0x00000100, bytes.fromhex("34120090"), bytes.fromhex("3412009a")),  # signed: -100001234
+        (E07, 0x7E000001, _energy("7"), b"\x00\x00\x00\xa0"),  # made up, with nth
+    ]
+    nth_item = DataItem(E07, 0x7E000001, "Test energy (-1)", "XXXXXX.XX", 4, "kWh", "test.energy", nth=1)
+    catalogue = Catalogue.from_items(
+        [nth_item, *(packaged.require(edition, di) for edition, di, _, _ in cases if di != nth_item.di)]
+    )
+    for edition, di, raw, bad in cases:
+        first = catalogue.decode(edition, di, raw)
+        again = catalogue.decode(edition, di, bytearray(raw))
+        assert again == first
+        if di != nth_item.di:
+            assert first == packaged.decode(edition, di, raw)
+        assert again[0] is not first[0]
+        again[0].fields["scribble"] = 1  # each decode hands out its own fields
+        assert "scribble" not in catalogue.decode(edition, di, raw)[0].fields
+        for wrong in (bad, raw[:-1], raw + b"\x00", b""):
+            with pytest.raises(RemoteProtocolError, match=edition.format_di(di)):
+                catalogue.decode(edition, di, wrong)
+    assert catalogue.decode(E07, 0x00000100, bytes.fromhex("34120090"))[0].value == -100012.34
+    [nth] = catalogue.decode(E07, nth_item.di, _energy("7"))
+    assert (nth.value, nth.unit, nth.timestamp, nth.fields) == (0.07, "kWh", None, {"nth": 1})

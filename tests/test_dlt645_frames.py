@@ -409,3 +409,61 @@ def test_preamble_is_not_noise_and_reset_drops_stale_input() -> None:
     deframer.feed(frame.encode()[:5])
     assert deframer.reset() == frame.encode()[:5]
     assert deframer.buffered == 0
+
+
+def test_edition_di_length_and_hash_are_per_member_constants() -> None:
+    assert (E7.di_length, E97.di_length) == (4, 2)
+    assert Edition("2007") is E7
+    assert Edition.parse("dlt645-1997") is E97
+    table = {E7: "seven", E97: "ninety-seven"}
+    assert table[Edition("2007")] == "seven"
+    assert table[Edition("1997")] == "ninety-seven"
+    assert len({E7, E97, Edition("2007")}) == 2
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from([(E7, 0x91), (E97, 0x81), (E7, 0x81), (E97, 0x91), (E7, 0xB1), (E7, 0x92)]),
+    st.binary(max_size=12),
+    st.booleans(),
+)
+def test_plain_read_reply_fast_path_is_the_general_parser(
+    case: tuple[Edition, int], data: bytes, interned: bool
+) -> None:
+    """parse_message's shortcut for 91/81 gives exactly what ReadReply.parse gives (or its error)."""
+    edition, byte = case
+    control = Control.from_byte(byte)
+    if not interned:  # an equal Control built by hand takes the general path: same result
+        control = Control(control.function, control.from_meter, control.abnormal, control.follow_up)
+    frame = Frame(Address.parse("000000000161"), control, data)
+    try:
+        expected: object = ReadReply.parse(frame, edition)
+    except RemoteProtocolError as exc:
+        expected = str(exc)
+    try:
+        found: object = parse_message(frame, edition)
+    except RemoteProtocolError as exc:
+        found = str(exc)
+    if byte in ({0x91, 0xB1, 0x92} if edition is E7 else {0x81}):
+        assert found == expected
+        if isinstance(found, ReadReply) and byte in {0x91, 0x81}:
+            assert found.seq is None
+            assert not found.more
+            assert found.encode(edition) == frame.encode()
+    else:  # not a read reply of this edition
+        assert found == f"control code {byte:02X} is not a DL/T 645-{edition.value} reply function"
+
+
+def test_deframer_accepts_any_bytes_like_chunk_and_keeps_partial_input() -> None:
+    frame = Frame(Address.parse("000000000001"), Control(0x11, from_meter=True), bytes.fromhex("33333433"))
+    wire = b"\xfe\xfe" + frame.encode()
+    for chunk_type in (bytes, bytearray, memoryview):
+        deframer = Deframer()
+        assert deframer.feed(chunk_type(wire[:9])) == []
+        assert deframer.buffered == 7  # the two preamble bytes are counted, not held
+        assert deframer.feed(chunk_type(wire[9:])) == [frame]
+        assert (deframer.buffered, deframer.preamble_bytes) == (0, 2)
+    deframer = Deframer()
+    events = deframer.feed(b"\xfe\x01\xfe" + frame.encode())
+    assert events == [Discarded("noise", b"\x01"), frame]
+    assert deframer.preamble_bytes == 2

@@ -44,6 +44,7 @@ from protocols.dlt645.edition import Edition
 from protocols.dlt645.errors import LocalProtocolError, RemoteProtocolError
 from protocols.dlt645.formats import (
     FieldValue,
+    _number_decoder,
     decode_field,
     encode_field,
     format_length,
@@ -156,6 +157,8 @@ class _Table:
             self._items[item.di] = item
             self._order.append(item.di)
         self._parts: dict[int, tuple[DataItem, ...]] = {}
+        # DI -> (item, decoder) of the plain numeric items decoded so far: the poll's hot path
+        self.numbers: dict[int, tuple[DataItem, Callable[[bytes], FieldValue]]] = {}
         self._by_quantity: dict[str, DataItem] | None = None
         self._by_key: dict[tuple[str, int | None], DataItem] = {}
 
@@ -280,18 +283,39 @@ class Catalogue:
 
     # -- decoding ------------------------------------------------------------------------------
 
-    def decode(self, edition: Edition, di: int, raw: bytes) -> list[DecodedValue]:
+    def decode(self, edition: Edition, di: int, raw: bytes | bytearray | memoryview) -> list[DecodedValue]:
         """Decode the data field of ``di`` (offset removed, DI bytes stripped)."""
-        raw = bytes(raw)
-        item = self.get(edition, di)
+        if type(raw) is not bytes:
+            raw = bytes(raw)
+        table = self._tables.get(edition) or self._table(edition)
+        number = table.numbers.get(di)
+        if number is not None:
+            # A plain numeric item (most polled values): what _decode_item and _decoded do for it,
+            # without their calls. Bytes that do not fit take the full path, which says why.
+            known, decode = number
+            if len(raw) == known.length:
+                try:
+                    value = decode(raw)
+                except RemoteProtocolError:
+                    pass
+                else:
+                    fields: dict[str, object] = {} if known.nth is None else {"nth": known.nth}
+                    return [DecodedValue(di, known, known.name, known.quantity, value, known.unit, None, fields)]
+        item = table.get(di)
         if item is None:
             return [DecodedValue(di, None, "unknown", None, raw.hex().upper(), None, None, {})]
         if not raw:
             raise RemoteProtocolError(f"{item.di_text} ({item.name}): the reply has no data")
         try:
-            return self._decode_item(item, raw)
+            values = self._decode_item(item, raw)
         except RemoteProtocolError as exc:
             raise RemoteProtocolError(f"{item.di_text} ({item.name}): {exc}") from exc
+        if item.kind == "value" and item.format is not None and di not in table.numbers:
+            # decoded: so the format exists and its length is the item's
+            found = _number_decoder(item.format)
+            if found is not None:
+                table.numbers[di] = (item, found)
+        return values
 
     def _decode_item(self, item: DataItem, raw: bytes) -> list[DecodedValue]:
         if item.kind == "block":

@@ -26,6 +26,7 @@ from protocols.dlt645.frame import (  # the hot path indexes these tables direct
     END,
     HEADER_LENGTH,
     OVERHEAD,
+    PREAMBLE,
     START,
     Address,
     Frame,
@@ -58,7 +59,7 @@ class Deframer:
         if not 0 <= max_data_length <= 255:
             raise ValueError("max_data_length must be within 0..255")
         self.max_data_length = max_data_length
-        self._buf = bytearray()
+        self._buf = b""  # the unresolved tail of the input: empty between whole frames
         self._addresses: dict[bytes, Address] = {}
         self.preamble_bytes = 0  # FE wake-up bytes skipped (not noise, so counted apart)
 
@@ -73,18 +74,21 @@ class Deframer:
 
     def reset(self) -> bytes:
         """Drop and return whatever partial input is held (stale input before a new request)."""
-        stale = bytes(self._buf)
-        self._buf.clear()
+        stale = self._buf
+        self._buf = b""
         return stale
 
-    def feed(self, data: bytes) -> list[Event]:
-        # Scan an immutable copy by index and keep only the unresolved tail: cheaper than
-        # deleting from the front of a bytearray once per frame.
-        buf = bytes(self._buf) + data if self._buf else bytes(data)
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        # Scan immutable bytes by index and keep only the unresolved tail: cheaper than deleting
+        # from the front of a bytearray once per frame. Between frames the tail is empty, and a
+        # bytes chunk is then scanned as it came, without a copy.
+        held = self._buf
+        buf = held + data if held else data if type(data) is bytes else bytes(data)
         n = len(buf)
         pos = 0
         events: list[Event] = []
         max_length = self.max_data_length
+        addresses = self._addresses
         while pos < n:
             start = buf.find(START, pos)
             if start < 0:
@@ -92,7 +96,10 @@ class Deframer:
                 pos = n
                 break
             if start > pos:
-                self._drop(events, buf[pos:start])
+                if buf.count(PREAMBLE, pos, start) == start - pos:  # only wake-up bytes: the usual case
+                    self.preamble_bytes += start - pos
+                else:
+                    self._drop(events, buf[pos:start])
                 pos = start
             if n - pos >= 8 and buf[pos + 7] != START:
                 events.append(Discarded("noise", buf[pos : pos + 1]))
@@ -127,9 +134,14 @@ class Deframer:
                 )
                 pos += 1
                 continue
-            events.append(self._frame(buf, pos, length))
+            wire = buf[pos + 1 : pos + 7]
+            address = addresses.get(wire)
+            if address is None:
+                address = self._address(wire)
+            payload = buf[pos + HEADER_LENGTH : end - 2].translate(_SUB_33)
+            events.append(Frame(address, _CONTROLS[buf[pos + 8]], payload))
             pos = end
-        self._buf = bytearray(buf[pos:]) if pos < n else bytearray()
+        self._buf = buf[pos:] if pos < n else b""
         return events
 
     def _drop(self, events: list[Event], chunk: bytes) -> None:
@@ -157,12 +169,9 @@ class Deframer:
             pos = buf.find(START, pos + 1)
         return -1
 
-    def _frame(self, buf: bytes, pos: int, length: int) -> Frame:
-        wire = buf[pos + 1 : pos + 7]
-        address = self._addresses.get(wire)
-        if address is None:
-            if len(self._addresses) > 4096:  # a bus rarely has more meters; keep the cache bounded
-                self._addresses.clear()
-            address = self._addresses[wire] = Address(wire)
-        data = buf[pos + HEADER_LENGTH : pos + HEADER_LENGTH + length]
-        return Frame(address, _CONTROLS[buf[pos + 8]], data.translate(_SUB_33))
+    def _address(self, wire: bytes) -> Address:
+        """A new address for the cache (decoded once per meter, then shared by its frames)."""
+        if len(self._addresses) > 4096:  # a bus rarely has more meters; keep the cache bounded
+            self._addresses.clear()
+        address = self._addresses[wire] = Address(wire)
+        return address

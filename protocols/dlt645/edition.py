@@ -9,9 +9,16 @@ class Edition(enum.Enum):
     DLT645_2007 = "2007"  # 4-byte data identifiers
     DLT645_1997 = "1997"  # 2-byte data identifiers
 
-    @property
-    def di_length(self) -> int:
-        return 4 if self is Edition.DLT645_2007 else 2
+    # Bytes of a data identifier. A plain attribute set once per member, not a property: every
+    # frame reads it, and a property call runs in Python each time.
+    di_length: int
+
+    def __init__(self, value: str) -> None:
+        self.di_length = 4 if value == "2007" else 2
+
+    # Members are singletons and compare by identity, so the identity hash (in C) is consistent
+    # with equality; Enum's own hashes the name in Python on every dict look-up keyed by an edition.
+    __hash__ = object.__hash__
 
     def format_di(self, di: int) -> str:
         """Printed order, most significant byte first (``00010000``, ``9010``)."""

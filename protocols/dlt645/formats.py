@@ -137,7 +137,7 @@ def _year_pair(name: str, year: int) -> int:
 class _Bcd:
     """Packed BCD number with ``decimals`` digits after the point; optional sign bit."""
 
-    __slots__ = ("decimals", "digits", "length", "name", "signed")
+    __slots__ = ("_scale", "decimals", "digits", "length", "name", "signed")
 
     def __init__(self, name: str, digits: int, decimals: int, signed: bool) -> None:
         self.name = name
@@ -145,6 +145,7 @@ class _Bcd:
         self.digits = digits
         self.decimals = decimals
         self.signed = signed
+        self._scale = 10**decimals  # an exact int: number / scale is the correctly rounded float
 
     def decode(self, raw: bytes) -> FieldValue:
         negative = False
@@ -163,7 +164,7 @@ class _Bcd:
         number = int(text)
         if negative:
             number = -number
-        return number if self.decimals == 0 else number / 10**self.decimals
+        return number if self.decimals == 0 else number / self._scale
 
     def encode(self, value: object) -> bytes:
         if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
@@ -399,6 +400,13 @@ def _lookup(fmt: str) -> _Format:
     parsed = _Bcd(fmt, digits, len(fraction or ""), bool(sign))
     _cache[fmt] = parsed
     return parsed
+
+
+def _number_decoder(fmt: str) -> Callable[[bytes], FieldValue] | None:
+    """The decoder of a numeric (BCD) format, for a caller that checks the length itself and
+    wants no more per value than the decode (the catalogue's hot path); None for other formats."""
+    found = _lookup(fmt)
+    return found.decode if isinstance(found, _Bcd) else None
 
 
 def format_length(fmt: str) -> int:

@@ -21,7 +21,7 @@ from protocols.dlt645.edition import Edition
 from protocols.dlt645.error_words import error_flags, remote_control_flags
 from protocols.dlt645.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from protocols.dlt645.formats import decode_field, encode_field
-from protocols.dlt645.frame import BROADCAST, WILDCARD, Address, Control, Frame
+from protocols.dlt645.frame import _CONTROLS, BROADCAST, WILDCARD, Address, Control, Frame
 from protocols.dlt645.remote_control import RemoteCommand
 
 E7 = Edition.DLT645_2007
@@ -678,9 +678,22 @@ _REPLIES: dict[Edition, dict[int, _Parser]] = {
 }
 
 
+# The plain read reply (2007 0x91, 1997 0x81) answers nearly every poll: parse_message reads it
+# without the table look-ups. The deframer hands out these very Control objects; another equal
+# Control (built by hand) simply takes the general path.
+_PLAIN_READ_REPLY_2007 = _CONTROLS[0x91]
+_PLAIN_READ_REPLY_1997 = _CONTROLS[0x81]
+
+
 def parse_message(frame: Frame, edition: Edition) -> Message:
     """The application message carried by ``frame``, read with the meter's ``edition``."""
     control = frame.control
+    if (control is _PLAIN_READ_REPLY_2007 and edition is E7) or (control is _PLAIN_READ_REPLY_1997 and edition is E97):
+        # What ReadReply.parse does for it: DI, then the value; no SEQ, no follow-up flag.
+        data = frame.data
+        n = edition.di_length
+        if len(data) >= n:
+            return ReadReply(frame.address, int.from_bytes(data[:n], "little"), data[n:], False, None)
     if control.from_meter and control.abnormal:
         return ErrorReply.parse(frame, edition)
     table = _REPLIES if control.from_meter else _REQUESTS
