@@ -291,6 +291,7 @@ class Dlt645Driver:
         self.clock = clock
         self.catalogue = catalogue or default_catalogue()
         self._history = history_for(bus)
+        self._history.deframer.know(self._address)  # replies share this meter's Address object
         self._info = _model_info(model, self.catalogue, meter_id)
         self._refused_blocks: frozenset[int] = frozenset()  # blocks this meter said it lacks
         self._plans: dict[tuple[str, ...], tuple[tuple[str, ...], Plan]] | None = None  # once a block is refused

@@ -467,3 +467,15 @@ def test_deframer_accepts_any_bytes_like_chunk_and_keeps_partial_input() -> None
     events = deframer.feed(b"\xfe\x01\xfe" + frame.encode())
     assert events == [Discarded("noise", b"\x01"), frame]
     assert deframer.preamble_bytes == 2
+
+
+def test_a_known_address_is_shared_by_the_frames_that_carry_it() -> None:
+    mine = Address.parse("000012345678")
+    other = Address.parse("000012345679")
+    deframer = Deframer()
+    deframer.know(mine)
+    data = b"".join(Frame(a, Control(0x11, from_meter=True), bytes(4)).encode(2) for a in (mine, other))
+    frames = [e for e in deframer.feed(data) if isinstance(e, Frame)]
+    assert [f.address for f in frames] == [mine, other]
+    assert frames[0].address is mine  # the caller's object, not a decoded copy
+    assert frames[1].address is not other  # unknown ones are decoded as before

@@ -169,6 +169,12 @@ class Deframer:
             pos = buf.find(START, pos + 1)
         return -1
 
+    def know(self, address: Address) -> None:
+        """Seed the address cache with an address the caller already holds (a driver's meter), so
+        frames from that meter share it instead of decoding and keeping a copy per bus."""
+        if len(self._addresses) <= 4096:
+            self._addresses.setdefault(address.wire, address)
+
     def _address(self, wire: bytes) -> Address:
         """A new address for the cache (decoded once per meter, then shared by its frames)."""
         if len(self._addresses) > 4096:  # a bus rarely has more meters; keep the cache bounded
