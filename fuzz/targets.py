@@ -134,9 +134,10 @@ def _modbus_requests() -> tuple[Any, ...]:
 
 def _framer(framing: str) -> Any:
     from pymodbus.framer import FramerRTU, FramerSocket
-    from pymodbus.pdu import DecodePDU
 
-    decoder = DecodePDU(False)  # client side: decodes responses
+    from drivers.modbus import ReplyDecoder
+
+    decoder = ReplyDecoder(False)  # client side, as drivers/modbus.py installs it on its clients
     return FramerRTU(decoder) if framing == "rtu" else FramerSocket(decoder)
 
 
@@ -221,8 +222,8 @@ def _modbus() -> Target:
 
     return Target(
         "modbus",
-        "pymodbus FramerRTU/FramerSocket + client DecodePDU (as drivers/modbus.py), ModbusLink's reply checks, "
-        "decode_block over every read the shipped models plan",
+        "pymodbus FramerRTU/FramerSocket + drivers.modbus.ReplyDecoder (as drivers/modbus.py's clients), "
+        "ModbusLink's reply checks, decode_block over every read the shipped models plan",
         _modbus_reply(),
         _run_modbus,
         (ModbusException, BadReply, MeterRefused),

@@ -586,3 +586,18 @@ async def test_replies_that_do_not_fit(pdu: bytes, error: str | None) -> None:
         await link.close()
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.parametrize("pdu", [b"\x0b\x00", b"\x16\x00", b"\x0c\x00"])
+def test_truncated_reply_pdus_are_undecodable_not_a_crash(pdu: bytes) -> None:
+    """pymodbus' own decoder lets struct.error out of these (found by `python -m fuzz modbus`);
+    in a client that escapes data_received and asyncio drops the connection."""
+    import struct
+
+    from pymodbus.pdu import DecodePDU
+
+    from drivers.modbus import ReplyDecoder
+
+    with pytest.raises(struct.error):
+        DecodePDU(False).decode(pdu)
+    assert ReplyDecoder(False).decode(pdu) is None
