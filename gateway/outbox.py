@@ -52,6 +52,7 @@ from typing import Any, NamedTuple, TypeVar
 from drivers.reading import Quality, Reading
 from gateway import outbox_schema
 from gateway.outbox_schema import COUNTER_NAMES, SchemaError
+from gateway.sqlite_check import is_damage
 
 __all__ = [
     "AddResult",
@@ -85,9 +86,7 @@ _IN_CHUNK = 500  # ids per "IN (...)" lookup, well under SQLite's bound-paramete
 _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6
 _SQLITE_IOERR = 10
-_SQLITE_CORRUPT = 11
 _SQLITE_FULL = 13
-_SQLITE_NOTADB = 26
 
 
 class Synchronous(enum.StrEnum):
@@ -198,15 +197,6 @@ PROCESS_COUNTERS: tuple[str, ...] = ("storage_errors", "quarantined", "wal_lost"
 
 class _Damaged(Exception):
     """The database file is damaged (found on open); it is to be quarantined."""
-
-
-def _is_damage(exc: BaseException) -> bool:
-    if not isinstance(exc, sqlite3.DatabaseError):
-        return False
-    code = getattr(exc, "sqlite_errorcode", None)
-    primary = code & 0xFF if isinstance(code, int) else None
-    text = str(exc).lower()
-    return primary in (_SQLITE_CORRUPT, _SQLITE_NOTADB) or "malformed" in text or "file is not a database" in text
 
 
 def _classify(exc: BaseException) -> str | None:
@@ -402,7 +392,7 @@ class Outbox:
                 )
             except sqlite3.DatabaseError as exc:
                 conn.close()
-                if _is_damage(exc):
+                if is_damage(exc):
                     raise _Damaged(str(exc)) from exc
                 raise
             except BaseException:
