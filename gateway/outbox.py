@@ -75,7 +75,7 @@ DEFAULT_HOLD_LIMIT = 100_000
 # Seconds the open-time quick_check may take: on a large backlog it stops there (logged) rather
 # than delay the start. Measured on 1,000,000 rows: see docs/outbox.md "Damaged database".
 DEFAULT_CHECK_BUDGET = 2.0
-ACK_GROUP_ROWS = 5_000  # acked rows deleted per writer transaction at most (see AsyncOutbox._take_acks)
+ACK_GROUP_ROWS = 20_000  # acked rows deleted per writer transaction at most (see AsyncOutbox._take_acks)
 # A fresh database has too few rows for a measured per-row size; this is above the real
 # figure (about 150-200 bytes with the unique index) so the budget errs on the safe side.
 _INITIAL_ROW_ESTIMATE = 256
