@@ -41,7 +41,6 @@ import math
 import os
 import sqlite3
 import threading
-import time
 from array import array
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from gateway.schedule import DEFAULT_RESYNC_AFTER, latest_freeze_date
+from gateway.sqlite_check import quarantine
 
 if TYPE_CHECKING:
     from gateway.config import Config
@@ -134,12 +134,8 @@ class CursorStore:
         except sqlite3.DatabaseError as exc:
             if isinstance(exc, sqlite3.OperationalError) and "unable to open" in str(exc):
                 raise CursorStoreError(f"cannot open cursor store {db}: {exc}") from exc
-            aside = _aside(db)
+            aside = quarantine(db)
             log.error("event=cursor_store_unreadable path=%s error=%r moved_to=%s", db, str(exc)[:300], aside)  # noqa: TRY400 (one line, no traceback: the cause is the file)
-            for suffix in ("", "-wal", "-shm"):
-                src = Path(str(db) + suffix)
-                if src.exists():
-                    src.replace(Path(str(aside) + suffix))
             store = cls(_connect(db), db)
             store.quarantined = aside
             return store
@@ -335,16 +331,6 @@ def _quick_check(conn: sqlite3.Connection) -> None:
     found = [str(r[0]) for r in conn.execute("PRAGMA quick_check(5)").fetchall()]
     if found != ["ok"]:
         raise sqlite3.DatabaseError("quick_check: " + "; ".join(" ".join(f.split()) for f in found))
-
-
-def _aside(db: Path) -> Path:
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    aside = db.with_name(f"{db.name}.corrupt-{stamp}")
-    n = 1
-    while any(Path(f"{aside}{s}").exists() for s in ("", "-wal", "-shm")):
-        n += 1
-        aside = db.with_name(f"{db.name}.corrupt-{stamp}-{n}")
-    return aside
 
 
 def _check_version(conn: sqlite3.Connection, db: Path) -> None:

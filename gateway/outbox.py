@@ -52,7 +52,7 @@ from typing import Any, NamedTuple, TypeVar
 from drivers.reading import Quality, Reading
 from gateway import outbox_schema
 from gateway.outbox_schema import COUNTER_NAMES, SchemaError
-from gateway.sqlite_check import is_damage
+from gateway.sqlite_check import is_damage, quarantine
 
 __all__ = [
     "AddResult",
@@ -919,16 +919,7 @@ def _quick_check(conn: sqlite3.Connection, db: Path, budget: float) -> None:
 
 def _quarantine(db: Path, reason: str) -> Path:
     """Rename a damaged database (and its -wal/-shm) aside with a UTC timestamp; return its new path."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    aside = db.with_name(f"{db.name}.corrupt-{stamp}")
-    n = 1
-    while any(Path(f"{aside}{s}").exists() for s in ("", "-wal", "-shm")):
-        n += 1
-        aside = db.with_name(f"{db.name}.corrupt-{stamp}-{n}")
-    for suffix in ("", "-wal", "-shm"):
-        src = Path(f"{db}{suffix}")
-        if src.exists():
-            src.replace(Path(f"{aside}{suffix}"))
+    aside = quarantine(db)
     # one line, no traceback: the cause is the file, not the code
     log.error(
         "event=outbox_quarantined path=%s moved_to=%s reason=%r action=fresh_outbox "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -20,6 +19,7 @@ import pytest
 from drivers.reading import Quality, Reading
 from gateway import outbox_cmd, outbox_schema
 from gateway.outbox import AsyncOutbox, Outbox, OutboxError, OverflowPolicy, SchemaError
+from tests.plugins.tmpfs import small_tmpfs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -339,20 +339,6 @@ def test_full_disk_holds_readings_in_memory_and_recovers(db: Path, caplog: pytes
         assert box.stats().totals["disk_full_events"] == 1  # persisted once the disk took writes
     finally:
         box.close()
-
-
-@contextlib.contextmanager
-def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
-    path.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, check=False
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()}); the page-limit test covers it")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def test_real_full_filesystem_is_survived(tmp_path: Path) -> None:

@@ -12,9 +12,8 @@ import logging
 import os
 import shutil
 import sqlite3
-import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import closing
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -41,6 +40,7 @@ from tests.faults import scale
 from tests.plugins.broker import Broker, Subscriber
 from tests.plugins.ports import free_port
 from tests.plugins.simulators import SimBusFactory, SimBusHandle
+from tests.plugins.tmpfs import small_tmpfs
 from tests.test_daemon import TOPICS, config_text, start_daemon, stop_daemon, wait_until
 from tests.test_daemon import scrape as scrape_or_raise
 
@@ -311,20 +311,6 @@ async def test_daemon_started_on_a_damaged_outbox_publishes_nothing_from_it(
 
 
 # -- 5. a full disk under the running daemon ---------------------------------------------------
-
-
-@contextlib.contextmanager
-def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
-    path.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, check=False
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()}): needs root or CAP_SYS_ADMIN")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def fill(fs: Path) -> Path:
