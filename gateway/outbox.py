@@ -40,7 +40,6 @@ import math
 import os
 import sqlite3
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -52,7 +51,7 @@ from typing import Any, NamedTuple, TypeVar
 from drivers.reading import Quality, Reading
 from gateway import outbox_schema
 from gateway.outbox_schema import COUNTER_NAMES, SchemaError
-from gateway.sqlite_check import is_damage, quarantine
+from gateway.sqlite_check import DamagedDatabase, is_damage, quarantine, quick_check
 
 __all__ = [
     "AddResult",
@@ -193,10 +192,6 @@ class OutboxStats:
 # Process-only counters (not persisted): a quarantine starts a fresh file, so it cannot be a
 # lifetime total of that file.
 PROCESS_COUNTERS: tuple[str, ...] = ("storage_errors", "quarantined", "wal_lost")
-
-
-class _Damaged(Exception):
-    """The database file is damaged (found on open); it is to be quarantined."""
 
 
 def _classify(exc: BaseException) -> str | None:
@@ -378,7 +373,7 @@ class Outbox:
             conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False, timeout=5.0)
             try:
                 _configure(conn, db, sync, page_limit)
-                _quick_check(conn, db, check_budget)
+                quick_check(conn, check_budget, what="outbox", path=db)
                 outbox_schema.migrate(conn)
                 return cls(
                     conn,
@@ -393,7 +388,7 @@ class Outbox:
             except sqlite3.DatabaseError as exc:
                 conn.close()
                 if is_damage(exc):
-                    raise _Damaged(str(exc)) from exc
+                    raise DamagedDatabase(str(exc)) from exc
                 raise
             except BaseException:
                 conn.close()
@@ -403,11 +398,11 @@ class Outbox:
             lost_frames = _wal_lost(db)
             try:
                 box = connect()
-            except _Damaged as exc:
+            except DamagedDatabase as exc:
                 aside = _quarantine(db, str(exc))
                 try:
                     box = connect()
-                except _Damaged as again:
+                except DamagedDatabase as again:
                     raise OutboxError(f"outbox {db}: a fresh database is damaged too: {again}") from again
                 box._note_quarantine(aside, str(exc))
             else:
@@ -873,48 +868,6 @@ def _configure(conn: sqlite3.Connection, db: Path, sync: Synchronous, page_limit
     conn.execute("PRAGMA journal_size_limit = 8388608")
     if page_limit is not None:
         conn.execute(f"PRAGMA max_page_count = {int(page_limit):d}")
-
-
-def _quick_check(conn: sqlite3.Connection, db: Path, budget: float) -> None:
-    """Raise _Damaged with what ``PRAGMA quick_check`` finds wrong; stop after ``budget`` seconds.
-
-    quick_check verifies every b-tree page's structure and record format (not index-to-table
-    agreement, which needs the full integrity_check). A check cut short by the budget found
-    nothing in what it covered: the start goes on, and the cut is logged.
-
-    The bound is ``Connection.interrupt()`` from a timer thread: quick_check is one VDBE opcode
-    for the whole file, so a progress handler would only run after it (measured: 8.7 s on a
-    cold 1,000,000-row file with a 1 s budget).
-    """
-    if budget <= 0:
-        return
-    lock = threading.Lock()
-    running = True
-
-    def expire() -> None:
-        with lock:  # never interrupt a statement after the check: only the check itself
-            if running:
-                conn.interrupt()
-
-    timer = threading.Timer(budget, expire)
-    timer.daemon = True
-    timer.start()
-    started = time.monotonic()
-    try:
-        rows = conn.execute("PRAGMA quick_check(5)").fetchall()
-    except sqlite3.OperationalError as exc:
-        if "interrupted" not in str(exc).lower():
-            raise
-        log.warning("event=outbox_check_incomplete path=%s budget=%.1fs", db, budget)
-        return
-    finally:
-        with lock:
-            running = False
-        timer.cancel()
-    log.debug("outbox quick_check took %.3f s", time.monotonic() - started)
-    found = [str(r[0]) for r in rows]
-    if found != ["ok"]:
-        raise _Damaged("; ".join(" ".join(f.split()) for f in found)[:400])
 
 
 def _quarantine(db: Path, reason: str) -> Path:
