@@ -151,16 +151,16 @@ class _PriorityGate:
     async def acquire(self, priority: int) -> None:
         if self.try_acquire():
             return
-        fut = self.enqueue(priority)
+        fut = self.enqueue(asyncio.get_running_loop(), priority)
         try:
             await fut
         except asyncio.CancelledError:
             self.abandon(fut)
             raise
 
-    def enqueue(self, priority: int) -> asyncio.Future[None]:
+    def enqueue(self, loop: asyncio.AbstractEventLoop, priority: int) -> asyncio.Future[None]:
         """Queue for the gate: the future resolves when it is ours (``acquire`` without a coroutine)."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[None] = loop.create_future()
         heapq.heappush(self._waiters, (priority, next(self._order), fut))
         return fut
 
@@ -197,6 +197,7 @@ class Bus:
         self.counters = BusCounters()
         self._gate = _PriorityGate()
         self._rng = rng or random.Random()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop we run in (see _admit)
         self._last_tx_end = -math.inf  # loop time our last request left the wire
         self._last_job_end = -math.inf
         self._closed = False
@@ -249,9 +250,11 @@ class Bus:
         """
         # the hot path of every poll: plain acquire/release rather than an async context manager
         self._admit(meter, force)
+        loop = self._loop
+        assert loop is not None  # noted by _admit
         gate = self._gate
         if not gate.try_acquire():
-            fut = gate.enqueue(priority)
+            fut = gate.enqueue(loop, priority)
             try:
                 await fut
             except asyncio.CancelledError:
@@ -319,7 +322,7 @@ class Bus:
                         transport.note_silence()
                     if reply is not None:
                         if self.on_latency is not None:
-                            self.on_latency(asyncio.get_running_loop().time() - self._last_tx_end)
+                            self.on_latency(loop.time() - self._last_tx_end)
                         self.counters.ok += 1
                         self._record(meter, None)
                         return reply
@@ -361,7 +364,9 @@ class Bus:
         async with self._turn(meter, priority, force):
             await self._quiet(self.transport)
             self.counters.jobs += 1
-            started = asyncio.get_running_loop().time()
+            loop = self._loop
+            assert loop is not None  # noted by _turn
+            started = loop.time()
             try:
                 result = await job()
             except DriverError as e:
@@ -369,11 +374,11 @@ class Bus:
                 self._account_failure(meter, e)
                 raise
             finally:
-                self._last_job_end = asyncio.get_running_loop().time()
+                self._last_job_end = loop.time()
             self.counters.ok += 1
             self._record(meter, None)
             if self.on_latency is not None:
-                self.on_latency(asyncio.get_running_loop().time() - started)
+                self.on_latency(loop.time() - started)
             return result
 
     # -- internals ------------------------------------------------------------------------
@@ -389,7 +394,13 @@ class Bus:
             self._gate.release()
 
     def _admit(self, meter: str | None, force: bool) -> None:
-        """Fail fast, before queueing behind others: a closed bus, an offline meter not due."""
+        """Fail fast, before queueing behind others: a closed bus, an offline meter not due.
+
+        Also notes the running loop: on Python 3.11 every asyncio.get_running_loop() is a getpid()
+        system call, and the hot path would make several per transaction."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            self._loop = asyncio.get_running_loop()
         if self._closed:
             raise LinkDown(f"bus {self.name} is closed")
         if meter is None or self.health is None or force:
@@ -452,7 +463,7 @@ class Bus:
 
     def _sent(self, transport: Transport, request: bytes) -> None:
         self.counters.sent += 1
-        self._last_tx_end = asyncio.get_running_loop().time() + transport.tx_time(len(request))
+        self._last_tx_end = self._loop.time() + transport.tx_time(len(request))  # type: ignore[union-attr]  # set by _admit
 
     async def _quiet(self, transport: Transport | None) -> None:
         """Wait until the bus has been quiet for the inter-frame gap (bounded by max_quiet_wait)."""

@@ -12,7 +12,7 @@ import os
 import socket
 
 from drivers.errors import LinkDown
-from drivers.transport import Inbox, StreamLink, TcpSettings
+from drivers.transport import BufferedInbox, Inbox, StreamLink, TcpSettings
 
 # (option name, level, socket constant name) for what we set and report back
 _KEEPALIVE_OPTIONS = (
@@ -26,6 +26,7 @@ _KEEPALIVE_OPTIONS = (
 
 
 class TcpLink(StreamLink):
+    INBOX = BufferedInbox  # receives into a buffer of its own: no 256 KiB allocation per reply
     def __init__(self, settings: TcpSettings, *, name: str | None = None) -> None:
         super().__init__(
             name or f"tcp://{settings.label}",

@@ -17,6 +17,7 @@ from drivers.errors import ConfigurationError, LinkDown, NoAnswer
 from drivers.serial_link import SerialLink
 from drivers.tcp_link import TcpLink
 from drivers.transport import (
+    BufferedInbox,
     Rs485Settings,
     SerialSettings,
     TcpSettings,
@@ -170,6 +171,38 @@ async def test_read_returns_what_arrived_or_nothing_at_the_deadline(toy_server) 
         assert len(first) == 3  # returns as soon as something arrived
         second = await link.read(loop.time() + 1)
         assert len(first + second) == len(ToyFrame(0x81, 1, 1, b"re:").encode())
+    finally:
+        await link.close()
+
+
+@pytest.mark.asyncio
+async def test_tcp_link_receives_into_its_own_buffer_whatever_the_size(toy_server) -> None:
+    """TCP links receive with recv_into into a small buffer (BufferedProtocol), not asyncio's 256 KiB
+    allocation per read; input bigger than that buffer still arrives whole and in order."""
+    blob = bytes(random.Random(7).getrandbits(8) for _ in range(5 * BufferedInbox.RX_SIZE + 17))
+
+    async def flood(frame: ToyFrame, conn: PeerConn) -> None:
+        conn.write(blob)
+
+    server = await toy_server(flood)
+    link = TcpLink(TcpSettings(server.host, server.port))
+    loop = asyncio.get_running_loop()
+    got: list[bytes] = []
+    try:
+        await link.open()
+        assert all(isinstance(inbox, asyncio.BufferedProtocol) for inbox in link._inboxes)
+        await link.write(request(1, 1).encode())
+
+        def collect(data: bytes) -> bool:
+            assert type(data) is bytes  # a copy, not a view of the buffer
+            assert len(data) <= BufferedInbox.RX_SIZE
+            got.append(data)
+            return sum(map(len, got)) >= len(blob)
+
+        assert await link.read_until(collect, loop.time() + 2.0) is True
+        assert b"".join(got) == blob
+        assert len(got) >= 6
+        assert link.stats.bytes_in == len(blob)
     finally:
         await link.close()
 
