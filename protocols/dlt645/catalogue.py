@@ -159,6 +159,8 @@ class _Table:
         self._parts: dict[int, tuple[DataItem, ...]] = {}
         # DI -> (item, decoder) of the plain numeric items decoded so far: the poll's hot path
         self.numbers: dict[int, tuple[DataItem, Callable[[bytes], FieldValue]]] = {}
+        # DI -> its members' (item, decoder) for blocks of plain numeric members (energy blocks)
+        self.number_blocks: dict[int, tuple[tuple[DataItem, Callable[[bytes], FieldValue]], ...]] = {}
         self._by_quantity: dict[str, DataItem] | None = None
         self._by_key: dict[tuple[str, int | None], DataItem] = {}
 
@@ -301,6 +303,12 @@ class Catalogue:
                 else:
                     fields: dict[str, object] = {} if known.nth is None else {"nth": known.nth}
                     return [DecodedValue(di, known, known.name, known.quantity, value, known.unit, None, fields)]
+        else:
+            block = table.number_blocks.get(di)
+            if block is not None:
+                values = _decode_numbers(block, raw)
+                if values is not None:
+                    return values
         item = table.get(di)
         if item is None:
             return [DecodedValue(di, None, "unknown", None, raw.hex().upper(), None, None, {})]
@@ -315,6 +323,15 @@ class Catalogue:
             found = _number_decoder(item.format)
             if found is not None:
                 table.numbers[di] = (item, found)
+        elif item.kind == "block" and di not in table.number_blocks:
+            pairs: list[tuple[DataItem, Callable[[bytes], FieldValue]]] = []
+            for member in table.parts(item):
+                found = _number_decoder(member.format) if member.kind == "value" and member.format else None
+                if found is None:
+                    break
+                pairs.append((member, found))
+            else:
+                table.number_blocks[di] = tuple(pairs)
         return values
 
     def _decode_item(self, item: DataItem, raw: bytes) -> list[DecodedValue]:
@@ -376,6 +393,30 @@ class Catalogue:
 
 def _di_text(edition: Edition, di: int) -> str:
     return edition.format_di(di) if 0 <= di < 1 << (8 * edition.di_length) else repr(di)
+
+
+def _decode_numbers(
+    members: tuple[tuple[DataItem, Callable[[bytes], FieldValue]], ...], raw: bytes
+) -> list[DecodedValue] | None:
+    """A block of plain numbers, as many whole members as present: what ``_decode_item`` gives
+    for it, without its calls. None for anything else (no data, a partial member, bytes that do
+    not decode), which the full path then describes."""
+    out: list[DecodedValue] = []
+    offset, size = 0, len(raw)
+    for member, decode in members:
+        if offset == size:
+            break
+        end = offset + member.length
+        if end > size:
+            return None
+        try:
+            value = decode(raw[offset:end])
+        except RemoteProtocolError:
+            return None
+        fields: dict[str, object] = {} if member.nth is None else {"nth": member.nth}
+        out.append(DecodedValue(member.di, member, member.name, member.quantity, value, member.unit, None, fields))
+        offset = end
+    return out if out and offset == size else None
 
 
 def _split(raw: bytes, lengths: Sequence[int]) -> list[bytes]:
