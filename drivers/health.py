@@ -62,10 +62,12 @@ class StateChange:
 
 @dataclass(slots=True)
 class MeterHealth:
+    """A meter with a run of failures (degraded, offline, or online with failures below
+    ``degraded_after``). A meter without failures is only its state in the book."""
+
     meter_id: str
     state: MeterState = MeterState.UNKNOWN
     failures: int = 0  # consecutive
-    last_ok: float | None = None
     last_error: str = ""
     next_probe_at: float = 0.0  # meaningful while offline
 
@@ -75,6 +77,10 @@ class HealthBook:
 
     ``on_change`` is called synchronously on each state change; it must not block (the gateway
     queues the publication). ``clock`` is monotonic seconds, injectable for tests.
+
+    Memory: with 10,000 meters this is a per-meter cost, so a meter without failures (unknown or
+    online: nearly all of them) is stored as its shared ``MeterState`` member alone; a
+    :class:`MeterHealth` exists only while a meter has a run of failures.
     """
 
     def __init__(
@@ -87,34 +93,34 @@ class HealthBook:
         self.policy = policy or HealthPolicy()
         self._on_change = on_change
         self._clock = clock
-        self._meters: dict[str, MeterHealth] = {}
+        self._meters: dict[str, MeterState | MeterHealth] = {}
 
     def get(self, meter_id: str) -> MeterHealth:
-        h = self._meters.get(meter_id)
-        if h is None:
-            h = self._meters[meter_id] = MeterHealth(meter_id)
-        return h
+        """The meter's health (a copy for a meter without failures; unknown meters are added)."""
+        h = self._meters.setdefault(meter_id, MeterState.UNKNOWN)
+        return MeterHealth(meter_id, h) if isinstance(h, MeterState) else h
 
     def state(self, meter_id: str) -> MeterState:
-        return self.get(meter_id).state
+        h = self._meters.setdefault(meter_id, MeterState.UNKNOWN)
+        return h if isinstance(h, MeterState) else h.state
 
     def forget(self, meter_id: str) -> None:
         """Drop a meter that left the configuration (it no longer counts in any state)."""
         self._meters.pop(meter_id, None)
 
     def states(self) -> dict[str, MeterState]:
-        return {m: h.state for m, h in self._meters.items()}
+        return {m: h if isinstance(h, MeterState) else h.state for m, h in self._meters.items()}
 
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys((s.value for s in MeterState), 0)
         for h in self._meters.values():
-            out[h.state.value] += 1
+            out[(h if isinstance(h, MeterState) else h.state).value] += 1
         return out
 
     def check(self, meter_id: str) -> None:
         """Raise MeterOffline if the meter is offline and not due; no side effects."""
-        h = self.get(meter_id)
-        if h.state is MeterState.OFFLINE:
+        h = self._meters.setdefault(meter_id, MeterState.UNKNOWN)
+        if isinstance(h, MeterHealth) and h.state is MeterState.OFFLINE:
             now = self._clock()
             if now < h.next_probe_at:
                 raise MeterOffline(meter_id, h.next_probe_at - now)
@@ -122,8 +128,8 @@ class HealthBook:
     def begin(self, meter_id: str) -> bool:
         """Admit a transaction that is about to touch the wire; return True if it is a probe of an
         offline meter (the caller then makes a single attempt). Raise MeterOffline if not due."""
-        h = self.get(meter_id)
-        if h.state is not MeterState.OFFLINE:
+        h = self._meters.setdefault(meter_id, MeterState.UNKNOWN)
+        if not isinstance(h, MeterHealth) or h.state is not MeterState.OFFLINE:
             return False
         self.check(meter_id)
         # the probe slot is taken now, so transactions queued behind this one fail fast
@@ -141,36 +147,37 @@ class HealthBook:
         # LinkDown, ConfigurationError and anything else say nothing about the meter
 
     def _success(self, meter_id: str) -> None:
-        h = self.get(meter_id)
-        h.last_ok = self._clock()
-        if h.state is MeterState.ONLINE and not h.failures:
-            return  # the usual case: nothing else to change
-        h.failures = 0
-        h.last_error = ""
-        self._set(h, MeterState.ONLINE, "")
+        h = self._meters.get(meter_id, MeterState.UNKNOWN)
+        if h is MeterState.ONLINE:
+            return  # the usual case: nothing to change
+        old = h if isinstance(h, MeterState) else h.state
+        self._meters[meter_id] = MeterState.ONLINE  # a run of failures ends: no MeterHealth kept
+        self._changed(meter_id, old, MeterState.ONLINE, failures=0, reason="")
 
     def _failure(self, meter_id: str, error: DriverError) -> None:
-        h = self.get(meter_id)
+        h = self._meters.get(meter_id, MeterState.UNKNOWN)
+        if isinstance(h, MeterState):
+            h = self._meters[meter_id] = MeterHealth(meter_id, h)
         h.failures += 1
         h.last_error = str(error)
         p = self.policy
-        if h.failures >= p.offline_after:
-            if h.state is not MeterState.OFFLINE:
-                h.next_probe_at = self._clock() + p.probe_interval
-            self._set(h, MeterState.OFFLINE, h.last_error)
-        elif h.failures >= p.degraded_after:
-            self._set(h, MeterState.DEGRADED, h.last_error)
-
-    def _set(self, h: MeterHealth, new: MeterState, reason: str) -> None:
         old = h.state
+        if h.failures >= p.offline_after:
+            if old is not MeterState.OFFLINE:
+                h.next_probe_at = self._clock() + p.probe_interval
+            h.state = MeterState.OFFLINE
+        elif h.failures >= p.degraded_after:
+            h.state = MeterState.DEGRADED
+        self._changed(meter_id, old, h.state, failures=h.failures, reason=h.last_error)
+
+    def _changed(self, meter_id: str, old: MeterState, new: MeterState, *, failures: int, reason: str) -> None:
         if old is new:
             return
-        h.state = new
-        change = StateChange(h.meter_id, old, new, h.failures, reason, self._clock())
-        log.debug("meter %s: %s -> %s%s", h.meter_id, old, new, f" ({reason})" if reason else "")
+        change = StateChange(meter_id, old, new, failures, reason, self._clock())
+        log.debug("meter %s: %s -> %s%s", meter_id, old, new, f" ({reason})" if reason else "")
         if self._on_change is not None:
             try:
                 self._on_change(change)
             except Exception:
                 # a broken subscriber must not break acquisition
-                log.exception("meter %s: state-change callback failed", h.meter_id)
+                log.exception("meter %s: state-change callback failed", meter_id)

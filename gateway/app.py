@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from drivers.bus import Bus, Priority
 from drivers.dlt645_driver import Dlt645Driver
@@ -64,10 +64,17 @@ RESTART_SECTIONS = frozenset({"gateway", "uplink", "outbox", "metrics"})
 OVERFLOW = {"pause_polling": OverflowPolicy.REFUSE_NEW, "drop_oldest": OverflowPolicy.DROP_OLDEST}
 
 
-class _DueRead(NamedTuple):
-    meter: MeterRuntime
-    group: str
-    slot: float
+class _DueRead:
+    """A read handed out by the schedule, queued for its bus or running; until it is committed or
+    failed it is also in ``Gateway._unfinished``. A start-up burst queues thousands of these at
+    once, so one small object each, compared by identity, and the schedule's own ``slot`` int."""
+
+    __slots__ = ("group", "meter", "slot")
+
+    def __init__(self, meter: MeterRuntime, group: str, slot: int) -> None:
+        self.meter = meter
+        self.group = group
+        self.slot = slot
 
 
 @dataclass
@@ -150,9 +157,9 @@ class Gateway:
         self._intervals = {g.name: int(g.interval) for g in config.poll_groups}
         self._in_flight: set[asyncio.Task[None]] = set()
         self._waiting: dict[str, collections.deque[_DueRead]] = {}
-        # (group, meter, slot) handed out by the schedule and not yet committed or failed: the saved
-        # cursors never pass them, so a crash or a stop re-reads them instead of skipping them
-        self._unfinished: set[tuple[str, str, int]] = set()
+        # reads handed out by the schedule and not yet committed or failed: the saved cursors never
+        # pass their slots, so a crash or a stop re-reads them instead of skipping them
+        self._unfinished: set[_DueRead] = set()
         # Reads whose bus turn ended and whose commit is still waiting (a drain, a slow disk): bounded,
         # or a stalled outbox would fill memory with readings; at the bound the bus waits instead.
         self._commits = asyncio.Semaphore(COMMITS_PENDING)
@@ -280,10 +287,10 @@ class Gateway:
 
     def _poll_cursors(self) -> dict[tuple[str, str], int]:
         cursors = self.schedule.cursors() if self.schedule is not None else {}
-        for group, meter, slot in self._unfinished:
-            key = (group, meter)
+        for item in self._unfinished:
+            key = (item.group, item.meter.meter_id)
             if key in cursors:
-                cursors[key] = min(cursors[key], slot)
+                cursors[key] = min(cursors[key], item.slot)
         return cursors
 
     async def _poll(self, stop: asyncio.Event) -> None:
@@ -304,8 +311,8 @@ class Gateway:
                 if len(waiting) >= max_queue:
                     self.stats.shed += 1
                     continue
-                item = _DueRead(meter, due.group, float(due.slot))
-                self._unfinished.add((due.group, meter.meter_id, int(due.slot)))
+                item = _DueRead(meter, due.group, due.slot)
+                self._unfinished.add(item)
                 if self._running.get(meter.bus, 0) < READS_PER_BUS:
                     self._start_read(item)
                 else:
@@ -340,13 +347,12 @@ class Gateway:
             self._start_read(waiting.popleft())
 
     async def _read(self, item: _DueRead) -> None:
-        unfinished = (item.group, item.meter.meter_id, int(item.slot))
         try:
             await self._read_and_commit(item)
         finally:
             # done: committed, or failed and reported as a missed slot (a cancelled read stays owed)
             if not self._stopping or not asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                self._unfinished.discard(unfinished)
+                self._unfinished.discard(item)
 
     async def _read_and_commit(self, item: _DueRead) -> None:
         meter = item.meter
@@ -360,7 +366,7 @@ class Gateway:
             interval = self._intervals.get(item.group)
             if self.frozen is not None and interval is not None:
                 # a failed live read is a missed slot: the daily freeze can fill it if it is at midnight
-                slot = int(item.slot)
+                slot = item.slot
                 self.frozen.note_missed([MissedSlots(item.group, meter.meter_id, slot, slot, interval)])
             return
         except BaseException:

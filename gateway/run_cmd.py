@@ -16,7 +16,8 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from gateway.config import Config, ConfigError, load_config
+from gateway.config import Config, ConfigError
+from gateway.config_child import load_config_in_child
 from gateway.config_cmd import EX_CONFIG
 from gateway.logs import setup_logging
 
@@ -41,7 +42,7 @@ def main(argv: list[str]) -> int:
         return int(e.code or 0)
     setup_logging(args.log_level, args.log_format)
     try:
-        config = load_config(args.config)
+        config = load_config_in_child(args.config)
     except ConfigError as exc:
         for line in exc.messages:
             print(line, file=sys.stderr)
@@ -77,7 +78,7 @@ async def serve(config: Config, path: str) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _stop_handler(stop, sig))
     loop.add_signal_handler(signal.SIGHUP, reload.set)
-    gateway = Gateway(config, metrics=metrics, notifier=notifier, load_config=lambda: load_config(path))
+    gateway = Gateway(config, metrics=metrics, notifier=notifier, load_config=lambda: load_config_in_child(path))
     try:
         await gateway.run(stop, reload)
     except Exception:

@@ -220,12 +220,16 @@ class TimeSyncJob:
             suspect_drift = float(ts.suspect_drift) if ts is not None else BROADCAST_LIMIT
         self.suspect_drift = suspect_drift
         self._broadcast = broadcast
-        self.drivers: dict[str, ClockDriver] = {}
+        synced: list[str] = []
         for m in config.meters:
             if not m.protocol.startswith("dlt645"):
                 log.info("event=time_sync_skipped meter=%s reason='%s meters have no time sync'", m.id, m.protocol)
             elif m.id in drivers:
-                self.drivers[m.id] = drivers[m.id]
+                synced.append(m.id)
+        # usually every driver given, in config order: share that mapping (10,000 entries) then
+        self.drivers: Mapping[str, ClockDriver] = (
+            drivers if synced == list(drivers) else {meter: drivers[meter] for meter in synced}
+        )
         self._synced_at: dict[str, float] = {}
         self._last: dict[str, Measurement] = {}  # latest clock read per meter (incl. read-backs)
         self._suspect: frozenset[str] = frozenset()

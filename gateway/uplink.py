@@ -683,7 +683,10 @@ class Uplink:
         wake = asyncio.Event()  # refused or broken: stop waiting for rows or window slots
         properties = self._publish_properties()
         max_bytes = self._max_payload(client)
-        prefetch = max(self.config.batch_max_readings * 4, 1000)
+        # rows held at once: this chunk and the one read ahead. A backlog (a start-up burst, an
+        # outage) keeps both full, and 2 x 2,000 Row objects cost ~2 MiB of heap that the process
+        # keeps; a chunk of one batch drains as fast (bench/outbox_drain.py)
+        prefetch = max(self.config.batch_max_readings, 500)
         topic = self.topics.readings
         loop = asyncio.get_running_loop()
         cursor = 0

@@ -25,8 +25,9 @@ def clock() -> Clock:
 
 def test_transitions_follow_consecutive_failures(clock: Clock) -> None:
     changes: list[StateChange] = []
-    book = HealthBook(HealthPolicy(degraded_after=2, offline_after=4, probe_interval=30),
-                      on_change=changes.append, clock=clock)
+    book = HealthBook(
+        HealthPolicy(degraded_after=2, offline_after=4, probe_interval=30), on_change=changes.append, clock=clock
+    )
     assert book.state("m") is MeterState.UNKNOWN
     book.record("m", None)
     assert book.state("m") is MeterState.ONLINE
@@ -106,8 +107,12 @@ def test_counts_and_states_for_export(clock: Clock) -> None:
     book.record("c", NoAnswer("x"))
     book.record("c", NoAnswer("x"))
     book.get("d")
-    assert book.states() == {"a": MeterState.ONLINE, "b": MeterState.DEGRADED,
-                             "c": MeterState.OFFLINE, "d": MeterState.UNKNOWN}
+    assert book.states() == {
+        "a": MeterState.ONLINE,
+        "b": MeterState.DEGRADED,
+        "c": MeterState.OFFLINE,
+        "d": MeterState.UNKNOWN,
+    }
     assert book.counts() == {"unknown": 1, "online": 1, "degraded": 1, "offline": 1}
 
 
@@ -126,3 +131,25 @@ def test_a_failing_callback_is_logged_and_does_not_break_accounting(clock: Clock
 def test_policy_rejects_nonsense(degraded: int, offline: int) -> None:
     with pytest.raises(ValueError):
         HealthPolicy(degraded_after=degraded, offline_after=offline)
+
+
+def test_a_meter_without_failures_costs_no_health_object(clock: Clock) -> None:
+    """10,000 meters: only meters in a run of failures keep a MeterHealth; the rest are a state."""
+    book = HealthBook(HealthPolicy(degraded_after=1, offline_after=2, probe_interval=30), clock=clock)
+    book.check("a")
+    book.record("b", None)
+    book.record("c", NoAnswer("x"))
+    assert book.state("a") is MeterState.UNKNOWN
+    assert book.counts() == {"unknown": 1, "online": 1, "degraded": 1, "offline": 0}
+    assert sum(isinstance(h, MeterState) for h in book._meters.values()) == 2
+    copy = book.get("b")
+    copy.failures = 5  # a copy: the book is not changed through it
+    assert book.get("b").failures == 0
+    book.record("c", NoAnswer("y"))
+    assert book.get("c").state is MeterState.OFFLINE
+    assert book.get("c").last_error == "y"
+    clock.now += 30
+    assert book.begin("c") is True
+    book.record("c", None)
+    assert book._meters["c"] is MeterState.ONLINE
+    assert book.states() == {"a": MeterState.UNKNOWN, "b": MeterState.ONLINE, "c": MeterState.ONLINE}
