@@ -606,7 +606,9 @@ class Gateway:
             problems = ["no config file to reload from"]
         elif new is None and self._load_config is not None:
             try:
-                new = self._load_config()
+                # off the loop: parsing (or waiting for the config child) takes ~1 s at 10,000
+                # meters, and the buses keep polling meanwhile
+                new = await asyncio.to_thread(self._load_config)
             except ConfigError as exc:
                 problems = list(exc.messages)
         if new is None or problems:
