@@ -208,6 +208,10 @@ class _ModelInfo:
 
 _model_infos: dict[tuple[Dlt645Model, int], tuple[Catalogue, _ModelInfo]] = {}
 
+# Shared by every driver that has not been refused a block: since 3.10 each frozenset() is a
+# new 216-byte object, 2 MiB over 10,000 meters.
+_NO_BLOCKS: frozenset[int] = frozenset()
+
 
 def _model_info(model: Dlt645Model, catalogue: Catalogue, meter_id: str) -> _ModelInfo:
     key = (model, id(catalogue))
@@ -293,7 +297,7 @@ class Dlt645Driver:
         self._history = history_for(bus)
         self._history.deframer.know(self._address)  # replies share this meter's Address object
         self._info = _model_info(model, self.catalogue, meter_id)
-        self._refused_blocks: frozenset[int] = frozenset()  # blocks this meter said it lacks
+        self._refused_blocks = _NO_BLOCKS  # blocks this meter said it lacks (|= makes a new set)
         self._plans: dict[tuple[str, ...], tuple[tuple[str, ...], Plan]] | None = None  # once a block is refused
         self._missing: set[int] | None = None  # DIs the meter said it has no data for (logged once)
         # one multi-frame read at a time (follow-ups are per-DI state in the meter): a flag, and a

@@ -42,6 +42,7 @@ from gateway.sqlite_check import (
     DEFAULT_CHECK_BUDGET,
     DamagedDatabase,
     is_damage,
+    limit_cache,
     open_readonly,
     quarantine,
     quick_check,
@@ -365,6 +366,7 @@ def _connect(file: Path, check_budget: float) -> sqlite3.Connection:
     try:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
+        limit_cache(conn)
         quick_check(conn, check_budget, what="audit_log", path=file)
         conn.executescript(_SCHEMA)
         conn.execute(_HEAD).fetchone()  # what every append reads first

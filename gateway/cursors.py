@@ -42,14 +42,14 @@ import os
 import sqlite3
 import threading
 from array import array
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date, timedelta, tzinfo
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from gateway.schedule import DEFAULT_RESYNC_AFTER, latest_freeze_date
-from gateway.sqlite_check import quarantine
+from gateway.sqlite_check import limit_cache, quarantine
 
 if TYPE_CHECKING:
     from gateway.config import Config
@@ -60,6 +60,7 @@ __all__ = [
     "CursorStore",
     "CursorStoreError",
     "OwedFreeze",
+    "SavedPollCursors",
     "TimeSyncRecord",
     "autosave_poll",
     "store_path",
@@ -108,6 +109,35 @@ class TimeSyncRecord:
     synced_at: float | None  # gateway time of the last sync command that reached this meter
     drift: float | None  # last measured drift (meter minus gateway), seconds
     measured_at: float | None
+
+
+class SavedPollCursors(Mapping[tuple[str, str], int]):
+    """(group, meter) -> next slot owed, as saved, looked up in the file (see
+    :meth:`CursorStore.load_poll`); valid while the store is open."""
+
+    def __init__(self, conn: sqlite3.Connection, lock: threading.Lock, limit: float) -> None:
+        self._conn = conn
+        self._lock = lock
+        self._limit = limit
+
+    def _query(self, sql: str, *params: object) -> list[Any]:
+        with self._lock:
+            try:
+                return self._conn.execute(sql, (*params, self._limit)).fetchall()
+            except sqlite3.ProgrammingError as exc:
+                raise CursorStoreError(f"saved poll cursors read after the cursor store was closed: {exc}") from None
+
+    def __getitem__(self, key: tuple[str, str]) -> int:
+        rows = self._query("SELECT next_slot FROM poll_cursor WHERE grp = ? AND meter = ? AND next_slot <= ?", *key)
+        if not rows:
+            raise KeyError(key)
+        return int(rows[0][0])
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self._query("SELECT grp, meter FROM poll_cursor WHERE next_slot <= ? ORDER BY grp, meter"))
+
+    def __len__(self) -> int:
+        return int(self._query("SELECT count(*) FROM poll_cursor WHERE next_slot <= ?")[0][0])
 
 
 def store_path(config: Config) -> Path:
@@ -164,21 +194,19 @@ class CursorStore:
             )
             self.saves += 1
 
-    def load_poll(self, now: float, *, resync_after: float = DEFAULT_RESYNC_AFTER) -> dict[tuple[str, str], int]:
+    def load_poll(self, now: float, *, resync_after: float = DEFAULT_RESYNC_AFTER) -> SavedPollCursors:
         """The saved poll cursors, for ``PollSchedule(resume=...)``. Cursors more than
-        ``resync_after`` ahead of ``now`` came from a wrong clock and are left out."""
+        ``resync_after`` ahead of ``now`` came from a wrong clock and are left out.
+
+        Read from the file on lookup, not loaded: a dict of 10,000 (group, meter) tuples lives
+        only while the schedule is built, yet its freed pages stay in the daemon's RSS (~3 MiB,
+        pinned by what start-up allocates meanwhile)."""
+        limit = now + resync_after
         with self._lock:
-            rows = self._conn.execute("SELECT grp, meter, next_slot FROM poll_cursor").fetchall()
-        out: dict[tuple[str, str], int] = {}
-        ignored = 0
-        for grp, meter, slot in rows:
-            if slot > now + resync_after:
-                ignored += 1
-                continue
-            out[(grp, meter)] = int(slot)
-        if ignored:
-            log.warning("event=cursors_ignored kind=poll count=%d reason=ahead_of_clock now=%.0f", ignored, now)
-        return out
+            ignored = self._conn.execute("SELECT count(*) FROM poll_cursor WHERE next_slot > ?", (limit,)).fetchone()
+        if ignored[0]:
+            log.warning("event=cursors_ignored kind=poll count=%d reason=ahead_of_clock now=%.0f", ignored[0], now)
+        return SavedPollCursors(self._conn, self._lock, limit)
 
     # -- daily frozen schedule --------------------------------------------------------------------
 
@@ -292,9 +320,7 @@ async def autosave_poll(
         if keys != saved_keys:
             changed = current  # a new schedule (reload): save everything
         else:
-            changed = {
-                key: slot for (key, slot), old in zip(current.items(), saved_slots, strict=True) if slot != old
-            }
+            changed = {key: slot for (key, slot), old in zip(current.items(), saved_slots, strict=True) if slot != old}
         if changed:
             try:
                 await asyncio.to_thread(store.save_poll, changed)
@@ -314,6 +340,7 @@ def _connect(db: Path) -> sqlite3.Connection:
     try:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
+        limit_cache(conn)
         conn.executescript(_SCHEMA)
         _check_version(conn, db)
         conn.execute("SELECT count(*) FROM poll_cursor").fetchone()  # touch: a damaged file fails here

@@ -51,7 +51,7 @@ from typing import Any, NamedTuple, TypeVar
 from drivers.reading import Quality, Reading
 from gateway import outbox_schema
 from gateway.outbox_schema import COUNTER_NAMES, SchemaError
-from gateway.sqlite_check import DamagedDatabase, is_damage, quarantine, quick_check
+from gateway.sqlite_check import DamagedDatabase, is_damage, limit_cache, quarantine, quick_check
 
 __all__ = [
     "AddResult",
@@ -757,7 +757,7 @@ class Outbox:
         """A second connection for peeks from another thread (WAL readers never block the writer)."""
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA query_only = 1")
-        conn.execute("PRAGMA cache_size = -512")
+        limit_cache(conn)
         return OutboxReader(conn, self._pending_acks)
 
     def get(self, key: int | str) -> Row | None:
@@ -862,7 +862,7 @@ def _configure(conn: sqlite3.Connection, db: Path, sync: Synchronous, page_limit
         raise OutboxError(f"outbox {db}: cannot switch to WAL mode (got {mode})")
     # PRAGMAs take no bound parameters; both values are ours (an enum member, an int)
     conn.execute(f"PRAGMA synchronous = {sync.value}")
-    conn.execute("PRAGMA cache_size = -512")
+    limit_cache(conn)
     # Truncate the WAL back to a few MiB after checkpoints so a drained backlog does not leave
     # a large -wal file behind.
     conn.execute("PRAGMA journal_size_limit = 8388608")

@@ -1,5 +1,6 @@
-"""Finding a damaged SQLite file on open and moving it aside: shared by the stores that must not
-crash-loop the daemon on a damaged file (the command store, the audit log).
+"""What every SQLite state file of the daemon shares (outbox, cursors, command store, audit log):
+finding a damaged file on open and moving it aside, so a damaged file cannot crash-loop the
+daemon; and the page cache each connection may keep.
 
 The approach is the outbox's (docs/outbox.md "Damaged database: quarantine on open"): SQLite's
 own errors on first use (not a database, malformed image) and ``PRAGMA quick_check`` within a
@@ -23,6 +24,7 @@ __all__ = [
     "DEFAULT_CHECK_BUDGET",
     "DamagedDatabase",
     "is_damage",
+    "limit_cache",
     "open_readonly",
     "quarantine",
     "quick_check",
@@ -33,6 +35,12 @@ log = logging.getLogger(__name__)
 
 # Small state files (commands, audit): a quick_check of a few MiB takes milliseconds.
 DEFAULT_CHECK_BUDGET: Final = 1.0
+
+# Per connection. SQLite's default (2,000 KiB) is reached by the open-time quick_check alone,
+# which reads the whole file, and then kept for the process's life: five connections would hold
+# ~10 MiB of pages the kernel's page cache holds anyway. What the daemon touches per write is
+# the B-tree's edges (appends, deletes from the front, one cursor row), a few dozen pages.
+CACHE_KIB: Final = 512
 
 # SQLite primary result codes (https://www.sqlite.org/rescode.html)
 _SQLITE_CORRUPT: Final = 11
@@ -76,6 +84,11 @@ def time_limit(conn: sqlite3.Connection, seconds: float) -> Iterator[None]:
         with lock:
             running = False
         timer.cancel()
+
+
+def limit_cache(conn: sqlite3.Connection) -> None:
+    """Cap ``conn``'s page cache at :data:`CACHE_KIB` (call before the quick_check)."""
+    conn.execute(f"PRAGMA cache_size = -{CACHE_KIB:d}")
 
 
 def quick_check(conn: sqlite3.Connection, budget: float, *, what: str, path: Path) -> None:

@@ -29,10 +29,12 @@ def test_poll_cursors_survive_a_restart_and_the_schedule_reports_the_outage(tmp_
 
     later = T0 + 3 * 86400  # three days down
     store = CursorStore.open(tmp_path / "schedule.sqlite")
-    resume = store.load_poll(later)
-    store.close()
+    resume = store.load_poll(later)  # looked up in the file, while the store is open
     assert resume == schedule.cursors()
     restarted = PollSchedule(groups, later, resume=resume)
+    store.close()
+    with pytest.raises(CursorStoreError, match="closed"):
+        resume.get(("fast", "m1"))
     restarted.next_due(later)
     missed = restarted.take_missed()
     assert {m.meter for m in missed} == {"m1", "m2"}

@@ -236,7 +236,7 @@ async def test_a_stop_with_reads_still_queued_leaves_their_slots_owed(
     cursors = CursorStore.for_config(load_config(config))
     try:
         saved = cursors.load_poll(slot)
+        owed = {meter for (group, meter), next_slot in saved.items() if group == "energy15" and next_slot <= slot}
     finally:
         cursors.close()
-    owed = {meter for (group, meter), next_slot in saved.items() if group == "energy15" and next_slot <= slot}
     assert owed | read == {f"m{i}" for i in range(1, 13)}  # every meter read, or its slot still owed

@@ -49,6 +49,7 @@ from gateway.sqlite_check import (
     DEFAULT_CHECK_BUDGET,
     DamagedDatabase,
     is_damage,
+    limit_cache,
     open_readonly,
     quarantine,
     quick_check,
@@ -645,6 +646,7 @@ def _connect(file: Path, check_budget: float) -> sqlite3.Connection:
         _check_version(conn, file)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")  # an accepted command must survive a power cut
+        limit_cache(conn)
         quick_check(conn, check_budget, what="command_store", path=file)
         conn.executescript(_SCHEMA)
         # What the service reads at start (resume, guard, publisher): damage there would fail
