@@ -602,12 +602,22 @@ def _plausible(value: float, bounds: tuple[float, float]) -> bool:
 # The meter
 
 
+# Read plans per model and settings, not per meter: 10,000 polled meters of one model share one
+# plan (a per-meter cache cost ~700 bytes each). Keyed by the model's id (hashing a model hashes
+# all its points), the model kept in the value so the id cannot be reused.
+_PlanKey = tuple[int, str | None, int, int, tuple[str, ...]]
+_shared_plans: dict[_PlanKey, tuple[ModbusModel, list[ReadRequest]]] = {}
+
+
 class ModbusMeter:
     """One Modbus meter (a unit id on a link) described by a meter model.
 
     ``variant`` picks which of a model's duplicate points to read (e.g. "int32" in sim-3ph);
     ``max_registers`` and ``max_gap`` override the model's limits for this meter.
     """
+
+    # 10,000 meters on one gateway: no per-instance __dict__
+    __slots__ = ("link", "max_gap", "max_registers", "meter_id", "model", "unit", "variant")
 
     def __init__(
         self,
@@ -637,7 +647,6 @@ class ModbusMeter:
         self.variant = variant
         self.max_registers = max_registers or model.max_registers_per_read
         self.max_gap = model.max_gap if max_gap is None else max_gap
-        self._plans: dict[tuple[str, ...], list[ReadRequest]] = {}
 
     def __repr__(self) -> str:
         return f"<ModbusMeter {self.meter_id} unit {self.unit} {self.model.name} on {self.link.name}>"
@@ -648,16 +657,18 @@ class ModbusMeter:
 
     def plan(self, quantities: Iterable[str] | None = None) -> list[ReadRequest]:
         """The transactions :meth:`read` will make for ``quantities`` (all if None); cached."""
-        key = self.model.quantities if quantities is None else tuple(dict.fromkeys(quantities))
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = plan_reads(
-                self.model.points_for(key, self.variant),
-                max_registers=self.max_registers,
-                max_bits=self.model.max_bits_per_read,
-                max_gap=self.max_gap,
-            )
-            self._plans[key] = plan
+        wanted = self.model.quantities if quantities is None else tuple(dict.fromkeys(quantities))
+        key = (id(self.model), self.variant, self.max_registers, self.max_gap, wanted)
+        found = _shared_plans.get(key)
+        if found is not None and found[0] is self.model:
+            return found[1]
+        plan = plan_reads(
+            self.model.points_for(wanted, self.variant),
+            max_registers=self.max_registers,
+            max_bits=self.model.max_bits_per_read,
+            max_gap=self.max_gap,
+        )
+        _shared_plans[key] = (self.model, plan)
         return plan
 
     async def read(self, quantities: Iterable[str] | None = None, *, slot: float | None, now: float) -> list[Reading]:

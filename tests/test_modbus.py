@@ -185,6 +185,20 @@ def test_plan_for_vendor_models() -> None:
     assert spans(voltages) == [(3, 0x2006, 4)]
 
 
+def test_meters_of_one_model_share_their_plans_unless_their_settings_differ() -> None:
+    sdm = load_model("eastron-sdm630")
+    assert isinstance(sdm, ModbusModel)
+    link = tcp_link(1)
+    first, second = (ModbusMeter(link, sdm, unit=u, meter_id=f"m{u}") for u in (1, 2))
+    wanted = ["voltage.l1", "voltage.l2"]
+    assert first.plan(wanted) is second.plan(list(wanted))  # 10,000 meters: one plan, not 10,000
+    assert first.plan() is second.plan()
+    narrow = ModbusMeter(link, sdm, unit=3, meter_id="m3", max_registers=20)
+    assert narrow.plan() is not first.plan()
+    assert all(r.count <= 20 for r in narrow.plan())
+    assert spans(first.plan()) == [(4, 0x0000, 80)]  # the wider meter's plan is not the narrow one's
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     layout=st.lists(
