@@ -320,26 +320,35 @@ class Inbox(asyncio.Protocol):
             self._link._writable.set()
 
 
-class BufferedInbox(Inbox, asyncio.BufferedProtocol):
-    """An Inbox that receives into one small buffer of its own (``recv_into``).
+class RecvIntoBuffer(asyncio.BufferedProtocol):
+    """Receive into one small buffer of the protocol's own (``recv_into``), each chunk handed to
+    its ``data_received``; for the gateway's TCP links and the simulator's connections.
 
     asyncio's plain ``data_received`` path allocates its 256 KiB read size for every receive;
     glibc serves that with mmap, then mremap and munmap once the bytes object shrinks: three
     system calls and a page fault per reply, ~20 us each time here (bench/tcp_links.py), more
-    than the rest of a transaction's receive path. Replies are a few hundred bytes at most.
+    than the rest of a transaction's receive path. Meter frames are a few hundred bytes at most.
+    Mix in after the class that defines ``data_received``.
     """
 
     RX_SIZE: ClassVar[int] = 2048
+    _rx: memoryview | None = None  # made on the first receive
 
-    def __init__(self, link: StreamLink, generation: int) -> None:
-        super().__init__(link, generation)
-        self._rx = memoryview(bytearray(self.RX_SIZE))
+    data_received: Callable[[bytes], None]
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._rx
+        rx = self._rx
+        if rx is None:
+            rx = self._rx = memoryview(bytearray(self.RX_SIZE))
+        return rx
 
     def buffer_updated(self, nbytes: int) -> None:
+        assert self._rx is not None  # get_buffer came first
         self.data_received(self._rx[:nbytes].tobytes())
+
+
+class BufferedInbox(Inbox, RecvIntoBuffer):
+    """An Inbox that receives with ``recv_into`` (see :class:`RecvIntoBuffer`)."""
 
 
 class StreamLink(abc.ABC):

@@ -27,12 +27,12 @@ from typing import Any
 import msgspec
 
 from gateway.config import Config, ConfigError, Duration, Secret, load_config
+from gateway.config_cmd import EX_CONFIG  # the child's exit status when its answer is a ConfigError
 
 __all__ = ["decode", "encode", "load_config_in_child"]
 
 log = logging.getLogger("meter_gateway")
 
-EX_CONFIG = 78  # sysexits.h; the child's answer is a ConfigError
 CHILD_TIMEOUT = 300.0  # seconds; a healthy parse of 10,000 meters takes about one
 
 

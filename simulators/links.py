@@ -33,6 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from drivers.transport import RecvIntoBuffer
 from protocols.dlt645.deframer import Deframer, Discarded
 from protocols.dlt645.frame import Address, Frame, checksum
 from simulators.dlt645_meter import Dlt645Meter
@@ -226,16 +227,15 @@ def _readdress(reply: bytes) -> bytes:
     return reply[:start] + bytes(body)
 
 
-class _Connection(asyncio.BufferedProtocol):
+class _Connection(RecvIntoBuffer):
     """One client of a bus (a TCP connection or the pty master).
 
-    Sockets receive into a small buffer of ours (``get_buffer``/``buffer_updated``): asyncio's
-    plain path allocates 256 KiB per read, an mmap/mremap/munmap per request that costs more
-    CPU than answering it. The pty master's pipe transport calls ``data_received`` directly.
+    Sockets receive with ``recv_into`` (asyncio's plain path allocates 256 KiB per read, an
+    mmap/mremap/munmap per request that costs more CPU than answering it). The pty master's pipe
+    transport calls ``data_received`` directly.
     """
 
     def __init__(self, bus: SimulatedBus) -> None:
-        self._rx = memoryview(bytearray(2048))
         self.bus = bus
         self.deframer = Deframer()
         self.writer: asyncio.WriteTransport | None = None
@@ -266,12 +266,6 @@ class _Connection(asyncio.BufferedProtocol):
         for t in (self.transport, self.writer):
             if t is not None:
                 t.close()
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._rx
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self._rx[:nbytes].tobytes())
 
     def data_received(self, data: bytes) -> None:
         bus = self.bus
