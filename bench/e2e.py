@@ -426,7 +426,11 @@ def run_once(proto: Protocol, args: argparse.Namespace, run: int) -> RunResult:
 
         (workdir / "sim.toml").write_text(simulator_config(proto, args.buses, args.meters_per_bus))
         sim = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "simulate", "--config", str(workdir / "sim.toml")],
+            [
+                sys.executable,
+                *(["-m", "cProfile", "-o", f"{args.profile}.simulator.{proto.name}.{run}"] if args.profile else []),
+                *("-m", "gateway.cli", "simulate", "--config", str(workdir / "sim.toml")),
+            ],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -557,7 +561,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--keep-log", metavar="PREFIX", help="keep the gateway's log as PREFIX.PROTOCOL.RUN")
     parser.add_argument(
-        "--profile", metavar="PREFIX", help="run the gateway under cProfile, stats to PREFIX.PROTOCOL.RUN"
+        "--profile",
+        metavar="PREFIX",
+        help="run the gateway and the simulator under cProfile, stats to PREFIX.PROTOCOL.RUN and "
+        "PREFIX.simulator.PROTOCOL.RUN",
     )
     args = parser.parse_args(argv)
     if args.runs < 1 or args.seconds <= 0:

@@ -127,6 +127,31 @@ def test_duplicates_are_ignored_counted_and_leave_no_gap_in_row_numbers(outbox: 
     assert outbox.stats().counters["duplicates"] == 3
 
 
+@pytest.mark.parametrize("whole_batch", [True, False], ids=["one-insert", "group-by-group"])
+def test_group_commit_results_per_group_whichever_way_it_inserts(
+    outbox: Outbox, monkeypatch: pytest.MonkeyPatch, whole_batch: bool
+) -> None:
+    # Far from the budget a write inserts all its groups at once; near it, group by group with
+    # a budget check before each. Both must give every caller the same answer.
+    monkeypatch.setattr(Outbox, "_roomy", lambda self, n, depth: whole_batch)
+    stored = readings(2)
+    outbox.add(stored)
+    batch = readings(6, start=2)
+    twice = readings(1, start=8)[0]
+    groups = [
+        batch[:3],
+        [batch[0], stored[1], *batch[3:5], batch[3]],  # one from group 1, one stored, one twice
+        [twice, twice, batch[5]],  # the same object twice is one row
+        [],
+    ]
+    results, _ = outbox.write(groups, [])
+    assert [(r.committed, r.duplicates) for r in results] == [(3, 0), (2, 3), (2, 1), (0, 0)]
+    rows = outbox.peek()
+    assert [r.row_id for r in rows] == list(range(1, 10))
+    assert [r.reading_id for r in rows] == [r.id for r in (*stored, *batch[:5], twice, batch[5])]
+    assert outbox.stats().counters["duplicates"] == 4
+
+
 def test_survives_reopen_with_counters_and_without_reusing_row_numbers(db: Path) -> None:
     box = Outbox.open(db)
     box.add(readings(10))
