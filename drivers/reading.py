@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+
+import msgspec
 
 
 class Quality(enum.IntFlag):
@@ -16,14 +17,17 @@ class Quality(enum.IntFlag):
     FROZEN = 8  # a value the meter froze (daily/interval freeze), stamped with the freeze time
 
 
-@dataclass(frozen=True, slots=True)
-class Reading:
+class Reading(msgspec.Struct, frozen=True, gc=False):
     """One value of one quantity from one meter.
 
     ``meter_time`` is the meter's own timestamp (unix seconds) when the meter supplies one
     (frozen data, demand with time, event records); ``slot`` is the start of the poll slot the
     reading belongs to. The id is derived from the meter time when present, else from the slot,
     so the same reading acquired twice has the same id and the head-end can dedupe.
+
+    A msgspec Struct: built for every value read (10,000 a second at full load), it costs a
+    seventh of a frozen dataclass's construction. ``gc=False``: it only refers to strings,
+    numbers and flags, so it can never be part of a reference cycle.
     """
 
     meter_id: str

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from drivers.bus import Bus, Priority
 from drivers.dlt645_driver import Dlt645Driver
 from drivers.errors import DriverError
@@ -401,7 +403,7 @@ class Gateway:
         if ts is None or not ts.suspect_meters:
             return readings
         return [
-            dataclasses.replace(r, quality=r.quality | Quality.CLOCK_SUSPECT) if ts.clock_suspect(r.meter_id) else r
+            msgspec.structs.replace(r, quality=r.quality | Quality.CLOCK_SUSPECT) if ts.clock_suspect(r.meter_id) else r
             for r in readings
         ]
 

@@ -39,13 +39,14 @@ skipped, each logged once.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import TYPE_CHECKING, Final, Protocol
+
+import msgspec
 
 from drivers.bus import Priority
 from drivers.errors import ConfigurationError, DriverError, MeterRefused
@@ -573,7 +574,8 @@ class FrozenJob:
             for q in self._group_quantities.get(group, ()):
                 slot_of.setdefault(q, slot)
         return [
-            dataclasses.replace(r, quality=r.quality | quality, slot=slot_of.get(r.quantity, r.slot)) for r in readings
+            msgspec.structs.replace(r, quality=r.quality | quality, slot=slot_of.get(r.quantity, r.slot))
+            for r in readings
         ]
 
     def _committed(self, meter: str, day: date, item: _Owed, *, fresh: bool) -> None:

@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
+import msgspec
+
 from drivers.reading import Quality, Reading
 from gateway import outbox_schema
 from gateway.outbox_schema import COUNTER_NAMES, SchemaError
@@ -257,7 +259,7 @@ def _storable(group: Sequence[Reading]) -> tuple[list[Reading], int]:
         if problem is None:
             out.append(r)
         elif problem == "convert":
-            out.append(dataclasses.replace(r, value=_number_text(r.value)))
+            out.append(msgspec.structs.replace(r, value=_number_text(r.value)))
         else:
             bad += 1
             first = first or f"{r.id}: {problem}"
