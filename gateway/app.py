@@ -200,6 +200,7 @@ class Gateway:
             synchronous=config.outbox.synchronous,
             budget_bytes=int(config.outbox.budget_mb * 1024 * 1024),
             overflow_policy=OVERFLOW[config.outbox.overflow_policy],
+            commit_interval=config.outbox.commit_interval,
         )
         try:
             self.cursors = await asyncio.to_thread(CursorStore.for_config, config)

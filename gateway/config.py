@@ -60,6 +60,7 @@ _NAME: Final = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
 _QUANTITY: Final = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)*")
 _DLT645_ADDRESS: Final = re.compile(r"[0-9]{12}")
 _DURATION: Final = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)\s*")
+MAX_COMMIT_INTERVAL: Final = 1.0
 _UNIT_SECONDS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 Name = Annotated[str, Meta(pattern=_NAME, max_length=64)]
@@ -182,6 +183,9 @@ class OutboxSection(_Section, kw_only=True, frozen=True):
     # When the budget is full: stop polling new data (nothing committed is lost) or drop the oldest
     # undelivered readings.
     overflow_policy: Literal["pause_polling", "drop_oldest"] = "pause_polling"
+    # Shortest time between two commits: readings arriving meanwhile share one transaction (and
+    # one fsync under FULL). docs/outbox.md "Group commit".
+    commit_interval: Duration = Duration(0.02)
 
 
 class MetricsSection(_Section, kw_only=True, frozen=True):
@@ -539,6 +543,12 @@ class _Validator:
             c.outbox, path=self._path(c.outbox.path) if c.outbox.path else str(Path(state_dir) / "outbox.sqlite")
         )
         uplink = self._uplink(c.uplink, gateway.id)
+        if c.outbox.commit_interval > MAX_COMMIT_INTERVAL:
+            self.error(
+                "outbox.commit_interval",
+                f"must be at most {MAX_COMMIT_INTERVAL:g} s (polls wait for their commit), "
+                f"got {float(c.outbox.commit_interval):g} s",
+            )
         if c.limits.degraded_after > c.limits.offline_after:
             self.error("limits.degraded_after", f"must be <= limits.offline_after ({c.limits.offline_after})")
         buses = self._buses(c.buses)

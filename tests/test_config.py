@@ -244,6 +244,14 @@ def test_modbus_unit_id_range(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert_error(tmp_path, capsys, text, "meters[1].address", "1..247")
 
 
+def test_outbox_commit_interval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert load_config(write(tmp_path, BASE)).outbox.commit_interval == 0.02
+    text = BASE + '\n[outbox]\ncommit_interval = "50ms"\n'
+    assert load_config(write(tmp_path, text)).outbox.commit_interval == pytest.approx(0.05)
+    text = BASE + '\n[outbox]\ncommit_interval = "5s"\n'
+    assert_error(tmp_path, capsys, text, "outbox.commit_interval", "at most 1 s")
+
+
 def test_duplicate_meter_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     text = BASE.replace('id = "m2"', 'id = "m1"')
     assert_error(tmp_path, capsys, text, "meters[1].id", "duplicate meter id 'm1'", "meters[0]")

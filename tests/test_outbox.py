@@ -455,6 +455,45 @@ async def test_async_facade_group_commits_off_the_event_loop(db: Path) -> None:
 
 
 @pytest.mark.asyncio
+async def test_commit_interval_gathers_a_trickle_of_adds_into_few_transactions(tmp_path: Path) -> None:
+    # Polls finish one by one: without an interval nearly every add is its own transaction (and
+    # fsync). With one, adds arriving within it share the next commit, and none waits much longer.
+    async def trickle(interval: float) -> tuple[int, float]:
+        box = await AsyncOutbox.open(tmp_path / f"outbox-{interval}.sqlite", commit_interval=interval)
+        writes = 0
+        write = box.outbox.write
+
+        def counting(*args: object) -> object:
+            nonlocal writes
+            writes += 1
+            return write(*args)  # type: ignore[arg-type]
+
+        box.outbox.write = counting  # type: ignore[method-assign]
+        slowest = 0.0
+        loop = asyncio.get_running_loop()
+
+        async def add(i: int) -> None:
+            nonlocal slowest
+            await asyncio.sleep(i * 0.002)
+            started = loop.time()
+            result = await box.add(readings(4, start=4 * i))
+            assert result.committed == 4
+            slowest = max(slowest, loop.time() - started)
+
+        try:
+            await asyncio.gather(*(add(i) for i in range(50)))  # over ~100 ms
+            assert box.depth == 200
+        finally:
+            await box.close()
+        return writes, slowest
+
+    eager, _ = await trickle(0.0)
+    gathered, slowest = await trickle(0.025)
+    assert gathered <= 8 < eager  # ~100 ms / 25 ms, against about one per add
+    assert slowest < 0.025 + 0.5  # the interval plus a commit, with room for a loaded machine
+
+
+@pytest.mark.asyncio
 async def test_async_facade_recovers_from_full_disk_without_new_readings(db: Path) -> None:
     box = await AsyncOutbox.open(db, page_limit=40, retry_interval=0.05)
     try:
