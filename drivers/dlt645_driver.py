@@ -232,15 +232,13 @@ class Dlt645Driver:
         "_address",
         "_chain_busy",
         "_chain_waiters",
-        "_expect",
         "_history",
         "_info",
         "_missing",
         "_password",
         "_plans",
         "_refused_blocks",
-        "_request",
-        "_request_di",
+        "_requests",
         "address",
         "bus",
         "catalogue",
@@ -300,13 +298,9 @@ class Dlt645Driver:
         self._refused_blocks = _NO_BLOCKS  # blocks this meter said it lacks (|= makes a new set)
         self._plans: dict[tuple[str, ...], tuple[tuple[str, ...], Plan]] | None = None  # once a block is refused
         self._missing: set[int] | None = None  # DIs the meter said it has no data for (logged once)
+        self._requests: m.ReadRequestEncoder | None = None  # built on the first 2007 read
         # one multi-frame read at a time (follow-ups are per-DI state in the meter): a flag, and a
         # queue of waiters created only if two reads of one meter ever overlap
-        # the last read request's frame and what answers it (a poll usually repeats one DI): built
-        # once, not per poll
-        self._request_di = -1
-        self._request = b""
-        self._expect: Expect | None = None
         self._chain_busy: bool = False
         self._chain_waiters: collections.deque[asyncio.Future[None]] | None = None
 
@@ -426,13 +420,12 @@ class Dlt645Driver:
         try:
             if self.edition is E7:
                 check = _SingleFrameCheck(self, di)
-                if di != self._request_di or self._expect is None:
-                    self._request = m.ReadRequest(self._address, di).encode(E7)
-                    self._expect = Expect(self._address, READ, di)
-                    self._request_di = di
+                requests = self._requests
+                if requests is None:
+                    requests = self._requests = m.ReadRequestEncoder(self._address, E7)
                 reply = await self.bus.exchange(
-                    self._request,
-                    Dlt645Matcher(E7, self._expect, history=self._history, check=check),
+                    requests.encode(di),
+                    Dlt645Matcher(E7, Expect(self._address, READ, di), history=self._history, check=check),
                     meter=self.meter_id,
                     priority=priority,
                     force=force,

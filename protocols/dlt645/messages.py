@@ -21,7 +21,7 @@ from protocols.dlt645.edition import Edition
 from protocols.dlt645.error_words import error_flags, remote_control_flags
 from protocols.dlt645.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from protocols.dlt645.formats import decode_field, encode_field
-from protocols.dlt645.frame import _CONTROLS, BROADCAST, WILDCARD, Address, Control, Frame
+from protocols.dlt645.frame import _CONTROLS, BROADCAST, END, WILDCARD, Address, Control, Frame, checksum, scramble
 from protocols.dlt645.remote_control import RemoteCommand
 
 E7 = Edition.DLT645_2007
@@ -184,6 +184,25 @@ class ReadRequest(_Message):
             value = decode_field("YYMMDDhhmm", data[n + 1 :])
             since = value if isinstance(value, datetime.datetime) else None
         return cls(frame.address, _di_from(edition, data), data[n] if len(data) > n else None, since)
+
+
+class ReadRequestEncoder:
+    """``ReadRequest(address, di).encode(edition)`` for one meter and many DIs: its fixed start
+    (up to the length byte) is built once, so a poll's request costs a DI's bytes and a checksum
+    instead of a message and a frame (2,600 requests a second at full load)."""
+
+    __slots__ = ("_edition", "_head", "_head_sum")
+
+    def __init__(self, address: Address, edition: Edition) -> None:
+        n = edition.di_length
+        frame = ReadRequest(address, 0).encode(edition)
+        self._edition = edition
+        self._head = frame[: -(n + 2)]
+        self._head_sum = checksum(self._head) & 0xFF
+
+    def encode(self, di: int) -> bytes:
+        data = scramble(_di_bytes(self._edition, di))
+        return b"".join((self._head, data, bytes(((self._head_sum + sum(data)) & 0xFF, END))))
 
 
 @dataclass(frozen=True, slots=True)
@@ -729,6 +748,7 @@ __all__ = [
     "ReadFollowUpRequest",
     "ReadReply",
     "ReadRequest",
+    "ReadRequestEncoder",
     "RemoteControlReply",
     "RemoteControlRequest",
     "RereadRequest",
