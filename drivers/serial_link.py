@@ -52,12 +52,23 @@ class SerialLink(StreamLink):
         s = self.settings
         if refusal is not None:
             level = logging.DEBUG if self._rs485_refusal_logged else logging.WARNING
-            log.log(level, "link %s: device refused kernel RS-485 mode (%s); running without it, so "
-                    "the adapter must switch direction itself", self.name, refusal)
+            log.log(
+                level,
+                "link %s: device refused kernel RS-485 mode (%s); running without it, so "
+                "the adapter must switch direction itself",
+                self.name,
+                refusal,
+            )
             self._rs485_refusal_logged = True
         self.rs485_active = s.rs485 is not None and refusal is None
-        log.info("link %s: opened %s (-> %s) at %s%s", self.name, s.port, device,
-                 s.label, ", kernel RS-485 mode" if self.rs485_active else "")
+        log.info(
+            "link %s: opened %s (-> %s) at %s%s",
+            self.name,
+            s.port,
+            device,
+            s.label,
+            ", kernel RS-485 mode" if self.rs485_active else "",
+        )
         try:
             transport, _ = await serial_asyncio_fast.connection_for_serial(loop, lambda: inbox, port)
         except _OPEN_ERRORS as e:

@@ -27,6 +27,7 @@ _KEEPALIVE_OPTIONS = (
 
 class TcpLink(StreamLink):
     INBOX = BufferedInbox  # receives into a buffer of its own: no 256 KiB allocation per reply
+
     def __init__(self, settings: TcpSettings, *, name: str | None = None) -> None:
         super().__init__(
             name or f"tcp://{settings.label}",

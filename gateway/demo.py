@@ -52,8 +52,7 @@ async def start_simulators(config: Config) -> tuple[list[object], Config]:
             continue
         if bus.protocol == "dlt645":
             sims = [
-                Dlt645Meter(m.dlt645_address, Edition.parse(m.protocol), clock=clock, seed=seeds[m.id])
-                for m in meters
+                Dlt645Meter(m.dlt645_address, Edition.parse(m.protocol), clock=clock, seed=seeds[m.id]) for m in meters
             ]
             sim_bus = SimulatedBus(sims, LinkConfig(kind="tcp", host="127.0.0.1", port=0))
             await sim_bus.start()

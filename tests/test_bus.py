@@ -28,8 +28,9 @@ QUICK_RETRY = BackoffPolicy(initial=0.02, maximum=0.05)
 
 
 def make_bus(server: ToyServer, **settings: object) -> Bus:
-    link = TcpLink(TcpSettings(server.host, server.port, no_reply_limit=0,
-                               reconnect=BackoffPolicy(initial=0.05, maximum=0.1)))
+    link = TcpLink(
+        TcpSettings(server.host, server.port, no_reply_limit=0, reconnect=BackoffPolicy(initial=0.05, maximum=0.1))
+    )
     return Bus(f"bus-{server.port}", link, settings=BusSettings(**settings))  # type: ignore[arg-type]
 
 
@@ -348,8 +349,9 @@ async def test_offline_meter_is_probed_slowly_and_fails_fast_in_between(toy_serv
     changes: list[StateChange] = []
     server = await toy_server(sometimes)
     bus = make_bus(server, reply_timeout=0.05, attempts=2, retry=QUICK_RETRY)
-    bus.health = HealthBook(HealthPolicy(degraded_after=1, offline_after=2, probe_interval=0.3),
-                            on_change=changes.append)
+    bus.health = HealthBook(
+        HealthPolicy(degraded_after=1, offline_after=2, probe_interval=0.3), on_change=changes.append
+    )
     try:
         await bus.open()
         for seq in (1, 2):
@@ -402,8 +404,7 @@ async def test_queued_transactions_of_a_meter_gone_offline_fail_fast(toy_server)
     try:
         await bus.open()
         t0 = time.monotonic()
-        results = await asyncio.gather(*(ask(bus, 1, s, meter="m1") for s in range(1, 11)),
-                                       return_exceptions=True)
+        results = await asyncio.gather(*(ask(bus, 1, s, meter="m1") for s in range(1, 11)), return_exceptions=True)
         assert isinstance(results[0], NoAnswer)
         assert not isinstance(results[0], MeterOffline)
         assert all(isinstance(r, MeterOffline) for r in results[1:])

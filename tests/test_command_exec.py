@@ -464,7 +464,6 @@ async def test_read_back_reaches_a_meter_its_lost_replies_marked_offline(
     meter = handle.meters[0]
     health = HealthBook(HealthPolicy(degraded_after=1, offline_after=2, probe_interval=60.0))
     async with dlt_rig(tmp_path, handle, retry=2, health=health) as rig:
-
         offline_at_heal: list[MeterState] = []
 
         def heal(ack: Ack) -> None:

@@ -85,8 +85,14 @@ def test_backoff_policy_rejects_nonsense() -> None:
 
 def test_settings_from_mapping_serial() -> None:
     s = settings_from_mapping(
-        {"type": "serial", "port": "/dev/serial/by-id/usb-x", "baudrate": 2400, "parity": "e",
-         "rs485": True, "reconnect_max": 10}
+        {
+            "type": "serial",
+            "port": "/dev/serial/by-id/usb-x",
+            "baudrate": 2400,
+            "parity": "e",
+            "rs485": True,
+            "reconnect_max": 10,
+        }
     )
     assert isinstance(s, SerialSettings)
     assert (s.baudrate, s.bytesize, s.parity, s.stopbits) == (2400, 8, "E", 1)
@@ -128,8 +134,11 @@ def test_settings_errors_are_clear(raw: dict[str, object], words: str) -> None:
 @pytest.mark.asyncio
 async def test_tcp_roundtrip_sets_keepalive_options(toy_server) -> None:
     server = await toy_server()
-    link = TcpLink(TcpSettings(server.host, server.port, keepalive_idle=7, keepalive_interval=3,
-                               keepalive_count=4, user_timeout=12.5))
+    link = TcpLink(
+        TcpSettings(
+            server.host, server.port, keepalive_idle=7, keepalive_interval=3, keepalive_count=4, user_timeout=12.5
+        )
+    )
     assert isinstance(link, Transport)
     try:
         assert await link.open()
@@ -395,8 +404,9 @@ async def test_half_open_link_is_reconnected_after_consecutive_silences(toy_serv
             conn.write(frame.reply().encode())
 
     server = await toy_server(dead_first_connection)
-    link = TcpLink(TcpSettings(server.host, server.port, no_reply_limit=2,
-                               reconnect=BackoffPolicy(initial=0.05, maximum=0.1)))
+    link = TcpLink(
+        TcpSettings(server.host, server.port, no_reply_limit=2, reconnect=BackoffPolicy(initial=0.05, maximum=0.1))
+    )
     bus = Bus("b", link, settings=BusSettings(reply_timeout=0.1, attempts=1))
     try:
         await bus.open()
