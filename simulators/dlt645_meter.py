@@ -75,6 +75,21 @@ def _unix(dt: datetime.datetime) -> float:
     return (dt - _EPOCH).total_seconds()
 
 
+@functools.cache
+def _energy_name(quantity: str) -> tuple[str, str, str, int]:
+    """``energy.<kind>.<direction>.<tariff>`` as (kind, direction, tariff, tariff number; 0 for
+    the total), parsed once per name; LookupError when it is not such a name."""
+    parts = quantity.split(".")
+    if len(parts) != 4:
+        raise LookupError(quantity)
+    _, kind, direction, tariff = parts
+    if tariff == "total":
+        return kind, direction, tariff, 0
+    if not tariff.startswith("t"):
+        raise LookupError(quantity)
+    return kind, direction, tariff, int(tariff[1:])
+
+
 @dataclass(frozen=True, slots=True)
 class Freeze:
     time: datetime.datetime
@@ -142,6 +157,7 @@ class Dlt645Meter:
         self._pending_restore: datetime.datetime | None = None
         self._follow_ups: dict[int, list[bytes]] = {}
         self._cache_second: int | None = None
+        self._second_of: tuple[datetime.datetime | None, int] = (None, 0)  # a time and its _unix second
         self._request_now: datetime.datetime | None = None
         self.max_demand: dict[str, tuple[float, datetime.datetime]] = {}  # total | tN -> (kW, time)
         self._cache_values: dict[str, float] = {}
@@ -437,27 +453,28 @@ class Dlt645Meter:
 
     def value_bytes(self, di: int) -> bytes:
         """The encoded data for ``di`` now; LookupError when the meter has no such data."""
-        item = self.catalogue.get(self.edition, di)
-        if item is None:
+        parts = self.catalogue.reply_parts(self.edition, di)
+        if parts is None:
             raise LookupError(di)
-        if item.kind == "block":
-            parts = []
-            for member in item.members:
-                sub = self.catalogue.get(self.edition, member)
-                if sub is None:
-                    break
-                try:
-                    parts.append(self.value_bytes(member))
-                except LookupError:
-                    if not parts:
-                        raise
-                    break
-            return b"".join(parts)
+        data: list[bytes] = []
+        for item, encode in parts:
+            try:
+                data.append(self._item_bytes(item, encode))
+            except LookupError:
+                # A block answers the members the meter has: the first one it lacks ends the data.
+                if not data:
+                    raise
+                break
+        return b"".join(data)
+
+    def _item_bytes(self, item: DataItem, encode: Callable[[object], bytes]) -> bytes:
+        if item.kind == "block":  # a block inside a block: only hand-made catalogues have them
+            return self.value_bytes(item.di)
         value = self.value_of(item)
         try:
-            return self.catalogue.encode(self.edition, di, value)
+            return encode(value)
         except ProtocolError as exc:
-            raise LookupError(di) from exc
+            raise LookupError(item.di) from exc
 
     def value_of(self, item: DataItem) -> object:
         quantity = item.quantity or ""
@@ -465,11 +482,10 @@ class Dlt645Meter:
             return self._frozen(item, quantity)
         if quantity.startswith("event."):
             return self._event(item, quantity)
-        now = self.meter_time()
         if quantity == "clock.date":
-            return now.date()
+            return self.meter_time().date()
         if quantity == "clock.time":
-            return now.time().replace(microsecond=0)
+            return self.meter_time().time().replace(microsecond=0)
         if quantity in {"meter.address", "meter.number"}:
             return self.address_text
         if quantity == "meter.constant.active":
@@ -503,7 +519,10 @@ class Dlt645Meter:
     def _live_values(self) -> dict[str, float]:
         """The load model's values at the current simulated second (a meter refreshes about once a
         second, and this keeps a burst of reads from re-integrating the load for each one)."""
-        second = int(_unix(self._sim_now()))
+        now = self._sim_now()
+        if now is not self._second_of[0]:  # the datetime arithmetic once per request, not per value
+            self._second_of = (now, int(_unix(now)))
+        second = self._second_of[1]
         if self._cache_second != second:
             self.load.advance(float(second))
             values = self._cache_values = self.load.values()
@@ -524,17 +543,14 @@ class Dlt645Meter:
                 self.max_demand[key] = (power, at)
 
     def _energy(self, quantity: str, snapshot: Mapping[str, float] | None = None) -> float:
-        parts = quantity.split(".")  # energy.<kind>.<direction>.<tariff>
-        if len(parts) != 4:
-            raise LookupError(quantity)
-        _, kind, direction, tariff = parts
-        if tariff != "total" and (not tariff.startswith("t") or not 1 <= int(tariff[1:]) <= self.tariffs):
+        kind, direction, tariff, number = _energy_name(quantity)
+        if tariff != "total" and not 1 <= number <= self.tariffs:
             raise LookupError(quantity)
 
         def get(k: str, d: str) -> float:
             if snapshot is not None:
                 return snapshot[f"{k}.{d}.{tariff}"]
-            if tariff != "total" and int(tariff[1:]) > self._model_tariffs:
+            if number > self._model_tariffs:
                 return 0.0
             return self.load.energy(f"energy.{k}.{d}.{tariff}")
 

@@ -43,6 +43,7 @@ not fit, or an unknown format name, raises :class:`LocalProtocolError`. Nothing 
 from __future__ import annotations
 
 import datetime
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -440,6 +441,15 @@ def _number_decoder(fmt: str) -> Callable[[bytes], FieldValue] | None:
     wants no more per value than the decode (the catalogue's hot path); None for other formats."""
     found = _lookup(fmt)
     return found.decode if isinstance(found, _Bcd) else None
+
+
+def _encoder(fmt: str) -> Callable[[object], bytes]:
+    """``encode_field(fmt, ·)`` with the format looked up once (the catalogue's encoders); an
+    unknown format fails when used, as encode_field does."""
+    try:
+        return _lookup(fmt).encode
+    except LocalProtocolError:
+        return functools.partial(encode_field, fmt)
 
 
 def format_length(fmt: str) -> int:
