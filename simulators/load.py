@@ -189,6 +189,11 @@ class LoadModel:
             if value < 0:
                 raise ValueError(f"initial_energy: {name} must be >= 0")
             self._energy[name] = float(value)
+        # "<prefix>.total" -> its tariff registers (the register names never change)
+        self._totals: dict[str, tuple[str, ...]] = {}
+        for name in self._energy:
+            total = f"{name.rpartition('.')[0]}.total"
+            self._totals[total] = (*self._totals.get(total, ()), name)
 
     # -- time and relay -----------------------------------------------------------------------
 
@@ -221,12 +226,10 @@ class LoadModel:
         """One energy register: ``energy.<active|reactive>.<import|export>.<total|tN>``."""
         if name in self._energy:
             return self._energy[name]
-        prefix, _, tariff = name.rpartition(".")
-        if tariff == "total":
-            parts = [v for k, v in self._energy.items() if k.rpartition(".")[0] == prefix]
-            if parts:
-                return math.fsum(parts)
-        raise KeyError(name)
+        registers = self._totals.get(name)
+        if registers is None:
+            raise KeyError(name)
+        return math.fsum([self._energy[register] for register in registers])
 
     def values(self) -> dict[str, float]:
         """Every quantity the model simulates, at :attr:`time`, in canonical units."""
