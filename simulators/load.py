@@ -179,6 +179,7 @@ class LoadModel:
         self.settings = settings or LoadSettings()
         self._time = float(start)
         self._relay_closed = True
+        self._cell_power: tuple[int | None, tuple[tuple[str, float], ...]] = (None, ())
         tariffs = self.settings.tariffs.tariffs
         self._energy: dict[str, float] = dict.fromkeys(_energy_names(tariffs), 0.0)
         for name, value in self.settings.initial_energy.items():
@@ -304,15 +305,26 @@ class LoadModel:
             cell += 1
 
     def _accumulate(self, cell: int, hours: float) -> None:
+        if self._cell_power[0] != cell:
+            self._cell_power = (cell, self._power_at_midpoint(cell))
+        for register, power in self._cell_power[1]:
+            self._energy[register] += power * hours
+
+    def _power_at_midpoint(self, cell: int) -> tuple[tuple[str, float], ...]:
+        """The registers a cell's energy goes into, with the power (kW, kvar; positive) at its
+        midpoint. Kept for the last cell: reads every second advance the model in many slices of
+        the same cell. Only integration asks, so the relay is closed."""
         mid = (cell + 0.5) * self.settings.step
         phases = [self._phase(mid, k, fast_noise=False) for k in range(3)]
         tariff = self.settings.tariffs.tariff_at(self._local_hour(mid) * 60.0)
+        out = []
         for kind, power in (
             ("active", math.fsum(ph.active for ph in phases)),
             ("reactive", math.fsum(ph.reactive for ph in phases)),
         ):
             direction = "import" if power >= 0 else "export"
-            self._energy[f"energy.{kind}.{direction}.t{tariff}"] += abs(power) * hours
+            out.append((f"energy.{kind}.{direction}.t{tariff}", abs(power)))
+        return tuple(out)
 
     def _gauss(self, stream: int, index: int, bucket: int) -> float:
         """A standard normal sample that depends only on (seed, stream, index, bucket)."""
