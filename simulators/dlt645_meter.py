@@ -44,7 +44,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeAlias
 
 from protocols.dlt645 import messages as m
 from protocols.dlt645.catalogue import Catalogue, DataItem, default_catalogue
@@ -478,37 +478,39 @@ class Dlt645Meter:
 
     def value_of(self, item: DataItem) -> object:
         quantity = item.quantity or ""
-        if quantity.startswith("frozen.daily."):
-            return self._frozen(item, quantity)
-        if quantity.startswith("event."):
-            return self._event(item, quantity)
-        if quantity == "clock.date":
-            return self.meter_time().date()
-        if quantity == "clock.time":
-            return self.meter_time().time().replace(microsecond=0)
-        if quantity in {"meter.address", "meter.number"}:
-            return self.address_text
-        if quantity == "meter.constant.active":
-            return 1200
-        if quantity == "meter.constant.reactive":
-            return 1200
-        if quantity == "status.word3":
-            return self.status_word3
-        if quantity.startswith("status.word"):
-            return 0
-        if quantity == "temperature.internal":
-            return 28.5
+        return _source(quantity)(self, item, quantity)
+
+    # Value sources, chosen per quantity by _source; all take (item, quantity).
+
+    def _clock_date(self, item: DataItem, quantity: str) -> object:
+        return self.meter_time().date()
+
+    def _clock_time(self, item: DataItem, quantity: str) -> object:
+        return self.meter_time().time().replace(microsecond=0)
+
+    def _identity(self, item: DataItem, quantity: str) -> object:
+        return self.address_text
+
+    def _status_word3(self, item: DataItem, quantity: str) -> object:
+        return self.status_word3
+
+    def _energy_now(self, item: DataItem, quantity: str) -> object:
+        self._live_values()
+        return self._energy(quantity)
+
+    def _current_demand(self, item: DataItem, quantity: str) -> object:
+        return self._live_values()["power.active.total"]
+
+    def _max_demand(self, item: DataItem, quantity: str) -> object:
+        self._live_values()
+        key = quantity.removeprefix("demand.active.import.max").lstrip(".") or "total"
+        if key != "total" and not (key.startswith("t") and 1 <= int(key[1:]) <= self.tariffs):
+            raise LookupError(quantity)
+        demand, at = self.max_demand.get(key, (0.0, self._started.replace(second=0, microsecond=0)))
+        return {"demand": demand, "time": at}
+
+    def _instantaneous(self, item: DataItem, quantity: str) -> object:
         values = self._live_values()
-        if quantity.startswith("energy."):
-            return self._energy(quantity)
-        if quantity == "demand.active.current":
-            return values["power.active.total"]
-        if quantity.startswith("demand.active.import.max"):
-            key = quantity.removeprefix("demand.active.import.max").lstrip(".") or "total"
-            if key != "total" and not (key.startswith("t") and 1 <= int(key[1:]) <= self.tariffs):
-                raise LookupError(quantity)
-            demand, at = self.max_demand.get(key, (0.0, self._started.replace(second=0, microsecond=0)))
-            return {"demand": demand, "time": at}
         if quantity in values:
             value = values[quantity]
             if quantity.startswith("current.l") and value > 0:
@@ -612,6 +614,46 @@ class Dlt645Meter:
                 "energy.reactive.q4.total": e["reactive.export.total"],
             }
         raise LookupError(quantity)
+
+
+_Source: TypeAlias = Callable[[Dlt645Meter, DataItem, str], object]
+
+
+def _constant(value: object) -> _Source:
+    return lambda meter, item, quantity: value
+
+
+_NAMED_SOURCES: Final[dict[str, _Source]] = {
+    "clock.date": Dlt645Meter._clock_date,
+    "clock.time": Dlt645Meter._clock_time,
+    "meter.address": Dlt645Meter._identity,
+    "meter.number": Dlt645Meter._identity,
+    "meter.constant.active": _constant(1200),
+    "meter.constant.reactive": _constant(1200),
+    "status.word3": Dlt645Meter._status_word3,
+    "temperature.internal": _constant(28.5),
+    "demand.active.current": Dlt645Meter._current_demand,
+}
+
+
+@functools.cache
+def _source(quantity: str) -> _Source:
+    """Where a quantity's value comes from, decided once per name rather than by a chain of string
+    tests per value read. Frozen and event quantities, then the named ones, then the families."""
+    if quantity.startswith("frozen.daily."):
+        return Dlt645Meter._frozen
+    if quantity.startswith("event."):
+        return Dlt645Meter._event
+    named = _NAMED_SOURCES.get(quantity)
+    if named is not None:
+        return named
+    if quantity.startswith("status.word"):
+        return _constant(0)
+    if quantity.startswith("energy."):
+        return Dlt645Meter._energy_now
+    if quantity.startswith("demand.active.import.max"):
+        return Dlt645Meter._max_demand
+    return Dlt645Meter._instantaneous
 
 
 __all__ = ["Dlt645Meter", "Freeze", "RelayEvent"]
