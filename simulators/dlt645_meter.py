@@ -203,6 +203,9 @@ class Dlt645Meter:
         return self._request_now or self.clock.now()
 
     def meter_time(self) -> datetime.datetime:
+        if not self.drift_ppm:  # what clock_offset gives then, without its timedelta maths
+            now = self._sim_now()
+            return now + datetime.timedelta(seconds=self._offset) if self._offset else now
         return self._sim_now() + datetime.timedelta(seconds=self.clock_offset)
 
     def set_meter_time(self, when: datetime.datetime) -> None:
@@ -310,7 +313,8 @@ class Dlt645Meter:
     # -- request handling -----------------------------------------------------------------------
 
     def addressed_by(self, address: Address) -> bool:
-        return address.is_broadcast or address.matches(self.address)
+        # Own address first: matches() compares byte by byte in Python.
+        return address.wire == self.address.wire or address.is_broadcast or address.matches(self.address)
 
     def handle(self, frame: Frame, now: datetime.datetime | None = None) -> list[bytes]:
         """Reply bytes for one request frame (an empty list when the meter stays silent).
