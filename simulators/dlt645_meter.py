@@ -78,7 +78,8 @@ def _unix(dt: datetime.datetime) -> float:
 @functools.cache
 def _energy_name(quantity: str) -> tuple[str, str, str, int]:
     """``energy.<kind>.<direction>.<tariff>`` as (kind, direction, tariff, tariff number; 0 for
-    the total), parsed once per name; LookupError when it is not such a name."""
+    the total), parsed once per name; LookupError when it is not such a name (int()'s ValueError
+    when a ``t`` tariff has no number)."""
     parts = quantity.split(".")
     if len(parts) != 4:
         raise LookupError(quantity)
@@ -499,14 +500,14 @@ class Dlt645Meter:
         return self.status_word3
 
     def _energy_now(self, item: DataItem, quantity: str) -> object:
-        self._live_values()
+        self._live_values()  # advances the load model, whose registers hold the energy, to now
         return self._energy(quantity)
 
     def _current_demand(self, item: DataItem, quantity: str) -> object:
         return self._live_values()["power.active.total"]
 
     def _max_demand(self, item: DataItem, quantity: str) -> object:
-        self._live_values()
+        self._live_values()  # a refresh tracks the demand
         key = quantity.removeprefix("demand.active.import.max").lstrip(".") or "total"
         if key != "total" and not (key.startswith("t") and 1 <= int(key[1:]) <= self.tariffs):
             raise LookupError(quantity)
