@@ -44,7 +44,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeAlias
 
 from protocols.dlt645 import messages as m
 from protocols.dlt645.catalogue import Catalogue, DataItem, default_catalogue
@@ -73,6 +73,22 @@ _ENERGY_KINDS: Final = ("active", "reactive")
 def _unix(dt: datetime.datetime) -> float:
     """Simulated local time as the load model's seconds (its utc_offset is 0: local = model time)."""
     return (dt - _EPOCH).total_seconds()
+
+
+@functools.cache
+def _energy_name(quantity: str) -> tuple[str, str, str, int]:
+    """``energy.<kind>.<direction>.<tariff>`` as (kind, direction, tariff, tariff number; 0 for
+    the total), parsed once per name; LookupError when it is not such a name (int()'s ValueError
+    when a ``t`` tariff has no number)."""
+    parts = quantity.split(".")
+    if len(parts) != 4:
+        raise LookupError(quantity)
+    _, kind, direction, tariff = parts
+    if tariff == "total":
+        return kind, direction, tariff, 0
+    if not tariff.startswith("t"):
+        raise LookupError(quantity)
+    return kind, direction, tariff, int(tariff[1:])
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +158,7 @@ class Dlt645Meter:
         self._pending_restore: datetime.datetime | None = None
         self._follow_ups: dict[int, list[bytes]] = {}
         self._cache_second: int | None = None
+        self._second_of: tuple[datetime.datetime | None, int] = (None, 0)  # a time and its _unix second
         self._request_now: datetime.datetime | None = None
         self.max_demand: dict[str, tuple[float, datetime.datetime]] = {}  # total | tN -> (kW, time)
         self._cache_values: dict[str, float] = {}
@@ -187,6 +204,9 @@ class Dlt645Meter:
         return self._request_now or self.clock.now()
 
     def meter_time(self) -> datetime.datetime:
+        if not self.drift_ppm:  # what clock_offset gives then, without its timedelta maths
+            now = self._sim_now()
+            return now + datetime.timedelta(seconds=self._offset) if self._offset else now
         return self._sim_now() + datetime.timedelta(seconds=self.clock_offset)
 
     def set_meter_time(self, when: datetime.datetime) -> None:
@@ -294,7 +314,8 @@ class Dlt645Meter:
     # -- request handling -----------------------------------------------------------------------
 
     def addressed_by(self, address: Address) -> bool:
-        return address.is_broadcast or address.matches(self.address)
+        # Own address first: matches() compares byte by byte in Python.
+        return address.wire == self.address.wire or address.is_broadcast or address.matches(self.address)
 
     def handle(self, frame: Frame, now: datetime.datetime | None = None) -> list[bytes]:
         """Reply bytes for one request frame (an empty list when the meter stays silent).
@@ -437,62 +458,64 @@ class Dlt645Meter:
 
     def value_bytes(self, di: int) -> bytes:
         """The encoded data for ``di`` now; LookupError when the meter has no such data."""
-        item = self.catalogue.get(self.edition, di)
-        if item is None:
+        parts = self.catalogue.reply_parts(self.edition, di)
+        if parts is None:
             raise LookupError(di)
-        if item.kind == "block":
-            parts = []
-            for member in item.members:
-                sub = self.catalogue.get(self.edition, member)
-                if sub is None:
-                    break
-                try:
-                    parts.append(self.value_bytes(member))
-                except LookupError:
-                    if not parts:
-                        raise
-                    break
-            return b"".join(parts)
+        data: list[bytes] = []
+        for item, encode in parts:
+            try:
+                data.append(self._item_bytes(item, encode))
+            except LookupError:
+                # A block answers the members the meter has: the first one it lacks ends the data.
+                if not data:
+                    raise
+                break
+        return b"".join(data)
+
+    def _item_bytes(self, item: DataItem, encode: Callable[[object], bytes]) -> bytes:
+        if item.kind == "block":  # a block inside a block: only hand-made catalogues have them
+            return self.value_bytes(item.di)
         value = self.value_of(item)
         try:
-            return self.catalogue.encode(self.edition, di, value)
+            return encode(value)
         except ProtocolError as exc:
-            raise LookupError(di) from exc
+            raise LookupError(item.di) from exc
 
     def value_of(self, item: DataItem) -> object:
         quantity = item.quantity or ""
-        if quantity.startswith("frozen.daily."):
-            return self._frozen(item, quantity)
-        if quantity.startswith("event."):
-            return self._event(item, quantity)
-        now = self.meter_time()
-        if quantity == "clock.date":
-            return now.date()
-        if quantity == "clock.time":
-            return now.time().replace(microsecond=0)
-        if quantity in {"meter.address", "meter.number"}:
-            return self.address_text
-        if quantity == "meter.constant.active":
-            return 1200
-        if quantity == "meter.constant.reactive":
-            return 1200
-        if quantity == "status.word3":
-            return self.status_word3
-        if quantity.startswith("status.word"):
-            return 0
-        if quantity == "temperature.internal":
-            return 28.5
+        return _source(quantity)(self, item, quantity)
+
+    # Value sources, chosen per quantity by _source; all take (item, quantity).
+
+    def _clock_date(self, item: DataItem, quantity: str) -> object:
+        return self.meter_time().date()
+
+    def _clock_time(self, item: DataItem, quantity: str) -> object:
+        return self.meter_time().time().replace(microsecond=0)
+
+    def _identity(self, item: DataItem, quantity: str) -> object:
+        return self.address_text
+
+    def _status_word3(self, item: DataItem, quantity: str) -> object:
+        return self.status_word3
+
+    def _energy_now(self, item: DataItem, quantity: str) -> object:
+        self._live_values()  # advances the load model, whose registers hold the energy, to now
+        return self._energy(quantity)
+
+    def _current_demand(self, item: DataItem, quantity: str) -> object:
+        return self._live_values()["power.active.total"]
+
+    def _max_demand(self, item: DataItem, quantity: str) -> object:
+        self._live_values()  # a refresh tracks the demand
+        key = quantity.removeprefix("demand.active.import.max").lstrip(".") or "total"
+        if key != "total" and not (key.startswith("t") and 1 <= int(key[1:]) <= self.tariffs):
+            raise LookupError(quantity)
+        demand, at = self.max_demand.get(key, (0.0, self._started.replace(second=0, microsecond=0)))
+        return {"demand": demand, "time": at}
+
+    def _instantaneous(self, item: DataItem, quantity: str) -> object:
         values = self._live_values()
-        if quantity.startswith("energy."):
-            return self._energy(quantity)
-        if quantity == "demand.active.current":
-            return values["power.active.total"]
-        if quantity.startswith("demand.active.import.max"):
-            key = quantity.removeprefix("demand.active.import.max").lstrip(".") or "total"
-            if key != "total" and not (key.startswith("t") and 1 <= int(key[1:]) <= self.tariffs):
-                raise LookupError(quantity)
-            demand, at = self.max_demand.get(key, (0.0, self._started.replace(second=0, microsecond=0)))
-            return {"demand": demand, "time": at}
         if quantity in values:
             value = values[quantity]
             if quantity.startswith("current.l") and value > 0:
@@ -503,7 +526,10 @@ class Dlt645Meter:
     def _live_values(self) -> dict[str, float]:
         """The load model's values at the current simulated second (a meter refreshes about once a
         second, and this keeps a burst of reads from re-integrating the load for each one)."""
-        second = int(_unix(self._sim_now()))
+        now = self._sim_now()
+        if now is not self._second_of[0]:  # the datetime arithmetic once per request, not per value
+            self._second_of = (now, int(_unix(now)))
+        second = self._second_of[1]
         if self._cache_second != second:
             self.load.advance(float(second))
             values = self._cache_values = self.load.values()
@@ -524,17 +550,14 @@ class Dlt645Meter:
                 self.max_demand[key] = (power, at)
 
     def _energy(self, quantity: str, snapshot: Mapping[str, float] | None = None) -> float:
-        parts = quantity.split(".")  # energy.<kind>.<direction>.<tariff>
-        if len(parts) != 4:
-            raise LookupError(quantity)
-        _, kind, direction, tariff = parts
-        if tariff != "total" and (not tariff.startswith("t") or not 1 <= int(tariff[1:]) <= self.tariffs):
+        kind, direction, tariff, number = _energy_name(quantity)
+        if tariff != "total" and not 1 <= number <= self.tariffs:
             raise LookupError(quantity)
 
         def get(k: str, d: str) -> float:
             if snapshot is not None:
                 return snapshot[f"{k}.{d}.{tariff}"]
-            if tariff != "total" and int(tariff[1:]) > self._model_tariffs:
+            if number > self._model_tariffs:
                 return 0.0
             return self.load.energy(f"energy.{k}.{d}.{tariff}")
 
@@ -596,6 +619,46 @@ class Dlt645Meter:
                 "energy.reactive.q4.total": e["reactive.export.total"],
             }
         raise LookupError(quantity)
+
+
+_Source: TypeAlias = Callable[[Dlt645Meter, DataItem, str], object]
+
+
+def _constant(value: object) -> _Source:
+    return lambda meter, item, quantity: value
+
+
+_NAMED_SOURCES: Final[dict[str, _Source]] = {
+    "clock.date": Dlt645Meter._clock_date,
+    "clock.time": Dlt645Meter._clock_time,
+    "meter.address": Dlt645Meter._identity,
+    "meter.number": Dlt645Meter._identity,
+    "meter.constant.active": _constant(1200),
+    "meter.constant.reactive": _constant(1200),
+    "status.word3": Dlt645Meter._status_word3,
+    "temperature.internal": _constant(28.5),
+    "demand.active.current": Dlt645Meter._current_demand,
+}
+
+
+@functools.cache
+def _source(quantity: str) -> _Source:
+    """Where a quantity's value comes from, decided once per name rather than by a chain of string
+    tests per value read. Frozen and event quantities, then the named ones, then the families."""
+    if quantity.startswith("frozen.daily."):
+        return Dlt645Meter._frozen
+    if quantity.startswith("event."):
+        return Dlt645Meter._event
+    named = _NAMED_SOURCES.get(quantity)
+    if named is not None:
+        return named
+    if quantity.startswith("status.word"):
+        return _constant(0)
+    if quantity.startswith("energy."):
+        return Dlt645Meter._energy_now
+    if quantity.startswith("demand.active.import.max"):
+        return Dlt645Meter._max_demand
+    return Dlt645Meter._instantaneous
 
 
 __all__ = ["Dlt645Meter", "Freeze", "RelayEvent"]

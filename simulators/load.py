@@ -159,6 +159,8 @@ def _energy_names(tariffs: int) -> list[str]:
 
 
 ENERGY_REGISTERS: Final = tuple(_energy_names(DEFAULT_TARIFFS.tariffs))
+_PHASE_QUANTITIES: Final = ("voltage", "current", "power.active", "power.reactive", "power.apparent", "power_factor")
+_PHASE_KEYS: Final = tuple(tuple(f"{q}.l{k}" for q in _PHASE_QUANTITIES) for k in PHASES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +181,8 @@ class LoadModel:
         self.settings = settings or LoadSettings()
         self._time = float(start)
         self._relay_closed = True
+        self._cell_power: tuple[int | None, tuple[tuple[str, float], ...]] = (None, ())
+        self._slow_noise: tuple[int | None, tuple[float, ...]] = (None, ())  # a bucket, its noise per phase
         tariffs = self.settings.tariffs.tariffs
         self._energy: dict[str, float] = dict.fromkeys(_energy_names(tariffs), 0.0)
         for name, value in self.settings.initial_energy.items():
@@ -189,6 +193,11 @@ class LoadModel:
             if value < 0:
                 raise ValueError(f"initial_energy: {name} must be >= 0")
             self._energy[name] = float(value)
+        # "<prefix>.total" -> its tariff registers (the register names never change)
+        self._totals: dict[str, tuple[str, ...]] = {}
+        for name in self._energy:
+            total = f"{name.rpartition('.')[0]}.total"
+            self._totals[total] = (*self._totals.get(total, ()), name)
 
     # -- time and relay -----------------------------------------------------------------------
 
@@ -221,25 +230,23 @@ class LoadModel:
         """One energy register: ``energy.<active|reactive>.<import|export>.<total|tN>``."""
         if name in self._energy:
             return self._energy[name]
-        prefix, _, tariff = name.rpartition(".")
-        if tariff == "total":
-            parts = [v for k, v in self._energy.items() if k.rpartition(".")[0] == prefix]
-            if parts:
-                return math.fsum(parts)
-        raise KeyError(name)
+        registers = self._totals.get(name)
+        if registers is None:
+            raise KeyError(name)
+        return math.fsum([self._energy[register] for register in registers])
 
     def values(self) -> dict[str, float]:
         """Every quantity the model simulates, at :attr:`time`, in canonical units."""
         t = self._time
-        phases = [self._phase(t, k, fast_noise=True) for k in range(3)]
+        phases = self._phases(t, fast_noise=True)
         out: dict[str, float] = {}
-        for k, ph in zip(PHASES, phases, strict=True):
-            out[f"voltage.l{k}"] = ph.voltage
-            out[f"current.l{k}"] = ph.current
-            out[f"power.active.l{k}"] = ph.active
-            out[f"power.reactive.l{k}"] = ph.reactive
-            out[f"power.apparent.l{k}"] = ph.apparent
-            out[f"power_factor.l{k}"] = ph.power_factor
+        for (voltage, current, active, reactive, apparent, power_factor), ph in zip(_PHASE_KEYS, phases, strict=True):
+            out[voltage] = ph.voltage
+            out[current] = ph.current
+            out[active] = ph.active
+            out[reactive] = ph.reactive
+            out[apparent] = ph.apparent
+            out[power_factor] = ph.power_factor
         p_total = math.fsum(ph.active for ph in phases)
         q_total = math.fsum(ph.reactive for ph in phases)
         s_total = math.fsum(ph.apparent for ph in phases)
@@ -256,12 +263,9 @@ class LoadModel:
             9, 0, math.floor(t / _FAST_BUCKET)
         )
         out["relay.state"] = 1.0 if self._relay_closed else 0.0
-        for name in self._energy:
-            out[name] = self._energy[name]
-        for kind, _ in _KINDS:
-            for direction in _DIRECTIONS:
-                total = f"energy.{kind}.{direction}.total"
-                out[total] = self.energy(total)
+        out.update(self._energy)
+        for total in self._totals:
+            out[total] = self.energy(total)
         return out
 
     # -- internals ----------------------------------------------------------------------------
@@ -269,26 +273,33 @@ class LoadModel:
     def _local_hour(self, t: float) -> float:
         return ((t + self.settings.utc_offset) % 86400.0) / 3600.0
 
-    def _phase(self, t: float, k: int, *, fast_noise: bool) -> _PhaseState:
+    def _phases(self, t: float, *, fast_noise: bool) -> list[_PhaseState]:
         s = self.settings
         hour = self._local_hour(t)
         slow = math.floor(t / _SLOW_BUCKET)
         fast = math.floor(t / _FAST_BUCKET)
-        load_current = s.base_current + (s.peak_current - s.base_current) * _daily_profile(hour) * s.phase_weights[k]
-        load_current = max(0.0, load_current * (1.0 + s.current_noise * self._gauss(1, k, slow)))
+        swing = (s.peak_current - s.base_current) * _daily_profile(hour)
         pv_current = s.pv_peak_current * _solar_profile(hour)
-        voltage = s.nominal_voltage - s.voltage_drop * load_current
-        if fast_noise:
-            voltage += s.voltage_noise * self._gauss(2, k, fast)
-        if not self._relay_closed:
-            return _PhaseState(voltage, 0.0, 0.0, 0.0, 0.0, 1.0)
         sin_phi = math.sqrt(max(0.0, 1.0 - s.load_power_factor**2))
-        active = voltage * (load_current * s.load_power_factor - pv_current) / 1000.0
-        reactive = voltage * load_current * sin_phi / 1000.0
-        apparent = math.hypot(active, reactive)
-        current = apparent * 1000.0 / voltage
-        pf = active / apparent if apparent > 0 else 1.0
-        return _PhaseState(voltage, current, active, reactive, apparent, pf)
+        if self._slow_noise[0] != slow:  # a 300 s bucket serves hundreds of reads: draw it once
+            self._slow_noise = (slow, tuple(self._gauss(1, k, slow) for k in range(3)))
+        phases = []
+        for k in range(3):
+            load_current = s.base_current + swing * s.phase_weights[k]
+            load_current = max(0.0, load_current * (1.0 + s.current_noise * self._slow_noise[1][k]))
+            voltage = s.nominal_voltage - s.voltage_drop * load_current
+            if fast_noise:
+                voltage += s.voltage_noise * self._gauss(2, k, fast)
+            if not self._relay_closed:
+                phases.append(_PhaseState(voltage, 0.0, 0.0, 0.0, 0.0, 1.0))
+                continue
+            active = voltage * (load_current * s.load_power_factor - pv_current) / 1000.0
+            reactive = voltage * load_current * sin_phi / 1000.0
+            apparent = math.hypot(active, reactive)
+            current = apparent * 1000.0 / voltage
+            pf = active / apparent if apparent > 0 else 1.0
+            phases.append(_PhaseState(voltage, current, active, reactive, apparent, pf))
+        return phases
 
     def _integrate(self, t0: float, t1: float) -> None:
         step = self.settings.step
@@ -301,15 +312,26 @@ class LoadModel:
             cell += 1
 
     def _accumulate(self, cell: int, hours: float) -> None:
+        if self._cell_power[0] != cell:
+            self._cell_power = (cell, self._power_at_midpoint(cell))
+        for register, power in self._cell_power[1]:
+            self._energy[register] += power * hours
+
+    def _power_at_midpoint(self, cell: int) -> tuple[tuple[str, float], ...]:
+        """The registers a cell's energy goes into, with the power (kW, kvar; positive) at its
+        midpoint. Kept for the last cell: reads every second advance the model in many slices of
+        the same cell. Only integration asks, so the relay is closed."""
         mid = (cell + 0.5) * self.settings.step
-        phases = [self._phase(mid, k, fast_noise=False) for k in range(3)]
+        phases = self._phases(mid, fast_noise=False)
         tariff = self.settings.tariffs.tariff_at(self._local_hour(mid) * 60.0)
+        out = []
         for kind, power in (
             ("active", math.fsum(ph.active for ph in phases)),
             ("reactive", math.fsum(ph.reactive for ph in phases)),
         ):
             direction = "import" if power >= 0 else "export"
-            self._energy[f"energy.{kind}.{direction}.t{tariff}"] += abs(power) * hours
+            out.append((f"energy.{kind}.{direction}.t{tariff}", abs(power)))
+        return tuple(out)
 
     def _gauss(self, stream: int, index: int, bucket: int) -> float:
         """A standard normal sample that depends only on (seed, stream, index, bucket)."""

@@ -621,3 +621,35 @@ def test_the_forward_energy_block_takes_the_numeric_block_shortcut() -> None:
     assert 0x0001FF00 in catalogue._table(E07).number_blocks
     assert [v.value for v in first] == [0.01, 0.02, 0.03, 0.04, 0.05]
     assert catalogue.decode(E07, 0x0001FF00, raw) == first
+
+
+def test_reply_parts_are_a_blocks_members_or_the_item_each_with_its_encoder() -> None:
+    catalogue = default_catalogue()
+    block = catalogue.require(E07, 0x0001FF00)
+    parts = catalogue.reply_parts(E07, block.di)
+    assert parts is not None
+    assert [item.di for item, _ in parts] == list(block.members)
+    assert catalogue.reply_parts(E07, block.di) is parts  # kept per DI
+    for item, encode in parts[:5]:
+        assert encode(1234.56) == catalogue.encode(E07, item.di, 1234.56)
+    with pytest.raises(LocalProtocolError, match=r"^00010000 \(.+\): XXXXXX\.XX: 1000000 is out of range$"):
+        parts[0][1](1_000_000)
+    [(record, encode)] = catalogue.reply_parts(E07, 0x01010000) or ()
+    assert record.kind == "record"
+    raw, value = _item_sample(record)
+    assert encode(value) == raw
+    with pytest.raises(LocalProtocolError, match=r"^01010000 .*record fields missing"):
+        encode({})
+    assert catalogue.reply_parts(E07, 0x7E7E7E7E) is None
+
+
+def test_reply_parts_of_a_block_stop_at_the_first_member_the_catalogue_lacks() -> None:
+    energy = [
+        DataItem(E07, 0x7E000000 + t, f"Test energy t{t}", "XXXXXX.XX", 4, "kWh", f"test.energy.t{t}") for t in range(3)
+    ]
+    members = (0x7E000000, 0x7E000001, 0x7E00DEAD, 0x7E000002)
+    block = DataItem(E07, 0x7E00FF00, "Test block", None, 16, "kWh", "test.energy.all", members, kind="block")
+    catalogue = Catalogue.from_items([*energy, block])
+    parts = catalogue.reply_parts(E07, block.di)
+    assert parts is not None
+    assert [item.di for item, _ in parts] == [0x7E000000, 0x7E000001]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 from decimal import Decimal
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
@@ -15,6 +17,9 @@ from protocols.dlt645.edition import Edition
 from protocols.dlt645.errors import LocalProtocolError, RemoteProtocolError
 from protocols.dlt645.formats import (
     MeterDate,
+    _Bcd,
+    _decimal_number,
+    _lookup,
     decode_field,
     encode_field,
     format_length,
@@ -272,3 +277,97 @@ def test_datetimes_round_trip_at_their_resolution(stamp: datetime.datetime) -> N
     assert decode_field("YYMMDDhhmm", encode_field("YYMMDDhhmm", stamp)) == minute
     assert decode_field("YYMMDDWW", encode_field("YYMMDDWW", stamp)) == MeterDate.of(stamp.date())
     assert decode_field("hhmmss", encode_field("hhmmss", stamp.time())) == stamp.time().replace(microsecond=0)
+
+
+# -- the fast numeric encoder against its definition (Decimal on the shortest repr) ------------
+
+NUMERIC_FORMATS = [
+    *(f for f in CATALOGUE_FORMATS if f.lstrip("±").startswith("X")),
+    "X" * 16,
+    "±" + "X" * 15 + ".X",
+    "XXXXXXXX.XXXXXXXX",
+    "±X.XXXXXXX",
+]
+
+
+def _bcd(fmt: str) -> _Bcd:
+    found = _lookup(fmt)
+    assert isinstance(found, _Bcd)
+    return found
+
+
+def _outcome(fmt: str, value: object) -> bytes | str:
+    try:
+        return encode_field(fmt, value)
+    except LocalProtocolError as exc:
+        return str(exc)
+
+
+def _outcome_by_definition(fmt: str, value: object) -> bytes | str:
+    with mock.patch.object(_Bcd, "_fast_number", return_value=None):
+        return _outcome(fmt, value)
+
+
+def _nudged(value: float, steps: int) -> float:
+    for _ in range(abs(steps)):
+        value = math.nextafter(value, math.copysign(math.inf, steps))
+    return value
+
+
+@st.composite
+def _number_for(draw: st.DrawFn) -> tuple[str, object]:
+    fmt = draw(st.sampled_from(NUMERIC_FORMATS))
+    decimals = _bcd(fmt).decimals
+    scale = 10**decimals
+    ties = st.integers(-(10**13), 10**13).map(lambda k: (k + 0.5) / scale)  # the .5 cases
+    grid = st.integers(-(10**14), 10**14).map(lambda k: k / scale)  # what a decode gives
+    near = st.builds(_nudged, st.one_of(ties, grid), st.integers(-3, 3))
+    value = draw(
+        st.one_of(
+            ties,
+            grid,
+            near,
+            st.floats(),  # any float: huge, tiny, negative, nan, inf, -0.0
+            st.floats(-(2.0**41) / scale, 2.0**41 / scale),  # both sides of the fast path's limit
+            st.integers(),
+            st.integers(-(10**17), 10**17),
+        )
+    )
+    return fmt, value
+
+
+@settings(max_examples=3000, deadline=None)
+@given(_number_for())
+def test_the_fast_number_path_is_the_decimal_definition(case: tuple[str, object]) -> None:
+    fmt, value = case
+    bcd = _bcd(fmt)
+    fast = bcd._fast_number(value)
+    if fast is not None:
+        assert fast == _decimal_number(fmt, bcd.decimals, value)
+    assert _outcome(fmt, value) == _outcome_by_definition(fmt, value)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "value"),
+    [("XXXXXX.XX", 2.675), ("XXXXXX.XX", 0.125), ("XXXXXX.XX", 1.005), ("±XX.XXXX", -0.00005), ("XXX", 2.5)],
+)
+def test_values_near_a_tie_take_the_decimal_definition(fmt: str, value: float) -> None:
+    assert _bcd(fmt)._fast_number(value) is None
+    assert _outcome(fmt, value) == _outcome_by_definition(fmt, value)
+
+
+@pytest.mark.parametrize(("fmt", "value"), [("XXXXXX.XX", 1234.56), ("±XX.XXXX", -1.2345), ("XXX.X", 231)])
+def test_ordinary_numbers_take_the_fast_path(fmt: str, value: float) -> None:
+    assert _bcd(fmt)._fast_number(value) is not None
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from(NUMERIC_FORMATS), st.data())
+def test_bcd_bytes_are_the_digits_low_byte_first_with_the_sign_on_top(fmt: str, data: st.DataObject) -> None:
+    bcd = _bcd(fmt)
+    limit = 8 * 10 ** (bcd.digits - 1) if bcd.signed and bcd.digits == 2 * bcd.length else 10**bcd.digits
+    number = data.draw(st.integers(-(limit - 1) if bcd.signed else 0, limit - 1))
+    expected = bytearray(bytes.fromhex(f"{abs(number):0{2 * bcd.length}d}")[::-1])
+    if number < 0:
+        expected[-1] |= 0x80
+    assert encode_field(fmt, Decimal(number).scaleb(-bcd.decimals)) == expected

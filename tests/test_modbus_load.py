@@ -86,6 +86,16 @@ def test_energy_matches_integrated_power_and_totals_sum_tariffs() -> None:
     parts = [model.energy(f"energy.active.import.t{t}") for t in range(1, DEFAULT_TARIFFS.tariffs + 1)]
     assert total == pytest.approx(math.fsum(parts))
 
+    assert model.values()["energy.active.import.total"] == total
+
+
+@pytest.mark.parametrize(
+    "name", ["energy.active.import.t5", "energy.apparent.import.total", "energy.active.total", "total", ""]
+)
+def test_unknown_energy_registers_are_key_errors(name: str) -> None:
+    with pytest.raises(KeyError):
+        LoadModel(start=T0).energy(name)
+
 
 def test_energy_goes_into_the_scheduled_tariff() -> None:
     schedule = TariffSchedule.parse([("00:00", 2), ("06:00", 1)])

@@ -44,6 +44,7 @@ from protocols.dlt645.edition import Edition
 from protocols.dlt645.errors import LocalProtocolError, RemoteProtocolError
 from protocols.dlt645.formats import (
     FieldValue,
+    _encoder,
     _number_decoder,
     decode_field,
     encode_field,
@@ -161,6 +162,8 @@ class _Table:
         self.numbers: dict[int, tuple[DataItem, Callable[[bytes], FieldValue]]] = {}
         # DI -> its members' (item, decoder) for blocks of plain numeric members (energy blocks)
         self.number_blocks: dict[int, tuple[tuple[DataItem, Callable[[bytes], FieldValue]], ...]] = {}
+        # DI -> what a meter's read reply for it is made of (see Catalogue.reply_parts)
+        self.reply_parts: dict[int, tuple[tuple[DataItem, Callable[[object], bytes]], ...]] = {}
         self._by_quantity: dict[str, DataItem] | None = None
         self._by_key: dict[tuple[str, int | None], DataItem] = {}
 
@@ -363,11 +366,47 @@ class Catalogue:
     def encode(self, edition: Edition, di: int, value: object) -> bytes:
         """The data field for ``di``: a value; a mapping of field names for a record; a sequence
         of member values (as many as the meter has, in order) for a block or series."""
+        return self.encoder(edition, di)(value)
+
+    def encoder(self, edition: Edition, di: int) -> Callable[[object], bytes]:
+        """``encode(edition, di, ·)`` with the look-ups done once, for a caller that encodes the
+        same DI again and again (a simulated meter answering polls)."""
         item = self.require(edition, di)
-        try:
-            return self._encode_item(item, value)
-        except LocalProtocolError as exc:
-            raise LocalProtocolError(f"{item.di_text} ({item.name}): {exc}") from exc
+        if item.kind == "value":
+            assert item.format is not None
+            encode_value = _encoder(item.format)
+        else:
+            encode_value = functools.partial(self._encode_item, item)
+
+        def encode(value: object) -> bytes:
+            try:
+                return encode_value(value)
+            except LocalProtocolError as exc:
+                raise LocalProtocolError(f"{item.di_text} ({item.name}): {exc}") from exc
+
+        return encode
+
+    def reply_parts(self, edition: Edition, di: int) -> tuple[tuple[DataItem, Callable[[object], bytes]], ...] | None:
+        """What a meter's read reply for ``di`` is made of, each item with its :meth:`encoder`: a
+        block's members (a meter answers as many as it has) in order, up to the first one the
+        catalogue lacks; any other item itself. None for an unknown DI. Kept per DI: a meter
+        answers the same few DIs all the time."""
+        table = self._tables.get(edition) or self._table(edition)
+        parts = table.reply_parts.get(di)
+        if parts is None:
+            item = table.get(di)
+            if item is None:
+                return None  # not kept: asking for arbitrary unknown DIs must not grow the table
+            items = [item]
+            if item.kind == "block":
+                items = []
+                for member in item.members:
+                    found = table.get(member)
+                    if found is None:
+                        break
+                    items.append(found)
+            parts = table.reply_parts[di] = tuple((part, self.encoder(edition, part.di)) for part in items)
+        return parts
 
     def _encode_item(self, item: DataItem, value: object) -> bytes:
         if item.kind == "value":

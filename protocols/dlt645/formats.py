@@ -43,6 +43,7 @@ not fit, or an unknown format name, raises :class:`LocalProtocolError`. Nothing 
 from __future__ import annotations
 
 import datetime
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -134,10 +135,33 @@ def _year_pair(name: str, year: int) -> int:
     return year - 2000
 
 
+# A float's nearest-integer rounding after scaling agrees with the decimal definition
+# (_decimal_number) whenever the scaled float is below 2**40 and not within this of a .5 tie:
+# repr() and the multiplication each move the value by at most half an ulp, together < 2**-12 at
+# that magnitude, so the float and the decimal value lie on the same side of every tie.
+_FAST_FLOAT_LIMIT: Final = 2.0**40
+_TIE_MARGIN: Final = 1e-3
+
+
+def _decimal_number(name: str, decimals: int, value: object) -> int:
+    """``value`` in units of ``10**-decimals``, rounded half-even on its decimal value (a float's
+    shortest repr, so 2.675 rounds as the 2.675 it prints as): the definition :class:`_Bcd`'s
+    fast path must agree with, and the path for anything it is not sure of."""
+    if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
+        raise LocalProtocolError(f"{name}: needs a number, got {value!r}")
+    try:
+        exact = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+        if not exact.is_finite():
+            raise LocalProtocolError(f"{name}: {value!r} is not a finite number")
+        return int(exact.scaleb(decimals).to_integral_value(rounding=ROUND_HALF_EVEN))
+    except (InvalidOperation, OverflowError, ValueError):
+        raise LocalProtocolError(f"{name}: {value!r} is not a usable number") from None
+
+
 class _Bcd:
     """Packed BCD number with ``decimals`` digits after the point; optional sign bit."""
 
-    __slots__ = ("_scale", "decimals", "digits", "length", "name", "signed")
+    __slots__ = ("_limit", "_scale", "_sign_bit", "decimals", "digits", "length", "name", "signed")
 
     def __init__(self, name: str, digits: int, decimals: int, signed: bool) -> None:
         self.name = name
@@ -145,7 +169,11 @@ class _Bcd:
         self.digits = digits
         self.decimals = decimals
         self.signed = signed
-        self._scale = 10**decimals  # an exact int: number / scale is the correctly rounded float
+        self._scale: int = 10**decimals  # an exact int: number / scale is the correctly rounded float
+        self._limit: int = 10**digits
+        if signed and digits == 2 * self.length:
+            self._limit = 8 * 10 ** (digits - 1)  # the top digit shares its byte with the sign bit
+        self._sign_bit = 0x80 << (8 * (self.length - 1))
 
     def decode(self, raw: bytes) -> FieldValue:
         negative = False
@@ -167,27 +195,33 @@ class _Bcd:
         return number if self.decimals == 0 else number / self._scale
 
     def encode(self, value: object) -> bytes:
-        if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
-            raise LocalProtocolError(f"{self.name}: needs a number, got {value!r}")
-        try:
-            exact = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
-            if not exact.is_finite():
-                raise LocalProtocolError(f"{self.name}: {value!r} is not a finite number")
-            number = int(exact.scaleb(self.decimals).to_integral_value(rounding=ROUND_HALF_EVEN))
-        except (InvalidOperation, OverflowError, ValueError):
-            raise LocalProtocolError(f"{self.name}: {value!r} is not a usable number") from None
+        number = self._fast_number(value)
+        if number is None:
+            number = _decimal_number(self.name, self.decimals, value)
         if number < 0 and not self.signed:
             raise LocalProtocolError(f"{self.name}: is unsigned, got {value!r}")
         magnitude = abs(number)
-        limit = 10**self.digits
-        if self.signed and self.digits == 2 * self.length:
-            limit = 8 * 10 ** (self.digits - 1)  # the top digit shares its byte with the sign bit
-        if magnitude >= limit:
+        if magnitude >= self._limit:
             raise LocalProtocolError(f"{self.name}: {value!r} is out of range")
-        raw = bytearray(bytes.fromhex(f"{magnitude:0{2 * self.length}d}")[::-1])
+        bcd = int(str(magnitude), 16)  # decimal digits read as hex digits are packed BCD
         if number < 0:
-            raw[-1] |= 0x80
-        return bytes(raw)
+            bcd |= self._sign_bit
+        return bcd.to_bytes(self.length, "little")
+
+    def _fast_number(self, value: object) -> int | None:
+        """What :func:`_decimal_number` gives, without Decimal, for the plain ints and floats it
+        is sure of (see _FAST_FLOAT_LIMIT); None for the rest, errors included."""
+        if type(value) is int:
+            number = value * self._scale
+            # Beyond the format's range the definition decides (and words the error).
+            return number if -self._limit < number < self._limit else None
+        if type(value) is float:
+            scaled = value * self._scale  # the scale is a power of ten <= 1e16: exact as a float
+            if -_FAST_FLOAT_LIMIT < scaled < _FAST_FLOAT_LIMIT:  # also false for nan
+                rounded = round(scaled)
+                if abs(abs(scaled - rounded) - 0.5) > _TIE_MARGIN:
+                    return rounded
+        return None
 
 
 class _Binary:
@@ -407,6 +441,15 @@ def _number_decoder(fmt: str) -> Callable[[bytes], FieldValue] | None:
     wants no more per value than the decode (the catalogue's hot path); None for other formats."""
     found = _lookup(fmt)
     return found.decode if isinstance(found, _Bcd) else None
+
+
+def _encoder(fmt: str) -> Callable[[object], bytes]:
+    """``encode_field(fmt, ·)`` with the format looked up once (the catalogue's encoders); an
+    unknown format fails when used, as encode_field does."""
+    try:
+        return _lookup(fmt).encode
+    except LocalProtocolError:
+        return functools.partial(encode_field, fmt)
 
 
 def format_length(fmt: str) -> int:
