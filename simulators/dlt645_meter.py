@@ -508,11 +508,16 @@ class Dlt645Meter:
 
     def _max_demand(self, item: DataItem, quantity: str) -> object:
         self._live_values()  # a refresh tracks the demand
-        key = quantity.removeprefix("demand.active.import.max").lstrip(".") or "total"
-        if key != "total" and not (key.startswith("t") and 1 <= int(key[1:]) <= self.tariffs):
+        # 2007: one record (demand and time); 1997: the demand (A01x) and its time (B01x, the
+        # quantity name with ".time") are separate data identifiers
+        time_only = quantity.endswith(".time")
+        key = quantity.removeprefix("demand.active.import.max").removesuffix(".time").lstrip(".") or "total"
+        if key != "total" and not (key[:1] == "t" and key[1:].isdigit() and 1 <= int(key[1:]) <= self.tariffs):
             raise LookupError(quantity)
         demand, at = self.max_demand.get(key, (0.0, self._started.replace(second=0, microsecond=0)))
-        return {"demand": demand, "time": at}
+        if time_only:
+            return at.strftime("--%m-%dT%H:%M")  # MMDDhhmm: no year
+        return {"demand": demand, "time": at} if item.kind == "record" else demand
 
     def _instantaneous(self, item: DataItem, quantity: str) -> object:
         values = self._live_values()

@@ -132,10 +132,7 @@ def test_status_word_block_and_bits() -> None:
 
 def test_prepaid_type_values() -> None:
     catalogue = default_catalogue()
-    kinds = [
-        catalogue.decode(E07, 0x04000503, (n << 8).to_bytes(2, "little"))[0].fields["prepaid"]
-        for n in range(4)
-    ]
+    kinds = [catalogue.decode(E07, 0x04000503, (n << 8).to_bytes(2, "little"))[0].fields["prepaid"] for n in range(4)]
     assert kinds == ["none", "energy", "money", 3]  # 11 is reserved: shown as the raw state
 
 
@@ -218,9 +215,7 @@ def test_unknown_di_is_a_local_error_to_require_or_encode() -> None:
 
 def test_wrong_length_and_bad_bcd_name_the_di() -> None:
     catalogue = default_catalogue()
-    with pytest.raises(
-        RemoteProtocolError, match=r"00010000 \(Forward active energy, total\): needs 4 bytes"
-    ):
+    with pytest.raises(RemoteProtocolError, match=r"00010000 \(Forward active energy, total\): needs 4 bytes"):
         catalogue.decode(E07, 0x00010000, b"\x00\x00\x00")
     with pytest.raises(RemoteProtocolError, match=r"9010 .*not valid BCD"):
         catalogue.decode(E97, 0x9010, b"\x0a\x00\x00\x00")
@@ -278,9 +273,7 @@ def _item_sample(item: DataItem) -> tuple[bytes, object]:
         return b"".join(raws.values()), values
     if item.kind == "series":
         raws_list = [_sample(spec.format) for spec in item.fields]
-        return b"".join(raws_list), [
-            decode_field(s.format, r) for s, r in zip(item.fields, raws_list, strict=True)
-        ]
+        return b"".join(raws_list), [decode_field(s.format, r) for s, r in zip(item.fields, raws_list, strict=True)]
     parts = [_item_sample(default_catalogue().require(item.edition, m)) for m in item.members]
     return b"".join(raw for raw, _ in parts), [value for _, value in parts]
 

@@ -314,6 +314,21 @@ def test_maximum_demand_tracks_the_highest_power_read(meter: Dlt645Meter, clock:
     assert len(block) == 5
 
 
+def test_maximum_demand_and_its_time_are_separate_items_in_1997(clock: SimClock) -> None:
+    meter = Dlt645Meter(ADDR, E97, clock=clock, seed=7)
+    seen = []
+    for _ in range(3):
+        clock.advance(3600)
+        power = read(meter, 0xB630, E97)[0]  # instantaneous active power
+        seen.append((power, f"{meter.meter_time():--%m-%dT%H:%M}"))
+    highest, at = max(seen)
+    [demand] = read(meter, 0xA010, E97)
+    assert demand == pytest.approx(highest, abs=0.0001)
+    assert read(meter, 0xB010, E97) == [at]  # MMDDhhmm
+    assert len(read(meter, 0xB01F, E97)) == 5  # total and four tariffs
+    assert isinstance(ask(meter, m.ReadRequest(A, 0xB01E), E97), m.ErrorReply)  # no 14th tariff
+
+
 def test_follow_up_frames_1997(clock: SimClock) -> None:
     meter = Dlt645Meter(ADDR, E97, clock=clock)
     meter.max_data = 9  # a meter with a small buffer: 901F (5 x 4 bytes) in parts of 7 bytes

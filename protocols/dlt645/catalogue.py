@@ -260,9 +260,7 @@ class Catalogue:
     def require(self, edition: Edition, di: int) -> DataItem:
         item = self.get(edition, di)
         if item is None:
-            raise LocalProtocolError(
-                f"DL/T 645-{edition.value} data identifier {_di_text(edition, di)} is unknown"
-            )
+            raise LocalProtocolError(f"DL/T 645-{edition.value} data identifier {_di_text(edition, di)} is unknown")
         return item
 
     def items(self, edition: Edition) -> Iterator[DataItem]:
@@ -484,9 +482,7 @@ def _field(spec: FieldSpec, raw: bytes) -> FieldValue:
         raise RemoteProtocolError(f"field {spec.name!r}: {exc}") from exc
 
 
-def _decoded(
-    item: DataItem, quantity: str | None, unit: str | None, value: FieldValue, name: str
-) -> DecodedValue:
+def _decoded(item: DataItem, quantity: str | None, unit: str | None, value: FieldValue, name: str) -> DecodedValue:
     fields = json_fields(value)
     if item.format in _STATUS_FORMATS and isinstance(value, int):
         fields["status_word"] = value
@@ -700,9 +696,7 @@ class _Entry:
             specs, length = self._field_specs(variables)
             units = {spec.unit for spec in specs}
             unit = units.pop() if len(units) == 1 else None
-            return DataItem(
-                edition, di, name, None, length, unit, quantity, (), specs, self.source, "series", nth=nth
-            )
+            return DataItem(edition, di, name, None, length, unit, quantity, (), specs, self.source, "series", nth=nth)
         members = self._members(variables)
         parts = [member(m) for m in members]
         if any(part.kind == "block" for part in parts):

@@ -85,9 +85,7 @@ class MeterDate:
         return self.date.isoformat()
 
 
-FieldValue: TypeAlias = (
-    int | float | str | datetime.datetime | datetime.date | datetime.time | MeterDate | None
-)
+FieldValue: TypeAlias = int | float | str | datetime.datetime | datetime.date | datetime.time | MeterDate | None
 """What :func:`decode_field` returns (and :func:`encode_field` accepts; it also takes Decimal)."""
 
 JsonScalar: TypeAlias = int | float | str | bool | None
@@ -186,9 +184,7 @@ class _Bcd:
             raise _not_bcd(self.name, raw)
         padding = len(text) - self.digits
         if padding and text[:padding].strip("0"):
-            raise RemoteProtocolError(
-                f"{self.name}: {raw.hex(' ').upper()} has more than {self.digits} digits"
-            )
+            raise RemoteProtocolError(f"{self.name}: {raw.hex(' ').upper()} has more than {self.digits} digits")
         number = int(text)
         if negative:
             number = -number
@@ -261,9 +257,7 @@ class _Digits:
 
     def encode(self, value: object) -> bytes:
         if not isinstance(value, str) or len(value) != 2 * self.length or not _HEX_DIGITS.fullmatch(value):
-            raise LocalProtocolError(
-                f"{self.name}: needs a string of {2 * self.length} digits, got {value!r}"
-            )
+            raise LocalProtocolError(f"{self.name}: needs a string of {2 * self.length} digits, got {value!r}")
         return bytes.fromhex(value)[::-1]
 
 
