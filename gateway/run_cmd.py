@@ -54,7 +54,16 @@ def main(argv: list[str]) -> int:
         return 130
 
 
+# How long the event loop can wait for the GIL behind the outbox's writer and reader threads
+# (Python's default: 5 ms). SQLite releases the GIL for every row it steps, so those threads take
+# it back hundreds of times per batch; each time the loop held it they waited up to the interval,
+# and at 10,000 readings/s the uplink's reads fell behind (outbox growing in every run at 5 ms,
+# shrinking in every run at 1 ms: docs/benchmarks.md "Late evening of 2026-11-23").
+GIL_SWITCH_INTERVAL = 0.001
+
+
 async def serve(config: Config, path: str) -> int:
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     # imported here, after the config is known good: a bad config exits 78 without paying for them
     from gateway.app import Gateway
     from gateway.metrics import Metrics, start_http
