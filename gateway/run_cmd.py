@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -60,9 +62,25 @@ def main(argv: list[str]) -> int:
 # and at 10,000 readings/s the uplink's reads fell behind (outbox growing in every run at 5 ms,
 # shrinking in every run at 1 ms: docs/benchmarks.md "Late evening of 2026-11-23").
 GIL_SWITCH_INTERVAL = 0.001
+# glibc gives a thread its own malloc arena when another holds the lock; with the threads taking
+# turns every millisecond, the outbox, reader and metrics threads grew ~3 MiB of arenas (10,000
+# meters: 58.8 MiB polled, 56.1 with two arenas; bench/memory.py). MALLOC_ARENA_MAX, if set, wins.
+MALLOC_ARENAS = 2
+_M_ARENA_MAX = -8  # glibc malloc.h
+
+
+def _limit_malloc_arenas() -> None:
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        return
+    mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
 
 
 async def serve(config: Config, path: str) -> int:
+    _limit_malloc_arenas()  # before serve() starts any thread
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     # imported here, after the config is known good: a bad config exits 78 without paying for them
     from gateway.app import Gateway
