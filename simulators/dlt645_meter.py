@@ -191,6 +191,8 @@ class Dlt645Meter:
     @property
     def clock_offset(self) -> float:
         """Seconds the meter clock is ahead of simulated time now (its set offset plus drift)."""
+        if not self.drift_ppm:  # most meters: no timedelta maths per value read
+            return self._offset
         elapsed = (self._sim_now() - self._drift_anchor).total_seconds()
         return self._offset + elapsed * self.drift_ppm * 1e-6
 
@@ -204,10 +206,9 @@ class Dlt645Meter:
         return self._request_now or self.clock.now()
 
     def meter_time(self) -> datetime.datetime:
-        if not self.drift_ppm:  # what clock_offset gives then, without its timedelta maths
-            now = self._sim_now()
-            return now + datetime.timedelta(seconds=self._offset) if self._offset else now
-        return self._sim_now() + datetime.timedelta(seconds=self.clock_offset)
+        offset = self.clock_offset
+        now = self._sim_now()
+        return now + datetime.timedelta(seconds=offset) if offset else now
 
     def set_meter_time(self, when: datetime.datetime) -> None:
         self._catch_up()
