@@ -316,7 +316,8 @@ async def test_daemon_started_on_a_damaged_outbox_publishes_nothing_from_it(
 def fill(fs: Path) -> Path:
     """Fill the filesystem to the last block (ENOSPC ends it)."""
     filler = fs / "filler"
-    with filler.open("wb") as f, contextlib.suppress(OSError):
+    # the suppress is outermost: close() flushes what the last write left buffered, and fails too
+    with contextlib.suppress(OSError), filler.open("wb") as f:
         while True:
             f.write(b"\0" * 65536)
             f.flush()
