@@ -152,6 +152,38 @@ def test_group_commit_results_per_group_whichever_way_it_inserts(
     assert outbox.stats().counters["duplicates"] == 4
 
 
+@pytest.mark.parametrize("whole_batch", [True, False], ids=["whole-batch", "group-by-group"])
+def test_rows_spanning_several_insert_statements_keep_order_values_and_gap_free_ids(
+    outbox: Outbox, monkeypatch: pytest.MonkeyPatch, whole_batch: bool
+) -> None:
+    # Rows go in as multi-row INSERT statements of a bounded size; a batch of 2.5 statements'
+    # worth, with duplicates across statement boundaries and every value type, must come back
+    # exactly, in order, under consecutive row ids.
+    monkeypatch.setattr(Outbox, "_roomy", lambda self, n, depth: whole_batch)
+    values: list[float | int | str] = [1000.0 + i / 7 for i in range(100)] + list(range(-30, 30)) + ["0x1F", "NaN"]
+    batch = [
+        Reading(
+            f"{i % 9:012d}",
+            f"q.{i}",
+            v,
+            "kWh",
+            gateway_time=1_700_000_000.123456789 + i,
+            meter_time=None if i % 3 else 1.5e9 + i / 3,
+            slot=1_700_000_000.0 if i % 3 else None,
+        )
+        for i, v in enumerate(values)
+    ]
+    first = outbox.add(batch[:70])
+    assert first.committed == 70
+    groups = [batch[60:130], batch[125:]]  # 10 stored again, then 5 within this write
+    results, _ = outbox.write(groups, [])
+    assert [(r.committed, r.duplicates) for r in results] == [(60, 10), (32, 5)]
+    rows = outbox.peek(limit=1000)
+    assert [r.row_id for r in rows] == list(range(1, len(batch) + 1))
+    assert [r.reading() for r in rows] == batch
+    assert [type(r.value) for r in rows] == [type(v) for v in values]
+
+
 def test_survives_reopen_with_counters_and_without_reusing_row_numbers(db: Path) -> None:
     box = Outbox.open(db)
     box.add(readings(10))
