@@ -131,6 +131,8 @@ def scrape(port: int) -> dict[str, float]:
         "meter_gateway_readings_delivered_total": "delivered",
         "meter_gateway_outbox_depth": "depth",
         "meter_gateway_bus_requests_sent_total": "requests",
+        "meter_gateway_reply_latency_seconds_sum": "latency_sum",
+        "meter_gateway_reply_latency_seconds_count": "latency_count",
     }
     out = dict.fromkeys(wanted.values(), 0.0)
     for line in text.splitlines():
@@ -512,6 +514,9 @@ def run_once(proto: Protocol, args: argparse.Namespace, run: int) -> RunResult:
                     "requests/s": (m1["requests"] - m0["requests"]) / elapsed,
                     "depth growth/s": (m1["depth"] - m0["depth"]) / elapsed,
                     "depth": m1["depth"],
+                    # mean seconds from request written to accepted reply over the window
+                    "reply latency": (m1["latency_sum"] - m0["latency_sum"])
+                    / max(m1["latency_count"] - m0["latency_count"], 1),
                 },
             )
         finally:
@@ -535,7 +540,8 @@ def _print_run(proto: str, run: int, r: RunResult) -> None:
         f"    gateway: {r.cpu_per_1000:.3f} CPU s per 1,000 readings ({r.gateway_cpu:.0%} of a core), "
         f"RSS {r.rss_mib:.1f} MiB (peak {r.hwm_mib:.1f}); others: {others}\n"
         f"    gateway metrics: acquired {g['acquired/s']:,.0f}/s, bus requests {g['requests/s']:,.0f}/s, "
-        f"outbox depth {g['depth']:,.0f} (growing {g['depth growth/s']:+,.0f}/s)\n"
+        f"outbox depth {g['depth']:,.0f} (growing {g['depth growth/s']:+,.0f}/s), "
+        f"mean reply latency {g['reply latency'] * 1000:.2f} ms\n"
         f"    status: reads {poll.get('reads')}, failures {poll.get('failures')}, missed slots "
         f"{poll.get('missed_slots')}, outbox depth {outbox.get('depth')}",
         flush=True,

@@ -4,9 +4,11 @@ The simulator (``meter-gateway simulate --config``, a child process so its CPU i
 100 buses of 10 meters, wire-time emulation off and zero turnaround: every millisecond is spent
 in software. The gateway side, in this process, is the real stack: 100 TCP transports, 100
 :class:`drivers.bus.Bus` (one transaction at a time per link, as on the serial line behind a real
-serial server) and 1,000 :class:`drivers.dlt645_driver.Dlt645Driver`, each meter polled back to
-back by its own task for ``--quantities`` (default: total forward active energy, one 16-byte
-request and a 24-byte reply with 4 FE bytes).
+serial server) and 1,000 :class:`drivers.dlt645_driver.Dlt645Driver`, read back to back for
+``--quantities`` (default: total forward active energy, one 16-byte request and a 24-byte reply
+with 4 FE bytes). By default one poller per link reads its meters in turn, as the daemon does
+(one read at a time per bus, ``gateway.app.READS_PER_BUS``); ``--pollers meter`` gives every
+meter its own task instead, all queueing for their link's turn.
 
 The gateway is measured against two peers:
 
@@ -105,19 +107,21 @@ class _Poller:
         self.failures = 0
         self.running = True
 
-    async def poll(self, driver: Dlt645Driver) -> None:
+    async def poll(self, drivers: list[Dlt645Driver]) -> None:
+        """Read ``drivers`` in turn, back to back, one read at a time."""
         wanted = len(self.quantities)
         while self.running:
-            now = time.time()
-            try:
-                readings = await driver.read(self.quantities, slot=float(int(now)), now=now)
-            except DriverError:
-                self.failures += 1
-                continue
-            if len(readings) == wanted:
-                self.reads += 1
-            else:
-                self.failures += 1
+            for driver in drivers:
+                now = time.time()
+                try:
+                    readings = await driver.read(self.quantities, slot=float(int(now)), now=now)
+                except DriverError:
+                    self.failures += 1
+                    continue
+                if len(readings) == wanted:
+                    self.reads += 1
+                else:
+                    self.failures += 1
 
 
 async def _gateway_sample(
@@ -128,9 +132,17 @@ async def _gateway_sample(
     *,
     warmup: float,
     seconds: float,
+    per_link: bool,
 ) -> Sample:
     poller = _Poller(quantities)
-    tasks = [asyncio.create_task(poller.poll(d)) for d in drivers]
+    if per_link:  # as the daemon polls: one read at a time per bus, its meters in turn
+        by_bus: dict[int, list[Dlt645Driver]] = {}
+        for d in drivers:
+            by_bus.setdefault(id(d.bus), []).append(d)
+        groups = list(by_bus.values())
+    else:  # every meter its own task: they queue for their bus and take it in turn
+        groups = [[d] for d in drivers]
+    tasks = [asyncio.create_task(poller.poll(g)) for g in groups]
     try:
         await asyncio.sleep(warmup)
         reads0, fail0, ok0 = poller.reads, poller.failures, sum(b.counters.ok for b in buses)
@@ -449,7 +461,13 @@ async def _run_all(
                     profile.enable()
                 into.append(
                     await _gateway_sample(
-                        gateway.buses, gateway.drivers, quantities, pid, warmup=args.warmup, seconds=args.seconds
+                        gateway.buses,
+                        gateway.drivers,
+                        quantities,
+                        pid,
+                        warmup=args.warmup,
+                        seconds=args.seconds,
+                        per_link=args.pollers == "link",
                     )
                 )
                 if profile is not None:
@@ -476,6 +494,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--meters-per-link", type=int, default=10)
     parser.add_argument("--reply-timeout", type=float, default=1.0)
     parser.add_argument("--quantities", choices=sorted(QUANTITIES), default="energy-total")
+    parser.add_argument(
+        "--pollers",
+        choices=["link", "meter"],
+        default="link",
+        help="link: one poller per link reading its meters in turn, as the daemon does (one read at a "
+        "time per bus); meter: one task per meter, all queueing for their link",
+    )
     parser.add_argument("--profile", metavar="FILE", help="write a cProfile of the gateway runs (pstats) to FILE")
     args = parser.parse_args(argv)
     model = load_model(MODEL)
@@ -505,7 +530,8 @@ def report(args: argparse.Namespace, results: Results) -> None:
     meters = args.links * args.meters_per_link
     print(
         f"tcp_links: {meters} meters on {args.links} TCP links ({args.meters_per_link}/link), reading "
-        f"{args.quantities}, 1 request in flight per link; Python {platform.python_version()}, "
+        f"{args.quantities}, 1 request in flight per link, pollers per {args.pollers}; "
+        f"Python {platform.python_version()}, "
         f"{os.cpu_count()} cpus, {args.runs} runs x {args.seconds:.0f} s per side"
     )
     print("gateway vs simulator (tx/s): " + ", ".join(f"{s.rate:,.0f} ({s.failures} failed)" for s in sim))

@@ -58,7 +58,12 @@ log = logging.getLogger("meter_gateway")
 
 STATUS_FILE = "status.json"
 COMMITS_PENDING = 256  # read results waiting for the outbox at most (see Gateway._commits)
-READS_PER_BUS = 2  # one on the wire, one waiting its turn: keeps the bus busy without a task per meter
+# One meter read at a time per bus: its transactions follow each other from the same task, each
+# request written in the loop turn that handles the reply before it. A second read waiting on the
+# bus was meant to keep it busy, but it took the bus at every hand-over, so each transaction
+# cost an extra loop turn (2 instead of 1) and more CPU: at 12,800 DL/T 645 readings/s offered,
+# 1 sustained it at 90 % of a core where 2 fell behind at 96-98 % (docs/benchmarks.md).
+READS_PER_BUS = 1
 STATUS_EVERY = 5.0  # seconds between status file writes
 # sections a reload cannot change in a running process: they need a restart
 RESTART_SECTIONS = frozenset({"gateway", "uplink", "outbox", "metrics"})
