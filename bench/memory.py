@@ -230,36 +230,33 @@ def _probe_main(config_path: str, seconds: float, top: int) -> int:
     imports = tracemalloc.take_snapshot()
     config = load_config(config_path)
 
-    peaks: list[int] = []
-
-    at_peak: list[tracemalloc.Snapshot] = []
-
-    async def run() -> tracemalloc.Snapshot:
+    async def run() -> tuple[tracemalloc.Snapshot, int, tracemalloc.Snapshot | None]:
         task = asyncio.create_task(serve(config, config_path))
         # a snapshot whenever the traced total climbs a MiB past the highest seen while serving:
         # what a transient peak (a start-up catch-up, a burst of publishes) held that is gone later
         loop = asyncio.get_running_loop()
         end, highest = loop.time() + seconds, 0
+        at_peak: tracemalloc.Snapshot | None = None
         while loop.time() < end:
             await asyncio.sleep(0.5)
             current = tracemalloc.get_traced_memory()[0]
             if current > highest + 2**20:
                 highest = current
-                at_peak[:] = [tracemalloc.take_snapshot()]
+                at_peak = tracemalloc.take_snapshot()
         snap = tracemalloc.take_snapshot()
-        peaks.append(tracemalloc.get_traced_memory()[1])
+        peak = tracemalloc.get_traced_memory()[1]
         import os
         import signal
 
         os.kill(os.getpid(), signal.SIGTERM)
         await task
-        return snap
+        return snap, peak, at_peak
 
-    snap = asyncio.run(run())
+    snap, peak, at_peak = asyncio.run(run())
     traced = sum(s.size for s in snap.statistics("filename")) / 2**20
     at_imports = sum(s.size for s in imports.statistics("filename")) / 2**20
     print(
-        f"tracemalloc: {traced:.1f} MiB traced (peak {peaks[0] / 2**20:.1f} MiB, with this probe's in-process "
+        f"tracemalloc: {traced:.1f} MiB traced (peak {peak / 2**20:.1f} MiB, with this probe's in-process "
         "config load, which the daemon does in a child); "
         f"{at_imports:.1f} MiB of it after imports"
     )
@@ -267,17 +264,21 @@ def _probe_main(config_path: str, seconds: float, top: int) -> int:
         print(f"top {top} by {key}:")
         for stat in snap.statistics(key)[:top]:
             frame = stat.traceback[0]
-            where = str(Path(frame.filename).resolve()).replace(str(Path.cwd()) + "/", "").replace(sys.prefix, "<venv>")
             line = f":{frame.lineno}" if key == "lineno" else ""
-            print(f"  {stat.size / 1024:9.0f} KiB {stat.count:8d} blocks  {where}{line}")
-    if at_peak:
-        held = sum(s.size for s in at_peak[0].statistics("filename")) / 2**20
+            print(f"  {stat.size / 1024:9.0f} KiB {stat.count:8d} blocks  {_where(frame.filename)}{line}")
+    if at_peak is not None:
+        held = sum(s.size for s in at_peak.statistics("filename")) / 2**20
         print(f"top {top} held at the highest sampled point ({held:.1f} MiB) beyond the end, by lineno:")
-        for diff in at_peak[0].compare_to(snap, "lineno")[:top]:
+        for diff in at_peak.compare_to(snap, "lineno")[:top]:
             frame = diff.traceback[0]
-            where = str(Path(frame.filename).resolve()).replace(str(Path.cwd()) + "/", "").replace(sys.prefix, "<venv>")
-            print(f"  {diff.size_diff / 1024:+9.0f} KiB {diff.count_diff:+8d} blocks  {where}:{frame.lineno}")
+            where = f"{_where(frame.filename)}:{frame.lineno}"
+            print(f"  {diff.size_diff / 1024:+9.0f} KiB {diff.count_diff:+8d} blocks  {where}")
     return 0
+
+
+def _where(filename: str) -> str:
+    """A traced file as a short path: relative to the checkout, or under <venv>."""
+    return str(Path(filename).resolve()).replace(str(Path.cwd()) + "/", "").replace(sys.prefix, "<venv>")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,11 +23,10 @@ import threading
 import time
 from pathlib import Path
 
-from gateway.outbox import _INSERT_COLUMNS, _INSERT_INTO, _insert
+from gateway.outbox import _insert, _insert_sql
 from gateway.outbox_schema import migrate
 
 MODES = ("executemany", "multi-row")
-_EXECUTEMANY = _INSERT_INTO + "(" + ",".join("?" * _INSERT_COLUMNS) + ")"
 
 
 def _rows(start: int, n: int, now: float) -> list[tuple[object, ...]]:
@@ -66,7 +65,7 @@ def run_once(mode: str, seconds: float, batch: int, pace: float) -> tuple[float,
                 n += batch
                 conn.execute("BEGIN IMMEDIATE")
                 if mode == "executemany":
-                    conn.executemany(_EXECUTEMANY, rows)
+                    conn.executemany(_insert_sql(1), rows)  # the one-row statement
                 else:
                     _insert(conn, rows)
                 conn.execute("COMMIT")

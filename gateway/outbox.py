@@ -166,13 +166,11 @@ def _insert_sql(rows: int) -> str:
 
 def _insert(conn: sqlite3.Connection, rows: Sequence[tuple[object, ...]]) -> None:
     """INSERT OR IGNORE ``rows`` (``_row`` tuples), in order, in few statements (GIL hand-overs)."""
-    start, left = 0, len(rows)
-    while left:
-        size = min(_INSERT_ROWS, 1 << (left.bit_length() - 1))  # the largest power of two <= left
-        chunk = rows[start : start + size]
-        conn.execute(_insert_sql(size), [x for row in chunk for x in row])
+    start = 0
+    while start < len(rows):
+        size = min(_INSERT_ROWS, 1 << ((len(rows) - start).bit_length() - 1))  # largest power of two left
+        conn.execute(_insert_sql(size), [x for row in rows[start : start + size] for x in row])
         start += size
-        left -= size
 
 
 @dataclass(frozen=True, slots=True)
