@@ -184,6 +184,29 @@ def test_rows_spanning_several_insert_statements_keep_order_values_and_gap_free_
     assert [type(r.value) for r in rows] == [type(v) for v in values]
 
 
+def test_stored_ids_are_found_at_every_group_size_with_few_prepared_lookups(outbox: Outbox) -> None:
+    # The "already stored?" lookup is padded to power-of-two sizes (sqlite3 keeps each distinct
+    # statement it prepared, and one per group size took 3 MiB); padding must not change results.
+    from gateway.outbox import _lookup_sql
+
+    stored = readings(600)
+    assert outbox.add(stored).committed == 600
+    for n in (1, 2, 3, 63, 64, 65, 127, 300, 511, 512, 513, 600):
+        known = stored[: n // 2]
+        new = readings(n - n // 2, quantity=f"new.{n}")
+        batch = [r for pair in zip(new, known, strict=False) for r in pair] + new[len(known) :]
+        result = outbox.add(batch)
+        assert (result.committed, result.duplicates) == (len(new), len(known)), n
+    rows = outbox.peek(limit=10_000)
+    assert [r.row_id for r in rows] == list(range(1, len(rows) + 1))  # no gaps, nothing twice
+    assert (
+        len({r.reading_id for r in rows})
+        == len(rows)
+        == 600 + sum(n - n // 2 for n in (1, 2, 3, 63, 64, 65, 127, 300, 511, 512, 513, 600))
+    )
+    assert _lookup_sql.cache_info().currsize <= 10  # sizes 1, 2, 4 ... 512
+
+
 def test_survives_reopen_with_counters_and_without_reusing_row_numbers(db: Path) -> None:
     box = Outbox.open(db)
     box.add(readings(10))
