@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Final
 
 __all__ = [
+    "CACHE_KIB",
     "DEFAULT_CHECK_BUDGET",
+    "SMALL_CACHE_KIB",
     "DamagedDatabase",
     "is_damage",
     "limit_cache",
@@ -40,7 +42,12 @@ DEFAULT_CHECK_BUDGET: Final = 1.0
 # which reads the whole file, and then kept for the process's life: five connections would hold
 # ~10 MiB of pages the kernel's page cache holds anyway. What the daemon touches per write is
 # the B-tree's edges (appends, deletes from the front, one cursor row), a few dozen pages.
+# The outbox writer keeps more: each insert and delete also lands at a random place in the
+# reading-id index.
 CACHE_KIB: Final = 512
+# Every other connection (outbox reader, cursors, commands, audit) reads or writes a few pages
+# per turn: 128 KiB each is 1.5 MiB less than 512 over the four (docs/benchmarks.md, memory).
+SMALL_CACHE_KIB: Final = 128
 
 # SQLite primary result codes (https://www.sqlite.org/rescode.html)
 _SQLITE_CORRUPT: Final = 11
@@ -86,9 +93,9 @@ def time_limit(conn: sqlite3.Connection, seconds: float) -> Iterator[None]:
         timer.cancel()
 
 
-def limit_cache(conn: sqlite3.Connection) -> None:
-    """Cap ``conn``'s page cache at :data:`CACHE_KIB` (call before the quick_check)."""
-    conn.execute(f"PRAGMA cache_size = -{CACHE_KIB:d}")
+def limit_cache(conn: sqlite3.Connection, kib: int = SMALL_CACHE_KIB) -> None:
+    """Cap ``conn``'s page cache at ``kib`` KiB (call before the quick_check)."""
+    conn.execute(f"PRAGMA cache_size = -{kib:d}")
 
 
 def quick_check(conn: sqlite3.Connection, budget: float, *, what: str, path: Path) -> None:
