@@ -211,6 +211,7 @@ _model_infos: dict[tuple[Dlt645Model, int], tuple[Catalogue, _ModelInfo]] = {}
 # Shared by every driver that has not been refused a block: since 3.10 each frozenset() is a
 # new 216-byte object, 2 MiB over 10,000 meters.
 _NO_BLOCKS: frozenset[int] = frozenset()
+_READ_REQUESTS_2007 = m.ReadRequestEncoder(E7)  # every meter's 2007 read requests
 
 
 def _model_info(model: Dlt645Model, catalogue: Catalogue, meter_id: str) -> _ModelInfo:
@@ -238,7 +239,6 @@ class Dlt645Driver:
         "_password",
         "_plans",
         "_refused_blocks",
-        "_requests",
         "address",
         "bus",
         "catalogue",
@@ -298,7 +298,6 @@ class Dlt645Driver:
         self._refused_blocks = _NO_BLOCKS  # blocks this meter said it lacks (|= makes a new set)
         self._plans: dict[tuple[str, ...], tuple[tuple[str, ...], Plan]] | None = None  # once a block is refused
         self._missing: set[int] | None = None  # DIs the meter said it has no data for (logged once)
-        self._requests: m.ReadRequestEncoder | None = None  # built on the first 2007 read
         # one multi-frame read at a time (follow-ups are per-DI state in the meter): a flag, and a
         # queue of waiters created only if two reads of one meter ever overlap
         self._chain_busy: bool = False
@@ -420,11 +419,8 @@ class Dlt645Driver:
         try:
             if self.edition is E7:
                 check = _SingleFrameCheck(self, di)
-                requests = self._requests
-                if requests is None:
-                    requests = self._requests = m.ReadRequestEncoder(self._address, E7)
                 reply = await self.bus.exchange(
-                    requests.encode(di),
+                    _READ_REQUESTS_2007.encode(self._address, di),
                     Dlt645Matcher(E7, Expect(self._address, READ, di), history=self._history, check=check),
                     meter=self.meter_id,
                     priority=priority,

@@ -21,7 +21,17 @@ from protocols.dlt645.edition import Edition
 from protocols.dlt645.error_words import error_flags, remote_control_flags
 from protocols.dlt645.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from protocols.dlt645.formats import decode_field, encode_field
-from protocols.dlt645.frame import _CONTROLS, BROADCAST, END, WILDCARD, Address, Control, Frame, checksum, scramble
+from protocols.dlt645.frame import (
+    _CONTROLS,
+    BROADCAST,
+    END,
+    START,
+    WILDCARD,
+    Address,
+    Control,
+    Frame,
+    scramble,
+)
 from protocols.dlt645.remote_control import RemoteCommand
 
 E7 = Edition.DLT645_2007
@@ -186,23 +196,28 @@ class ReadRequest(_Message):
         return cls(frame.address, _di_from(edition, data), data[n] if len(data) > n else None, since)
 
 
+_START_BYTE = bytes((START,))
+
+
 class ReadRequestEncoder:
-    """``ReadRequest(address, di).encode(edition)`` for one meter and many DIs: its fixed start
-    (up to the length byte) is built once, so a poll's request costs a DI's bytes and a checksum
-    instead of a message and a frame (2,600 requests a second at full load)."""
+    """``ReadRequest(address, di).encode(edition)`` without building a message and a frame per
+    request (2,600 requests a second at full load): the parts that do not depend on the meter or
+    the DI are fixed once per edition. It holds nothing per meter, so one encoder serves every
+    meter of a gateway (10,000 per-meter copies of the frame's start cost 1 MiB)."""
 
-    __slots__ = ("_edition", "_head", "_head_sum")
+    __slots__ = ("_control", "_control_sum", "_edition")
 
-    def __init__(self, address: Address, edition: Edition) -> None:
+    def __init__(self, edition: Edition) -> None:
         n = edition.di_length
-        frame = ReadRequest(address, 0).encode(edition)
         self._edition = edition
-        self._head = frame[: -(n + 2)]
-        self._head_sum = checksum(self._head) & 0xFF
+        self._control = bytes((START, ReadRequest.FUNCTIONS[edition], n))  # 68 C L after the address
+        self._control_sum = START + sum(self._control)  # both 68s, C and L
 
-    def encode(self, di: int) -> bytes:
+    def encode(self, address: Address, di: int) -> bytes:
+        wire = address.wire
         data = scramble(_di_bytes(self._edition, di))
-        return b"".join((self._head, data, bytes(((self._head_sum + sum(data)) & 0xFF, END))))
+        checksum = (self._control_sum + sum(wire) + sum(data)) & 0xFF
+        return b"".join((_START_BYTE, wire, self._control, data, bytes((checksum, END))))
 
 
 @dataclass(frozen=True, slots=True)
