@@ -196,7 +196,7 @@ class Bus:
         self.health = health
         self.counters = BusCounters()
         self._gate = _PriorityGate()
-        self._rng = rng or random.Random()
+        self._rng = rng  # None: the shared jitter generator (drivers.backoff)
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop we run in (see _admit)
         self._last_tx_end = -math.inf  # loop time our last request left the wire
         self._last_job_end = -math.inf
