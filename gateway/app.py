@@ -23,6 +23,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -72,9 +73,9 @@ OVERFLOW = {"pause_polling": OverflowPolicy.REFUSE_NEW, "drop_oldest": OverflowP
 
 
 class _DueRead:
-    """A read handed out by the schedule, queued for its bus or running; until it is committed or
-    failed it is also in ``Gateway._unfinished``. A start-up burst queues thousands of these at
-    once, so one small object each, compared by identity, and the schedule's own ``slot`` int."""
+    """A read handed out by the schedule, queued for its bus (``Gateway._waiting``) or running
+    until committed or failed (``Gateway._active``). A start-up burst queues thousands of these
+    at once, so one small object each, compared by identity, and the schedule's own ``slot`` int."""
 
     __slots__ = ("group", "meter", "slot")
 
@@ -164,9 +165,11 @@ class Gateway:
         self._intervals = {g.name: int(g.interval) for g in config.poll_groups}
         self._in_flight: set[asyncio.Task[None]] = set()
         self._waiting: dict[str, collections.deque[_DueRead]] = {}
-        # reads handed out by the schedule and not yet committed or failed: the saved cursors never
-        # pass their slots, so a crash or a stop re-reads them instead of skipping them
-        self._unfinished: set[_DueRead] = set()
+        # Reads handed out by the schedule and not yet committed or failed are queued in _waiting or
+        # running in _active: the saved cursors never pass their slots, so a crash or a stop re-reads
+        # them instead of skipping them. _active stays small (a read per bus, the pending commits):
+        # a set never shrinks its table, and one that held a start-up catch-up's 10,000 reads kept 512 KiB.
+        self._active: set[_DueRead] = set()
         # Reads whose bus turn ended and whose commit is still waiting (a drain, a slow disk): bounded,
         # or a stalled outbox would fill memory with readings; at the bound the bus waits instead.
         self._commits = asyncio.Semaphore(COMMITS_PENDING)
@@ -273,9 +276,7 @@ class Gateway:
         state; the uplink drains briefly (acks and readings) and stops."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.shutdown_budget
-        poller.cancel()
-        for waiting in self._waiting.values():
-            waiting.clear()
+        poller.cancel()  # queued reads stay queued (and owed to the final cursor save): nothing starts them now
         self._commands_stop.set()
         stages: set[asyncio.Task[None]] = {*self._in_flight, jobs}
         if commands is not None:
@@ -295,7 +296,7 @@ class Gateway:
 
     def _poll_cursors(self) -> dict[tuple[str, str], int]:
         cursors = self.schedule.cursors() if self.schedule is not None else {}
-        for item in self._unfinished:
+        for item in itertools.chain(self._active, *self._waiting.values()):
             key = (item.group, item.meter.meter_id)
             if key in cursors:
                 cursors[key] = min(cursors[key], item.slot)
@@ -320,7 +321,6 @@ class Gateway:
                     self.stats.shed += 1
                     continue
                 item = _DueRead(meter, due.group, due.slot)
-                self._unfinished.add(item)
                 if self._running.get(meter.bus, 0) < READS_PER_BUS:
                     self._start_read(item)
                 else:
@@ -344,6 +344,7 @@ class Gateway:
     def _start_read(self, item: _DueRead) -> None:
         bus = item.meter.bus
         self._running[bus] = self._running.get(bus, 0) + 1
+        self._active.add(item)
         task = asyncio.create_task(self._read(item), name=f"read:{bus}")
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
@@ -360,7 +361,7 @@ class Gateway:
         finally:
             # done: committed, or failed and reported as a missed slot (a cancelled read stays owed)
             if not self._stopping or not asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                self._unfinished.discard(item)
+                self._active.discard(item)
 
     async def _read_and_commit(self, item: _DueRead) -> None:
         meter = item.meter
