@@ -18,8 +18,9 @@ meters - RSS with none) / N.
 
 ``--tracemalloc N`` runs the gateway once more in a probe process (this module, ``_probe``) with
 tracemalloc started before any import, and prints the N biggest allocators by file and by line
-after the same settle time: where the memory goes. (tracemalloc itself costs memory and CPU, so
-its RSS is not the figure.)
+after the same settle time: where the memory goes; then SQLite's own heap (page caches, prepared
+statements), which tracemalloc does not see. (tracemalloc itself costs memory and CPU, so its
+RSS is not the figure.)
 
 Bytecode: an installed gateway loads its modules from compiled bytecode (pip compiles a wheel's
 modules at install; systemd does not set PYTHONDONTWRITEBYTECODE). A shell with
@@ -253,6 +254,7 @@ def _probe_main(config_path: str, seconds: float, top: int) -> int:
         return snap, peak, at_peak
 
     snap, peak, at_peak = asyncio.run(run())
+    print(_sqlite_memory())
     traced = sum(s.size for s in snap.statistics("filename")) / 2**20
     at_imports = sum(s.size for s in imports.statistics("filename")) / 2**20
     print(
@@ -274,6 +276,25 @@ def _probe_main(config_path: str, seconds: float, top: int) -> int:
             where = f"{_where(frame.filename)}:{frame.lineno}"
             print(f"  {diff.size_diff / 1024:+9.0f} KiB {diff.count_diff:+8d} blocks  {where}")
     return 0
+
+
+def _sqlite_memory() -> str:
+    """SQLite's own heap (page caches, prepared statements, schemas): tracemalloc does not see it."""
+    import ctypes
+    import ctypes.util
+    import sqlite3
+
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("sqlite3") or "libsqlite3.so.0")
+        lib.sqlite3_memory_used.restype = lib.sqlite3_memory_highwater.restype = ctypes.c_int64
+        if lib.sqlite3_libversion_number() != sqlite3.sqlite_version_info[0] * 1_000_000 + (
+            sqlite3.sqlite_version_info[1] * 1000 + sqlite3.sqlite_version_info[2]
+        ):
+            return "SQLite heap: not measured (the library found is not the one Python's sqlite3 uses)"
+        used, high = lib.sqlite3_memory_used(), lib.sqlite3_memory_highwater(0)
+    except (OSError, AttributeError) as exc:
+        return f"SQLite heap: not measured ({exc})"
+    return f"SQLite heap at the end: {used / 2**20:.1f} MiB (highest {high / 2**20:.1f} MiB)"
 
 
 def _where(filename: str) -> str:

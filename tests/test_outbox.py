@@ -207,6 +207,25 @@ def test_stored_ids_are_found_at_every_group_size_with_few_prepared_lookups(outb
     assert _lookup_sql.cache_info().currsize <= 10  # sizes 1, 2, 4 ... 512
 
 
+def test_page_caches_are_capped_per_role(outbox: Outbox, tmp_path: Path) -> None:
+    # SQLite's default page cache is 2 MiB per connection, filled by the open-time quick_check
+    # and kept: the writer keeps 512 KiB (random reading-id index inserts), every other
+    # connection 128 KiB (docs/benchmarks.md, memory with 10,000 meters).
+    from gateway.cursors import CursorStore
+    from gateway.sqlite_check import CACHE_KIB, SMALL_CACHE_KIB
+
+    reader = outbox.open_reader()
+    cursors = CursorStore.open(tmp_path / "schedule.sqlite")
+    try:
+        assert outbox._conn.execute("PRAGMA cache_size").fetchone() == (-CACHE_KIB,)
+        assert reader._conn.execute("PRAGMA cache_size").fetchone() == (-SMALL_CACHE_KIB,)
+        assert cursors._conn.execute("PRAGMA cache_size").fetchone() == (-SMALL_CACHE_KIB,)
+        assert (CACHE_KIB, SMALL_CACHE_KIB) == (512, 128)
+    finally:
+        reader.close()
+        cursors.close()
+
+
 def test_survives_reopen_with_counters_and_without_reusing_row_numbers(db: Path) -> None:
     box = Outbox.open(db)
     box.add(readings(10))
