@@ -294,9 +294,8 @@ def _sqlite_memory() -> str:
     try:
         lib = ctypes.CDLL(ctypes.util.find_library("sqlite3") or "libsqlite3.so.0")
         lib.sqlite3_memory_used.restype = lib.sqlite3_memory_highwater.restype = ctypes.c_int64
-        if lib.sqlite3_libversion_number() != sqlite3.sqlite_version_info[0] * 1_000_000 + (
-            sqlite3.sqlite_version_info[1] * 1000 + sqlite3.sqlite_version_info[2]
-        ):
+        major, minor, patch = sqlite3.sqlite_version_info
+        if lib.sqlite3_libversion_number() != major * 1_000_000 + minor * 1000 + patch:
             return "SQLite heap: not measured (the library found is not the one Python's sqlite3 uses)"
         used, high = lib.sqlite3_memory_used(), lib.sqlite3_memory_highwater(0)
     except (OSError, AttributeError) as exc:
