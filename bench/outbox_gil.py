@@ -23,24 +23,19 @@ import threading
 import time
 from pathlib import Path
 
-from gateway.outbox import _insert, _insert_sql
+from drivers.reading import Reading
+from gateway.outbox import _insert, _insert_sql, _row
 from gateway.outbox_schema import migrate
 
 MODES = ("executemany", "multi-row")
 
 
 def _rows(start: int, n: int, now: float) -> list[tuple[object, ...]]:
+    """``n`` outbox rows as the outbox writes them (its own ``_row``)."""
     return [
-        (
+        _row(
             f"{i % 320:012d}/energy.t{i % 5}/{i}",
-            f"{i % 320:012d}",
-            "energy.active.import.total",
-            1234.5 + i,
-            "kWh",
-            now,
-            None,
-            float(int(now)),
-            0,
+            Reading(f"{i % 320:012d}", "energy.active.import.total", 1234.5 + i, "kWh", now, slot=float(int(now))),
             now,
         )
         for i in range(start, start + n)

@@ -189,9 +189,10 @@ def test_stored_ids_are_found_at_every_group_size_with_few_prepared_lookups(outb
     # statement it prepared, and one per group size took 3 MiB); padding must not change results.
     from gateway.outbox import _lookup_sql
 
+    sizes = (1, 2, 3, 63, 64, 65, 127, 300, 511, 512, 513, 600)
     stored = readings(600)
     assert outbox.add(stored).committed == 600
-    for n in (1, 2, 3, 63, 64, 65, 127, 300, 511, 512, 513, 600):
+    for n in sizes:
         known = stored[: n // 2]
         new = readings(n - n // 2, quantity=f"new.{n}")
         batch = [r for pair in zip(new, known, strict=False) for r in pair] + new[len(known) :]
@@ -199,11 +200,7 @@ def test_stored_ids_are_found_at_every_group_size_with_few_prepared_lookups(outb
         assert (result.committed, result.duplicates) == (len(new), len(known)), n
     rows = outbox.peek(limit=10_000)
     assert [r.row_id for r in rows] == list(range(1, len(rows) + 1))  # no gaps, nothing twice
-    assert (
-        len({r.reading_id for r in rows})
-        == len(rows)
-        == 600 + sum(n - n // 2 for n in (1, 2, 3, 63, 64, 65, 127, 300, 511, 512, 513, 600))
-    )
+    assert len({r.reading_id for r in rows}) == len(rows) == 600 + sum(n - n // 2 for n in sizes)
     assert _lookup_sql.cache_info().currsize <= 10  # sizes 1, 2, 4 ... 512
 
 
