@@ -125,9 +125,13 @@ class DataItem:
         return self.edition.format_di(self.di)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DecodedValue:
-    """One value decoded from a data field (a block gives one per member present)."""
+    """One value decoded from a data field (a block gives one per member present).
+
+    Not frozen, though nothing changes one: one is built per value polled, and a frozen
+    dataclass's ``__init__`` (``object.__setattr__`` per field) costs four times a plain one's
+    (0.9 against 0.2 us). Its ``fields`` dict already kept it from being hashable."""
 
     di: int
     item: DataItem | None
