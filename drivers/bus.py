@@ -18,7 +18,7 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from drivers.backoff import Backoff, BackoffPolicy
 from drivers.errors import BadReply, DriverError, LinkDown, MeterRefused, NoAnswer
@@ -203,6 +203,12 @@ class Bus:
         self._closed = False
         # called with the seconds from request written to accepted reply (for a job: its duration)
         self.on_latency: Callable[[float], None] | None = None
+        # the running exchange's state, fed by _consume_bytes
+        self._matcher: ReplyMatcher[Any] | None = None
+        self._reply: Any = None
+        self._heard = False
+        self._bad: list[str] = []  # descriptions of the rejections that mean a bad reply
+        self._consume = self._consume_bytes  # bound once
 
     def __repr__(self) -> str:
         return f"<Bus {self.name} queued={self.queued}>"
@@ -269,20 +275,9 @@ class Bus:
                 backoff: Backoff | None = None  # only a retry needs one
                 failure: DriverError | None = None
                 reply: R | None = None
-                heard = False
-                bad: list[str] = []
-
-                def consume(data: bytes) -> bool:  # called from the link's data_received: no wake-up per chunk
-                    nonlocal reply, heard
-                    heard = True
-                    try:
-                        reply = matcher.feed(data)
-                    finally:
-                        rejections = matcher.take_rejections()
-                        if rejections:
-                            bad.extend(self._describe(r) for r in rejections if self._count_rejection(r))
-                    return reply is not None
-
+                self._matcher = matcher
+                bad = self._bad
+                consume = self._consume
                 for attempt in range(tries):
                     if attempt:
                         self.counters.retries += 1
@@ -296,7 +291,7 @@ class Bus:
                         await self._quiet(transport)
                     self.counters.stale_bytes_flushed += transport.flush_input()
                     matcher.reset()
-                    reply, heard = None, False
+                    self._reply, self._heard = None, False
                     bad.clear()
                     try:
                         await transport.write(request)
@@ -316,10 +311,11 @@ class Bus:
                         log.debug("bus %s: %s; retrying", self.name, e)
                         continue
                     # any byte heard (even an echo or a late reply) shows the link itself is alive
-                    if heard:
+                    if self._heard:
                         transport.note_reply()
                     else:
                         transport.note_silence()
+                    reply = self._reply
                     if reply is not None:
                         if self.on_latency is not None:
                             self.on_latency(loop.time() - self._last_tx_end)
@@ -338,7 +334,23 @@ class Bus:
                 self._account_failure(meter, e)
                 raise
         finally:
+            self._matcher = self._reply = None
             gate.release()
+
+    def _consume_bytes(self, data: bytes) -> bool:
+        """The consumer of an exchange: the link calls it from data_received (no wake-up per
+        chunk). Its state lives on the bus, which runs one transaction at a time, rather than in
+        a closure and cells made for every transaction."""
+        self._heard = True
+        matcher = self._matcher
+        assert matcher is not None  # set for as long as an exchange runs
+        try:
+            reply = self._reply = matcher.feed(data)
+        finally:
+            rejections = matcher.take_rejections()
+            if rejections:
+                self._bad.extend(self._describe(r) for r in rejections if self._count_rejection(r))
+        return reply is not None
 
     async def send(self, request: bytes, *, priority: int = Priority.POLL) -> None:
         """Send a request that gets no reply (a broadcast), honouring gap and flush."""

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -57,8 +57,9 @@ class Transport(Protocol):
 
     async def wait_connected(self, within: float | None = None) -> bool: ...
 
-    async def write(self, data: bytes) -> None:
-        """Queue ``data`` and wait until the OS has taken it (drain). Raises LinkDown."""
+    def write(self, data: bytes) -> Awaitable[None]:
+        """Queue ``data``; await the result until the OS has taken it (drain). Raises LinkDown,
+        possibly before anything is awaited (a plain method returning what to await)."""
         ...
 
     async def read(self, deadline: float) -> bytes:
@@ -68,10 +69,11 @@ class Transport(Protocol):
         """
         ...
 
-    async def read_until(self, consume: Callable[[bytes], bool], deadline: float) -> bool:
+    def read_until(self, consume: Callable[[bytes], bool], deadline: float) -> Awaitable[bool]:
         """Hand arriving bytes to ``consume`` until it returns True (then return True) or the
         ``deadline`` (loop time) passes (then return False). What ``consume`` raises is raised
-        here; LinkDown if the link goes down first. The bus's fast path (one wake-up per reply)."""
+        here; LinkDown if the link goes down first. The bus's fast path (one wake-up per reply).
+        A plain method returning what to await, so it may raise before anything is awaited."""
         ...
 
     def flush_input(self) -> int:
@@ -289,6 +291,12 @@ def make_transport(settings: LinkSettings, *, name: str | None = None) -> Stream
 # Shared implementation for links built on an asyncio transport + protocol
 
 
+def _resolved(loop: asyncio.AbstractEventLoop, value: bool | None) -> asyncio.Future[Any]:
+    fut: asyncio.Future[Any] = loop.create_future()
+    fut.set_result(value)
+    return fut
+
+
 class Inbox(asyncio.Protocol):
     """Feeds one connection's events to its link; a superseded connection's events are ignored."""
 
@@ -401,6 +409,9 @@ class StreamLink(abc.ABC):
         self._deadline = -math.inf
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
+        # already resolved futures, one per result, shared by every write and read_until that
+        # ends without waiting (made by open(), in the loop the link runs in)
+        self._done: dict[bool | None, asyncio.Future[Any]] = {}
 
     # -- state ------------------------------------------------------------------------------
 
@@ -436,6 +447,7 @@ class StreamLink(abc.ABC):
         if self._supervisor is not None:
             return self.connected
         loop = self._loop = asyncio.get_running_loop()
+        self._done = {value: _resolved(loop, value) for value in (None, True, False)}
         self._closing = False
         self._down_since = loop.time()
         first: asyncio.Future[None] = loop.create_future()
@@ -587,19 +599,27 @@ class StreamLink(abc.ABC):
 
     # -- I/O ------------------------------------------------------------------------------
 
-    async def write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> Awaitable[None]:
+        # A plain method: the usual write is taken by the OS at once and returns a future that is
+        # already resolved, shared by every write, so awaiting it costs no coroutine and no object.
         transport = self._transport
         if transport is None or transport.is_closing() or not isinstance(transport, asyncio.WriteTransport):
             raise LinkDown(f"link {self._name}: not connected")
         transport.write(data)
         self._stats.bytes_out += len(data)
         if not self._writable.is_set():
-            try:
-                async with asyncio.timeout(self._write_timeout):
-                    await self._writable.wait()
-            except TimeoutError:
-                self._drop(f"write stalled for {self._write_timeout:.1f} s")
-                raise LinkDown(f"link {self._name}: write stalled") from None
+            return self._drain(transport)
+        if transport.is_closing():
+            raise LinkDown(f"link {self._name}: lost while writing")
+        return self._done[None]
+
+    async def _drain(self, transport: asyncio.WriteTransport) -> None:
+        try:
+            async with asyncio.timeout(self._write_timeout):
+                await self._writable.wait()
+        except TimeoutError:
+            self._drop(f"write stalled for {self._write_timeout:.1f} s")
+            raise LinkDown(f"link {self._name}: write stalled") from None
         if self._transport is not transport or transport.is_closing():
             raise LinkDown(f"link {self._name}: lost while writing")
 
@@ -618,29 +638,28 @@ class StreamLink(abc.ABC):
             except TimeoutError:
                 return b""
 
-    async def read_until(self, consume: Callable[[bytes], bool], deadline: float) -> bool:
+    def read_until(self, consume: Callable[[bytes], bool], deadline: float) -> asyncio.Future[bool]:
+        # A plain method returning the future: a coroutine here would cost one more frame to
+        # create, resume and unwind on every transaction. Whatever ends the wait (_on_data,
+        # _on_timer, _on_lost) drops the consumer; a cancelled waiter is found done and ignored.
+        loop = self._loop
         if self._buf:
             data = bytes(self._buf)
             self._buf.clear()
             if consume(data):
-                return True
+                return self._done[True]
         if not self.connected:
             raise LinkDown(f"link {self._name}: not connected")
-        loop = self._loop
         assert loop is not None  # connected, so opened
         if loop.time() >= deadline:
-            return False
+            return self._done[False]
         waiter: asyncio.Future[bool] = loop.create_future()
         self._consumer = consume
         self._waiter = waiter
         self._deadline = deadline
         if self._timer is None or self._timer_at > deadline:
             self._arm(loop, deadline)
-        try:
-            return await waiter
-        finally:
-            self._consumer = None
-            self._waiter = None
+        return waiter
 
     def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         if self._timer is not None:
