@@ -135,6 +135,13 @@ class _Poller:
                     self.failures += 1
 
 
+def _by_bus(drivers: list[Dlt645Driver]) -> list[list[Dlt645Driver]]:
+    by_bus: dict[int, list[Dlt645Driver]] = {}
+    for d in drivers:
+        by_bus.setdefault(id(d.bus), []).append(d)
+    return list(by_bus.values())
+
+
 async def _gateway_sample(
     buses: list[Bus],
     drivers: list[Dlt645Driver],
@@ -146,13 +153,9 @@ async def _gateway_sample(
     per_link: bool,
 ) -> Sample:
     poller = _Poller(quantities)
-    if per_link:  # as the daemon polls: one read at a time per bus, its meters in turn
-        by_bus: dict[int, list[Dlt645Driver]] = {}
-        for d in drivers:
-            by_bus.setdefault(id(d.bus), []).append(d)
-        groups = list(by_bus.values())
-    else:  # every meter its own task: they queue for their bus and take it in turn
-        groups = [[d] for d in drivers]
+    # per link, as the daemon polls: one read at a time per bus, its meters in turn; else every
+    # meter its own task: they queue for their bus and take it in turn
+    groups = _by_bus(drivers) if per_link else [[d] for d in drivers]
     tasks = [asyncio.create_task(poller.poll(g)) for g in groups]
     try:
         await asyncio.sleep(warmup)
@@ -213,11 +216,17 @@ def start_bare_server() -> tuple[subprocess.Popen[str], int]:
 class _BareClient(asyncio.Protocol):
     """One request in flight; the next goes out when the whole reply (by length) is in."""
 
+    failures = 0  # a bare client cannot tell a wrong reply: it counts bytes
+
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.pending = 0
         self.done = 0
         self.running = True
+
+    @property
+    def reads(self) -> int:
+        return self.done
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -254,26 +263,37 @@ class _BareBufferedClient(_BareClient, asyncio.BufferedProtocol):
 async def _bare_sample(
     port: int, connections: int, server_pid: int, *, warmup: float, seconds: float, buffered: bool = False
 ) -> Sample:
-    loop = asyncio.get_running_loop()
     kind = _BareBufferedClient if buffered else _BareClient
     clients = [kind() for _ in range(connections)]
+    return await _client_sample(port, clients, server_pid, warmup=warmup, seconds=seconds)
+
+
+async def _client_sample(
+    port: int, clients: list[_BareClient] | list[_FloorLink], server_pid: int, *, warmup: float, seconds: float
+) -> Sample:
+    """Connect each client (one connection each), start them, and measure them over ``seconds``."""
+    loop = asyncio.get_running_loop()
     for client in clients:
         await loop.create_connection(lambda client=client: client, "127.0.0.1", port)  # type: ignore[misc]
+
+    def totals() -> tuple[int, int, int]:
+        return sum(c.done for c in clients), sum(c.reads for c in clients), sum(c.failures for c in clients)
+
     try:
         for client in clients:
             client.send()
         await asyncio.sleep(warmup)
-        done0 = sum(c.done for c in clients)
+        before = totals()
         peer0, cpu0, t0 = process_cpu(server_pid), time.process_time(), time.perf_counter()
         await asyncio.sleep(seconds)
         elapsed, cpu, peer = time.perf_counter() - t0, time.process_time() - cpu0, process_cpu(server_pid) - peer0
-        done = sum(c.done for c in clients) - done0
+        done, reads, failures = (after - b for after, b in zip(totals(), before, strict=True))
     finally:
         for client in clients:
             client.running = False
             if client.transport is not None:
                 client.transport.close()
-    return Sample(elapsed, done, done, 0, cpu, peer)
+    return Sample(elapsed, reads, done, failures, cpu, peer)
 
 
 # -- the floor: the gateway's protocol work without its bus, driver and task machinery -----------
@@ -296,7 +316,7 @@ class _FloorLink(asyncio.Protocol, RecvIntoBuffer):
         self.done = 0
         self.failures = 0
         self.running = True
-        self.readings = 0
+        self.reads = 0
         self._driver = drivers[0]
         self._check: _SingleFrameCheck | None = None
         self._matcher: Dlt645Matcher | None = None
@@ -336,7 +356,7 @@ class _FloorLink(asyncio.Protocol, RecvIntoBuffer):
         ]
         self.done += 1
         if len(readings) == len(self._covers):
-            self.readings += 1
+            self.reads += 1
         else:
             self.failures += 1
         if self.running:
@@ -346,28 +366,8 @@ class _FloorLink(asyncio.Protocol, RecvIntoBuffer):
 async def _floor_sample(
     port: int, gateway: Gateway, quantities: tuple[str, ...], server_pid: int, *, warmup: float, seconds: float
 ) -> Sample:
-    loop = asyncio.get_running_loop()
-    by_bus: dict[int, list[Dlt645Driver]] = {}
-    for d in gateway.drivers:
-        by_bus.setdefault(id(d.bus), []).append(d)
-    links = [_FloorLink(drivers, quantities) for drivers in by_bus.values()]
-    for link in links:
-        await loop.create_connection(lambda link=link: link, "127.0.0.1", port)  # type: ignore[misc]
-    try:
-        for link in links:
-            link.send()
-        await asyncio.sleep(warmup)
-        done0, reads0, fail0 = (sum(getattr(k, f) for k in links) for f in ("done", "readings", "failures"))
-        peer0, cpu0, t0 = process_cpu(server_pid), time.process_time(), time.perf_counter()
-        await asyncio.sleep(seconds)
-        elapsed, cpu, peer = time.perf_counter() - t0, time.process_time() - cpu0, process_cpu(server_pid) - peer0
-        done, reads, fail = (sum(getattr(k, f) for k in links) for f in ("done", "readings", "failures"))
-    finally:
-        for link in links:
-            link.running = False
-            if link.transport is not None:
-                link.transport.close()
-    return Sample(elapsed, reads - reads0, done - done0, fail - fail0, cpu, peer)
+    links = [_FloorLink(drivers, quantities) for drivers in _by_bus(gateway.drivers)]
+    return await _client_sample(port, links, server_pid, warmup=warmup, seconds=seconds)
 
 
 # -- the canned-reply server ----------------------------------------------------------------------
