@@ -66,12 +66,11 @@ from pathlib import Path
 
 from bench.wire_utilization import SimEndpoint, process_cpu, start_simulator, stop_simulator
 from drivers.bus import Bus, BusSettings
-from drivers.dlt645_driver import _READ_REQUESTS_2007, READ, Dlt645Driver, _SingleFrameCheck
-from drivers.dlt645_matcher import Dlt645Matcher, Expect
+from drivers.dlt645_driver import Dlt645Driver, _SingleFrameCheck
+from drivers.dlt645_matcher import Dlt645Matcher
 from drivers.errors import DriverError
 from drivers.health import HealthBook
 from drivers.meter_models import Dlt645Model, load_model
-from drivers.reading import Quality
 from drivers.transport import RecvIntoBuffer, TcpSettings, make_transport
 from protocols.dlt645.deframer import Deframer
 from protocols.dlt645.edition import Edition
@@ -332,12 +331,10 @@ class _FloorLink(asyncio.Protocol, RecvIntoBuffer):
         _, plan = driver._plan_for(self.quantities)
         (di, self._covers), *more = plan
         assert not more, "the floor reads one data identifier per meter"
-        check = self._check = _SingleFrameCheck(driver, di)
-        address = driver._address
-        self._matcher = Dlt645Matcher(E7, Expect(address, READ, di), history=driver._history, check=check)
+        request, self._matcher, self._check = driver._read_2007(di)
         self._matcher.reset()
         if self.transport is not None:
-            self.transport.write(_READ_REQUESTS_2007.encode(address, di))
+            self.transport.write(request)
 
     def data_received(self, data: bytes) -> None:
         assert self._matcher is not None
@@ -349,11 +346,7 @@ class _FloorLink(asyncio.Protocol, RecvIntoBuffer):
         driver, values = self._driver, {}
         driver._collect(self._check.decoded or [], self._covers, values)
         now = time.time()
-        readings = [
-            driver._reading(q, values[q], gateway_time=now, slot=float(int(now)), meter_time=None, quality=Quality.GOOD)
-            for q in self._covers
-            if q in values
-        ]
+        readings = driver._readings(self._covers, values, now=now, slot=float(int(now)))
         self.done += 1
         if len(readings) == len(self._covers):
             self.reads += 1

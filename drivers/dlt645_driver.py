@@ -327,6 +327,12 @@ class Dlt645Driver:
                     self._collect(single or [], (quantity,), values)
                 continue
             self._collect(decoded or [], covers, values)
+        return self._readings(wanted, values, now=now, slot=slot)
+
+    def _readings(
+        self, wanted: tuple[str, ...], values: dict[str, DecodedValue], *, now: float, slot: float | None
+    ) -> list[Reading]:
+        """The live readings of ``wanted`` that have a value, in that order."""
         return [
             self._reading(q, values[q], gateway_time=now, slot=slot, meter_time=None, quality=Quality.GOOD)
             for q in wanted
@@ -407,6 +413,14 @@ class Dlt645Driver:
             quality |= Quality.OUT_OF_RANGE
         return Reading(self.meter_id, quantity, value, unit, gateway_time, meter_time, slot, quality)
 
+    def _read_2007(self, di: int) -> tuple[bytes, Dlt645Matcher, _SingleFrameCheck]:
+        """One 2007 read of ``di``: the request, the matcher that accepts its reply, and the check
+        that holds the decoded values of a single-frame reply (bench/tcp_links.py's floor uses
+        these too, so it measures this very work)."""
+        check = _SingleFrameCheck(self, di)
+        matcher = Dlt645Matcher(E7, Expect(self._address, READ, di), history=self._history, check=check)
+        return _READ_REQUESTS_2007.encode(self._address, di), matcher, check
+
     async def _read_values(self, di: int, priority: int, *, force: bool = False) -> list[DecodedValue] | None:
         """The decoded values of ``di`` (follow-up frames joined), or None when the meter has no
         such data. ``force`` reads even a meter the health book holds offline (a command's
@@ -418,14 +432,8 @@ class Dlt645Driver:
             self._chain_busy = True
         try:
             if self.edition is E7:
-                check = _SingleFrameCheck(self, di)
-                reply = await self.bus.exchange(
-                    _READ_REQUESTS_2007.encode(self._address, di),
-                    Dlt645Matcher(E7, Expect(self._address, READ, di), history=self._history, check=check),
-                    meter=self.meter_id,
-                    priority=priority,
-                    force=force,
-                )
+                request, matcher, check = self._read_2007(di)
+                reply = await self.bus.exchange(request, matcher, meter=self.meter_id, priority=priority, force=force)
                 if not isinstance(reply, m.ReadReply):
                     raise BadReply(f"meter {self.meter_id}: expected ReadReply, got {type(reply).__name__}")
                 if not reply.more:

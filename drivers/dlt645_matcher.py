@@ -45,9 +45,6 @@ from protocols.dlt645.functions import function_name
 __all__ = ["Dlt645Matcher", "Expect", "ReplyHistory", "history_for"]
 
 HISTORY_LENGTH: Final = 32  # requests remembered per bus for telling late replies from strangers
-# the plain read functions (2007 clause 6.2, 1997 clause 5.1): their normal reply is one frame
-# with control 0x80 | function, the DI, then the value
-_PLAIN_READS: Final = {Edition.DLT645_2007: 0x11, Edition.DLT645_1997: 0x01}
 
 
 class Expect(msgspec.Struct, frozen=True, gc=False):
@@ -127,7 +124,9 @@ class Dlt645Matcher(RejectionLog):
         self.expect = expect
         self.history = history
         self.check = check
-        self._plain_read = expect.di is not None and expect.seq is None and _PLAIN_READS[edition] == expect.function
+        # a plain read (2007 6.2, 1997 5.1): its normal reply is one frame, 0x80 | function, DI, value
+        plain = m.ReadRequest.FUNCTIONS[edition] == expect.function
+        self._plain_read = plain and expect.di is not None and expect.seq is None
         if history is not None:
             history.note(expect)
             self._deframer = history.deframer
