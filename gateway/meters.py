@@ -163,6 +163,7 @@ class Fleet:
                 link = self._links[meter.bus] = ModbusLink(
                     link_settings(bus_config), framing=framing, timeout=float(bus_config.reply_timeout), name=meter.bus
                 )
+                bus.job_link = link  # its requests and bytes in the bus's metrics
             modbus = ModbusMeter(link, model, unit=meter.unit_id, meter_id=meter.id)
             return MeterRuntime(meter.id, meter.bus, meter.protocol, modbus, modbus_bus=bus)
         assert isinstance(model, Dlt645Model)

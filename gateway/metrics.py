@@ -133,7 +133,7 @@ class _SnapshotCollector(Collector):
         for bus, snap in sorted(buses.items()):
             sent.add_metric([bus], snap.get("sent", 0))
             queued.add_metric([bus], snap.get("queued", 0))
-            if "link_connected" in snap:  # buses without a transport of ours (pymodbus owns the I/O)
+            if "link_connected" in snap:  # absent for a bus with no link yet (a Modbus bus without meters)
                 connected.add_metric([bus], snap["link_connected"])
                 connects.add_metric([bus], snap.get("link_connects", 0))
                 losses.add_metric([bus], snap.get("link_losses", 0))

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from drivers.health import HealthBook
 from gateway.app import Gateway
 from gateway.config import load_config
+from gateway.meters import Fleet
 from gateway.mqtt_contract import Topics, decode_batch
 from simulators.modbus_meter import ModbusSimServer, SimulatedMeter
 from tests.plugins.broker import Broker, Subscriber
@@ -210,3 +212,36 @@ async def test_clock_stepped_forward_and_back(tmp_path: Path, mosquitto: Broker,
     # every committed reading is at the broker or still in the outbox: a clock step deletes nothing
     assert len(set(ids)) + left >= gateway.stats.committed
     assert len(ids) == len(set(ids)), "a slot was read twice after the step back"
+
+
+@pytest.mark.asyncio
+async def test_a_modbus_bus_reports_its_links_requests_and_bytes(
+    tmp_path: Path, mosquitto: Broker, modbus_sim: ModbusSimServer
+) -> None:
+    """pymodbus writes a Modbus bus's requests, not the bus: its snapshot (what the metrics export)
+    still counts them, with the link's bytes and connection state, instead of a flat 0."""
+    config = load_config(write_config(tmp_path, mosquitto, modbus_sim.address[1]))
+    fleet = Fleet(HealthBook())
+    fleet.build(config)
+    await fleet.open()
+    try:
+        bus = fleet.buses["modbus-a"]
+        assert bus.snapshot()["sent"] == 0
+        now = time.time()
+        for meter in ("mb-1", "mb-2"):
+            readings = await fleet.meters[meter].read(QUANTITIES, float(int(now)), now)
+            assert {r.quantity for r in readings} == set(QUANTITIES)
+        snap = bus.snapshot()
+        link = bus.job_link
+        assert link is not None
+        # sim-3ph's plan for these quantities is the same number of requests for every meter
+        assert snap["sent"] == link.transactions > 0
+        assert snap["sent"] % 2 == 0
+        assert snap["jobs"] == 2
+        assert snap["ok"] == 2
+        assert snap["link_connected"] == 1
+        assert snap["link_connects"] == 1
+        assert snap["link_bytes_out"] >= 12 * snap["sent"]  # a Modbus TCP read request is 12 bytes
+        assert snap["link_bytes_in"] > snap["link_bytes_out"]  # the replies carry the registers
+    finally:
+        await fleet.close()
