@@ -47,6 +47,7 @@ from gateway.meters import MeterRuntime
 from gateway.uplink import InboundMessage
 from protocols.dlt645 import messages as m
 from protocols.dlt645.edition import Edition
+from protocols.dlt645.frame import Frame
 from protocols.dlt645.remote_control import RemoteCommand
 from simulators.clock import SimClock
 from simulators.dlt645_meter import Dlt645Meter
@@ -481,6 +482,73 @@ async def test_read_back_reaches_a_meter_its_lost_replies_marked_offline(
         assert (final.state, final.relay) == ("verified", "open"), final
         assert rig.states(cut.id, mid(meter)).count("no_answer") == 2
         assert meter.trip_count == 1
+
+
+def lose_control_frames(meter: Dlt645Meter, count: int) -> list[int]:
+    """The meter's next ``count`` control (0x1C) frames are lost before it sees them: no action,
+    no reply; reads still get through (the simulator's drop_request would take those too)."""
+    handle_control = meter._handlers[m.RemoteControlRequest]
+    lost: list[int] = []
+
+    def lossy(req: m.Message) -> list[Frame]:
+        if len(lost) < count:
+            lost.append(1)
+            return []
+        return handle_control(req)
+
+    meter._handlers[m.RemoteControlRequest] = lossy
+    return lost
+
+
+@pytest.mark.asyncio
+async def test_control_frames_lost_on_the_way_go_again_once_the_meter_answers(
+    tmp_path: Path, sim_bus: SimBusFactory
+) -> None:
+    """Every control frame lost before the meter (it never acts): when the read-back then answers
+    with the relay unmoved, the frame goes again instead of the window being spent polling."""
+    handle = await sim_bus(1)
+    meter = handle.meters[0]
+    async with dlt_rig(tmp_path, handle, retry=2) as rig:
+        await rig.start()
+        lost = lose_control_frames(meter, 2)  # both attempts (each control attempt is one frame)
+        cut = envelope("disconnect", [mid(meter)])
+        started = time.monotonic()
+        await rig.send(cut)
+        final = (await rig.finished(cut.id, [mid(meter)]))[mid(meter)]
+        assert (final.state, final.relay) == ("verified", "open"), final
+        assert rig.states(cut.id, mid(meter)) == [
+            "queued",
+            "sent",
+            "no_answer",
+            "sent",
+            "no_answer",
+            "sent",  # attempt 3: after a read-back found the relay still closed
+            "meter_acknowledged",
+            "verified",
+        ]
+        assert len(lost) == 2
+        assert meter.trip_count == 1
+        assert rig.service is not None
+        assert rig.service.stats.retries == 2
+        assert time.monotonic() - started < 15  # not also a 30 s verify window spent polling
+
+
+@pytest.mark.asyncio
+async def test_control_frames_go_again_only_once_per_execution(tmp_path: Path, sim_bus: SimBusFactory) -> None:
+    """The second round lost as well: the relay, read back unmoved, ends unverified; no third."""
+    handle = await sim_bus(1)
+    meter = handle.meters[0]
+    async with dlt_rig(tmp_path, handle, retry=2, verify_window=Duration(0.5)) as rig:
+        await rig.start()
+        lost = lose_control_frames(meter, 1000)
+        cut = envelope("disconnect", [mid(meter)])
+        await rig.send(cut)
+        final = (await rig.finished(cut.id, [mid(meter)]))[mid(meter)]
+        assert (final.state, final.relay) == ("unverified", "closed"), final
+        assert rig.states(cut.id, mid(meter)).count("sent") == 4
+        assert len(lost) == 4
+        assert "never acknowledged" in (final.detail or "")
+        assert meter.trip_count == 0
 
 
 @pytest.mark.asyncio

@@ -11,6 +11,8 @@ Life of a relay command on one meter (docs/commands.md has the diagram)::
               with backoff, never after expires_at) | meter_refused (final)
            -> read the relay back until it is in the wanted state or commands.verify_window
               passes -> verified | unverified
+              (no frame acknowledged and the read-back answers with the relay unmoved: the
+              frames never reached the meter, so one more round of sends, then read again)
 
 Every transition is persisted first (state + ack in one transaction), then audited and
 published by the service's recorder. A crash leaves the last persisted state; on restart an
@@ -313,11 +315,17 @@ class Executor:
 
     async def _verify(self, exe: Execution, actuator: MeterActuator, wanted: frozenset[str], outcome: Outcome) -> None:
         """Read the relay until it is in a wanted state or the window passes. A delayed trip or a
-        slow motorised breaker reaches the state within the window; a stuck relay never does."""
+        slow motorised breaker reaches the state within the window; a stuck relay never does.
+
+        If no control frame was acknowledged and a read-back answers with the relay unmoved, the
+        frames were lost on the way to the meter (it answers now, and has not acted): the control
+        frame goes again, once per execution, with the same retries and never after expiry,
+        rather than polling an unmoved relay for the whole window."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.verify_window
         interval = Backoff(self.settings.verify_backoff)
         last: RelayReading | None = None
+        resent = False
         while True:
             reading = await self._read(actuator)
             if reading is not None:
@@ -325,6 +333,22 @@ class Executor:
                 if reading.state in wanted:
                     self._step(exe, "verified", relay=reading.state, detail=_relay_detail(reading))
                     return
+                if outcome == "no_answer" and not resent and self.clock() < exe.expires_at:
+                    resent = True
+                    log.info(
+                        "command %s meter %s: relay still %s and no control frame acknowledged; sending it again",
+                        exe.command,
+                        exe.meter,
+                        reading.state,
+                    )
+                    current = self.store.execution(exe.command, exe.meter) or exe  # its attempts so far
+                    outcome = await self._control(current, actuator)
+                    if outcome in ("refused", "expired"):
+                        return  # _control recorded the end
+                    if outcome == "acknowledged":  # a slow breaker gets the whole window again
+                        deadline = loop.time() + self.settings.verify_window
+                        interval = Backoff(self.settings.verify_backoff)
+                    continue
             left = deadline - loop.time()
             if left <= 0:
                 break
