@@ -70,6 +70,7 @@ T = TypeVar("T", bound=m.Message)
 class RelayStatus:
     closed: bool  # supply connected (relay closed)
     armed: bool  # a close-permit (1B) is pending a local button press (False if the meter cannot say)
+    trip_pending: bool  # commanded open while still closed, e.g. a delayed trip (False if it cannot say)
     keep_power: bool  # keep-power (3A) is in force (False if the meter cannot say)
     raw: int  # the raw status word (status word 3 for 2007)
     read_at: float  # gateway unix time of the read
@@ -656,10 +657,11 @@ class Dlt645Driver:
         word = decoded[0].value
         fields = decoded[0].fields
         closed = (word >> relay.bit) & 1 != relay.open_when
-        commanded_closed = fields.get("relay_command") == "closed"
+        command = fields.get("relay_command")
         return RelayStatus(
             closed=closed,
-            armed=commanded_closed and not closed,
+            armed=command == "closed" and not closed,
+            trip_pending=command == "open" and closed,
             keep_power=bool(fields.get("keep_power", False)),
             raw=word,
             read_at=self.clock(),

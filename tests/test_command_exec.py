@@ -484,15 +484,18 @@ async def test_read_back_reaches_a_meter_its_lost_replies_marked_offline(
         assert meter.trip_count == 1
 
 
-def lose_control_frames(meter: Dlt645Meter, count: int) -> list[int]:
-    """The meter's next ``count`` control (0x1C) frames are lost before it sees them: no action,
-    no reply; reads still get through (the simulator's drop_request would take those too)."""
+def lose_control_frames(meter: Dlt645Meter, count: int, *, replies_only: bool = False) -> list[int]:
+    """The meter's next ``count`` control (0x1C) frames are lost before it sees them (no action,
+    no reply), or with ``replies_only`` it acts and only its replies are lost; reads still get
+    through (the simulator's drop_request / drop_reply would take those too)."""
     handle_control = meter._handlers[m.RemoteControlRequest]
     lost: list[int] = []
 
     def lossy(req: m.Message) -> list[Frame]:
         if len(lost) < count:
             lost.append(1)
+            if replies_only:
+                handle_control(req)
             return []
         return handle_control(req)
 
@@ -549,6 +552,31 @@ async def test_control_frames_go_again_only_once_per_execution(tmp_path: Path, s
         assert len(lost) == 4
         assert "never acknowledged" in (final.detail or "")
         assert meter.trip_count == 0
+
+
+@pytest.mark.asyncio
+async def test_a_held_delayed_trip_is_not_sent_again(tmp_path: Path) -> None:
+    """Every reply to the trip lost, and the meter holds it as a delayed trip: the read-back shows
+    the relay still closed but commanded open (status word 3 bit 6), so nothing goes again (that
+    would restart the meter's delay); it is verified when the relay opens."""
+    clock = SimClock(SIM_START, speed=60.0)  # one meter minute = 1 s: longer than both attempts
+    meter = DelayedTripMeter("000000000001", clock=clock)
+    bus = SimulatedBus([meter], LinkConfig())
+    await bus.start()
+    try:
+        handle = SimBusHandle(bus, [meter], clock)
+        async with dlt_rig(tmp_path, handle, retry=2, verify_window=Duration(4.0)) as rig:
+            await rig.start()
+            lost = lose_control_frames(meter, 1000, replies_only=True)
+            cut = envelope("disconnect", [mid(meter)])
+            await rig.send(cut)
+            final = (await rig.finished(cut.id, [mid(meter)]))[mid(meter)]
+            assert (final.state, final.relay) == ("verified", "open"), final
+            assert rig.states(cut.id, mid(meter)).count("sent") == 2
+            assert len(lost) == 2
+            assert meter.trip_count == 1
+    finally:
+        await bus.stop()
 
 
 @pytest.mark.asyncio

@@ -75,6 +75,7 @@ class RelayReading:
     state: RelayState  # closed | open | armed (close permit pending the customer's button)
     keep_power: bool  # False when the meter cannot say
     raw: int | None  # the raw status word (DL/T 645), None for Modbus
+    trip_pending: bool = False  # the meter holds a trip it has not carried out yet (DL/T 645 delayed trip)
 
 
 def _convert(exc: DriverError) -> ActuatorError:
@@ -135,7 +136,7 @@ class Dlt645Actuator:
         # forced: a meter marked offline by the control frames' lost replies must still be read back
         status = await _guarded(self.driver.read_relay(priority=Priority.COMMAND, force=True))
         state: RelayState = "closed" if status.closed else "armed" if status.armed else "open"
-        return RelayReading(state, status.keep_power, status.raw)
+        return RelayReading(state, status.keep_power, status.raw, status.trip_pending)
 
     async def read_now(self, quantities: Sequence[str] | None, now: float) -> list[Reading]:
         wanted = list(quantities) if quantities else list(self.driver.model.quantities)

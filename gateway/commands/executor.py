@@ -11,8 +11,8 @@ Life of a relay command on one meter (docs/commands.md has the diagram)::
               with backoff, never after expires_at) | meter_refused (final)
            -> read the relay back until it is in the wanted state or commands.verify_window
               passes -> verified | unverified
-              (no frame acknowledged and the read-back answers with the relay unmoved: the
-              frames never reached the meter, so one more round of sends, then read again)
+              (no frame acknowledged and the read-back answers with no sign of the command:
+              the frames never reached the meter, so one more round of sends, then read again)
 
 Every transition is persisted first (state + ack in one transaction), then audited and
 published by the service's recorder. A crash leaves the last persisted state; on restart an
@@ -105,6 +105,15 @@ def wanted_relay(action: str, mode: str | None, protocol: str) -> frozenset[str]
     if mode == "close_permit" and protocol == "dlt645":
         return frozenset({"armed", "closed"})
     return frozenset({"closed"})
+
+
+def _untouched(action: str, reading: RelayReading) -> bool:
+    """The meter shows no sign of this relay command: neither its relay nor (DL/T 645, status word
+    3 bit 6) its relay command state moved, so no control frame reached it. A trip it holds (a
+    delayed trip) or a close permit it armed is a frame that arrived."""
+    if action == "disconnect":
+        return reading.state != "open" and not reading.trip_pending
+    return reading.state == "open"
 
 
 def _relay_detail(reading: RelayReading) -> str:
@@ -317,10 +326,10 @@ class Executor:
         """Read the relay until it is in a wanted state or the window passes. A delayed trip or a
         slow motorised breaker reaches the state within the window; a stuck relay never does.
 
-        If no control frame was acknowledged and a read-back answers with the relay unmoved, the
-        frames were lost on the way to the meter (it answers now, and has not acted): the control
-        frame goes again, once per execution, with the same retries and never after expiry,
-        rather than polling an unmoved relay for the whole window."""
+        If no control frame was acknowledged and a read-back answers showing no sign of the
+        command (:func:`_untouched`), the frames were lost on the way to the meter (it answers
+        now, and has not acted): the control frame goes again, once per execution, with the same
+        retries and never after expiry, rather than polling an unmoved relay for the whole window."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.verify_window
         interval = Backoff(self.settings.verify_backoff)
@@ -333,7 +342,12 @@ class Executor:
                 if reading.state in wanted:
                     self._step(exe, "verified", relay=reading.state, detail=_relay_detail(reading))
                     return
-                if outcome == "no_answer" and not resent and self.clock() < exe.expires_at:
+                if (
+                    outcome == "no_answer"
+                    and not resent
+                    and _untouched(exe.action, reading)
+                    and self.clock() < exe.expires_at
+                ):
                     resent = True
                     log.info(
                         "command %s meter %s: relay still %s and no control frame acknowledged; sending it again",
