@@ -45,7 +45,7 @@ from gateway.cursors import CursorStore, autosave_poll
 from gateway.frozen_job import FrozenJob
 from gateway.meters import Fleet, MeterRuntime
 from gateway.metrics import Metrics
-from gateway.outbox import AsyncOutbox, OverflowPolicy
+from gateway.outbox import AsyncOutbox, OutboxDamaged, OverflowPolicy
 from gateway.schedule import GroupPlan, MissedSlots, PollSchedule
 from gateway.sdnotify import Notifier, run_watchdog, watchdog_interval
 from gateway.time_sync_job import TimeSyncJob
@@ -188,6 +188,9 @@ class Gateway:
         self._poll_progress = time.monotonic()  # last poller loop turn, for the watchdog
         self._started_at = clock()
         self._stopping = False
+        # what ``meter-gateway run`` exits with: 0, or EX_TEMPFAIL when the outbox was found
+        # damaged (systemd restarts the service and the next open quarantines the file)
+        self.exit_code = 0
 
     @property
     def buses(self) -> dict[str, Bus]:
@@ -210,6 +213,7 @@ class Gateway:
             overflow_policy=OVERFLOW[config.outbox.overflow_policy],
             commit_interval=config.outbox.commit_interval,
         )
+        self.outbox.on_damage = lambda _detail: self._outbox_damaged(stop)
         try:
             self.cursors = await asyncio.to_thread(CursorStore.for_config, config)
             self.uplink = Uplink(uplink_config(config), self.outbox, on_command=self._on_command)
@@ -291,6 +295,11 @@ class Gateway:
                 await asyncio.wait_for(self.uplink.stop(), timeout=max(1.0, remaining))
             except TimeoutError:
                 log.warning("event=shutdown_budget_exceeded stage=uplink")
+
+    def _outbox_damaged(self, stop: asyncio.Event) -> None:
+        """The outbox said it is damaged (and logged it once): stop, and exit for a restart."""
+        self.exit_code = os.EX_TEMPFAIL
+        stop.set()
 
     # -- polling ------------------------------------------------------------------------------
 
@@ -389,6 +398,8 @@ class Gateway:
             self._bus_turn_done(meter.bus)
         try:
             await self._commit(readings)
+        except OutboxDamaged:
+            self.stats.fail("outbox_damaged")  # said once by the outbox; the daemon is stopping
         finally:
             self._commits.release()
 

@@ -54,12 +54,23 @@ import msgspec
 from drivers.reading import Quality, Reading
 from gateway import outbox_schema
 from gateway.outbox_schema import COUNTER_NAMES, SchemaError
-from gateway.sqlite_check import CACHE_KIB, DamagedDatabase, is_damage, limit_cache, quarantine, quick_check
+from gateway.sqlite_check import (
+    CACHE_KIB,
+    DamagedDatabase,
+    clear_damage_mark,
+    damage_mark,
+    is_damage,
+    limit_cache,
+    mark_damaged,
+    quarantine,
+    quick_check,
+)
 
 __all__ = [
     "AddResult",
     "AsyncOutbox",
     "Outbox",
+    "OutboxDamaged",
     "OutboxError",
     "OutboxStats",
     "OverflowPolicy",
@@ -111,6 +122,11 @@ class OverflowPolicy(enum.StrEnum):
 
 class OutboxError(Exception):
     """The outbox cannot be opened or used as asked."""
+
+
+class OutboxDamaged(OutboxError):
+    """SQLite found the open outbox damaged (malformed pages): nothing more can be trusted from it.
+    The file is marked, so the next open quarantines it."""
 
 
 class Row(NamedTuple):
@@ -409,6 +425,9 @@ class Outbox:
         lock_fd = _lock(db)
 
         def connect() -> Outbox:
+            marked = damage_mark(db)
+            if marked is not None:  # found damaged while in use: quick_check may not see it
+                raise DamagedDatabase(f"found damaged while in use: {marked}")
             conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False, timeout=5.0)
             try:
                 _configure(conn, db, sync, page_limit)
@@ -439,6 +458,7 @@ class Outbox:
                 box = connect()
             except DamagedDatabase as exc:
                 aside = _quarantine(db, str(exc))
+                clear_damage_mark(db)
                 try:
                     box = connect()
                 except DamagedDatabase as again:
@@ -1032,6 +1052,9 @@ class AsyncOutbox:
         self._retry: asyncio.Task[None] | None = None
         self._new_rows = asyncio.Event()
         self._closed = False
+        # set once SQLite reports the file damaged; ``on_damage`` (the daemon's) hears it once
+        self.damaged: str | None = None
+        self.on_damage: Callable[[str], None] | None = None
 
     @classmethod
     async def open(
@@ -1106,10 +1129,10 @@ class AsyncOutbox:
 
     async def peek(self, after_row_id: int = 0, limit: int = 1000) -> list[Row]:
         self._check_open()
-        return await self._loop.run_in_executor(self._reader_executor, self._reader.peek, after_row_id, limit)
+        return await self._read(self._reader.peek, after_row_id, limit)
 
     async def get(self, key: int | str) -> Row | None:
-        return await self._loop.run_in_executor(self._reader_executor, self._reader.get, key)
+        return await self._read(self._reader.get, key)
 
     async def oldest_undelivered(self) -> tuple[int, float] | None:
         return await self._run(self.outbox.oldest_undelivered)
@@ -1150,7 +1173,36 @@ class AsyncOutbox:
             raise OutboxError(f"outbox {self.outbox.path} is closed")
 
     async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
-        return await self._loop.run_in_executor(self._executor, fn, *args)
+        try:
+            return await self._loop.run_in_executor(self._executor, fn, *args)
+        except sqlite3.DatabaseError as exc:
+            self._check_damage(exc)
+            raise
+
+    async def _read(self, fn: Callable[..., _T], *args: Any) -> _T:
+        try:
+            return await self._loop.run_in_executor(self._reader_executor, fn, *args)
+        except sqlite3.DatabaseError as exc:
+            self._check_damage(exc)
+            raise
+
+    def _check_damage(self, exc: sqlite3.DatabaseError) -> None:
+        """Damage (not a full disk or a busy file, which are ridden out): mark the file for
+        quarantine at the next open, say so once, tell the daemon, and raise OutboxDamaged."""
+        if not is_damage(exc):
+            return
+        if self.damaged is None:
+            self.damaged = str(exc)
+            mark_damaged(self.outbox.path, str(exc))
+            log.error(
+                "event=outbox_damaged path=%s reason=%r action=restart_and_quarantine "
+                "detail='the next start moves the file aside and opens a fresh outbox'",
+                self.outbox.path,
+                str(exc),
+            )
+            if self.on_damage is not None:
+                self.on_damage(str(exc))
+        raise OutboxDamaged(f"outbox {self.outbox.path} is damaged: {exc}") from exc
 
     def _kick(self) -> None:
         if self._writer is None or self._writer.done():

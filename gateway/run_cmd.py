@@ -118,7 +118,7 @@ async def serve(config: Config, path: str) -> int:
             server.close()
         with contextlib.suppress(Exception):
             notifier.close()
-    return 0
+    return gateway.exit_code
 
 
 def _stop_handler(stop: asyncio.Event, sig: signal.Signals) -> Callable[[], None]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -25,8 +26,11 @@ __all__ = [
     "DEFAULT_CHECK_BUDGET",
     "SMALL_CACHE_KIB",
     "DamagedDatabase",
+    "clear_damage_mark",
+    "damage_mark",
     "is_damage",
     "limit_cache",
+    "mark_damaged",
     "open_readonly",
     "quarantine",
     "quick_check",
@@ -123,6 +127,38 @@ def quick_check(conn: sqlite3.Connection, budget: float, *, what: str, path: Pat
     found = [str(r[0]) for r in rows]
     if found != ["ok"]:
         raise DamagedDatabase("; ".join(" ".join(f.split()) for f in found)[:400])
+
+
+# Damage found while a daemon runs cannot be repaired under it, and the next open's quick_check
+# may miss it (a check cut short by its budget, or damage quick_check does not look at): a mark
+# beside the file makes that open quarantine it regardless.
+_MARK_SUFFIX: Final = ".damaged"
+
+
+def mark_damaged(db: Path, detail: str) -> None:
+    """Leave a mark that ``db`` was found damaged while open (best effort, made durable)."""
+    mark = Path(f"{db}{_MARK_SUFFIX}")
+    try:
+        with open(mark, "w", encoding="utf-8") as f:
+            f.write(detail[:400] + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        log.warning("event=damage_mark_failed path=%s detail=%s", mark, exc)
+
+
+def damage_mark(db: Path) -> str | None:
+    """What the mark beside ``db`` says, or None when there is none."""
+    try:
+        return Path(f"{db}{_MARK_SUFFIX}").read_text(encoding="utf-8").strip() or "damaged while open"
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"damaged while open (mark unreadable: {exc})"
+
+
+def clear_damage_mark(db: Path) -> None:
+    Path(f"{db}{_MARK_SUFFIX}").unlink(missing_ok=True)
 
 
 def quarantine(db: Path) -> Path:

@@ -47,7 +47,7 @@ from gateway.mqtt_contract import (
     encode_reading,
     encode_status,
 )
-from gateway.outbox import AsyncOutbox, Row
+from gateway.outbox import AsyncOutbox, OutboxDamaged, Row
 
 __all__ = [
     "CommandHook",
@@ -347,6 +347,8 @@ class Uplink:
                     backoff.reset()
                     try:
                         await self._session(client)
+                    except OutboxDamaged:  # the outbox said so once and the daemon stops for a restart
+                        self.stats.fail("outbox_damaged")
                     except Exception:  # a bug must not end delivery for good: log, back off, retry
                         self.stats.fail("internal_error")
                         log.exception("MQTT uplink session failed unexpectedly; reconnecting")

@@ -32,7 +32,7 @@ from gateway.app import Gateway
 from gateway.config import load_config
 from gateway.cursors import CursorStore
 from gateway.mqtt_contract import decode_batch
-from gateway.outbox import Outbox
+from gateway.outbox import AsyncOutbox, Outbox, OutboxDamaged
 from gateway.time_sync_job import BROADCAST_LIMIT, TimeSyncJob
 from protocols.dlt645.edition import Edition
 from simulators.modbus_meter import ModbusSimServer, SimulatedMeter
@@ -308,6 +308,90 @@ async def test_daemon_started_on_a_damaged_outbox_publishes_nothing_from_it(
     assert {i.split("/")[0] for i in ids} <= {"mb-1", "mb-2"}  # nothing from the damaged file
     assert err.count("event=outbox_quarantined") == 1
     assert len(list(db.parent.glob("outbox.sqlite.corrupt-*"))) == 1
+
+
+# -- 6b. damage that appears while the daemon runs ---------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_damage_found_while_open_is_said_once_and_quarantined_at_the_next_open(tmp_path: Path) -> None:
+    db = tmp_path / "outbox.sqlite"
+    make_outbox(db, 20_000)
+    box = await AsyncOutbox.open(db)
+    heard: list[str] = []
+    box.on_damage = heard.append
+    try:
+        assert len(await box.peek(0, 10)) == 10
+        DAMAGE["flipped_bytes"](db)  # under the open outbox, as a failing card would
+        for _ in range(2):
+            with pytest.raises(OutboxDamaged):
+                await box.peek(0, 20_000)
+        assert len(heard) == 1  # told once, however often it is hit
+        assert box.damaged is not None
+        assert "malformed" in box.damaged
+        assert (tmp_path / "outbox.sqlite.damaged").is_file()
+    finally:
+        await box.close()
+    reopen_moves_it_aside(db)
+
+
+def reopen_moves_it_aside(db: Path) -> None:
+    """The next open of a file marked damaged moves it aside even without its check (which might
+    miss what SQLite hit), once."""
+    tmp_path = db.parent
+    fresh = Outbox.open(db, check_budget=0)
+    try:
+        assert fresh.quarantined is not None
+        assert fresh.counters["quarantined"] == 1
+        assert fresh.depth == 0
+    finally:
+        fresh.close()
+    assert not (tmp_path / "outbox.sqlite.damaged").exists()
+    assert len(list(tmp_path.glob("outbox.sqlite.corrupt-*"))) == 1
+    again = Outbox.open(db)  # no second quarantine, no crash loop
+    try:
+        assert again.quarantined is None
+    finally:
+        again.close()
+
+
+@pytest.mark.asyncio
+async def test_daemon_exits_for_a_restart_when_its_outbox_is_damaged_under_it(
+    tmp_path: Path, mosquitto: Broker, modbus_sim: ModbusSimServer
+) -> None:
+    """Damage under the running daemon: one ERROR line, exit 75 (systemd's Restart=on-failure
+    restarts it), and the restarted daemon quarantines the file and delivers fresh readings."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(config_text(tmp_path, mosquitto, modbus_sim.address[1], units=(1, 2), metrics_port=free_port()))
+    (tmp_path / "state").mkdir()
+    db = tmp_path / "state" / "outbox.sqlite"
+    make_outbox(db, 20_000)
+    mosquitto.stop()  # the backlog stays put until the damage is in place
+    proc = await start_daemon(config)
+    sub: Subscriber | None = None
+    try:
+        await asyncio.sleep(2.0)  # open, checked, polling
+        assert proc.returncode is None
+        DAMAGE["flipped_bytes"](db)
+        mosquitto.start()  # the uplink reads the backlog and hits the damage
+        code, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == os.EX_TEMPFAIL, err.decode()[-3000:]
+        text = err.decode()
+        assert text.count("event=outbox_damaged ") == 1, text[-3000:]
+        assert "Traceback" not in text
+        assert (db.parent / "outbox.sqlite.damaged").is_file()
+
+        sub = Subscriber(mosquitto, [TOPICS.readings]).start()
+        proc = await start_daemon(config)
+        await wait_until(lambda: {i.split("/")[0] for i in delivered(sub)[0]} >= {"mb-1", "mb-2"}, 20, "fresh", proc)
+    finally:
+        code, err_text = await stop_daemon(proc)
+        if sub is not None:
+            sub.stop()
+    assert code == 0, err_text[-3000:]
+    assert err_text.count("event=outbox_quarantined") == 1
+    assert len(list(db.parent.glob("outbox.sqlite.corrupt-*"))) == 1
+    assert not (db.parent / "outbox.sqlite.damaged").exists()
 
 
 # -- 5. a full disk under the running daemon ---------------------------------------------------
