@@ -1129,10 +1129,10 @@ class AsyncOutbox:
 
     async def peek(self, after_row_id: int = 0, limit: int = 1000) -> list[Row]:
         self._check_open()
-        return await self._read(self._reader.peek, after_row_id, limit)
+        return await self._run(self._reader.peek, after_row_id, limit, reader=True)
 
     async def get(self, key: int | str) -> Row | None:
-        return await self._read(self._reader.get, key)
+        return await self._run(self._reader.get, key, reader=True)
 
     async def oldest_undelivered(self) -> tuple[int, float] | None:
         return await self._run(self.outbox.oldest_undelivered)
@@ -1172,16 +1172,10 @@ class AsyncOutbox:
         if self._closed:
             raise OutboxError(f"outbox {self.outbox.path} is closed")
 
-    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
+    async def _run(self, fn: Callable[..., _T], *args: Any, reader: bool = False) -> _T:
+        """``fn(*args)`` on the writer thread (or the reader's); damage it meets is reported."""
         try:
-            return await self._loop.run_in_executor(self._executor, fn, *args)
-        except sqlite3.DatabaseError as exc:
-            self._check_damage(exc)
-            raise
-
-    async def _read(self, fn: Callable[..., _T], *args: Any) -> _T:
-        try:
-            return await self._loop.run_in_executor(self._reader_executor, fn, *args)
+            return await self._loop.run_in_executor(self._reader_executor if reader else self._executor, fn, *args)
         except sqlite3.DatabaseError as exc:
             self._check_damage(exc)
             raise
