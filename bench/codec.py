@@ -15,11 +15,11 @@ import statistics
 import time
 from collections.abc import Callable
 
-from protocols.dlt645.catalogue import default_catalogue
-from protocols.dlt645.deframer import Deframer
-from protocols.dlt645.edition import Edition
-from protocols.dlt645.frame import Address, Frame
-from protocols.dlt645.messages import ReadReply, ReadRequest, parse_message
+from meter_gateway.protocols.dlt645.catalogue import default_catalogue
+from meter_gateway.protocols.dlt645.deframer import Deframer
+from meter_gateway.protocols.dlt645.edition import Edition
+from meter_gateway.protocols.dlt645.frame import Address, Frame
+from meter_gateway.protocols.dlt645.messages import ReadReply, ReadRequest, parse_message
 
 FRAME = bytes.fromhex("FE FE FE FE 68 61 01 00 00 00 00 68 91 08 33 33 34 33 59 33 33 33 8A 16")
 E7 = Edition.DLT645_2007

@@ -74,11 +74,11 @@ from typing import Any
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from drivers.health import HealthBook, HealthPolicy
-from gateway.commands.auth import SigningKey, sign_envelope
-from gateway.commands.envelope import TERMINAL_STATES, Ack, CommandEnvelope, decode_ack, encode_envelope
-from gateway.commands.service import CommandService
-from gateway.config import (
+from meter_gateway.drivers.health import HealthBook, HealthPolicy
+from meter_gateway.gateway.commands.auth import SigningKey, sign_envelope
+from meter_gateway.gateway.commands.envelope import TERMINAL_STATES, Ack, CommandEnvelope, decode_ack, encode_envelope
+from meter_gateway.gateway.commands.service import CommandService
+from meter_gateway.gateway.config import (
     CommandKeyConfig,
     CommandsSection,
     Config,
@@ -91,8 +91,8 @@ from gateway.config import (
     TcpBus,
     UplinkSection,
 )
-from gateway.meters import Fleet
-from gateway.uplink import InboundMessage
+from meter_gateway.gateway.meters import Fleet
+from meter_gateway.gateway.uplink import InboundMessage
 
 ROOT = Path(__file__).resolve().parents[1]
 GW = "bench-gw"

@@ -225,7 +225,7 @@ def _subscriber_main(host: str, port: int, topic: str) -> int:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from gateway.mqtt_contract import decode_batch
+    from meter_gateway.gateway.mqtt_contract import decode_batch
 
     ids: set[str] = set()
     ready = threading.Event()
@@ -364,7 +364,7 @@ class RunResult:
 
 
 def _fill_readings(count: int, meters: int = 2000) -> Iterator[list[Any]]:
-    from drivers.reading import Quality, Reading
+    from meter_gateway.drivers.reading import Quality, Reading
 
     base = 1_700_000_000.0
     batch = []
@@ -390,8 +390,8 @@ def _fill_readings(count: int, meters: int = 2000) -> Iterator[list[Any]]:
 
 async def _baseline_drain(host: str, port: int, workdir: Path, count: int, subscriber: Subscriber) -> float:
     """Readings/s from uplink start until the subscriber has seen every id."""
-    from gateway.outbox import AsyncOutbox
-    from gateway.uplink import Uplink, UplinkConfig
+    from meter_gateway.gateway.outbox import AsyncOutbox
+    from meter_gateway.gateway.uplink import Uplink, UplinkConfig
 
     box = await AsyncOutbox.open(workdir / "baseline.sqlite", synchronous="NORMAL")
     try:
@@ -411,8 +411,8 @@ async def _baseline_drain(host: str, port: int, workdir: Path, count: int, subsc
 
 
 def run_once(proto: Protocol, args: argparse.Namespace, run: int) -> RunResult:
-    from gateway.local_broker import LocalBroker, free_port
-    from gateway.mqtt_contract import Topics
+    from meter_gateway.gateway.local_broker import LocalBroker, free_port
+    from meter_gateway.gateway.mqtt_contract import Topics
 
     topic = Topics(GATEWAY_ID).readings
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp, LocalBroker() as broker:
@@ -431,7 +431,7 @@ def run_once(proto: Protocol, args: argparse.Namespace, run: int) -> RunResult:
             [
                 sys.executable,
                 *(["-m", "cProfile", "-o", f"{args.profile}.simulator.{proto.name}.{run}"] if args.profile else []),
-                *("-m", "gateway.cli", "simulate", "--config", str(workdir / "sim.toml")),
+                *("-m", "meter_gateway.gateway.cli", "simulate", "--config", str(workdir / "sim.toml")),
             ],
             cwd=ROOT,
             stdout=subprocess.PIPE,
@@ -466,7 +466,7 @@ def run_once(proto: Protocol, args: argparse.Namespace, run: int) -> RunResult:
                     sys.executable,
                     *profile,
                     "-m",
-                    "gateway.cli",
+                    "meter_gateway.gateway.cli",
                     "run",
                     "-c",
                     str(workdir / "gateway.toml"),

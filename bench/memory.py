@@ -87,7 +87,7 @@ def _start_simulator(
 ) -> tuple[subprocess.Popen[str], dict[str, int]]:
     (workdir / "sim.toml").write_text(simulator_config(PROTOCOLS[protocol], buses, per_bus))
     sim = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "simulate", "--config", str(workdir / "sim.toml")],
+        [sys.executable, "-m", "meter_gateway.gateway.cli", "simulate", "--config", str(workdir / "sim.toml")],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -173,7 +173,7 @@ def measure(
     poll: bool = True,
     cwd: Path = ROOT,
 ) -> Sample:
-    from gateway.local_broker import free_port
+    from meter_gateway.gateway.local_broker import free_port
 
     metrics_port = free_port()
     config = _write_config(workdir, args, ports, broker_port, metrics_port, poll=poll)
@@ -183,7 +183,7 @@ def measure(
         while abs(time.time() % args.interval - args.start_at) > 0.05:
             time.sleep(0.01)
     gw = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "run", "-c", str(config), "--log-level", "WARNING"],
+        [sys.executable, "-m", "meter_gateway.gateway.cli", "run", "-c", str(config), "--log-level", "WARNING"],
         cwd=cwd,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -212,7 +212,7 @@ def measure(
 
 
 def probe(args: argparse.Namespace, workdir: Path, ports: dict[str, int], broker_port: int, cwd: Path = ROOT) -> None:
-    from gateway.local_broker import free_port
+    from meter_gateway.gateway.local_broker import free_port
 
     config = _write_config(workdir, args, ports, broker_port, free_port())
     subprocess.run(
@@ -231,8 +231,8 @@ def _probe_main(config_path: str, seconds: float, top: int) -> int:
     import asyncio
     import logging
 
-    from gateway.config import load_config
-    from gateway.run_cmd import serve
+    from meter_gateway.gateway.config import load_config
+    from meter_gateway.gateway.run_cmd import serve
 
     logging.basicConfig(level=logging.WARNING)
     imports = tracemalloc.take_snapshot()
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--start-at must be within the poll interval, [0, {args.interval:g})")
     if args.protocol == "modbus" and args.meters_per_bus > 247:
         parser.error("Modbus unit ids stop at 247")
-    from gateway.local_broker import LocalBroker
+    from meter_gateway.gateway.local_broker import LocalBroker
 
     empty: list[Sample] = []
     idle: list[Sample] = []

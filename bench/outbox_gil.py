@@ -23,9 +23,9 @@ import threading
 import time
 from pathlib import Path
 
-from drivers.reading import Reading
-from gateway.outbox import _insert, _insert_sql, _row
-from gateway.outbox_schema import migrate
+from meter_gateway.drivers.reading import Reading
+from meter_gateway.gateway.outbox import _insert, _insert_sql, _row
+from meter_gateway.gateway.outbox_schema import migrate
 
 MODES = ("executemany", "multi-row")
 

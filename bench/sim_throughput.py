@@ -21,9 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from protocols.dlt645.edition import Edition
-from protocols.dlt645.frame import Address
-from protocols.dlt645.messages import ReadRequest
+from meter_gateway.protocols.dlt645.edition import Edition
+from meter_gateway.protocols.dlt645.frame import Address
+from meter_gateway.protocols.dlt645.messages import ReadRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 # (DI, data bytes of the reply value): energy total, voltage L1, status word 3

@@ -71,18 +71,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.wire_utilization import SimEndpoint, process_cpu, start_simulator, stop_simulator
-from drivers.bus import Bus, BusSettings
-from drivers.dlt645_driver import Dlt645Driver, _SingleFrameCheck
-from drivers.dlt645_matcher import Dlt645Matcher
-from drivers.errors import DriverError
-from drivers.health import HealthBook
-from drivers.meter_models import Dlt645Model, load_model
-from drivers.transport import RecvIntoBuffer, TcpSettings, make_transport
-from protocols.dlt645.catalogue import DecodedValue
-from protocols.dlt645.deframer import Deframer
-from protocols.dlt645.edition import Edition
-from protocols.dlt645.frame import _SUB_33, Address, Frame
-from protocols.dlt645.messages import ReadRequest
+from meter_gateway.drivers.bus import Bus, BusSettings
+from meter_gateway.drivers.dlt645_driver import Dlt645Driver, _SingleFrameCheck
+from meter_gateway.drivers.dlt645_matcher import Dlt645Matcher
+from meter_gateway.drivers.errors import DriverError
+from meter_gateway.drivers.health import HealthBook
+from meter_gateway.drivers.meter_models import Dlt645Model, load_model
+from meter_gateway.drivers.transport import RecvIntoBuffer, TcpSettings, make_transport
+from meter_gateway.protocols.dlt645.catalogue import DecodedValue
+from meter_gateway.protocols.dlt645.deframer import Deframer
+from meter_gateway.protocols.dlt645.edition import Edition
+from meter_gateway.protocols.dlt645.frame import _SUB_33, Address, Frame
+from meter_gateway.protocols.dlt645.messages import ReadRequest
 
 E7 = Edition.DLT645_2007
 MODEL = "dlt645-2007-generic"

@@ -35,15 +35,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from drivers.bus import Bus, BusSettings
-from drivers.dlt645_driver import Dlt645Driver
-from drivers.errors import DriverError
-from drivers.health import HealthBook
-from drivers.meter_models import Dlt645Model, load_model
-from drivers.transport import StreamLink, TcpSettings, make_transport
-from protocols.dlt645.edition import Edition
-from protocols.dlt645.frame import Address
-from protocols.dlt645.messages import ReadRequest
+from meter_gateway.drivers.bus import Bus, BusSettings
+from meter_gateway.drivers.dlt645_driver import Dlt645Driver
+from meter_gateway.drivers.errors import DriverError
+from meter_gateway.drivers.health import HealthBook
+from meter_gateway.drivers.meter_models import Dlt645Model, load_model
+from meter_gateway.drivers.transport import StreamLink, TcpSettings, make_transport
+from meter_gateway.protocols.dlt645.edition import Edition
+from meter_gateway.protocols.dlt645.frame import Address
+from meter_gateway.protocols.dlt645.messages import ReadRequest
 
 ROOT = Path(__file__).resolve().parents[1]
 E7 = Edition.DLT645_2007

@@ -20,10 +20,10 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from drivers.backoff import Backoff, BackoffPolicy
-from drivers.errors import BadReply, DriverError, LinkDown, MeterRefused, NoAnswer
-from drivers.health import HealthBook, MeterOffline
-from drivers.transport import LinkStats, Transport
+from meter_gateway.drivers.backoff import Backoff, BackoffPolicy
+from meter_gateway.drivers.errors import BadReply, DriverError, LinkDown, MeterRefused, NoAnswer
+from meter_gateway.drivers.health import HealthBook, MeterOffline
+from meter_gateway.drivers.transport import LinkStats, Transport
 
 log = logging.getLogger(__name__)
 

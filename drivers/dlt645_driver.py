@@ -37,17 +37,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
-from drivers.bus import Bus, Priority
-from drivers.dlt645_matcher import Dlt645Matcher, Expect, history_for
-from drivers.errors import BadReply, ConfigurationError, MeterRefused, NoAnswer
-from drivers.meter_models import Dlt645Block, Dlt645Model, canonical_unit, plausible_range
-from drivers.reading import Quality, Reading
-from protocols.dlt645 import messages as m
-from protocols.dlt645.catalogue import Catalogue, DecodedValue, default_catalogue
-from protocols.dlt645.edition import Edition
-from protocols.dlt645.errors import ProtocolError
-from protocols.dlt645.frame import BROADCAST, WILDCARD, Address
-from protocols.dlt645.remote_control import RemoteCommand
+from meter_gateway.drivers.bus import Bus, Priority
+from meter_gateway.drivers.dlt645_matcher import Dlt645Matcher, Expect, history_for
+from meter_gateway.drivers.errors import BadReply, ConfigurationError, MeterRefused, NoAnswer
+from meter_gateway.drivers.meter_models import Dlt645Block, Dlt645Model, canonical_unit, plausible_range
+from meter_gateway.drivers.reading import Quality, Reading
+from meter_gateway.protocols.dlt645 import messages as m
+from meter_gateway.protocols.dlt645.catalogue import Catalogue, DecodedValue, default_catalogue
+from meter_gateway.protocols.dlt645.edition import Edition
+from meter_gateway.protocols.dlt645.errors import ProtocolError
+from meter_gateway.protocols.dlt645.frame import BROADCAST, WILDCARD, Address
+from meter_gateway.protocols.dlt645.remote_control import RemoteCommand
 
 __all__ = ["Dlt645Driver", "RelayStatus", "broadcast_time", "discover_address"]
 

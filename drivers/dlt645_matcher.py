@@ -32,15 +32,15 @@ from typing import Final
 
 import msgspec
 
-from drivers.bus import Rejection, RejectionLog
-from drivers.errors import BadReply, MeterRefused
-from protocols.dlt645 import messages as m
-from protocols.dlt645.deframer import Deframer, Discarded
-from protocols.dlt645.edition import Edition
-from protocols.dlt645.error_words import describe_flags
-from protocols.dlt645.errors import ProtocolError
-from protocols.dlt645.frame import _SUB_33, END, OVERHEAD, PREAMBLE, START, Address, Frame
-from protocols.dlt645.functions import function_name
+from meter_gateway.drivers.bus import Rejection, RejectionLog
+from meter_gateway.drivers.errors import BadReply, MeterRefused
+from meter_gateway.protocols.dlt645 import messages as m
+from meter_gateway.protocols.dlt645.deframer import Deframer, Discarded
+from meter_gateway.protocols.dlt645.edition import Edition
+from meter_gateway.protocols.dlt645.error_words import describe_flags
+from meter_gateway.protocols.dlt645.errors import ProtocolError
+from meter_gateway.protocols.dlt645.frame import _SUB_33, END, OVERHEAD, PREAMBLE, START, Address, Frame
+from meter_gateway.protocols.dlt645.functions import function_name
 
 __all__ = ["Dlt645Matcher", "Expect", "ReplyHistory", "history_for"]
 

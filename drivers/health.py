@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from drivers.errors import BadReply, DriverError, MeterRefused, NoAnswer
+from meter_gateway.drivers.errors import BadReply, DriverError, MeterRefused, NoAnswer
 
 log = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Final
 
-from drivers.errors import ConfigurationError
-from protocols.dlt645.edition import Edition
-from protocols.modbus.values import BYTE_ORDERS, DATA_TYPES, ModbusValueError, ValueCodec
+from meter_gateway.drivers.errors import ConfigurationError
+from meter_gateway.protocols.dlt645.edition import Edition
+from meter_gateway.protocols.modbus.values import BYTE_ORDERS, DATA_TYPES, ModbusValueError, ValueCodec
 
 __all__ = [
     "FUNCTIONS",

@@ -50,12 +50,12 @@ from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOEx
 from pymodbus.framer import FramerType
 from pymodbus.pdu import DecodePDU, ModbusPDU
 
-from drivers.backoff import Backoff
-from drivers.errors import BadReply, ConfigurationError, LinkDown, MeterRefused, NoAnswer
-from drivers.meter_models import FUNCTIONS, ModbusModel, ModbusPoint, RelaySpec, load_model
-from drivers.reading import Quality, Reading
-from drivers.transport import LinkStats, SerialSettings, TcpSettings
-from protocols.modbus.values import RemoteValueError
+from meter_gateway.drivers.backoff import Backoff
+from meter_gateway.drivers.errors import BadReply, ConfigurationError, LinkDown, MeterRefused, NoAnswer
+from meter_gateway.drivers.meter_models import FUNCTIONS, ModbusModel, ModbusPoint, RelaySpec, load_model
+from meter_gateway.drivers.reading import Quality, Reading
+from meter_gateway.drivers.transport import LinkStats, SerialSettings, TcpSettings
+from meter_gateway.protocols.modbus.values import RemoteValueError
 
 __all__ = [
     "EXCEPTION_NAMES",

@@ -16,8 +16,8 @@ import serial
 import serial.rs485
 import serial_asyncio_fast
 
-from drivers.errors import LinkDown
-from drivers.transport import Inbox, SerialSettings, StreamLink
+from meter_gateway.drivers.errors import LinkDown
+from meter_gateway.drivers.transport import Inbox, SerialSettings, StreamLink
 
 log = logging.getLogger(__name__)
 

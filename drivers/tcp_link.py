@@ -11,8 +11,8 @@ import asyncio
 import os
 import socket
 
-from drivers.errors import LinkDown
-from drivers.transport import BufferedInbox, Inbox, StreamLink, TcpSettings
+from meter_gateway.drivers.errors import LinkDown
+from meter_gateway.drivers.transport import BufferedInbox, Inbox, StreamLink, TcpSettings
 
 # (option name, level, socket constant name) for what we set and report back
 _KEEPALIVE_OPTIONS = (

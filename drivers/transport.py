@@ -20,8 +20,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from drivers.backoff import Backoff, BackoffPolicy
-from drivers.errors import ConfigurationError, LinkDown
+from meter_gateway.drivers.backoff import Backoff, BackoffPolicy
+from meter_gateway.drivers.errors import ConfigurationError, LinkDown
 
 log = logging.getLogger(__name__)
 
@@ -277,11 +277,11 @@ def settings_from_mapping(raw: Mapping[str, Any]) -> LinkSettings:
 def make_transport(settings: LinkSettings, *, name: str | None = None) -> StreamLink:
     """The transport for ``settings`` (not yet opened)."""
     if isinstance(settings, SerialSettings):
-        from drivers.serial_link import SerialLink
+        from meter_gateway.drivers.serial_link import SerialLink
 
         return SerialLink(settings, name=name)
     if isinstance(settings, TcpSettings):
-        from drivers.tcp_link import TcpLink
+        from meter_gateway.drivers.tcp_link import TcpLink
 
         return TcpLink(settings, name=name)
     raise ConfigurationError(f"no transport for settings of type {type(settings).__name__}")

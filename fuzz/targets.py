@@ -44,7 +44,7 @@ DLT_DIS = (0x00010000, 0x0001FF00, 0x02010100, 0x0201FF00, 0x02800002, 0x0400010
 
 @st.composite
 def _dlt_stream(draw: st.DrawFn) -> tuple[Any, bytes]:
-    from protocols.dlt645.frame import Address, Control, Frame
+    from meter_gateway.protocols.dlt645.frame import Address, Control, Frame
 
     parts: list[bytes] = []
     for _ in range(draw(st.integers(1, 4))):
@@ -60,12 +60,12 @@ def _dlt_stream(draw: st.DrawFn) -> tuple[Any, bytes]:
 
 
 def _run_dlt(max_data_length: int, data: bytes, rng: random.Random) -> None:
-    from protocols.dlt645.catalogue import default_catalogue
-    from protocols.dlt645.deframer import Deframer
-    from protocols.dlt645.edition import Edition
-    from protocols.dlt645.errors import ProtocolError
-    from protocols.dlt645.frame import Frame, parse_frame
-    from protocols.dlt645.messages import ReadReply, parse_message
+    from meter_gateway.protocols.dlt645.catalogue import default_catalogue
+    from meter_gateway.protocols.dlt645.deframer import Deframer
+    from meter_gateway.protocols.dlt645.edition import Edition
+    from meter_gateway.protocols.dlt645.errors import ProtocolError
+    from meter_gateway.protocols.dlt645.frame import Frame, parse_frame
+    from meter_gateway.protocols.dlt645.messages import ReadReply, parse_message
 
     catalogue = default_catalogue()
     deframer = Deframer(max_data_length)
@@ -95,7 +95,7 @@ def _run_dlt(max_data_length: int, data: bytes, rng: random.Random) -> None:
 
 
 def _dlt645() -> Target:
-    from protocols.dlt645.errors import ProtocolError
+    from meter_gateway.protocols.dlt645.errors import ProtocolError
 
     return Target(
         "dlt645",
@@ -113,8 +113,8 @@ def _dlt645() -> Target:
 @functools.cache
 def _modbus_requests() -> tuple[Any, ...]:
     """Every read request the shipped Modbus models plan (what ModbusMeter.read would send)."""
-    from drivers.meter_models import ModbusModel, load_model
-    from drivers.modbus import plan_reads
+    from meter_gateway.drivers.meter_models import ModbusModel, load_model
+    from meter_gateway.drivers.modbus import plan_reads
 
     out = []
     for name in ("eastron-sdm630", "chint-dtsu666", "sim-3ph"):
@@ -135,7 +135,7 @@ def _modbus_requests() -> tuple[Any, ...]:
 def _framer(framing: str) -> Any:
     from pymodbus.framer import FramerRTU, FramerSocket
 
-    from drivers.modbus import ReplyDecoder
+    from meter_gateway.drivers.modbus import ReplyDecoder
 
     decoder = ReplyDecoder(False)  # client side, as drivers/modbus.py installs it on its clients
     return FramerRTU(decoder) if framing == "rtu" else FramerSocket(decoder)
@@ -176,8 +176,8 @@ def _modbus_reply(draw: st.DrawFn) -> tuple[Any, bytes]:
 def _run_modbus(context: Any, data: bytes, rng: random.Random) -> None:
     """pymodbus' framer and PDU decoder as drivers/modbus.py's clients use them, then the checks
     ModbusLink._transact / read_registers / read_bits make on the reply, then decode_block."""
-    from drivers.errors import BadReply, MeterRefused
-    from drivers.modbus import decode_block
+    from meter_gateway.drivers.errors import BadReply, MeterRefused
+    from meter_gateway.drivers.modbus import decode_block
 
     framing, index, unit, tid = context
     request = _modbus_requests()[index]
@@ -218,7 +218,7 @@ def _run_modbus(context: Any, data: bytes, rng: random.Random) -> None:
 def _modbus() -> Target:
     from pymodbus.exceptions import ModbusException
 
-    from drivers.errors import BadReply, MeterRefused
+    from meter_gateway.drivers.errors import BadReply, MeterRefused
 
     return Target(
         "modbus",
@@ -247,7 +247,7 @@ def _keys() -> tuple[Any, Any]:
     """A signing key and the gateway's key ring (fixed seed material: reproducible runs)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from gateway.commands.auth import KeyRing, SigningKey
+    from meter_gateway.gateway.commands.auth import KeyRing, SigningKey
 
     ops = SigningKey.ed25519("ops", Ed25519PrivateKey.from_private_bytes(bytes(range(32))))
     shared = SigningKey.hmac_sha256("hq", bytes(range(32, 64)))
@@ -257,8 +257,8 @@ def _keys() -> tuple[Any, Any]:
 
 @st.composite
 def _envelope(draw: st.DrawFn) -> tuple[Any, bytes]:
-    from gateway.commands.auth import sign_envelope
-    from gateway.commands.envelope import ACTIONS, Action, CommandEnvelope, Params, encode_envelope
+    from meter_gateway.gateway.commands.auth import sign_envelope
+    from meter_gateway.gateway.commands.envelope import ACTIONS, Action, CommandEnvelope, Params, encode_envelope
 
     kind = draw(st.sampled_from(("signed", "signed", "fields", "json")))
     if kind == "json":
@@ -299,9 +299,9 @@ def _envelope(draw: st.DrawFn) -> tuple[Any, bytes]:
 
 
 def _run_command(context: Any, data: bytes, rng: random.Random) -> None:
-    from gateway.commands.auth import CommandRejected, authenticate
-    from gateway.commands.envelope import decode_envelope, peek_command_id
-    from gateway.mqtt_contract import ContractError
+    from meter_gateway.gateway.commands.auth import CommandRejected, authenticate
+    from meter_gateway.gateway.commands.envelope import decode_envelope, peek_command_id
+    from meter_gateway.gateway.mqtt_contract import ContractError
 
     # the three entry points run independently, so a crash in one does not hide another's
     crashes: list[Exception] = []
@@ -334,8 +334,8 @@ def _run_command(context: Any, data: bytes, rng: random.Random) -> None:
 
 
 def _command() -> Target:
-    from gateway.commands.auth import CommandRejected
-    from gateway.mqtt_contract import ContractError
+    from meter_gateway.gateway.commands.auth import CommandRejected
+    from meter_gateway.gateway.mqtt_contract import ContractError
 
     return Target(
         "command",

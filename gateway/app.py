@@ -35,25 +35,25 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from drivers.bus import Bus, Priority
-from drivers.dlt645_driver import Dlt645Driver
-from drivers.errors import DriverError
-from drivers.health import HealthBook, HealthPolicy, MeterState, StateChange
-from drivers.reading import Quality
-from gateway.config import Config, ConfigError, diff
-from gateway.cursors import CursorStore, autosave_poll
-from gateway.frozen_job import FrozenJob
-from gateway.meters import Fleet, MeterRuntime
-from gateway.metrics import Metrics
-from gateway.outbox import AsyncOutbox, OutboxDamaged, OverflowPolicy
-from gateway.schedule import GroupPlan, MissedSlots, PollSchedule
-from gateway.sdnotify import Notifier, run_watchdog, watchdog_interval
-from gateway.time_sync_job import TimeSyncJob
-from gateway.uplink import InboundMessage, Protocol, TlsConfig, Uplink, UplinkConfig
+from meter_gateway.drivers.bus import Bus, Priority
+from meter_gateway.drivers.dlt645_driver import Dlt645Driver
+from meter_gateway.drivers.errors import DriverError
+from meter_gateway.drivers.health import HealthBook, HealthPolicy, MeterState, StateChange
+from meter_gateway.drivers.reading import Quality
+from meter_gateway.gateway.config import Config, ConfigError, diff
+from meter_gateway.gateway.cursors import CursorStore, autosave_poll
+from meter_gateway.gateway.frozen_job import FrozenJob
+from meter_gateway.gateway.meters import Fleet, MeterRuntime
+from meter_gateway.gateway.metrics import Metrics
+from meter_gateway.gateway.outbox import AsyncOutbox, OutboxDamaged, OverflowPolicy
+from meter_gateway.gateway.schedule import GroupPlan, MissedSlots, PollSchedule
+from meter_gateway.gateway.sdnotify import Notifier, run_watchdog, watchdog_interval
+from meter_gateway.gateway.time_sync_job import TimeSyncJob
+from meter_gateway.gateway.uplink import InboundMessage, Protocol, TlsConfig, Uplink, UplinkConfig
 
 if TYPE_CHECKING:
-    from drivers.reading import Reading
-    from gateway.commands.service import CommandService
+    from meter_gateway.drivers.reading import Reading
+    from meter_gateway.gateway.commands.service import CommandService
 
 log = logging.getLogger("meter_gateway")
 
@@ -468,7 +468,7 @@ class Gateway:
     def _make_commands(self, config: Config) -> CommandService | None:
         if not config.commands.enabled or self.uplink is None:
             return None
-        from gateway.commands.service import CommandService
+        from meter_gateway.gateway.commands.service import CommandService
 
         return CommandService(
             config,

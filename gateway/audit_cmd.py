@@ -19,9 +19,9 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from gateway.audit import AuditError, AuditLog, AuditRecord
-from gateway.config import ConfigError, load_config, parse_duration
-from gateway.config_cmd import EX_CONFIG
+from meter_gateway.gateway.audit import AuditError, AuditLog, AuditRecord
+from meter_gateway.gateway.config import ConfigError, load_config, parse_duration
+from meter_gateway.gateway.config_cmd import EX_CONFIG
 
 
 def _parser() -> argparse.ArgumentParser:

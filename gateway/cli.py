@@ -10,15 +10,15 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "decode": ("gateway.decode_cmd", "decode DL/T 645 frames given as hex and print them as JSON"),
-    "simulate": ("simulators.cli", "run simulated DL/T 645 and Modbus meters on TCP ports or ptys"),
-    "run": ("gateway.run_cmd", "run the gateway daemon with a config file"),
-    "check-config": ("gateway.config_cmd", "validate a config file; exit 78 when it is bad"),
-    "status": ("gateway.status_cmd", "show meters by state, outbox depth and last delivery"),
-    "outbox": ("gateway.outbox_cmd", "inspect the durable outbox"),
-    "demo": ("gateway.demo", "simulators + local MQTT broker + gateway, readings shown live"),
-    "ctl": ("gateway.ctl_cmd", "head-end reference client: signed remote-control commands"),
-    "audit": ("gateway.audit_cmd", "query the remote-control audit log"),
+    "decode": ("meter_gateway.gateway.decode_cmd", "decode DL/T 645 frames given as hex and print them as JSON"),
+    "simulate": ("meter_gateway.simulators.cli", "run simulated DL/T 645 and Modbus meters on TCP ports or ptys"),
+    "run": ("meter_gateway.gateway.run_cmd", "run the gateway daemon with a config file"),
+    "check-config": ("meter_gateway.gateway.config_cmd", "validate a config file; exit 78 when it is bad"),
+    "status": ("meter_gateway.gateway.status_cmd", "show meters by state, outbox depth and last delivery"),
+    "outbox": ("meter_gateway.gateway.outbox_cmd", "inspect the durable outbox"),
+    "demo": ("meter_gateway.gateway.demo", "simulators + local MQTT broker + gateway, readings shown live"),
+    "ctl": ("meter_gateway.gateway.ctl_cmd", "head-end reference client: signed remote-control commands"),
+    "audit": ("meter_gateway.gateway.audit_cmd", "query the remote-control audit log"),
 }
 
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if args[0] == "--version":
-        from gateway import __version__
+        from meter_gateway.gateway import __version__
 
         print(f"meter-gateway {__version__}")
         return 0

@@ -635,7 +635,7 @@ class _Validator:
             except OSError as e:
                 self.error(f"{where}.public_key_file", f"cannot read key file {path}: {e.strerror or e}")
                 return k
-            from gateway.commands.auth import load_ed25519_public_key
+            from meter_gateway.gateway.commands.auth import load_ed25519_public_key
 
             try:
                 raw = load_ed25519_public_key(data)
@@ -810,7 +810,7 @@ class _Validator:
     def _model_quantities(self, meters: list[Meter]) -> dict[str, frozenset[str]]:
         """Quantities each meter's model can read (meters whose model cannot be loaded are left out)."""
         try:
-            from drivers.meter_models import load_model
+            from meter_gateway.drivers.meter_models import load_model
         except ImportError:
             return {}
         out: dict[str, frozenset[str]] = {}
@@ -853,7 +853,7 @@ class _Validator:
 def _available_models() -> list[str] | None:
     """Shipped model names, or None when this build has no meter-model module."""
     try:
-        from drivers.meter_models import available_models
+        from meter_gateway.drivers.meter_models import available_models
     except ImportError:
         return None
     return available_models()

@@ -21,13 +21,12 @@ import os
 import subprocess
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from gateway.config import Config, ConfigError, Duration, Secret, load_config
-from gateway.config_cmd import EX_CONFIG  # the child's exit status when its answer is a ConfigError
+from meter_gateway.gateway.config import Config, ConfigError, Duration, Secret, load_config
+from meter_gateway.gateway.config_cmd import EX_CONFIG  # the child's exit status when its answer is a ConfigError
 
 __all__ = ["decode", "encode", "load_config_in_child"]
 
@@ -100,11 +99,9 @@ def load_config_in_child(
 
 
 def _run_child(path: str | os.PathLike[str], environ: Mapping[str, str] | None, python: str) -> bytes:
-    root = str(Path(__file__).resolve().parent.parent)  # the child imports this very gateway package
-    env = dict(os.environ if environ is None else environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ if environ is None else environ)  # the same interpreter imports this same package
     proc = subprocess.run(  # noqa: S603 - our own interpreter and module; the path is an argument, no shell
-        [python, "-m", "gateway.config_child", os.fspath(path)],
+        [python, "-m", "meter_gateway.gateway.config_child", os.fspath(path)],
         env=env,
         stdin=subprocess.DEVNULL,
         capture_output=True,

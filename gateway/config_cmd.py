@@ -11,7 +11,7 @@ import json
 import sys
 from collections import Counter
 
-from gateway.config import Config, ConfigError, SerialBus, load_config
+from meter_gateway.gateway.config import Config, ConfigError, SerialBus, load_config
 
 EX_CONFIG = 78
 

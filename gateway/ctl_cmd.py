@@ -33,8 +33,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
-from gateway.commands.auth import SigningKey, load_signing_key, sign_envelope
-from gateway.commands.envelope import (
+from meter_gateway.gateway.commands.auth import SigningKey, load_signing_key, sign_envelope
+from meter_gateway.gateway.commands.envelope import (
     TERMINAL_STATES,
     Ack,
     CommandEnvelope,
@@ -42,7 +42,7 @@ from gateway.commands.envelope import (
     decode_ack,
     encode_envelope,
 )
-from gateway.mqtt_contract import TOPIC_ROOT, ContractError, Topics
+from meter_gateway.gateway.mqtt_contract import TOPIC_ROOT, ContractError, Topics
 
 EXIT_OK: Final = 0
 EXIT_NOT_VERIFIED: Final = 1

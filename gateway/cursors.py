@@ -48,11 +48,11 @@ from datetime import date, timedelta, tzinfo
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from gateway.schedule import DEFAULT_RESYNC_AFTER, latest_freeze_date
-from gateway.sqlite_check import limit_cache, quarantine
+from meter_gateway.gateway.schedule import DEFAULT_RESYNC_AFTER, latest_freeze_date
+from meter_gateway.gateway.sqlite_check import limit_cache, quarantine
 
 if TYPE_CHECKING:
-    from gateway.config import Config
+    from meter_gateway.gateway.config import Config
 
 __all__ = [
     "FILE_NAME",

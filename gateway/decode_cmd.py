@@ -14,11 +14,11 @@ import re
 import sys
 from typing import Any
 
-from protocols.dlt645.describe import describe_frame
-from protocols.dlt645.edition import Edition
-from protocols.dlt645.errors import ProtocolError
-from protocols.dlt645.frame import OVERHEAD, PREAMBLE, START, Frame, parse_frame
-from protocols.dlt645.functions import infer_edition
+from meter_gateway.protocols.dlt645.describe import describe_frame
+from meter_gateway.protocols.dlt645.edition import Edition
+from meter_gateway.protocols.dlt645.errors import ProtocolError
+from meter_gateway.protocols.dlt645.frame import OVERHEAD, PREAMBLE, START, Frame, parse_frame
+from meter_gateway.protocols.dlt645.functions import infer_edition
 
 _SEPARATORS = re.compile(r"0[xX]|[\s,;:\-]")
 

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import msgspec
 
-from gateway.app import Gateway
-from gateway.config import BusConfig, Config, ConfigError, TcpBus, load_config
-from gateway.headend_client import ReadingsWatcher
-from gateway.local_broker import LocalBroker
-from gateway.mqtt_contract import ReadingsBatch, Topics
-from protocols.dlt645.edition import Edition
+from meter_gateway.gateway.app import Gateway
+from meter_gateway.gateway.config import BusConfig, Config, ConfigError, TcpBus, load_config
+from meter_gateway.gateway.headend_client import ReadingsWatcher
+from meter_gateway.gateway.local_broker import LocalBroker
+from meter_gateway.gateway.mqtt_contract import ReadingsBatch, Topics
+from meter_gateway.protocols.dlt645.edition import Edition
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.toml"
 
@@ -36,10 +36,10 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.toml"
 async def start_simulators(config: Config) -> tuple[list[object], Config]:
     """A simulator for every bus and meter of ``config``; returns them and the config re-pointed
     at the ports they got."""
-    from simulators.clock import SimClock
-    from simulators.dlt645_meter import Dlt645Meter
-    from simulators.links import LinkConfig, SimulatedBus
-    from simulators.modbus_meter import serve_modbus
+    from meter_gateway.simulators.clock import SimClock
+    from meter_gateway.simulators.dlt645_meter import Dlt645Meter
+    from meter_gateway.simulators.links import LinkConfig, SimulatedBus
+    from meter_gateway.simulators.modbus_meter import serve_modbus
 
     running: list[object] = []
     buses: list[BusConfig] = []

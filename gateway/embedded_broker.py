@@ -47,7 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.mqtt_packets import (
+from meter_gateway.gateway.mqtt_packets import (
     MQTT_5,
     Connect,
     MalformedPacket,

@@ -48,11 +48,11 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 import msgspec
 
-from drivers.bus import Priority
-from drivers.errors import ConfigurationError, DriverError, MeterRefused
-from drivers.reading import Quality, Reading
-from gateway.cursors import MAX_OWED_PER_METER, CursorStore, OwedFreeze
-from gateway.schedule import (
+from meter_gateway.drivers.bus import Priority
+from meter_gateway.drivers.errors import ConfigurationError, DriverError, MeterRefused
+from meter_gateway.drivers.reading import Quality, Reading
+from meter_gateway.gateway.cursors import MAX_OWED_PER_METER, CursorStore, OwedFreeze
+from meter_gateway.gateway.schedule import (
     MAX_FROZEN_DAYS,
     DailyFrozenSchedule,
     MissedSlots,
@@ -60,16 +60,16 @@ from gateway.schedule import (
     frozen_index,
     latest_freeze_date,
 )
-from protocols.dlt645.catalogue import Catalogue, default_catalogue
-from protocols.dlt645.edition import Edition
+from meter_gateway.protocols.dlt645.catalogue import Catalogue, default_catalogue
+from meter_gateway.protocols.dlt645.edition import Edition
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from drivers.bus import Bus
-    from drivers.meter_models import Dlt645Model
-    from gateway.config import Config
-    from gateway.outbox import AddResult
+    from meter_gateway.drivers.bus import Bus
+    from meter_gateway.drivers.meter_models import Dlt645Model
+    from meter_gateway.gateway.config import Config
+    from meter_gateway.gateway.outbox import AddResult
 
 __all__ = ["FROZEN_PREFIX", "FrozenJob", "FrozenReader", "FrozenStats", "ReadingSink", "frozen_quantities"]
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from gateway.embedded_broker import BrokerThread
+from meter_gateway.gateway.embedded_broker import BrokerThread
 
 CANDIDATES = ("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 ENV_MOSQUITTO = "METER_GATEWAY_MOSQUITTO"

@@ -13,18 +13,18 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from drivers.backoff import BackoffPolicy
-from drivers.bus import Bus, BusSettings
-from drivers.health import HealthBook
-from drivers.meter_models import Dlt645Model, ModbusModel, load_model
-from drivers.reading import Reading
-from drivers.transport import Rs485Settings, SerialSettings, TcpSettings, make_transport
-from gateway.config import BusConfig, Config, ConfigDiff, Meter, SerialBus, TcpBus
-from protocols.dlt645.edition import Edition
+from meter_gateway.drivers.backoff import BackoffPolicy
+from meter_gateway.drivers.bus import Bus, BusSettings
+from meter_gateway.drivers.health import HealthBook
+from meter_gateway.drivers.meter_models import Dlt645Model, ModbusModel, load_model
+from meter_gateway.drivers.reading import Reading
+from meter_gateway.drivers.transport import Rs485Settings, SerialSettings, TcpSettings, make_transport
+from meter_gateway.gateway.config import BusConfig, Config, ConfigDiff, Meter, SerialBus, TcpBus
+from meter_gateway.protocols.dlt645.edition import Edition
 
 if TYPE_CHECKING:
-    from drivers.dlt645_driver import Dlt645Driver
-    from drivers.modbus import ModbusLink, ModbusMeter
+    from meter_gateway.drivers.dlt645_driver import Dlt645Driver
+    from meter_gateway.drivers.modbus import ModbusLink, ModbusMeter
 
 log = logging.getLogger("meter_gateway")
 
@@ -92,7 +92,7 @@ def build_buses(config: Config, health: HealthBook) -> dict[str, Bus]:
 
 
 def dlt645_driver(config: Config, meter: Meter, bus: Bus, model: Dlt645Model) -> Dlt645Driver:
-    from drivers.dlt645_driver import Dlt645Driver
+    from meter_gateway.drivers.dlt645_driver import Dlt645Driver
 
     creds = meter.credentials
     return Dlt645Driver(
@@ -154,7 +154,7 @@ class Fleet:
         bus = self.buses[meter.bus]
         model = load_model(meter.model)
         if meter.protocol == "modbus":
-            from drivers.modbus import ModbusLink, ModbusMeter  # pymodbus only where Modbus is configured
+            from meter_gateway.drivers.modbus import ModbusLink, ModbusMeter  # pymodbus only where Modbus is configured
 
             assert isinstance(model, ModbusModel)
             link = self._links.get(meter.bus)

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway import __version__
+from meter_gateway.gateway import __version__
 
 __all__ = ["COMMAND_RESULTS", "LATENCY_BUCKETS", "METER_STATES", "PREFIX", "Metrics", "MetricsServer", "start_http"]
 

@@ -51,10 +51,10 @@ from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 
-from drivers.reading import Quality, Reading
-from gateway import outbox_schema
-from gateway.outbox_schema import COUNTER_NAMES, SchemaError
-from gateway.sqlite_check import (
+from meter_gateway.drivers.reading import Quality, Reading
+from meter_gateway.gateway import outbox_schema
+from meter_gateway.gateway.outbox_schema import COUNTER_NAMES, SchemaError
+from meter_gateway.gateway.sqlite_check import (
     CACHE_KIB,
     DamagedDatabase,
     clear_damage_mark,

@@ -41,7 +41,7 @@ from datetime import date, datetime, timedelta, tzinfo
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
-    from gateway.config import Config
+    from meter_gateway.gateway.config import Config
 
 __all__ = [
     "BackfillPlan",

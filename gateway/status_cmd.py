@@ -16,10 +16,10 @@ import sys
 import time
 from typing import Any
 
-from gateway.app import STATUS_EVERY, outbox_path, status_path
-from gateway.config import ConfigError, load_config
-from gateway.config_cmd import EX_CONFIG
-from gateway.outbox import Outbox, OutboxError
+from meter_gateway.gateway.app import STATUS_EVERY, outbox_path, status_path
+from meter_gateway.gateway.config import ConfigError, load_config
+from meter_gateway.gateway.config_cmd import EX_CONFIG
+from meter_gateway.gateway.outbox import Outbox, OutboxError
 
 NOT_RUNNING = 3  # as `systemctl status` / LSB init scripts
 STALE_AFTER = 6 * STATUS_EVERY

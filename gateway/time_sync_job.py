@@ -59,14 +59,14 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, tzinfo
 from typing import TYPE_CHECKING, Final, Protocol
 
-from drivers.bus import Bus, Priority
-from drivers.errors import DriverError
-from gateway.cursors import CursorStore, TimeSyncRecord
-from gateway.schedule import TimeSyncSchedule
-from protocols.dlt645.edition import Edition
+from meter_gateway.drivers.bus import Bus, Priority
+from meter_gateway.drivers.errors import DriverError
+from meter_gateway.gateway.cursors import CursorStore, TimeSyncRecord
+from meter_gateway.gateway.schedule import TimeSyncSchedule
+from meter_gateway.protocols.dlt645.edition import Edition
 
 if TYPE_CHECKING:
-    from gateway.config import Config
+    from meter_gateway.gateway.config import Config
 
 __all__ = [
     "BROADCAST_LIMIT",
@@ -525,6 +525,6 @@ class TimeSyncJob:
 
 
 async def _driver_broadcast(bus: Bus, when: float, edition: Edition, tz: tzinfo | None) -> None:
-    from drivers.dlt645_driver import broadcast_time
+    from meter_gateway.drivers.dlt645_driver import broadcast_time
 
     await broadcast_time(bus, when, edition, tz)

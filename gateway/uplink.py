@@ -31,9 +31,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from drivers.backoff import Backoff, BackoffPolicy
-from gateway import __version__
-from gateway.mqtt_contract import (
+from meter_gateway.drivers.backoff import Backoff, BackoffPolicy
+from meter_gateway.gateway import __version__
+from meter_gateway.gateway.mqtt_contract import (
     BATCH_OVERHEAD,
     CONTRACT_VERSION,
     TOPIC_ROOT,
@@ -47,7 +47,7 @@ from gateway.mqtt_contract import (
     encode_reading,
     encode_status,
 )
-from gateway.outbox import AsyncOutbox, OutboxDamaged, Row
+from meter_gateway.gateway.outbox import AsyncOutbox, OutboxDamaged, Row
 
 __all__ = [
     "CommandHook",

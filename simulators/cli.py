@@ -25,12 +25,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocols.dlt645.edition import Edition
-from simulators.clock import SimClock
-from simulators.dlt645_meter import Dlt645Meter
-from simulators.faults import PROBABILITIES, Faults
-from simulators.links import LinkConfig, SimulatedBus
-from simulators.sim_config import PROTOCOLS, BusConfig, SimConfig, SimConfigError, load_config, quick_config
+from meter_gateway.protocols.dlt645.edition import Edition
+from meter_gateway.simulators.clock import SimClock
+from meter_gateway.simulators.dlt645_meter import Dlt645Meter
+from meter_gateway.simulators.faults import PROBABILITIES, Faults
+from meter_gateway.simulators.links import LinkConfig, SimulatedBus
+from meter_gateway.simulators.sim_config import (
+    PROTOCOLS,
+    BusConfig,
+    SimConfig,
+    SimConfigError,
+    load_config,
+    quick_config,
+)
 
 _HELP_EPILOG = """\
 control port commands (one per line, e.g. `printf 'press 000000000001\\n' | nc 127.0.0.1 7700`):
@@ -143,7 +150,7 @@ def _register(running: _Running, meters: list[Dlt645Meter]) -> None:
 
 async def _start_modbus(config: SimConfig, bus: BusConfig) -> Any:
     try:
-        from simulators import modbus_meter
+        from meter_gateway.simulators import modbus_meter
     except ImportError as exc:
         raise UsageError(f"the Modbus simulator is not available in this build ({exc})") from None
     transport = "tcp" if bus.protocol == "modbus-tcp" else "rtu-over-tcp"

@@ -46,14 +46,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, TypeAlias
 
-from protocols.dlt645 import messages as m
-from protocols.dlt645.catalogue import Catalogue, DataItem, default_catalogue
-from protocols.dlt645.edition import Edition
-from protocols.dlt645.errors import ProtocolError
-from protocols.dlt645.frame import Address, Frame
-from protocols.dlt645.remote_control import RemoteCommand
-from simulators.clock import SimClock
-from simulators.load import DEFAULT_TARIFFS, LoadModel, LoadSettings
+from meter_gateway.protocols.dlt645 import messages as m
+from meter_gateway.protocols.dlt645.catalogue import Catalogue, DataItem, default_catalogue
+from meter_gateway.protocols.dlt645.edition import Edition
+from meter_gateway.protocols.dlt645.errors import ProtocolError
+from meter_gateway.protocols.dlt645.frame import Address, Frame
+from meter_gateway.protocols.dlt645.remote_control import RemoteCommand
+from meter_gateway.simulators.clock import SimClock
+from meter_gateway.simulators.load import DEFAULT_TARIFFS, LoadModel, LoadSettings
 
 log = logging.getLogger(__name__)
 

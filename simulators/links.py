@@ -33,11 +33,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from drivers.transport import RecvIntoBuffer
-from protocols.dlt645.deframer import Deframer, Discarded
-from protocols.dlt645.frame import Address, Frame, checksum
-from simulators.dlt645_meter import Dlt645Meter
-from simulators.faults import Faults
+from meter_gateway.drivers.transport import RecvIntoBuffer
+from meter_gateway.protocols.dlt645.deframer import Deframer, Discarded
+from meter_gateway.protocols.dlt645.frame import Address, Frame, checksum
+from meter_gateway.simulators.dlt645_meter import Dlt645Meter
+from meter_gateway.simulators.faults import Faults
 
 log = logging.getLogger(__name__)
 

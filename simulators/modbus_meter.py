@@ -33,9 +33,9 @@ from pymodbus.exceptions import NoSuchIdException
 from pymodbus.framer import FramerType
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 
-from drivers.meter_models import ModbusModel, ModbusPoint, load_model
-from protocols.modbus.values import ModbusValueError
-from simulators.load import LoadModel, LoadSettings
+from meter_gateway.drivers.meter_models import ModbusModel, ModbusPoint, load_model
+from meter_gateway.protocols.modbus.values import ModbusValueError
+from meter_gateway.simulators.load import LoadModel, LoadSettings
 
 __all__ = [
     "TRANSPORTS",

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from simulators.faults import Faults
+from meter_gateway.simulators.faults import Faults
 
 PROTOCOLS: Final = ("dlt645-2007", "dlt645-1997", "modbus-tcp", "modbus-rtu-over-tcp")
 _BUS_KEYS: Final = frozenset(

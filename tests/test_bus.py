@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from drivers.backoff import BackoffPolicy
-from drivers.bus import Bus, BusSettings, Priority, Rejection, RejectionLog
-from drivers.errors import BadReply, LinkDown, MeterRefused, NoAnswer
-from drivers.health import HealthBook, HealthPolicy, MeterOffline, MeterState, StateChange
-from drivers.tcp_link import TcpLink
-from drivers.transport import TcpSettings
+from meter_gateway.drivers.backoff import BackoffPolicy
+from meter_gateway.drivers.bus import Bus, BusSettings, Priority, Rejection, RejectionLog
+from meter_gateway.drivers.errors import BadReply, LinkDown, MeterRefused, NoAnswer
+from meter_gateway.drivers.health import HealthBook, HealthPolicy, MeterOffline, MeterState, StateChange
+from meter_gateway.drivers.tcp_link import TcpLink
+from meter_gateway.drivers.transport import TcpSettings
 from tests.plugins.peers import (
     PeerConn,
     ToyFrame,

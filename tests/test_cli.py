@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from gateway import cli
+from meter_gateway.gateway import cli
 
 
 def test_usage_lists_commands(capsys) -> None:  # type: ignore[no-untyped-def]
@@ -22,18 +22,18 @@ def test_unknown_command_exits_2(capsys) -> None:  # type: ignore[no-untyped-def
 
 def test_console_script_version() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "--version"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "meter_gateway.gateway.cli", "--version"], capture_output=True, text=True, check=True
     )
     assert proc.stdout.startswith("meter-gateway ")
 
 
 def test_demo_shows_readings_of_every_configured_meter() -> None:
     """The README's first command: simulators + mosquitto + gateway, readings seen at the broker."""
-    from gateway.config import load_config
-    from gateway.demo import DEMO_CONFIG
+    from meter_gateway.gateway.config import load_config
+    from meter_gateway.gateway.demo import DEMO_CONFIG
 
     proc = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "demo", "--duration", "14"],
+        [sys.executable, "-m", "meter_gateway.gateway.cli", "demo", "--duration", "14"],
         capture_output=True,
         text=True,
         timeout=90,

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.commands.auth import (
+from meter_gateway.gateway.commands.auth import (
     REJECT_REASONS,
     CommandRejected,
     KeyRing,
@@ -24,7 +24,7 @@ from gateway.commands.auth import (
     load_signing_key,
     sign_envelope,
 )
-from gateway.commands.envelope import (
+from meter_gateway.gateway.commands.envelope import (
     ACK_STATES,
     TERMINAL_STATES,
     Ack,
@@ -36,7 +36,7 @@ from gateway.commands.envelope import (
     encode_ack,
     encode_envelope,
 )
-from gateway.mqtt_contract import ContractError
+from meter_gateway.gateway.mqtt_contract import ContractError
 
 # The worked example of docs/mqtt.md "Canonical form": RFC 8032 test 1 key.
 VECTOR_SEED = bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")

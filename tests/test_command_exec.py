@@ -18,21 +18,28 @@ import msgspec
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from drivers.backoff import BackoffPolicy
-from drivers.bus import Bus, BusSettings
-from drivers.dlt645_driver import Dlt645Driver
-from drivers.health import HealthBook, HealthPolicy, MeterState
-from drivers.meter_models import Dlt645Model, load_model
-from drivers.modbus import ModbusLink, ModbusMeter
-from drivers.reading import Reading
-from drivers.tcp_link import TcpLink
-from drivers.transport import TcpSettings
-from gateway.audit import AuditLog
-from gateway.commands.auth import SigningKey, sign_envelope
-from gateway.commands.envelope import TERMINAL_STATES, Ack, CommandEnvelope, Params, decode_ack, encode_envelope
-from gateway.commands.service import CommandService
-from gateway.commands.store import CommandStore, MeterPlan, Transition
-from gateway.config import (
+from meter_gateway.drivers.backoff import BackoffPolicy
+from meter_gateway.drivers.bus import Bus, BusSettings
+from meter_gateway.drivers.dlt645_driver import Dlt645Driver
+from meter_gateway.drivers.health import HealthBook, HealthPolicy, MeterState
+from meter_gateway.drivers.meter_models import Dlt645Model, load_model
+from meter_gateway.drivers.modbus import ModbusLink, ModbusMeter
+from meter_gateway.drivers.reading import Reading
+from meter_gateway.drivers.tcp_link import TcpLink
+from meter_gateway.drivers.transport import TcpSettings
+from meter_gateway.gateway.audit import AuditLog
+from meter_gateway.gateway.commands.auth import SigningKey, sign_envelope
+from meter_gateway.gateway.commands.envelope import (
+    TERMINAL_STATES,
+    Ack,
+    CommandEnvelope,
+    Params,
+    decode_ack,
+    encode_envelope,
+)
+from meter_gateway.gateway.commands.service import CommandService
+from meter_gateway.gateway.commands.store import CommandStore, MeterPlan, Transition
+from meter_gateway.gateway.config import (
     CommandKeyConfig,
     CommandsSection,
     Config,
@@ -43,17 +50,17 @@ from gateway.config import (
     Secret,
     UplinkSection,
 )
-from gateway.meters import MeterRuntime
-from gateway.uplink import InboundMessage
-from protocols.dlt645 import messages as m
-from protocols.dlt645.edition import Edition
-from protocols.dlt645.frame import Frame
-from protocols.dlt645.remote_control import RemoteCommand
-from simulators.clock import SimClock
-from simulators.dlt645_meter import Dlt645Meter
-from simulators.faults import Faults
-from simulators.links import LinkConfig, SimulatedBus
-from simulators.modbus_meter import serve_modbus
+from meter_gateway.gateway.meters import MeterRuntime
+from meter_gateway.gateway.uplink import InboundMessage
+from meter_gateway.protocols.dlt645 import messages as m
+from meter_gateway.protocols.dlt645.edition import Edition
+from meter_gateway.protocols.dlt645.frame import Frame
+from meter_gateway.protocols.dlt645.remote_control import RemoteCommand
+from meter_gateway.simulators.clock import SimClock
+from meter_gateway.simulators.dlt645_meter import Dlt645Meter
+from meter_gateway.simulators.faults import Faults
+from meter_gateway.simulators.links import LinkConfig, SimulatedBus
+from meter_gateway.simulators.modbus_meter import serve_modbus
 from tests.plugins.simulators import SIM_START, SimBusFactory, SimBusHandle
 
 GW = "gw-1"

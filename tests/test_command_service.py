@@ -17,15 +17,22 @@ import paho.mqtt.publish as mqtt_publish
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from drivers.backoff import BackoffPolicy
-from gateway.audit import AuditLog
-from gateway.commands.auth import SigningKey
-from gateway.commands.envelope import TERMINAL_STATES, Ack, CommandEnvelope, Params, decode_ack, encode_envelope
-from gateway.commands.service import CommandService
-from gateway.config import Duration
-from gateway.mqtt_contract import Topics
-from gateway.outbox import AsyncOutbox
-from gateway.uplink import InboundMessage, Protocol, Uplink, UplinkConfig
+from meter_gateway.drivers.backoff import BackoffPolicy
+from meter_gateway.gateway.audit import AuditLog
+from meter_gateway.gateway.commands.auth import SigningKey
+from meter_gateway.gateway.commands.envelope import (
+    TERMINAL_STATES,
+    Ack,
+    CommandEnvelope,
+    Params,
+    decode_ack,
+    encode_envelope,
+)
+from meter_gateway.gateway.commands.service import CommandService
+from meter_gateway.gateway.config import Duration
+from meter_gateway.gateway.mqtt_contract import Topics
+from meter_gateway.gateway.outbox import AsyncOutbox
+from meter_gateway.gateway.uplink import InboundMessage, Protocol, Uplink, UplinkConfig
 from tests.plugins.broker import Broker, Subscriber
 from tests.plugins.simulators import SimBusFactory, SimBusHandle
 from tests.test_command_exec import GW, SUPERVISOR, Rig, dlt_rig, envelope, mid
@@ -140,7 +147,7 @@ async def terminal(sub: Subscriber, command: str, meters: list[str], within: flo
 async def test_disconnect_over_mqtt_is_acked_in_order(
     tmp_path: Path, mosquitto: Broker, sim_bus: SimBusFactory, subscriber: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="gateway")
+    caplog.set_level(logging.DEBUG, logger="meter_gateway.gateway")
     handle = await sim_bus(2, passwords={2: "314159"})
     meters = [mid(m) for m in handle.meters]
     sub = subscriber(mosquitto, [TOPICS.acks])

@@ -35,13 +35,13 @@ import paho.mqtt.publish as mqtt_publish
 import pytest
 import pytest_asyncio
 
-from gateway.commands.envelope import TERMINAL_STATES, Ack, decode_ack, decode_envelope
-from gateway.mqtt_contract import Topics
-from protocols.dlt645 import messages as m
-from protocols.dlt645.remote_control import RemoteCommand
-from simulators.clock import SimClock
-from simulators.dlt645_meter import Dlt645Meter
-from simulators.links import LinkConfig, SimulatedBus
+from meter_gateway.gateway.commands.envelope import TERMINAL_STATES, Ack, decode_ack, decode_envelope
+from meter_gateway.gateway.mqtt_contract import Topics
+from meter_gateway.protocols.dlt645 import messages as m
+from meter_gateway.protocols.dlt645.remote_control import RemoteCommand
+from meter_gateway.simulators.clock import SimClock
+from meter_gateway.simulators.dlt645_meter import Dlt645Meter
+from meter_gateway.simulators.links import LinkConfig, SimulatedBus
 from tests.plugins.broker import Broker, Subscriber
 from tests.plugins.ports import free_port
 from tests.plugins.simulators import SIM_START
@@ -181,7 +181,7 @@ async def cli_start(*args: str, env: dict[str, str] | None = None) -> asyncio.su
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "gateway.cli",
+        "meter_gateway.gateway.cli",
         *args,
         cwd=ROOT,
         env={**os.environ, **(env or {})},
@@ -217,7 +217,7 @@ class Daemon:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "gateway.cli",
+                "meter_gateway.gateway.cli",
                 "run",
                 "-c",
                 str(self.config),

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import config_cmd
-from gateway.config import ConfigError, Secret, SerialBus, diff, load_config, parse_duration
+from meter_gateway.gateway import config_cmd
+from meter_gateway.gateway.config import ConfigError, Secret, SerialBus, diff, load_config, parse_duration
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 # The gateway's example configs (config/ also holds other tools' files, e.g. the simulator's).

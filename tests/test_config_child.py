@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, Secret, load_config
-from gateway.config_child import decode, encode, load_config_in_child
+from meter_gateway.gateway.config import ConfigError, Secret, load_config
+from meter_gateway.gateway.config_child import decode, encode, load_config_in_child
 from tests.test_config import BASE, CONFIG_DIR, EXAMPLES, with_meter_secret, write
 
 SECRETS = BASE.replace(

@@ -9,8 +9,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gateway.commands.auth import KeyRing, SigningKey
-from gateway.config import Config, ConfigError, Secret, diff, load_config
+from meter_gateway.gateway.commands.auth import KeyRing, SigningKey
+from meter_gateway.gateway.config import Config, ConfigError, Secret, diff, load_config
 
 BASE = """
 [gateway]

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from gateway.mqtt_contract import Topics, decode_batch
-from simulators.modbus_meter import ModbusSimServer, SimulatedMeter
+from meter_gateway.gateway.mqtt_contract import Topics, decode_batch
+from meter_gateway.simulators.modbus_meter import ModbusSimServer, SimulatedMeter
 from tests.plugins.broker import Broker, Subscriber
 from tests.plugins.ports import free_port
 
@@ -114,7 +114,7 @@ async def start_daemon(config: Path, env: dict[str, str] | None = None) -> async
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "gateway.cli",
+        "meter_gateway.gateway.cli",
         "run",
         "-c",
         str(config),
@@ -201,7 +201,14 @@ async def test_daemon_notifies_serves_metrics_reloads_and_stops_cleanly(
         await asyncio.sleep(5.5)  # the status file is replaced every 5 s
 
         status = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway.cli", "status", "-c", str(config), cwd=ROOT, stdout=asyncio.subprocess.PIPE
+            sys.executable,
+            "-m",
+            "meter_gateway.gateway.cli",
+            "status",
+            "-c",
+            str(config),
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
         )
         out, _ = await status.communicate()
         assert status.returncode == 0, out
@@ -214,7 +221,14 @@ async def test_daemon_notifies_serves_metrics_reloads_and_stops_cleanly(
     assert notify_socket.saw("STOPPING=1")
     assert "event=stopped" in err
     status = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", "status", "-c", str(config), cwd=ROOT, stdout=asyncio.subprocess.PIPE
+        sys.executable,
+        "-m",
+        "meter_gateway.gateway.cli",
+        "status",
+        "-c",
+        str(config),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
     )
     out, _ = await status.communicate()
     assert status.returncode == 3, out

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocols.dlt645.catalogue import Catalogue, DataItem, DecodedValue, default_catalogue, load_items
-from protocols.dlt645.edition import Edition
-from protocols.dlt645.errors import LocalProtocolError, RemoteProtocolError
-from protocols.dlt645.formats import MeterDate, decode_field, encode_field, format_length, is_signed
+from meter_gateway.protocols.dlt645.catalogue import Catalogue, DataItem, DecodedValue, default_catalogue, load_items
+from meter_gateway.protocols.dlt645.edition import Edition
+from meter_gateway.protocols.dlt645.errors import LocalProtocolError, RemoteProtocolError
+from meter_gateway.protocols.dlt645.formats import MeterDate, decode_field, encode_field, format_length, is_signed
 from tests.plugins.vectors import load_vectors
 
 E07 = Edition.DLT645_2007

@@ -9,20 +9,20 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from drivers.backoff import BackoffPolicy
-from drivers.bus import Bus, BusSettings
-from drivers.dlt645_driver import Dlt645Driver, broadcast_time, discover_address, from_meter_time
-from drivers.errors import BadReply, ConfigurationError, MeterRefused, NoAnswer
-from drivers.meter_models import Dlt645Model, load_model
-from drivers.reading import Quality
-from drivers.serial_link import SerialLink
-from drivers.tcp_link import TcpLink
-from drivers.transport import SerialSettings, TcpSettings
-from protocols.dlt645.catalogue import Catalogue, DecodedValue, default_catalogue
-from protocols.dlt645.edition import Edition
-from protocols.dlt645.remote_control import RemoteCommand
-from simulators.dlt645_meter import Dlt645Meter
-from simulators.faults import Faults
+from meter_gateway.drivers.backoff import BackoffPolicy
+from meter_gateway.drivers.bus import Bus, BusSettings
+from meter_gateway.drivers.dlt645_driver import Dlt645Driver, broadcast_time, discover_address, from_meter_time
+from meter_gateway.drivers.errors import BadReply, ConfigurationError, MeterRefused, NoAnswer
+from meter_gateway.drivers.meter_models import Dlt645Model, load_model
+from meter_gateway.drivers.reading import Quality
+from meter_gateway.drivers.serial_link import SerialLink
+from meter_gateway.drivers.tcp_link import TcpLink
+from meter_gateway.drivers.transport import SerialSettings, TcpSettings
+from meter_gateway.protocols.dlt645.catalogue import Catalogue, DecodedValue, default_catalogue
+from meter_gateway.protocols.dlt645.edition import Edition
+from meter_gateway.protocols.dlt645.remote_control import RemoteCommand
+from meter_gateway.simulators.dlt645_meter import Dlt645Meter
+from meter_gateway.simulators.faults import Faults
 from tests.plugins.simulators import SimBusFactory, SimBusHandle
 
 E7 = Edition.DLT645_2007

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocols.dlt645.catalogue import default_catalogue
-from protocols.dlt645.edition import Edition
-from protocols.dlt645.errors import LocalProtocolError, RemoteProtocolError
-from protocols.dlt645.formats import (
+from meter_gateway.protocols.dlt645.catalogue import default_catalogue
+from meter_gateway.protocols.dlt645.edition import Edition
+from meter_gateway.protocols.dlt645.errors import LocalProtocolError, RemoteProtocolError
+from meter_gateway.protocols.dlt645.formats import (
     MeterDate,
     _Bcd,
     _decimal_number,

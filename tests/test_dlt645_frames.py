@@ -12,13 +12,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import decode_cmd
-from protocols.dlt645.deframer import Deframer, Discarded
-from protocols.dlt645.edition import Edition
-from protocols.dlt645.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
-from protocols.dlt645.frame import BROADCAST, WILDCARD, Address, Control, Frame, parse_frame
-from protocols.dlt645.functions import infer_edition
-from protocols.dlt645.messages import (
+from meter_gateway.gateway import decode_cmd
+from meter_gateway.protocols.dlt645.deframer import Deframer, Discarded
+from meter_gateway.protocols.dlt645.edition import Edition
+from meter_gateway.protocols.dlt645.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from meter_gateway.protocols.dlt645.frame import BROADCAST, WILDCARD, Address, Control, Frame, parse_frame
+from meter_gateway.protocols.dlt645.functions import infer_edition
+from meter_gateway.protocols.dlt645.messages import (
     Ack,
     BroadcastTime,
     ChangeBaudReply,
@@ -44,7 +44,7 @@ from protocols.dlt645.messages import (
     WriteRequest,
     parse_message,
 )
-from protocols.dlt645.remote_control import RemoteCommand
+from meter_gateway.protocols.dlt645.remote_control import RemoteCommand
 from tests.plugins.vectors import load_vectors
 
 VECTORS = load_vectors()
@@ -105,7 +105,7 @@ def test_vector_decodes_through_library(vector: dict[str, Any]) -> None:
 def test_all_vectors_through_cli_in_one_string() -> None:
     text = " ".join(v["hex"] for v in VECTORS)
     proc = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "decode", text], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "meter_gateway.gateway.cli", "decode", text], capture_output=True, text=True, check=True
     )
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == len(VECTORS)
@@ -128,7 +128,7 @@ def test_all_vectors_through_cli_in_one_string() -> None:
 )
 def test_cli_rejects_bad_input_with_one_clear_line(text: str, message: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "decode", text], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "meter_gateway.gateway.cli", "decode", text], capture_output=True, text=True, check=False
     )
     assert proc.returncode == 2
     assert proc.stdout == ""

@@ -7,13 +7,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drivers.bus import Rejected
-from drivers.dlt645_matcher import Dlt645Matcher, Expect
-from drivers.errors import DriverError
-from protocols.dlt645 import messages as m
-from protocols.dlt645.deframer import Deframer
-from protocols.dlt645.edition import Edition
-from protocols.dlt645.frame import Address
+from meter_gateway.drivers.bus import Rejected
+from meter_gateway.drivers.dlt645_matcher import Dlt645Matcher, Expect
+from meter_gateway.drivers.errors import DriverError
+from meter_gateway.protocols.dlt645 import messages as m
+from meter_gateway.protocols.dlt645.deframer import Deframer
+from meter_gateway.protocols.dlt645.edition import Edition
+from meter_gateway.protocols.dlt645.frame import Address
 
 E7, E97 = Edition.DLT645_2007, Edition.DLT645_1997
 ADDRESS = Address.parse("000000000161")

@@ -24,14 +24,14 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as PahoProperties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from drivers.backoff import BackoffPolicy
-from drivers.reading import Reading
-from gateway import mqtt_contract as contract
-from gateway import mqtt_packets as mp
-from gateway.embedded_broker import BrokerThread
-from gateway.local_broker import ENV_MOSQUITTO, LocalBroker, find_mosquitto
-from gateway.outbox import AsyncOutbox
-from gateway.uplink import Protocol, Uplink, UplinkConfig
+from meter_gateway.drivers.backoff import BackoffPolicy
+from meter_gateway.drivers.reading import Reading
+from meter_gateway.gateway import mqtt_contract as contract
+from meter_gateway.gateway import mqtt_packets as mp
+from meter_gateway.gateway.embedded_broker import BrokerThread
+from meter_gateway.gateway.local_broker import ENV_MOSQUITTO, LocalBroker, find_mosquitto
+from meter_gateway.gateway.outbox import AsyncOutbox
+from meter_gateway.gateway.uplink import Protocol, Uplink, UplinkConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -730,7 +730,7 @@ def test_local_broker_falls_back_to_the_embedded_broker(monkeypatch: pytest.Monk
 def test_demo_runs_on_the_embedded_broker_without_mosquitto() -> None:
     env = {**os.environ, ENV_MOSQUITTO: "none"}
     proc = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "demo", "--duration", "8"],
+        [sys.executable, "-m", "meter_gateway.gateway.cli", "demo", "--duration", "8"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 
-from protocols.dlt645.frame import Address
+from meter_gateway.protocols.dlt645.frame import Address
 
 
 def test_parsed_canonical_text_is_shared_not_copied() -> None:

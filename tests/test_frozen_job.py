@@ -15,21 +15,21 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from drivers.backoff import BackoffPolicy
-from drivers.bus import Bus, BusSettings
-from drivers.dlt645_driver import Dlt645Driver
-from drivers.meter_models import Dlt645Model, load_model
-from drivers.reading import Quality
-from drivers.tcp_link import TcpLink
-from drivers.transport import TcpSettings
-from gateway.config import Config, load_config
-from gateway.cursors import CursorStore, OwedFreeze
-from gateway.frozen_job import FrozenJob, frozen_quantities
-from gateway.outbox import AsyncOutbox, Row
-from gateway.schedule import MissedSlots, freeze_time
-from protocols.dlt645.edition import Edition
-from simulators.clock import SimClock
-from simulators.faults import Faults
+from meter_gateway.drivers.backoff import BackoffPolicy
+from meter_gateway.drivers.bus import Bus, BusSettings
+from meter_gateway.drivers.dlt645_driver import Dlt645Driver
+from meter_gateway.drivers.meter_models import Dlt645Model, load_model
+from meter_gateway.drivers.reading import Quality
+from meter_gateway.drivers.tcp_link import TcpLink
+from meter_gateway.drivers.transport import TcpSettings
+from meter_gateway.gateway.config import Config, load_config
+from meter_gateway.gateway.cursors import CursorStore, OwedFreeze
+from meter_gateway.gateway.frozen_job import FrozenJob, frozen_quantities
+from meter_gateway.gateway.outbox import AsyncOutbox, Row
+from meter_gateway.gateway.schedule import MissedSlots, freeze_time
+from meter_gateway.protocols.dlt645.edition import Edition
+from meter_gateway.simulators.clock import SimClock
+from meter_gateway.simulators.faults import Faults
 from tests.plugins.simulators import SimBusFactory, SimBusHandle
 
 TZ = ZoneInfo("Asia/Shanghai")

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from drivers.health import HealthBook
-from gateway.app import Gateway
-from gateway.config import load_config
-from gateway.meters import Fleet
-from gateway.mqtt_contract import Topics, decode_batch
-from simulators.modbus_meter import ModbusSimServer, SimulatedMeter
+from meter_gateway.drivers.health import HealthBook
+from meter_gateway.gateway.app import Gateway
+from meter_gateway.gateway.config import load_config
+from meter_gateway.gateway.meters import Fleet
+from meter_gateway.gateway.mqtt_contract import Topics, decode_batch
+from meter_gateway.simulators.modbus_meter import ModbusSimServer, SimulatedMeter
 from tests.plugins.broker import Broker, Subscriber
 
 QUANTITIES = ["energy.active.import.total", "voltage.l1", "current.l1", "power.active.total", "frequency"]

@@ -20,12 +20,12 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from drivers.reading import Quality
-from gateway.app import Gateway
-from gateway.config import load_config
-from gateway.cursors import CursorStore
-from gateway.schedule import freeze_time
-from simulators.clock import SimClock
+from meter_gateway.drivers.reading import Quality
+from meter_gateway.gateway.app import Gateway
+from meter_gateway.gateway.config import load_config
+from meter_gateway.gateway.cursors import CursorStore
+from meter_gateway.gateway.schedule import freeze_time
+from meter_gateway.simulators.clock import SimClock
 from tests.plugins.simulators import SimBusFactory
 
 TZ = ZoneInfo("Asia/Shanghai")

@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from drivers.errors import BadReply, ConfigurationError, LinkDown, MeterRefused, NoAnswer
-from drivers.health import HealthBook, HealthPolicy, MeterOffline, MeterState, StateChange
+from meter_gateway.drivers.errors import BadReply, ConfigurationError, LinkDown, MeterRefused, NoAnswer
+from meter_gateway.drivers.health import HealthBook, HealthPolicy, MeterOffline, MeterState, StateChange
 
 
 class Clock:
@@ -121,7 +121,7 @@ def test_a_failing_callback_is_logged_and_does_not_break_accounting(clock: Clock
         raise RuntimeError("subscriber bug")
 
     book = HealthBook(on_change=broken, clock=clock)
-    with caplog.at_level(logging.ERROR, logger="drivers.health"):
+    with caplog.at_level(logging.ERROR, logger="meter_gateway.drivers.health"):
         book.record("m", None)
     assert book.state("m") is MeterState.ONLINE
     assert any("state-change callback failed" in r.getMessage() for r in caplog.records)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.logs import RateLimiter, fields, redact_text, setup_logging, under_journald
+from meter_gateway.gateway.logs import RateLimiter, fields, redact_text, setup_logging, under_journald
 
 
 @pytest.fixture
@@ -36,24 +36,26 @@ def lines(stream: io.StringIO) -> list[str]:
 def test_logfmt_line() -> None:
     out = io.StringIO()
     setup_logging("INFO", "logfmt", stream=out, journald=False)
-    log = logging.getLogger("drivers.bus")
+    log = logging.getLogger("meter_gateway.drivers.bus")
     log.info("event=meter_offline meter=%s after=%d", "000000123456", 3)
     log.warning("outbox over budget: dropped %d rows", 5, extra=fields(bus="rs485 A"))
     log.debug("event=hidden")  # quiet at INFO
     first, second = lines(out)
     assert re.fullmatch(
-        r"ts=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z level=info logger=drivers.bus "
+        r"ts=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z level=info logger=meter_gateway.drivers.bus "
         r"event=meter_offline meter=000000123456 after=3",
         first,
     )
-    assert second.endswith('level=warning logger=drivers.bus msg="outbox over budget: dropped 5 rows" bus="rs485 A"')
+    assert second.endswith(
+        'level=warning logger=meter_gateway.drivers.bus msg="outbox over budget: dropped 5 rows" bus="rs485 A"'
+    )
 
 
 @pytest.mark.usefixtures("root_restored")
 def test_json_line() -> None:
     out = io.StringIO()
     setup_logging("DEBUG", "json", stream=out, journald=False)
-    log = logging.getLogger("gateway.uplink")
+    log = logging.getLogger("meter_gateway.gateway.uplink")
     log.debug('event=publish_failed reason=not_authorized detail="no ACL"', extra=fields(batch=7))
     log.error("plain sentence")
     a, b = (json.loads(line) for line in lines(out))
@@ -100,7 +102,7 @@ def test_unknown_format_is_a_clear_error() -> None:
 def test_redaction() -> None:
     out = io.StringIO()
     setup_logging("INFO", "logfmt", stream=out, journald=False)
-    log = logging.getLogger("gateway.config")
+    log = logging.getLogger("meter_gateway.gateway.config")
     log.info("event=connect user=gw password=%s host=broker", "hunter2")
     log.info("event=x", extra=fields(mqtt_password="hunter2", api_key="abc123", token="t0k", keys=3, monkey="ok"))
     log.info("settings: {'tls_key': 'hunter2', 'secret': \"s3\"}")
@@ -134,7 +136,7 @@ def test_rate_limited_log_lines() -> None:
     setup_logging("INFO", "logfmt", stream=out, journald=False)
     now = [0.0]
     rl = RateLimiter(interval=60.0, clock=lambda: now[0])
-    log = logging.getLogger("drivers.bus")
+    log = logging.getLogger("meter_gateway.drivers.bus")
     logged = [rl.log(log, logging.WARNING, "garbage", "event=garbage bus=%s bytes=%d", "b1", i) for i in range(500)]
     assert logged.count(True) == 1
     now[0] = 61.0

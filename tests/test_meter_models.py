@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from drivers.errors import ConfigurationError
-from drivers.meter_models import (
+from meter_gateway.drivers.errors import ConfigurationError
+from meter_gateway.drivers.meter_models import (
     MODELS_DIR,
     Dlt645Model,
     ModbusModel,
@@ -17,7 +17,7 @@ from drivers.meter_models import (
     canonical_unit,
     load_model,
 )
-from protocols.dlt645.edition import Edition
+from meter_gateway.protocols.dlt645.edition import Edition
 
 SHIPPED = ["chint-dtsu666", "dlt645-1997-generic", "dlt645-2007-generic", "eastron-sdm630", "sim-3ph"]
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from drivers.bus import BusCounters
-from gateway.metrics import LATENCY_BUCKETS, Metrics, MetricsServer, start_http
+from meter_gateway.drivers.bus import BusCounters
+from meter_gateway.gateway.metrics import LATENCY_BUCKETS, Metrics, MetricsServer, start_http
 
 
 @pytest.fixture
@@ -74,7 +74,7 @@ def test_bus_snapshot_counters_follow_the_snapshot(served: tuple[Metrics, Metric
 
 
 def test_every_bus_counter_key_is_exported_or_deliberately_skipped() -> None:
-    from gateway import metrics as m
+    from meter_gateway.gateway import metrics as m
 
     mapped = {*m._BUS_TRANSACTIONS, *m._BUS_ATTEMPTS, *m._BUS_REJECTED, *m._BUS_DISCARDED_BYTES, "sent"}
     not_exported = {"jobs", "jobs_failed"}  # run() jobs end in the same outcome counters
@@ -123,7 +123,7 @@ class FakeOutboxStats:
 
 
 def test_outbox_meters_and_uplink(served: tuple[Metrics, MetricsServer]) -> None:
-    from gateway.uplink import UplinkStats
+    from meter_gateway.gateway.uplink import UplinkStats
 
     metrics, server = served
     counters = {"committed": 10, "duplicates": 2, "overflow_dropped": 3, "refused": 4, "delivered": 6, "invalid": 0}
@@ -174,7 +174,7 @@ def test_names_follow_conventions() -> None:
     metrics = Metrics()
     metrics.update_bus("b", BusCounters().as_dict() | {"link_connected": 0})
     metrics.update_outbox(FakeOutboxStats(0, None, 0, 0, None), now=0.0)
-    from gateway.commands.executor import CommandStats
+    from meter_gateway.gateway.commands.executor import CommandStats
 
     metrics.update_commands(CommandStats(rejected={"malformed": 1}, executed={"disconnect": 1}))
     for family in metrics.registry.collect():
@@ -197,7 +197,7 @@ def test_dashboard_queries_only_exported_metrics() -> None:
     import re
     from pathlib import Path
 
-    from gateway.uplink import UplinkStats
+    from meter_gateway.gateway.uplink import UplinkStats
 
     metrics = Metrics()
     metrics.update_bus("b", BusCounters().as_dict() | {"link_connected": 1})
@@ -219,8 +219,8 @@ def test_dashboard_queries_only_exported_metrics() -> None:
 
 
 def test_frozen_and_time_sync_jobs(served: tuple[Metrics, MetricsServer]) -> None:
-    from gateway.frozen_job import FrozenStats
-    from gateway.time_sync_job import TimeSyncStats
+    from meter_gateway.gateway.frozen_job import FrozenStats
+    from meter_gateway.gateway.time_sync_job import TimeSyncStats
 
     metrics, server = served
     metrics.update_jobs(None, None)
@@ -245,7 +245,7 @@ def test_frozen_and_time_sync_jobs(served: tuple[Metrics, MetricsServer]) -> Non
 
 
 def test_command_stats_snapshot(served: tuple[Metrics, MetricsServer]) -> None:
-    from gateway.commands.executor import CommandStats
+    from meter_gateway.gateway.commands.executor import CommandStats
 
     metrics, server = served
     metrics.update_commands(None)  # commands disabled: nothing exported

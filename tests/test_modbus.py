@@ -22,15 +22,15 @@ import pytest_asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drivers.backoff import BackoffPolicy
-from drivers.errors import BadReply, ConfigurationError, LinkDown, MeterRefused, NoAnswer
-from drivers.meter_models import ModbusModel, ModbusPoint, RelayAccess, load_model
-from drivers.modbus import ModbusLink, ModbusMeter, ReadRequest, decode_block, plan_reads
-from drivers.reading import Quality, Reading
-from drivers.transport import Rs485Settings, SerialSettings, TcpSettings
-from protocols.modbus import ValueCodec
-from simulators.load import LoadModel, LoadSettings
-from simulators.modbus_meter import ModbusSimServer, SimulatedMeter
+from meter_gateway.drivers.backoff import BackoffPolicy
+from meter_gateway.drivers.errors import BadReply, ConfigurationError, LinkDown, MeterRefused, NoAnswer
+from meter_gateway.drivers.meter_models import ModbusModel, ModbusPoint, RelayAccess, load_model
+from meter_gateway.drivers.modbus import ModbusLink, ModbusMeter, ReadRequest, decode_block, plan_reads
+from meter_gateway.drivers.reading import Quality, Reading
+from meter_gateway.drivers.transport import Rs485Settings, SerialSettings, TcpSettings
+from meter_gateway.protocols.modbus import ValueCodec
+from meter_gateway.simulators.load import LoadModel, LoadSettings
+from meter_gateway.simulators.modbus_meter import ModbusSimServer, SimulatedMeter
 
 T0 = 1_700_000_000.0
 FAST = BackoffPolicy(initial=0.05, maximum=0.1, jitter=0.1)
@@ -610,7 +610,7 @@ def test_truncated_reply_pdus_are_undecodable_not_a_crash(pdu: bytes) -> None:
 
     from pymodbus.pdu import DecodePDU
 
-    from drivers.modbus import ReplyDecoder
+    from meter_gateway.drivers.modbus import ReplyDecoder
 
     with pytest.raises(struct.error):
         DecodePDU(False).decode(pdu)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from simulators.load import DEFAULT_TARIFFS, LoadModel, LoadSettings, TariffSchedule
+from meter_gateway.simulators.load import DEFAULT_TARIFFS, LoadModel, LoadSettings, TariffSchedule
 
 T0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
 DAY = 86400.0

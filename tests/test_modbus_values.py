@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocols.modbus import (
+from meter_gateway.protocols.modbus import (
     BYTE_ORDERS,
     DATA_TYPES,
     LocalValueError,

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from drivers.reading import Quality, Reading
-from gateway import outbox_cmd, outbox_schema
-from gateway.outbox import AsyncOutbox, Outbox, OutboxError, OverflowPolicy, SchemaError
+from meter_gateway.drivers.reading import Quality, Reading
+from meter_gateway.gateway import outbox_cmd, outbox_schema
+from meter_gateway.gateway.outbox import AsyncOutbox, Outbox, OutboxError, OverflowPolicy, SchemaError
 from tests.plugins.tmpfs import small_tmpfs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,7 +187,7 @@ def test_rows_spanning_several_insert_statements_keep_order_values_and_gap_free_
 def test_stored_ids_are_found_at_every_group_size_with_few_prepared_lookups(outbox: Outbox) -> None:
     # The "already stored?" lookup is padded to power-of-two sizes (sqlite3 keeps each distinct
     # statement it prepared, and one per group size took 3 MiB); padding must not change results.
-    from gateway.outbox import _lookup_sql
+    from meter_gateway.gateway.outbox import _lookup_sql
 
     sizes = (1, 2, 3, 63, 64, 65, 127, 300, 511, 512, 513, 600)
     stored = readings(600)
@@ -208,8 +208,8 @@ def test_page_caches_are_capped_per_role(outbox: Outbox, tmp_path: Path) -> None
     # SQLite's default page cache is 2 MiB per connection, filled by the open-time quick_check
     # and kept: the writer keeps 512 KiB (random reading-id index inserts), every other
     # connection 128 KiB (docs/benchmarks.md, memory with 10,000 meters).
-    from gateway.cursors import CursorStore
-    from gateway.sqlite_check import CACHE_KIB, SMALL_CACHE_KIB
+    from meter_gateway.gateway.cursors import CursorStore
+    from meter_gateway.gateway.sqlite_check import CACHE_KIB, SMALL_CACHE_KIB
 
     reader = outbox.open_reader()
     cursors = CursorStore.open(tmp_path / "schedule.sqlite")
@@ -273,8 +273,8 @@ def test_wal_mode_and_synchronous_setting_are_applied(db: Path, mode: str) -> No
 
 _WRITER = """
 import sys, time
-from drivers.reading import Reading
-from gateway.outbox import Outbox
+from meter_gateway.drivers.reading import Reading
+from meter_gateway.gateway.outbox import Outbox
 box = Outbox.open(sys.argv[1], synchronous="FULL")
 batch = 0
 while True:

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.config import load_config
-from gateway.schedule import (
+from meter_gateway.gateway.config import load_config
+from meter_gateway.gateway.schedule import (
     DailyFrozenSchedule,
     Due,
     GroupPlan,

@@ -6,13 +6,13 @@ import datetime
 
 import pytest
 
-from protocols.dlt645 import messages as m
-from protocols.dlt645.catalogue import default_catalogue
-from protocols.dlt645.edition import Edition
-from protocols.dlt645.frame import BROADCAST, Address, Frame, parse_frame
-from protocols.dlt645.remote_control import RemoteCommand
-from simulators.clock import SimClock
-from simulators.dlt645_meter import Dlt645Meter
+from meter_gateway.protocols.dlt645 import messages as m
+from meter_gateway.protocols.dlt645.catalogue import default_catalogue
+from meter_gateway.protocols.dlt645.edition import Edition
+from meter_gateway.protocols.dlt645.frame import BROADCAST, Address, Frame, parse_frame
+from meter_gateway.protocols.dlt645.remote_control import RemoteCommand
+from meter_gateway.simulators.clock import SimClock
+from meter_gateway.simulators.dlt645_meter import Dlt645Meter
 
 E7 = Edition.DLT645_2007
 E97 = Edition.DLT645_1997

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import serial
 
-from protocols.dlt645 import messages as m
-from protocols.dlt645.deframer import Deframer
-from protocols.dlt645.edition import Edition
-from protocols.dlt645.frame import BROADCAST, WILDCARD, Address, Frame
-from protocols.dlt645.remote_control import RemoteCommand
-from simulators.faults import Faults
+from meter_gateway.protocols.dlt645 import messages as m
+from meter_gateway.protocols.dlt645.deframer import Deframer
+from meter_gateway.protocols.dlt645.edition import Edition
+from meter_gateway.protocols.dlt645.frame import BROADCAST, WILDCARD, Address, Frame
+from meter_gateway.protocols.dlt645.remote_control import RemoteCommand
+from meter_gateway.simulators.faults import Faults
 from tests.plugins import simulators as sim_plugin
 from tests.plugins.simulators import DltTcpClient, SimBusFactory, discards_of, frames_of
 
@@ -374,7 +374,7 @@ async def test_cli_serves_reads_takes_control_commands_and_stops_on_sigterm() ->
 
 
 def test_cli_bad_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from simulators.cli import main
+    from meter_gateway.simulators.cli import main
 
     path = tmp_path / "sim.toml"
     path.write_text('[[bus]]\nprotocol = "dlt645-2007"\nbaud_rate = 2400\n')
@@ -383,7 +383,7 @@ def test_cli_bad_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 
 def test_cli_compact_ranges() -> None:
-    from simulators.cli import compact_ranges
+    from meter_gateway.simulators.cli import compact_ranges
 
     assert compact_ranges(["000000000003", "000000000001", "000000000002", "000000000007"]) == (
         "000000000001-000000000003, 000000000007"
@@ -392,7 +392,7 @@ def test_cli_compact_ranges() -> None:
 
 
 def test_example_config_loads() -> None:
-    from simulators.sim_config import load_config
+    from meter_gateway.simulators.sim_config import load_config
 
     config = load_config(Path(__file__).resolve().parents[1] / "config" / "simulator.toml")
     assert [b.protocol for b in config.buses] == ["dlt645-2007", "dlt645-2007", "dlt645-1997", "modbus-tcp"]

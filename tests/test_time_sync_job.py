@@ -14,17 +14,17 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from drivers.backoff import BackoffPolicy
-from drivers.bus import Bus, BusSettings
-from drivers.dlt645_driver import Dlt645Driver
-from drivers.meter_models import Dlt645Model, load_model
-from drivers.tcp_link import TcpLink
-from drivers.transport import TcpSettings
-from gateway.config import Config, load_config
-from gateway.cursors import CursorStore
-from gateway.schedule import freeze_time
-from gateway.time_sync_job import BROADCAST_LIMIT, TimeSyncJob, sync_allowed
-from protocols.dlt645.edition import Edition
+from meter_gateway.drivers.backoff import BackoffPolicy
+from meter_gateway.drivers.bus import Bus, BusSettings
+from meter_gateway.drivers.dlt645_driver import Dlt645Driver
+from meter_gateway.drivers.meter_models import Dlt645Model, load_model
+from meter_gateway.drivers.tcp_link import TcpLink
+from meter_gateway.drivers.transport import TcpSettings
+from meter_gateway.gateway.config import Config, load_config
+from meter_gateway.gateway.cursors import CursorStore
+from meter_gateway.gateway.schedule import freeze_time
+from meter_gateway.gateway.time_sync_job import BROADCAST_LIMIT, TimeSyncJob, sync_allowed
+from meter_gateway.protocols.dlt645.edition import Edition
 from tests.plugins.simulators import SimBusFactory, SimBusHandle
 
 TZ = ZoneInfo("Asia/Shanghai")

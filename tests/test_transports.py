@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from drivers.backoff import Backoff, BackoffPolicy
-from drivers.bus import Bus, BusSettings
-from drivers.errors import ConfigurationError, LinkDown, NoAnswer
-from drivers.serial_link import SerialLink
-from drivers.tcp_link import TcpLink
-from drivers.transport import (
+from meter_gateway.drivers.backoff import Backoff, BackoffPolicy
+from meter_gateway.drivers.bus import Bus, BusSettings
+from meter_gateway.drivers.errors import ConfigurationError, LinkDown, NoAnswer
+from meter_gateway.drivers.serial_link import SerialLink
+from meter_gateway.drivers.tcp_link import TcpLink
+from meter_gateway.drivers.transport import (
     BufferedInbox,
     Rs485Settings,
     SerialSettings,
@@ -469,7 +469,7 @@ async def test_serial_pty_roundtrip_8n1(pty_meter) -> None:
 async def test_serial_rs485_refused_is_logged_once_and_the_link_runs(pty_meter, caplog) -> None:
     meter = pty_meter()
     link = SerialLink(SerialSettings(meter.path, rs485=Rs485Settings()))
-    caplog.set_level(logging.INFO, logger="drivers")
+    caplog.set_level(logging.INFO, logger="meter_gateway.drivers")
     try:
         assert await link.open()
         assert not link.rs485_active

@@ -15,11 +15,11 @@ import msgspec
 import pytest
 import pytest_asyncio
 
-from drivers.backoff import BackoffPolicy
-from drivers.reading import Quality, Reading
-from gateway import mqtt_contract as contract
-from gateway.outbox import AsyncOutbox
-from gateway.uplink import InboundMessage, Protocol, TlsConfig, Uplink, UplinkConfig, UplinkConfigError
+from meter_gateway.drivers.backoff import BackoffPolicy
+from meter_gateway.drivers.reading import Quality, Reading
+from meter_gateway.gateway import mqtt_contract as contract
+from meter_gateway.gateway.outbox import AsyncOutbox
+from meter_gateway.gateway.uplink import InboundMessage, Protocol, TlsConfig, Uplink, UplinkConfig, UplinkConfigError
 from tests.plugins.broker import Broker, Subscriber
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -327,8 +327,8 @@ async def test_negative_puback_keeps_rows_and_recovers(
 
 _DYING_GATEWAY = """
 import asyncio, sys
-from gateway.outbox import AsyncOutbox
-from gateway.uplink import Uplink, UplinkConfig
+from meter_gateway.gateway.outbox import AsyncOutbox
+from meter_gateway.gateway.uplink import Uplink, UplinkConfig
 
 async def main():
     box = await AsyncOutbox.open(sys.argv[1])

@@ -20,14 +20,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol, TypeVar
 
-from drivers.bus import Bus, Priority
-from drivers.dlt645_driver import Dlt645Driver
-from drivers.errors import ConfigurationError, DriverError, MeterRefused
-from drivers.modbus import ModbusMeter
-from drivers.reading import Reading
-from gateway.commands.envelope import RelayState
-from protocols.dlt645.edition import Edition
-from protocols.dlt645.remote_control import RemoteCommand
+from meter_gateway.drivers.bus import Bus, Priority
+from meter_gateway.drivers.dlt645_driver import Dlt645Driver
+from meter_gateway.drivers.errors import ConfigurationError, DriverError, MeterRefused
+from meter_gateway.drivers.modbus import ModbusMeter
+from meter_gateway.drivers.reading import Reading
+from meter_gateway.gateway.commands.envelope import RelayState
+from meter_gateway.protocols.dlt645.edition import Edition
+from meter_gateway.protocols.dlt645.remote_control import RemoteCommand
 
 __all__ = [
     "RELAY_ACTIONS",

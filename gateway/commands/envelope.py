@@ -13,7 +13,7 @@ from typing import Annotated, Final, Literal, get_args
 import msgspec
 from msgspec import Meta
 
-from gateway.mqtt_contract import CONTRACT_VERSION, ContractError
+from meter_gateway.gateway.mqtt_contract import CONTRACT_VERSION, ContractError
 
 __all__ = [
     "ACK_STATES",

@@ -32,11 +32,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-from drivers.backoff import Backoff, BackoffPolicy
-from drivers.reading import Reading
-from gateway.commands.actuators import RELAY_ACTIONS, ActuatorError, MeterActuator, RelayReading
-from gateway.commands.envelope import Ack
-from gateway.commands.store import CommandStore, Execution, Transition
+from meter_gateway.drivers.backoff import Backoff, BackoffPolicy
+from meter_gateway.drivers.reading import Reading
+from meter_gateway.gateway.commands.actuators import RELAY_ACTIONS, ActuatorError, MeterActuator, RelayReading
+from meter_gateway.gateway.commands.envelope import Ack
+from meter_gateway.gateway.commands.store import CommandStore, Execution, Transition
 
 __all__ = ["RESULT_STATES", "CommandStats", "ExecSettings", "Executor", "Recorder", "wanted_relay"]
 

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from gateway.commands.store import CommandStore, Execution, Transition
+from meter_gateway.gateway.commands.store import CommandStore, Execution, Transition
 
 __all__ = ["GUARD_REASON", "GuardDecision", "MassDisconnectGuard"]
 

@@ -21,21 +21,21 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from drivers.backoff import Backoff, BackoffPolicy
-from drivers.bus import Bus
-from gateway.audit import AuditEntry, AuditError, AuditLog
-from gateway.commands.actuators import CONTROL_ACTIONS, MeterActuator, make_actuator
-from gateway.commands.auth import CommandRejected, KeyRing, authenticate
-from gateway.commands.envelope import Ack, CommandEnvelope, canonical_bytes, decode_envelope
-from gateway.commands.executor import CommandStats, CommitReadings, ExecSettings, Executor
-from gateway.commands.guard import GUARD_REASON, MassDisconnectGuard
-from gateway.commands.store import ACTIVE_STATES, CommandStore, MeterPlan, StoreError, Transition
-from gateway.config import Config, Meter
-from gateway.mqtt_contract import ContractError
+from meter_gateway.drivers.backoff import Backoff, BackoffPolicy
+from meter_gateway.drivers.bus import Bus
+from meter_gateway.gateway.audit import AuditEntry, AuditError, AuditLog
+from meter_gateway.gateway.commands.actuators import CONTROL_ACTIONS, MeterActuator, make_actuator
+from meter_gateway.gateway.commands.auth import CommandRejected, KeyRing, authenticate
+from meter_gateway.gateway.commands.envelope import Ack, CommandEnvelope, canonical_bytes, decode_envelope
+from meter_gateway.gateway.commands.executor import CommandStats, CommitReadings, ExecSettings, Executor
+from meter_gateway.gateway.commands.guard import GUARD_REASON, MassDisconnectGuard
+from meter_gateway.gateway.commands.store import ACTIVE_STATES, CommandStore, MeterPlan, StoreError, Transition
+from meter_gateway.gateway.config import Config, Meter
+from meter_gateway.gateway.mqtt_contract import ContractError
 
 if TYPE_CHECKING:
-    from gateway.meters import MeterRuntime
-    from gateway.uplink import InboundMessage
+    from meter_gateway.gateway.meters import MeterRuntime
+    from meter_gateway.gateway.uplink import InboundMessage
 
 __all__ = ["CommandService", "CommandStats"]
 

@@ -44,8 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Self
 
-from gateway.commands.envelope import TERMINAL_STATES, Ack, CommandEnvelope, canonical_bytes, encode_ack
-from gateway.sqlite_check import (
+from meter_gateway.gateway.commands.envelope import TERMINAL_STATES, Ack, CommandEnvelope, canonical_bytes, encode_ack
+from meter_gateway.gateway.sqlite_check import (
     DEFAULT_CHECK_BUDGET,
     DamagedDatabase,
     is_damage,
@@ -362,7 +362,7 @@ class CommandStore:
 
     def history(self, command: str) -> list[Ack]:
         """Every ack of ``command`` in ``seq`` order (for tests, ``status`` and audits)."""
-        from gateway.commands.envelope import decode_ack
+        from meter_gateway.gateway.commands.envelope import decode_ack
 
         rows = self._conn.execute("SELECT payload FROM history WHERE command = ? ORDER BY seq", (command,))
         return [decode_ack(bytes(r[0])) for r in rows.fetchall()]

@@ -40,9 +40,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from protocols.dlt645.edition import Edition
-from protocols.dlt645.errors import LocalProtocolError, RemoteProtocolError
-from protocols.dlt645.formats import (
+from meter_gateway.protocols.dlt645.edition import Edition
+from meter_gateway.protocols.dlt645.errors import LocalProtocolError, RemoteProtocolError
+from meter_gateway.protocols.dlt645.formats import (
     FieldValue,
     _encoder,
     _number_decoder,
@@ -798,7 +798,7 @@ def _read_data_file(edition: Edition) -> str:
     """
     import os
 
-    from protocols.dlt645 import data
+    from meter_gateway.protocols.dlt645 import data
 
     name = _DATA_FILES[edition]
     try:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from protocols.dlt645.frame import (  # the hot path indexes these tables directly
+from meter_gateway.protocols.dlt645.frame import (  # the hot path indexes these tables directly
     _CONTROLS,
     _SUB_33,
     END,

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from protocols.dlt645.catalogue import Catalogue, default_catalogue
-from protocols.dlt645.edition import Edition
-from protocols.dlt645.error_words import describe_flags
-from protocols.dlt645.formats import json_value
-from protocols.dlt645.frame import Frame
-from protocols.dlt645.functions import function_name
-from protocols.dlt645.messages import (
+from meter_gateway.protocols.dlt645.catalogue import Catalogue, default_catalogue
+from meter_gateway.protocols.dlt645.edition import Edition
+from meter_gateway.protocols.dlt645.error_words import describe_flags
+from meter_gateway.protocols.dlt645.formats import json_value
+from meter_gateway.protocols.dlt645.frame import Frame
+from meter_gateway.protocols.dlt645.functions import function_name
+from meter_gateway.protocols.dlt645.messages import (
     Ack,
     BroadcastTime,
     ChangeBaudReply,

@@ -6,7 +6,7 @@ import functools
 import tomllib
 from importlib import resources
 
-from protocols.dlt645.edition import Edition
+from meter_gateway.protocols.dlt645.edition import Edition
 
 
 @functools.cache

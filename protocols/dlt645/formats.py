@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Final, Protocol, TypeAlias
 
-from protocols.dlt645.errors import LocalProtocolError, RemoteProtocolError
+from meter_gateway.protocols.dlt645.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "FieldValue",

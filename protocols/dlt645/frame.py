@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
-from protocols.dlt645.errors import LocalProtocolError, RemoteProtocolError
+from meter_gateway.protocols.dlt645.errors import LocalProtocolError, RemoteProtocolError
 
 START: Final = 0x68
 END: Final = 0x16

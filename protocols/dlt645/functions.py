@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 
-from protocols.dlt645.edition import Edition
+from meter_gateway.protocols.dlt645.edition import Edition
 
 
 class Function2007(enum.IntEnum):

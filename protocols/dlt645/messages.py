@@ -17,11 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, TypeAlias
 
-from protocols.dlt645.edition import Edition
-from protocols.dlt645.error_words import error_flags, remote_control_flags
-from protocols.dlt645.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
-from protocols.dlt645.formats import decode_field, encode_field
-from protocols.dlt645.frame import (
+from meter_gateway.protocols.dlt645.edition import Edition
+from meter_gateway.protocols.dlt645.error_words import error_flags, remote_control_flags
+from meter_gateway.protocols.dlt645.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from meter_gateway.protocols.dlt645.formats import decode_field, encode_field
+from meter_gateway.protocols.dlt645.frame import (
     _CONTROLS,
     BROADCAST,
     END,
@@ -32,7 +32,7 @@ from protocols.dlt645.frame import (
     Frame,
     scramble,
 )
-from protocols.dlt645.remote_control import RemoteCommand
+from meter_gateway.protocols.dlt645.remote_control import RemoteCommand
 
 E7 = Edition.DLT645_2007
 E97 = Edition.DLT645_1997

@@ -1,6 +1,6 @@
 """Pure Modbus helpers: register value codec. No pymodbus, sockets, asyncio or clocks here."""
 
-from protocols.modbus.values import (
+from meter_gateway.protocols.modbus.values import (
     BYTE_ORDERS,
     DATA_TYPES,
     LocalValueError,

@@ -23,13 +23,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
-from gateway.commands.auth import SigningKey
-from gateway.commands.envelope import CommandEnvelope, encode_envelope
-from gateway.uplink import Protocol
-from protocols.dlt645.frame import Frame
-from simulators.clock import SimClock
-from simulators.dlt645_meter import Dlt645Meter
-from simulators.links import LinkConfig, SimulatedBus
+from meter_gateway.gateway.commands.auth import SigningKey
+from meter_gateway.gateway.commands.envelope import CommandEnvelope, encode_envelope
+from meter_gateway.gateway.uplink import Protocol
+from meter_gateway.protocols.dlt645.frame import Frame
+from meter_gateway.simulators.clock import SimClock
+from meter_gateway.simulators.dlt645_meter import Dlt645Meter
+from meter_gateway.simulators.links import LinkConfig, SimulatedBus
 from tests.faults import scale
 from tests.plugins.broker import Broker, Subscriber
 from tests.plugins.simulators import SIM_START, SimBusHandle

@@ -20,10 +20,10 @@ import pytest
 import pytest_asyncio
 
 from bench.e2e import PROTOCOLS, LineReader, gateway_config, parse_endpoints, simulator_config
-from gateway.app import Gateway
-from gateway.config import load_config
-from gateway.sdnotify import Notifier
-from simulators.modbus_meter import ModbusSimServer, SimulatedMeter
+from meter_gateway.gateway.app import Gateway
+from meter_gateway.gateway.config import load_config
+from meter_gateway.gateway.sdnotify import Notifier
+from meter_gateway.simulators.modbus_meter import ModbusSimServer, SimulatedMeter
 from tests.faults import scale
 from tests.plugins.broker import Broker
 from tests.plugins.ports import free_port
@@ -113,7 +113,7 @@ def test_bad_config_exits_78_within_2s_naming_the_key(
     config.write_text(good.replace(old, new, 1))
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "run", "-c", str(config)],
+        [sys.executable, "-m", "meter_gateway.gateway.cli", "run", "-c", str(config)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -139,7 +139,7 @@ def test_a_bad_config_exits_within_2s(tmp_path: Path) -> None:
     for _ in range(3):
         started = time.monotonic()
         done = subprocess.run(
-            [sys.executable, "-m", "gateway.cli", "run", "-c", str(config)],
+            [sys.executable, "-m", "meter_gateway.gateway.cli", "run", "-c", str(config)],
             cwd=ROOT,
             capture_output=True,
             timeout=30,
@@ -308,7 +308,7 @@ def many_meter_sim(tmp_path: Path) -> Iterator[tuple[dict[str, int], int]]:
     buses, per_bus = 8, 125
     (tmp_path / "sim.toml").write_text(simulator_config(PROTOCOLS["modbus"], buses, per_bus))
     sim = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "simulate", "--config", str(tmp_path / "sim.toml")],
+        [sys.executable, "-m", "meter_gateway.gateway.cli", "simulate", "--config", str(tmp_path / "sim.toml")],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -357,7 +357,7 @@ async def test_metrics_answer_within_1s_with_1000_meters_on_8_buses(
     # stderr to a file: 1,000 meters log more than a pipe nobody reads can hold
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
-        *("-m", "gateway.cli", "run", "-c", str(config), "--log-level", "WARNING"),
+        *("-m", "meter_gateway.gateway.cli", "run", "-c", str(config), "--log-level", "WARNING"),
         cwd=ROOT,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=log,

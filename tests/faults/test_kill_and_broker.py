@@ -41,12 +41,19 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from drivers.reading import Reading
-from gateway.mqtt_contract import Topics, decode_batch
-from gateway.mqtt_packets import MQTT_5, PacketReader, PacketType, RawPacket, decode_connect, decode_puback
-from gateway.mqtt_packets import decode_publish as decode_publish_packet
-from gateway.outbox import Outbox
-from simulators.modbus_meter import ModbusSimServer, SimulatedMeter
+from meter_gateway.drivers.reading import Reading
+from meter_gateway.gateway.mqtt_contract import Topics, decode_batch
+from meter_gateway.gateway.mqtt_packets import (
+    MQTT_5,
+    PacketReader,
+    PacketType,
+    RawPacket,
+    decode_connect,
+    decode_puback,
+)
+from meter_gateway.gateway.mqtt_packets import decode_publish as decode_publish_packet
+from meter_gateway.gateway.outbox import Outbox
+from meter_gateway.simulators.modbus_meter import ModbusSimServer, SimulatedMeter
 from tests.faults import LONG, scale
 from tests.plugins.broker import Broker, Subscriber
 from tests.plugins.ports import free_port
@@ -85,7 +92,7 @@ async def modbus_sim() -> AsyncIterator[ModbusSimServer]:
 
 SIM_PROCESS = r"""
 import asyncio, sys, time
-from simulators.modbus_meter import ModbusSimServer, SimulatedMeter
+from meter_gateway.simulators.modbus_meter import ModbusSimServer, SimulatedMeter
 
 async def main() -> None:
     units = [int(u) for u in sys.argv[1].split(",")]
@@ -179,7 +186,7 @@ async def start_daemon(config: Path, log: Path) -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "gateway.cli",
+            "meter_gateway.gateway.cli",
             "run",
             "-c",
             str(config),

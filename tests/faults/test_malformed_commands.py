@@ -26,10 +26,10 @@ from typing import Any
 import msgspec
 import pytest
 
-from drivers.backoff import BackoffPolicy
-from gateway.commands.envelope import CommandEnvelope, encode_envelope
-from gateway.commands.service import CommandService
-from gateway.uplink import InboundMessage
+from meter_gateway.drivers.backoff import BackoffPolicy
+from meter_gateway.gateway.commands.envelope import CommandEnvelope, encode_envelope
+from meter_gateway.gateway.commands.service import CommandService
+from meter_gateway.gateway.uplink import InboundMessage
 from tests.faults import scale
 from tests.faults.test_commands_faults import counting_bus, operations, publish_many
 from tests.plugins.broker import Broker
@@ -318,7 +318,7 @@ def test_generator_covers_every_kind_and_is_repeatable() -> None:
 
 
 def _check_refused(payload: bytes) -> CommandEnvelope:
-    from gateway.commands.auth import KeyRing, authenticate
+    from meter_gateway.gateway.commands.auth import KeyRing, authenticate
     from tests.test_command_exec import OPS
 
     return authenticate(

@@ -22,19 +22,19 @@ from pathlib import Path
 
 import pytest
 
-from drivers.backoff import BackoffPolicy
-from drivers.bus import Bus, BusSettings
-from drivers.dlt645_driver import Dlt645Driver
-from drivers.errors import BadReply, DriverError, LinkDown, NoAnswer
-from drivers.health import HealthBook, HealthPolicy, MeterOffline, MeterState
-from drivers.reading import Reading
-from drivers.serial_link import SerialLink
-from drivers.tcp_link import TcpLink
-from drivers.transport import SerialSettings, TcpSettings
-from simulators.clock import SimClock
-from simulators.dlt645_meter import Dlt645Meter
-from simulators.faults import Faults
-from simulators.links import LinkConfig, SimulatedBus
+from meter_gateway.drivers.backoff import BackoffPolicy
+from meter_gateway.drivers.bus import Bus, BusSettings
+from meter_gateway.drivers.dlt645_driver import Dlt645Driver
+from meter_gateway.drivers.errors import BadReply, DriverError, LinkDown, NoAnswer
+from meter_gateway.drivers.health import HealthBook, HealthPolicy, MeterOffline, MeterState
+from meter_gateway.drivers.reading import Reading
+from meter_gateway.drivers.serial_link import SerialLink
+from meter_gateway.drivers.tcp_link import TcpLink
+from meter_gateway.drivers.transport import SerialSettings, TcpSettings
+from meter_gateway.simulators.clock import SimClock
+from meter_gateway.simulators.dlt645_meter import Dlt645Meter
+from meter_gateway.simulators.faults import Faults
+from meter_gateway.simulators.links import LinkConfig, SimulatedBus
 from tests.faults import scale
 from tests.plugins.simulators import SimBusFactory
 from tests.test_dlt645_driver import QUICK, TZ, model_of, sim_values
@@ -402,7 +402,7 @@ async def test_modbus_rtu_line_noise_does_not_block_the_event_loop() -> None:
     """Modbus RTU over TCP (a transparent serial server) on a line carrying ~800 B/s of noise (what a
     bad RS-485 segment at 9600 baud can deliver), 16 bytes per chunk: each read must end as NoAnswer
     at its 0.5 s timeout and the event loop must stay responsive (heartbeat lag < 0.25 s)."""
-    from drivers.modbus import ModbusLink
+    from meter_gateway.drivers.modbus import ModbusLink
 
     rng = random.Random(9)
     async with jammed(None, rng.randbytes, chunk=16, every=0.02) as (_, endpoint):

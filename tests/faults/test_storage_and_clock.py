@@ -21,21 +21,21 @@ from zoneinfo import ZoneInfo
 import pytest
 import pytest_asyncio
 
-from drivers.backoff import BackoffPolicy
-from drivers.bus import Bus, BusSettings
-from drivers.dlt645_driver import Dlt645Driver
-from drivers.meter_models import Dlt645Model, load_model
-from drivers.reading import Quality, Reading
-from drivers.tcp_link import TcpLink
-from drivers.transport import TcpSettings
-from gateway.app import Gateway
-from gateway.config import load_config
-from gateway.cursors import CursorStore
-from gateway.mqtt_contract import decode_batch
-from gateway.outbox import AsyncOutbox, Outbox, OutboxDamaged
-from gateway.time_sync_job import BROADCAST_LIMIT, TimeSyncJob
-from protocols.dlt645.edition import Edition
-from simulators.modbus_meter import ModbusSimServer, SimulatedMeter
+from meter_gateway.drivers.backoff import BackoffPolicy
+from meter_gateway.drivers.bus import Bus, BusSettings
+from meter_gateway.drivers.dlt645_driver import Dlt645Driver
+from meter_gateway.drivers.meter_models import Dlt645Model, load_model
+from meter_gateway.drivers.reading import Quality, Reading
+from meter_gateway.drivers.tcp_link import TcpLink
+from meter_gateway.drivers.transport import TcpSettings
+from meter_gateway.gateway.app import Gateway
+from meter_gateway.gateway.config import load_config
+from meter_gateway.gateway.cursors import CursorStore
+from meter_gateway.gateway.mqtt_contract import decode_batch
+from meter_gateway.gateway.outbox import AsyncOutbox, Outbox, OutboxDamaged
+from meter_gateway.gateway.time_sync_job import BROADCAST_LIMIT, TimeSyncJob
+from meter_gateway.protocols.dlt645.edition import Edition
+from meter_gateway.simulators.modbus_meter import ModbusSimServer, SimulatedMeter
 from tests.faults import scale
 from tests.plugins.broker import Broker, Subscriber
 from tests.plugins.ports import free_port
@@ -44,7 +44,7 @@ from tests.plugins.tmpfs import small_tmpfs
 from tests.test_daemon import TOPICS, config_text, start_daemon, stop_daemon, wait_until
 from tests.test_daemon import scrape as scrape_or_raise
 
-LOG = "gateway.outbox"
+LOG = "meter_gateway.gateway.outbox"
 
 
 def scrape(port: int) -> dict[str, float]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import pytest_asyncio
 
-from drivers.bus import Rejection, RejectionLog
+from meter_gateway.drivers.bus import Rejection, RejectionLog
 
 SYNC = 0xA5
 REQUEST = 0x01

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 
 import pytest_asyncio
 
-from protocols.dlt645.deframer import Deframer, Discarded, Event
-from protocols.dlt645.edition import Edition
-from protocols.dlt645.frame import Frame
-from simulators.clock import SimClock
-from simulators.dlt645_meter import Dlt645Meter
-from simulators.faults import Faults
-from simulators.links import LinkConfig, SimulatedBus
+from meter_gateway.protocols.dlt645.deframer import Deframer, Discarded, Event
+from meter_gateway.protocols.dlt645.edition import Edition
+from meter_gateway.protocols.dlt645.frame import Frame
+from meter_gateway.simulators.clock import SimClock
+from meter_gateway.simulators.dlt645_meter import Dlt645Meter
+from meter_gateway.simulators.faults import Faults
+from meter_gateway.simulators.links import LinkConfig, SimulatedBus
 
 SIM_START = datetime.datetime(2026, 3, 14, 10, 0, 0)
 
