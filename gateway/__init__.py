@@ -1,3 +1,5 @@
 """The meter-gateway daemon."""
 
-__version__ = "0.1.0"
+from meter_gateway import __version__
+
+__all__ = ["__version__"]
