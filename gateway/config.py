@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hmac
 import math
 import os
@@ -48,6 +49,7 @@ __all__ = [
     "diff",
     "load_config",
     "parse_duration",
+    "schema_hook",
 ]
 
 DEFAULT_STATE_DIR: Final = "/var/lib/meter-gateway"
@@ -131,10 +133,43 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=
     resolved: ClassVar[frozenset[str]] = frozenset()
 
 
+def _about(description: str, *, unit: str | None = None) -> Meta:
+    """A field's text in docs/configuration.md and docs/config.schema.json (gateway/config_reference.py).
+    ``unit`` is for numbers whose unit the type does not say (a Duration is always seconds)."""
+    return Meta(description=description, extra_json_schema={"x-unit": unit} if unit else None)
+
+
+def _seconds(value: float) -> Duration:
+    # A factory, not a Duration default: msgspec.json.schema encodes plain defaults without an
+    # enc_hook and cannot encode a float subclass (msgspec issue #679); config_reference adds
+    # the default to the schema from the factory.
+    return msgspec.field(default_factory=functools.partial(Duration, value))
+
+
 class GatewaySection(_Section, kw_only=True, frozen=True):
-    id: Name
-    timezone: str | None = None  # IANA name of the meters' clock zone; None: this machine's zone
-    state_dir: str = DEFAULT_STATE_DIR
+    """This gateway: its id, the zone its meters keep time in, where it keeps its files."""
+
+    id: Annotated[
+        Name,
+        _about(
+            "This gateway's id: a level of every MQTT topic, in every payload and metric, and the default MQTT "
+            "client id. Letters, digits and _ . : - (starting with a letter or digit), at most 64."
+        ),
+    ]
+    timezone: Annotated[
+        str | None,
+        _about(
+            "IANA name of the zone the meters keep their clocks in (daily freezes are at their local midnight), "
+            'e.g. "Asia/Shanghai". Not set: this machine\'s zone (TZ, else /etc/localtime, else UTC).'
+        ),
+    ] = None
+    state_dir: Annotated[
+        str,
+        _about(
+            "Directory of the gateway's files: outbox, command store, audit log, poll and job cursors, status file. "
+            "Relative to the config file's directory."
+        ),
+    ] = DEFAULT_STATE_DIR
 
     def zone(self) -> tzinfo:
         """The zone meters keep their clocks (and daily freezes) in."""
@@ -153,70 +188,209 @@ class GatewaySection(_Section, kw_only=True, frozen=True):
 class TlsSection(_Section, kw_only=True, frozen=True):
     """Present (even empty) means TLS; without ``ca_file`` the system's CA store is trusted."""
 
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
+    ca_file: Annotated[
+        str | None,
+        _about(
+            "CA certificate(s), PEM, the broker's certificate must chain to. Not set: the system's trusted CAs. "
+            "Relative to the config file's directory."
+        ),
+    ] = None
+    cert_file: Annotated[
+        str | None, _about("Client certificate, PEM, for mutual TLS; needs key_file. Relative to the config file.")
+    ] = None
+    key_file: Annotated[
+        str | None, _about("Private key, PEM, of cert_file; needs cert_file. Relative to the config file.")
+    ] = None
 
 
 class UplinkSection(_Section, kw_only=True, frozen=True):
+    """The MQTT connection to the head-end's broker (docs/mqtt.md)."""
+
     resolved: ClassVar[frozenset[str]] = frozenset({"password"})
 
-    host: Annotated[str, Meta(min_length=1)]
-    port: Port = 1883
-    client_id: str | None = None  # default: the gateway id
-    username: str | None = None
-    password_file: str | None = None
-    password_env: str | None = None
+    host: Annotated[str, Meta(min_length=1), _about("Broker host name or address.")]
+    port: Annotated[
+        Port, _about("Broker TCP port. [uplink.tls] does not change it: set the broker's TLS port (often 8883).")
+    ] = 1883
+    client_id: Annotated[str | None, _about("MQTT client id. Not set: the gateway id (gateway.id).")] = None
+    username: Annotated[str | None, _about("MQTT user name.")] = None
+    password_file: Annotated[
+        str | None,
+        _about(
+            "File holding the MQTT password (trailing newlines ignored; relative to the config file). "
+            "Needs username; give this or password_env, not both."
+        ),
+    ] = None
+    password_env: Annotated[
+        str | None,
+        _about("Environment variable holding the MQTT password. Needs username; give this or password_file."),
+    ] = None
     password: Secret | None = None
-    tls: TlsSection | None = None
-    keepalive: Duration = Duration(60)
-    topic_prefix: str = "meter-gateway"  # gateway.mqtt_contract.TOPIC_ROOT
-    protocol: Literal["auto", "5", "3.1.1"] = "auto"
-    batch_max_readings: Annotated[int, Meta(ge=1, le=10000)] = 500
-    max_inflight: Annotated[int, Meta(ge=1, le=65535)] = 20
+    tls: Annotated[
+        TlsSection | None,
+        _about("TLS to the broker. The table being present, even empty, turns TLS on; absent: plain TCP."),
+    ] = None
+    keepalive: Annotated[
+        Duration,
+        _about(
+            "MQTT keepalive: without traffic for 1.5 times this, the broker drops the connection and publishes "
+            "the gateway's offline Will. Whole seconds (a fraction is dropped), at least 5."
+        ),
+    ] = _seconds(60)
+    topic_prefix: Annotated[
+        str,
+        _about(
+            "First topic levels of every topic: {topic_prefix}/v1/{gateway.id}/... . MQTT topic levels without "
+            "wildcards (+ #), a leading / or empty levels."
+        ),
+    ] = "meter-gateway"  # gateway.mqtt_contract.TOPIC_ROOT
+    protocol: Annotated[
+        Literal["auto", "5", "3.1.1"],
+        _about('MQTT version. "auto": 5, and 3.1.1 from the first time the broker refuses 5; "5" or "3.1.1" pin it.'),
+    ] = "auto"
+    batch_max_readings: Annotated[
+        int,
+        Meta(ge=1, le=10000),
+        _about(
+            "Most readings in one readings message (a batch is also cut at 256 KiB, or the broker's MQTT 5 "
+            "Maximum Packet Size when smaller).",
+            unit="readings",
+        ),
+    ] = 500
+    max_inflight: Annotated[
+        int,
+        Meta(ge=1, le=65535),
+        _about(
+            "Most QoS 1 messages (readings batches, status, meter states) published and not yet acknowledged at "
+            "once; lowered to the broker's MQTT 5 Receive Maximum when it announces a smaller one.",
+            unit="messages",
+        ),
+    ] = 20
 
 
 class OutboxSection(_Section, kw_only=True, frozen=True):
-    path: str | None = None  # default: <state_dir>/outbox.sqlite
-    synchronous: Literal["FULL", "NORMAL", "EXTRA"] = "FULL"
-    budget_mb: Annotated[float, Meta(gt=0)] = 512.0
-    # When the budget is full: stop polling new data (nothing committed is lost) or drop the oldest
-    # undelivered readings.
-    overflow_policy: Literal["pause_polling", "drop_oldest"] = "pause_polling"
-    # Shortest time between two commits: readings arriving meanwhile share one transaction (and
-    # one fsync under FULL). docs/outbox.md "Group commit".
-    commit_interval: Duration = Duration(0.02)
+    """The SQLite outbox every reading is committed to before it counts as acquired (docs/outbox.md)."""
+
+    path: Annotated[
+        str | None,
+        _about("The outbox's SQLite file. Not set: <state_dir>/outbox.sqlite. Relative to the config file."),
+    ] = None
+    synchronous: Annotated[
+        Literal["FULL", "NORMAL", "EXTRA"],
+        _about(
+            "SQLite synchronous mode (the outbox always runs in WAL mode). FULL: the WAL is fsynced at every "
+            "commit, a power cut loses no committed reading. NORMAL: a power cut can roll back the last commits "
+            "(a process crash cannot). EXTRA: as FULL in WAL mode."
+        ),
+    ] = "FULL"
+    budget_mb: Annotated[
+        float,
+        Meta(gt=0),
+        _about(
+            "Disk budget: most database pages in use, in MiB (the WAL is not counted). When a batch does not fit, "
+            "overflow_policy applies.",
+            unit="MiB",
+        ),
+    ] = 512.0
+    overflow_policy: Annotated[
+        Literal["pause_polling", "drop_oldest"],
+        _about(
+            'What a full budget does, counted either way. "pause_polling": nothing committed is removed; new '
+            "readings that do not fit are refused (metric outbox_refused_total) and not acquired, while polls go "
+            'on; the meters still hold that data for a backfill. "drop_oldest": the oldest undelivered readings '
+            "are deleted to make room (outbox_overflow_dropped_total); the head-end sees a gap in row numbers."
+        ),
+    ] = "pause_polling"
+    commit_interval: Annotated[
+        Duration,
+        _about(
+            "Group commit: readings arriving within this time of a commit's start share its transaction (one "
+            "fsync). A reading counts as acquired at most this much later. At most 1 s."
+        ),
+    ] = _seconds(0.02)
 
 
 class MetricsSection(_Section, kw_only=True, frozen=True):
-    enabled: bool = True
-    host: str = "127.0.0.1"
-    port: Port = 9108
+    """Prometheus metrics, served at http://{host}:{port}/metrics (docs/operations.md)."""
+
+    enabled: Annotated[bool, _about("Serve the metrics endpoint.")] = True
+    host: Annotated[str, _about("Address the endpoint listens on; 127.0.0.1 keeps it on this machine.")] = "127.0.0.1"
+    port: Annotated[Port, _about("TCP port the endpoint listens on.")] = 9108
 
 
 class LimitsSection(_Section, kw_only=True, frozen=True):
-    max_queue_per_bus: Annotated[int, Meta(ge=1)] = 1000  # queued transactions before polls are shed
-    degraded_after: Annotated[int, Meta(ge=1)] = 1  # consecutive failures (drivers.health.HealthPolicy)
-    offline_after: Annotated[int, Meta(ge=1)] = 3
-    offline_probe_interval: Duration = Duration(60)
-    backfill_max_slots: Annotated[int, Meta(ge=0)] = 2880  # per meter and group, per backfill run
+    """Back-pressure and meter health thresholds."""
+
+    max_queue_per_bus: Annotated[
+        int,
+        Meta(ge=1),
+        _about("Most reads queued for one bus; a due read beyond it is shed (counted) instead.", unit="reads"),
+    ] = 1000
+    degraded_after: Annotated[
+        int,
+        Meta(ge=1),
+        _about(
+            "Consecutive failed transactions after which a meter is degraded. At most offline_after.",
+            unit="failures",
+        ),
+    ] = 1  # drivers.health.HealthPolicy
+    offline_after: Annotated[
+        int,
+        Meta(ge=1),
+        _about(
+            "Consecutive failed transactions after which a meter is offline: its transactions then fail at once, "
+            "but for one probe per offline_probe_interval.",
+            unit="failures",
+        ),
+    ] = 3
+    offline_probe_interval: Annotated[Duration, _about("Time between probes of an offline meter.")] = _seconds(60)
+    backfill_max_slots: Annotated[
+        int,
+        Meta(ge=0),
+        _about("Reserved: checked (>= 0) but not used by this version.", unit="slots"),
+    ] = 2880
 
 
 class _BusBase(_Section, kw_only=True, frozen=True):
-    name: Name
-    protocol: Literal["dlt645", "modbus-rtu", "modbus-tcp"]
-    reply_timeout: Duration = Duration(1.0)
-    attempts: Annotated[int, Meta(ge=1, le=10)] = 3
-    inter_frame_gap: Duration | None = None  # None: the protocol's own rule (see SerialBus.frame_gap)
+    name: Annotated[Name, _about("Bus name, unique; meters name it in meters[].bus.")]
+    protocol: Annotated[
+        Literal["dlt645", "modbus-rtu", "modbus-tcp"],
+        _about(
+            "Framing on this bus: DL/T 645, Modbus RTU (on a serial line or through a TCP serial server) or "
+            "Modbus TCP (tcp buses only)."
+        ),
+    ]
+    reply_timeout: Annotated[Duration, _about("How long to wait for a meter's reply. More than 0.")] = _seconds(1.0)
+    attempts: Annotated[
+        int, Meta(ge=1, le=10), _about("Tries of one transaction before it counts as failed.", unit="tries")
+    ] = 3
+    inter_frame_gap: Annotated[
+        Duration | None,
+        _about(
+            "Silence kept between frames. Not set: serial buses 3.5 character times (1.75 ms above 19200 baud, "
+            "Modbus over Serial Line V1.02 2.5.1.1); tcp buses none."
+        ),
+    ] = None  # None: the protocol's own rule (see SerialBus.frame_gap)
 
 
 class SerialBus(_BusBase, kw_only=True, frozen=True, tag="serial", tag_field="type"):
-    port: Annotated[str, Meta(min_length=1)]
-    baud_rate: Literal[300, 600, 1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200]
-    data_bits: Literal[7, 8] = 8
-    parity: Literal["N", "E", "O"]
-    stop_bits: Literal[1, 2] = 1
-    rs485: bool = True
+    """Meters on a local serial port (RS-485, or RS-232): ``type = "serial"``."""
+
+    port: Annotated[str, Meta(min_length=1), _about("Serial device, e.g. /dev/ttyUSB0.")]
+    baud_rate: Annotated[
+        Literal[300, 600, 1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200],
+        _about("Line speed.", unit="bit/s"),
+    ]
+    data_bits: Annotated[Literal[7, 8], _about("Data bits per character.", unit="bits")] = 8
+    parity: Annotated[Literal["N", "E", "O"], _about("Parity: N none, E even, O odd (DL/T 645 lines use E).")]
+    stop_bits: Annotated[Literal[1, 2], _about("Stop bits per character.", unit="bits")] = 1
+    rs485: Annotated[
+        bool,
+        _about(
+            "Kernel RS-485 mode: the serial driver switches the transceiver's direction. false for RS-232 and for "
+            "adapters that switch by themselves."
+        ),
+    ] = True
 
     def frame_gap(self) -> float:
         """Silence between frames: as configured, else 3.5 character times (Modbus over Serial
@@ -230,9 +404,11 @@ class SerialBus(_BusBase, kw_only=True, frozen=True, tag="serial", tag_field="ty
 
 
 class TcpBus(_BusBase, kw_only=True, frozen=True, tag="tcp", tag_field="type"):
-    host: Annotated[str, Meta(min_length=1)]
-    port: Port
-    connect_timeout: Duration = Duration(5.0)
+    """Meters behind a TCP endpoint (a serial device server, or Modbus TCP devices): ``type = "tcp"``."""
+
+    host: Annotated[str, Meta(min_length=1), _about("Host name or address of the device server or Modbus TCP device.")]
+    port: Annotated[Port, _about("Its TCP port.")]
+    connect_timeout: Annotated[Duration, _about("How long a TCP connect may take.")] = _seconds(5.0)
 
     def frame_gap(self) -> float:
         return 0.0 if self.inter_frame_gap is None else float(self.inter_frame_gap)
@@ -246,25 +422,68 @@ class Credentials(_Section, kw_only=True, frozen=True):
 
     resolved: ClassVar[frozenset[str]] = frozenset({"password"})
 
-    password_level: Annotated[int, Meta(ge=0, le=9)] = 2
-    password_file: str | None = None
-    password_env: str | None = None
+    password_level: Annotated[
+        int,
+        Meta(ge=0, le=9),
+        _about("DL/T 645 password level the password belongs to (meters usually take 2 or 4 for remote control)."),
+    ] = 2
+    password_file: Annotated[
+        str | None,
+        _about(
+            "File holding the meter password, 6 hex digits (trailing newlines ignored; relative to the config "
+            "file). Give this or password_env."
+        ),
+    ] = None
+    password_env: Annotated[
+        str | None, _about("Environment variable holding the meter password, 6 hex digits. Or password_file.")
+    ] = None
     password: Secret | None = None
-    operator: Annotated[str, Meta(pattern=r"^[0-9A-Fa-f]{8}$")] = "00000000"
+    operator: Annotated[
+        str,
+        Meta(pattern=r"^[0-9A-Fa-f]{8}$"),
+        _about("Operator code, 8 hex digits: the meter records it in its trip and close event log."),
+    ] = "00000000"
 
 
 class Meter(_Section, kw_only=True, frozen=True, gc=False):
+    """One meter on a bus."""
+
     # gc=False: 16 bytes less per meter (it holds strings, an int and Credentials: no cycles)
-    id: Name
-    bus: str
-    protocol: Literal["dlt645-2007", "dlt645-1997", "modbus"]
-    address: str | int  # DL/T 645: 12 digits as a string; Modbus: unit id 1..247
-    model: str
-    credentials: Credentials | None = None
-    # How a remote reconnect closes the relay when the command does not say: "close_permit" arms
-    # it and the customer presses the meter's button (safe default: nobody is surprised by power
-    # coming back); "direct_close" closes it at once (DL/T 645 1C, 2013 amendment).
-    reconnect: Literal["close_permit", "direct_close"] = "close_permit"
+    id: Annotated[
+        Name, _about("Meter id, unique: in topics, reading ids and metric labels (same characters as gateway.id).")
+    ]
+    bus: Annotated[str, _about("The bus the meter is on (a buses[].name).")]
+    protocol: Annotated[
+        Literal["dlt645-2007", "dlt645-1997", "modbus"],
+        _about("DL/T 645 edition (on a dlt645 bus), or modbus (on a modbus-rtu or modbus-tcp bus)."),
+    ]
+    address: Annotated[
+        str | int,
+        _about(
+            'DL/T 645: the 12-digit address as a quoted string ("000000001234"; not the broadcast 999999999999). '
+            "Modbus: the unit id 1..247 as an integer. Unique on its bus."
+        ),
+    ]
+    model: Annotated[
+        str,
+        _about(
+            "Meter model: a shipped name (drivers/models/, e.g. dlt645-2007-generic) or the path of a model TOML "
+            "file (relative to the config file)."
+        ),
+    ]
+    credentials: Annotated[
+        Credentials | None,
+        _about("DL/T 645 write access for remote control (DL/T 645 meters only). Not set: no control frames."),
+    ] = None
+    # "close_permit" is the default so nobody is surprised by power coming back (DL/T 645 1C,
+    # direct close since the 2013 amendment).
+    reconnect: Annotated[
+        Literal["close_permit", "direct_close"],
+        _about(
+            'How a remote reconnect closes the relay when the command does not say: "close_permit" arms it and '
+            'the customer presses the meter\'s button; "direct_close" closes it at once.'
+        ),
+    ] = "close_permit"
 
     @property
     def unit_id(self) -> int:
@@ -280,33 +499,90 @@ class Meter(_Section, kw_only=True, frozen=True, gc=False):
 
 
 class PollGroup(_Section, kw_only=True, frozen=True):
-    name: Name
-    interval: Duration
-    quantities: Annotated[list[str], Meta(min_length=1)]
-    meters: str | list[str] = "*"  # meter ids, or "*" for every meter
-    spread: Annotated[float, Meta(ge=0, lt=1)] = 0.1  # fraction of the interval reads are spread over
-    backfill: bool = False
+    """Quantities read from a set of meters once per interval."""
+
+    name: Annotated[Name, _about("Poll group name, unique.")]
+    interval: Annotated[
+        Duration,
+        _about(
+            "Time between reads: a whole number of seconds, at least 1. Slots start at multiples of it since the "
+            "Unix epoch."
+        ),
+    ]
+    quantities: Annotated[
+        list[str],
+        Meta(min_length=1),
+        _about(
+            "Quantity names to read (lower-case dotted words like energy.active.import.total); each must be one "
+            "at least one meter of the group's model can read."
+        ),
+    ]
+    meters: Annotated[str | list[str], _about('Meter ids, or "*" for every meter.')] = "*"
+    spread: Annotated[
+        float,
+        Meta(ge=0, lt=1),
+        _about(
+            "Fraction of the interval the group's reads are spread over, each meter at its own fixed offset.",
+            unit="fraction of interval",
+        ),
+    ] = 0.1
+    backfill: Annotated[
+        bool, _about("Fill slots missed by an outage from the meters' daily frozen data (docs/backfill.md).")
+    ] = False
 
 
 class TimeSync(_Section, kw_only=True, frozen=True):
-    enabled: bool = True
-    interval: Duration = Duration(86400)
-    offset: Duration = Duration(0)  # into each interval, so syncs need not coincide with reads at :00
-    mode: Literal["broadcast", "unicast"] = "broadcast"
-    max_drift: Duration = Duration(5)  # seconds of meter clock drift tolerated before correcting
+    """DL/T 645 meter clock sync (docs/backfill.md "Meter time sync"). No [time_sync] table: no sync."""
+
+    enabled: Annotated[bool, _about("Check and correct meter clocks.")] = True
+    interval: Annotated[Duration, _about("Time between clock checks: a whole number of seconds, at least 1.")] = (
+        _seconds(86400)
+    )
+    offset: Annotated[
+        Duration,
+        _about("Into each interval, so syncs need not coincide with reads at :00. Less than interval."),
+    ] = _seconds(0)
+    mode: Annotated[
+        Literal["broadcast", "unicast"],
+        _about(
+            'How a drifting clock is corrected with 0x08: "broadcast" once per bus and edition, "unicast" once per '
+            "meter to correct."
+        ),
+    ] = "broadcast"
+    max_drift: Annotated[Duration, _about("Meter clock drift tolerated before it is corrected.")] = _seconds(5)
     # meter-vs-gateway skew beyond which the meter's readings carry Quality.CLOCK_SUSPECT
     # (default: the drift beyond which a broadcast cannot correct a meter, time_sync_job.BROADCAST_LIMIT)
-    suspect_drift: Duration = Duration(300)
+    suspect_drift: Annotated[
+        Duration,
+        _about(
+            "Meter clock skew beyond which the meter's readings carry the CLOCK_SUSPECT quality flag (the default "
+            "is the most a broadcast sync can correct). At least max_drift."
+        ),
+    ] = _seconds(300)
 
 
 class DailyFrozen(_Section, kw_only=True, frozen=True):
-    """Reading each meter's daily frozen record after local midnight (DL/T 645 05060xxx)."""
+    """Reading each meter's daily frozen record after local midnight (DL/T 645 05060xxx).
+    No [daily_frozen] table: no daily frozen reads."""
 
-    enabled: bool = True
-    delay: Duration = Duration(300)  # after local midnight, so every meter has frozen
-    spread: Duration = Duration(600)  # reads are spread over this window after the delay
-    meters: str | list[str] = "*"
-    backfill_days: Annotated[int, Meta(ge=0, le=MAX_FROZEN_DAYS)] = 7
+    enabled: Annotated[bool, _about("Read the daily freezes.")] = True
+    delay: Annotated[Duration, _about("After local midnight (gateway.timezone), so every meter has frozen.")] = (
+        _seconds(300)
+    )
+    spread: Annotated[
+        Duration, _about("Reads are spread over this window after the delay. delay + spread is under a day.")
+    ] = _seconds(600)
+    meters: Annotated[
+        str | list[str], _about('DL/T 645 meter ids, or "*" for every DL/T 645 meter (Modbus meters keep no freezes).')
+    ] = "*"
+    backfill_days: Annotated[
+        int,
+        Meta(ge=0, le=MAX_FROZEN_DAYS),
+        _about(
+            "How many days back freezes missed by an outage are recovered (DL/T 645-2007 meters keep 62).",
+            unit="days",
+        ),
+    ] = 7
 
 
 class CommandKeyConfig(_Section, kw_only=True, frozen=True):
@@ -314,14 +590,36 @@ class CommandKeyConfig(_Section, kw_only=True, frozen=True):
 
     resolved: ClassVar[frozenset[str]] = frozenset({"public_key", "secret"})
 
-    id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._:-]{1,64}$")]
-    alg: Literal["ed25519", "hmac-sha256"]
-    public_key_file: str | None = None  # ed25519: PEM public key, or the raw 32 bytes in base64
-    secret_file: str | None = None  # hmac-sha256: the shared secret (>= 32 bytes)
-    secret_env: str | None = None
-    roles: Annotated[list[Literal["command", "release"]], Meta(min_length=1)] = msgspec.field(
-        default_factory=lambda: ["command"]
-    )
+    id: Annotated[
+        str,
+        Meta(pattern=r"^[A-Za-z0-9._:-]{1,64}$"),
+        _about("Key id, unique: the key_id of the envelopes it signs."),
+    ]
+    alg: Annotated[
+        Literal["ed25519", "hmac-sha256"],
+        _about("Signature algorithm. Prefer ed25519: the gateway then holds no secret that could sign commands."),
+    ]
+    public_key_file: Annotated[
+        str | None,
+        _about(
+            "ed25519: the public key, PEM, or the raw 32 bytes in base64 (relative to the config file). Required "
+            "for ed25519."
+        ),
+    ] = None
+    secret_file: Annotated[
+        str | None,
+        _about(
+            "hmac-sha256: file holding the shared secret, at least 32 bytes (trailing newlines ignored). Or secret_env."
+        ),
+    ] = None
+    secret_env: Annotated[
+        str | None, _about("hmac-sha256: environment variable holding the shared secret. Or secret_file.")
+    ] = None
+    roles: Annotated[
+        list[Literal["command", "release"]],
+        Meta(min_length=1),
+        _about('What the key may sign: "command" every action but release, "release" held commands\' release.'),
+    ] = msgspec.field(default_factory=lambda: ["command"])
     public_key: bytes | None = None  # resolved: raw Ed25519 public key
     secret: Secret | None = None  # resolved: HMAC key
 
@@ -329,29 +627,59 @@ class CommandKeyConfig(_Section, kw_only=True, frozen=True):
 class CommandsSection(_Section, kw_only=True, frozen=True):
     """Remote control (docs/mqtt.md "Commands and acknowledgements"). Off unless enabled."""
 
-    enabled: bool = False
-    keys: list[CommandKeyConfig] = msgspec.field(default_factory=list)
-    max_validity: Duration = Duration(86400)  # longest expires_at - issued_at accepted
-    max_disconnects: Annotated[int, Meta(ge=1)] = 50  # per guard_window, then commands are held
-    guard_window: Duration = Duration(3600)
-    verify_window: Duration = Duration(30)  # to read the relay back after a control frame
-    retry: Annotated[int, Meta(ge=1, le=10)] = 3  # attempts per control frame
-    store_path: str | None = None  # default: <state_dir>/commands.sqlite
-    audit_path: str | None = None  # default: <state_dir>/audit.sqlite
+    enabled: Annotated[
+        bool, _about("Run signed remote-control commands. Off: command messages are logged and ignored.")
+    ] = False
+    keys: Annotated[list[CommandKeyConfig], _about("Keys commands may be signed with; at least one when enabled.")] = (
+        msgspec.field(default_factory=list)
+    )
+    max_validity: Annotated[
+        Duration, _about("Longest expires_at - issued_at accepted; longer: rejected (validity_too_long).")
+    ] = _seconds(86400)
+    max_disconnects: Annotated[
+        int,
+        Meta(ge=1),
+        _about("Disconnects per guard_window; beyond it commands are held for a release.", unit="meters"),
+    ] = 50
+    guard_window: Annotated[Duration, _about("Sliding window of the mass-disconnect guard.")] = _seconds(3600)
+    verify_window: Annotated[Duration, _about("How long the relay is read back after a control frame.")] = _seconds(30)
+    retry: Annotated[
+        int,
+        Meta(ge=1, le=10),
+        _about("Attempts per control frame when the meter does not answer.", unit="attempts"),
+    ] = 3
+    store_path: Annotated[
+        str | None,
+        _about("Command store (SQLite). Not set: <state_dir>/commands.sqlite. Relative to the config file."),
+    ] = None
+    audit_path: Annotated[
+        str | None,
+        _about("Audit log (SQLite). Not set: <state_dir>/audit.sqlite. Relative to the config file."),
+    ] = None
 
 
 class Config(_Section, kw_only=True, frozen=True):
-    gateway: GatewaySection
-    uplink: UplinkSection
-    outbox: OutboxSection = OutboxSection()
-    metrics: MetricsSection = MetricsSection()
-    limits: LimitsSection = LimitsSection()
-    buses: list[BusConfig] = msgspec.field(default_factory=list)
-    meters: list[Meter] = msgspec.field(default_factory=list)
-    poll_groups: list[PollGroup] = msgspec.field(default_factory=list)
-    time_sync: TimeSync | None = None
-    daily_frozen: DailyFrozen | None = None
-    commands: CommandsSection = CommandsSection()
+    """The whole file: one table per section, lists of tables for buses, meters and poll groups."""
+
+    gateway: Annotated[GatewaySection, _about("This gateway.")]
+    uplink: Annotated[UplinkSection, _about("The MQTT broker readings go to and commands come from.")]
+    outbox: Annotated[OutboxSection, _about("The durable outbox.")] = msgspec.field(default_factory=OutboxSection)
+    metrics: Annotated[MetricsSection, _about("The Prometheus endpoint.")] = msgspec.field(
+        default_factory=MetricsSection
+    )
+    limits: Annotated[LimitsSection, _about("Back-pressure and meter health thresholds.")] = msgspec.field(
+        default_factory=LimitsSection
+    )
+    buses: Annotated[
+        list[BusConfig], _about('Serial lines and TCP endpoints meters are reached through; "type" picks which.')
+    ] = msgspec.field(default_factory=list)
+    meters: Annotated[list[Meter], _about("The meters.")] = msgspec.field(default_factory=list)
+    poll_groups: Annotated[list[PollGroup], _about("What is read from which meters, how often.")] = msgspec.field(
+        default_factory=list
+    )
+    time_sync: Annotated[TimeSync | None, _about("Meter clock sync. Absent: off.")] = None
+    daily_frozen: Annotated[DailyFrozen | None, _about("Daily frozen reads and their backfill. Absent: off.")] = None
+    commands: Annotated[CommandsSection, _about("Remote control.")] = msgspec.field(default_factory=CommandsSection)
 
     def bus(self, name: str) -> BusConfig:
         for b in self.buses:
@@ -456,7 +784,8 @@ class _Validator:
             value = cleaned.get(field.encode_name)
             if value is None:
                 continue
-            item_type = typing.get_args(field.type)[0] if typing.get_origin(field.type) is list else None
+            bare = typing.get_args(field.type)[0] if typing.get_origin(field.type) is Annotated else field.type
+            item_type = typing.get_args(bare)[0] if typing.get_origin(bare) is list else None
             if item_type is not None and isinstance(value, list):
                 for i, item in enumerate(value):
                     self._convert(item, item_type, f"{field.encode_name}[{i}]", raw)
@@ -489,6 +818,7 @@ class _Validator:
 
     def _walk(self, value: Any, t: inspect.Type, where: str) -> Any:
         """Report unknown keys (all of them, with suggestions) and return ``value`` without them."""
+        t = _bare(t)
         if isinstance(t, inspect.StructType) and isinstance(value, dict):
             fields = {f.encode_name: f for f in t.fields}
             resolved: frozenset[str] = getattr(t.cls, "resolved", frozenset())
@@ -865,6 +1195,23 @@ def _dec_hook(t: type, obj: Any) -> Any:
     raise NotImplementedError(f"cannot read {t!r}")
 
 
+def schema_hook(t: type) -> dict[str, Any]:
+    """JSON Schema of the custom types, for ``msgspec.json.schema(Config, schema_hook=schema_hook)``
+    (gateway/config_reference.py writes the complete schema, defaults included)."""
+    if t is Duration:
+        return {
+            "x-type": "duration",
+            "x-unit": "s",
+            "anyOf": [
+                {"type": "number", "minimum": 0},
+                {"type": "string", "pattern": f"^{_DURATION.pattern}$"},
+            ],
+        }
+    if t is Secret:  # filled in at load from a file or the environment, never written in the file
+        return {"type": "string", "writeOnly": True}
+    raise NotImplementedError(f"no JSON Schema for {t!r}")
+
+
 _MSGSPEC_ERROR: Final = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
 
 
@@ -928,10 +1275,18 @@ def _expected_at(where: str) -> str:
 
 
 def _strip_optional(t: inspect.Type) -> inspect.Type:
+    t = _bare(t)
     if isinstance(t, inspect.UnionType):
         rest = [x for x in t.types if not isinstance(x, inspect.NoneType)]
         if len(rest) == 1:
-            return rest[0]
+            return _bare(rest[0])
+    return t
+
+
+def _bare(t: inspect.Type) -> inspect.Type:
+    """The type without its field descriptions (``Meta`` documentation wraps it in Metadata)."""
+    while isinstance(t, inspect.Metadata):
+        t = t.type
     return t
 
 
