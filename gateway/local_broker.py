@@ -1,10 +1,10 @@
-"""A throw-away local MQTT broker for the demo: loopback only, anonymous, no persistence.
+"""A throw-away local mosquitto for the demo and the benchmarks: loopback, anonymous, no persistence.
 
-mosquitto when it is installed; otherwise the embedded pure-Python demo broker
-(gateway/embedded_broker.py) on its own thread. Either way: ``with LocalBroker() as broker:``
-gives ``host``, ``port``, ``kind`` ("mosquitto" or "embedded") and ``description``.
-``METER_GATEWAY_MOSQUITTO`` overrides the search: a path (or name on PATH) of the mosquitto
-binary to use, or ``none`` to use the embedded broker even when mosquitto is installed.
+``with LocalBroker() as broker:`` runs mosquitto on a free port with a generated config and gives
+``host``, ``port``, ``kind`` and ``description``; the process is stopped on exit.
+``METER_GATEWAY_MOSQUITTO`` names the binary (a path, or a name on PATH) when it is not in the
+usual places. The product carries no broker of its own: without mosquitto, ``BrokerUnavailable``
+says in one line how to install it.
 """
 
 from __future__ import annotations
@@ -15,30 +15,33 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
-from meter_gateway.gateway.embedded_broker import BrokerThread
-
 CANDIDATES = ("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 ENV_MOSQUITTO = "METER_GATEWAY_MOSQUITTO"
-_NO_MOSQUITTO = ("", "none", "no", "off", "embedded")
-
-BrokerKind = Literal["mosquitto", "embedded"]
+INSTALL_HINT = f"install it (Debian/Ubuntu: apt-get install mosquitto) or set {ENV_MOSQUITTO} to its path"
 
 
-def find_mosquitto() -> str | None:
-    """The mosquitto binary to run, or None (not installed, or ``METER_GATEWAY_MOSQUITTO=none``)."""
-    override = os.environ.get(ENV_MOSQUITTO)
+class BrokerUnavailable(RuntimeError):
+    """No local MQTT broker can be run; the message is one line that says what to do."""
+
+
+def find_mosquitto(env: Mapping[str, str] | None = None, candidates: Iterable[str] = CANDIDATES) -> str:
+    """The mosquitto binary to run: ``METER_GATEWAY_MOSQUITTO`` if set, else the first candidate
+    found. Raises BrokerUnavailable when there is none."""
+    override = (os.environ if env is None else env).get(ENV_MOSQUITTO)
     if override is not None:
-        if override.strip().lower() in _NO_MOSQUITTO:
-            return None
-        return shutil.which(override)
-    for name in CANDIDATES:
-        path = shutil.which(name) or (name if os.access(name, os.X_OK) else None)
+        path = shutil.which(override)
+        if path is None:
+            raise BrokerUnavailable(f"{ENV_MOSQUITTO}={override!r} is not an executable mosquitto; {INSTALL_HINT}")
+        return path
+    for name in candidates:
+        path = shutil.which(name) or (name if os.path.isabs(name) and os.access(name, os.X_OK) else None)
         if path:
             return path
-    return None
+    raise BrokerUnavailable(f"no MQTT broker: mosquitto is not installed; {INSTALL_HINT}")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -49,71 +52,75 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class LocalBroker:
-    """``with LocalBroker() as broker: broker.port``; the broker is stopped on exit.
+    """``with LocalBroker() as broker: broker.port``; mosquitto is stopped on exit.
 
-    ``kind="auto"`` takes mosquitto when ``find_mosquitto()`` finds it, else the embedded broker;
-    ``"mosquitto"`` insists on mosquitto (FileNotFoundError without it); ``"embedded"`` never
-    runs mosquitto.
+    Constructing it finds the binary (BrokerUnavailable without one); entering starts it and
+    returns once it accepts connections (BrokerUnavailable if it exits or does not listen).
     """
 
-    def __init__(
-        self,
-        host: str = "127.0.0.1",
-        port: int | None = None,
-        *,
-        kind: Literal["auto", "mosquitto", "embedded"] = "auto",
-    ) -> None:
-        binary = find_mosquitto() if kind != "embedded" else None
-        if binary is None and kind == "mosquitto":
-            raise FileNotFoundError("mosquitto is not installed (Debian: apt-get install mosquitto)")
-        self.kind: BrokerKind = "mosquitto" if binary is not None else "embedded"
-        if self.kind == "embedded" and host != "127.0.0.1":
-            raise ValueError("the embedded broker binds 127.0.0.1 only")
-        self.binary = binary
+    kind: Literal["mosquitto"] = "mosquitto"
+
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.binary = find_mosquitto()
         self.host = host
-        self.port = port or (free_port(host) if binary is not None else 0)
-        self._dir = tempfile.TemporaryDirectory(prefix="meter-gateway-broker-")
+        self.port = port or free_port(host)
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._embedded: BrokerThread | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """mosquitto's process id while it runs (benchmarks sample its CPU time)."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
     @property
     def description(self) -> str:
-        if self.kind == "mosquitto":
-            return f"mosquitto ({self.binary})"
-        return "embedded Python MQTT broker (demo/test only)"
+        return f"mosquitto ({self.binary})"
 
     def __enter__(self) -> LocalBroker:
-        if self.binary is None:
-            self._embedded = BrokerThread(self.port).start()
-            self.port = self._embedded.port
-            return self
+        self._dir = tempfile.TemporaryDirectory(prefix="meter-gateway-broker-")
         conf = Path(self._dir.name) / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\n")
-        self._proc = subprocess.Popen(  # noqa: S603 - our own binary path and config
-            [self.binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        conf.write_text(
+            f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\n"
+            "log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n"
+            "connection_messages false\n"
         )
+        # a file, not a pipe: nobody reads mosquitto's log while it runs, and a full pipe would stall it
+        log_path = Path(self._dir.name) / "mosquitto.log"
+        with log_path.open("wb") as log:
+            self._proc = subprocess.Popen(  # noqa: S603 - our own binary path and config
+                [self.binary, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
+            text = log_path.read_text(errors="replace")
             if self._proc.poll() is not None:
-                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
-                raise RuntimeError(f"mosquitto exited at start: {err.strip()}")
-            try:
-                socket.create_connection((self.host, self.port), timeout=0.2).close()
-            except OSError:
-                time.sleep(0.05)
-            else:
+                lines = text.strip().splitlines()
+                why = lines[-1] if lines else f"exit status {self._proc.returncode}"
+                self.__exit__()
+                raise BrokerUnavailable(f"mosquitto ({self.binary}) exited at start: {why}")
+            # An accepting port alone is no proof: whoever won a race for it would answer too.
+            # mosquitto says "running" only once all its listeners are bound.
+            if " running" in text and self._accepts():
                 return self
+            time.sleep(0.02)
         self.__exit__()
-        raise RuntimeError(f"mosquitto did not listen on {self.host}:{self.port} within 10 s")
+        raise BrokerUnavailable(f"mosquitto ({self.binary}) did not listen on {self.host}:{self.port} within 10 s")
+
+    def _accepts(self) -> bool:
+        try:
+            socket.create_connection((self.host, self.port), timeout=0.5).close()
+        except OSError:
+            return False
+        return True
 
     def __exit__(self, *exc: object) -> None:
-        if self._embedded is not None:
-            self._embedded.stop()
-            self._embedded = None
         if self._proc is not None and self._proc.poll() is None:
             self._proc.terminate()
             try:
                 self._proc.wait(5)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
-        self._dir.cleanup()
+                self._proc.wait(5)
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None

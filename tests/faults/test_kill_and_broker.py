@@ -43,19 +43,11 @@ import pytest_asyncio
 
 from meter_gateway.drivers.reading import Reading
 from meter_gateway.gateway.mqtt_contract import Topics, decode_batch
-from meter_gateway.gateway.mqtt_packets import (
-    MQTT_5,
-    PacketReader,
-    PacketType,
-    RawPacket,
-    decode_connect,
-    decode_puback,
-)
-from meter_gateway.gateway.mqtt_packets import decode_publish as decode_publish_packet
 from meter_gateway.gateway.outbox import Outbox
 from meter_gateway.simulators.modbus_meter import ModbusSimServer, SimulatedMeter
 from tests.faults import LONG, scale
 from tests.plugins.broker import Broker, Subscriber
+from tests.plugins.mqtt_frames import MQTT_5, FrameReader, PacketType, connect_level, parse_puback, parse_publish
 from tests.plugins.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -489,17 +481,6 @@ async def test_sigkill_at_random_moments_while_polling_loses_nothing(
 # -- item 2: an MQTT proxy that decides when PUBACKs reach the gateway ------------------------
 
 
-def _frame(p: RawPacket) -> bytes:
-    n = len(p.body)
-    length = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        length.append(b | (0x80 if n else 0))
-        if not n:
-            break
-    return bytes([(p.type << 4) | p.flags]) + bytes(length) + p.body
-
-
 @dataclass
 class _Held:
     writer: asyncio.StreamWriter
@@ -587,22 +568,22 @@ class MqttProxy:
     async def _up(
         self, reader: asyncio.StreamReader, out: asyncio.StreamWriter, inflight: dict[int, bytes], version: list[int]
     ) -> None:
-        packets = PacketReader(max_size=16 * 1024 * 1024)
+        packets = FrameReader(max_size=16 * 1024 * 1024)
         while data := await reader.read(65536):
             chunk = bytearray()
             publish = False
             for p in packets.feed(data):
                 if p.type == PacketType.CONNECT:
-                    version[0] = decode_connect(p.body).version
+                    version[0] = connect_level(p.body)
                 elif p.type == PacketType.PUBLISH:
-                    msg = decode_publish_packet(p.flags, p.body, version[0])
+                    msg = parse_publish(p.flags, p.body, version[0])
                     if msg.topic == TOPICS.readings and msg.packet_id is not None:
                         if self.mode == "swallow":
                             self.swallowed.append(msg.payload)
                             continue
                         inflight[msg.packet_id] = msg.payload
                         publish = True
-                chunk += _frame(p)
+                chunk += p.raw
             if chunk:
                 out.write(chunk)
                 await out.drain()
@@ -613,13 +594,13 @@ class MqttProxy:
     async def _down(
         self, reader: asyncio.StreamReader, out: asyncio.StreamWriter, inflight: dict[int, bytes], version: list[int]
     ) -> None:
-        packets = PacketReader(max_size=16 * 1024 * 1024)
+        packets = FrameReader(max_size=16 * 1024 * 1024)
         while data := await reader.read(65536):
             chunk = bytearray()
             for p in packets.feed(data):
-                raw = _frame(p)
+                raw = p.raw
                 if p.type == PacketType.PUBACK:
-                    ack = decode_puback(p.body, version[0])
+                    ack = parse_puback(p.body, version[0])
                     payload = inflight.pop(ack.packet_id, None)
                     if payload is not None:
                         if self.mode == "hold":
