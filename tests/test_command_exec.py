@@ -38,6 +38,7 @@ from meter_gateway.gateway.commands.envelope import (
     encode_envelope,
 )
 from meter_gateway.gateway.commands.service import CommandService
+from meter_gateway.gateway.commands.states import CommandEvent
 from meter_gateway.gateway.commands.store import CommandStore, MeterPlan, Transition
 from meter_gateway.gateway.config import (
     CommandKeyConfig,
@@ -708,8 +709,8 @@ def persist_sent(rig: Rig, env: CommandEnvelope, meter: str, now: float) -> None
     """What a gateway killed right after persisting "sent" leaves behind."""
     store = CommandStore.open(rig.tmp_path / "commands.sqlite", GW)
     try:
-        store.accept(env, now, [MeterPlan(meter, "queued", guarded=True)])
-        store.apply([Transition(env.id, meter, "sent", attempts=1, sent=True, detail="attempt 1")], now)
+        store.accept(env, now, [MeterPlan(meter, CommandEvent.ADMIT, guarded=True)])
+        store.apply([Transition(env.id, meter, CommandEvent.SEND, attempts=1, sent=True, detail="attempt 1")], now)
     finally:
         store.close()
 

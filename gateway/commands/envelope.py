@@ -13,6 +13,7 @@ from typing import Annotated, Final, Literal, get_args
 import msgspec
 from msgspec import Meta
 
+from meter_gateway.gateway.commands.states import TERMINAL, CommandState
 from meter_gateway.gateway.mqtt_contract import CONTRACT_VERSION, ContractError
 
 __all__ = [
@@ -46,23 +47,12 @@ Action = Literal[
 ]
 ACTIONS: Final[tuple[str, ...]] = get_args(Action)
 
-AckState = Literal[
-    "received",
-    "accepted",
-    "rejected",
-    "queued",
-    "sent",
-    "meter_acknowledged",
-    "meter_refused",
-    "no_answer",
-    "verified",
-    "unverified",
-    "held",
-    "expired",
-]
-ACK_STATES: Final[tuple[str, ...]] = get_args(AckState)
+# The ack states are the command lifecycle's states (states.py); these names stay for the wire
+# contract's readers.
+AckState = CommandState
+ACK_STATES: Final[tuple[str, ...]] = tuple(s.value for s in CommandState)
 # After one of these, no further ack is published for that meter (or, with meter null, the command).
-TERMINAL_STATES: Final = frozenset({"rejected", "meter_refused", "verified", "unverified", "expired"})
+TERMINAL_STATES: Final = TERMINAL
 
 RelayState = Literal["closed", "open", "armed"]
 ReconnectMode = Literal["close_permit", "direct_close"]
@@ -151,7 +141,7 @@ class Ack(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True):
     gateway: str
     command: str | None
     meter: str | None
-    state: AckState
+    state: CommandState
     at: float
     seq: Annotated[int, Meta(ge=1)]
     relay: RelayState | None = None

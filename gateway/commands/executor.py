@@ -14,12 +14,12 @@ Life of a relay command on one meter (docs/commands.md has the diagram)::
               (no frame acknowledged and the read-back answers with no sign of the command:
               the frames never reached the meter, so one more round of sends, then read again)
 
-Every transition is persisted first (state + ack in one transaction), then audited and
-published by the service's recorder. A crash leaves the last persisted state; on restart an
-execution that may have sent a frame is resumed by reading the relay first: already in the wanted
-state -> verified; expired -> expired; else the frame is sent again (counted as a retry). The
-relay operations are idempotent, so a repeated frame is harmless; a blind re-send after expiry is
-what must never happen.
+Every step is an event that the store moves through the lifecycle table (states.py) and persists
+first (state + ack in one transaction), then audited and published by the service's recorder. A
+crash leaves the last persisted state; on restart an execution that may have sent a frame is
+resumed by reading the relay first: already in the wanted state -> verified; expired -> expired;
+else the frame is sent again (counted as a retry). The relay operations are idempotent, so a
+repeated frame is harmless; a blind re-send after expiry is what must never happen.
 """
 
 from __future__ import annotations
@@ -35,22 +35,27 @@ from typing import Final, Literal
 from meter_gateway.drivers.backoff import Backoff, BackoffPolicy
 from meter_gateway.drivers.reading import Reading
 from meter_gateway.gateway.commands.actuators import RELAY_ACTIONS, ActuatorError, MeterActuator, RelayReading
-from meter_gateway.gateway.commands.envelope import Ack
+from meter_gateway.gateway.commands.envelope import Ack, RelayState
+from meter_gateway.gateway.commands.states import RESULTS, TERMINAL, CommandEvent, CommandState
 from meter_gateway.gateway.commands.store import CommandStore, Execution, Transition
 
 __all__ = ["RESULT_STATES", "CommandStats", "ExecSettings", "Executor", "Recorder", "wanted_relay"]
+
+E = CommandEvent
 
 log = logging.getLogger(__name__)
 
 # A meter clock this close to ours after a time sync counts as set (whole-second resolution on
 # the wire plus one exchange's latency).
 CLOCK_TOLERANCE: Final = 2.0
+# The keep-power setting each keep-power action must read back (status word 3).
+_KEEP_POWER: Final = {"keep_power_on": True, "keep_power_off": False}
 
 Recorder = Callable[[Sequence[Transition]], list[Ack]]
 CommitReadings = Callable[[list[Reading]], Awaitable[None]]
 Outcome = Literal["acknowledged", "refused", "no_answer", "expired"]
 # terminal states that end an execution that was accepted (``rejected`` is counted by reason)
-RESULT_STATES: Final = ("verified", "unverified", "meter_refused", "expired")
+RESULT_STATES: Final = RESULTS
 
 
 @dataclass
@@ -82,11 +87,13 @@ class CommandStats:
     def reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
-    def count_state(self, state: str, action: str | None = None) -> None:
-        if state in RESULT_STATES:
-            setattr(self, state, getattr(self, state) + 1)
-            by_result = self.results.setdefault(action or "unknown", {})
-            by_result[state] = by_result.get(state, 0) + 1
+    def count_state(self, state: CommandState, action: str | None = None) -> None:
+        if state not in RESULTS:
+            return
+        name = CommandState(state).value  # the counter and the metric label are the wire string
+        setattr(self, name, getattr(self, name) + 1)
+        by_result = self.results.setdefault(action or "unknown", {})
+        by_result[name] = by_result.get(name, 0) + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +154,14 @@ class Executor:
         self._queues: dict[str, deque[tuple[str, bool]]] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._running: set[tuple[str, str]] = set()
+        # How each action runs: a new action adds its row here (and its actuator support), not a branch.
+        self._runners: dict[str, Callable[[Execution, MeterActuator], Awaitable[None]]] = {
+            **dict.fromkeys(RELAY_ACTIONS, self._relay),
+            **dict.fromkeys((*_KEEP_POWER, "alarm_on", "alarm_off"), self._setting),
+            "relay_status": self._relay_status,
+            "read_now": self._read_now,
+            "time_sync": self._time_sync,
+        }
 
     # -- queueing ---------------------------------------------------------------------------------
 
@@ -187,10 +202,7 @@ class Executor:
                 except Exception as exc:  # a bug must not leave the meter's queue dead or the ack missing
                     self.stats.internal_errors += 1
                     log.exception("command %s on meter %s failed unexpectedly", command, meter)
-                    try:
-                        self._finish(command, meter, "unverified", detail=f"internal error: {type(exc).__name__}")
-                    except Exception:  # the store itself fails (disk full): the state stays as persisted
-                        log.exception("command %s on meter %s: final state could not be recorded", command, meter)
+                    self._fail(command, meter, exc)
                 finally:
                     self._running.discard((command, meter))
         finally:
@@ -200,44 +212,54 @@ class Executor:
 
     # -- one execution ----------------------------------------------------------------------------
 
-    def _step(self, exe: Execution, state: str, **kw: object) -> None:
-        self.record([Transition(exe.command, exe.meter, state, **kw)])  # type: ignore[arg-type]
+    def _step(
+        self,
+        exe: Execution,
+        event: CommandEvent,
+        *,
+        relay: RelayState | None = None,
+        reason: str | None = None,
+        detail: str | None = None,
+        attempts: int | None = None,
+        sent: bool | None = None,
+    ) -> None:
+        """Record what happened; the store moves the stored state through the lifecycle table."""
+        t = Transition(
+            exe.command, exe.meter, event, relay=relay, reason=reason, detail=detail, attempts=attempts, sent=sent
+        )
+        self.record([t])
 
-    def _finish(self, command: str, meter: str, state: str, **kw: object) -> None:
-        self.record([Transition(command, meter, state, **kw)])  # type: ignore[arg-type]
+    def _fail(self, command: str, meter: str, exc: Exception) -> None:
+        """End an execution that a bug interrupted, unless it had already ended."""
+        try:
+            exe = self.store.execution(command, meter)
+            if exe is not None and exe.state not in TERMINAL:
+                self._step(exe, E.FAIL, detail=f"internal error: {type(exc).__name__}")
+        except Exception:  # the store itself fails (disk full): the state stays as persisted
+            log.exception("command %s on meter %s: final state could not be recorded", command, meter)
 
     async def _execute(self, command: str, meter: str, *, resume: bool) -> None:
         exe = self.store.execution(command, meter)  # the stored state wins over what was queued
-        if exe is None or exe.terminal or exe.state == "held":
+        if exe is None or exe.terminal or exe.state is CommandState.HELD:
             return
         actuator = self.actuator_for(meter)
         if actuator is None:
-            self._step(exe, "rejected", reason="unknown_meter", detail="meter no longer configured")
+            self._step(exe, E.REJECT, reason="unknown_meter", detail="meter no longer configured")
             return
-        why = actuator.unsupported(exe.action)
-        if why is not None:
-            self._step(exe, "rejected", reason="unsupported", detail=why)
+        run = self._runners.get(exe.action)
+        why = f"action {exe.action} runs on no meter" if run is None else actuator.unsupported(exe.action)
+        if why is not None or run is None:
+            self._step(exe, E.REJECT, reason="unsupported", detail=why)
             return
-        if resume and exe.state != "queued":
+        if resume and exe.state is not CommandState.QUEUED:
             self.stats.resumed += 1
             if await self._resume(exe, actuator):
                 return
         elif self.clock() >= exe.expires_at:
-            self._step(exe, "expired", detail="expired before the meter was started")
+            self._step(exe, E.EXPIRE, detail="expired before the meter was started")
             return
         self.stats.executed[exe.action] = self.stats.executed.get(exe.action, 0) + 1
-        if exe.action in RELAY_ACTIONS:
-            await self._relay(exe, actuator)
-        elif exe.action in ("keep_power_on", "keep_power_off", "alarm_on", "alarm_off"):
-            await self._setting(exe, actuator)
-        elif exe.action == "relay_status":
-            await self._relay_status(exe, actuator)
-        elif exe.action == "read_now":
-            await self._read_now(exe, actuator)
-        elif exe.action == "time_sync":
-            await self._time_sync(exe, actuator)
-        else:
-            self._step(exe, "rejected", reason="unsupported", detail=f"action {exe.action} runs on no meter")
+        await run(exe, actuator)
 
     async def _resume(self, exe: Execution, actuator: MeterActuator) -> bool:
         """After a restart: read the relay before anything else. True when that settled it."""
@@ -245,11 +267,11 @@ class Executor:
         wanted = wanted_relay(exe.action, exe.mode, actuator.protocol)
         if exe.action in RELAY_ACTIONS and reading is not None and reading.state in wanted:
             detail = f"{_relay_detail(reading)} (found after a restart)"
-            self._step(exe, "verified", relay=reading.state, detail=detail)
+            self._step(exe, E.CONFIRM, relay=reading.state, detail=detail)
             return True
         if self.clock() >= exe.expires_at:
             relay = reading.state if reading is not None else None
-            self._step(exe, "expired", relay=relay, detail="expired while the gateway was down; not sent again")
+            self._step(exe, E.EXPIRE, relay=relay, detail="expired while the gateway was down; not sent again")
             return True
         return False
 
@@ -268,29 +290,29 @@ class Executor:
         for i in range(self.settings.retry):
             if self.clock() >= exe.expires_at:
                 if attempts == 0:
-                    self._step(exe, "expired", detail="expired before the meter was started")
+                    self._step(exe, E.EXPIRE, detail="expired before the meter was started")
                     return "expired"
                 return "no_answer"  # expired between retries: go on to verify what happened
             if attempts > 0:
                 self.stats.retries += 1
             attempts += 1
-            self._step(exe, "sent", attempts=attempts, sent=True, detail=f"attempt {attempts}")
+            self._step(exe, E.SEND, attempts=attempts, sent=True, detail=f"attempt {attempts}")
             try:
                 await actuator.control(exe.action, exe.mode, exe.expires_at)
             except ActuatorError as exc:
                 if exc.kind == "meter_refused":
-                    self._step(exe, "meter_refused", reason=exc.reason, detail=exc.detail)
+                    self._step(exe, E.REFUSE, reason=exc.reason, detail=exc.detail)
                     return "refused"
                 if exc.kind == "unsupported":
-                    self._step(exe, "rejected", reason="unsupported", detail=exc.detail)
+                    self._step(exe, E.REJECT, reason="unsupported", detail=exc.detail)
                     return "refused"
                 self.stats.no_answer += 1
-                self._step(exe, "no_answer", reason=exc.reason, detail=exc.detail)
+                self._step(exe, E.NO_REPLY, reason=exc.reason, detail=exc.detail)
                 if i + 1 < self.settings.retry:
                     left = exe.expires_at - self.clock()
                     await asyncio.sleep(max(0.0, min(backoff.next(), left)))
                 continue
-            self._step(exe, "meter_acknowledged")
+            self._step(exe, E.ACKNOWLEDGE)
             return "acknowledged"
         return "no_answer"
 
@@ -306,7 +328,7 @@ class Executor:
             if keep_power_check and before is not None and before.keep_power:
                 self._step(
                     exe,
-                    "meter_refused",
+                    E.REFUSE,
                     reason="keep_power",
                     relay=before.state,
                     detail="keep-power is on; no trip sent",
@@ -315,7 +337,7 @@ class Executor:
             wanted = wanted_relay(exe.action, exe.mode, actuator.protocol)
             if after_reset and before is not None and before.state in wanted:
                 detail = f"{_relay_detail(before)} already; nothing sent (read first after a command store reset)"
-                self._step(exe, "verified", relay=before.state, detail=detail)
+                self._step(exe, E.CONFIRM, relay=before.state, detail=detail)
                 return
         outcome = await self._control(exe, actuator)
         if outcome in ("refused", "expired"):
@@ -340,7 +362,7 @@ class Executor:
             if reading is not None:
                 last = reading
                 if reading.state in wanted:
-                    self._step(exe, "verified", relay=reading.state, detail=_relay_detail(reading))
+                    self._step(exe, E.CONFIRM, relay=reading.state, detail=_relay_detail(reading))
                     return
                 if (
                     outcome == "no_answer"
@@ -374,26 +396,26 @@ class Executor:
             detail = f"relay {last.state} after {window}, wanted {' or '.join(sorted(wanted))}"
         if outcome == "no_answer":
             detail += "; the control frame was never acknowledged"
-        self._step(exe, "unverified", relay=last.state if last else None, detail=detail)
+        self._step(exe, E.GIVE_UP, relay=last.state if last else None, detail=detail)
 
     async def _setting(self, exe: Execution, actuator: MeterActuator) -> None:
         """Keep-power and alarm: one control frame; keep-power is verified from status word 3."""
         outcome = await self._control(exe, actuator)
         if outcome in ("refused", "expired"):
             return
-        if exe.action.startswith("keep_power"):
-            want = exe.action == "keep_power_on"
+        want = _KEEP_POWER.get(exe.action)
+        if want is not None:
             reading = await self._read(actuator)
             if reading is not None and reading.keep_power == want:
-                self._step(exe, "verified", relay=reading.state, detail=f"keep-power {'on' if want else 'off'}")
+                self._step(exe, E.CONFIRM, relay=reading.state, detail=f"keep-power {'on' if want else 'off'}")
                 return
             seen = "no answer" if reading is None else f"keep-power {'on' if reading.keep_power else 'off'}"
-            self._step(exe, "unverified", relay=reading.state if reading else None, detail=f"read back: {seen}")
+            self._step(exe, E.GIVE_UP, relay=reading.state if reading else None, detail=f"read back: {seen}")
             return
         if outcome == "acknowledged":
-            self._step(exe, "verified", detail="meter acknowledged the alarm command")
+            self._step(exe, E.CONFIRM, detail="meter acknowledged the alarm command")
         else:
-            self._step(exe, "unverified", detail="the meter never acknowledged the alarm command")
+            self._step(exe, E.GIVE_UP, detail="the meter never acknowledged the alarm command")
 
     async def _once(self, exe: Execution, call: Callable[[], Awaitable[object]]) -> object | None:
         """A read-type action with the same retry rules as a control frame; None when it failed
@@ -407,32 +429,32 @@ class Executor:
             if attempts > 0:
                 self.stats.retries += 1
             attempts += 1
-            self._step(exe, "sent", attempts=attempts, sent=True, detail=f"attempt {attempts}")
+            self._step(exe, E.SEND, attempts=attempts, sent=True, detail=f"attempt {attempts}")
             try:
                 return await call()
             except ActuatorError as exc:
                 if exc.kind == "meter_refused":
-                    self._step(exe, "meter_refused", reason=exc.reason, detail=exc.detail)
+                    self._step(exe, E.REFUSE, reason=exc.reason, detail=exc.detail)
                     return None
                 if exc.kind == "unsupported":
-                    self._step(exe, "rejected", reason="unsupported", detail=exc.detail)
+                    self._step(exe, E.REJECT, reason="unsupported", detail=exc.detail)
                     return None
                 self.stats.no_answer += 1
                 last = exc.detail
-                self._step(exe, "no_answer", reason=exc.reason, detail=exc.detail)
+                self._step(exe, E.NO_REPLY, reason=exc.reason, detail=exc.detail)
                 if i + 1 < self.settings.retry:
                     await asyncio.sleep(max(0.0, min(backoff.next(), exe.expires_at - self.clock())))
         if attempts == exe.attempts:
-            self._step(exe, "expired", detail="expired before the meter was started")
+            self._step(exe, E.EXPIRE, detail="expired before the meter was started")
         else:
-            self._step(exe, "unverified", detail=f"no result: {last}")
+            self._step(exe, E.GIVE_UP, detail=f"no result: {last}")
         return None
 
     async def _relay_status(self, exe: Execution, actuator: MeterActuator) -> None:
         result = await self._once(exe, actuator.read_relay)
         if isinstance(result, RelayReading):
             keep = "; keep-power on" if result.keep_power else ""
-            self._step(exe, "verified", relay=result.state, detail=_relay_detail(result) + keep)
+            self._step(exe, E.CONFIRM, relay=result.state, detail=_relay_detail(result) + keep)
 
     async def _read_now(self, exe: Execution, actuator: MeterActuator) -> None:
         result = await self._once(exe, lambda: actuator.read_now(exe.quantities, self.clock()))
@@ -444,13 +466,13 @@ class Executor:
             await self.commit_readings(readings)
             committed = "; committed to the outbox"
         asked = f" of {len(exe.quantities)}" if exe.quantities else ""
-        self._step(exe, "verified", detail=f"read {len(readings)}{asked} quantities{committed}")
+        self._step(exe, E.CONFIRM, detail=f"read {len(readings)}{asked} quantities{committed}")
 
     async def _time_sync(self, exe: Execution, actuator: MeterActuator) -> None:
         result = await self._once(exe, lambda: actuator.time_sync(self.clock()))
         if not isinstance(result, float):
             return
         if abs(result) <= CLOCK_TOLERANCE:
-            self._step(exe, "verified", detail=f"meter clock set; {result:+.1f} s off after")
+            self._step(exe, E.CONFIRM, detail=f"meter clock set; {result:+.1f} s off after")
         else:
-            self._step(exe, "unverified", detail=f"meter clock still {result:+.1f} s off after the sync")
+            self._step(exe, E.GIVE_UP, detail=f"meter clock still {result:+.1f} s off after the sync")

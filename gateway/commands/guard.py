@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from meter_gateway.gateway.commands.states import CommandEvent, CommandState
 from meter_gateway.gateway.commands.store import CommandStore, Execution, Transition
 
 __all__ = ["GUARD_REASON", "GuardDecision", "MassDisconnectGuard"]
@@ -38,7 +39,7 @@ class MassDisconnectGuard:
         self.clock = clock
         self.tripped = 0  # times the guard went from "nothing held" to holding
         self.released = 0
-        self._holding = store.count_state("held") > 0
+        self._holding = store.count_state(CommandState.HELD) > 0
 
     def update(self, max_disconnects: int, window: float) -> None:
         self.max_disconnects = max_disconnects
@@ -80,21 +81,23 @@ class MassDisconnectGuard:
         return decision
 
     def release(self, held: Sequence[Execution], now: float, detail: str) -> list[Transition]:
-        """Transitions for held executions named by a release: queued (they bypass the limit:
-        the release is the second person's approval, but still enter the window so the guard
-        keeps counting) or expired."""
+        """Transitions for held executions named by a release: ``release`` (-> queued; they bypass
+        the limit: the release is the second person's approval, but still enter the window so the
+        guard keeps counting) or ``expire``."""
         out: list[Transition] = []
         for exe in held:
-            if exe.state != "held":
+            if exe.state is not CommandState.HELD:
                 continue
             if now >= exe.expires_at:
-                out.append(Transition(exe.command, exe.meter, "expired", detail="expired while held by the guard"))
+                out.append(
+                    Transition(exe.command, exe.meter, CommandEvent.EXPIRE, detail="expired while held by the guard")
+                )
             else:
-                out.append(Transition(exe.command, exe.meter, "queued", detail=detail, guarded=True))
+                out.append(Transition(exe.command, exe.meter, CommandEvent.RELEASE, detail=detail, guarded=True))
                 self.released += 1
         return out
 
     def settle(self) -> None:
         """Call after held executions changed: the guard stops "holding" when none are left."""
-        if self._holding and self.store.count_state("held") == 0:
+        if self._holding and self.store.count_state(CommandState.HELD) == 0:
             self._holding = False

@@ -29,7 +29,8 @@ from meter_gateway.gateway.commands.auth import CommandRejected, KeyRing, authen
 from meter_gateway.gateway.commands.envelope import Ack, CommandEnvelope, canonical_bytes, decode_envelope
 from meter_gateway.gateway.commands.executor import CommandStats, CommitReadings, ExecSettings, Executor
 from meter_gateway.gateway.commands.guard import GUARD_REASON, MassDisconnectGuard
-from meter_gateway.gateway.commands.store import ACTIVE_STATES, CommandStore, MeterPlan, StoreError, Transition
+from meter_gateway.gateway.commands.states import ACTIVE, CommandEvent, CommandState, IllegalTransition
+from meter_gateway.gateway.commands.store import CommandStore, MeterPlan, StoreError, Transition
 from meter_gateway.gateway.config import Config, Meter
 from meter_gateway.gateway.mqtt_contract import ContractError
 
@@ -50,6 +51,8 @@ ACK_BATCH: Final = 64
 
 Publish = Callable[[str, bytes], Awaitable[bool]]
 
+E = CommandEvent
+
 
 class CommandService:
     """See the module docstring and /work/specs/commands_api.md."""
@@ -66,6 +69,7 @@ class CommandService:
         commit_readings: CommitReadings | None = None,
         publish_concurrency: int = 8,
         publish_backoff: BackoffPolicy | None = None,
+        on_verified: Callable[[str, float], None] | None = None,
     ) -> None:
         self._publish = publish
         self._ack_topic = ack_topic
@@ -81,6 +85,9 @@ class CommandService:
         self._wake = asyncio.Event()
         self._stopped = False
         self._meta: dict[str, tuple[str, str]] = {}  # command id -> (key id, action), for the audit
+        # (action, seconds from an execution's first control frame to "verified"): the metrics' histogram
+        self._on_verified = on_verified
+        self._first_sent: dict[tuple[str | None, str], float] = {}
         self._apply_config(config, meters, buses)
 
     # -- configuration ----------------------------------------------------------------------------
@@ -120,7 +127,7 @@ class CommandService:
     def stats(self) -> CommandStats:
         s = self._stats
         if self._store is not None:
-            s.held_now = self._store.count_state("held")
+            s.held_now = self._store.count_state(CommandState.HELD)
             s.acks_pending = self._store.pending_count()
         if self._guard is not None:
             s.guard_tripped = self._guard.tripped
@@ -160,7 +167,7 @@ class CommandService:
             clock=self._clock,
             commit_readings=self._commit_readings,
         )
-        resumed = store.executions(states=ACTIVE_STATES)
+        resumed = store.executions(states=ACTIVE)
         for exe in resumed:
             self._executor.submit(exe, resume=True)
         if resumed:
@@ -269,13 +276,11 @@ class CommandService:
         runnable: list[str] = []
         for meter in env.meters:
             if meter not in self._actuators:
-                plans[meter] = MeterPlan(
-                    meter, "rejected", reason="unknown_meter", detail="not a meter of this gateway"
-                )
+                plans[meter] = MeterPlan(meter, E.REJECT, reason="unknown_meter", detail="not a meter of this gateway")
                 continue
             why = self._unsupported(meter, env.action)
             if why is not None:
-                plans[meter] = MeterPlan(meter, "rejected", reason="unsupported", detail=why)
+                plans[meter] = MeterPlan(meter, E.REJECT, reason="unsupported", detail=why)
                 continue
             runnable.append(meter)
         mode = env.reconnect_mode
@@ -289,9 +294,9 @@ class CommandService:
             if meter in held:
                 limit = f"{guard.max_disconnects} per {guard.window:g} s"
                 detail = f"more than {limit}; waits for a release (role release) until it expires"
-                plans[meter] = MeterPlan(meter, "held", reason=GUARD_REASON, detail=detail)
+                plans[meter] = MeterPlan(meter, E.HOLD, reason=GUARD_REASON, detail=detail)
             else:
-                plans[meter] = MeterPlan(meter, "queued", mode=meter_mode, guarded=env.action == "disconnect")
+                plans[meter] = MeterPlan(meter, E.ADMIT, mode=meter_mode, guarded=env.action == "disconnect")
         return [plans[m] for m in env.meters]
 
     def _accept(self, env: CommandEnvelope, now: float) -> None:
@@ -299,7 +304,7 @@ class CommandService:
         acks = store.accept(env, now, self._plans(env, now, guard))
         self._meta[env.id] = (env.key_id, env.action)
         self._after(acks, actor=env.key_id, action=env.action)
-        for exe in store.executions(command=env.id, states=("queued",)):
+        for exe in store.executions(command=env.id, states=(CommandState.QUEUED,)):
             executor.submit(exe)
 
     def _release(self, env: CommandEnvelope, now: float) -> None:
@@ -311,33 +316,33 @@ class CommandService:
         held = [
             e
             for cid in env.released_commands
-            for e in store.executions(command=cid, states=("held",))
+            for e in store.executions(command=cid, states=(CommandState.HELD,))
             if not wanted or e.meter in wanted
         ]
         transitions = guard.release(held, now, detail=f"released by {env.id} (key {env.key_id})")
-        outcome = {t.meter: t.state for t in transitions}
+        outcome = {t.meter: t.event for t in transitions}
         plans = []
         for m in env.meters:
-            if outcome.get(m) == "queued":
-                plans.append(MeterPlan(m, "verified", detail="released"))
-            elif outcome.get(m) == "expired":
-                plans.append(MeterPlan(m, "rejected", reason="expired", detail="the held command had expired"))
+            if outcome.get(m) is E.RELEASE:
+                plans.append(MeterPlan(m, E.CONFIRM, detail="released"))
+            elif outcome.get(m) is E.EXPIRE:
+                plans.append(MeterPlan(m, E.REJECT, reason="expired", detail="the held command had expired"))
             else:
-                plans.append(MeterPlan(m, "rejected", reason="not_held", detail="not held by the listed commands"))
-        queued = sum(t.state == "queued" for t in transitions)
+                plans.append(MeterPlan(m, E.REJECT, reason="not_held", detail="not held by the listed commands"))
+        queued = sum(t.event is E.RELEASE for t in transitions)
         expired = len(transitions) - queued
         summary = f"released {queued} held meter(s), {expired} expired, of {', '.join(env.released_commands)}"
         then = list(transitions)
         if not env.meters:
-            state = "verified" if transitions else "unverified"
-            then.append(Transition(env.id, None, state, detail=summary if transitions else "nothing held matched"))
+            result = E.CONFIRM if transitions else E.GIVE_UP
+            then.append(Transition(env.id, None, result, detail=summary if transitions else "nothing held matched"))
         acks = store.accept(env, now, plans, then)
         self._meta[env.id] = (env.key_id, env.action)
         log.warning("release %s (key %s): %s", env.id, env.key_id, summary)
         self._after(acks, actor=env.key_id, action=env.action)
         guard.settle()
         for t in transitions:
-            if t.state == "queued" and t.meter is not None:
+            if t.event is E.RELEASE and t.meter is not None:
                 exe = store.execution(t.command, t.meter)
                 if exe is not None:
                     executor.submit(exe)
@@ -369,9 +374,10 @@ class CommandService:
         entries = []
         for ack in acks:
             who, what = (actor, action) if actor is not None else self._command_meta(ack.command)
-            if ack.state == "accepted" and ack.meter is None:
+            self._time_verification(ack, what)
+            if ack.state is CommandState.ACCEPTED and ack.meter is None:
                 self._stats.accepted += 1
-            elif ack.state == "rejected":
+            elif ack.state is CommandState.REJECTED:
                 self._stats.reject(ack.reason or "unknown")
                 if ack.meter is not None:
                     log.info("command %s meter %s rejected: %s (%s)", ack.command, ack.meter, ack.reason, ack.detail)
@@ -381,7 +387,7 @@ class CommandService:
             entries.append(
                 AuditEntry(
                     at=ack.at,
-                    state=ack.state,
+                    state=ack.state.value,
                     actor=who,
                     command=ack.command,
                     meter=ack.meter,
@@ -391,6 +397,18 @@ class CommandService:
             )
         self._audit_entries(entries)
         self._wake.set()
+
+    def _time_verification(self, ack: Ack, action: str | None) -> None:
+        if self._on_verified is None or ack.meter is None:
+            return
+        key = (ack.command, ack.meter)
+        if ack.state == "sent":
+            self._first_sent.setdefault(key, ack.at)
+        elif ack.terminal:
+            # an execution resumed after a restart has no first frame here: not timed
+            started = self._first_sent.pop(key, None)
+            if ack.state == "verified" and started is not None and action is not None:
+                self._on_verified(action, max(0.0, ack.at - started))
 
     def _audit_entries(self, entries: list[AuditEntry]) -> None:
         if self._audit is None or not entries:
@@ -438,7 +456,7 @@ class CommandService:
                 if loop.time() - last_prune >= PRUNE_INTERVAL:
                     last_prune = loop.time()
                     self._prune()
-            except StoreError as exc:
+            except (StoreError, IllegalTransition) as exc:
                 log.error("command expiry check failed: %s", exc)  # noqa: TRY400
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), SWEEP_INTERVAL)
@@ -450,15 +468,15 @@ class CommandService:
         now = self._clock()
         due = [
             e
-            for e in store.executions(states=("held", "queued"))
+            for e in store.executions(states=(CommandState.HELD, CommandState.QUEUED))
             if now >= e.expires_at and not executor.running(e.command, e.meter)
         ]
         if not due:
             return
-        held = "expired while held by the mass-disconnect guard"
+        held, queued = "expired while held by the mass-disconnect guard", "expired in the queue"
         self._record(
             [
-                Transition(e.command, e.meter, "expired", detail=held if e.state == "held" else "expired in the queue")
+                Transition(e.command, e.meter, E.EXPIRE, detail=held if e.state is CommandState.HELD else queued)
                 for e in due
             ]
         )

@@ -44,7 +44,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Self
 
-from meter_gateway.gateway.commands.envelope import TERMINAL_STATES, Ack, CommandEnvelope, canonical_bytes, encode_ack
+from meter_gateway.gateway.commands.envelope import Ack, CommandEnvelope, RelayState, canonical_bytes, encode_ack
+from meter_gateway.gateway.commands.states import (
+    ACTIVE,
+    COMMAND_START,
+    EXECUTION_START,
+    TERMINAL,
+    CommandEvent,
+    CommandState,
+    Scope,
+    transition,
+)
 from meter_gateway.gateway.sqlite_check import (
     DEFAULT_CHECK_BUDGET,
     DamagedDatabase,
@@ -57,7 +67,6 @@ from meter_gateway.gateway.sqlite_check import (
 )
 
 __all__ = [
-    "ACTIVE_STATES",
     "RESET_ACK_BASE",
     "SCHEMA_VERSION",
     "STORE_RESET",
@@ -147,15 +156,30 @@ _INSERT_EXECUTION: Final = (
     " attempts, sent, expires_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, 0, 0, ?, ?)"
 )
 _PRUNABLE: Final = (
-    "SELECT id FROM commands c WHERE expires_at < ? AND NOT EXISTS (SELECT 1 FROM executions e"
-    " WHERE e.command = c.id AND e.state NOT IN ('rejected', 'meter_refused', 'verified', 'unverified', 'expired'))"
+    "SELECT id FROM commands c WHERE expires_at < :horizon AND NOT EXISTS (SELECT 1 FROM executions e"
+    " WHERE e.command = c.id AND e.state NOT IN (SELECT value FROM json_each(:terminal)))"
 )
-# Not terminal and not waiting for a release: what the executor owns.
-ACTIVE_STATES: Final = ("queued", "sent", "meter_acknowledged", "no_answer")
+_COMMAND_STATE: Final = "SELECT state FROM history WHERE command = ? AND meter IS NULL ORDER BY seq DESC LIMIT 1"
+
+
+def _states_json(states: Iterable[CommandState]) -> str:
+    return json.dumps(sorted(s.value for s in states))
 
 
 class StoreError(Exception):
     """The command store cannot be opened or written (disk full, wrong file, newer schema)."""
+
+
+def _known_state(raw: object, path: object, where: str) -> CommandState:
+    """A stored state string as a :class:`CommandState`; a string no version of the lifecycle
+    knows means the file is damaged (the open-time check quarantines such a file)."""
+    try:
+        if isinstance(raw, str):
+            return CommandState(raw)
+    except ValueError:
+        pass
+    known = ", ".join(s.value for s in CommandState)
+    raise StoreError(f"command store {path}: {where} has unknown state {raw!r} (known: {known})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +193,7 @@ class Execution:
     key_id: str
     mode: str | None  # reconnect: close_permit | direct_close
     quantities: tuple[str, ...] | None  # read_now
-    state: str
+    state: CommandState
     relay: str | None
     reason: str | None
     detail: str | None
@@ -179,15 +203,17 @@ class Execution:
 
     @property
     def terminal(self) -> bool:
-        return self.state in TERMINAL_STATES
+        return self.state in TERMINAL
 
 
 @dataclass(frozen=True, slots=True)
 class MeterPlan:
-    """What acceptance decided for one meter: its first state after ``accepted``."""
+    """What acceptance decided for one meter: the event that gives its first state after
+    ``accepted`` (states.py: admit -> queued, hold -> held, reject -> rejected; a release
+    command's own per-meter result: confirm -> verified, reject -> rejected)."""
 
     meter: str
-    state: str  # queued | held | rejected
+    event: CommandEvent
     mode: str | None = None
     reason: str | None = None
     detail: str | None = None
@@ -196,12 +222,13 @@ class MeterPlan:
 
 @dataclass(frozen=True, slots=True)
 class Transition:
-    """A state change of one execution (``meter`` None: the whole command)."""
+    """An event for one execution (``meter`` None: the whole command). The store applies it to
+    the stored state through the lifecycle table (states.py), which decides the new state."""
 
     command: str
     meter: str | None
-    state: str
-    relay: str | None = None
+    event: CommandEvent
+    relay: RelayState | None = None
     reason: str | None = None
     detail: str | None = None
     attempts: int | None = None  # new value of the execution's counter, if it changed
@@ -209,7 +236,7 @@ class Transition:
     guarded: bool = False  # add a guard window entry (a held disconnect released)
 
 
-def _execution(row: Sequence[Any]) -> Execution:
+def _execution(row: Sequence[Any], path: str) -> Execution:
     command, meter, position, action, key_id, mode, params, state, relay, reason, detail, attempts, sent, exp = row
     quantities = tuple(json.loads(params)) if params else None
     return Execution(
@@ -220,7 +247,7 @@ def _execution(row: Sequence[Any]) -> Execution:
         key_id,
         mode,
         quantities,
-        state,
+        _known_state(state, path, f"execution {command}/{meter}"),
         relay,
         reason,
         detail,
@@ -343,9 +370,11 @@ class CommandStore:
         found = self._executions(command, meter, None)
         return found[0] if found else None
 
-    def executions(self, *, states: Iterable[str] | None = None, command: str | None = None) -> list[Execution]:
+    def executions(
+        self, *, states: Iterable[CommandState] | None = None, command: str | None = None
+    ) -> list[Execution]:
         """Executions in acceptance order, filtered by state and/or command."""
-        return self._executions(command, None, None if states is None else json.dumps(list(states)))
+        return self._executions(command, None, None if states is None else _states_json(states))
 
     def _executions(self, command: str | None, meter: str | None, states: str | None) -> list[Execution]:
         try:
@@ -354,10 +383,10 @@ class CommandStore:
             ).fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"command store {self.path}: {exc}") from exc
-        return [_execution(r) for r in rows]
+        return [_execution(r, self.path) for r in rows]
 
-    def count_state(self, state: str) -> int:
-        row = self._one("SELECT count(*) FROM executions WHERE state = ?", (state,))
+    def count_state(self, state: CommandState) -> int:
+        row = self._one("SELECT count(*) FROM executions WHERE state = ?", (state.value,))
         return int(row[0]) if row else 0
 
     def history(self, command: str) -> list[Ack]:
@@ -429,11 +458,13 @@ class CommandStore:
                 "INSERT INTO key_seq (key_id, seq) VALUES (?, ?) ON CONFLICT (key_id) DO UPDATE SET seq = excluded.seq",
                 (env.key_id, env.seq),
             )
+            accepted = transition(Scope.COMMAND, COMMAND_START, CommandEvent.ACCEPT)
             acks = [
-                self._ack(cur, env.id, None, "received", now),
-                self._ack(cur, env.id, None, "accepted", now, detail=f"{env.action} for {len(env.meters)} meter(s)"),
+                self._ack(cur, env.id, None, COMMAND_START, now),
+                self._ack(cur, env.id, None, accepted, now, detail=f"{env.action} for {len(env.meters)} meter(s)"),
             ]
             for position, plan in enumerate(plans):
+                first = transition(Scope.EXECUTION, EXECUTION_START, plan.event)
                 cur.execute(
                     _INSERT_EXECUTION,
                     (
@@ -444,7 +475,7 @@ class CommandStore:
                         env.key_id,
                         plan.mode,
                         params,
-                        plan.state,
+                        first.value,
                         plan.reason,
                         plan.detail,
                         env.expires_at,
@@ -453,7 +484,7 @@ class CommandStore:
                 )
                 if plan.guarded:
                     cur.execute("INSERT INTO guard (at, command, meter) VALUES (?, ?, ?)", (now, env.id, plan.meter))
-                acks.append(self._ack(cur, env.id, plan.meter, plan.state, now, reason=plan.reason, detail=plan.detail))
+                acks.append(self._ack(cur, env.id, plan.meter, first, now, reason=plan.reason, detail=plan.detail))
             acks += self._apply(cur, then, now)
             return acks
 
@@ -463,9 +494,10 @@ class CommandStore:
         """Acks for a refused message: ``received`` + ``rejected`` under its id, or just
         ``rejected`` (seq 1) when it had no readable id. Nothing else is remembered.
         ``predates_reset``: the id may have been acked before a store reset (see RESET_ACK_BASE)."""
+        rejected = transition(Scope.COMMAND, COMMAND_START, CommandEvent.REJECT)
         with self._txn() as cur:
             if command_id is None:
-                return [self._ack(cur, None, None, "rejected", now, reason=reason, detail=detail)]
+                return [self._ack(cur, None, None, rejected, now, reason=reason, detail=detail)]
             if self.reset_at is not None and (
                 predates_reset or cur.execute("SELECT 1 FROM seen_before_reset WHERE id = ?", (command_id,)).fetchone()
             ):
@@ -474,38 +506,40 @@ class CommandStore:
                     (command_id, RESET_ACK_BASE, now),
                 )
             return [
-                self._ack(cur, command_id, None, "received", now),
-                self._ack(cur, command_id, None, "rejected", now, reason=reason, detail=detail),
+                self._ack(cur, command_id, None, COMMAND_START, now),
+                self._ack(cur, command_id, None, rejected, now, reason=reason, detail=detail),
             ]
 
-    def command_ack(
-        self, command: str, state: str, now: float, *, reason: str | None = None, detail: str | None = None
-    ) -> Ack:
-        """A state of a whole stored command (e.g. a release command's result)."""
-        with self._txn() as cur:
-            return self._ack(cur, command, None, state, now, reason=reason, detail=detail)
-
     def apply(self, transitions: Sequence[Transition], now: float) -> list[Ack]:
-        """Apply transitions (one transaction) and queue their acks. A transition of an execution
-        that is already terminal is skipped: a terminal state is final."""
+        """Apply transitions (one transaction) and queue their acks. Each goes through the
+        lifecycle table from the stored state; one it does not allow (any event after a terminal
+        state: a terminal state is final) raises :class:`IllegalTransition` and nothing of the
+        batch is written. A transition of an execution the store does not hold is skipped."""
         with self._txn() as cur:
             return self._apply(cur, transitions, now)
 
     def _apply(self, cur: sqlite3.Cursor, transitions: Sequence[Transition], now: float) -> list[Ack]:
         acks: list[Ack] = []
         for t in transitions:
-            if t.meter is not None:
+            if t.meter is None:
+                row = cur.execute(_COMMAND_STATE, (t.command,)).fetchone()
+                if row is None:
+                    continue
+                state = transition(Scope.COMMAND, _known_state(row[0], self.path, f"command {t.command}"), t.event)
+            else:
                 row = cur.execute(
                     "SELECT state FROM executions WHERE command = ? AND meter = ?", (t.command, t.meter)
                 ).fetchone()
-                if row is None or str(row[0]) in TERMINAL_STATES:
+                if row is None:
                     continue
+                where = f"execution {t.command}/{t.meter}"
+                state = transition(Scope.EXECUTION, _known_state(row[0], self.path, where), t.event)
                 cur.execute(
                     "UPDATE executions SET state = ?, relay = coalesce(?, relay), reason = ?, detail = ?,"
                     " attempts = coalesce(?, attempts), sent = coalesce(?, sent), updated_at = ?"
                     " WHERE command = ? AND meter = ?",
                     (
-                        t.state,
+                        state.value,
                         t.relay,
                         t.reason,
                         t.detail,
@@ -518,9 +552,7 @@ class CommandStore:
                 )
                 if t.guarded:
                     cur.execute("INSERT INTO guard (at, command, meter) VALUES (?, ?, ?)", (now, t.command, t.meter))
-            acks.append(
-                self._ack(cur, t.command, t.meter, t.state, now, relay=t.relay, reason=t.reason, detail=t.detail)
-            )
+            acks.append(self._ack(cur, t.command, t.meter, state, now, relay=t.relay, reason=t.reason, detail=t.detail))
         return acks
 
     def requeue(self, payloads: Iterable[bytes]) -> int:
@@ -553,7 +585,8 @@ class CommandStore:
         no command from before a reset can be valid."""
         horizon = now - max_validity
         with self._txn() as cur:
-            old = [str(r[0]) for r in cur.execute(_PRUNABLE, (horizon,)).fetchall()]
+            prunable = {"horizon": horizon, "terminal": _states_json(TERMINAL)}
+            old = [str(r[0]) for r in cur.execute(_PRUNABLE, prunable).fetchall()]
             for cid in old:
                 cur.execute("DELETE FROM executions WHERE command = ?", (cid,))
                 cur.execute("DELETE FROM history WHERE command = ?", (cid,))
@@ -594,10 +627,10 @@ class CommandStore:
         cur: sqlite3.Cursor,
         command: str | None,
         meter: str | None,
-        state: str,
+        state: CommandState,
         at: float,
         *,
-        relay: str | None = None,
+        relay: RelayState | None = None,
         reason: str | None = None,
         detail: str | None = None,
     ) -> Ack:
@@ -614,10 +647,10 @@ class CommandStore:
             gateway=self.gateway_id,
             command=command,
             meter=meter,
-            state=state,  # type: ignore[arg-type]  # callers pass AckState values
+            state=state,
             at=round(at, 3),
             seq=seq,
-            relay=relay,  # type: ignore[arg-type]
+            relay=relay,
             reason=reason,
             detail=detail,
         )
@@ -625,7 +658,7 @@ class CommandStore:
         if command is not None:
             cur.execute(
                 "INSERT INTO history (command, meter, seq, state, at, payload) VALUES (?, ?, ?, ?, ?, ?)",
-                (command, meter, seq, state, at, payload),
+                (command, meter, seq, state.value, at, payload),
             )
         cur.execute("INSERT INTO pending_acks (command, seq, payload) VALUES (?, ?, ?)", (command, seq, payload))
         return ack
@@ -651,8 +684,9 @@ def _connect(file: Path, check_budget: float) -> sqlite3.Connection:
         conn.executescript(_SCHEMA)
         # What the service reads at start (resume, guard, publisher): damage there would fail
         # every start, even when quick_check ran out of budget before reaching it.
-        conn.execute(_SELECT_EXECUTIONS, {"command": None, "meter": None, "states": json.dumps(ACTIVE_STATES)})
-        conn.execute("SELECT count(*) FROM executions WHERE state = 'held'").fetchone()
+        conn.execute(_SELECT_EXECUTIONS, {"command": None, "meter": None, "states": _states_json(ACTIVE)})
+        conn.execute("SELECT count(*) FROM executions WHERE state = ?", (CommandState.HELD.value,)).fetchone()
+        _check_states(conn)
         conn.execute("SELECT count(*) FROM pending_acks").fetchone()
         conn.execute("SELECT key, value FROM meta").fetchall()
     except DamagedDatabase:
@@ -667,6 +701,15 @@ def _connect(file: Path, check_budget: float) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def _check_states(conn: sqlite3.Connection) -> None:
+    """Every stored execution state is one the lifecycle knows (states.py). The schema version
+    rules out a newer vocabulary, so an unknown string is damage: quarantine, not a crash loop."""
+    known = {s.value for s in CommandState}
+    for (state,) in conn.execute("SELECT DISTINCT state FROM executions"):  # the state index: cheap
+        if state not in known:
+            raise DamagedDatabase(f"an execution has unknown state {state!r}, not one of the command lifecycle's")
 
 
 def _check_version(conn: sqlite3.Connection, file: Path) -> None:

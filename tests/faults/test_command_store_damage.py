@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from meter_gateway.gateway.audit import QUARANTINE_STATE, AuditError, AuditLog
+from meter_gateway.gateway.commands.states import CommandEvent
 from meter_gateway.gateway.commands.store import RESET_ACK_BASE, RESET_CLOCK_MARGIN, CommandStore, MeterPlan
 from meter_gateway.simulators.dlt645_meter import Dlt645Meter
 from tests.faults.test_commands_faults import CountingMeter, counting_bus
@@ -279,7 +280,7 @@ def test_reset_caution_ends_when_no_old_command_can_be_valid(tmp_path: Path) -> 
         assert (store.reset_at, store.reset_caution) == (1_800_000_000.0, True)
         new = envelope("relay_status", ["m1"], now=1_800_000_001.0, expires=60)
         assert store.predates_reset(new) is None
-        assert [a.state for a in store.accept(new, 1_800_000_001.0, [MeterPlan("m1", "queued")])][:2] == [
+        assert [a.state for a in store.accept(new, 1_800_000_001.0, [MeterPlan("m1", CommandEvent.ADMIT)])][:2] == [
             "received",
             "accepted",
         ]
