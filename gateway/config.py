@@ -31,6 +31,8 @@ from typing import Annotated, Any, ClassVar, Final, Literal
 import msgspec
 from msgspec import Meta, inspect
 
+from meter_gateway.drivers import registry
+
 __all__ = [
     "BusConfig",
     "CommandKeyConfig",
@@ -60,7 +62,6 @@ BAUD_RATES: Final = (300, 600, 1200, 2400, 4800, 9600, 19200, 38400, 57600, 1152
 _NAME: Final = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
 # Canonical quantity names are lower-case dotted words: ``energy.active.import.t1``.
 _QUANTITY: Final = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)*")
-_DLT645_ADDRESS: Final = re.compile(r"[0-9]{12}")
 _DURATION: Final = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)\s*")
 MAX_COMMIT_INTERVAL: Final = 1.0
 _UNIT_SECONDS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -698,7 +699,7 @@ class Config(_Section, kw_only=True, frozen=True):
         frozen read's "*" means every DL/T 645 meter (Modbus meters keep no frozen records)."""
         if group.meters == "*":
             if isinstance(group, DailyFrozen):
-                return [m for m in self.meters if m.protocol.startswith("dlt645")]
+                return [m for m in self.meters if registry.capable(m.protocol, registry.Can.FROZEN)]
             return list(self.meters)
         wanted = set(group.meters)
         return [m for m in self.meters if m.id in wanted]
@@ -910,8 +911,9 @@ class _Validator:
             self._meter_refs(frozen.meters, "daily_frozen.meters", known)
             by_id = {m.id: m for m in meters}
             for i, ref in enumerate(frozen.meters if isinstance(frozen.meters, list) else ()):
-                if ref in by_id and not by_id[ref].protocol.startswith("dlt645"):
-                    self.error(f"daily_frozen.meters[{i}]", f"{ref!r} is a Modbus meter; daily freezes are DL/T 645")
+                if ref in by_id and not registry.capable(by_id[ref].protocol, registry.Can.FROZEN):
+                    title = registry.get(by_id[ref].protocol).title
+                    self.error(f"daily_frozen.meters[{i}]", f"{ref!r} is a {title} meter, which keeps no daily freezes")
             if frozen.delay + frozen.spread >= 86400:
                 self.error("daily_frozen", "delay + spread must be less than a day")
         if c.time_sync is not None:
@@ -1087,21 +1089,13 @@ class _Validator:
             if bus is None:
                 known = ", ".join(buses) or "none"
                 self.error(f"{where}.bus", f"unknown bus {m.bus!r}{_suggest(m.bus, buses)} (buses: {known})")
-            elif (bus.protocol == "dlt645") != m.protocol.startswith("dlt645"):
+            elif m.protocol not in registry.carried_by(bus.protocol):
                 self.error(
                     f"{where}.protocol", f"{m.protocol!r} meter on bus {bus.name!r} whose framing is {bus.protocol!r}"
                 )
-            if m.protocol.startswith("dlt645"):
-                if not isinstance(m.address, str) or not _DLT645_ADDRESS.fullmatch(m.address):
-                    self.error(
-                        f"{where}.address",
-                        f'a DL/T 645 address is exactly 12 decimal digits in quotes (e.g. "000000001234"), '
-                        f"got {m.address!r}",
-                    )
-                elif m.address == "999999999999":
-                    self.error(f"{where}.address", "999999999999 is the broadcast address, not a meter")
-            elif isinstance(m.address, bool) or not isinstance(m.address, int) or not 1 <= m.address <= 247:
-                self.error(f"{where}.address", f"a Modbus unit id is an integer 1..247, got {m.address!r}")
+            problem = registry.check_address(m.protocol, m.address)
+            if problem is not None:
+                self.error(f"{where}.address", problem)
             key = (m.bus, m.address)
             if key in seen_addresses:
                 first = seen_addresses[key]
@@ -1114,12 +1108,17 @@ class _Validator:
             model = self._model(m, where)
             credentials = m.credentials
             if credentials is not None:
-                if not m.protocol.startswith("dlt645"):
-                    self.error(f"{where}.credentials", "credentials are for DL/T 645 meters; Modbus has no password")
+                rule = registry.get(m.protocol).password
+                if rule is None:
+                    with_password = ", ".join(p for p in registry.PROTOCOLS if registry.get(p).password is not None)
+                    self.error(
+                        f"{where}.credentials",
+                        f"{m.protocol} meters take no password; credentials are for {with_password} meters",
+                    )
                 password = self._secret(credentials, f"{where}.credentials", required=True)
-                unchecked = not self.secrets  # the tool that asked for no secrets gets none to check
-                if password is not None and not unchecked and not re.fullmatch(r"[0-9A-Fa-f]{6}", password.reveal()):
-                    self.error(f"{where}.credentials", "the DL/T 645 password must be 6 hex digits (value not shown)")
+                # the tool that asked for no secrets gets none to check
+                if password is not None and rule is not None and self.secrets and rule.problem(password.reveal()):
+                    self.error(f"{where}.credentials", f"{rule.hint} (value not shown)")
                 credentials = msgspec.structs.replace(credentials, password=password)
             out.append(msgspec.structs.replace(m, model=model, credentials=credentials))
         return out
@@ -1151,7 +1150,7 @@ class _Validator:
                 if not any(w == f"meters[{mi}].model" for w, _ in self.errors):
                     self.error(f"meters[{mi}].model", f"cannot load meter model: {e}")
                 continue
-            family = "dlt645" if m.protocol.startswith("dlt645") else "modbus"
+            family = registry.get(m.protocol).family
             if model.protocol != family:
                 self.error(
                     f"meters[{mi}].model",
