@@ -1,16 +1,22 @@
-"""Modbus meters: the link over pymodbus, the read planner and the meter driver.
+"""Modbus meters: the link, the read planner and the meter driver.
 
-This is the only client-side module that imports pymodbus. pymodbus reports trouble on two
-channels: raised exceptions (ConnectionException, ModbusIOException, ...) and returned exception
-responses (``isError()``). Both are converted here into ``drivers.errors`` types; no pymodbus
-type leaves this module.
+This is the only client-side module that imports pymodbus, and it uses pymodbus for encoding
+only: requests and replies are pymodbus PDU objects, framed by its public ``FramerSocket`` (MBAP)
+or ``FramerRTU``. The bytes travel over the gateway's own stream links
+(:func:`drivers.transport.make_transport`: TCP with keepalive and TCP_USER_TIMEOUT, or a serial
+port with kernel RS-485 mode), the same links the DL/T 645 buses use. pymodbus' client is not
+used: what the driver needs from it (a connect timeout apart from the reply timeout, socket
+options, the serial port object for RS-485 mode, a cap on a receive buffer that line noise
+fills, failing the pending request when the connection drops) has no public hook in pymodbus
+3.16; it lives in its transport's and transaction manager's internal state. No pymodbus type
+leaves this module: trouble becomes a ``drivers.errors`` type.
 
 * :class:`ModbusLink` is one bus: Modbus TCP (MBAP framing), RTU framing over TCP (transparent
-  serial servers), or RTU on a local serial port. pymodbus' own retries and automatic reconnect
-  are off: the caller's bus layer retries transactions, and the link reconnects on demand under
-  the link settings' backoff policy (a dead gateway is tried again no more often than that).
-  Several :class:`ModbusMeter` objects (unit ids) share one link; the link runs one transaction at
-  a time.
+  serial servers), or RTU on a local serial port. The link keeps itself connected in the
+  background (reconnecting under the link settings' backoff policy); a transaction while it is
+  down fails at once with LinkDown. There are no retries here: the caller's bus layer retries.
+  Several :class:`ModbusMeter` objects (unit ids) share one link; the link runs one transaction
+  at a time.
 * :func:`plan_reads` merges the registers wanted into as few transactions as the device allows.
 * :class:`ModbusMeter` reads quantities into :class:`~drivers.reading.Reading` objects and
   operates the relay. Each call is one or more transactions; run it under the per-bus scheduler
@@ -27,9 +33,10 @@ reply of the wrong function, size, echo       BadReply
 ============================================  =====================================================
 
 RTU framing has no transaction id, so a reply that arrives after its request timed out could be
-taken for the answer to the next request. pymodbus drops replies that arrive while no request is
-pending, and after a timeout on an RTU link the next request waits ``late_reply_guard`` seconds
-so a late reply lands in that gap; replies are also checked for function, size and echo.
+taken for the answer to the next request. Input is discarded before every request, after a
+timeout on an RTU link the next request waits ``late_reply_guard`` seconds so a late reply lands
+in that gap, replies from another unit are skipped, and replies are checked for function, size
+and echo. Modbus TCP replies must also carry the request's transaction id.
 """
 
 from __future__ import annotations
@@ -37,24 +44,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import random
-import socket
 import struct
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
-import serial.rs485
-from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
-from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
-from pymodbus.framer import FramerType
+from pymodbus.framer import FramerBase, FramerRTU, FramerSocket
 from pymodbus.pdu import DecodePDU, ModbusPDU
+from pymodbus.pdu.bit_message import ReadCoilsRequest, ReadDiscreteInputsRequest, WriteSingleCoilRequest
+from pymodbus.pdu.register_message import (
+    ReadHoldingRegistersRequest,
+    ReadInputRegistersRequest,
+    WriteSingleRegisterRequest,
+)
 
-from meter_gateway.drivers.backoff import Backoff
 from meter_gateway.drivers.errors import BadReply, ConfigurationError, LinkDown, MeterRefused, NoAnswer
 from meter_gateway.drivers.meter_models import FUNCTIONS, ModbusModel, ModbusPoint, RelaySpec, load_model
 from meter_gateway.drivers.reading import Quality, Reading
-from meter_gateway.drivers.transport import LinkStats, SerialSettings, TcpSettings
+from meter_gateway.drivers.serial_link import SerialLink
+from meter_gateway.drivers.transport import LinkStats, SerialSettings, StreamLink, TcpSettings, make_transport
 from meter_gateway.protocols.modbus.values import RemoteValueError
 
 __all__ = [
@@ -90,9 +98,7 @@ RECEIVE_BUFFER_CAP: Final = 260
 # §6.1-6.4: per-request limits of the read functions
 _MAX_COUNT: Final = {1: 2000, 2: 2000, 3: 125, 4: 125}
 
-_NEVER: Final = 1 << 30  # pymodbus' own "close after N silent requests": we decide that ourselves
-
-# pymodbus logs every timeout and exception at ERROR level; we convert and count them ourselves
+# pymodbus' framers and decoder log every undecodable frame; we convert and count them ourselves
 # and the bus logs one line per failed transaction, so its logger only speaks when it is dire.
 logging.getLogger("pymodbus.logging").setLevel(logging.CRITICAL)
 
@@ -118,7 +124,6 @@ class ModbusLink:
         timeout: float = 1.0,
         late_reply_guard: float | None = None,
         name: str | None = None,
-        rng: random.Random | None = None,
     ) -> None:
         if isinstance(settings, SerialSettings):
             framing = framing or "rtu"
@@ -141,205 +146,65 @@ class ModbusLink:
             (timeout / 2 if framing == "rtu" else 0.0) if late_reply_guard is None else late_reply_guard
         )
         self.name = name or default_name
-        self.stats = LinkStats()
         self.transactions = 0
-        self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
+        self._link: StreamLink = make_transport(settings, name=self.name)
+        framer_class = FramerSocket if framing == "tcp" else FramerRTU
+        self._framer: FramerBase = framer_class(ReplyDecoder(False))
+        self._tid = 0  # MBAP transaction id of the last request (RTU has none)
         self._lock = asyncio.Lock()
-        self._backoff = Backoff(settings.reconnect, rng=rng)
-        self._retry_at = -math.inf  # loop time before which no connect is attempted
-        self._down_since: float | None = None
-        self._silent = 0  # consecutive transactions without a reply
+        self._opened = False
         self._quiet_until = -math.inf  # loop time the late-reply guard ends
-        self._receive_cap = RECEIVE_BUFFER_CAP  # input kept for the reply now awaited (see _trace_packet)
-        self._in_flight = False  # a request is waiting for its reply
-        self.rs485_active = False  # kernel RS-485 mode is on (serial links that asked for it)
-        self._rs485_refusal_logged = False
 
     def __repr__(self) -> str:
         return f"<ModbusLink {self.name} {'up' if self.connected else 'down'}>"
 
     @property
+    def stats(self) -> LinkStats:
+        return self._link.stats
+
+    @property
     def connected(self) -> bool:
-        return self._client is not None and self._client.connected
+        return self._link.connected
 
     @property
     def down_since(self) -> float | None:
         """Loop time the link went down (or the first connect failed); None while up or unused."""
-        return None if self.connected else self._down_since
+        return self._link.down_since if self._opened else None
+
+    @property
+    def rs485_active(self) -> bool:
+        """Kernel RS-485 mode is on (serial links that asked for it and whose device took it)."""
+        return isinstance(self._link, SerialLink) and self._link.rs485_active
 
     # -- connection ---------------------------------------------------------------------------
 
     async def connect(self) -> None:
         """Connect now (raises LinkDown); transactions also connect on demand."""
         async with self._lock:
-            self._retry_at = -math.inf
-            await self._ensure_connected()
+            self._ensure_connected()
+            if not self._opened:
+                await self._open()
+
+    async def wait_connected(self, within: float | None = None) -> bool:
+        """Wait until the link is up (it reconnects in the background); False after ``within`` s."""
+        return self._opened and await self._link.wait_connected(within)
 
     async def close(self) -> None:
         async with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
+            self._opened = False
+            await self._link.close()
 
-    def _new_client(self) -> AsyncModbusTcpClient | AsyncModbusSerialClient:
-        s = self.settings
-        common: dict[str, Any] = {
-            "timeout": self.timeout,
-            "retries": 0,
-            "reconnect_delay": 0,
-            "reconnect_delay_max": 0,
-            "name": self.name,
-            "trace_packet": self._trace_packet,
-            "trace_connect": self._trace_connect,
-        }
-        if isinstance(s, SerialSettings):
-            client: AsyncModbusTcpClient | AsyncModbusSerialClient = AsyncModbusSerialClient(
-                s.port,
-                framer=FramerType.RTU,
-                baudrate=s.baudrate,
-                bytesize=s.bytesize,
-                parity=s.parity,
-                stopbits=s.stopbits,  # type: ignore[arg-type]  # pyserial takes 1.5 too
-                handle_local_echo=s.rs485 is not None and s.rs485.rx_during_tx,
-                **common,
-            )
-        else:
-            framer = FramerType.SOCKET if self.framing == "tcp" else FramerType.RTU
-            client = AsyncModbusTcpClient(s.host, port=s.port, framer=framer, **common)
-        client.set_max_no_responses(_NEVER)
-        client.ctx.framer.decoder = ReplyDecoder(False)
-        return client
-
-    async def _ensure_connected(self) -> AsyncModbusTcpClient | AsyncModbusSerialClient:
-        if self._client is None:
-            self._client = self._new_client()
-        client = self._client
-        if client.connected:
-            return client
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        if now < self._retry_at:
-            raise LinkDown(
-                f"{self.name}: link down ({self.stats.last_error or 'not connected'}); "
-                f"next connect attempt in {self._retry_at - now:.1f} s"
-            )
-        self.stats.open_attempts += 1
-        # pymodbus uses one timeout for connecting and for replies; connect gets the link's own
-        connect_timeout = self.settings.connect_timeout if isinstance(self.settings, TcpSettings) else self.timeout
-        client.ctx.comm_params.timeout_connect = connect_timeout
-        error = ""
-        try:
-            ok = await client.connect()
-        except (OSError, ModbusException, ValueError) as e:  # pyserial's ValueError: bad settings
-            ok, error = False, str(e)
-        finally:
-            client.ctx.comm_params.timeout_connect = self.timeout
-        if ok and client.connected and isinstance(self.settings, TcpSettings):
-            error = self._tune_socket(client)
-            ok = not error
-        elif ok and client.connected and self.settings.rs485 is not None:
-            self._rs485_mode(client)
-        if not (ok and client.connected):
-            client.close()
+    async def _open(self) -> None:
+        self._opened = True
+        if not await self._link.open():
             target = self.settings.label if isinstance(self.settings, TcpSettings) else self.settings.port
-            self.stats.last_error = error or f"cannot connect to {target}"
-            if self._backoff.attempt == 0:  # one line per outage, not one per attempt
-                log.warning("%s: down: %s", self.name, self.stats.last_error)
-            self._down_since = self._down_since if self._down_since is not None else now
-            self._retry_at = loop.time() + self._backoff.next()
-            raise LinkDown(f"{self.name}: {self.stats.last_error}")
-        if self._backoff.attempt:
-            log.info("%s: connected again after %d failed attempts", self.name, self._backoff.attempt)
-        self._backoff.reset()
-        self._retry_at = -math.inf
-        self._down_since = None
-        self._silent = 0
-        self.stats.connects += 1
-        return client
+            raise LinkDown(f"{self.name}: cannot connect to {target}: {self.stats.last_error or 'no connection'}")
 
-    def _tune_socket(self, client: AsyncModbusTcpClient | AsyncModbusSerialClient) -> str:
-        """Keepalive and TCP_USER_TIMEOUT so the kernel notices a half-open link; "" or an error."""
-        s = self.settings
-        assert isinstance(s, TcpSettings)
-        transport = client.ctx.transport
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        if sock is None:
-            return ""
-        options = (
-            (socket.SOL_SOCKET, "SO_KEEPALIVE", 1),
-            (socket.IPPROTO_TCP, "TCP_KEEPIDLE", s.keepalive_idle),
-            (socket.IPPROTO_TCP, "TCP_KEEPINTVL", s.keepalive_interval),
-            (socket.IPPROTO_TCP, "TCP_KEEPCNT", s.keepalive_count),
-            (socket.IPPROTO_TCP, "TCP_USER_TIMEOUT", int(s.user_timeout * 1000)),
-            (socket.IPPROTO_TCP, "TCP_NODELAY", 1),
-        )
-        try:
-            for level, name, value in options:
-                opt = getattr(socket, name, None)
-                if opt is not None:
-                    sock.setsockopt(level, opt, value)
-        except OSError as e:
-            return f"cannot set socket options: {e}"
-        return ""
-
-    def _rs485_mode(self, client: AsyncModbusTcpClient | AsyncModbusSerialClient) -> None:
-        """Kernel RS-485 mode on the port pymodbus opened. Like the raw serial links, a device
-        that refuses it is used without it (the adapter must then switch direction itself)."""
-        s = self.settings
-        assert isinstance(s, SerialSettings)
-        rs = s.rs485
-        assert rs is not None
-        port = getattr(client.ctx.transport, "sync_serial", None)  # pymodbus 3.11 SerialTransport
-        refusal = "the serial port object is not reachable" if port is None else ""
-        if port is not None:
-            try:
-                port.rs485_mode = serial.rs485.RS485Settings(
-                    rts_level_for_tx=rs.rts_level_for_tx,
-                    rts_level_for_rx=rs.rts_level_for_rx,
-                    loopback=rs.rx_during_tx,
-                    delay_before_tx=rs.delay_before_tx,
-                    delay_before_rx=rs.delay_before_rx,
-                )
-            except (ValueError, OSError) as e:
-                refusal = str(e)
-        self.rs485_active = not refusal
-        if refusal:
-            level = logging.DEBUG if self._rs485_refusal_logged else logging.WARNING
-            log.log(level, "%s: device refused kernel RS-485 mode (%s); running without it", self.name, refusal)
-            self._rs485_refusal_logged = True
-
-    def _trace_packet(self, sending: bool, data: bytes) -> bytes:
-        if sending:
-            self.stats.bytes_out += len(data)
-            return data
-        # ``data`` is pymodbus' whole receive buffer (what is left over plus what arrived), so this
-        # counts left-over bytes again when a reply comes in pieces
-        self.stats.bytes_in += len(data)
-        cap = self._receive_cap
-        if len(data) > cap and self._client is not None:
-            # Line noise that never forms a frame would stay in pymodbus' buffer and be rescanned
-            # (RTU: a CRC per candidate length, in the event loop) on every chunk: keep only the
-            # tail that can still hold the awaited reply (pymodbus' scan is quadratic or worse in
-            # what it holds). pymodbus 3.11 cuts ``ctx.recv_buffer`` by what the framer used of
-            # the data returned here, so both are shortened alike.
-            kept = data[-cap:]
-            self._client.ctx.recv_buffer = kept
-            self.stats.overflow_dropped += len(data) - len(kept)
-            return kept
-        return data
-
-    def _trace_connect(self, connected: bool) -> None:
-        if connected:
-            return
-        self.stats.losses += 1
-        if self._down_since is None:
-            self._down_since = asyncio.get_running_loop().time()
-        # pymodbus leaves a request in flight waiting out its full timeout when the connection
-        # drops under it; fail it now so a reset gateway is LinkDown at once, not NoAnswer later
-        client = self._client
-        pending = getattr(client.ctx, "response_future", None) if client is not None and self._in_flight else None
-        if isinstance(pending, asyncio.Future) and not pending.done():
-            pending.set_exception(_ConnectionLost("connection lost while waiting for the reply"))
+    def _ensure_connected(self) -> None:
+        if self._opened and not self._link.connected:
+            raise LinkDown(
+                f"{self.name}: link down ({self.stats.last_error or 'not connected'}); reconnecting in the background"
+            )
 
     # -- transactions -------------------------------------------------------------------------
 
@@ -384,44 +249,34 @@ class ModbusLink:
                 f"{self.name} unit {unit}: write register {address}={value} echoed {response.address}={echoed}"
             )
 
-    async def _transact(self, unit: int, function: int, address: int, arg: int | bool) -> Any:
+    async def _transact(self, unit: int, function: int, address: int, arg: int | bool) -> ModbusPDU:
         _unit_ok(unit)
         async with self._lock:
-            client = await self._ensure_connected()
+            self._ensure_connected()
+            if not self._opened:
+                await self._open()
+            link = self._link
             loop = asyncio.get_running_loop()
             if (wait := self._quiet_until - loop.time()) > 0:
                 await asyncio.sleep(wait)
+            if self.framing == "tcp":
+                self._tid = self._tid % 0xFFFF + 1
+            request = _request(function, unit, address, arg, self._tid)
+            reply = _ReplyMatcher(self, self._framer, unit, self._tid, 2 * _reply_size(function, arg) + 8)
             self.transactions += 1
-            call = _request(client, function, unit, address, arg)
-            self._receive_cap = 2 * _reply_size(function, arg) + 8
-            self._in_flight = True
-            try:
-                response = await call
-            except ModbusIOException as e:
-                if isinstance(e.__cause__, asyncio.CancelledError):
-                    raise e.__cause__ from None  # pymodbus turns our cancellation into an error
-                if not client.connected:
-                    raise self._lost(str(e)) from None
-                if "No response" in str(e):
-                    raise self._no_reply(unit, function, address) from None
-                raise BadReply(f"{self.name} unit {unit}: {e}") from None
-            except (ConnectionException, _ConnectionLost) as e:
-                raise self._lost(str(e)) from None
-            except OSError as e:
-                raise self._lost(str(e)) from None
-            except ModbusException as e:
-                raise BadReply(f"{self.name} unit {unit}: {e}") from None
-            finally:
-                self._in_flight = False
-            self._silent = 0
-            if response is None:
-                raise BadReply(f"{self.name} unit {unit}: no PDU in the reply")
+            link.flush_input()  # whatever is waiting answers nothing we are about to ask
+            await link.write(self._framer.buildFrame(request))
+            if not await link.read_until(reply.feed, loop.time() + self.timeout):
+                raise self._no_reply(unit, function, address)
+            link.note_reply()
+            response = reply.pdu
+            assert response is not None  # read_until returned True: feed() found it
             if response.isError():
-                code = int(getattr(response, "exception_code", 0))
                 if response.function_code != function | 0x80:
                     raise BadReply(
                         f"{self.name} unit {unit}: exception reply to function {response.function_code & 0x7F}"
                     )
+                code = int(response.exception_code)
                 reason = EXCEPTION_NAMES.get(code, f"exception {code:#04x}")
                 what = f"{self.name} unit {unit}: function {function} at {address}: {reason} ({code:#04x})"
                 if code == _GATEWAY_NO_RESPONSE:
@@ -433,31 +288,57 @@ class ModbusLink:
                 )
             return response
 
-    def _lost(self, detail: str) -> LinkDown:
-        if self._client is not None:
-            self._client.close()
-        self.stats.last_error = f"connection lost: {detail}"
-        log.warning("%s: %s", self.name, self.stats.last_error)
-        if self._down_since is None:
-            self._down_since = asyncio.get_running_loop().time()
-        return LinkDown(f"{self.name}: {self.stats.last_error}")
-
     def _no_reply(self, unit: int, function: int, address: int) -> NoAnswer | LinkDown:
-        self._silent += 1
         self._quiet_until = asyncio.get_running_loop().time() + self.late_reply_guard
-        limit = self.settings.no_reply_limit
-        if limit and self._silent >= limit:
-            # the socket looks fine but nothing answers any more: assume it is half-open
-            self.stats.half_open_resets += 1
-            self._silent = 0
-            return self._lost(f"{limit} transactions in a row without a reply")
+        self._link.note_silence()
+        if not self._link.connected:
+            # the socket looked fine but nothing answered any more: the link dropped it as half-open
+            limit = self.settings.no_reply_limit
+            return LinkDown(f"{self.name}: {limit} transactions in a row without a reply; reconnecting")
         return NoAnswer(
             f"{self.name} unit {unit}: no reply to function {function} at {address} within {self.timeout:.2f} s"
         )
 
 
-class _ConnectionLost(Exception):
-    """Set on pymodbus' pending reply when the connection drops under it (see _trace_connect)."""
+class _ReplyMatcher:
+    """Collects a reply from the arriving bytes (``feed`` is the link's ``read_until`` consumer).
+
+    Frames from another unit (a neighbour's late reply on a shared bus) or, on Modbus TCP, with
+    another transaction id are skipped. While no whole frame is there, only the newest ``cap``
+    bytes are kept: line noise that never forms a frame would otherwise be rescanned (the RTU
+    framer tries every offset) on every chunk that arrives."""
+
+    __slots__ = ("buffer", "cap", "framer", "link", "pdu", "tid", "unit")
+
+    def __init__(self, link: ModbusLink, framer: FramerBase, unit: int, tid: int, cap: int) -> None:
+        self.link = link
+        self.framer = framer
+        self.unit = unit
+        self.tid = tid
+        self.cap = cap
+        self.buffer = b""
+        self.pdu: ModbusPDU | None = None
+
+    def feed(self, data: bytes) -> bool:
+        buffer = self.buffer + data
+        framer = self.framer
+        while buffer:
+            used, unit, tid, frame = framer.decode(buffer)
+            if not used:
+                break
+            buffer = buffer[used:]
+            if not frame or unit != self.unit or (self.link.framing == "tcp" and tid != self.tid):
+                continue
+            pdu = framer.decoder.decode(frame)
+            if pdu is None:
+                raise BadReply(f"{self.link.name} unit {unit}: undecodable reply {frame.hex()}")
+            self.pdu = pdu
+            return True
+        if len(buffer) > self.cap:
+            self.link.stats.overflow_dropped += len(buffer) - self.cap
+            buffer = buffer[-self.cap :]
+        self.buffer = buffer
+        return False
 
 
 def _check_span(function: int, address: int, count: int) -> None:
@@ -469,10 +350,9 @@ def _check_span(function: int, address: int, count: int) -> None:
 
 
 class ReplyDecoder(DecodePDU):
-    """pymodbus' response decoder, but a truncated PDU is "undecodable" (None, which pymodbus
-    turns into ModbusIOException) instead of a ``struct.error`` escaping from the protocol's
-    ``data_received`` (which makes asyncio drop the connection). Found by ``fuzz modbus``:
-    several pymodbus 3.11 message classes unpack without checking the length."""
+    """pymodbus' response decoder, with a truncated PDU always "undecodable" (None, a BadReply
+    here). pymodbus 3.11 let ``struct.error`` out of several message classes (found by ``fuzz
+    modbus``); 3.16 catches it itself, and this keeps the guarantee whatever the version does."""
 
     def decode(self, frame: bytes) -> ModbusPDU | None:
         try:
@@ -491,20 +371,14 @@ def _reply_size(function: int, arg: int | bool) -> int:
     return 8  # a write is echoed
 
 
-def _request(
-    client: AsyncModbusTcpClient | AsyncModbusSerialClient, function: int, unit: int, address: int, arg: int | bool
-) -> Awaitable[Any]:
-    if function == 1:
-        return client.read_coils(address, count=int(arg), device_id=unit)
-    if function == 2:
-        return client.read_discrete_inputs(address, count=int(arg), device_id=unit)
-    if function == 3:
-        return client.read_holding_registers(address, count=int(arg), device_id=unit)
-    if function == 4:
-        return client.read_input_registers(address, count=int(arg), device_id=unit)
+def _request(function: int, unit: int, address: int, arg: int | bool, tid: int) -> ModbusPDU:
+    if function in (1, 2, 3, 4):
+        read = {1: ReadCoilsRequest, 2: ReadDiscreteInputsRequest, 3: ReadHoldingRegistersRequest}
+        cls = read.get(function, ReadInputRegistersRequest)
+        return cls(dev_id=unit, transaction_id=tid, address=address, count=int(arg))
     if function == _WRITE_COIL:
-        return client.write_coil(address, bool(arg), device_id=unit)
-    return client.write_register(address, int(arg), device_id=unit)
+        return WriteSingleCoilRequest(dev_id=unit, transaction_id=tid, address=address, bits=[bool(arg)])
+    return WriteSingleRegisterRequest(dev_id=unit, transaction_id=tid, address=address, registers=[int(arg)])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,11 +1,10 @@
 """MQTT uplink: drains the outbox to the broker, publishes status and meter states, takes commands.
 
-The only module that imports aiomqtt/paho. Delivery is at least once from the outbox to the
-broker: rows are acked in the outbox only after a PUBACK with a success reason code. aiomqtt
-2.x resolves publish() on any PUBACK without looking at its reason code, so readings go out
-through paho directly with our own per-message-id futures, resolved from paho's on_publish
-callback (which carries the MQTT 5 reason code). A negative code (>= 0x80: not authorized,
-quota exceeded, ...) is a failure: the rows stay, the pump backs off and sends them again.
+Delivery is at least once from the outbox to the broker: rows are acked in the outbox only after
+a PUBACK with a success reason code. The connection is gateway/mqtt_connection.py (paho's public
+client API on our event loop; aiomqtt's public API cannot report a PUBACK's reason code), whose
+publish() gives a future of that code. A negative code (>= 0x80: not authorized, quota exceeded,
+...) is a failure: the rows stay, the pump backs off and sends them again.
 
 The publish window is ours: at most ``window`` unacknowledged batches (capped by the broker's
 Receive Maximum), because thousands of concurrent publishes just time out.
@@ -22,17 +21,15 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
-import aiomqtt
-import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from meter_gateway.drivers.backoff import Backoff, BackoffPolicy
 from meter_gateway.gateway import __version__
+from meter_gateway.gateway.mqtt_connection import ConnectionLost, ConnectRefused, MqttConnection, MqttError, Will
 from meter_gateway.gateway.mqtt_contract import (
     BATCH_OVERHEAD,
     CONTRACT_VERSION,
@@ -64,10 +61,14 @@ log = logging.getLogger(__name__)
 _paho_log = logging.getLogger(f"{__name__}.paho")  # paho's own lines, separable from ours
 
 _UNSUPPORTED_PROTOCOL = (1, 0x84)  # MQTT 3.1.1 return code 1; MQTT 5 reason 0x84
-# What nearly every meter's state is in steady operation (the health book reports a recovery
-# with an empty reason): such a state is kept as its bare ``since`` float, not a (state, since,
-# detail) tuple, which saves 64 bytes a meter (0.6 MB at 10,000 meters).
-_ONLINE_RECOVERED: tuple[MeterStateName, str | None] = ("online", "")
+
+
+class _KnownState(NamedTuple):
+    """A meter's latest state, kept to publish now and again after every reconnect."""
+
+    state: MeterStateName
+    since: float
+    detail: str | None
 
 
 class Protocol(enum.StrEnum):
@@ -171,94 +172,12 @@ class UplinkStats:
         self.failures[reason] = self.failures.get(reason, 0) + 1
 
 
-class _ConnectionLost(Exception):
-    """The connection ended while a publish waited for its PUBACK."""
-
-
 class _SessionBroken(Exception):
     """The session cannot go on (no PUBACK in time, publish refused locally): reconnect."""
 
 
 def _reason_key(name: str) -> str:
     return name.strip().lower().replace(" ", "_").replace("-", "_")
-
-
-class _Client(aiomqtt.Client):
-    """aiomqtt client that lets us see PUBACK reason codes and CONNACK properties.
-
-    ``publish_future`` publishes through paho and returns a future of (reason code, name),
-    resolved by paho's on_publish; every pending future fails when the connection drops.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.acks: dict[int, asyncio.Future[tuple[int, str]]] = {}
-        self.connack_properties: Properties | None = None
-
-    def _on_connect(
-        self,
-        client: paho.Client,
-        userdata: Any,
-        flags: paho.ConnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None = None,
-    ) -> None:
-        self.connack_properties = properties
-        super()._on_connect(client, userdata, flags, reason_code, properties)
-
-    def _on_publish(
-        self,
-        client: paho.Client,
-        userdata: Any,
-        mid: int,
-        reason_code: ReasonCode,
-        properties: Properties,
-    ) -> None:
-        fut = self.acks.pop(mid, None)
-        if fut is None:
-            super()._on_publish(client, userdata, mid, reason_code, properties)
-        elif not fut.done():
-            fut.set_result((int(reason_code.value), reason_code.getName()))
-
-    def _on_disconnect(
-        self,
-        client: paho.Client,
-        userdata: Any,
-        flags: paho.DisconnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None = None,
-    ) -> None:
-        super()._on_disconnect(client, userdata, flags, reason_code, properties)
-        if not self._connected.done():
-            # closed before any CONNACK (e.g. a TLS 1.3 "certificate required" alert): fail the
-            # attempt now rather than after the whole connect timeout
-            self._connected.set_exception(aiomqtt.MqttError(f"connection closed before CONNACK ({reason_code})"))
-        self.fail_pending()
-
-    def abandon(self) -> None:
-        """Drop a connection attempt that was cancelled half-way (stop during connect)."""
-        with contextlib.suppress(Exception):
-            self._client.disconnect()
-        with contextlib.suppress(Exception):
-            sock = self._client.socket()
-            if sock is not None:
-                sock.close()
-
-    def fail_pending(self) -> None:
-        acks, self.acks = self.acks, {}
-        for fut in acks.values():
-            if not fut.done():
-                fut.set_exception(_ConnectionLost("connection lost before PUBACK"))
-
-    def publish_future(
-        self, topic: str, payload: bytes, *, retain: bool = False, properties: Properties | None = None
-    ) -> asyncio.Future[tuple[int, str]]:
-        info = self._client.publish(topic, payload, qos=1, retain=retain, properties=properties)
-        if info.rc != paho.MQTT_ERR_SUCCESS:
-            raise _SessionBroken(f"publish refused by the client: {paho.error_string(info.rc)}")
-        fut: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
-        self.acks[info.mid] = fut
-        return fut
 
 
 def _tls_context(tls: TlsConfig) -> ssl.SSLContext:
@@ -318,13 +237,13 @@ class Uplink:
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
         self._running = False
-        self._client: _Client | None = None
+        self._client: MqttConnection | None = None
         # the publish window of the current session: readings, status and meter states share it,
         # so the broker's Receive Maximum is never exceeded
         self._window_sem = asyncio.Semaphore(1)
         # the latest state of every meter: topic and payload are built when published (kept, they
         # would cost ~300 bytes a meter at 10,000 meters); see _remember_state for the values
-        self._meter_states: dict[str, float | tuple[MeterStateName, float, str | None]] = {}
+        self._meter_states: dict[str, _KnownState] = {}
         self._states_due: dict[str, None] = {}  # meters whose state this session still has to publish
         self._states_changed = asyncio.Event()
         self._refusals = Backoff(config.refused_backoff)
@@ -369,8 +288,7 @@ class Uplink:
     def set_meter_state(self, meter_id: str, state: MeterStateName, since: float, detail: str | None = None) -> None:
         """Record a meter's state; published retained now if connected, and on every reconnect."""
         self.topics.meter_state(meter_id)  # a meter id that cannot be a topic level fails here, not later
-        common = isinstance(since, float) and (state, detail) == _ONLINE_RECOVERED
-        self._meter_states[meter_id] = since if common else (state, since, detail)
+        self._meter_states[meter_id] = _KnownState(state, since, detail)
         if self._client is not None and self.stats.connected:
             self._states_due[meter_id] = None
             self._states_changed.set()
@@ -392,9 +310,9 @@ class Uplink:
         except TimeoutError:
             return False
         try:
-            fut = client.publish_future(topic, payload, properties=self._publish_properties())
+            fut = client.publish(topic, payload, properties=self._publish_properties())
             code, name = await asyncio.wait_for(fut, limit)
-        except (_SessionBroken, _ConnectionLost, TimeoutError) as exc:
+        except (MqttError, TimeoutError) as exc:
             log.debug("publish on %s not confirmed: %s", topic, exc)
             return False
         finally:
@@ -407,48 +325,41 @@ class Uplink:
 
     # -- connection --------------------------------------------------------------------------
 
-    def _make_client(self, protocol: Protocol) -> _Client:
-        will = aiomqtt.Will(
-            self.topics.status,
-            encode_status(self._status("offline", reason="connection lost")),
-            qos=1,
-            retain=True,
-        )
-        return _Client(
+    def _make_client(self, protocol: Protocol) -> MqttConnection:
+        return MqttConnection(
             self.config.host,
             self.config.port,
+            identifier=self._client_id,
+            mqtt5=protocol is Protocol.V5,
             username=self.config.username,
             password=self.config.password,
-            identifier=self._client_id,
-            protocol=aiomqtt.ProtocolVersion.V5 if protocol is Protocol.V5 else aiomqtt.ProtocolVersion.V311,
-            will=will,
+            will=Will(self.topics.status, encode_status(self._status("offline", reason="connection lost"))),
             keepalive=self.config.keepalive,
             timeout=self.config.connect_timeout,
-            max_inflight_messages=self.config.window,
+            max_inflight=self.config.window,
             tls_context=self._tls,
             logger=_paho_log,
         )
 
-    async def _connect(self) -> _Client | None:
+    async def _connect(self) -> MqttConnection | None:
         while True:
             client = self._make_client(self._protocol)
             try:
-                if not await self._wait_any(client.__aenter__(), self._stopping):
+                if not await self._wait_any(client.connect(), self._stopping):
                     client.abandon()
                     return None
-            except aiomqtt.MqttCodeError as exc:
-                code = getattr(exc.rc, "value", exc.rc)
+            except ConnectRefused as exc:
                 if (
                     self.config.protocol is Protocol.AUTO
                     and self._protocol is Protocol.V5
-                    and code in _UNSUPPORTED_PROTOCOL
+                    and exc.code in _UNSUPPORTED_PROTOCOL
                 ):
                     log.warning("broker %s refused MQTT 5; using MQTT 3.1.1", self.config.host)
                     self._protocol = Protocol.V311
                     continue
                 self._connect_failed(f"refused: {exc}", "connect_refused")
                 return None
-            except aiomqtt.MqttError as exc:
+            except MqttError as exc:
                 self._connect_failed(str(exc) or type(exc).__name__, "connect_error")
                 return None
             return client
@@ -474,7 +385,7 @@ class Uplink:
             reason=reason,
         )
 
-    async def _session(self, client: _Client) -> None:
+    async def _session(self, client: MqttConnection) -> None:
         self._connect_error = None
         self.stats.connects += 1
         self.stats.connected = True
@@ -502,12 +413,12 @@ class Uplink:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 exc = task.exception()
-                if exc is not None and not isinstance(exc, aiomqtt.MqttError | _SessionBroken | _ConnectionLost):
+                if exc is not None and not isinstance(exc, MqttError | _SessionBroken):
                     raise exc
                 if exc is not None:
                     log.warning("MQTT connection lost: %s", exc)
             clean = self._stopping.is_set() and tasks[0] in done and tasks[0].exception() is None
-        except (aiomqtt.MqttError, _SessionBroken, _ConnectionLost) as exc:
+        except (MqttError, _SessionBroken) as exc:
             log.warning("MQTT session ended: %s", exc)
         finally:
             for task in tasks:
@@ -519,31 +430,27 @@ class Uplink:
             self.stats.inflight_batches = 0  # unacked batches of this session are resent anyway
             self._client = None
             await self._close(client, clean=clean)
-            client.fail_pending()
 
-    async def _close(self, client: _Client, *, clean: bool) -> None:
+    async def _close(self, client: MqttConnection, *, clean: bool) -> None:
         if clean:
             offline = encode_status(self._status("offline", reason="shutdown"))
             # a clean DISCONNECT suppresses the Will, so say "offline" ourselves
-            with contextlib.suppress(aiomqtt.MqttError, _SessionBroken, _ConnectionLost, TimeoutError):
+            with contextlib.suppress(MqttError, _SessionBroken, TimeoutError):
                 await self._publish_retained(
                     client, self.topics.status, offline, "status", within=max(self.config.shutdown_timeout, 0.1)
                 )
         else:
             self.stats.disconnects += 1
-        try:
-            await asyncio.wait_for(client.__aexit__(None, None, None), timeout=2.0)
-        except (aiomqtt.MqttError, TimeoutError, OSError) as exc:
-            log.debug("disconnect: %s", exc)
+        await client.disconnect(within=2.0)
 
-    def _window(self, client: _Client) -> int:
+    def _window(self, client: MqttConnection) -> int:
         props = client.connack_properties
         receive_max = getattr(props, "ReceiveMaximum", None) if props is not None else None
         if isinstance(receive_max, int) and receive_max > 0:
             return min(self.config.window, receive_max)
         return self.config.window
 
-    def _max_payload(self, client: _Client) -> int:
+    def _max_payload(self, client: MqttConnection) -> int:
         props = client.connack_properties
         limit = getattr(props, "MaximumPacketSize", None) if props is not None else None
         if isinstance(limit, int) and limit > 0:
@@ -551,14 +458,14 @@ class Uplink:
             return max(1024, min(self.config.batch_max_bytes, limit - len(self.topics.readings) - 64))
         return self.config.batch_max_bytes
 
-    async def _subscribe(self, client: _Client) -> None:
+    async def _subscribe(self, client: MqttConnection) -> None:
         if self._protocol is Protocol.V5:
             # never have retained commands sent to us; they are stale by definition
             options = SubscribeOptions(qos=1, noLocal=True, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
             granted = await client.subscribe(self.topics.commands_filter, options=options)
         else:
             granted = await client.subscribe(self.topics.commands_filter, qos=1)
-        codes = [g.value if isinstance(g, ReasonCode) else int(g) for g in granted]
+        codes = granted
         if any(c >= 0x80 for c in codes):
             self.stats.fail("subscribe_refused")
             log.warning("broker refused the command subscription %s (codes %s)", self.topics.commands_filter, codes)
@@ -572,7 +479,7 @@ class Uplink:
         return props
 
     async def _publish_retained(
-        self, client: _Client, topic: str, payload: bytes, what: str, within: float | None = None
+        self, client: MqttConnection, topic: str, payload: bytes, what: str, within: float | None = None
     ) -> bool:
         window = self._window_sem
         limit = within or self.config.ack_timeout
@@ -581,9 +488,9 @@ class Uplink:
         except TimeoutError:
             return False
         try:
-            fut = client.publish_future(topic, payload, retain=True, properties=self._publish_properties())
+            fut = client.publish(topic, payload, retain=True, properties=self._publish_properties())
             code, name = await asyncio.wait_for(fut, limit)
-        except (_SessionBroken, _ConnectionLost, TimeoutError) as exc:
+        except (MqttError, TimeoutError) as exc:
             log.debug("%s publish on %s not confirmed: %s", what, topic, exc)
             return False
         finally:
@@ -594,24 +501,19 @@ class Uplink:
             return False
         return True
 
-    def _meter_state_payload(self, meter_id: str, state: float | tuple[MeterStateName, float, str | None]) -> bytes:
-        if isinstance(state, float):
-            name, detail = _ONLINE_RECOVERED
-            since = state
-        else:
-            name, since, detail = state
+    def _meter_state_payload(self, meter_id: str, known: _KnownState) -> bytes:
         return encode_meter_state(
             MeterState(
                 v=CONTRACT_VERSION,
                 gateway=self.config.gateway_id,
                 meter=meter_id,
-                state=name,
-                since=since,
-                detail=detail,
+                state=known.state,
+                since=known.since,
+                detail=known.detail,
             )
         )
 
-    async def _publish_states(self, client: _Client) -> None:
+    async def _publish_states(self, client: MqttConnection) -> None:
         """Publish the states of the meters in ``_states_due`` (retained), the latest state of
         each, at most a window's worth at once: one task per meter would cost 10,000 tasks
         after a reconnect. A state not confirmed is published again after the next connect."""
@@ -677,7 +579,7 @@ class Uplink:
             encoded_readings=parts,
         )
 
-    async def _pump(self, client: _Client, window: asyncio.Semaphore) -> None:
+    async def _pump(self, client: MqttConnection, window: asyncio.Semaphore) -> None:
         """Publish undelivered rows in row order, at most the window's size unacknowledged."""
         inflight: set[asyncio.Task[None]] = set()
         refused = asyncio.Event()  # a negative PUBACK: pause, then resend from the oldest row
@@ -740,7 +642,7 @@ class Uplink:
                             window.release()
                         drop_ahead()
                         break
-                    fut = client.publish_future(topic, payload, properties=properties)
+                    fut = client.publish(topic, payload, properties=properties)
                     self.stats.inflight_batches += 1
                     self.stats.max_inflight_batches = max(self.stats.max_inflight_batches, self.stats.inflight_batches)
                     cursor = ids[-1]
@@ -789,7 +691,7 @@ class Uplink:
             except TimeoutError:
                 self.stats.fail("ack_timeout")
                 raise _SessionBroken(f"no PUBACK within {self.config.ack_timeout:g} s") from None
-            except _ConnectionLost:
+            except ConnectionLost:
                 self.stats.fail("disconnected")
                 return
         finally:
@@ -827,9 +729,9 @@ class Uplink:
 
     # -- commands (inbound skeleton) ---------------------------------------------------------
 
-    async def _inbound(self, client: _Client) -> None:
-        async for message in client.messages:
-            props = message.properties
+    async def _inbound(self, client: MqttConnection) -> None:
+        async for message in client.messages():
+            props = getattr(message, "properties", None)  # paho sets it on MQTT 5 messages only
             payload = message.payload
             msg = InboundMessage(
                 topic=str(message.topic),

@@ -1,4 +1,4 @@
-"""Simulated Modbus meters on pymodbus's server, driven by the shared load model.
+"""Simulated Modbus meters, driven by the shared load model, framed by pymodbus.
 
 A :class:`SimulatedMeter` is one unit id: a meter model file (``sim-3ph`` by default, any Modbus
 model works) whose registers are encoded, at request time, from a
@@ -16,22 +16,38 @@ address), and so is writing anywhere but the relay. A read longer than the model
 ``max_registers_per_read`` is exception 03 (illegal data value), as meters with a smaller limit
 than the protocol's 125 do. Writing the relay coil or register opens/closes the simulated relay.
 
+The server is ours (asyncio for TCP, pyserial-asyncio-fast for serial ports); pymodbus' public
+framers (``FramerSocket``, ``FramerRTU``) and PDU classes only cut requests out of the byte stream
+and encode the replies. pymodbus 3.16's own server reads registers through its datastore, which
+cannot compute a register at request time, answer one unit and ignore another that is switched
+silent while running, or tell a bit read's length to a hook (the ``SimDevice`` action gets the
+number of 16-bit words); running the dispatch ourselves needs none of that.
+
 Nothing here prints; the ``simulate`` CLI owns the terminal.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
+import serial_asyncio_fast
 from pymodbus.constants import ExcCodes
-from pymodbus.datastore import ModbusBaseDeviceContext, ModbusServerContext
-from pymodbus.exceptions import NoSuchIdException
-from pymodbus.framer import FramerType
-from pymodbus.server import ModbusSerialServer, ModbusTcpServer
+from pymodbus.framer import FramerBase, FramerRTU, FramerSocket
+from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
+from pymodbus.pdu.bit_message import ReadCoilsResponse, ReadDiscreteInputsResponse, WriteSingleCoilResponse
+from pymodbus.pdu.register_message import (
+    ReadHoldingRegistersResponse,
+    ReadInputRegistersResponse,
+    WriteMultipleRegistersResponse,
+    WriteSingleRegisterResponse,
+)
 
 from meter_gateway.drivers.meter_models import ModbusModel, ModbusPoint, load_model
 from meter_gateway.protocols.modbus.values import ModbusValueError
@@ -52,8 +68,19 @@ ILLEGAL_ADDRESS: Final = 0x02
 ILLEGAL_VALUE: Final = 0x03
 DEVICE_FAILURE: Final = 0x04
 
-# which table a pymodbus function code addresses (writes read back through the same table)
+# which table a function code addresses (writes read back through the same table)
 _TABLE: Final = {1: 1, 5: 1, 15: 1, 2: 2, 3: 3, 6: 3, 16: 3, 4: 4}
+_READ_REPLY: Final[dict[int, type[ModbusPDU]]] = {
+    1: ReadCoilsResponse,
+    2: ReadDiscreteInputsResponse,
+    3: ReadHoldingRegistersResponse,
+    4: ReadInputRegistersResponse,
+}
+# Modbus Application Protocol V1.1b3 §6.1-6.4: quantities a read may ask for; more is exception 03
+_READ_LIMIT: Final = {1: 2000, 2: 2000, 3: 125, 4: 125}
+_RX_CAP: Final = 512  # bytes kept while a request is incomplete: more is line noise
+
+log = logging.getLogger(__name__)
 
 
 def accelerated_clock(speed: float, *, start: float | None = None, base: Clock = time.time) -> Clock:
@@ -178,47 +205,88 @@ class SimulatedMeter:
             self._readable[relay.write.function].setdefault(relay.write.address, (None, -1))
 
 
-class _DeviceContext(ModbusBaseDeviceContext):
-    """pymodbus datastore interface over one SimulatedMeter."""
+def answer(
+    meters: Mapping[int, SimulatedMeter], request: ModbusPDU | None, function: int, now: float
+) -> ModbusPDU | None:
+    """The reply to one decoded request (None: stay silent, as an absent or silent meter does).
 
-    def __init__(self, meter: SimulatedMeter, clock: Clock) -> None:
-        self.meter = meter
-        self.clock = clock
+    ``request`` is None when pymodbus could not decode the PDU of ``function`` (a read asking for
+    more than the protocol allows fails its decode): exception 03, or 01 for a function we do not
+    serve."""
+    if request is None:
+        code = ExcCodes.ILLEGAL_VALUE if function in _TABLE else ExcCodes.ILLEGAL_FUNCTION
+        return ExceptionResponse(function, code)
+    meter = meters.get(request.dev_id)
+    if meter is None or meter.silent:
+        return None
+    fc = request.function_code
+    if fc in _READ_REPLY:
+        if not 1 <= request.count <= _READ_LIMIT[fc]:
+            return ExceptionResponse(fc, ExcCodes.ILLEGAL_VALUE)
+        values = meter.read(fc, request.address, request.count, now)
+        if isinstance(values, int):
+            return ExceptionResponse(fc, values)
+        if fc in (1, 2):
+            return _READ_REPLY[fc](bits=[bool(v) for v in values])
+        return _READ_REPLY[fc](registers=[int(v) for v in values])
+    if fc in (5, 6, 15, 16):
+        bits = [bool(b) for b in request.bits]
+        registers = [int(r) for r in request.registers]
+        error = meter.write(fc, request.address, bits if fc in (5, 15) else registers, now)
+        if error is not None:
+            return ExceptionResponse(fc, error)
+        if fc == 5:
+            return WriteSingleCoilResponse(address=request.address, bits=bits)
+        if fc == 6:
+            return WriteSingleRegisterResponse(address=request.address, registers=registers)
+        if fc == 16:
+            return WriteMultipleRegistersResponse(address=request.address, count=len(registers))
+        # FC 15 (write multiple coils): our meters have one relay coil and take FC 05 only
+        return ExceptionResponse(fc, ExcCodes.ILLEGAL_FUNCTION)
+    return ExceptionResponse(fc, ExcCodes.ILLEGAL_FUNCTION)
 
-    def reset(self) -> None:
-        """Nothing to reset: the registers are computed."""
 
-    def getValues(  # noqa: N802 - the name pymodbus calls
-        self, func_code: int, address: int, count: int = 1
-    ) -> list[int] | list[bool] | ExcCodes:
-        if func_code not in _TABLE:
-            return ExcCodes.ILLEGAL_FUNCTION
-        result = self.meter.read(func_code, address, count, self.clock())
-        return ExcCodes(result) if isinstance(result, int) else result
+class _BusPort(asyncio.Protocol):
+    """One connection (or the serial port): cuts requests out of the stream, answers them."""
 
-    def setValues(  # noqa: N802 - the name pymodbus calls
-        self, func_code: int, address: int, values: list[int] | list[bool]
-    ) -> ExcCodes | None:
-        if func_code not in (5, 6, 15, 16):
-            return ExcCodes.ILLEGAL_FUNCTION
-        result = self.meter.write(func_code, address, list(values), self.clock())
-        return None if result is None else ExcCodes(result)
+    def __init__(self, server: ModbusSimServer, framer: FramerBase) -> None:
+        self.server = server
+        self.framer = framer
+        self.buffer = b""
+        self.transport: asyncio.Transport | None = None
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.server.connections.add(self)
 
-class _ServerContext(ModbusServerContext):
-    """Unit id -> meter; a silent or unknown unit raises NoSuchIdException, which the server
-    (ignore_missing_devices) answers with silence."""
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        self.transport = None
 
-    def __init__(self, meters: Mapping[int, SimulatedMeter], clock: Clock) -> None:
-        devices = {u: _DeviceContext(m, clock) for u, m in meters.items()}
-        super().__init__(devices=devices, single=False)  # type: ignore[no-untyped-call]
-        self._meters = meters
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer + data
+        while buffer:
+            used, unit, tid, pdu = self.framer.decode(buffer)
+            if not used:
+                break
+            buffer = buffer[used:]
+            if pdu:  # an empty PDU is what the framer makes of a frame with a bad CRC: dropped
+                self.request(unit, tid, pdu)
+        self.buffer = buffer[-_RX_CAP:]
 
-    def __getitem__(self, device_id: int) -> Any:
-        meter = self._meters.get(device_id)
-        if meter is None or meter.silent:
-            raise NoSuchIdException(f"no meter answers unit {device_id}")  # type: ignore[no-untyped-call]
-        return super().__getitem__(device_id)  # type: ignore[no-untyped-call]
+    def request(self, unit: int, tid: int, pdu: bytes) -> None:
+        decoded = self.framer.decoder.decode(pdu)
+        if decoded is not None:
+            decoded.dev_id = unit
+        if unit not in self.server.meters:  # another meter's request on a shared bus: not ours
+            return
+        reply = answer(self.server.meters, decoded, pdu[0] & 0x7F, self.server.clock())
+        if reply is None or self.transport is None:
+            return
+        reply.dev_id = unit
+        reply.transaction_id = tid
+        self.transport.write(self.framer.buildFrame(reply))
 
 
 class ModbusSimServer:
@@ -256,7 +324,9 @@ class ModbusSimServer:
         self.serial_port = serial_port
         self.baudrate, self.bytesize, self.parity, self.stopbits = baudrate, bytesize, parity, stopbits
         self.clock = clock
-        self._server: ModbusTcpServer | ModbusSerialServer | None = None
+        self.connections: set[_BusPort] = set()
+        self._server: asyncio.Server | None = None
+        self._serial: asyncio.BaseTransport | None = None
 
     def __repr__(self) -> str:
         where = self.serial_port if self.transport == "serial" else f"{self.host}:{self.port}"
@@ -269,44 +339,50 @@ class ModbusSimServer:
 
     @property
     def running(self) -> bool:
-        return self._server is not None
+        return self._server is not None or self._serial is not None
+
+    def _port(self) -> _BusPort:
+        framer = FramerSocket if self.transport == "tcp" else FramerRTU
+        return _BusPort(self, framer(DecodePDU(True)))
 
     async def start(self) -> None:
-        if self._server is not None:
+        """Listen (TCP) or open the serial port; raises OSError if that cannot be done."""
+        if self.running:
             return
-        context = _ServerContext(self.meters, self.clock)
-        server: ModbusTcpServer | ModbusSerialServer
+        loop = asyncio.get_running_loop()
         if self.transport == "serial":
-            server = ModbusSerialServer(
-                context,
-                framer=FramerType.RTU,
-                port=self.serial_port,
-                ignore_missing_devices=True,
+            assert self.serial_port is not None
+            self._serial, _ = await serial_asyncio_fast.create_serial_connection(
+                loop,
+                self._port,
+                self.serial_port,
                 baudrate=self.baudrate,
                 bytesize=self.bytesize,
                 parity=self.parity,
                 stopbits=self.stopbits,
             )
-        else:
-            framer = FramerType.SOCKET if self.transport == "tcp" else FramerType.RTU
-            server = ModbusTcpServer(
-                context, framer=framer, address=(self.host, self.port), ignore_missing_devices=True
-            )
+            return
         try:
-            await server.serve_forever(background=True)
-        except RuntimeError as e:
-            where = self.serial_port if self.transport == "serial" else f"{self.host}:{self.port}"
-            raise OSError(f"Modbus simulator cannot listen on {where}") from e
-        if self.transport != "serial":
-            sockets = getattr(server.transport, "sockets", None) or ()
-            if sockets:
-                self.port = int(sockets[0].getsockname()[1])
+            server = await loop.create_server(self._port, self.host, self.port)
+        except OSError as e:
+            raise OSError(f"Modbus simulator cannot listen on {self.host}:{self.port}: {e.strerror or e}") from e
+        self.port = int(server.sockets[0].getsockname()[1])
         self._server = server
 
     async def stop(self) -> None:
         server, self._server = self._server, None
+        serial, self._serial = self._serial, None
+        if serial is not None:
+            serial.close()
         if server is not None:
-            await server.shutdown()  # type: ignore[no-untyped-call]
+            server.close()
+        for port in list(self.connections):
+            if port.transport is not None:
+                port.transport.abort()
+        if server is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await server.wait_closed()
 
     async def __aenter__(self) -> ModbusSimServer:
         await self.start()
