@@ -1,7 +1,9 @@
-"""Fault injection for simulated DL/T 645 buses: what a bad RS-485 segment and bad meters do.
+"""Fault injection for simulated buses (DL/T 645, DL/T 698.45, CJ/T 188): what a bad RS-485
+segment and bad meters do.
 
 A :class:`Faults` applies to a whole bus; ``per_meter`` overrides it for one meter (keyed by the
-printed 12-digit address). Everything is mutable at run time (``bus.faults.drop_reply = 0.5``).
+printed address: 12 digits for DL/T 645 and 698.45, 14 for CJ/T 188). Everything is mutable at
+run time (``bus.faults.drop_reply = 0.5``).
 Decisions come from one seeded RNG so a run is repeatable for a given seed and request order.
 
 Knobs (probabilities are 0..1 per request):
@@ -18,7 +20,9 @@ Knobs (probabilities are 0..1 per request):
 ``dribble``        seconds between reply bytes (a slow serial server sending one byte at a time)
 ``stuck_relay``    makes the meter's relay stuck (accepts trips, never moves) from its next request
                    on; it stays stuck until ``meter.stuck_relay = False`` (a fault that heals itself
-                   would hide the problem from the test that set it)
+                   would hide the problem from the test that set it); DL/T 645 and 698.45 meters
+``stuck_valve``    the same for a CJ/T 188 meter's valve: commands are acknowledged, the valve stays
+                   put and ST reports it "abnormal"; cleared by ``meter.stuck_valve = False``
 
 Counters of every fault that fired are in ``SimulatedBus.stats`` under the knob's name.
 """
@@ -54,6 +58,7 @@ class Faults:
     never_answer: bool = False
     dribble: float = 0.0
     stuck_relay: bool = False
+    stuck_valve: bool = False
     per_meter: dict[str, Faults] = field(default_factory=dict)
     seed: int = 0
     rng: random.Random = field(init=False, repr=False, compare=False)
@@ -97,6 +102,7 @@ class Faults:
             or self.never_answer
             or self.dribble
             or self.stuck_relay
+            or self.stuck_valve
         )
 
     @classmethod

@@ -1,12 +1,19 @@
-"""Simulated RS-485 buses: many simulated DL/T 645 meters behind one TCP port or one pty.
+"""Simulated RS-485 buses: many simulated meters behind one TCP port or one pty.
 
 A :class:`SimulatedBus` is what a gateway sees of one RS-485 segment: a transparent serial server
 (TCP; every connected client shares the one segment) or a pseudo-terminal (the gateway opens the
-slave path at 8N1; ptys here refuse even parity). Bytes from the gateway are deframed by length;
-each frame goes to the meter it addresses (dict lookup by address: no per-meter tasks);
-unaddressed meters stay silent; an AA wildcard (and 0x13 read address) is answered only when
-exactly one meter is on the link, as on a real bus where two would collide; 999999999999
-broadcasts reach every meter and get no reply.
+slave path at 8N1; ptys here refuse even parity). One bus may host meters of several byte
+protocols at once (DL/T 645, DL/T 698.45, CJ/T 188; see :mod:`simulators.protocol`): the bytes
+from the gateway go through one deframer per protocol present, and each frame goes to the meter
+of that protocol it addresses (dict lookup by address: no per-meter tasks). Unaddressed meters
+stay silent; a wildcard is answered only when exactly one meter of the frame's protocol is on
+the link, as on a real bus where two would collide; broadcasts reach every meter of the protocol
+and get no reply. On a bus with several protocols each deframer reports the other protocols'
+frames as discards (``bus.stats``: ``discarded_*`` for DL/T 645, ``dlt698_discarded_*`` ...).
+
+When a deframer holds part of a frame and the line stays quiet for ``LinkConfig.idle_reset``
+seconds, the partial input is given up (``expire()`` where the codec has it, so a frame behind a
+truncated one is still found), as a meter's receiver resets after an inter-frame gap.
 
 Wire-time emulation (``LinkConfig.baud``): the segment is half duplex and shared. A reply may
 start once the request has crossed the wire (``len * bits_per_char / baud``) plus the meter's
@@ -29,15 +36,14 @@ import logging
 import os
 import tty
 from collections import Counter
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from meter_gateway.drivers.transport import RecvIntoBuffer
-from meter_gateway.protocols.dlt645.deframer import Deframer, Discarded
-from meter_gateway.protocols.dlt645.frame import Address, Frame, checksum
-from meter_gateway.simulators.dlt645_meter import Dlt645Meter
+from meter_gateway.protocols.dlt645.frame import Address
 from meter_gateway.simulators.faults import Faults
+from meter_gateway.simulators.protocol import DLT645, StreamDeframer, WireProtocol, wire_of
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +57,7 @@ class LinkConfig:
     port: int = 0
     baud: int | None = None
     bits_per_char: int = 11  # 8E1: start + 8 data + parity + stop
+    idle_reset: float = 0.5  # seconds of silence after which partial input is given up
 
     def __post_init__(self) -> None:
         if self.kind not in ("tcp", "pty"):
@@ -59,10 +66,20 @@ class LinkConfig:
             raise ValueError(f"baud must be positive, got {self.baud}")
         if not 7 <= self.bits_per_char <= 12:
             raise ValueError(f"bits_per_char must be 7..12, got {self.bits_per_char}")
+        if self.idle_reset <= 0:
+            raise ValueError(f"idle_reset must be positive seconds, got {self.idle_reset}")
 
     @property
     def char_time(self) -> float:
         return 0.0 if self.baud is None else self.bits_per_char / self.baud
+
+
+@dataclass(slots=True)
+class Segment:
+    """The meters of one protocol on a bus, by address key."""
+
+    wire: WireProtocol
+    meters: dict[Hashable, Any] = field(default_factory=dict)
 
 
 class SimulatedBus:
@@ -70,17 +87,24 @@ class SimulatedBus:
 
     def __init__(
         self,
-        meters: Iterable[Dlt645Meter],
+        meters: Iterable[Any],
         link: LinkConfig | None = None,
         faults: Faults | None = None,
     ) -> None:
         self.link = link or LinkConfig()
         self.faults = faults or Faults()
-        self.meters: dict[bytes, Dlt645Meter] = {}
+        self.segments: dict[str, Segment] = {}
+        self.meters: list[Any] = []
         for meter in meters:
-            if meter.address.wire in self.meters:
-                raise ValueError(f"meter address {meter.address_text} is on this bus twice")
-            self.meters[meter.address.wire] = meter
+            wire = wire_of(meter)
+            segment = self.segments.setdefault(wire.name, Segment(wire))
+            key = wire.key(meter)
+            if key in segment.meters:
+                raise ValueError(f"{wire.name} meter address {meter.address_text} is on this bus twice")
+            segment.meters[key] = meter
+            self.meters.append(meter)
+        if not self.segments:  # an empty bus still listens (and answers nothing) as DL/T 645
+            self.segments[DLT645.name] = Segment(DLT645)
         self.stats: Counter[str] = Counter()
         self.wire_free = 0.0  # loop time at which the shared segment is next idle
         self._server: asyncio.Server | None = None
@@ -97,8 +121,17 @@ class SimulatedBus:
             raise RuntimeError("the bus is not started")
         return self._endpoint
 
-    def meter(self, address: str) -> Dlt645Meter:
-        return self.meters[Address.parse(address).wire]
+    def meter(self, address: str) -> Any:
+        """The meter with this printed address (any protocol)."""
+        text = address.strip()
+        for meter in self.meters:
+            if meter.address_text == text:
+                return meter
+        wanted = Address.parse(address).wire  # a DL/T 645 address written another way
+        segment = self.segments.get(DLT645.name)
+        if segment is not None and wanted in segment.meters:
+            return segment.meters[wanted]
+        raise KeyError(address)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -143,23 +176,25 @@ class SimulatedBus:
 
     # -- dispatch -------------------------------------------------------------------------------
 
-    def dispatch(self, frame: Frame) -> tuple[Dlt645Meter | None, list[bytes]]:
-        """Deliver one request frame; the meter that answers (if any) and its reply bytes."""
+    def dispatch(self, frame: Any, wire: WireProtocol = DLT645) -> tuple[Any | None, list[bytes]]:
+        """Deliver one request frame of protocol ``wire``; the meter that answers (if any) and
+        its reply bytes."""
         self.stats["frames"] += 1
-        address = frame.address
-        if frame.control.from_meter:
+        if wire.from_meter(frame):
             self.stats["ignored_replies"] += 1  # another master's traffic, or an echo
             return None, []
-        if address.is_broadcast:
+        segment = self.segments.get(wire.name)
+        meters = segment.meters if segment is not None else {}
+        if wire.is_broadcast(frame):
             self.stats["broadcasts"] += 1
-            for each in self.meters.values():
+            for each in meters.values():
                 if not self._fault_silences(each):
                     each.handle(frame)
             return None, []
-        meter: Dlt645Meter | None = self.meters.get(address.wire)
-        if meter is None and address.is_wildcard:
-            candidates = [m for m in self.meters.values() if address.matches(m.address)]
-            if len(self.meters) != 1 or not candidates:
+        meter = meters.get(wire.frame_key(frame))
+        if meter is None and wire.is_wildcard(frame):
+            candidates = [m for m in meters.values() if wire.wildcard_matches(frame, m)]
+            if len(meters) != 1 or not candidates:
                 self.stats["wildcard_unanswered"] += 1
                 return None, []
             meter = candidates[0]
@@ -173,12 +208,11 @@ class SimulatedBus:
             self.stats["replies"] += 1
         return meter, replies
 
-    def _fault_silences(self, meter: Dlt645Meter) -> bool:
+    def _fault_silences(self, meter: Any) -> bool:
         if not self.faults.active:
             return False
         f = self.faults.for_meter(meter.address_text)
-        if f.stuck_relay:
-            meter.stuck_relay = True
+        wire_of(meter).stick(meter, f)
         if f.never_answer:
             self.stats["never_answer"] += 1
             return True
@@ -187,16 +221,17 @@ class SimulatedBus:
             return True
         return False
 
-    def mangle(self, meter: Dlt645Meter, request: Frame, replies: list[bytes]) -> tuple[bytes, float, float]:
+    def mangle(self, meter: Any, request: Any, replies: list[bytes]) -> tuple[bytes, float, float]:
         """Apply reply faults: (bytes to send, extra delay, seconds per byte when dribbling)."""
         f = self.faults.for_meter(meter.address_text)
+        wire = wire_of(meter)
         data = b"".join(replies)
         if f.hit(f.drop_reply):
             self.stats["drop_reply"] += 1
             return b"", 0.0, 0.0
         if f.hit(f.wrong_address):
             self.stats["wrong_address"] += 1
-            data = b"".join(_readdress(r) for r in replies)
+            data = b"".join(wire.readdress(r) for r in replies)
         if f.hit(f.corrupt_byte):
             self.stats["corrupt_byte"] += 1
             start = len(data) - len(data.lstrip(b"\xfe"))
@@ -207,7 +242,7 @@ class SimulatedBus:
             data = data[: f.rng.randrange(1, len(data))]
         if f.hit(f.echo_request):
             self.stats["echo_request"] += 1
-            data = request.encode() + data
+            data = wire.encode(request) + data
         if f.hit(f.noise_burst):
             self.stats["noise_burst"] += 1
             data = f.rng.randbytes(f.rng.randrange(3, 17)) + data
@@ -216,15 +251,6 @@ class SimulatedBus:
         if f.dribble > 0:
             self.stats["dribble"] += 1
         return data, f.late_reply, f.dribble
-
-
-def _readdress(reply: bytes) -> bytes:
-    """The same reply from a neighbouring address (lowest digit's last bit flipped), valid CS."""
-    start = reply.index(0x68)
-    body = bytearray(reply[start:])
-    body[1] ^= 0x01
-    body[-2] = checksum(body[:-2])
-    return reply[:start] + bytes(body)
 
 
 class _Connection(RecvIntoBuffer):
@@ -237,13 +263,16 @@ class _Connection(RecvIntoBuffer):
 
     def __init__(self, bus: SimulatedBus) -> None:
         self.bus = bus
-        self.deframer = Deframer()
+        self.deframers: list[tuple[WireProtocol, StreamDeframer]] = [
+            (segment.wire, segment.wire.deframer()) for segment in bus.segments.values()
+        ]
         self.writer: asyncio.WriteTransport | None = None
         self.transport: asyncio.BaseTransport | None = None
         self._queue: list[tuple[float, int, bytes, float]] = []
         self._order = itertools.count()
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
+        self._idle: asyncio.TimerHandle | None = None
         self._closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -256,25 +285,54 @@ class _Connection(RecvIntoBuffer):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self.bus._connections.discard(self)
-        if self._sender is not None:
-            self._sender.cancel()
+        self._stop_timers()
 
     def close(self) -> None:
         self._closed = True
-        if self._sender is not None:
-            self._sender.cancel()
+        self._stop_timers()
         for t in (self.transport, self.writer):
             if t is not None:
                 t.close()
 
+    def _stop_timers(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
     def data_received(self, data: bytes) -> None:
+        held = False
+        for wire, deframer in self.deframers:
+            self._deliver(wire, deframer.feed(data))
+            held = held or deframer.buffered > 0
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        if held and not self._closed:
+            self._idle = asyncio.get_running_loop().call_later(self.bus.link.idle_reset, self._line_idle)
+
+    def _line_idle(self) -> None:
+        """The line went quiet with part of a frame held: give it up (see the module docstring)."""
+        self._idle = None
+        for wire, deframer in self.deframers:
+            if not deframer.buffered:
+                continue
+            self.bus.stats["idle_resets"] += 1
+            expire = getattr(deframer, "expire", None)
+            if expire is not None:
+                self._deliver(wire, expire())
+            else:
+                deframer.reset()
+
+    def _deliver(self, wire: WireProtocol, events: Sequence[Any]) -> None:
         bus = self.bus
         now = None
-        for event in self.deframer.feed(data):
-            if isinstance(event, Discarded):
-                bus.stats[f"discarded_{event.reason}"] += 1
+        for event in events:
+            if not wire.is_frame(event):
+                bus.stats[f"{wire.discard_prefix}{event.reason}"] += 1
                 continue
-            meter, replies = bus.dispatch(event)
+            meter, replies = bus.dispatch(event, wire)
             if meter is None or not replies:
                 continue
             delay, dribble = 0.0, 0.0
@@ -291,8 +349,8 @@ class _Connection(RecvIntoBuffer):
                 continue
             if now is None:
                 now = asyncio.get_running_loop().time()
-            # The request crossed the wire before the meter could see it (the 68 .. 16 bytes).
-            ready = now + (len(event.data) + 12) * char_time + delay
+            # The request crossed the wire before the meter could see it.
+            ready = now + wire.request_bytes(event) * char_time + delay
             heapq.heappush(self._queue, (ready, next(self._order), out, dribble))
             if self._sender is None or self._sender.done():
                 self._sender = asyncio.get_running_loop().create_task(self._send_loop())

@@ -45,6 +45,7 @@ __all__ = [
     "LoadModel",
     "LoadSettings",
     "TariffSchedule",
+    "daily_profile",
 ]
 
 PHASES: Final = (1, 2, 3)
@@ -278,7 +279,7 @@ class LoadModel:
         hour = self._local_hour(t)
         slow = math.floor(t / _SLOW_BUCKET)
         fast = math.floor(t / _FAST_BUCKET)
-        swing = (s.peak_current - s.base_current) * _daily_profile(hour)
+        swing = (s.peak_current - s.base_current) * daily_profile(hour)
         pv_current = s.pv_peak_current * _solar_profile(hour)
         sin_phi = math.sqrt(max(0.0, 1.0 - s.load_power_factor**2))
         if self._slow_noise[0] != slow:  # a 300 s bucket serves hundreds of reads: draw it once
@@ -358,8 +359,8 @@ def _bump(hour: float, centre: float, width: float) -> float:
     return math.exp(-((d / width) ** 2))
 
 
-def _daily_profile(hour: float) -> float:
-    """0..1: share of the peak load drawn at this local hour."""
+def daily_profile(hour: float) -> float:
+    """0..1: share of the peak load drawn at this local hour (the flow model uses it too)."""
     return min(1.0, 0.6 * _bump(hour, 7.5, 1.3) + 0.3 * _bump(hour, 13.0, 2.5) + 1.0 * _bump(hour, 19.5, 1.8))
 
 

@@ -26,6 +26,29 @@ File layout (see config/simulator.toml for a commented example)::
     stuck_relay = true
 
 Modbus buses use ``units = [1, 2]`` (or first_address/count as unit ids) and ``model``.
+
+``protocol = "dlt698"`` (DL/T 698.45; 12-digit addresses) adds the keys ``requires_connect``,
+``requires_security``, ``accept_plaintext_control``, ``report``, ``security_key`` (hex, the key of
+the simulator's TEST-ONLY security scheme, see simulators/dlt698_test_security.py), ``purse``
+(CNY; omit for a meter without a purse), ``price`` (CNY/kWh) and ``trip_at_zero_credit``;
+``dlt645-2007`` buses take the same three for money-type prepaid meters (simulators/prepaid.py).
+``protocol = "cjt188"`` (CJ/T 188; 14-digit addresses) adds ``meter_type`` (water | gas | heat),
+``di_order`` (standard | swapped), ``wake_preamble`` (FE bytes a frame needs to be heard),
+``valve_time`` (seconds), ``battery_low`` and ``battery_days``. A key of another protocol is an
+error, as is any unknown key.
+
+One bus can host meters of several byte protocols (not Modbus): the bus table describes the
+link and its first group of meters, and each ``[[bus.group]]`` table adds a group of another
+(or the same) protocol with its own meter keys::
+
+    [[bus]]
+    protocol = "dlt645-2007"
+    meters = ["000000000001"]
+    [[bus.group]]
+    protocol = "cjt188"
+    meter_type = "water"
+    meters = ["00000000000001"]
+
 Errors are :class:`SimConfigError` (a ValueError) naming the offending key.
 """
 
@@ -34,34 +57,45 @@ from __future__ import annotations
 import datetime
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
 from meter_gateway.simulators.faults import Faults
 
-PROTOCOLS: Final = ("dlt645-2007", "dlt645-1997", "modbus-tcp", "modbus-rtu-over-tcp")
-_BUS_KEYS: Final = frozenset(
-    {
-        "name",
-        "protocol",
-        "kind",
-        "host",
-        "port",
-        "baud",
-        "bits_per_char",
-        "meters",
-        "first_address",
-        "count",
-        "units",
-        "model",
-        "turnaround",
-        "preamble",
-        "drift_ppm",
-        "tariffs",
-        "faults",
-    }
-)
+PROTOCOLS: Final = ("dlt645-2007", "dlt645-1997", "dlt698", "cjt188", "modbus-tcp", "modbus-rtu-over-tcp")
+BYTE_PROTOCOLS: Final = ("dlt645-2007", "dlt645-1997", "dlt698", "cjt188")
+METER_TYPES: Final = ("water", "gas", "heat")
+_LINK_KEYS: Final = frozenset({"name", "kind", "host", "port", "baud", "bits_per_char", "faults", "group"})
+_GROUP_KEYS: Final = frozenset({"protocol", "meters", "first_address", "count", "turnaround", "preamble", "drift_ppm"})
+_PROTOCOL_KEYS: Final[dict[str, frozenset[str]]] = {
+    "dlt645": frozenset({"tariffs", "purse", "price", "trip_at_zero_credit"}),
+    "dlt698": frozenset(
+        {
+            "tariffs",
+            "requires_connect",
+            "requires_security",
+            "accept_plaintext_control",
+            "report",
+            "security_key",
+            "purse",
+            "price",
+            "trip_at_zero_credit",
+        }
+    ),
+    "cjt188": frozenset({"meter_type", "di_order", "wake_preamble", "valve_time", "battery_low", "battery_days"}),
+    "modbus": frozenset({"units", "model"}),
+}
+_ALL_PROTOCOL_KEYS: Final = frozenset().union(*_PROTOCOL_KEYS.values())
+_BUS_KEYS: Final = _LINK_KEYS | _GROUP_KEYS | _ALL_PROTOCOL_KEYS
+_ADDRESS_DIGITS: Final = {"dlt645": 12, "dlt698": 12, "cjt188": 14}
+
+
+def family(protocol: str) -> str:
+    """``dlt645``, ``dlt698``, ``cjt188`` or ``modbus``."""
+    return "dlt645" if protocol.startswith("dlt645") else "modbus" if protocol.startswith("modbus") else protocol
+
+
 _SIM_KEYS: Final = frozenset({"seed", "speed", "start", "control_port"})
 
 
@@ -78,17 +112,44 @@ class BusConfig:
     port: int = 0
     baud: int | None = None
     bits_per_char: int = 11
-    meters: list[str] = field(default_factory=list)  # DL/T 645 addresses, or Modbus unit ids as text
+    meters: list[str] = field(default_factory=list)  # meter addresses, or Modbus unit ids as text
     model: str = "sim-3ph"
     turnaround: float = 0.0
-    preamble: int = 4
+    preamble: int | None = None  # FE bytes before replies; None: the protocol's usual (645/698 4, 188 2)
     drift_ppm: float = 0.0
     tariffs: int = 4
     faults: Faults = field(default_factory=Faults)
+    # DL/T 698.45
+    requires_connect: bool = False
+    requires_security: bool = False
+    accept_plaintext_control: bool = True
+    report: bool = False
+    security_key: bytes | None = None
+    purse: float | None = None
+    price: float = 0.5
+    trip_at_zero_credit: bool = False
+    # CJ/T 188
+    meter_type: str = "water"
+    di_order: str = "standard"
+    wake_preamble: int = 0
+    valve_time: float = 0.0
+    battery_low: bool = False
+    battery_days: float | None = None
+    # further groups of meters on the same link (their link fields are unused)
+    groups: list[BusConfig] = field(default_factory=list)
 
     @property
     def is_modbus(self) -> bool:
         return self.protocol.startswith("modbus")
+
+    @property
+    def all_groups(self) -> list[BusConfig]:
+        """This bus's own meter group, then the ``[[bus.group]]`` ones."""
+        return [self, *self.groups]
+
+    @property
+    def all_meters(self) -> list[str]:
+        return [address for group in self.all_groups for address in group.meters]
 
 
 @dataclass
@@ -118,12 +179,14 @@ def _str(where: str, value: object) -> str:
     return value
 
 
-def _addresses(where: str, raw: Mapping[str, Any], modbus: bool) -> list[str]:
+def _addresses(where: str, raw: Mapping[str, Any], protocol: str) -> list[str]:
+    modbus = family(protocol) == "modbus"
+    digits = _ADDRESS_DIGITS.get(family(protocol), 12)
     listed = raw.get("units" if modbus else "meters")
     if listed is not None:
         if not isinstance(listed, list) or not listed:
             raise SimConfigError(f"{where}.{'units' if modbus else 'meters'} must be a non-empty list")
-        return [str(_int(where, u)) if modbus else _address(where, u) for u in listed]
+        return [str(_int(where, u)) if modbus else _address(where, u, protocol, digits) for u in listed]
     first = _int(f"{where}.first_address", raw.get("first_address", 1))
     count = _int(f"{where}.count", raw.get("count", 1))
     if count < 1:
@@ -132,37 +195,112 @@ def _addresses(where: str, raw: Mapping[str, Any], modbus: bool) -> list[str]:
         if not 1 <= first <= first + count - 1 <= 247:
             raise SimConfigError(f"{where}: Modbus unit ids are 1..247")
         return [str(u) for u in range(first, first + count)]
-    if not 0 <= first <= first + count - 1 < 10**12:
-        raise SimConfigError(f"{where}: addresses must fit 12 digits")
-    return [f"{a:012d}" for a in range(first, first + count)]
+    if not 0 <= first <= first + count - 1 < 10**digits:
+        raise SimConfigError(f"{where}: addresses must fit {digits} digits")
+    return [f"{a:0{digits}d}" for a in range(first, first + count)]
 
 
-def _address(where: str, value: object) -> str:
+def _address(where: str, value: object, protocol: str, digits: int) -> str:
     text = _str(f"{where}.meters", value)
-    if len(text) != 12 or not text.isdigit():
-        raise SimConfigError(f"{where}.meters: {text!r} is not a 12-digit DL/T 645 address")
+    if len(text) != digits or not text.isdigit():
+        raise SimConfigError(f"{where}.meters: {text!r} is not a {digits}-digit {protocol} address")
     return text
+
+
+def _bool(where: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise SimConfigError(f"{where} must be true or false, got {value!r}")
+    return value
+
+
+def _check_keys(where: str, raw: Mapping[str, Any], protocol: str, allowed_extra: frozenset[str]) -> None:
+    unknown = set(raw) - _BUS_KEYS
+    if unknown:
+        raise SimConfigError(f"{where}: unknown key(s) {sorted(unknown)} (known: {sorted(_BUS_KEYS)})")
+    mine = _PROTOCOL_KEYS[family(protocol)] | allowed_extra | _GROUP_KEYS
+    if family(protocol) == "modbus":
+        mine -= {"turnaround", "preamble", "drift_ppm"}
+    foreign = set(raw) - mine
+    if foreign:
+        owners = {
+            key: sorted(name for name, keys in _PROTOCOL_KEYS.items() if key in keys) or ["bus (link)"]
+            for key in sorted(foreign)
+        }
+        detail = "; ".join(f"{key!r} is for {', '.join(who)}" for key, who in owners.items())
+        raise SimConfigError(f"{where}: key(s) not for protocol {protocol!r}: {detail}")
+
+
+def _group(where: str, raw: Mapping[str, Any], protocol: str, base: BusConfig) -> BusConfig:
+    """``base`` with the meter keys of ``raw`` (a bus table or a [[bus.group]] table) applied."""
+    fam = family(protocol)
+    config = replace(base, protocol=protocol, meters=_addresses(where, raw, protocol), groups=[])
+    if "model" in raw:
+        config.model = _str(f"{where}.model", raw["model"])
+    if "turnaround" in raw:
+        config.turnaround = _num(f"{where}.turnaround", raw["turnaround"])
+    if "preamble" in raw:
+        config.preamble = _int(f"{where}.preamble", raw["preamble"])
+        if not 0 <= config.preamble <= 4:
+            raise SimConfigError(f"{where}.preamble must be 0..4")
+    if "drift_ppm" in raw:
+        config.drift_ppm = _num(f"{where}.drift_ppm", raw["drift_ppm"])
+    if "tariffs" in raw:
+        config.tariffs = _int(f"{where}.tariffs", raw["tariffs"])
+    for key in ("requires_connect", "requires_security", "accept_plaintext_control", "report"):
+        if key in raw:
+            setattr(config, key, _bool(f"{where}.{key}", raw[key]))
+    if "trip_at_zero_credit" in raw:
+        config.trip_at_zero_credit = _bool(f"{where}.trip_at_zero_credit", raw["trip_at_zero_credit"])
+    if "battery_low" in raw:
+        config.battery_low = _bool(f"{where}.battery_low", raw["battery_low"])
+    if "security_key" in raw:
+        text = _str(f"{where}.security_key", raw["security_key"])
+        try:
+            config.security_key = bytes.fromhex(text)
+        except ValueError:
+            raise SimConfigError(f"{where}.security_key must be hex digits, got {text!r}") from None
+        if not config.security_key:
+            raise SimConfigError(f"{where}.security_key must not be empty")
+    for key in ("purse", "price", "valve_time", "battery_days"):
+        if key in raw:
+            value = _num(f"{where}.{key}", raw[key])
+            if value < 0:
+                raise SimConfigError(f"{where}.{key} must be >= 0")
+            setattr(config, key, value)
+    if "meter_type" in raw:
+        config.meter_type = _str(f"{where}.meter_type", raw["meter_type"])
+        if config.meter_type not in METER_TYPES:
+            raise SimConfigError(f"{where}.meter_type must be one of {', '.join(METER_TYPES)}")
+    if "di_order" in raw:
+        config.di_order = _str(f"{where}.di_order", raw["di_order"])
+        if config.di_order not in ("standard", "swapped"):
+            raise SimConfigError(f"{where}.di_order must be 'standard' or 'swapped'")
+    if "wake_preamble" in raw:
+        config.wake_preamble = _int(f"{where}.wake_preamble", raw["wake_preamble"])
+        if not 0 <= config.wake_preamble <= 16:
+            raise SimConfigError(f"{where}.wake_preamble must be 0..16")
+    if fam == "dlt698" and not 1 <= config.tariffs <= 12:
+        raise SimConfigError(f"{where}.tariffs must be 1..12 for dlt698")
+    return config
 
 
 def bus_from_mapping(raw: Mapping[str, Any], index: int, *, seed: int = 0) -> BusConfig:
     where = f"bus[{index}]"
-    unknown = set(raw) - _BUS_KEYS
-    if unknown:
-        raise SimConfigError(f"{where}: unknown key(s) {sorted(unknown)} (known: {sorted(_BUS_KEYS)})")
     protocol = _str(f"{where}.protocol", raw.get("protocol", "dlt645-2007"))
     if protocol not in PROTOCOLS:
         raise SimConfigError(f"{where}.protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    _check_keys(where, raw, protocol, _LINK_KEYS)
     kind = _str(f"{where}.kind", raw.get("kind", "tcp"))
     if kind not in ("tcp", "pty"):
         raise SimConfigError(f"{where}.kind must be 'tcp' or 'pty', got {kind!r}")
-    modbus = protocol.startswith("modbus")
+    modbus = family(protocol) == "modbus"
     if modbus and kind == "pty":
         raise SimConfigError(f"{where}: Modbus simulators here listen on TCP only")
     baud = raw.get("baud")
     faults_raw = raw.get("faults", {})
     if not isinstance(faults_raw, Mapping):
         raise SimConfigError(f"{where}.faults must be a table")
-    config = BusConfig(
+    link = BusConfig(
         name=_str(f"{where}.name", raw.get("name", f"bus{index + 1}")),
         protocol=protocol,
         kind=kind,
@@ -170,18 +308,23 @@ def bus_from_mapping(raw: Mapping[str, Any], index: int, *, seed: int = 0) -> Bu
         port=_int(f"{where}.port", raw.get("port", 0)),
         baud=None if baud is None else _int(f"{where}.baud", baud),
         bits_per_char=_int(f"{where}.bits_per_char", raw.get("bits_per_char", 11)),
-        meters=_addresses(where, raw, modbus),
-        model=_str(f"{where}.model", raw.get("model", "sim-3ph")),
-        turnaround=_num(f"{where}.turnaround", raw.get("turnaround", 0.0)),
-        preamble=_int(f"{where}.preamble", raw.get("preamble", 4)),
-        drift_ppm=_num(f"{where}.drift_ppm", raw.get("drift_ppm", 0.0)),
-        tariffs=_int(f"{where}.tariffs", raw.get("tariffs", 4)),
         faults=Faults.from_mapping(faults_raw, seed=seed + index, where=f"{where}.faults"),
     )
-    if not 0 <= config.port <= 65535:
+    if not 0 <= link.port <= 65535:
         raise SimConfigError(f"{where}.port must be 0..65535")
-    if not 0 <= config.preamble <= 4:
-        raise SimConfigError(f"{where}.preamble must be 0..4")
+    config = _group(where, raw, protocol, link)
+    groups_raw = raw.get("group", [])
+    if not isinstance(groups_raw, list) or not all(isinstance(g, Mapping) for g in groups_raw):
+        raise SimConfigError(f"{where}.group must be an array of tables ([[bus.group]])")
+    if groups_raw and modbus:
+        raise SimConfigError(f"{where}: a Modbus bus cannot host other meter groups")
+    for n, group_raw in enumerate(groups_raw):
+        gwhere = f"{where}.group[{n}]"
+        gprotocol = _str(f"{gwhere}.protocol", group_raw.get("protocol", ""))
+        if gprotocol not in BYTE_PROTOCOLS:
+            raise SimConfigError(f"{gwhere}.protocol must be one of {', '.join(BYTE_PROTOCOLS)}, got {gprotocol!r}")
+        _check_keys(gwhere, group_raw, gprotocol, frozenset())
+        config.groups.append(_group(gwhere, group_raw, gprotocol, replace(link, groups=[])))
     return config
 
 
@@ -242,6 +385,7 @@ def quick_config(
     speed: float = 1.0,
     seed: int = 0,
     baud: int | None = None,
+    meter_type: str = "water",
 ) -> SimConfig:
     """``--meters N --buses M --port P``: meters spread evenly, bus i on port P + i."""
     if meters < 1 or buses < 1 or buses > meters:
@@ -261,6 +405,8 @@ def quick_config(
         }
         if baud is not None:
             raw["baud"] = baud
+        if protocol == "cjt188":
+            raw["meter_type"] = meter_type
         out.append(bus_from_mapping(raw, i, seed=seed))
         first += count
     return SimConfig(out, seed, speed)
