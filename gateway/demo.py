@@ -1,8 +1,9 @@
 """`meter-gateway demo`: the whole chain on embedded defaults, without hardware.
 
-Loads ``config/demo.toml``, starts a simulated meter for every meter it lists (DL/T 645-2007 and
--1997 meters on simulated RS-485 lines reached over TCP, Modbus TCP meters), a local MQTT broker
-(mosquitto when installed, else an embedded Python broker), and the gateway itself; then
+Loads the packaged ``config/demo.toml`` (or ``-c FILE``), starts a simulated meter for every meter
+it lists (DL/T 645-2007 and -1997 meters on simulated RS-485 lines reached over TCP, Modbus TCP
+meters), a local MQTT broker
+(mosquitto on a free loopback port; the product ships no broker), and the gateway itself; then
 subscribes to the gateway's readings like a head-end would and prints them as they arrive at the
 broker. Ports are picked free at start, so it runs beside anything.
 Stop with Ctrl-C, or give ``--duration``.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.resources
 import logging
 import signal
 import sys
@@ -23,14 +25,16 @@ from pathlib import Path
 
 import msgspec
 
+from meter_gateway.config import resource
 from meter_gateway.gateway.app import Gateway
 from meter_gateway.gateway.config import BusConfig, Config, ConfigError, TcpBus, load_config
 from meter_gateway.gateway.headend_client import ReadingsWatcher
-from meter_gateway.gateway.local_broker import LocalBroker
+from meter_gateway.gateway.local_broker import BrokerUnavailable, LocalBroker
 from meter_gateway.gateway.mqtt_contract import ReadingsBatch, Topics
 from meter_gateway.protocols.dlt645.edition import Edition
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.toml"
+# Package data, so the demo runs from an installed wheel in any directory, not only from a checkout.
+DEMO_CONFIG_FILE = "demo.toml"
 
 
 async def start_simulators(config: Config) -> tuple[list[object], Config]:
@@ -141,6 +145,9 @@ async def run_demo(config_path: Path, duration: float | None) -> int:
                 flush=True,
             )
             return 0 if seen["readings"] else 1
+    except BrokerUnavailable as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 69  # EX_UNAVAILABLE: the demo needs a service this machine does not have
     finally:
         for sim in sims:
             with contextlib.suppress(Exception):
@@ -150,9 +157,18 @@ async def run_demo(config_path: Path, duration: float | None) -> int:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="meter-gateway demo", description=__doc__)
-    parser.add_argument("-c", "--config", type=Path, default=DEMO_CONFIG, help="gateway config (default: the demo's)")
+    parser.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=None,
+        help="gateway config (default: the demo's, `meter-gateway example-config demo`)",
+    )
     parser.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the gateway's log lines")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    return asyncio.run(run_demo(args.config, args.duration))
+    if args.config is not None:
+        return asyncio.run(run_demo(args.config, args.duration))
+    with importlib.resources.as_file(resource(DEMO_CONFIG_FILE)) as config:
+        return asyncio.run(run_demo(config, args.duration))

@@ -1,8 +1,11 @@
 """`meter-gateway run -c FILE`: the daemon, as systemd runs it.
 
-Exit status: 0 after a clean stop (SIGTERM/SIGINT), 78 (EX_CONFIG) when the config is bad or
-names something unusable (a metrics port already taken), 1 on an unexpected failure. SIGHUP
-reloads meters, buses and schedules; a bad new config is logged and the running one kept.
+Exit status: 0 after a clean stop (SIGTERM/SIGINT); 78 (EX_CONFIG) only when the config itself is
+wrong, which a restart cannot fix (systemd's RestartPreventExitStatus=78); 75 (EX_TEMPFAIL) for a
+failure a restart may cure (the metrics port still held by another process, the outbox found
+damaged); 1 on an unexpected failure. A serial device missing at start is not an exit at all: its
+bus retries the device with backoff while the other buses poll. SIGHUP reloads meters, buses and
+schedules; a bad new config is logged and the running one kept.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import signal
@@ -93,9 +97,15 @@ async def serve(config: Config, path: str) -> int:
         try:
             server = start_http(config.metrics.host, config.metrics.port, metrics)
         except OSError as exc:
-            line = f"{path}: metrics.port: cannot listen on {config.metrics.host}:{config.metrics.port}: {exc.strerror}"
-            print(line, file=sys.stderr)
-            return EX_CONFIG
+            where = f"{config.metrics.host}:{config.metrics.port}"
+            if exc.errno == errno.EACCES:  # a privileged port: the config must name another one
+                print(f"{path}: metrics.port: not allowed to listen on {where}: {exc.strerror}", file=sys.stderr)
+                return EX_CONFIG
+            # Taken (often by the previous instance still shutting down) or the address not up
+            # yet: systemd restarts on 75 after RestartSec, where 78 would keep the service down.
+            reason = exc.strerror or str(exc)
+            print(f"{path}: metrics.port: cannot listen on {where}: {reason}; will retry", file=sys.stderr)
+            return os.EX_TEMPFAIL
         log.info("event=metrics_listening address=%s:%d", *server.address)
     notifier = Notifier()
     stop = asyncio.Event()

@@ -1,11 +1,20 @@
-"""The console entry point and the demo's fallback path."""
+"""The console entry point, the demo, `example-config`, and the exit codes systemd acts on."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import pytest
+
+from meter_gateway.config import EXAMPLES
 from meter_gateway.gateway import cli
+from tests.plugins.ports import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_usage_lists_commands(capsys) -> None:  # type: ignore[no-untyped-def]
@@ -27,10 +36,9 @@ def test_console_script_version() -> None:
     assert proc.stdout.startswith("meter-gateway ")
 
 
-def test_demo_shows_readings_of_every_configured_meter() -> None:
+def test_demo_shows_readings_of_every_configured_meter(tmp_path: Path) -> None:
     """The README's first command: simulators + mosquitto + gateway, readings seen at the broker."""
     from meter_gateway.gateway.config import load_config
-    from meter_gateway.gateway.demo import DEMO_CONFIG
 
     proc = subprocess.run(
         [sys.executable, "-m", "meter_gateway.gateway.cli", "demo", "--duration", "14"],
@@ -38,11 +46,85 @@ def test_demo_shows_readings_of_every_configured_meter() -> None:
         text=True,
         timeout=90,
         check=False,
+        cwd=tmp_path,  # the demo finds its config in the package, wherever it is started
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     shown = {line.split()[1] for line in lines if line.strip() and line.split()[0].endswith("s")}
-    assert {m.id for m in load_config(DEMO_CONFIG).meters} <= shown
+    assert {m.id for m in load_config(ROOT / "config" / "demo.toml").meters} <= shown
     summary = lines[-1]
     assert "read failures none" in summary
     assert "reached the broker" in summary
+
+
+# -- example-config --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["rs485", "tcp-concentrator", "demo"])
+def test_example_config_output_passes_check_config(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`meter-gateway example-config NAME > gateway.toml` is a file to start from: it validates as
+    printed, with no secret set in the environment."""
+    monkeypatch.delenv("METER_GATEWAY_MQTT_PASSWORD", raising=False)
+    assert cli.main(["example-config", name]) == 0
+    file = tmp_path / "gateway.toml"
+    file.write_text(capsys.readouterr().out)
+    assert file.read_text().startswith("#")  # commented, to be read before it is edited
+    assert cli.main(["check-config", str(file)]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.startswith(f"ok: {file}")
+
+
+@pytest.mark.parametrize("name", ["systemd", "alerts", "grafana", "simulator"])
+def test_example_config_prints_the_shipped_file(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["example-config", name]) == 0
+    assert capsys.readouterr().out == (ROOT / "config" / EXAMPLES[name].file).read_text()
+
+
+def test_example_config_lists_and_rejects_unknown_names(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["example-config"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in EXAMPLES)
+    assert cli.main(["example-config", "rs-485"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "no example 'rs-485'" in err
+    assert "rs485" in err
+
+
+# -- exit codes systemd acts on ---------------------------------------------------------------------
+
+
+def test_missing_serial_device_at_start_is_retried_not_fatal(tmp_path: Path) -> None:
+    """An RS-485 adapter not plugged in yet is a temporary state: the daemon starts, says so, keeps
+    retrying the device, and stops cleanly; it does not exit 78, which would keep systemd from
+    restarting it."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'[gateway]\nid = "gw-serial"\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[uplink]\nhost = "127.0.0.1"\nport = {free_port()}\n'
+        "[metrics]\nenabled = false\n"
+        f'[[buses]]\nname = "line-1"\ntype = "serial"\nport = "{tmp_path / "ttyUSB-absent"}"\n'
+        'baud_rate = 2400\nparity = "E"\nprotocol = "dlt645"\n'
+        '[[meters]]\nid = "m1"\nbus = "line-1"\nprotocol = "dlt645-2007"\naddress = "000000000001"\n'
+        'model = "dlt645-2007-generic"\n'
+        '[[poll_groups]]\nname = "billing"\ninterval = "15m"\nquantities = ["energy.active.import.total"]\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meter_gateway.gateway.cli", "run", "-c", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "state" / "status.json").exists():
+            assert proc.poll() is None, f"exited {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}"
+            assert time.monotonic() < deadline, "the daemon never wrote its status file"
+            time.sleep(0.2)
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err[-3000:]
+    assert "link line-1: cannot connect: cannot open: No such file or directory" in err  # and it says so

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
 import pytest
 
 from meter_gateway.gateway import config_cmd
-from meter_gateway.gateway.config import ConfigError, Secret, SerialBus, diff, load_config, parse_duration
+from meter_gateway.gateway.config import (
+    ConfigError,
+    Secret,
+    SerialBus,
+    diff,
+    load_config,
+    load_config_and_warnings,
+    parse_duration,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 # The gateway's example configs (config/ also holds other tools' files, e.g. the simulator's).
@@ -74,13 +83,16 @@ def check(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str
     return code, [line for line in err.splitlines() if line.startswith("error:")], out
 
 
-def assert_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, key: str, *fragments: str) -> str:
-    """``text`` fails check-config with exit 78 and a line naming the file and ``key``."""
+def assert_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, key: str, *fragments: str, line: bool = True
+) -> str:
+    """``text`` fails check-config with exit 78 and a line naming the file, the TOML line (unless
+    ``line`` is false: a missing section has none) and ``key``."""
     path = write(tmp_path, text)
     code, errors, _ = check(path, capsys)
     assert code == 78
-    prefix = f"error: {path}: {key}: "
-    matching = [e for e in errors if e.startswith(prefix)]
+    prefix = re.compile(rf"error: {re.escape(str(path))}{':[0-9]+' if line else ''}: {re.escape(key)}: ")
+    matching = [e for e in errors if prefix.match(e)]
     assert matching, f"no error for {key!r} in {errors}"
     for fragment in fragments:
         assert fragment in matching[0], matching[0]
@@ -171,7 +183,7 @@ def test_missing_required_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 def test_missing_section(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     text = BASE.replace('[uplink]\nhost = "127.0.0.1"\n', "")
-    assert_error(tmp_path, capsys, text, "uplink", "missing")
+    assert_error(tmp_path, capsys, text, "uplink", "missing", line=False)
 
 
 def test_bad_bus_type(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -199,8 +211,7 @@ def test_toml_syntax_error_has_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     code, errors, _ = check(path, capsys)
     assert code == 78
     assert len(errors) == 1
-    assert errors[0].startswith(f"error: {path}: not valid TOML")
-    assert "line 3" in errors[0]
+    assert errors[0].startswith(f"error: {path}:3: not valid TOML")
 
 
 def test_unreadable_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -385,7 +396,7 @@ def test_many_errors_one_line_each(tmp_path: Path, capsys: pytest.CaptureFixture
     assert code == 78
     keys = [e.split(": ")[2] for e in errors]
     assert {"meters[0].address", "meters[1].bus", "poll_groups[0].meters[0]"} <= set(keys)
-    assert all(re.match(rf"error: {re.escape(str(path))}: [\w.\[\]]+: \S", e) for e in errors)
+    assert all(re.match(rf"error: {re.escape(str(path))}:[0-9]+: [\w.\[\]]+: \S", e) for e in errors)
 
 
 def test_usage_error_is_not_config_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -555,3 +566,242 @@ def test_meter_zone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     local = load_config(write(tmp_path, BASE.replace('timezone = "Asia/Shanghai"\n', ""), "local.toml"))
     assert local.gateway.timezone is None
     assert str(local.gateway.zone()) == "Europe/Berlin"
+
+
+# -- one run reports every mistake, each at its line -------------------------------------------
+
+MANY_MISTAKES = """
+[gateway]
+id = "gw 1"
+timezone = "Asia/Shanghia"
+
+[uplink]
+host = "127.0.0.1"
+port = "1883"
+
+[outbox]
+synchronous = "FAST"
+
+[metric]
+port = 9109
+
+[[buses]]
+name = "line-1"
+type = "serial"
+port = "/dev/ttyUSB0"
+baudrate = 2400
+parity = "E"
+protocol = "dlt645"
+
+[[buses]]
+name = "mb"
+type = "tcp"
+host = "127.0.0.1"
+protocol = "modbus-tcp"
+
+[[buses]]
+name = "mb2"
+type = "tcp"
+host = "127.0.0.1"
+port = 1503
+protocol = "modbus-tcp"
+
+[[meters]]
+id = "m1"
+bus = "line-1"
+protocol = "dlt645-2007"
+address = "00000000001"
+model = "dlt645-2007-generic"
+
+[[meters]]
+id = "m2"
+bus = "mb22"
+protocol = "modbus"
+address = 1
+model = "sim-3ph"
+
+[[meters]]
+id = "m1"
+bus = "mb2"
+protocol = "modbus"
+address = 2
+model = "sim-3p"
+
+[[meters]]
+id = "m4"
+bus = "mb"
+protocol = "modbus"
+address = 3
+model = "sim-3ph"
+
+[[poll_groups]]
+name = "billing"
+interval = "15 minutes"
+meters = ["m1", "m4"]
+quantities = ["energy.active.import.total"]
+
+[[poll_groups]]
+name = "fast"
+interval = 60
+meters = ["m9"]
+quantities = ["frequency"]
+
+[time_sync]
+interval = "1h"
+offset = "2h"
+"""
+
+
+def line_number(text: str, fragment: str, after: str = "") -> int:
+    """The 1-based line of the first ``fragment`` in ``text`` after ``after``."""
+    start = text.index(after) if after else 0
+    return text.count("\n", 0, text.index(fragment, start)) + 1
+
+
+def test_every_mistake_is_reported_in_one_run_with_its_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, MANY_MISTAKES)
+    code, errors, _ = check(path, capsys)
+    assert code == 78
+    text = MANY_MISTAKES
+    expected = {  # key path: (line of the mistake, what the message must say)
+        "gateway.id": (line_number(text, 'id = "gw 1"'), "a name of letters"),
+        "gateway.timezone": (line_number(text, "timezone ="), "unknown time zone 'Asia/Shanghia'"),
+        "uplink.port": (line_number(text, 'port = "1883"'), "expected an integer >= 1 and <= 65535, got '1883'"),
+        "outbox.synchronous": (
+            line_number(text, "synchronous ="),
+            "expected one of 'EXTRA', 'FULL', 'NORMAL', got 'FAST'",
+        ),
+        "metric": (line_number(text, "[metric]"), "unknown key (did you mean 'metrics'?)"),
+        "buses[0].baudrate": (line_number(text, "baudrate ="), "unknown key (did you mean 'baud_rate'?)"),
+        # a missing key is shown at its table's header
+        "buses[1].port": (line_number(text, "[[buses]]", after='name = "line-1"'), "missing (required)"),
+        "meters[0].address": (line_number(text, '"00000000001"'), "exactly 12 decimal digits"),
+        "meters[1].bus": (
+            line_number(text, 'bus = "mb22"'),
+            "unknown bus 'mb22' (did you mean 'mb2'?) (buses: line-1, mb, mb2)",
+        ),
+        "meters[2].id": (line_number(text, 'id = "m1"', after='id = "m2"'), "duplicate meter id 'm1'"),
+        "meters[2].model": (line_number(text, 'model = "sim-3p"\n'), "unknown meter model 'sim-3p'"),
+        "poll_groups[0].interval": (line_number(text, "15 minutes"), "expected a duration like"),
+        "poll_groups[1].meters[0]": (line_number(text, '["m9"]'), "unknown meter 'm9'"),
+        "time_sync.offset": (line_number(text, 'offset = "2h"'), "must be less than time_sync.interval"),
+    }
+    found: dict[str, tuple[int, str]] = {}
+    for error in errors:
+        m = re.fullmatch(rf"error: {re.escape(str(path))}:([0-9]+): ([\w.\[\]]+): (.+)", error)
+        assert m, f"not an 'error: file:line: key: message' line: {error}"
+        assert m.group(2) not in found, f"two errors for {m.group(2)}: {errors}"
+        found[m.group(2)] = (int(m.group(1)), m.group(3))
+    # all of them, and nothing that only follows from another (m4 on the bus left out, m1 in a
+    # group though meters[2] repeats its id, baud_rate "missing" beside the misspelt baudrate)
+    assert set(found) == set(expected), "\n".join(errors)
+    for key, (line, fragment) in expected.items():
+        assert found[key][0] == line, f"{key}: reported at line {found[key][0]}, written at {line}"
+        assert fragment in found[key][1], f"{key}: {found[key][1]}"
+    assert [int(e.split(":")[2]) for e in errors] == sorted(int(e.split(":")[2]) for e in errors)  # file order
+
+
+def test_a_wrong_item_does_not_hide_the_checks_of_the_next(tmp_path: Path) -> None:
+    # meters[0] is left out for a wrong protocol: meters[1] keeps its index in the next error, and
+    # the poll group naming m1 is not told that m1 is unknown
+    text = BASE.replace('"dlt645-2007"', '"dlt645-2008"').replace("address = 1\n", "address = 300\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    keys = [line.split(": ")[2] for line in info.value.messages]
+    assert keys == ["meters[0].protocol", "meters[1].address"], info.value.messages
+
+
+def test_every_wrong_value_of_one_table_is_reported(tmp_path: Path) -> None:
+    text = BASE.replace("baud_rate = 2400", "baud_rate = 2401").replace('parity = "E"', 'parity = "even"')
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    keys = [line.split(": ")[2] for line in info.value.messages]
+    assert keys == ["buses[0].baud_rate", "buses[0].parity"], info.value.messages
+
+
+def test_missing_gateway_section_still_checks_the_rest(tmp_path: Path) -> None:
+    text = BASE.replace('[gateway]\nid = "gw-1"\ntimezone = "Asia/Shanghai"\nstate_dir = "state"\n', "")
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text.replace('bus = "mb"', 'bus = "nope"')))
+    keys = [line.split(": ")[2] for line in info.value.messages]
+    # the missing section has no line: it comes first, the others in the file's order
+    assert keys == ["gateway", "meters[1].bus"], info.value.messages
+    assert info.value.messages[0] == f"error: {tmp_path / 'gw.toml'}: gateway: missing (required)"
+
+
+def test_file_that_is_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "gw.toml"
+    path.write_bytes(BASE.encode().replace(b'"gw-1"', b'"gw-\xff"'))
+    code, errors, _ = check(path, capsys)
+    assert code == 78
+    assert errors == [f"error: {path}:3: not valid TOML: not UTF-8 text (invalid start byte)"]
+
+
+# -- warnings --------------------------------------------------------------------------------
+
+
+def check_output(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str], list[str]]:
+    code = config_cmd.main([str(path)])
+    _, err = capsys.readouterr()
+    lines = err.splitlines()
+    return code, [x for x in lines if x.startswith("error:")], [x for x in lines if x.startswith("warning:")]
+
+
+def test_missing_serial_device_is_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    device = tmp_path / "ttyUSB-not-plugged"
+    path = write(tmp_path, BASE.replace("/dev/ttyUSB0", str(device)))
+    code, errors, warnings = check_output(path, capsys)
+    assert (code, errors) == (0, [])
+    line = line_number(BASE, "/dev/ttyUSB0")
+    assert warnings == [
+        f"warning: {path}:{line}: buses[0].port: serial device {device} does not exist on this machine "
+        "(fine if it is plugged in later)"
+    ]
+    config, listed = load_config_and_warnings(path)
+    assert listed == warnings
+    assert config.bus("line-1").name == "line-1"
+
+
+def test_existing_serial_device_gets_no_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    controller, device = os.openpty()  # a real terminal device, as a USB adapter would be
+    try:
+        path = write(tmp_path, BASE.replace("/dev/ttyUSB0", os.ttyname(device)))
+        assert check_output(path, capsys) == (0, [], [])
+    finally:
+        os.close(controller)
+        os.close(device)
+
+
+def test_no_meters_and_a_group_of_none_are_warnings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = (
+        BASE[: BASE.index("[[meters]]")] + '[[poll_groups]]\nname = "all"\ninterval = 60\nquantities = ["frequency"]\n'
+    )
+    text = text.replace('type = "serial"\nport = "/dev/ttyUSB0"\nbaud_rate = 2400\nparity = "E"\n', "").replace(
+        'name = "line-1"\n', 'name = "line-1"\ntype = "tcp"\nhost = "127.0.0.1"\nport = 8899\n'
+    )
+    path = write(tmp_path, text)
+    code, errors, warnings = check_output(path, capsys)
+    assert (code, errors) == (0, [])
+    group_line = line_number(text, "[[poll_groups]]")
+    assert warnings == [
+        f"warning: {path}: meters: no meters are configured: the gateway will read nothing",
+        f'warning: {path}:{group_line}: poll_groups[0].meters: "*" matches no meters (none are configured): '
+        "this group reads nothing",
+    ]
+
+
+def test_warnings_accompany_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, BASE.replace("/dev/ttyUSB0", str(tmp_path / "gone")).replace('bus = "mb"', 'bus = "x"'))
+    code, errors, warnings = check_output(path, capsys)
+    assert code == 78
+    assert [e.split(": ")[2] for e in errors] == ["meters[1].bus"]
+    assert [w.split(": ")[2] for w in warnings] == ["buses[0].port"]
+
+
+def test_a_wrong_list_is_not_judged_by_its_absence(tmp_path: Path) -> None:
+    text = BASE.replace("[[buses]]", "[[busses]]").replace("[[meters]]", "[[meter]]")
+    text = text[: text.index("[[poll_groups]]")] + 'buses = 5\nmeters = "m1"\n' + text[text.index("[[poll_groups]]") :]
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text.replace("buses = 5\nmeters", "[x]\n").replace('[x]\n = "m1"\n', "")))
+    keys = [line.split(": ")[2] for line in info.value.messages]
+    assert keys == ["busses", "meter"], info.value.messages

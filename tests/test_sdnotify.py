@@ -189,7 +189,7 @@ def test_unit_key_settings() -> None:
     expected = {
         "Type": "notify",
         "NotifyAccess": "main",
-        "ExecStart": "/usr/bin/meter-gateway run -c /etc/meter-gateway/gateway.toml",
+        "ExecStart": "/opt/meter-gateway/bin/meter-gateway run -c /etc/meter-gateway/gateway.toml",
         "ExecReload": "/bin/kill -HUP $MAINPID",
         "WatchdogSec": "30",
         "Restart": "on-failure",
@@ -198,7 +198,6 @@ def test_unit_key_settings() -> None:
         "User": "meter-gateway",
         "SupplementaryGroups": "dialout",
         "StateDirectory": "meter-gateway",
-        "ConfigurationDirectory": "meter-gateway",
         "NoNewPrivileges": "yes",
         "ProtectSystem": "strict",
         "ProtectHome": "yes",
@@ -219,13 +218,15 @@ def test_unit_key_settings() -> None:
         assert s.get(key) == [value], key
     assert set(s["DeviceAllow"]) == {"char-ttyS rw", "char-ttyUSB rw", "char-ttyAMA rw"}
     assert "PrivateDevices" not in s  # it would hide the serial ports
+    assert "ConfigurationDirectory" not in s  # it would leave /etc/meter-gateway root-only (deploy/install.sh)
     assert s["WantedBy"] == ["multi-user.target"]
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
 def test_unit_verifies(tmp_path: Path) -> None:
     # verify checks that ExecStart exists: point it at a binary this machine has, keep the rest
-    text = UNIT.read_text().replace("ExecStart=/usr/bin/meter-gateway ", f"ExecStart={shutil.which('true')} ")
+    installed = "ExecStart=/opt/meter-gateway/bin/meter-gateway "
+    text = UNIT.read_text().replace(installed, f"ExecStart={shutil.which('true')} ")
     assert text != UNIT.read_text()
     unit = tmp_path / "meter-gateway.service"
     unit.write_text(text)
