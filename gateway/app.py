@@ -24,7 +24,6 @@ import collections
 import contextlib
 import dataclasses
 import itertools
-import json
 import logging
 import os
 import time
@@ -43,11 +42,14 @@ from meter_gateway.drivers.reading import Quality
 from meter_gateway.gateway.config import Config, ConfigError, diff
 from meter_gateway.gateway.cursors import CursorStore, autosave_poll
 from meter_gateway.gateway.frozen_job import FrozenJob
+from meter_gateway.gateway.logs import log_limited
 from meter_gateway.gateway.meters import Fleet, MeterRuntime
-from meter_gateway.gateway.metrics import Metrics
+from meter_gateway.gateway.metrics import Metrics, missed_slot_reason
 from meter_gateway.gateway.outbox import AsyncOutbox, OutboxDamaged, OverflowPolicy
+from meter_gateway.gateway.outbox_sizing import PartitionTooSmall, check_partition
 from meter_gateway.gateway.schedule import GroupPlan, MissedSlots, PollSchedule
 from meter_gateway.gateway.sdnotify import Notifier, run_watchdog, watchdog_interval
+from meter_gateway.gateway.status_file import StatusFile
 from meter_gateway.gateway.time_sync_job import TimeSyncJob
 from meter_gateway.gateway.uplink import InboundMessage, Protocol, TlsConfig, Uplink, UplinkConfig
 
@@ -93,6 +95,7 @@ class PollStats:
     failures: dict[str, int] = field(default_factory=dict)
     missed_slots: int = 0
     shed: int = 0  # reads not queued because their bus queue was full
+    paused_slots: int = 0  # reads not issued while the outbox was over budget (pause_polling)
 
     def fail(self, kind: str) -> None:
         self.failures[kind] = self.failures.get(kind, 0) + 1
@@ -188,6 +191,8 @@ class Gateway:
         self._poll_progress = time.monotonic()  # last poller loop turn, for the watchdog
         self._started_at = clock()
         self._stopping = False
+        self._paused = False  # polling paused: the outbox is over budget under pause_polling
+        self._status_file = StatusFile(status_path(config))
         # what ``meter-gateway run`` exits with: 0, or EX_TEMPFAIL when the outbox was found
         # damaged (systemd restarts the service and the next open quarantines the file)
         self.exit_code = 0
@@ -206,10 +211,18 @@ class Gateway:
         config = self.config
         path = outbox_path(config)
         path.parent.mkdir(parents=True, exist_ok=True)
+        budget = int(config.outbox.budget_mb * 1024 * 1024)
+        try:
+            check_partition(path.parent, budget, len(config.meters))
+        except PartitionTooSmall as exc:
+            # systemd retries 75: the partition may be mounted or grown meanwhile (docs/operations.md)
+            log.error("event=state_partition_too_small detail=%r", str(exc))  # noqa: TRY400 (one line)
+            self.exit_code = os.EX_TEMPFAIL
+            return
         self.outbox = await AsyncOutbox.open(
             path,
             synchronous=config.outbox.synchronous,
-            budget_bytes=int(config.outbox.budget_mb * 1024 * 1024),
+            budget_bytes=budget,
             overflow_policy=OVERFLOW[config.outbox.overflow_policy],
             commit_interval=config.outbox.commit_interval,
         )
@@ -313,6 +326,7 @@ class Gateway:
 
     async def _poll(self, stop: asyncio.Event) -> None:
         assert self.schedule is not None
+        polled = False
         while not stop.is_set():
             self._poll_progress = time.monotonic()
             max_queue = self.config.limits.max_queue_per_bus
@@ -321,13 +335,18 @@ class Gateway:
                 self._schedule_changed = False
                 self.schedule = PollSchedule(GroupPlan.from_config(self.config), now, resume=self.schedule.cursors())
             schedule = self.schedule
+            paused = self._pause_polling()
             for due in schedule.next_due(now):
                 meter = self.meters.get(due.meter)
                 if meter is None:
                     continue
+                if paused:
+                    self._skip_read(meter, due.group, due.slot)
+                    continue
                 waiting = self._waiting.setdefault(meter.bus, collections.deque())
                 if len(waiting) >= max_queue:
                     self.stats.shed += 1
+                    self._count_missed(meter.bus, "queue_full")
                     continue
                 item = _DueRead(meter, due.group, due.slot)
                 if self._running.get(meter.bus, 0) < READS_PER_BUS:
@@ -335,13 +354,24 @@ class Gateway:
                 else:
                     waiting.append(item)
             missed = schedule.take_missed()
+            # the first turn finds the slots whose window passed while the daemon was down
+            reason = "late" if polled else "daemon_down"
+            polled = True
             for m in missed:
-                self.stats.missed_slots += m.count
                 runtime = self.meters.get(m.meter)
-                if self.metrics is not None and runtime is not None:
-                    self.metrics.missed_slots.labels(bus=runtime.bus).inc(m.count)
-                log.warning(
-                    "event=missed_slots group=%s meter=%s first=%d count=%d", m.group, m.meter, m.first, m.count
+                if runtime is not None:
+                    self._count_missed(runtime.bus, reason, m.count)
+                else:  # left the configuration since: no bus to count it on
+                    self.stats.missed_slots += m.count
+                log_limited(
+                    log,
+                    logging.WARNING,
+                    f"missed_slots:{m.meter}",
+                    "event=missed_slots group=%s meter=%s first=%d count=%d",
+                    m.group,
+                    m.meter,
+                    m.first,
+                    m.count,
                 )
             if missed and self.frozen is not None:
                 self.frozen.note_missed(missed)
@@ -349,6 +379,36 @@ class Gateway:
             delay = 1.0 if next_time is None else min(1.0, max(0.0, next_time - self.clock()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
+
+    def _count_missed(self, bus: str, reason: str, slots: int = 1) -> None:
+        self.stats.missed_slots += slots
+        if self.metrics is not None:
+            self.metrics.count_missed(bus, reason, slots)
+
+    def _pause_polling(self) -> bool:
+        """Under ``pause_polling``, no read is issued while the outbox is over its budget: its
+        readings would only be refused. Polling resumes by itself once deliveries free room."""
+        paused = (
+            self.config.outbox.overflow_policy == "pause_polling"
+            and self.outbox is not None
+            and self.outbox.over_budget
+        )
+        if paused != self._paused:
+            self._paused = paused
+            if paused:
+                log.warning("event=polling_paused reason=outbox_over_budget skipped_so_far=%d", self.stats.paused_slots)
+            else:
+                log.info("event=polling_resumed skipped_slots=%d", self.stats.paused_slots)
+        return paused
+
+    def _skip_read(self, meter: MeterRuntime, group: str, slot: int) -> None:
+        """A slot not read because polling is paused: a missed slot (reason ``outbox_full``) the
+        daily freeze can fill, as a failed read's."""
+        self.stats.paused_slots += 1
+        self._count_missed(meter.bus, "outbox_full")
+        interval = self._intervals.get(group)
+        if self.frozen is not None and interval is not None:
+            self.frozen.note_missed([MissedSlots(group, meter.meter_id, slot, slot, interval)])
 
     def _start_read(self, item: _DueRead) -> None:
         bus = item.meter.bus
@@ -362,7 +422,12 @@ class Gateway:
         self._running[bus] -= 1
         waiting = self._waiting.get(bus)
         if waiting and not self._stopping:
-            self._start_read(waiting.popleft())
+            if self._paused:  # queued before the pause: not issued either
+                while waiting:
+                    item = waiting.popleft()
+                    self._skip_read(item.meter, item.group, item.slot)
+            else:
+                self._start_read(waiting.popleft())
 
     async def _read(self, item: _DueRead) -> None:
         try:
@@ -380,6 +445,7 @@ class Gateway:
         except DriverError as exc:
             self._bus_turn_done(meter.bus)
             self.stats.fail(exc.kind)
+            self._count_missed(meter.bus, missed_slot_reason(exc.kind))
             log.debug("event=read_failed meter=%s kind=%s detail=%s", meter.meter_id, exc.kind, exc)
             interval = self._intervals.get(item.group)
             if self.frozen is not None and interval is not None:
@@ -478,6 +544,7 @@ class Gateway:
             self.uplink.topics.acks,
             clock=self.clock,
             commit_readings=self._commit,
+            on_verified=self.metrics.observe_verification if self.metrics is not None else None,
         )
 
     async def _on_command(self, msg: InboundMessage) -> None:
@@ -502,18 +569,22 @@ class Gateway:
                     if self.notifier is not None:
                         self.notifier.status(self._status_line())
             except Exception:  # observability must never take the daemon down
-                log.exception("event=housekeeping_failed")
+                log_limited(log, logging.ERROR, "housekeeping_failed", "event=housekeeping_failed", exc_info=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
 
     def _alive(self) -> bool:
         """The watchdog's check beyond the loop itself: the poller turned recently."""
-        return time.monotonic() - self._poll_progress < 30.0
+        alive = time.monotonic() - self._poll_progress < 30.0
+        if not alive and self.metrics is not None:
+            self.metrics.watchdog_misses.inc()  # a ping withheld; systemd restarts us after WatchdogSec
+        return alive
 
     def _watch_buses(self) -> None:
         if self.metrics is None:
             return
         for name, bus in self.buses.items():
+            self.metrics.add_bus(name)
             if bus.on_latency is None:
                 bus.on_latency = self.metrics.reply_latency.labels(bus=name).observe
 
@@ -560,6 +631,8 @@ class Gateway:
                 "depth": stats.depth,
                 "oldest_age": stats.oldest_age(now),
                 "storage_alarm": stats.storage_alarm,
+                "held": stats.held,
+                "over_budget": self.outbox.over_budget,
             },
             "uplink": {
                 "connected": bool(up.connected) if up else False,
@@ -570,6 +643,8 @@ class Gateway:
                 "reads": self.stats.reads,
                 "readings": self.stats.readings,
                 "missed_slots": self.stats.missed_slots,
+                "paused": self._paused,
+                "paused_slots": self.stats.paused_slots,
                 "failures": dict(self.stats.failures),
             },
             "reloads": dict(self.reloads),
@@ -599,10 +674,8 @@ class Gateway:
             doc["commands"] = dataclasses.asdict(self.commands.stats)
         elif self._ignored_commands:
             doc["commands"] = {"ignored": self._ignored_commands}
-        path = status_path(self.config)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=1))
-        tmp.replace(path)
+        # off the loop: a 10,000-meter document is a few hundred kB
+        await asyncio.to_thread(self._status_file.write, doc)
 
     # -- reload -------------------------------------------------------------------------------
 

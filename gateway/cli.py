@@ -14,17 +14,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("meter_gateway.simulators.cli", "run simulated DL/T 645 and Modbus meters on TCP ports or ptys"),
     "run": ("meter_gateway.gateway.run_cmd", "run the gateway daemon with a config file"),
     "check-config": ("meter_gateway.gateway.config_cmd", "validate a config file; exit 78 when it is bad"),
+    "config-reference": ("meter_gateway.gateway.config_reference", "every config key: Markdown or JSON Schema"),
+    "example-config": (
+        "meter_gateway.gateway.example_config_cmd",
+        "print an example config, the systemd unit, alert rules or dashboard",
+    ),
     "status": ("meter_gateway.gateway.status_cmd", "show meters by state, outbox depth and last delivery"),
     "outbox": ("meter_gateway.gateway.outbox_cmd", "inspect the durable outbox"),
     "demo": ("meter_gateway.gateway.demo", "simulators + local MQTT broker + gateway, readings shown live"),
     "ctl": ("meter_gateway.gateway.ctl_cmd", "head-end reference client: signed remote-control commands"),
     "audit": ("meter_gateway.gateway.audit_cmd", "query the remote-control audit log"),
+    "backup": ("meter_gateway.gateway.backup_cmd", "back up the outbox, cursor, command and audit stores"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: meter-gateway COMMAND [options]", "", "commands:"]
-    lines += [f"  {name:<13} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += [f"  {name:<15} {text}" for name, (_, text) in COMMANDS.items()]
     lines += ["", "Run `meter-gateway COMMAND --help` for a command's options."]
     return "\n".join(lines)
 

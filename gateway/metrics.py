@@ -14,19 +14,45 @@ The snapshots are replaced whole under a lock, because scrapes run in the HTTP s
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from meter_gateway.gateway import __version__
 
-__all__ = ["COMMAND_RESULTS", "LATENCY_BUCKETS", "METER_STATES", "PREFIX", "Metrics", "MetricsServer", "start_http"]
+__all__ = [
+    "COMMAND_REJECT_REASONS",
+    "COMMAND_RESULTS",
+    "LATENCY_BUCKETS",
+    "METER_STATES",
+    "MISSED_SLOT_REASONS",
+    "PREFIX",
+    "UPLINK_FAILURE_REASONS",
+    "VERIFY_BUCKETS",
+    "Metrics",
+    "MetricsServer",
+    "exported_when",
+    "missed_slot_reason",
+    "reference_markdown",
+    "reference_registry",
+    "start_http",
+]
 
 PREFIX = "meter_gateway"
 
@@ -34,7 +60,81 @@ PREFIX = "meter_gateway"
 # one plus the meter's turnaround reaches seconds; a Modbus TCP reply on a LAN takes a few ms.
 LATENCY_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
+# From a relay command's first control frame to the relay read back where it was sent: a few
+# seconds for a latching relay, up to the verify window (30 s by default) for a motorised breaker
+# or a delayed trip; more only when control frames had to be sent again.
+VERIFY_BUCKETS: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
 METER_STATES: tuple[str, ...] = ("online", "degraded", "offline", "unknown")
+
+# Every label value a counter can take is exported at 0 from the start: a series born at its first
+# increment has no earlier sample, so increase() and rate() over it stay 0 and an alert on the
+# first forged command or the first failure never fires.
+
+# Why a poll slot ended without a reading (missed_slots_total{reason}).
+MISSED_SLOT_REASONS: tuple[str, ...] = (
+    "daemon_down",  # its window passed while the gateway was not running (found at start)
+    "link_down",  # the read failed because the bus link was down
+    "meter_offline",  # the meter is offline and was not due for a probe
+    "read_failed",  # the meter did not answer, answered badly, or refused
+    "queue_full",  # the bus queue was full: the poll plan does not fit the bus
+    "late",  # its window passed while running without being read (clock step, stalled loop)
+    "outbox_full",  # not read: the outbox is over its budget under overflow_policy = "pause_polling"
+)
+# DriverError.kind -> missed slot reason; any other kind is a failed read.
+_MISSED_BY_KIND = {"link_down": "link_down", "offline": "meter_offline"}
+
+
+def missed_slot_reason(kind: str) -> str:
+    """The ``missed_slots_total`` reason for a read that failed with ``DriverError.kind``."""
+    return _MISSED_BY_KIND.get(kind, "read_failed")
+
+
+# UplinkStats.failures keys the uplink can produce: its own, and the MQTT v5 reason codes a broker
+# may answer a PUBLISH or SUBSCRIBE with (>= 0x80), named as gateway/uplink.py _reason_key spells them.
+UPLINK_FAILURE_REASONS: tuple[str, ...] = (
+    "ack_timeout",
+    "connect_error",
+    "connect_refused",
+    "disconnected",
+    "implementation_specific_error",
+    "internal_error",
+    "not_authorized",
+    "outbox_damaged",
+    "packet_identifier_in_use",
+    "payload_format_invalid",
+    "quota_exceeded",
+    "subscribe_refused",
+    "topic_name_invalid",
+    "unspecified_error",
+)
+
+# Terminal results of an accepted execution (CommandStats.results); always exported so a
+# success-rate expression has every series from the start.
+COMMAND_RESULTS: tuple[str, ...] = ("verified", "unverified", "meter_refused", "expired")
+# The relay actions the disconnect/reconnect KPI is about: their result series exist from the start.
+_KPI_ACTIONS: tuple[str, ...] = ("disconnect", "reconnect")
+
+# Reasons a command, or one meter of it, is refused: authentication (gateway/commands/auth.py
+# REJECT_REASONS; spelled out here so the metrics do not import cryptography, and
+# tests/test_metrics.py holds the two lists together) and the per-meter refusals of the service
+# and executor.
+COMMAND_REJECT_REASONS: tuple[str, ...] = (
+    "retained",
+    "malformed",
+    "unsigned",
+    "unknown_key",
+    "bad_signature",
+    "key_not_allowed",
+    "wrong_gateway",
+    "validity_too_long",
+    "not_yet_valid",
+    "expired",
+    "not_held",
+    "store_reset",
+    "unknown_meter",
+    "unsupported",
+)
 
 # Bus.snapshot() keys (drivers/bus.py BusCounters) -> (metric, label value). Grouped by unit so
 # each metric family counts one kind of thing: whole transactions, single attempts, rejected
@@ -202,8 +302,8 @@ class _SnapshotCollector(Collector):
         failures = CounterMetricFamily(
             f"{PREFIX}_uplink_publish_failures", "Publish failures by reason.", labels=["reason"]
         )
-        for reason, n in sorted(u.failures.items()):
-            failures.add_metric([reason], n)
+        for reason in sorted({*UPLINK_FAILURE_REASONS, *u.failures}):
+            failures.add_metric([reason], u.failures.get(reason, 0))
         yield failures
         if u.last_delivery is not None:  # absent rather than 1970 until the first delivery
             yield GaugeMetricFamily(
@@ -235,8 +335,25 @@ class Metrics:
             f"{PREFIX}_readings_acquired", "Readings decoded from meters (before the outbox).", registry=r
         )
         self.missed_slots = Counter(
-            f"{PREFIX}_missed_slots", "Poll slots that ended without a reading, per bus.", ["bus"], registry=r
+            f"{PREFIX}_missed_slots",
+            "Poll slots not read (daemon down, link down, read failed, ...), per bus and reason.",
+            ["bus", "reason"],
+            registry=r,
         )
+        self.watchdog_misses = Counter(
+            f"{PREFIX}_watchdog_misses",
+            "systemd watchdog pings withheld because the poller stopped making progress.",
+            registry=r,
+        )
+        self.command_verify_latency = Histogram(
+            f"{PREFIX}_command_verify_seconds",
+            "Time from an execution's first control frame to its verification, by action.",
+            ["action"],
+            buckets=VERIFY_BUCKETS,
+            registry=r,
+        )
+        for action in _KPI_ACTIONS:
+            self.command_verify_latency.labels(action=action)
         self.config_reloads = Counter(
             f"{PREFIX}_config_reloads", "Configuration reloads (SIGHUP) by result.", ["result"], registry=r
         )
@@ -245,11 +362,32 @@ class Metrics:
         self.config_last_reload = Gauge(
             f"{PREFIX}_config_last_reload_timestamp_seconds", "Unix time of the last successful reload.", registry=r
         )
+        # The standard process_*, python_info and python_gc_* series: memory, CPU, open files and
+        # the start time (a restart by the systemd watchdog shows there).
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
 
     # -- directly owned ---------------------------------------------------------------------
 
     def observe_latency(self, bus: str, seconds: float) -> None:
         self.reply_latency.labels(bus=bus).observe(seconds)
+
+    def observe_verification(self, action: str, seconds: float) -> None:
+        self.command_verify_latency.labels(action=action).observe(seconds)
+
+    def add_bus(self, bus: str) -> None:
+        """Export a configured bus's own series at 0 before anything happens on it."""
+        self.reply_latency.labels(bus=bus)
+        for reason in MISSED_SLOT_REASONS:
+            self.missed_slots.labels(bus=bus, reason=reason)
+
+    def count_missed(self, bus: str, reason: str, slots: int = 1) -> None:
+        """``slots`` poll slots of a meter on ``bus`` ended without a reading, for ``reason``
+        (one of :data:`MISSED_SLOT_REASONS`)."""
+        if reason not in MISSED_SLOT_REASONS:
+            raise ValueError(f"unknown missed slot reason {reason!r}")
+        self.missed_slots.labels(bus=bus, reason=reason).inc(slots)
 
     def count_reload(self, ok: bool, when: float | None = None) -> None:
         self.config_reloads.labels(result="ok" if ok else "failed").inc()
@@ -267,6 +405,11 @@ class Metrics:
         """Stop exporting a bus (it left the configuration)."""
         with self._snapshots.lock:
             self._snapshots.buses.pop(bus, None)
+        for reason in MISSED_SLOT_REASONS:
+            with contextlib.suppress(KeyError):
+                self.missed_slots.remove(bus, reason)
+        with contextlib.suppress(KeyError):
+            self.reply_latency.remove(bus)
 
     def update_meter_states(self, counts: Mapping[str, int]) -> None:
         """``HealthBook.counts()`` summed over buses: meters per state name."""
@@ -322,14 +465,14 @@ def _jobs_families(frozen: Any, time_sync: Any) -> list[Metric]:
     out: list[Metric] = []
     if frozen is not None:
         days = CounterMetricFamily(
-            f"{PREFIX}_frozen_days", "Daily freezes committed, read on time or as backfill.", labels=["kind"]
+            f"{PREFIX}_frozen_reads", "Daily freezes committed, read on time or as backfill.", labels=["kind"]
         )
         days.add_metric(["on_time"], frozen.frozen_reads)
         days.add_metric(["backfill"], frozen.backfilled_days)
         out.append(days)
         out.append(
             CounterMetricFamily(
-                f"{PREFIX}_frozen_lost_days",
+                f"{PREFIX}_frozen_lost",
                 "Freezes given up (gone from the meter or outside backfill_days).",
                 value=frozen.lost_days,
             )
@@ -377,13 +520,6 @@ def _jobs_families(frozen: Any, time_sync: Any) -> list[Metric]:
     return out
 
 
-# Terminal results of an accepted execution (CommandStats.results); always exported so a
-# success-rate expression has every series from the start.
-COMMAND_RESULTS: tuple[str, ...] = ("verified", "unverified", "meter_refused", "expired")
-# The relay actions the disconnect/reconnect KPI is about: their result series exist from the start.
-_KPI_ACTIONS: tuple[str, ...] = ("disconnect", "reconnect")
-
-
 def _commands_families(s: Any) -> list[Metric]:
     """Families for remote control (``CommandStats``); docs/commands.md "Metrics" explains them."""
 
@@ -396,13 +532,13 @@ def _commands_families(s: Any) -> list[Metric]:
     rejected = CounterMetricFamily(
         f"{PREFIX}_commands_rejected", "Commands (or meters of a command) refused, by reason.", labels=["reason"]
     )
-    for reason, n in sorted(s.rejected.items()):
-        rejected.add_metric([reason], n)
+    for reason in sorted({*COMMAND_REJECT_REASONS, *s.rejected}):
+        rejected.add_metric([reason], s.rejected.get(reason, 0))
     executions = CounterMetricFamily(
         f"{PREFIX}_command_executions", "Executions started on a meter, by action.", labels=["action"]
     )
-    for action, n in sorted(s.executed.items()):
-        executions.add_metric([action], n)
+    for action in sorted({*_KPI_ACTIONS, *s.executed}):
+        executions.add_metric([action], s.executed.get(action, 0))
     results = CounterMetricFamily(
         f"{PREFIX}_command_results",
         "Executions finished, by action and terminal result (verified, unverified, meter_refused, expired).",
@@ -465,3 +601,107 @@ def start_http(host: str, port: int, metrics: Metrics) -> MetricsServer:
     """Serve ``metrics`` on http://host:port/metrics (port 0 picks a free one)."""
     server, thread = start_http_server(port, addr=host, registry=metrics.registry)
     return MetricsServer(server, thread)
+
+
+# -- the metrics reference (docs/metrics.md) ------------------------------------------------------
+
+# Families that are not always on /metrics, and when they are.
+_CONDITIONS: dict[str, str] = {
+    "meter_gateway_link_connected": "buses with a link (not a Modbus bus without meters)",
+    "meter_gateway_link_connects": "buses with a link",
+    "meter_gateway_link_losses": "buses with a link",
+    "meter_gateway_link_received_bytes": "buses with a link",
+    "meter_gateway_link_sent_bytes": "buses with a link",
+    "meter_gateway_uplink_last_delivery_timestamp_seconds": "after the first delivery",
+    "meter_gateway_meter_clock_drift_max_seconds": "once a meter clock was measured",
+}
+_CONDITIONAL_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("meter_gateway_frozen_", "with `[daily_frozen]`"),
+    ("meter_gateway_backfill_", "with `[daily_frozen]`"),
+    ("meter_gateway_time_sync", "with `[time_sync]` enabled"),
+    ("meter_gateway_meter_clock_", "with `[time_sync]` enabled"),
+    ("meter_gateway_meters_clock_", "with `[time_sync]` enabled"),
+    ("meter_gateway_command_acks", "with `[commands] enabled`"),
+    ("meter_gateway_commands_", "with `[commands] enabled`"),
+    ("meter_gateway_command_executions", "with `[commands] enabled`"),
+    ("meter_gateway_command_results", "with `[commands] enabled`"),
+    ("meter_gateway_command_retries", "with `[commands] enabled`"),
+    ("meter_gateway_command_no_answer", "with `[commands] enabled`"),
+    ("meter_gateway_command_resumed", "with `[commands] enabled`"),
+    ("meter_gateway_command_internal", "with `[commands] enabled`"),
+    ("meter_gateway_mass_disconnect", "with `[commands] enabled`"),
+)
+# Label values not listed in the reference: they come from the config or the host.
+_OPEN_LABELS = frozenset({"bus", "le", "version", "implementation", "major", "minor", "patchlevel", "generation"})
+
+
+def reference_registry() -> CollectorRegistry:
+    """A registry holding every family the daemon can export, each fed an all-zero snapshot: the
+    source of docs/metrics.md (``python -m meter_gateway.gateway.metrics``)."""
+    from meter_gateway.drivers.bus import BusCounters
+    from meter_gateway.gateway.commands.executor import CommandStats
+    from meter_gateway.gateway.frozen_job import FrozenStats
+    from meter_gateway.gateway.outbox import OutboxStats
+    from meter_gateway.gateway.time_sync_job import TimeSyncStats
+    from meter_gateway.gateway.uplink import UplinkStats
+
+    metrics = Metrics(version=__version__)
+    metrics.add_bus("bus")
+    metrics.update_bus("bus", BusCounters().as_dict() | {"link_connected": 0})
+    outbox = OutboxStats("", 0, "", "", "", 0, 0, 0, None, None, 0, 0, 0, None, 0, 0)
+    metrics.update_outbox(outbox, now=0.0)
+    metrics.update_uplink(UplinkStats(last_delivery=0.0))
+    time_sync = TimeSyncStats()
+    time_sync.drifts.append(0.0)
+    metrics.update_jobs(FrozenStats(), time_sync)
+    metrics.update_commands(CommandStats())
+    return metrics.registry
+
+
+def exported_when(name: str) -> str:
+    """When the family ``name`` (without ``_total``) is on /metrics: "always" or the condition."""
+    if name in _CONDITIONS:
+        return _CONDITIONS[name]
+    return next((text for prefix, text in _CONDITIONAL_PREFIXES if name.startswith(prefix)), "always")
+
+
+def reference_markdown(registry: CollectorRegistry | None = None) -> str:
+    """docs/metrics.md: one row per family, from the registry itself so it cannot drift."""
+    registry = reference_registry() if registry is None else registry
+    lines = [
+        "# Metrics reference",
+        "",
+        "Generated from the code's own registry by `python -m meter_gateway.gateway.metrics >"
+        " docs/metrics.md`; tests/test_metrics.py fails when this file and the code disagree."
+        ' docs/operations.md ("Metrics") explains how to read them; docs/commands.md the command ones.',
+        "",
+        "Every label value the code knows is exported at 0 from the start, so `rate()` and `increase()`"
+        " see the first event. `bus` values are the configured bus names.",
+        "",
+        "| Metric | Type | Labels | Exported | Meaning |",
+        "|---|---|---|---|---|",
+    ]
+    seen: set[str] = set()
+    for family in registry.collect():
+        if family.name in seen:
+            continue
+        seen.add(family.name)
+        shown = f"{family.name}_total" if family.type == "counter" else family.name
+        values: dict[str, set[str]] = {}
+        for sample in family.samples:
+            for label, value in sample.labels.items():
+                values.setdefault(label, set()).add(value)
+        labels = ", ".join(
+            label if label in _OPEN_LABELS else f"{label}: " + " ".join(f"`{v}`" for v in sorted(vals))
+            for label, vals in sorted(values.items())
+            if label != "le"
+        )
+        doc = family.documentation.replace("|", "\\|")
+        lines.append(f"| `{shown}` | {family.type} | {labels} | {exported_when(family.name)} | {doc} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.write(reference_markdown())

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from meter_gateway.drivers.bus import BusCounters
 from meter_gateway.gateway.metrics import LATENCY_BUCKETS, Metrics, MetricsServer, start_http
+from tests.plugins.broker import Broker
+from tests.plugins.simulators import SimBusFactory
 
 
 @pytest.fixture
@@ -87,7 +92,7 @@ def test_latency_histogram_and_owned_counters(served: tuple[Metrics, MetricsServ
     metrics.observe_latency("tcp-a", 0.3)
     metrics.observe_latency("tcp-a", 20.0)
     metrics.readings_acquired.inc(5)
-    metrics.missed_slots.labels(bus="tcp-a").inc()
+    metrics.count_missed("tcp-a", "link_down")
     metrics.count_reload(ok=True, when=1_700_000_000.0)
     metrics.count_reload(ok=False)
     s = scrape(server)
@@ -100,7 +105,7 @@ def test_latency_histogram_and_owned_counters(served: tuple[Metrics, MetricsServ
     assert s[("meter_gateway_reply_latency_seconds_bucket", (bus, ("le", "+Inf")))] == 3
     assert s[("meter_gateway_reply_latency_seconds_count", (bus,))] == 3
     assert s[("meter_gateway_readings_acquired_total", ())] == 5
-    assert s[("meter_gateway_missed_slots_total", (bus,))] == 1
+    assert s[("meter_gateway_missed_slots_total", (bus, ("reason", "link_down")))] == 1
     assert s[("meter_gateway_config_reloads_total", (("result", "ok"),))] == 1
     assert s[("meter_gateway_config_reloads_total", (("result", "failed"),))] == 1
     assert s[("meter_gateway_config_last_reload_timestamp_seconds", ())] == 1_700_000_000.0
@@ -178,7 +183,8 @@ def test_names_follow_conventions() -> None:
 
     metrics.update_commands(CommandStats(rejected={"malformed": 1}, executed={"disconnect": 1}))
     for family in metrics.registry.collect():
-        assert family.name.startswith("meter_gateway_"), family.name
+        # the process_*, python_* families are prometheus-client's standard ones, named as everywhere
+        assert family.name.startswith(("meter_gateway_", "process_", "python_")), family.name
         if family.type == "counter":
             assert all(s.name.endswith(("_total", "_created")) for s in family.samples), family.name
         assert not family.name.endswith(("_ms", "_milliseconds", "_kb")), family.name
@@ -192,30 +198,36 @@ def test_server_stops() -> None:
         urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=2)
 
 
-def test_dashboard_queries_only_exported_metrics() -> None:
+def dashboard_metrics() -> set[str]:
+    """Every metric name a panel (or the instance selector) of the shipped dashboard queries."""
     import json
     import re
     from pathlib import Path
-
-    from meter_gateway.gateway.uplink import UplinkStats
-
-    metrics = Metrics()
-    metrics.update_bus("b", BusCounters().as_dict() | {"link_connected": 1})
-    metrics.update_outbox(FakeOutboxStats(0, None, 0, 0, None), now=0.0)
-    uplink = UplinkStats(last_delivery=1.0)
-    uplink.fail("timeout")  # reasons appear once they happen
-    metrics.update_uplink(uplink)
-    metrics.observe_latency("b", 0.1)
-    metrics.missed_slots.labels(bus="b").inc()
-    exported = {s.name for family in metrics.registry.collect() for s in family.samples}
 
     path = Path(__file__).resolve().parent.parent / "config" / "grafana-dashboard.json"
     dashboard = json.loads(path.read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     exprs.append(dashboard["templating"]["list"][1]["query"]["query"])
-    used = {name for e in exprs for name in re.findall(r"\bmeter_gateway_\w+", e)}
+    return {name for e in exprs for name in re.findall(r"\b(?:meter_gateway|process|python)_\w+", e)}
+
+
+def test_dashboard_queries_only_exported_metrics() -> None:
+    """A panel querying a misspelt or renamed metric shows "No data" forever."""
+    from meter_gateway.gateway.metrics import reference_registry
+
+    exported = {s.name for family in reference_registry().collect() for s in family.samples}
+    used = dashboard_metrics()
     assert len(used) > 20
     assert used - exported == set()
+    # the remote-command panels: commands by state, guard holds, verification latency
+    assert {
+        "meter_gateway_command_results_total",
+        "meter_gateway_commands_rejected_total",
+        "meter_gateway_commands_held",
+        "meter_gateway_command_verify_seconds_bucket",
+        "meter_gateway_missed_slots_total",
+        "process_resident_memory_bytes",
+    } <= used
 
 
 def test_frozen_and_time_sync_jobs(served: tuple[Metrics, MetricsServer]) -> None:
@@ -231,9 +243,9 @@ def test_frozen_and_time_sync_jobs(served: tuple[Metrics, MetricsServer]) -> Non
     sync.alarms["m9"] = 400.0
     metrics.update_jobs(frozen, sync)
     s = scrape(server)
-    assert s[("meter_gateway_frozen_days_total", (("kind", "on_time"),))] == 4
-    assert s[("meter_gateway_frozen_days_total", (("kind", "backfill"),))] == 3
-    assert s[("meter_gateway_frozen_lost_days_total", ())] == 1
+    assert s[("meter_gateway_frozen_reads_total", (("kind", "on_time"),))] == 4
+    assert s[("meter_gateway_frozen_reads_total", (("kind", "backfill"),))] == 3
+    assert s[("meter_gateway_frozen_lost_total", ())] == 1
     assert s[("meter_gateway_frozen_owed", ())] == 2
     assert s[("meter_gateway_backfill_slots_total", (("result", "filled"),))] == 6
     assert s[("meter_gateway_backfill_slots_total", (("result", "unfillable"),))] == 9
@@ -249,7 +261,8 @@ def test_command_stats_snapshot(served: tuple[Metrics, MetricsServer]) -> None:
 
     metrics, server = served
     metrics.update_commands(None)  # commands disabled: nothing exported
-    assert not any("command" in name for name, _ in scrape(server))
+    # (the verification histogram is the daemon's own, exported at 0 either way)
+    assert not any("command" in name and "verify" not in name for name, _ in scrape(server))
 
     stats = CommandStats(received=12, accepted=9, duplicates=1, retries=2, no_answer=3, resumed=1)
     stats.reject("bad_signature")
@@ -301,3 +314,186 @@ def test_command_stats_snapshot(served: tuple[Metrics, MetricsServer]) -> None:
     s = scrape(server)
     assert s[("meter_gateway_commands_held", ())] == 0
     assert result("reconnect", "verified") == 1
+
+
+# -- issue 20: label values born at 0, process metrics, the generated reference ---------------------
+
+
+def test_every_known_label_value_is_exported_at_zero_before_its_first_event() -> None:
+    """A counter series born at its first increment makes increase() miss that event (see
+    tests/test_alerts.py): every reason, bus and action the code knows exists from the start."""
+    from meter_gateway.gateway.commands.executor import CommandStats
+    from meter_gateway.gateway.uplink import UplinkStats
+
+    metrics = Metrics()
+    metrics.add_bus("rs485-1")
+    metrics.update_uplink(UplinkStats())
+    metrics.update_commands(CommandStats())
+    value = metrics.registry.get_sample_value
+    for reason in ("daemon_down", "link_down", "meter_offline", "read_failed", "queue_full", "late"):
+        assert value("meter_gateway_missed_slots_total", {"bus": "rs485-1", "reason": reason}) == 0, reason
+    for reason in ("bad_signature", "unknown_key", "key_not_allowed", "wrong_gateway", "unsigned", "malformed"):
+        assert value("meter_gateway_commands_rejected_total", {"reason": reason}) == 0, reason
+    for reason in ("not_authorized", "ack_timeout", "connect_refused", "quota_exceeded"):
+        assert value("meter_gateway_uplink_publish_failures_total", {"reason": reason}) == 0, reason
+    for action in ("disconnect", "reconnect"):
+        assert value("meter_gateway_command_executions_total", {"action": action}) == 0
+        assert value("meter_gateway_command_verify_seconds_count", {"action": action}) == 0
+    assert value("meter_gateway_reply_latency_seconds_count", {"bus": "rs485-1"}) == 0
+    assert value("meter_gateway_watchdog_misses_total") == 0
+
+    # a bus that leaves the configuration takes its series along
+    metrics.remove_bus("rs485-1")
+    assert value("meter_gateway_missed_slots_total", {"bus": "rs485-1", "reason": "link_down"}) is None
+
+
+def test_metric_reason_tables_match_the_code_that_produces_them() -> None:
+    from meter_gateway.drivers.errors import LinkDown, NoAnswer
+    from meter_gateway.drivers.health import MeterOffline
+    from meter_gateway.gateway.commands.auth import REJECT_REASONS
+    from meter_gateway.gateway.metrics import COMMAND_REJECT_REASONS, MISSED_SLOT_REASONS, missed_slot_reason
+
+    assert set(REJECT_REASONS) <= set(COMMAND_REJECT_REASONS)
+    assert missed_slot_reason(LinkDown.kind) == "link_down"
+    assert missed_slot_reason(MeterOffline.kind) == "meter_offline"
+    assert missed_slot_reason(NoAnswer.kind) == "read_failed"
+    assert {missed_slot_reason(k) for k in ("bad_reply", "meter_refused", "configuration")} == {"read_failed"}
+    assert set(MISSED_SLOT_REASONS) >= {"daemon_down", "link_down", "read_failed"}
+    with pytest.raises(ValueError, match="unknown missed slot reason"):
+        Metrics().count_missed("b", "bored")
+
+
+def test_process_platform_and_gc_collectors_are_exported(served: tuple[Metrics, MetricsServer]) -> None:
+    _, server = served
+    s = scrape(server)
+    names = {name for name, _ in s}
+    assert {"process_resident_memory_bytes", "process_start_time_seconds", "process_cpu_seconds_total"} <= names
+    assert "process_open_fds" in names
+    assert "python_info" in names
+    assert any(name == "python_gc_collections_total" for name in names)
+    assert s[("process_resident_memory_bytes", ())] > 1_000_000
+
+
+def test_docs_metrics_md_is_generated_from_the_registry() -> None:
+    from pathlib import Path
+
+    from meter_gateway.gateway.metrics import reference_markdown, reference_registry
+
+    path = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
+    assert path.read_text() == reference_markdown(), (
+        "docs/metrics.md is stale: python -m meter_gateway.gateway.metrics > docs/metrics.md"
+    )
+    # every family of a fully fed registry is documented, once
+    text = path.read_text()
+    for family in reference_registry().collect():
+        shown = f"{family.name}_total" if family.type == "counter" else family.name
+        assert text.count(f"| `{shown}` |") == 1, shown
+
+
+@pytest.mark.asyncio
+async def test_verification_latency_of_a_real_disconnect_is_observed(
+    tmp_path: Path, mosquitto: Broker, sim_bus: SimBusFactory
+) -> None:
+    """A disconnect through the command service on a simulated DL/T 645 meter, acked over a real
+    broker: the time from its control frame to "verified" lands in the histogram."""
+    import paho.mqtt.publish as mqtt_publish
+
+    from meter_gateway.gateway.commands.envelope import encode_envelope
+    from meter_gateway.gateway.commands.service import CommandService
+    from meter_gateway.gateway.outbox import AsyncOutbox
+    from meter_gateway.gateway.uplink import InboundMessage, Uplink, UplinkConfig
+    from tests.test_command_exec import GW, dlt_rig, envelope, mid
+
+    async def until(cond: Callable[[], bool], what: str) -> None:
+        end = time.monotonic() + 10
+        while not cond():
+            assert time.monotonic() < end, what
+            await asyncio.sleep(0.01)
+
+    metrics = Metrics()
+    handle = await sim_bus(1)
+    meter = mid(handle.meters[0])
+    async with dlt_rig(tmp_path, handle) as rig:
+        box = await AsyncOutbox.open(tmp_path / "outbox.sqlite", synchronous="NORMAL")
+
+        async def on_command(msg: InboundMessage) -> None:
+            await service.on_message(msg)
+
+        uplink = Uplink(
+            UplinkConfig(gateway_id=GW, host=mosquitto.host, port=mosquitto.port), box, on_command=on_command
+        )
+
+        async def publish(topic: str, payload: bytes) -> bool:
+            return await uplink.publish(topic, payload, within=1.0)
+
+        service = CommandService(
+            rig.config, rig.meters, rig.buses, publish, uplink.topics.acks, on_verified=metrics.observe_verification
+        )
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(uplink.run()), asyncio.create_task(service.run(stop))]
+        try:
+            await until(lambda: uplink.stats.connected, "uplink connected")
+            await asyncio.sleep(0.1)  # let the command subscription settle
+            before = time.monotonic()
+            payload = encode_envelope(envelope("disconnect", [meter]))
+            await asyncio.to_thread(
+                mqtt_publish.single,
+                uplink.topics.commands,
+                payload,
+                qos=1,
+                hostname=mosquitto.host,
+                port=mosquitto.port,
+            )
+            await until(lambda: service.stats.verified == 1, "verified")
+            took = time.monotonic() - before
+        finally:
+            stop.set()
+            await asyncio.wait_for(uplink.stop(), 10)
+            await asyncio.gather(*tasks)
+            await box.close()
+    value = metrics.registry.get_sample_value
+    assert value("meter_gateway_command_verify_seconds_count", {"action": "disconnect"}) == 1
+    observed = value("meter_gateway_command_verify_seconds_sum", {"action": "disconnect"})
+    assert observed is not None
+    assert 0 <= observed <= took
+    assert value("meter_gateway_command_verify_seconds_count", {"action": "reconnect"}) == 0
+
+
+@pytest.mark.asyncio
+async def test_missed_slots_count_every_slot_not_read_with_its_reason(tmp_path: Path, mosquitto: Broker) -> None:
+    """A gateway whose bus link is down misses every slot (reason link_down); stopped for a while
+    and started again, it counts the slots that passed meanwhile (reason daemon_down)."""
+    from meter_gateway.gateway.app import Gateway
+    from meter_gateway.gateway.config import load_config
+    from tests.plugins.ports import free_port
+    from tests.test_daemon import config_text
+
+    dead_port = free_port()  # nothing listens: the Modbus TCP link stays down
+    path = tmp_path / "gateway.toml"
+    path.write_text(config_text(tmp_path, mosquitto, dead_port, units=(1, 2), metrics_port=free_port()))
+
+    def missed(metrics: Metrics, reason: str) -> float:
+        value = metrics.registry.get_sample_value(
+            "meter_gateway_missed_slots_total", {"bus": "modbus-a", "reason": reason}
+        )
+        assert value is not None, reason  # exported from the start
+        return value
+
+    async def run_for(metrics: Metrics, seconds: float) -> None:
+        gateway = Gateway(load_config(path), metrics=metrics)
+        stop = asyncio.Event()
+        task = asyncio.create_task(gateway.run(stop))
+        await asyncio.sleep(seconds)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+    first = Metrics()
+    await run_for(first, 4.5)
+    assert missed(first, "link_down") >= 4  # two meters, a 1 s group: every failed slot counted
+    assert missed(first, "daemon_down") == 0
+
+    await asyncio.sleep(3.0)  # the daemon is down for three slots
+    second = Metrics()
+    await run_for(second, 1.5)
+    assert missed(second, "daemon_down") >= 2 * 2
+    assert missed(second, "read_failed") == 0
