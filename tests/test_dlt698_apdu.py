@@ -241,7 +241,10 @@ def test_catalogue() -> None:
         OAD.parse("202C0200"),
         Data(DataType.STRUCTURE, (Data(DataType.DOUBLE_LONG_UNSIGNED, 12345), Data(DataType.DOUBLE_LONG_UNSIGNED, 7))),
     )
-    assert [(r.quantity, r.value) for r in purse] == [("prepaid.balance", 123.45), ("prepaid.purchase_count", 7)]
+    assert [(r.quantity, r.value) for r in purse] == [
+        ("prepaid.money.remaining", 123.45),
+        ("prepaid.money.purchase.count", 7),
+    ]
 
 
 def test_looks_like_dlt698_tells_645_apart() -> None:

@@ -355,16 +355,16 @@ async def test_prepaid_purse_falls_with_consumption_and_trips_at_zero(meters_bus
     c = await client(bus)
     purse = OAD(0x202C, 2, 0)
     start = values(await ask(c, rq.get(A1, [purse, ENERGY])))
-    assert start["prepaid.balance"] == 20.0
-    assert start["prepaid.purchase_count"] == 1
+    assert start["prepaid.money.remaining"] == 20.0
+    assert start["prepaid.money.purchase.count"] == 1
     clock.advance(3600)
     hour = values(await ask(c, rq.get(A1, [purse, ENERGY])))
     used = hour["energy.active.import.total"] - start["energy.active.import.total"]
-    assert hour["prepaid.balance"] == pytest.approx(20.0 - used, abs=0.02)
+    assert hour["prepaid.money.remaining"] == pytest.approx(20.0 - used, abs=0.02)
     assert relay_of(await ask(c, rq.get(A1, [STATUS3]))) == "closed"
     clock.advance(2 * 86400)
     empty = values(await ask(c, rq.get(A1, [purse])))
-    assert empty["prepaid.balance"] == 0.0
+    assert empty["prepaid.money.remaining"] == 0.0
     assert relay_of(await ask(c, rq.get(A1, [STATUS3]))) == "open"
     word1 = rq.readings(await ask(c, rq.get(A1, [OAD(0x2014, 2, 1)])))[0]  # type: ignore[arg-type]
     assert word1.fields is not None
