@@ -95,7 +95,7 @@ class MeterProtocol:
 # Byte-stream buses: our own transport carries frames of any of these protocols, so one RS-485
 # line (or serial server) can hold DL/T 645 and DL/T 698.45 electricity meters beside CJ/T 188
 # water meters; each driver recognises its own replies. Modbus buses hand the line to pymodbus.
-BYTE_BUSES: Final = frozenset({"dlt645"})
+BYTE_BUSES: Final = frozenset({"dlt645", "dlt698", "cjt188"})
 MODBUS_BUSES: Final = frozenset({"modbus-rtu", "modbus-tcp"})
 BUS_PROTOCOLS: Final = BYTE_BUSES | MODBUS_BUSES
 

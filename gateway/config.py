@@ -1,8 +1,11 @@
 """The gateway's configuration: one TOML file, validated completely before anything starts.
 
-Loading is strict. Every problem becomes one line ``error: <file>: <key path>: <message>``
-(e.g. ``buses[2].baud_rate``) in a :class:`ConfigError`; unknown keys are errors that suggest the
-closest valid key, because a silently ignored ``baudrate`` would poll at the wrong speed.
+Loading is strict. Every problem becomes one line ``error: <file>:<line>: <key path>: <message>``
+(e.g. ``buses[2].baud_rate``, at the line it is written on, or its table's header when missing) in
+a :class:`ConfigError`, and one load lists every problem of the file: values are checked one by
+one, a wrong list item is left out of the later checks rather than stopping them. Unknown keys are
+errors that suggest the closest valid key, because a silently ignored ``baudrate`` would poll at
+the wrong speed. What is valid but probably not meant gives ``warning:`` lines instead.
 Secrets (MQTT password, DL/T 645 meter passwords) are never written in the file: it names a file
 (``password_file``) or an environment variable (``password_env``) and the value is read at load
 into a :class:`Secret`, which prints as ``******``.
@@ -21,17 +24,19 @@ import math
 import os
 import re
 import tomllib
+import types
 import typing
 import zoneinfo
 from collections.abc import Iterable, Mapping
 from datetime import tzinfo
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Final, Literal
+from typing import Annotated, Any, ClassVar, Final, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta, inspect
 
 from meter_gateway.drivers import registry
+from meter_gateway.gateway.config_lines import key_lines, line_of
 
 __all__ = [
     "BusConfig",
@@ -50,6 +55,7 @@ __all__ = [
     "TcpBus",
     "diff",
     "load_config",
+    "load_config_and_warnings",
     "parse_duration",
     "schema_hook",
 ]
@@ -68,14 +74,17 @@ _UNIT_SECONDS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 8640
 
 Name = Annotated[str, Meta(pattern=_NAME, max_length=64)]
 Port = Annotated[int, Meta(ge=1, le=65535)]
+_T = TypeVar("_T")
 
 
 class ConfigError(Exception):
-    """The config is unusable; ``messages`` holds one complete line per problem."""
+    """The config is unusable; ``messages`` holds one complete line per problem, ``warnings`` one
+    per doubt found on the way (see :func:`load_config_and_warnings`)."""
 
-    def __init__(self, messages: list[str]) -> None:
+    def __init__(self, messages: list[str], *, warnings: list[str] | None = None) -> None:
         super().__init__("\n".join(messages))
         self.messages = messages
+        self.warnings = warnings or []
 
 
 class Duration(float):
@@ -355,10 +364,12 @@ class LimitsSection(_Section, kw_only=True, frozen=True):
 class _BusBase(_Section, kw_only=True, frozen=True):
     name: Annotated[Name, _about("Bus name, unique; meters name it in meters[].bus.")]
     protocol: Annotated[
-        Literal["dlt645", "modbus-rtu", "modbus-tcp"],
+        Literal["dlt645", "dlt698", "cjt188", "modbus-rtu", "modbus-tcp"],
         _about(
-            "Framing on this bus: DL/T 645, Modbus RTU (on a serial line or through a TCP serial server) or "
-            "Modbus TCP (tcp buses only)."
+            "What the line carries. dlt645, dlt698 and cjt188 are the same kind of line: the gateway's own "
+            "byte transport, on which DL/T 645, DL/T 698.45 and CJ/T 188 meters may be mixed (each meter's "
+            "protocol says how it is spoken to); the name is the line's main protocol. modbus-rtu: Modbus RTU "
+            "on a serial line or through a TCP serial server; modbus-tcp: Modbus TCP (tcp buses only)."
         ),
     ]
     reply_timeout: Annotated[Duration, _about("How long to wait for a meter's reply. More than 0.")] = _seconds(1.0)
@@ -729,18 +740,35 @@ def load_config(
     ``password_env`` secrets. ``secrets=False`` leaves every secret unread (empty) for tools that
     never use one, such as ``meter-gateway audit`` in an operator's shell. Raises
     :class:`ConfigError` listing every problem found."""
+    return load_config_and_warnings(path, environ=environ, secrets=secrets)[0]
+
+
+def load_config_and_warnings(
+    path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None, secrets: bool = True
+) -> tuple[Config, list[str]]:
+    """:func:`load_config`, and the ``warning: <file>:<line>: <key path>: <message>`` lines about
+    what is valid but probably not meant (a serial device missing on this machine, no meters, a
+    poll group that covers none); a :class:`ConfigError` carries them too."""
     file = Path(path)
     env = os.environ if environ is None else environ
     try:
-        with file.open("rb") as f:
-            raw = tomllib.load(f)
+        data = file.read_bytes()
     except OSError as e:
         raise ConfigError([f"error: {file}: cannot read: {e.strerror or e}"]) from e
+    try:
+        text = data.decode("utf-8")
+        raw = tomllib.loads(text)
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError([f"error: {file}:{line}: not valid TOML: not UTF-8 text ({e.reason})"]) from None
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError([f"error: {file}: not valid TOML: {e}"]) from e
+        at = re.search(r"\(at line (\d+), column \d+\)$", str(e))
+        where = f"{file}:{at.group(1)}" if at else str(file)
+        raise ConfigError([f"error: {where}: not valid TOML: {e}"]) from None
     _share_repeated_values(raw)
-    v = _Validator(file, env, secrets=secrets)
-    return v.run(raw)
+    v = _Validator(file, text, env, secrets=secrets)
+    config = v.run(raw)
+    return config, v.lines("warning", v.warnings)
 
 
 def _share_repeated_values(raw: dict[str, Any]) -> None:
@@ -758,104 +786,199 @@ def _share_repeated_values(raw: dict[str, Any]) -> None:
                     meter[key] = shared.setdefault(value, value)
 
 
+# Required keys that get a stand-in value when they are missing or wrong, so that the rest of
+# their (required) section is still checked in the same run; checks of the stand-in itself are
+# skipped, its problem having been reported.
+_STAND_INS: Final[Mapping[str, Any]] = {
+    "gateway": {},
+    "gateway.id": "gateway",
+    "uplink": {},
+    "uplink.host": "localhost",
+}
+
+
+class _Bad:
+    """A value that failed its check (and was reported)."""
+
+
+_BAD: Final = _Bad()
+
+
+def _within(where: str, outer: str) -> bool:
+    """Whether key path ``where`` is ``outer`` or inside it."""
+    return where == outer or where.startswith((outer + ".", outer + "["))
+
+
 class _Validator:
-    def __init__(self, file: Path, environ: Mapping[str, str], *, secrets: bool = True) -> None:
+    def __init__(self, file: Path, text: str, environ: Mapping[str, str], *, secrets: bool = True) -> None:
         self.file = file
+        self.text = text
         self.base = file.resolve().parent
         self.environ = environ
         self.secrets = secrets
         self.errors: list[tuple[str, str]] = []
+        self.warnings: list[tuple[str, str]] = []
+        self.raw: dict[str, Any] = {}
+        # what the structural pass left out, for the checks of meaning that follow
+        self.derived = False  # the checks of meaning have begun
+        self.dropped: set[str] = set()  # keys replaced by their default or a stand-in
+        self.partial: set[str] = set()  # lists some items of which were left out
+        self.positions: dict[str, list[int]] = {}  # such a list: the file's index of each kept item
+        self._lines: dict[str, int] | None = None
 
     def error(self, where: str, message: str) -> None:
-        self.errors.append((where, message))
+        if not self._covered(where):
+            self.errors.append((where, message))
+
+    def warn(self, where: str, message: str) -> None:
+        self.warnings.append((where, message))
+
+    def _covered(self, where: str) -> bool:
+        """Whether a problem at ``where`` would only repeat one already reported."""
+        if not self.derived:  # a key inside a table already reported as wrong adds nothing
+            return any(_within(where, w) for w, _ in self.errors)
+        # a default or stand-in put in place of a wrong value is not judged, nor is a list by
+        # the items that were left
+        return where in self.partial or any(_within(where, d) for d in self.dropped)
+
+    def lines(self, kind: str, problems: list[tuple[str, str]]) -> list[str]:
+        """``kind: file:line: key: message`` lines in the file's order (lines found only when needed)."""
+        if self._lines is None:
+            self._lines = key_lines(self.text)
+        out: list[tuple[int, str]] = []
+        for where, msg in problems:
+            line = line_of(self._lines, where) if where else None
+            at = f"{self.file}:{line}" if line else str(self.file)
+            out.append((line or 0, f"{kind}: {at}: {where}: {msg}" if where else f"{kind}: {at}: {msg}"))
+        return [text for _, text in sorted(out, key=lambda item: item[0])]
 
     def fail(self) -> ConfigError:
-        return ConfigError(
-            [
-                f"error: {self.file}: {where}: {msg}" if where else f"error: {self.file}: {msg}"
-                for where, msg in self.errors
-            ]
-        )
+        return ConfigError(self.lines("error", self.errors), warnings=self.lines("warning", self.warnings))
 
     def run(self, raw: dict[str, Any]) -> Config:
-        cleaned = self._walk(raw, inspect.type_info(Config), "")
-        # msgspec stops at the first problem: convert section by section, and list items one by
-        # one, so one run reports a problem in every section and every bus/meter/group.
-        for field in msgspec.structs.fields(Config):
-            value = cleaned.get(field.encode_name)
-            if value is None:
-                continue
-            bare = typing.get_args(field.type)[0] if typing.get_origin(field.type) is Annotated else field.type
-            item_type = typing.get_args(bare)[0] if typing.get_origin(bare) is list else None
-            if item_type is not None and isinstance(value, list):
-                for i, item in enumerate(value):
-                    self._convert(item, item_type, f"{field.encode_name}[{i}]", raw)
-            else:
-                self._convert(value, field.type, field.encode_name, raw)
-        if self.errors:
+        self.raw = raw
+        # msgspec stops at a value's first problem, so the file is checked piece by piece: every
+        # unknown key, missing key and wrong value in one run; then the checks of meaning run on
+        # everything that passed, each list item keeping its index in the file.
+        cleaned = self._shape(raw, Config, "")
+        if isinstance(cleaned, _Bad):
             raise self.fail()
         try:
             config = msgspec.convert(cleaned, Config, dec_hook=_dec_hook)
-        except msgspec.ValidationError as e:
+        except msgspec.ValidationError as e:  # a rule the piecewise pass does not know
             self._validation_error(e, "", raw)
             raise self.fail() from None
+        self.derived = True
         config = self._check(config)
         if self.errors:
             raise self.fail()
         return config
 
-    def _convert(self, value: Any, t: Any, where: str, raw: Any) -> None:
-        try:
-            msgspec.convert(value, t, dec_hook=_dec_hook)
-        except msgspec.ValidationError as e:
-            self._validation_error(e, where, raw)
-
     def _validation_error(self, e: msgspec.ValidationError, prefix: str, raw: Any) -> None:
         where, message = _explain(str(e), raw, prefix)
-        if not any(where == w or where.startswith((w + ".", w + "[")) for w, _ in self.errors):
-            self.error(where, message)
+        self.error(where, message)
 
-    # -- structure: unknown keys, literal secrets ----------------------------------------------
+    # -- structure: unknown keys, missing keys, wrong values, literal secrets ------------------
 
-    def _walk(self, value: Any, t: inspect.Type, where: str) -> Any:
-        """Report unknown keys (all of them, with suggestions) and return ``value`` without them."""
-        t = _bare(t)
-        if isinstance(t, inspect.StructType) and isinstance(value, dict):
-            fields = {f.encode_name: f for f in t.fields}
-            resolved: frozenset[str] = getattr(t.cls, "resolved", frozenset())
-            out: dict[str, Any] = {}
-            for key, item in value.items():
-                path = f"{where}.{key}" if where else key
-                if key in resolved:
-                    refs = [f for f in fields if f.startswith(key + "_")] or [f"{key}_file", f"{key}_env"]
-                    self.error(path, f"secrets are given by reference: use {' or '.join(refs)}")
-                elif key == t.tag_field:
-                    out[key] = item
-                elif key not in fields:
-                    valid = [f for f in fields if f not in resolved]
-                    self.error(path, f"unknown key{_suggest(key, valid)} (valid keys: {', '.join(valid)})")
-                else:
-                    out[key] = self._walk(item, fields[key].type, path)
-            return out
-        if isinstance(t, inspect.ListType) and isinstance(value, list):
-            return [self._walk(item, t.item_type, f"{where}[{i}]") for i, item in enumerate(value)]
-        if isinstance(t, inspect.UnionType):
-            structs = [s for s in t.types if isinstance(s, inspect.StructType)]
-            if isinstance(value, dict) and structs:
-                tag_field = structs[0].tag_field
-                if tag_field is None:
-                    return self._walk(value, structs[0], where)
-                tags = {str(s.tag): s for s in structs}
-                tag = value.get(tag_field)
-                if tag not in tags:
-                    got = "missing" if tag is None else f"got {tag!r}{_suggest(str(tag), tags)}"
-                    self.error(f"{where}.{tag_field}", f"expected one of {_choices(tags)}; {got}")
-                    return value
-                return self._walk(value, tags[tag], where)
-            lists = [s for s in t.types if isinstance(s, inspect.ListType)]
-            if isinstance(value, list) and lists:
-                return self._walk(value, lists[0], where)
+    def _shape(self, value: Any, tp: Any, where: str) -> Any:
+        """Check ``value`` against the annotation ``tp``, reporting every problem in it; return it
+        without unknown keys and left-out list items, or ``_BAD``."""
+        bare = _unannotated(tp)
+        if isinstance(value, dict) and (structs := _structs_in(bare)):
+            cls = self._variant(structs, value, where)
+            return _BAD if cls is None else self._shape_struct(value, cls, where)
+        if isinstance(value, list) and (lists := [t for t in _members(bare) if typing.get_origin(t) is list]):
+            (item_tp,) = typing.get_args(lists[0])
+            if _structs_in(_unannotated(item_tp)):
+                return self._shape_items(value, item_tp, where)
+            items = [self._shape(item, item_tp, f"{where}[{i}]") for i, item in enumerate(value)]
+            if any(isinstance(item, _Bad) for item in items):
+                return _BAD
+        try:  # a scalar, or a whole list of them (its length limits)
+            msgspec.convert(value, tp, dec_hook=_dec_hook)
+        except msgspec.ValidationError as e:
+            self._validation_error(e, where, self.raw)
+            return _BAD
         return value
+
+    def _variant(self, structs: list[type[msgspec.Struct]], value: dict[str, Any], where: str) -> Any:
+        tag_field = structs[0].__struct_config__.tag_field
+        if tag_field is None:
+            return structs[0]
+        tags = {str(s.__struct_config__.tag): s for s in structs}
+        tag = value.get(tag_field)
+        if tag not in tags:
+            got = "missing" if tag is None else f"got {tag!r}{_suggest(str(tag), tags)}"
+            self.error(_join(where, tag_field), f"expected one of {_choices(tags)}; {got}")
+            return None
+        return tags[tag]
+
+    def _shape_struct(self, value: dict[str, Any], cls: type[msgspec.Struct], where: str) -> Any:
+        fields = {f.encode_name: f for f in msgspec.structs.fields(cls)}
+        resolved: frozenset[str] = getattr(cls, "resolved", frozenset())
+        tag_field = cls.__struct_config__.tag_field
+        out: dict[str, Any] = {}
+        broken = False
+        suggested: set[str] = set()  # a misspelt required key is reported once, as the unknown key
+        for key, item in value.items():
+            path = _join(where, key)
+            field = fields.get(key)
+            if key == tag_field:
+                out[key] = item
+            elif key in resolved:
+                refs = [f for f in fields if f.startswith(key + "_")] or [f"{key}_file", f"{key}_env"]
+                self.error(path, f"secrets are given by reference: use {' or '.join(refs)}")
+            elif field is None:
+                valid = [f for f in fields if f not in resolved]
+                suggested.update(difflib.get_close_matches(key, valid, n=1))
+                self.error(path, f"unknown key{_suggest(key, valid)} (valid keys: {', '.join(valid)})")
+            elif not isinstance(shaped := self._shape(item, field.type, path), _Bad):
+                out[key] = shaped
+            elif not field.required:
+                self.dropped.add(path)
+            elif path in _STAND_INS:
+                out[key] = self._stand_in(path, field.type)
+            else:
+                broken = True
+        for key, field in fields.items():
+            if field.required and key not in value:
+                path = _join(where, key)
+                if key not in suggested:
+                    self.error(path, "missing (required)")
+                if path in _STAND_INS:
+                    out[key] = self._stand_in(path, field.type)
+                else:
+                    broken = True
+        return _BAD if broken else out
+
+    def _stand_in(self, path: str, tp: Any) -> Any:
+        self.dropped.add(path)
+        return self._shape(_STAND_INS[path], tp, path)
+
+    def _shape_items(self, value: list[Any], item_tp: Any, where: str) -> list[Any]:
+        """A list of tables: a wrong item is left out (and reported); the others are still checked."""
+        kept: list[Any] = []
+        positions: list[int] = []
+        for i, item in enumerate(value):
+            shaped = self._shape(item, item_tp, f"{where}[{i}]")
+            if not isinstance(shaped, _Bad):
+                kept.append(shaped)
+                positions.append(i)
+        if len(kept) < len(value):
+            self.partial.add(where)
+            self.positions[where] = positions
+        return kept
+
+    def _numbered(self, where: str, items: list[_T]) -> Iterable[tuple[int, _T]]:
+        """The kept items of the list at ``where`` with their index in the file."""
+        return zip(self.positions.get(where, range(len(items))), items, strict=True)
+
+    def _raw_names(self, where: str, key: str) -> list[Any]:
+        """``key`` of every item of the list at ``where`` as written, left-out items included."""
+        found, items = _lookup(self.raw, where)
+        if not found or not isinstance(items, list):
+            return []
+        return [item.get(key) if isinstance(item, dict) else None for item in items]
 
     # -- meaning: references, cross-field rules, secrets --------------------------------------
 
@@ -884,13 +1007,18 @@ class _Validator:
             self.error("limits.degraded_after", f"must be <= limits.offline_after ({c.limits.offline_after})")
         buses = self._buses(c.buses)
         meters = self._meters(c.meters, {b.name: b for b in buses})
-        known = {m.id for m in meters}
+        # meters left out for a wrong value are still known by id: no second error where named
+        known = {m.id for m in meters} | {i for i in self._raw_names("meters", "id") if isinstance(i, str)}
+        if not self._raw_names("meters", "id") and "meters" not in self.dropped:
+            self.warn("meters", "no meters are configured: the gateway will read nothing")
         model_quantities = self._model_quantities(meters)
-        for gi, g in enumerate(c.poll_groups):
+        for gi, g in self._numbered("poll_groups", c.poll_groups):
             where = f"poll_groups[{gi}]"
             if g.interval < 1 or not float(g.interval).is_integer():
                 self.error(f"{where}.interval", f"must be a whole number of seconds >= 1, got {float(g.interval)!r}")
             self._meter_refs(g.meters, f"{where}.meters", known)
+            if g.meters == "*" and not known and "meters" not in self.dropped:
+                self.warn(f"{where}.meters", '"*" matches no meters (none are configured): this group reads nothing')
             ids = [m.id for m in meters] if g.meters == "*" else [m for m in g.meters if m in known]
             for qi, q in enumerate(g.quantities):
                 if not _QUANTITY.fullmatch(q):
@@ -905,11 +1033,13 @@ class _Validator:
                     self.error(
                         f"{where}.quantities[{qi}]", f"no meter of this group can read {q!r}{_suggest(q, everything)}"
                     )
-        self._duplicates([g.name for g in c.poll_groups], "poll_groups", "name", "poll group name")
+        self._duplicates(self._raw_names("poll_groups", "name"), "poll_groups", "name", "poll group name")
         if c.daily_frozen is not None:
             frozen = c.daily_frozen
             self._meter_refs(frozen.meters, "daily_frozen.meters", known)
             by_id = {m.id: m for m in meters}
+            if frozen.enabled and frozen.meters == "*" and known and not c.group_meters(frozen):
+                self.warn("daily_frozen.meters", '"*" matches no meter that keeps daily freezes: nothing is read')
             for i, ref in enumerate(frozen.meters if isinstance(frozen.meters, list) else ()):
                 if ref in by_id and not registry.capable(by_id[ref].protocol, registry.Can.FROZEN):
                     title = registry.get(by_id[ref].protocol).title
@@ -942,8 +1072,8 @@ class _Validator:
                 self.error(f"{where}.{name}", "must be > 0")
         if section.enabled and not section.keys:
             self.error(f"{where}.keys", "remote control is enabled but no key is configured")
-        self._duplicates([k.id for k in section.keys], f"{where}.keys", "id", "key id")
-        keys = [self._command_key(k, f"{where}.keys[{ki}]") for ki, k in enumerate(section.keys)]
+        self._duplicates(self._raw_names(f"{where}.keys", "id"), f"{where}.keys", "id", "key id")
+        keys = [self._command_key(k, f"{where}.keys[{ki}]") for ki, k in self._numbered(f"{where}.keys", section.keys)]
         return msgspec.structs.replace(
             section,
             keys=keys,
@@ -1066,9 +1196,14 @@ class _Validator:
         return msgspec.structs.replace(u, tls=tls, password=password, client_id=u.client_id or gateway_id)
 
     def _buses(self, buses: list[BusConfig]) -> list[BusConfig]:
-        self._duplicates([b.name for b in buses], "buses", "name", "bus name")
+        self._duplicates(self._raw_names("buses", "name"), "buses", "name", "bus name")
         out: list[BusConfig] = []
-        for bi, b in enumerate(buses):
+        for bi, b in self._numbered("buses", buses):
+            if isinstance(b, SerialBus) and not os.path.exists(b.port):
+                self.warn(
+                    f"buses[{bi}].port",
+                    f"serial device {b.port} does not exist on this machine (fine if it is plugged in later)",
+                )
             if isinstance(b, SerialBus) and b.protocol == "modbus-tcp":
                 self.error(
                     f"buses[{bi}].protocol",
@@ -1080,15 +1215,19 @@ class _Validator:
         return out
 
     def _meters(self, meters: list[Meter], buses: Mapping[str, BusConfig]) -> list[Meter]:
-        self._duplicates([m.id for m in meters], "meters", "id", "meter id")
-        seen_addresses: dict[tuple[str, str | int], int] = {}
+        self._duplicates(self._raw_names("meters", "id"), "meters", "id", "meter id")
+        written = [n for n in self._raw_names("buses", "name") if isinstance(n, str)]
+        left_out_buses = set(written) - set(buses)  # their problem is reported already
+        seen_addresses: dict[tuple[str, str | int], tuple[int, str]] = {}
         out: list[Meter] = []
-        for mi, m in enumerate(meters):
+        for mi, m in self._numbered("meters", meters):
             where = f"meters[{mi}]"
             bus = buses.get(m.bus)
-            if bus is None:
-                known = ", ".join(buses) or "none"
-                self.error(f"{where}.bus", f"unknown bus {m.bus!r}{_suggest(m.bus, buses)} (buses: {known})")
+            if bus is None and (m.bus in left_out_buses or "buses" in self.dropped):
+                pass
+            elif bus is None:
+                known = ", ".join(dict.fromkeys(written)) or "none"
+                self.error(f"{where}.bus", f"unknown bus {m.bus!r}{_suggest(m.bus, written)} (buses: {known})")
             elif m.protocol not in registry.carried_by(bus.protocol):
                 self.error(
                     f"{where}.protocol", f"{m.protocol!r} meter on bus {bus.name!r} whose framing is {bus.protocol!r}"
@@ -1098,13 +1237,13 @@ class _Validator:
                 self.error(f"{where}.address", problem)
             key = (m.bus, m.address)
             if key in seen_addresses:
-                first = seen_addresses[key]
+                first, first_id = seen_addresses[key]
                 self.error(
                     f"{where}.address",
-                    f"address {m.address!r} on bus {m.bus!r} is already used by meters[{first}] ({meters[first].id!r})",
+                    f"address {m.address!r} on bus {m.bus!r} is already used by meters[{first}] ({first_id!r})",
                 )
             else:
-                seen_addresses[key] = mi
+                seen_addresses[key] = (mi, m.id)
             model = self._model(m, where)
             credentials = m.credentials
             if credentials is not None:
@@ -1143,7 +1282,7 @@ class _Validator:
         except ImportError:
             return {}
         out: dict[str, frozenset[str]] = {}
-        for mi, m in enumerate(meters):
+        for mi, m in self._numbered("meters", meters):
             try:
                 model = load_model(m.model)
             except Exception as e:  # any problem with a model file is one config error line
@@ -1166,13 +1305,18 @@ class _Validator:
             return
         if not refs:
             self.error(where, 'lists no meters (give meter ids, or "*" for all)')
+        if "meters" in self.dropped:  # the meter list itself is wrong (reported): no id is known
+            return
         for i, ref in enumerate(refs):
             if ref not in known:
                 self.error(f"{where}[{i}]", f"unknown meter {ref!r}{_suggest(ref, known)}")
 
-    def _duplicates(self, names: list[str], section: str, key: str, what: str) -> None:
+    def _duplicates(self, names: list[Any], section: str, key: str, what: str) -> None:
+        """``names`` as written (see _raw_names): an item left out for another problem still counts."""
         first: dict[str, int] = {}
         for i, name in enumerate(names):
+            if not isinstance(name, str):
+                continue
             if name in first:
                 self.error(f"{section}[{i}].{key}", f"duplicate {what} {name!r} (first at {section}[{first[name]}])")
             else:
@@ -1271,6 +1415,25 @@ def _expected_at(where: str) -> str:
             return ""
         t = field.type
     return _describe(_strip_optional(t))
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _unannotated(tp: Any) -> Any:
+    while typing.get_origin(tp) is Annotated:
+        tp = typing.get_args(tp)[0]
+    return tp
+
+
+def _members(tp: Any) -> tuple[Any, ...]:
+    """The types of a union, or the type alone."""
+    return typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+
+
+def _structs_in(tp: Any) -> list[type[msgspec.Struct]]:
+    return [t for t in _members(tp) if isinstance(t, type) and issubclass(t, msgspec.Struct)]
 
 
 def _strip_optional(t: inspect.Type) -> inspect.Type:

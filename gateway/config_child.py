@@ -9,9 +9,11 @@ parses and validates in a child (``python -m gateway.config_child PATH``, the sa
 on a pipe; decoding that allocates only the objects the daemon keeps.
 
 Same results as :func:`load_config`: the same :class:`Config` (secrets included, as
-:class:`Secret`), the same :class:`ConfigError` lines. If the child cannot run at all (no
-interpreter, killed, garbled answer) the config is loaded in-process instead, with one log line:
-slower to shed memory, never a reason not to start.
+:class:`Secret`), the same :class:`ConfigError` lines. The config's warnings (a serial device
+missing on this machine, no meters...) are logged as WARNING lines, ``event=config_warning``, at
+every start and reload. If the child cannot run at all (no interpreter, killed, garbled answer)
+the config is loaded in-process instead, with one log line: slower to shed memory, never a
+reason not to start.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 import msgspec
 
-from meter_gateway.gateway.config import Config, ConfigError, Duration, Secret, load_config
+from meter_gateway.gateway.config import Config, ConfigError, Duration, Secret, load_config_and_warnings
 from meter_gateway.gateway.config_cmd import EX_CONFIG  # the child's exit status when its answer is a ConfigError
 
 __all__ = ["decode", "encode", "load_config_in_child"]
@@ -38,6 +40,7 @@ CHILD_TIMEOUT = 300.0  # seconds; a healthy parse of 10,000 meters takes about o
 class _Answer(msgspec.Struct, array_like=True):
     config: Config | None = None
     errors: list[str] | None = None
+    warnings: list[str] = msgspec.field(default_factory=list)
 
 
 def _enc_hook(obj: Any) -> Any:
@@ -56,23 +59,24 @@ def _dec_hook(t: type, obj: Any) -> Any:
     raise NotImplementedError(f"cannot decode {t!r}")
 
 
-def encode(config: Config | None = None, errors: list[str] | None = None) -> bytes:
-    """The child's answer: a loaded config, or the lines of its ConfigError."""
-    return msgspec.msgpack.encode(_Answer(config, errors), enc_hook=_enc_hook)
+def encode(config: Config | None = None, errors: list[str] | None = None, warnings: list[str] | None = None) -> bytes:
+    """The child's answer: a loaded config, or the lines of its ConfigError; and its warnings."""
+    return msgspec.msgpack.encode(_Answer(config, errors, warnings or []), enc_hook=_enc_hook)
 
 
-def decode(data: bytes) -> Config:
-    """The config a child sent; raises ConfigError with the child's lines, ValueError if garbled."""
+def decode(data: bytes) -> tuple[Config, list[str]]:
+    """The config a child sent and its warnings; raises ConfigError with the child's lines,
+    ValueError if garbled."""
     try:
         answer = msgspec.msgpack.decode(data, type=_Answer, dec_hook=_dec_hook)
     except msgspec.DecodeError as exc:
         raise ValueError(f"garbled answer from the config child: {exc}") from None
     if answer.errors is not None:
-        raise ConfigError(answer.errors)
+        raise ConfigError(answer.errors, warnings=answer.warnings)
     if answer.config is None:
         raise ValueError("empty answer from the config child")
     _share_repeated_values(answer.config)
-    return answer.config
+    return answer.config, answer.warnings
 
 
 def _share_repeated_values(config: Config) -> None:
@@ -92,10 +96,21 @@ def load_config_in_child(
 ) -> Config:
     """:func:`gateway.config.load_config` run in a child process (see the module doc)."""
     try:
-        return decode(_run_child(path, environ, python or sys.executable))
-    except (OSError, ValueError, subprocess.SubprocessError) as exc:
-        log.warning("event=config_child_failed detail=%r fallback=in_process", str(exc))
-    return load_config(path, environ=environ)
+        try:
+            config, warnings = decode(_run_child(path, environ, python or sys.executable))
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            log.warning("event=config_child_failed detail=%r fallback=in_process", str(exc))
+            config, warnings = load_config_and_warnings(path, environ=environ)
+    except ConfigError as exc:
+        _log_warnings(exc.warnings)
+        raise
+    _log_warnings(warnings)
+    return config
+
+
+def _log_warnings(lines: list[str]) -> None:
+    for line in lines:
+        log.warning("event=config_warning detail=%r", line.removeprefix("warning: "))
 
 
 def _run_child(path: str | os.PathLike[str], environ: Mapping[str, str] | None, python: str) -> bytes:
@@ -118,11 +133,11 @@ def main(argv: list[str]) -> int:
         print("usage: python -m gateway.config_child CONFIG", file=sys.stderr)
         return 2
     try:
-        config = load_config(argv[0])
+        config, warnings = load_config_and_warnings(argv[0])
     except ConfigError as exc:
-        sys.stdout.buffer.write(encode(errors=exc.messages))
+        sys.stdout.buffer.write(encode(errors=exc.messages, warnings=exc.warnings))
         return EX_CONFIG
-    sys.stdout.buffer.write(encode(config))
+    sys.stdout.buffer.write(encode(config, warnings=warnings))
     return 0
 
 

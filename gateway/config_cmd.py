@@ -1,7 +1,9 @@
 """`meter-gateway check-config FILE`: validate a config file without starting anything.
 
 Exit 0 and a short summary when the file is good; exit 78 (EX_CONFIG, sysexits.h) with one line
-per problem on stderr, each naming the file, the key path and what was expected.
+per problem on stderr, each naming the file, the TOML line, the key path and what was expected.
+Every problem the file has is listed in one run. ``warning:`` lines (stderr) name what is valid
+but probably not meant, such as a serial device missing on this machine; they alone exit 0.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import sys
 from collections import Counter
 
-from meter_gateway.gateway.config import Config, ConfigError, SerialBus, load_config
+from meter_gateway.gateway.config import Config, ConfigError, SerialBus, load_config_and_warnings
 
 EX_CONFIG = 78
 
@@ -51,12 +53,14 @@ def main(argv: list[str]) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     try:
-        config = load_config(args.file)
+        config, warnings = load_config_and_warnings(args.file)
     except ConfigError as e:
-        for line in e.messages:
+        for line in [*e.messages, *e.warnings]:
             print(line, file=sys.stderr)
-        print(f"{args.file}: {len(e.messages)} error(s)", file=sys.stderr)
+        print(f"{args.file}: {len(e.messages)} error(s), {len(e.warnings)} warning(s)", file=sys.stderr)
         return EX_CONFIG
+    for line in warnings:
+        print(line, file=sys.stderr)
     if args.json:
         print(json.dumps(config.redacted(), indent=2))
     else:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from meter_gateway.gateway.config import ConfigError, Secret, load_config
+from meter_gateway.gateway.config import ConfigError, Secret, load_config, load_config_and_warnings
 from meter_gateway.gateway.config_child import decode, encode, load_config_in_child
 from tests.test_config import BASE, CONFIG_DIR, EXAMPLES, with_meter_secret, write
 
@@ -98,3 +98,35 @@ def test_a_garbled_answer_is_not_a_config() -> None:
     with pytest.raises(ConfigError) as exc:
         decode(encode(errors=["error: x.toml: a: b"]))
     assert exc.value.messages == ["error: x.toml: a: b"]
+
+
+def test_warnings_are_logged_at_every_load(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    device = tmp_path / "ttyUSB-later"
+    path = write(tmp_path, BASE.replace("/dev/ttyUSB0", str(device)))
+    _, expected = load_config_and_warnings(path)
+    assert len(expected) == 1
+    for python in (None, str(tmp_path / "no-such-python")):  # in the child, and in the fallback
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="meter_gateway"):
+            config = load_config_in_child(path, python=python)
+        assert config == load_config(path)
+        logged = [r for r in caplog.records if "event=config_warning" in r.getMessage()]
+        assert [r.levelno for r in logged] == [logging.WARNING]
+        assert f"serial device {device} does not exist" in logged[0].getMessage()
+        assert f"{path}:" in logged[0].getMessage()
+
+
+def test_a_bad_config_in_the_child_logs_its_warnings_and_fails(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write(tmp_path, BASE.replace("/dev/ttyUSB0", str(tmp_path / "gone")).replace('bus = "mb"', 'bus = "x"'))
+    with caplog.at_level(logging.WARNING, logger="meter_gateway"), pytest.raises(ConfigError) as exc:
+        load_config_in_child(path)
+    assert [line.split(": ")[2] for line in exc.value.messages] == ["meters[1].bus"]
+    assert [line.split(": ")[2] for line in exc.value.warnings] == ["buses[0].port"]
+    assert any("event=config_warning" in r.getMessage() for r in caplog.records)
+
+
+def test_the_answer_carries_the_warnings(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, BASE))
+    assert decode(encode(config, warnings=["warning: x.toml:3: a: b"])) == (config, ["warning: x.toml:3: a: b"])
