@@ -43,6 +43,7 @@ from meter_gateway.gateway.sqlite_check import (
     DamagedDatabase,
     is_damage,
     limit_cache,
+    limit_wal,
     open_readonly,
     quarantine,
     quick_check,
@@ -367,6 +368,7 @@ def _connect(file: Path, check_budget: float) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         limit_cache(conn)
+        limit_wal(conn)
         quick_check(conn, check_budget, what="audit_log", path=file)
         conn.executescript(_SCHEMA)
         conn.execute(_HEAD).fetchone()  # what every append reads first

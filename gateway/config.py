@@ -305,10 +305,11 @@ class OutboxSection(_Section, kw_only=True, frozen=True):
     overflow_policy: Annotated[
         Literal["pause_polling", "drop_oldest"],
         _about(
-            'What a full budget does, counted either way. "pause_polling": nothing committed is removed; new '
-            "readings that do not fit are refused (metric outbox_refused_total) and not acquired, while polls go "
-            'on; the meters still hold that data for a backfill. "drop_oldest": the oldest undelivered readings '
-            "are deleted to make room (outbox_overflow_dropped_total); the head-end sees a gap in row numbers."
+            'What a full budget does. "pause_polling": nothing committed is removed; polling stops while the '
+            "outbox is over budget (each slot not read counts in missed_slots_total with reason outbox_full and "
+            "the daily frozen job fills it from the meters' freezes later) and resumes by itself as deliveries "
+            'free space. "drop_oldest": polling goes on and the oldest undelivered readings are deleted to make '
+            "room (outbox_overflow_dropped_total); the head-end sees a gap in row numbers."
         ),
     ] = "pause_polling"
     commit_interval: Annotated[

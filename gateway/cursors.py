@@ -48,8 +48,9 @@ from datetime import date, timedelta, tzinfo
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from meter_gateway.gateway.logs import log_limited
 from meter_gateway.gateway.schedule import DEFAULT_RESYNC_AFTER, latest_freeze_date
-from meter_gateway.gateway.sqlite_check import limit_cache, quarantine
+from meter_gateway.gateway.sqlite_check import limit_cache, limit_wal, quarantine
 
 if TYPE_CHECKING:
     from meter_gateway.gateway.config import Config
@@ -324,8 +325,14 @@ async def autosave_poll(
         if changed:
             try:
                 await asyncio.to_thread(store.save_poll, changed)
-            except Exception:
-                log.exception("event=cursor_save_failed kind=poll")
+            except Exception as exc:
+                log_limited(
+                    log,
+                    logging.ERROR,
+                    "cursor_save_failed.poll",
+                    "event=cursor_save_failed kind=poll error=%r",
+                    str(exc),
+                )
             else:
                 saved_keys, saved_slots = keys, slots
         del current
@@ -341,6 +348,7 @@ def _connect(db: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         limit_cache(conn)
+        limit_wal(conn)
         conn.executescript(_SCHEMA)
         _check_version(conn, db)
         conn.execute("SELECT count(*) FROM poll_cursor").fetchone()  # touch: a damaged file fails here

@@ -25,6 +25,8 @@ __all__ = [
     "RateLimiter",
     "RedactFilter",
     "fields",
+    "limited_kind_ended",
+    "log_limited",
     "setup_logging",
     "under_journald",
 ]
@@ -190,6 +192,10 @@ class _Window:
     suppressed: int = 0
 
 
+# Seconds between two lines of one repeating kind (the first occurrence is logged at once).
+REPEAT_INTERVAL = 60.0
+
+
 class RateLimiter:
     """One line per kind per ``interval`` seconds; the lines that were held back are counted.
 
@@ -197,7 +203,7 @@ class RateLimiter:
     bus produces garbage hundreds of times a second.
     """
 
-    def __init__(self, interval: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, interval: float = REPEAT_INTERVAL, clock: Callable[[], float] = time.monotonic) -> None:
         self.interval = interval
         self._clock = clock
         self._windows: dict[str, _Window] = {}
@@ -213,10 +219,36 @@ class RateLimiter:
         w.suppressed += 1
         return None
 
-    def log(self, logger: logging.Logger, level: int, kind: str, msg: str, *args: object) -> bool:
+    def log(
+        self, logger: logging.Logger, level: int, kind: str, msg: str, *args: object, exc_info: bool = False
+    ) -> bool:
         """Log ``msg`` (logfmt) unless ``kind`` was logged within the interval; adds ``suppressed=N``."""
+        if not logger.isEnabledFor(level):
+            return False
         suppressed = self.allow(kind)
         if suppressed is None:
             return False
-        logger.log(level, msg, *args, extra=fields(suppressed=suppressed) if suppressed else None)
+        logger.log(level, msg, *args, exc_info=exc_info, extra=fields(suppressed=suppressed) if suppressed else None)
         return True
+
+    def forget(self, kind: str) -> None:
+        """The condition behind ``kind`` ended: its next occurrence is logged at once."""
+        self._windows.pop(kind, None)
+
+
+# The daemon's one limiter: every warning or error that can repeat in a loop goes through
+# ``log_limited``, so a condition that lasts (a full disk, a dead link, a full outbox) is one line
+# when it starts and then one line with a count per interval, never one per occurrence.
+_DAEMON_LIMITER = RateLimiter()
+
+
+def log_limited(logger: logging.Logger, level: int, kind: str, msg: str, *args: object, exc_info: bool = False) -> bool:
+    """``logger.log(level, msg, *args)`` at most once per :data:`REPEAT_INTERVAL` for ``kind``
+    (a short name unique in the daemon, e.g. ``"outbox.refused"`` or ``"link_lost:bus-a"``); the
+    line after a quiet spell carries ``suppressed=N``. Returns whether the line was written."""
+    return _DAEMON_LIMITER.log(logger, level, kind, msg, *args, exc_info=exc_info)
+
+
+def limited_kind_ended(kind: str) -> None:
+    """Reset ``kind`` once its condition clears, so a new episode is reported at once."""
+    _DAEMON_LIMITER.forget(kind)

@@ -53,7 +53,9 @@ import msgspec
 
 from meter_gateway.drivers.reading import Quality, Reading
 from meter_gateway.gateway import outbox_schema
+from meter_gateway.gateway.logs import limited_kind_ended, log_limited
 from meter_gateway.gateway.outbox_schema import COUNTER_NAMES, SchemaError
+from meter_gateway.gateway.outbox_sizing import transaction_rows, wal_limit
 from meter_gateway.gateway.sqlite_check import (
     CACHE_KIB,
     DamagedDatabase,
@@ -312,7 +314,9 @@ def _storable(group: Sequence[Reading]) -> tuple[list[Reading], int]:
             bad += 1
             first = first or f"{r.id}: {problem}"
     if bad:
-        log.warning("outbox: refused %d invalid readings (first: %s)", bad, first)
+        log_limited(
+            log, logging.WARNING, "outbox.invalid", "outbox: refused %d invalid readings (first: %s)", bad, first
+        )
     return out, bad
 
 
@@ -377,6 +381,14 @@ class Outbox:
         self._pending_acks: set[int] = set()
         self._alarm: str | None = None
         self._closed = False
+        # WAL bounded from the budget (outbox_sizing): checkpointed and truncated past this size
+        self.wal_limit = wal_limit(budget_bytes)
+        self.transaction_rows = transaction_rows(budget_bytes)  # held readings per retry transaction
+        self.wal_high_water = _size(Path(f"{path}-wal"))  # largest -wal seen after a write
+        self._over_budget = False
+        self._recovered = 0  # held readings committed since the storage alarm was raised
+        if not readonly:
+            self._update_over_budget()
 
     # -- opening ----------------------------------------------------------------------------
 
@@ -430,7 +442,7 @@ class Outbox:
                 raise DamagedDatabase(f"found damaged while in use: {marked}")
             conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False, timeout=5.0)
             try:
-                _configure(conn, db, sync, page_limit)
+                _configure(conn, db, sync, page_limit, wal_limit(budget_bytes))
                 quick_check(conn, check_budget, what="outbox", path=db)
                 outbox_schema.migrate(conn)
                 return cls(
@@ -589,7 +601,19 @@ class Outbox:
             raise OutboxError(f"outbox {self.path} is closed")
         ack_counts = self._ack_groups(acks)
         add_results = self._add_groups(adds)
+        self._trim_wal()
         return add_results, ack_counts
+
+    def _trim_wal(self) -> None:
+        """Checkpoint and truncate the WAL once it outgrew its limit: the automatic checkpoint is
+        passive, and a reader in the middle of a peek keeps it from restarting the log, which then
+        grows. A checkpoint that cannot finish (no space, busy) is tried again after the next write."""
+        size = _size(Path(f"{self.path}-wal"))
+        self.wal_high_water = max(self.wal_high_water, size)
+        if size <= self.wal_limit:
+            return
+        with contextlib.suppress(sqlite3.Error):
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def _ack_groups(self, groups: Sequence[Sequence[int]]) -> list[int]:
         if not groups and not self._pending_acks:
@@ -612,6 +636,8 @@ class Outbox:
         self._depth -= delivered
         self._committed_counters(deltas)
         self._storage_ok()
+        if self._over_budget and delivered:
+            self._update_over_budget()
         return counts
 
     def _delete_ids(self, ids: Sequence[int]) -> int:
@@ -632,11 +658,24 @@ class Outbox:
         return [dataclasses.replace(r, invalid=n) if n else r for r, n in zip(results, invalid, strict=True)]
 
     def _add_clean(self, work: list[list[Reading]]) -> list[AddResult]:
+        # A backlog held through a storage failure goes back in bounded transactions, oldest
+        # first: in one transaction, 100,000 readings need tens of MiB of WAL that a small state
+        # partition does not have, and the retry would fail for good.
+        while len(self._held) > self.transaction_rows:
+            before = len(self._held)
+            self._commit_clean([], held_rows=self.transaction_rows)
+            if len(self._held) >= before:  # still failing: the new readings wait behind the backlog
+                return self._hold([], work)
+        return self._commit_clean(work)
+
+    def _commit_clean(self, work: list[list[Reading]], held_rows: int | None = None) -> list[AddResult]:
+        """One transaction: the first ``held_rows`` held readings (all when None), then ``work``."""
         if not self._held and not any(work):
             return [AddResult() for _ in work]
         # Held readings go first so the outbox keeps acquisition order; they belong to no caller.
-        held = self._held
-        self._held = []
+        take = len(self._held) if held_rows is None else held_rows
+        held = self._held[:take]
+        self._held = self._held[take:]
         attempt = [held, *work] if held else work
         results: list[AddResult] = []
         deltas: dict[str, int] = dict.fromkeys(("committed", "duplicates", "overflow_dropped", "refused"), 0)
@@ -663,10 +702,41 @@ class Outbox:
         self._last_row_id = seq[0] if seq else self._last_row_id
         self._committed_counters(deltas)
         if held:
-            log.warning("outbox storage recovered: committed %d held readings", results[0].committed)
+            self._recovered += results[0].committed
             results = results[1:]
         self._storage_ok()
+        self._update_over_budget()
         return results
+
+    def _update_over_budget(self) -> None:
+        """Whether the pages in use reached the budget (less a margin): the poller stops issuing
+        reads under ``pause_polling`` while it is so. The margin, and twice it to clear, keep a
+        poll cycle's readings from being refused first and the state from flapping at each ack."""
+        live = self.live_bytes()
+        margin = min(max(self.budget_bytes // 32, 64 * 1024), self.budget_bytes // 4)
+        limit = self.budget_bytes - (2 * margin if self._over_budget else margin)
+        over = live >= limit if not self._over_budget else live > limit
+        if over == self._over_budget:
+            return
+        self._over_budget = over
+        if over:
+            log.warning(
+                "event=outbox_over_budget path=%s live_bytes=%d budget_bytes=%d policy=%s",
+                self.path,
+                live,
+                self.budget_bytes,
+                self.overflow_policy.value,
+            )
+        else:
+            log.info(
+                "event=outbox_within_budget path=%s live_bytes=%d budget_bytes=%d", self.path, live, self.budget_bytes
+            )
+
+    @property
+    def over_budget(self) -> bool:
+        """True from when the pages in use come within a margin of the budget until deliveries
+        free twice that margin (see ``_update_over_budget``)."""
+        return self._over_budget
 
     def _roomy(self, n: int, depth: int) -> bool:
         """Whether ``n`` new rows fit the budget with as much again to spare: then the batch is
@@ -708,10 +778,23 @@ class Outbox:
                 "DELETE FROM readings WHERE row_id IN (SELECT row_id FROM readings ORDER BY row_id LIMIT ?)",
                 (drop,),
             ).rowcount
-            log.warning("outbox over budget: dropped %d oldest undelivered readings", dropped)
+            log_limited(
+                log,
+                logging.WARNING,
+                "outbox.dropped",
+                "outbox over budget: dropped %d oldest undelivered readings",
+                dropped,
+            )
         refused = len(group) - take
         if refused:
-            log.warning("outbox over budget (%d bytes): refused %d new readings", self.budget_bytes, refused)
+            log_limited(
+                log,
+                logging.WARNING,
+                "outbox.refused",
+                "outbox over budget (%d bytes): refused %d new readings",
+                self.budget_bytes,
+                refused,
+            )
         fresh = self._fresh(group[:take])
         before = self._conn.total_changes
         _insert(self._conn, [_row(rid, r, now) for rid, r in fresh.items()])
@@ -749,8 +832,9 @@ class Outbox:
         return n, min(n - room, depth)
 
     def _hold(self, held: list[Reading], work: list[list[Reading]]) -> list[AddResult]:
-        """Keep a failed attempt in memory, oldest first; refuse what exceeds the hold limit."""
-        self._held = held
+        """Keep a failed attempt in memory, oldest first (before readings still held from earlier);
+        refuse what exceeds the hold limit."""
+        self._held = held + self._held
         results: list[AddResult] = []
         refused_total = 0
         for group in work:
@@ -761,7 +845,10 @@ class Outbox:
             results.append(AddResult(refused=refused))
         if refused_total:
             self._count("refused", refused_total)
-            log.error(
+            log_limited(
+                log,
+                logging.ERROR,
+                "outbox.hold_full",
                 "outbox storage unavailable and %d readings already held: refused %d readings",
                 self.hold_limit,
                 refused_total,
@@ -815,8 +902,15 @@ class Outbox:
 
     def _storage_ok(self) -> None:
         if self._alarm is not None and not self._held and not self._pending_acks:
-            log.warning("outbox storage available again (was: %s)", self._alarm)
+            # the one line that ends the episode the ERROR line began (docs/outbox.md)
+            log.info(
+                "event=outbox_storage_ok was=%r committed_held=%d detail='outbox storage available again'",
+                self._alarm,
+                self._recovered,
+            )
             self._alarm = None
+            self._recovered = 0
+            limited_kind_ended("outbox.hold_full")
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -927,16 +1021,19 @@ class OutboxReader:
         self._conn.close()
 
 
-def _configure(conn: sqlite3.Connection, db: Path, sync: Synchronous, page_limit: int | None) -> None:
+def _configure(conn: sqlite3.Connection, db: Path, sync: Synchronous, page_limit: int | None, wal_bytes: int) -> None:
     mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     if str(mode).lower() != "wal":
         raise OutboxError(f"outbox {db}: cannot switch to WAL mode (got {mode})")
     # PRAGMAs take no bound parameters; both values are ours (an enum member, an int)
     conn.execute(f"PRAGMA synchronous = {sync.value}")
     limit_cache(conn, CACHE_KIB)
-    # Truncate the WAL back to a few MiB after checkpoints so a drained backlog does not leave
-    # a large -wal file behind.
-    conn.execute("PRAGMA journal_size_limit = 8388608")
+    # SQLite's default auto-checkpoint waits for 1,000 pages (~4 MiB): on a small state partition
+    # the WAL alone filled the disk, after which nothing could commit or checkpoint. Checkpoint at
+    # the budget's WAL share, and truncate the file back to it when a checkpoint resets the log.
+    page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+    conn.execute(f"PRAGMA wal_autocheckpoint = {max(1, wal_bytes // page_size):d}")
+    conn.execute(f"PRAGMA journal_size_limit = {int(wal_bytes):d}")
     if page_limit is not None:
         conn.execute(f"PRAGMA max_page_count = {int(page_limit):d}")
 
@@ -1112,6 +1209,10 @@ class AsyncOutbox:
     @property
     def storage_alarm(self) -> str | None:
         return self.outbox.storage_alarm
+
+    @property
+    def over_budget(self) -> bool:
+        return self.outbox.over_budget
 
     async def add(self, readings: Iterable[Reading]) -> AddResult:
         self._check_open()

@@ -25,11 +25,13 @@ __all__ = [
     "CACHE_KIB",
     "DEFAULT_CHECK_BUDGET",
     "SMALL_CACHE_KIB",
+    "SMALL_WAL_BYTES",
     "DamagedDatabase",
     "clear_damage_mark",
     "damage_mark",
     "is_damage",
     "limit_cache",
+    "limit_wal",
     "mark_damaged",
     "open_readonly",
     "quarantine",
@@ -52,6 +54,11 @@ CACHE_KIB: Final = 512
 # Every other connection (outbox reader, cursors, commands, audit) reads or writes a few pages
 # per turn: 128 KiB each is 1.5 MiB less than 512 over the four (docs/benchmarks.md, memory).
 SMALL_CACHE_KIB: Final = 128
+
+# The WAL of a small state file (cursors, commands, audit): SQLite's default auto-checkpoint lets
+# it reach ~4 MiB, the size of a whole small state partition (gateway/outbox_sizing.py counts the
+# other state files at a few hundred KiB each).
+SMALL_WAL_BYTES: Final = 256 * 1024
 
 # SQLite primary result codes (https://www.sqlite.org/rescode.html)
 _SQLITE_CORRUPT: Final = 11
@@ -100,6 +107,14 @@ def time_limit(conn: sqlite3.Connection, seconds: float) -> Iterator[None]:
 def limit_cache(conn: sqlite3.Connection, kib: int = SMALL_CACHE_KIB) -> None:
     """Cap ``conn``'s page cache at ``kib`` KiB (call before the quick_check)."""
     conn.execute(f"PRAGMA cache_size = -{kib:d}")
+
+
+def limit_wal(conn: sqlite3.Connection, max_bytes: int = SMALL_WAL_BYTES) -> None:
+    """Checkpoint ``conn``'s WAL once it holds ``max_bytes`` and truncate it back to that size
+    after a checkpoint (call after switching to WAL mode)."""
+    page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+    conn.execute(f"PRAGMA wal_autocheckpoint = {max(1, max_bytes // page_size):d}")
+    conn.execute(f"PRAGMA journal_size_limit = {int(max_bytes):d}")
 
 
 def quick_check(conn: sqlite3.Connection, budget: float, *, what: str, path: Path) -> None:

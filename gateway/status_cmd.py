@@ -1,7 +1,9 @@
 """`meter-gateway status -c FILE`: meters by state, outbox depth and last delivery.
 
 Reads the status file the daemon replaces every few seconds in its state directory and the
-outbox itself (read-only: the depth is the committed truth even when the daemon is down).
+outbox itself (read-only: the depth is the committed truth even when the daemon is down). On a
+full disk the daemon writes the status file in place (gateway/status_file.py), so a running
+daemon still shows as running, with its storage alarm.
 Exit status: 0 the daemon is running, 3 it is not (the status file is missing, says it
 stopped, or is stale), 78 the config is bad.
 """
@@ -14,6 +16,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from meter_gateway.gateway.app import STATUS_EVERY, outbox_path, status_path
@@ -23,6 +26,27 @@ from meter_gateway.gateway.outbox import Outbox, OutboxError
 
 NOT_RUNNING = 3  # as `systemctl status` / LSB init scripts
 STALE_AFTER = 6 * STATUS_EVERY
+# A status file written in place (full disk) can be caught half-written: read it again.
+READ_ATTEMPTS = 5
+READ_RETRY_DELAY = 0.05
+
+
+def _read_status(path: Path) -> dict[str, Any] | None:
+    """The daemon's status document, or None when there is no status file."""
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            doc = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            if attempt + 1 == READ_ATTEMPTS:
+                raise
+            time.sleep(READ_RETRY_DELAY)
+            continue
+        if not isinstance(doc, dict):
+            raise ValueError(f"{path}: not a JSON object")  # noqa: TRY004 (bad file content, handled as such)
+        return doc
+    return None
 
 
 def _pid_alive(pid: object) -> bool:
@@ -54,9 +78,7 @@ def collect(config_path: str, now: float | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"gateway": config.gateway.id, "configured_meters": len(config.meters)}
     daemon: dict[str, Any] | None = None
     try:
-        daemon = json.loads(status_path(config).read_text())
-    except FileNotFoundError:
-        daemon = None
+        daemon = _read_status(status_path(config))
     except (OSError, ValueError) as exc:
         out["status_file_error"] = str(exc)
     running = bool(
@@ -110,6 +132,17 @@ def render(info: dict[str, Any], now: float) -> str:
             f"  outbox:      {ob['depth']} undelivered"
             + (f", oldest waiting {age:.0f} s" if age is not None else "")
             + f" ({ob['path']})"
+        )
+    dob = daemon.get("outbox") or {}
+    if info["running"] and dob.get("storage_alarm"):
+        lines.append(
+            f"  storage:     {str(dob['storage_alarm']).upper()}: {dob.get('held', 0)} readings held in memory"
+            " (not yet committed; lost if the daemon stops)"
+        )
+    poll = daemon.get("poll") or {}
+    if info["running"] and poll.get("paused"):
+        lines.append(
+            f"  polling:     PAUSED, outbox over its budget ({poll.get('paused_slots', 0)} slots skipped so far)"
         )
     up = daemon.get("uplink") or {}
     if daemon:

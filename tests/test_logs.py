@@ -12,7 +12,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from meter_gateway.gateway.logs import RateLimiter, fields, redact_text, setup_logging, under_journald
+from meter_gateway.gateway.logs import (
+    RateLimiter,
+    fields,
+    limited_kind_ended,
+    log_limited,
+    redact_text,
+    setup_logging,
+    under_journald,
+)
 
 
 @pytest.fixture
@@ -145,3 +153,19 @@ def test_rate_limited_log_lines() -> None:
     assert len(got) == 2
     assert got[0].endswith("event=garbage bus=b1 bytes=0")
     assert got[1].endswith("event=garbage bus=b1 bytes=9 suppressed=499")
+
+
+@pytest.mark.usefixtures("root_restored")
+def test_daemon_limiter_logs_the_first_occurrence_then_counts(caplog: pytest.LogCaptureFixture) -> None:
+    """``log_limited`` is the daemon's one limiter: a condition repeating in a loop (an outbox
+    refusing a read a second, a save failing every turn) is one line, not one per occurrence."""
+    log = logging.getLogger("meter_gateway.test_limited")
+    with caplog.at_level(logging.INFO, logger="meter_gateway.test_limited"):
+        written = [log_limited(log, logging.WARNING, "test.refused", "event=refused n=%d", i) for i in range(346)]
+        assert written.count(True) == 1
+        assert log_limited(log, logging.WARNING, "test.other", "event=other") is True  # kinds are separate
+        assert log_limited(log, logging.DEBUG, "test.debug", "event=quiet") is False  # below the level: not counted
+        limited_kind_ended("test.refused")  # the condition cleared: a new episode is said at once
+        assert log_limited(log, logging.WARNING, "test.refused", "event=refused n=%d", 999) is True
+    got = [r.getMessage() for r in caplog.records]
+    assert got == ["event=refused n=0", "event=other", "event=refused n=999"]

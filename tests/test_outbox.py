@@ -19,6 +19,7 @@ import pytest
 from meter_gateway.drivers.reading import Quality, Reading
 from meter_gateway.gateway import outbox_cmd, outbox_schema
 from meter_gateway.gateway.outbox import AsyncOutbox, Outbox, OutboxError, OverflowPolicy, SchemaError
+from meter_gateway.gateway.outbox_sizing import largest_budget, min_partition_bytes, wal_bound, wal_limit
 from tests.plugins.tmpfs import small_tmpfs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -611,3 +612,110 @@ def test_readonly_view_and_cli(db: Path, capsys: pytest.CaptureFixture[str]) -> 
         box.close()
     assert outbox_cmd.main(["stats", str(db.parent / "nope.sqlite")]) == 1
     assert "no outbox" in capsys.readouterr().err
+
+
+# -- issue 20: a bounded WAL, the over-budget state, held readings in bounded transactions ------
+
+
+def test_wal_stays_within_its_bound_while_a_reader_peeks(db: Path) -> None:
+    """Steady traffic (commits, peeks on the reader's connection, acks) on a 1 MiB budget: the
+    -wal file never outgrows ``wal_bound`` (SQLite's default auto-checkpoint let it reach ~4 MiB,
+    a whole small state partition)."""
+    budget = 1024 * 1024
+    box = Outbox.open(db, budget_bytes=budget, synchronous="NORMAL")
+    reader = box.open_reader()
+    wal = Path(f"{db}-wal")
+    high = 0
+    try:
+        n = 0
+        for _ in range(1500):
+            box.add(readings(12, start=n))
+            n += 12
+            rows = reader.peek(0, 100)
+            high = max(high, wal.stat().st_size)
+            box.ack(r.row_id for r in rows[: len(rows) - 6])  # a small backlog stays behind
+            high = max(high, wal.stat().st_size)
+        assert box.depth >= 6
+    finally:
+        reader.close()
+        box.close()
+    assert high <= wal_bound(budget), f"WAL reached {high} bytes, bound {wal_bound(budget)}"
+    assert high >= wal_limit(budget) // 2  # the traffic did exercise the WAL
+
+
+def test_minimum_state_partition_for_a_budget() -> None:
+    mib = 1024 * 1024
+    assert wal_limit(512 * mib) == 4 * mib  # SQLite's own default at the default budget
+    assert wal_limit(mib) == 128 * 1024
+    assert min_partition_bytes(mib) == 4 * mib  # a 1 MiB outbox fits a 4 MiB partition
+    assert min_partition_bytes(2 * mib) > 4 * mib
+    assert min_partition_bytes(4 * mib) == 8 * mib
+    assert min_partition_bytes(5 * mib) > 8 * mib
+    assert largest_budget(8 * mib) == 4 * mib
+    assert largest_budget(4 * mib) == mib
+    assert largest_budget(2 * mib) == 0
+    need = min_partition_bytes(512 * mib, meters=10_000)
+    assert 512 * mib + 12 * mib <= need <= 530 * mib  # the WAL and the other files: a small share
+    assert min_partition_bytes(mib, meters=10_000) > min_partition_bytes(mib)
+
+
+def test_over_budget_is_said_once_and_clears_when_deliveries_free_room(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    box = Outbox.open(db, budget_bytes=256 * 1024)
+    try:
+        n = 0
+        with caplog.at_level("INFO", logger="meter_gateway.gateway.outbox"):
+            while not box.over_budget:
+                assert box.add(readings(20, start=n)).refused == 0  # over budget before any refusal
+                n += 20
+                assert n < 20_000, "never over budget"
+            box.add(readings(20, start=n))  # still over: not said again
+            rows = box.peek(0, 1_000_000)
+            box.ack(r.row_id for r in rows[:20])  # a little freed: stays over (hysteresis)
+            assert box.over_budget
+            box.ack(r.row_id for r in rows[20:])
+            assert not box.over_budget
+        messages = [r.getMessage() for r in caplog.records]
+        assert sum("event=outbox_over_budget" in m for m in messages) == 1
+        assert sum("event=outbox_within_budget" in m for m in messages) == 1
+    finally:
+        box.close()
+    again = Outbox.open(db, budget_bytes=64 * 1024 * 1024)
+    try:
+        assert not again.over_budget
+    finally:
+        again.close()
+
+
+def test_a_large_held_backlog_commits_in_bounded_transactions(db: Path, caplog: pytest.LogCaptureFixture) -> None:
+    budget = 1024 * 1024
+    box = Outbox.open(db, budget_bytes=budget, page_limit=12, hold_limit=10_000)
+    try:
+        n = 0
+        while box.held == 0:
+            box.add(readings(50, start=n))
+            n += 50
+        first_held = n - 50
+        with caplog.at_level("INFO", logger="meter_gateway.gateway.outbox"):
+            for _ in range(30):
+                box.add(readings(100, start=n))
+                n += 100
+            held = box.held
+            assert held > 4 * box.transaction_rows
+            box.set_page_limit(None)  # space returns
+            wal_before = box.wal_high_water
+            result = box.add(readings(5, start=n))  # the new readings go in after the backlog
+            n += 5
+        assert result.committed == 5
+        assert box.held == 0
+        assert box.storage_alarm is None
+        ids = [r.reading_id for r in box.peek(0, 1_000_000)]
+        assert ids[-(held + 5) :] == [r.id for r in readings(held + 5, start=first_held)]
+        assert box.wal_high_water <= max(wal_before, wal_bound(budget))
+        ok = [r.getMessage() for r in caplog.records if "event=outbox_storage_ok" in r.getMessage()]
+        assert len(ok) == 1
+        assert f"committed_held={held}" in ok[0]
+        assert all(r.levelname == "INFO" for r in caplog.records if "outbox_storage_ok" in r.getMessage())
+    finally:
+        box.close()

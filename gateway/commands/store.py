@@ -60,6 +60,7 @@ from meter_gateway.gateway.sqlite_check import (
     DamagedDatabase,
     is_damage,
     limit_cache,
+    limit_wal,
     open_readonly,
     quarantine,
     quick_check,
@@ -680,6 +681,7 @@ def _connect(file: Path, check_budget: float) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")  # an accepted command must survive a power cut
         limit_cache(conn)
+        limit_wal(conn)
         quick_check(conn, check_budget, what="command_store", path=file)
         conn.executescript(_SCHEMA)
         # What the service reads at start (resume, guard, publisher): damage there would fail

@@ -8,10 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import json
 import logging
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import closing
@@ -33,6 +36,7 @@ from meter_gateway.gateway.config import load_config
 from meter_gateway.gateway.cursors import CursorStore
 from meter_gateway.gateway.mqtt_contract import decode_batch
 from meter_gateway.gateway.outbox import AsyncOutbox, Outbox, OutboxDamaged
+from meter_gateway.gateway.outbox_sizing import MIB, wal_bound
 from meter_gateway.gateway.time_sync_job import BROADCAST_LIMIT, TimeSyncJob
 from meter_gateway.protocols.dlt645.edition import Edition
 from meter_gateway.simulators.modbus_meter import ModbusSimServer, SimulatedMeter
@@ -45,6 +49,24 @@ from tests.test_daemon import TOPICS, config_text, start_daemon, stop_daemon, wa
 from tests.test_daemon import scrape as scrape_or_raise
 
 LOG = "meter_gateway.gateway.outbox"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def with_outbox(text: str, budget_mb: float, policy: str = "pause_polling") -> str:
+    """A daemon config with its [outbox] budget and overflow policy set."""
+    return f'{text}\n[outbox]\nbudget_mb = {budget_mb:g}\noverflow_policy = "{policy}"\n'
+
+
+def status_of(config: Path) -> tuple[int, dict[str, object], str]:
+    """`meter-gateway status --json` as an operator runs it: exit status, document, text."""
+    cmd = [sys.executable, "-m", "meter_gateway.gateway.cli", "status", "-c", str(config)]
+    done = subprocess.run([*cmd, "--json"], capture_output=True, text=True, check=False, cwd=ROOT, timeout=30)
+    text = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT, timeout=30).stdout
+    return done.returncode, json.loads(done.stdout or "{}"), text
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "level=error" in line or line.startswith("Traceback")]
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -416,7 +438,9 @@ async def test_daemon_rides_out_a_full_disk_and_recovers_without_restart(
         metrics_port = free_port()
         config = tmp_path / "gateway.toml"
         config.write_text(
-            config_text(fs, mosquitto, modbus_sim.address[1], units=(1, 2, 3, 4), metrics_port=metrics_port)
+            with_outbox(
+                config_text(fs, mosquitto, modbus_sim.address[1], units=(1, 2, 3, 4), metrics_port=metrics_port), 1
+            )
         )
         sub = Subscriber(mosquitto, [TOPICS.readings]).start()
         proc = await start_daemon(config)
@@ -427,10 +451,28 @@ async def test_daemon_rides_out_a_full_disk_and_recovers_without_restart(
             before = scrape(metrics_port)
             full_at = time.monotonic()
             filler = fill(fs)
+            full_wall = time.time()
             await wait_until(lambda: scrape(metrics_port).get("meter_gateway_outbox_disk_full") == 1, 10, "alarm", proc)
             alarm_after = time.monotonic() - full_at
             stalled = scrape(metrics_port)["meter_gateway_readings_committed_total"]
             await asyncio.sleep(scale(3, 30))
+            # 2. the daemon is running and says why it cannot commit: the status file is still
+            # written (in place) on the full disk; two status periods after the disk filled
+            status_path = fs / "state" / "status.json"
+            await wait_until(
+                lambda: json.loads(status_path.read_bytes()).get("updated_at", 0) > full_wall + 5.0,
+                15,
+                "a status file written after the disk filled",
+                proc,
+            )
+            code, doc, text = await asyncio.to_thread(status_of, config)
+            assert code == 0, text
+            assert doc["running"] is True
+            daemon = doc["daemon"]
+            assert isinstance(daemon, dict)
+            assert daemon["outbox"]["storage_alarm"] == "disk full"
+            assert daemon["outbox"]["held"] > 0
+            assert "DISK FULL" in text
             during = scrape(metrics_port)
             # held in memory, not lost and not refused: new readings go on being acquired
             assert (
@@ -458,7 +500,15 @@ async def test_daemon_rides_out_a_full_disk_and_recovers_without_restart(
             await asyncio.sleep(0.5)
             sub.stop()
         assert code == 0, err[-3000:]
-        assert "outbox storage unavailable (disk full" in err
+        # one ERROR line when the condition starts, one INFO line when it clears; no tracebacks
+        assert err.count("outbox storage unavailable (disk full") == 1
+        errors = error_lines(err)
+        assert not [e for e in errors if e.startswith("Traceback")], err[-3000:]
+        assert len(errors) == len({e.split("event=")[-1].split(" ")[0] for e in errors}), errors  # none repeated
+        assert len(errors) <= 2, errors  # the outbox's, and at most the poll cursors' save (same disk)
+        cleared = [line for line in err.splitlines() if "event=outbox_storage_ok" in line]
+        assert len(cleared) == 1
+        assert "level=info" in cleared[0]
         _, rows = delivered(sub)
         with closing(sqlite3.connect(fs / "state" / "outbox.sqlite")) as db:
             left = {row for (row,) in db.execute("SELECT row_id FROM readings")}
@@ -680,3 +730,166 @@ def test_clock_suspect_is_a_quality_flag_the_outbox_keeps(tmp_path: Path) -> Non
         assert all(Quality.CLOCK_SUSPECT in r.reading().quality for r in box.peek())
     finally:
         box.close()
+
+
+# -- 5b. a small state partition (issue 20, item 1) ---------------------------------------------
+
+
+async def wal_high_water(wal: Path, seconds: float, proc: asyncio.subprocess.Process) -> int:
+    """The largest the -wal file gets over ``seconds``, sampled every 10 ms."""
+    high = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        assert proc.returncode is None, "the daemon exited"
+        with contextlib.suppress(FileNotFoundError):
+            high = max(high, os.stat(wal).st_size)  # a stat: cheaper than a thread hop at 10 ms
+        await asyncio.sleep(0.01)
+    return high
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("size", "fits", "too_big"), [("4m", 1, 2), ("8m", 4, 5)])
+async def test_small_state_partition_keeps_the_wal_bounded_refuses_a_budget_it_cannot_hold_and_heals(
+    tmp_path: Path, mosquitto: Broker, modbus_sim: ModbusSimServer, size: str, fits: int, too_big: int
+) -> None:
+    with small_tmpfs(tmp_path / "fs", size) as fs:
+        metrics_port = free_port()
+        config = tmp_path / "gateway.toml"
+        base = config_text(fs, mosquitto, modbus_sim.address[1], units=(1, 2, 3, 4), metrics_port=metrics_port)
+
+        # a budget the partition cannot hold: one clear line and exit 75 (systemd retries), nothing written
+        config.write_text(with_outbox(base, too_big))
+        proc = await start_daemon(config)
+        code, err = await stop_daemon_when_exited(proc)
+        assert code == os.EX_TEMPFAIL, err[-3000:]
+        assert len(error_lines(err)) == 1, err[-3000:]
+        assert "event=state_partition_too_small" in err
+        assert f"set [outbox] budget_mb to at most {fits}" in err
+        assert not (fs / "state" / "outbox.sqlite").exists()
+
+        # the largest budget it holds: the WAL stays bounded with the broker up
+        config.write_text(with_outbox(base, fits))
+        sub = Subscriber(mosquitto, [TOPICS.readings]).start()
+        proc = await start_daemon(config)
+        try:
+            await wait_until(
+                lambda: scrape(metrics_port).get("meter_gateway_readings_delivered_total", 0) > 20,
+                20,
+                "deliveries",
+                proc,
+            )
+            high = await wal_high_water(fs / "state" / "outbox.sqlite-wal", scale(8, 60), proc)
+            steady = scrape(metrics_port)
+            assert steady["meter_gateway_outbox_disk_full_events_total"] == 0
+            assert steady["meter_gateway_readings_committed_total"] > 50
+
+            # the disk fills (another tenant), then space returns: healed without a restart
+            filler = fill(fs)
+            await wait_until(lambda: scrape(metrics_port).get("meter_gateway_outbox_disk_full") == 1, 10, "alarm", proc)
+            await asyncio.sleep(2.0)
+            filler.unlink()
+            await wait_until(lambda: scrape(metrics_port).get("meter_gateway_outbox_disk_full") == 0, 10, "clear", proc)
+            healed = scrape(metrics_port)["meter_gateway_readings_committed_total"]
+            await wait_until(
+                lambda: scrape(metrics_port)["meter_gateway_readings_committed_total"] > healed + 12,
+                10,
+                "commits",
+                proc,
+            )
+        finally:
+            proc.kill()  # SIGKILL: the restart must not be stuck on what it leaves behind
+            await proc.wait()
+        restarted = await start_daemon(config)
+        try:
+            await wait_until(
+                lambda: scrape(metrics_port).get("meter_gateway_readings_committed_total", 0) > 12,
+                20,
+                "restart",
+                restarted,
+            )
+        finally:
+            code, err = await stop_daemon(restarted)
+            await asyncio.sleep(0.5)
+            sub.stop()
+        assert code == 0, err[-3000:]
+        with closing(sqlite3.connect(fs / "state" / "outbox.sqlite")) as db:
+            assert db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    print(f"\n{size} partition, budget {fits} MiB: WAL high-water {high} bytes (bound {wal_bound(fits * MIB)})")
+    assert high <= wal_bound(fits * MIB)
+
+
+async def stop_daemon_when_exited(proc: asyncio.subprocess.Process, within: float = 20.0) -> tuple[int, str]:
+    _, err = await asyncio.wait_for(proc.communicate(), within)
+    assert proc.returncode is not None
+    return proc.returncode, err.decode()
+
+
+# -- 5c. overflow policies do what they say (issue 20, item 3) ---------------------------------
+
+
+def fill_to_budget(path: Path, budget_mb: float, policy: str) -> int:
+    """An outbox over its budget (as a long uplink outage leaves it): within its margin, or for
+    drop_oldest at the budget itself (its first drop); returns its depth."""
+    drop = policy == "drop_oldest"
+    box = Outbox.open(path, budget_bytes=int(budget_mb * MIB), synchronous="NORMAL", overflow_policy="drop-oldest")
+    try:
+        n = 0
+        while not box.over_budget or (drop and box.counters["overflow_dropped"] == 0):
+            box.add(readings(20, start=n))
+            n += 20
+        return box.depth
+    finally:
+        box.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("policy", ["pause_polling", "drop_oldest"])
+async def test_overflow_policy_does_what_it_says(
+    tmp_path: Path, mosquitto: Broker, modbus_sim: ModbusSimServer, policy: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    budget_mb = 0.25
+    (tmp_path / "state").mkdir()
+    depth = fill_to_budget(tmp_path / "state" / "outbox.sqlite", budget_mb, policy)
+    await mosquitto.astop()  # the uplink is down: nothing frees room
+    config = load_config(
+        _with_state(
+            with_outbox(
+                config_text(tmp_path, mosquitto, modbus_sim.address[1], units=(1, 2, 3, 4), metrics_port=9),
+                budget_mb,
+                policy,
+            )
+        )
+    )
+    gateway = Gateway(config)
+    stop = asyncio.Event()
+    with caplog.at_level(logging.INFO, logger="meter_gateway"):
+        task = asyncio.create_task(gateway.run(stop))
+        try:
+            await asyncio.sleep(scale(4, 20))  # four poll slots of four meters
+            over = gateway.outbox is not None and gateway.outbox.over_budget
+            reads = gateway.stats.reads
+            stats = await gateway.outbox.stats() if gateway.outbox is not None else None
+            if policy == "pause_polling":
+                await mosquitto.astart()  # deliveries free room: polling resumes by itself
+                await wait_until(lambda: gateway.stats.reads > reads, 30, "polling resumed")
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 20)
+    assert over
+    assert stats is not None
+    messages = [r.getMessage() for r in caplog.records]
+    if policy == "pause_polling":
+        assert reads == 0  # no read issued while over budget ...
+        assert gateway.stats.paused_slots >= 12  # ... each slot counted as missed (reason outbox_full)
+        assert stats.counters["refused"] == 0  # nothing polled only to be refused
+        assert stats.depth == depth
+        assert sum("event=polling_paused" in m for m in messages) == 1
+        assert sum("event=polling_resumed" in m for m in messages) == 1
+    else:
+        assert reads >= 12  # polling goes on ...
+        assert stats.counters["overflow_dropped"] >= 12  # ... and the oldest rows make room, counted
+        assert stats.counters["refused"] == 0
+        assert not any("event=polling_paused" in m for m in messages)
+        # one line when the dropping starts, not one per read (rate-limited)
+        assert sum("dropped" in m and "oldest undelivered" in m for m in messages) == 1
+    assert not any("refused" in m and "new readings" in m for m in messages)
