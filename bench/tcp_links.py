@@ -12,8 +12,8 @@ meter its own task instead, all queueing for their link's turn.
 
 The gateway is measured against two peers:
 
-* the simulator, which builds every reply from its meter models (about 5x the bare server's CPU
-  per reply, on the same 2 cores);
+* the simulator, which builds every reply from its meter models (so it costs far more CPU per
+  reply than the bare server, on the same cores);
 * a canned-reply server (child process, as lean as the bare server): before the runs, each
   meter's reply to each request the gateway will send is recorded once from the simulator; the
   server then frames requests by length and answers each with that meter's recorded reply. The
@@ -24,27 +24,12 @@ Baseline, in the same run: the bare asyncio request/reply ceiling at the same co
 trivial server (child process, ``asyncio.Protocol``) answers every 16 bytes it receives with the
 same fixed 24-byte reply; a trivial client here keeps one request in flight on each of 100
 connections and counts replies by length. A second bare client is the same but receives with
-``recv_into`` into a small buffer, as the gateway's TCP links do: asyncio's plain
-``data_received`` path allocates 256 KiB per receive, and depending on glibc's state in this
-process that costs nothing much or an mmap, mremap and munmap every time. The plain client is
-therefore bimodal (about 8 or 22-29 us a transaction, one mode or the other for a whole run), and
-each run's ceiling is the faster of the two bare clients: the stricter goal, and never one passed
-on the baseline's bad luck. Gateway-vs-simulator, gateway-vs-canned, the floor, the bound and both
-baselines alternate, so machine noise hits all of them; each figure is the median of ``--runs``,
-and the ratios are medians of the per-run ratios.
-
-A floor is measured beside them: :class:`_FloorLink` reads the same meters from the canned server
-with the gateway's own protocol work per read (request encoder, reply matcher, value check,
-readings) driven straight from ``data_received`` like the bare client, without the bus, health
-book, deadlines, retries and the polling task. It is no product path; it shows how much of the
-distance to the ceiling is protocol work any design keeping these pieces pays, and how much is
-the gateway's machinery.
-
-A bound is measured too: :class:`_BoundLink` is the floor made as lean as a hand-specialised
-callback path could be. Requests and plans are prepared once per meter, a reply is checked by hand
-for exactly the normal one-frame answer, and only the catalogue decode, the readings, the health
-book and the bus counters remain. It skips what no product path may skip (the general matcher,
-retries, deadlines, priority, the polling task), so no design of the gateway gets above it here.
+``recv_into`` into a small buffer, as the gateway's TCP links do (asyncio's plain
+``data_received`` path allocates 256 KiB per receive, which glibc may serve with system calls);
+each run's ceiling is the faster of the two. The gateway and the bare sides alternate, so machine
+noise hits all of them; each figure is the median of ``--runs``, and the ratios are medians of the
+per-run ratios. The gateway is driven through its public interfaces only (``Bus``,
+``Dlt645Driver.read``), as the daemon drives it.
 
 CPU is this process's ``time.process_time()`` over the measured window (user + system, all
 threads); the simulator's and the servers' come from /proc.
@@ -72,16 +57,14 @@ from pathlib import Path
 
 from bench.wire_utilization import SimEndpoint, process_cpu, start_simulator, stop_simulator
 from meter_gateway.drivers.bus import Bus, BusSettings
-from meter_gateway.drivers.dlt645_driver import Dlt645Driver, _SingleFrameCheck
-from meter_gateway.drivers.dlt645_matcher import Dlt645Matcher
+from meter_gateway.drivers.dlt645_driver import Dlt645Driver
 from meter_gateway.drivers.errors import DriverError
 from meter_gateway.drivers.health import HealthBook
 from meter_gateway.drivers.meter_models import Dlt645Model, load_model
-from meter_gateway.drivers.transport import RecvIntoBuffer, TcpSettings, make_transport
-from meter_gateway.protocols.dlt645.catalogue import DecodedValue
+from meter_gateway.drivers.transport import TcpSettings, make_transport
 from meter_gateway.protocols.dlt645.deframer import Deframer
 from meter_gateway.protocols.dlt645.edition import Edition
-from meter_gateway.protocols.dlt645.frame import _SUB_33, Address, Frame
+from meter_gateway.protocols.dlt645.frame import Address, Frame
 from meter_gateway.protocols.dlt645.messages import ReadRequest
 
 E7 = Edition.DLT645_2007
@@ -275,7 +258,7 @@ async def _bare_sample(
 
 
 async def _client_sample(
-    port: int, clients: list[_BareClient] | list[_FloorLink], server_pid: int, *, warmup: float, seconds: float
+    port: int, clients: list[_BareClient], server_pid: int, *, warmup: float, seconds: float
 ) -> Sample:
     """Connect each client (one connection each), start them, and measure them over ``seconds``."""
     loop = asyncio.get_running_loop()
@@ -300,148 +283,6 @@ async def _client_sample(
             if client.transport is not None:
                 client.transport.close()
     return Sample(elapsed, reads, done, failures, cpu, peer)
-
-
-# -- the floor: the gateway's protocol work without its bus, driver and task machinery -----------
-
-
-class _FloorLink(asyncio.Protocol, RecvIntoBuffer):
-    """One link of the floor client: its meters read in turn from ``data_received``, as the bare
-    client sends, with the work the gateway does for each read and nothing else: the driver's
-    request encoder, reply matcher and value check, then its readings (``Dlt645Driver.read``
-    minus the bus, the health book, deadlines, retries and the polling task's wake-ups).
-
-    What this reaches against the canned server is the most any design keeping these protocol
-    pieces could reach in this process; the gateway's distance from it is its machinery."""
-
-    def __init__(self, drivers: list[Dlt645Driver], quantities: tuple[str, ...]) -> None:
-        self.drivers = drivers
-        self.quantities = quantities
-        self.transport: asyncio.Transport | None = None
-        self.next = 0
-        self.done = 0
-        self.failures = 0
-        self.running = True
-        self.reads = 0
-        self._driver = drivers[0]
-        self._check: _SingleFrameCheck | None = None
-        self._matcher: Dlt645Matcher | None = None
-        self._covers: tuple[str, ...] = ()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def send(self) -> None:
-        driver = self._driver = self.drivers[self.next]
-        self.next = (self.next + 1) % len(self.drivers)
-        _, plan = driver._plan_for(self.quantities)
-        (di, self._covers), *more = plan
-        assert not more, "the floor reads one data identifier per meter"
-        request, self._matcher, self._check = driver._read_2007(di)
-        self._matcher.reset()
-        if self.transport is not None:
-            self.transport.write(request)
-
-    def data_received(self, data: bytes) -> None:
-        assert self._matcher is not None
-        assert self._check is not None
-        reply = self._matcher.feed(data)
-        self._matcher.take_rejections()
-        if reply is None:
-            return
-        driver = self._driver
-        values: dict[str, DecodedValue] = {}
-        driver._collect(self._check.decoded or [], self._covers, values)
-        now = time.time()
-        readings = driver._readings(self._covers, values, now=now, slot=float(int(now)))
-        self.done += 1
-        if len(readings) == len(self._covers):
-            self.reads += 1
-        else:
-            self.failures += 1
-        if self.running:
-            self.send()
-
-
-class _BoundLink(_FloorLink):
-    """The bound: a link read as a hand-specialised callback path would read it, the least work
-    that still turns a checked reply into a reading. Each meter's request and plan are prepared
-    once; a reply is checked by hand for exactly the normal one-frame answer (preamble, frame
-    bytes, control 0x91, length, address, checksum, end byte, DI; anything else counts as a
-    failure); then the real catalogue decode, the driver's ``Reading``, the health book and the
-    bus counters, as every read needs. It skips the general matcher (noise, echoes, late and split
-    replies), retries, deadlines, priority and the polling task: no product path could skip those,
-    so this is above what any design of the gateway reaches in this process."""
-
-    def __init__(self, drivers: list[Dlt645Driver], quantities: tuple[str, ...]) -> None:
-        super().__init__(drivers, quantities)
-        self._prepared: list[tuple[Dlt645Driver, bytes, int, tuple[str, ...]]] = []
-        for driver in drivers:
-            _, plan = driver._plan_for(quantities)
-            (di, covers), *more = plan
-            assert not more, "the bound reads one data identifier per meter"
-            self._prepared.append((driver, driver._read_2007(di)[0], di, covers))
-        self._current = self._prepared[0]
-
-    def send(self) -> None:
-        current = self._current = self._prepared[self.next]
-        self.next = (self.next + 1) % len(self._prepared)
-        current[0].bus.counters.sent += 1
-        if self.transport is not None:
-            self.transport.write(current[1])
-
-    def data_received(self, data: bytes) -> None:
-        driver, _, di, covers = self._current
-        n = len(data)
-        start = data.find(0x68)
-        if (
-            start < 0
-            or data.count(0xFE, 0, start) != start
-            or n < start + 16
-            or n != start + 12 + data[start + 9]
-            or data[start + 7] != 0x68
-            or data[start + 8] != 0x91
-            or data[n - 1] != 0x16
-            or data[start + 1 : start + 7] != driver._address.wire
-            or sum(data[start : n - 2]) & 0xFF != data[n - 2]
-        ):
-            self.failures += 1
-        else:
-            payload = data[start + 10 : n - 2].translate(_SUB_33)
-            if int.from_bytes(payload[:4], "little") != di:
-                self.failures += 1
-            else:
-                values: dict[str, DecodedValue] = {}
-                driver._collect(driver.catalogue.decode(E7, di, payload[4:]), covers, values)
-                now = time.time()
-                readings = driver._readings(covers, values, now=now, slot=float(int(now)))
-                bus = driver.bus
-                bus.counters.ok += 1
-                if bus.health is not None:
-                    bus.health.record(driver.meter_id, None)
-                if len(readings) == len(covers):
-                    self.reads += 1
-                else:
-                    self.failures += 1
-        self.done += 1
-        if self.running:
-            self.send()
-
-
-async def _floor_sample(
-    port: int,
-    gateway: Gateway,
-    quantities: tuple[str, ...],
-    server_pid: int,
-    *,
-    warmup: float,
-    seconds: float,
-    bound: bool = False,
-) -> Sample:
-    kind = _BoundLink if bound else _FloorLink
-    links = [kind(drivers, quantities) for drivers in _by_bus(gateway.drivers)]
-    return await _client_sample(port, links, server_pid, warmup=warmup, seconds=seconds)
 
 
 # -- the canned-reply server ----------------------------------------------------------------------
@@ -575,8 +416,6 @@ class Results:
     canned: list[Sample]  # the gateway against the canned-reply server
     bare: list[Sample]
     bare_buffered: list[Sample]  # the bare client receiving with recv_into, as the gateway does
-    floor: list[Sample]  # the gateway's protocol work alone against the canned server (_FloorLink)
-    bound: list[Sample]  # a hand-specialised callback path against the canned server (_BoundLink)
 
 
 @dataclass
@@ -633,7 +472,7 @@ async def _run_all(
     via_canned = await _open_gateway(
         args, model, [("127.0.0.1", canned_port, e.addresses) for e in endpoints], "canned"
     )
-    results = Results([], [], [], [], [], [])
+    results = Results([], [], [], [])
     profile = cProfile.Profile() if args.profile else None
     try:
         for _ in range(args.runs):
@@ -653,18 +492,6 @@ async def _run_all(
                 )
                 if profile is not None:
                     profile.disable()
-            for bound, into in ((False, results.floor), (True, results.bound)):
-                into.append(
-                    await _floor_sample(
-                        canned_port,
-                        via_canned,
-                        quantities,
-                        canned_pid,
-                        warmup=args.warmup,
-                        seconds=args.seconds,
-                        bound=bound,
-                    )
-                )
             for buffered, into in ((False, results.bare), (True, results.bare_buffered)):
                 into.append(
                     await _bare_sample(
@@ -720,7 +547,6 @@ def main(argv: list[str]) -> int:
 def report(args: argparse.Namespace, results: Results) -> None:
     med = statistics.median
     sim, canned, bare, bare_buffered = results.sim, results.canned, results.bare, results.bare_buffered
-    floor, bound = results.floor, results.bound
     meters = args.links * args.meters_per_link
     print(
         f"tcp_links: {meters} meters on {args.links} TCP links ({args.meters_per_link}/link), reading "
@@ -730,11 +556,9 @@ def report(args: argparse.Namespace, results: Results) -> None:
     )
     print("gateway vs simulator (tx/s): " + ", ".join(f"{s.rate:,.0f} ({s.failures} failed)" for s in sim))
     print("gateway vs canned (tx/s):    " + ", ".join(f"{s.rate:,.0f} ({s.failures} failed)" for s in canned))
-    print("floor vs canned (tx/s):      " + ", ".join(f"{s.rate:,.0f} ({s.failures} failed)" for s in floor))
-    print("bound vs canned (tx/s):      " + ", ".join(f"{s.rate:,.0f} ({s.failures} failed)" for s in bound))
     print("bare runs (tx/s):            " + ", ".join(f"{s.rate:,.0f}" for s in bare))
     print("bare recv_into runs (tx/s):  " + ", ".join(f"{s.rate:,.0f}" for s in bare_buffered))
-    sides = (sim, canned, floor, bound, bare, bare_buffered)
+    sides = (sim, canned, bare, bare_buffered)
 
     def row(name: str, fn: Callable[[Sample], float], fmt: str, skip_bare: bool = False) -> None:
         cells = [
@@ -743,7 +567,7 @@ def report(args: argparse.Namespace, results: Results) -> None:
         ]
         print(f"{name:<40}" + "".join(f"{c:>14}" for c in cells))
 
-    heads = ("gw/simulator", "gw/canned", "floor/canned", "bound/canned", "bare")
+    heads = ("gw/simulator", "gw/canned", "bare")
     print(f"{'figure (median)':<40}" + "".join(f"{h:>14}" for h in heads) + f"{'bare recv_into':>15}")
     row("transactions (request/reply) per second", lambda s: s.rate, ",.0f")
     row("meter reads per second", lambda s: s.reads / s.seconds, ",.0f", skip_bare=True)
@@ -751,25 +575,17 @@ def report(args: argparse.Namespace, results: Results) -> None:
     row("CPU us per transaction, peer process", lambda s: s.peer_cpu / max(s.transactions, 1) * 1e6, ",.0f")
     row("CPU share of one core, this process", lambda s: s.cpu / s.seconds, ".0%")
     row("CPU share of one core, peer process", lambda s: s.peer_cpu / s.seconds, ".0%")
-    # The ceiling of each run is the faster of the two bare clients. The plain one is bimodal: in
-    # some runs glibc serves its 256 KiB receives from the heap (~8 us a transaction), in others
-    # with mmap, mremap and munmap each time (22-29 us: 35,000-45,000 tx/s), which would halve the
-    # ceiling and pass the goal on the baseline's bad luck (seen for all five runs of one set).
+    # The ceiling of each run is the faster of the two bare clients: depending on how glibc serves
+    # the plain client's 256 KiB receives, it runs at either of two speeds for a whole run.
     ceiling = [max(a, b, key=lambda s: s.rate) for a, b in zip(bare, bare_buffered, strict=True)]
     slow = sum(b.rate < r.rate / 2 for b, r in zip(bare, bare_buffered, strict=True))
     if slow:
         print(f"(the plain bare client ran in its slow mode in {slow} of {len(bare)} runs)")
     ceiling_cpu = med(s.cpu_per_transaction for s in ceiling)
-    for name, side in (
-        ("gateway vs simulator", sim),
-        ("gateway vs canned server", canned),
-        ("floor client vs canned server (no goal)", floor),
-        ("bound client vs canned server (no goal)", bound),
-    ):
+    for name, side in (("gateway vs simulator", sim), ("gateway vs canned server", canned)):
         ratios = [o.rate / c.rate for o, c in zip(side, ceiling, strict=True)]
         runs = ", ".join(f"{r:.0%}" for r in ratios)
-        goal = "" if side is floor or side is bound else " (goal >= 50%)"
-        print(f"{name} / bare ceiling, tx/s{goal}: {med(ratios):.1%} (runs: {runs})")
+        print(f"{name} / bare ceiling, tx/s: {med(ratios):.1%} (runs: {runs})")
         print(f"  bare / its CPU per transaction: {ceiling_cpu / med(s.cpu_per_transaction for s in side):.1%}")
 
 

@@ -2,8 +2,9 @@
 
 One :class:`Dlt645Driver` per meter; many share one :class:`~drivers.bus.Bus` (an RS-485 segment
 or a TCP link to a serial server). Every request is one ``bus.exchange`` with a
-:class:`~drivers.dlt645_matcher.Dlt645Matcher` that accepts only this request's reply; frames and
-messages come from the sans-I/O core (:mod:`protocols.dlt645`), values from the catalogue.
+:class:`~protocols.dlt645.exchange.Dlt645Exchange` that accepts only this request's reply and
+decodes it; frames and messages come from the sans-I/O core (:mod:`protocols.dlt645`), values
+from the catalogue.
 
 Decisions worth knowing:
 
@@ -33,37 +34,52 @@ import datetime
 import logging
 import math
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
 from meter_gateway.drivers.bus import Bus, Priority
-from meter_gateway.drivers.dlt645_matcher import Dlt645Matcher, Expect, history_for
+from meter_gateway.drivers.context import DriverContext
 from meter_gateway.drivers.errors import BadReply, ConfigurationError, MeterRefused, NoAnswer
 from meter_gateway.drivers.meter_models import Dlt645Block, Dlt645Model, canonical_unit, plausible_range
 from meter_gateway.drivers.reading import Quality, Reading
 from meter_gateway.protocols.dlt645 import messages as m
 from meter_gateway.protocols.dlt645.catalogue import Catalogue, DecodedValue, default_catalogue
 from meter_gateway.protocols.dlt645.edition import Edition
-from meter_gateway.protocols.dlt645.errors import ProtocolError
+from meter_gateway.protocols.dlt645.errors import ProtocolError, RemoteProtocolError
+from meter_gateway.protocols.dlt645.exchange import Dlt645Exchange, Dlt645Line, Expect, as_message
+from meter_gateway.protocols.dlt645.formats import is_signed
 from meter_gateway.protocols.dlt645.frame import BROADCAST, WILDCARD, Address
 from meter_gateway.protocols.dlt645.remote_control import RemoteCommand
 
-__all__ = ["Dlt645Driver", "RelayStatus", "broadcast_time", "discover_address"]
+__all__ = ["Dlt645Driver", "RelayStatus", "broadcast_time", "discover_address", "from_config"]
 
 log = logging.getLogger(__name__)
 
 E7 = Edition.DLT645_2007
 E97 = Edition.DLT645_1997
-READ: Final = 0x11  # DL/T 645-2007 clause 6.2: read data (the only function on the hot path)
 
 # Refusal flags that mean "this meter has no such data" rather than "you may not" (error_words.toml).
 NO_DATA_FLAGS: Final = frozenset({"no_requested_data", "bad_data_identifier"})
 FROZEN_PREFIX: Final = "frozen.daily."
 MAX_FOLLOW_UPS: Final = 64  # a block of 63 tariffs needs 2; more means a meter that never stops
 DAILY_FREEZES: Final = range(1, 63)  # DL/T 645-2007 App. A Table A.6: 0506xx01..3E
+FROZEN_PROBES: Final = 3  # reads to find one day's freeze when the meter numbers its records differently
 
 T = TypeVar("T", bound=m.Message)
+R = TypeVar("R")
+ReadFrame = tuple[m.ReadReply, list[DecodedValue] | None]  # a read reply, its values if it is the only frame
+
+_lines: weakref.WeakKeyDictionary[Bus, Dlt645Line] = weakref.WeakKeyDictionary()
+
+
+def line_for(bus: Bus) -> Dlt645Line:
+    """What the DL/T 645 exchanges on ``bus`` share (made on first use, dropped with the bus)."""
+    line = _lines.get(bus)
+    if line is None:
+        line = _lines[bus] = Dlt645Line()
+    return line
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +119,26 @@ async def broadcast_time(
     await bus.send(frame, priority=priority)
 
 
+async def broadcast_time_2007(bus: Bus, when: float, tz: datetime.tzinfo | None = None) -> None:
+    """:func:`broadcast_time` for DL/T 645-2007 meters: the registry's protocol-neutral
+    broadcast signature (``drivers/registry.py``, ``MeterProtocol.broadcast_time``)."""
+    await broadcast_time(bus, when, E7, tz)
+
+
+async def broadcast_time_1997(bus: Bus, when: float, tz: datetime.tzinfo | None = None) -> None:
+    """:func:`broadcast_time` for DL/T 645-1997 meters (see :func:`broadcast_time_2007`)."""
+    await broadcast_time(bus, when, Edition.DLT645_1997, tz)
+
+
+def daily_frozen_quantities(model: Dlt645Model, catalogue: Catalogue | None = None) -> tuple[str, ...]:
+    """The quantities of ``model`` a DL/T 645-2007 meter keeps in its daily freezes (its
+    energies; Table A.6 has no instantaneous values); () for 1997, which keeps none."""
+    if model.edition is not E7:
+        return ()
+    cat = catalogue or default_catalogue()
+    return tuple(q for q in model.quantities if cat.by_quantity(E7, FROZEN_PREFIX + q) is not None)
+
+
 async def discover_address(bus: Bus, edition: Edition, *, priority: int = Priority.COMMAND) -> str:
     """The address of the one meter on a single-meter link (printed, 12 digits).
 
@@ -111,18 +147,18 @@ async def discover_address(bus: Bus, edition: Edition, *, priority: int = Priori
     address. With several meters on the link nobody (or everybody at once) answers: NoAnswer or
     BadReply.
     """
-    history = history_for(bus)
+    line = line_for(bus)
     if edition is E7:
         request = m.ReadAddressRequest()
-        matcher = Dlt645Matcher(edition, Expect(WILDCARD, 0x13), history=history)
-        reply = await bus.exchange(request.encode(edition), matcher, priority=priority)
+        exchange = Dlt645Exchange(line, edition, Expect(WILDCARD, 0x13), as_message)
+        reply = await bus.exchange(request.encode(edition), exchange, priority=priority)
         if not isinstance(reply, m.ReadAddressReply):
             raise BadReply(f"bus {bus.name}: unexpected reply {type(reply).__name__} to read address")
         return str(reply.meter_address)
     di = _catalogue_di(default_catalogue(), edition, "energy.active.import.total")
     read = m.ReadRequest(WILDCARD, di)
-    expect = Expect(WILDCARD, read.function(edition), di)
-    reply = await bus.exchange(read.encode(edition), Dlt645Matcher(edition, expect, history=history), priority=priority)
+    exchange = Dlt645Exchange(line, edition, Expect(WILDCARD, read.function(edition), di), as_message)
+    reply = await bus.exchange(read.encode(edition), exchange, priority=priority)
     return str(reply.address)
 
 
@@ -133,25 +169,15 @@ def _catalogue_di(catalogue: Catalogue, edition: Edition, quantity: str) -> int:
     return item.di
 
 
-class _SingleFrameCheck:
-    """The matcher's check of a read: a complete single-frame reply whose data does not decode is
-    rejected (so the bus retries); one that decodes keeps its values, so nothing decodes twice."""
+def _expecting(kind: type[T]) -> Callable[[m.Message], T]:
+    """The ``decode`` of an exchange whose reply must be a ``kind``."""
 
-    __slots__ = ("decoded", "di", "driver")
+    def decode(message: m.Message) -> T:
+        if not isinstance(message, kind):
+            raise RemoteProtocolError(f"expected {kind.__name__}, got {type(message).__name__}")
+        return message
 
-    def __init__(self, driver: Dlt645Driver, di: int) -> None:
-        self.driver = driver
-        self.di = di
-        self.decoded: list[DecodedValue] | None = None
-
-    def __call__(self, message: m.Message) -> None:
-        self.decoded = None
-        if isinstance(message, m.ReadReply) and not message.more:
-            d = self.driver
-            try:
-                self.decoded = d.catalogue.decode(d.edition, self.di, message.value)
-            except ProtocolError as exc:
-                raise BadReply(f"meter {d.meter_id}: DI {d._di(self.di)}: {exc}") from exc
+    return decode
 
 
 class _BrokenChain(Exception):
@@ -165,6 +191,18 @@ class _BrokenChain(Exception):
 def _plausible(value: float, bounds: tuple[float, float]) -> bool:
     low, high = bounds
     return math.isfinite(value) and low <= value <= high
+
+
+def _bounds(quantity: str, decoded: DecodedValue) -> tuple[float, float]:
+    """The plausible range of ``quantity`` as this meter's DI carries it. DL/T 645 sends the
+    direction of current and power in the top bit (App. A Table A.3 notes; the catalogue writes
+    such formats with a leading ``±``): -1.5 A is a current flowing the other way, not garbage,
+    so a magnitude range reaches as far below zero as above."""
+    low, high = plausible_range(quantity)
+    item = decoded.item
+    if item is not None and item.format is not None and low >= 0 and is_signed(item.format):
+        return -high, high
+    return low, high
 
 
 def _is_no_data(refusal: MeterRefused) -> bool:
@@ -212,7 +250,6 @@ _model_infos: dict[tuple[Dlt645Model, int], tuple[Catalogue, _ModelInfo]] = {}
 # Shared by every driver that has not been refused a block: since 3.10 each frozenset() is a
 # new 216-byte object, 2 MiB over 10,000 meters.
 _NO_BLOCKS: frozenset[int] = frozenset()
-_READ_REQUESTS_2007 = m.ReadRequestEncoder(E7)  # every meter's 2007 read requests
 
 
 def _model_info(model: Dlt645Model, catalogue: Catalogue, meter_id: str) -> _ModelInfo:
@@ -234,8 +271,8 @@ class Dlt645Driver:
         "_address",
         "_chain_busy",
         "_chain_waiters",
-        "_history",
         "_info",
+        "_line",
         "_missing",
         "_password",
         "_plans",
@@ -293,8 +330,8 @@ class Dlt645Driver:
         self.tz = tz
         self.clock = clock
         self.catalogue = catalogue or default_catalogue()
-        self._history = history_for(bus)
-        self._history.deframer.know(self._address)  # replies share this meter's Address object
+        self._line = line_for(bus)
+        self._line.know(self._address)
         self._info = _model_info(model, self.catalogue, meter_id)
         self._refused_blocks = _NO_BLOCKS  # blocks this meter said it lacks (|= makes a new set)
         self._plans: dict[tuple[str, ...], tuple[tuple[str, ...], Plan]] | None = None  # once a block is refused
@@ -402,7 +439,7 @@ class Dlt645Driver:
             info = units[quantity]
         else:
             try:
-                info = units[quantity] = (canonical_unit(quantity), plausible_range(quantity))
+                info = units[quantity] = (canonical_unit(quantity), _bounds(quantity, decoded))
             except KeyError:  # a DL/T 645 extra (clock, status word, address): the catalogue's unit
                 info = units[quantity] = None
         bounds: tuple[float, float] | None
@@ -414,36 +451,39 @@ class Dlt645Driver:
             quality |= Quality.OUT_OF_RANGE
         return Reading(self.meter_id, quantity, value, unit, gateway_time, meter_time, slot, quality)
 
-    def _read_2007(self, di: int) -> tuple[bytes, Dlt645Matcher, _SingleFrameCheck]:
-        """One 2007 read of ``di``: the request, the matcher that accepts its reply, and the check
-        that holds the decoded values of a single-frame reply (bench/tcp_links.py's floor uses
-        these too, so it measures this very work)."""
-        check = _SingleFrameCheck(self, di)
-        matcher = Dlt645Matcher(E7, Expect(self._address, READ, di), history=self._history, check=check)
-        return _READ_REQUESTS_2007.encode(self._address, di), matcher, check
+    def _read_decoder(self, di: int) -> Callable[[m.Message], ReadFrame]:
+        """The ``decode`` of a read of ``di``: a reply that is the only frame is decoded with the
+        catalogue at once, so data that does not decode makes the bus read again."""
+
+        def decode(message: m.Message) -> ReadFrame:
+            if not isinstance(message, m.ReadReply):
+                raise RemoteProtocolError(f"expected ReadReply, got {type(message).__name__}")
+            if message.more:
+                return message, None
+            return message, self.catalogue.decode(self.edition, di, message.value)  # errors name the DI
+
+        return decode
 
     async def _read_values(self, di: int, priority: int, *, force: bool = False) -> list[DecodedValue] | None:
         """The decoded values of ``di`` (follow-up frames joined), or None when the meter has no
         such data. ``force`` reads even a meter the health book holds offline (a command's
-        read-back must not wait for the next probe). The hot path of every poll: kept flat,
-        since each await level is paid again on every wake-up of the polling task."""
+        read-back must not wait for the next probe)."""
         if self._chain_busy:
             await self._chain_wait()
         else:
             self._chain_busy = True
         try:
             if self.edition is E7:
-                request, matcher, check = self._read_2007(di)
-                reply = await self.bus.exchange(request, matcher, meter=self.meter_id, priority=priority, force=force)
-                if not isinstance(reply, m.ReadReply):
-                    raise BadReply(f"meter {self.meter_id}: expected ReadReply, got {type(reply).__name__}")
-                if not reply.more:
-                    return check.decoded  # a single frame: the matcher's check decoded it already
-                raw = await self._follow_ups(di, reply, priority, force=force)
+                first, values = await self._exchange(
+                    m.ReadRequest(self._address, di), self._read_decoder(di), priority, di=di, force=force
+                )
+                if values is not None:
+                    return values
+                raw = await self._follow_ups(di, first, priority, force=force)
             else:
-                raw, decoded = await self._read_1997(di, priority, force=force)
-                if decoded is not None:
-                    return decoded
+                raw, values = await self._read_1997(di, priority, force=force)
+                if values is not None:
+                    return values
         except MeterRefused as exc:
             if not _is_no_data(exc):
                 raise
@@ -470,12 +510,11 @@ class Dlt645Driver:
         """
         attempts = self.bus.settings.attempts
         for attempt in range(1, attempts + 1):
-            check = _SingleFrameCheck(self, di)
-            first = await self._exchange(
-                m.ReadRequest(self._address, di), m.ReadReply, priority, di=di, check=check, force=force
+            first, values = await self._exchange(
+                m.ReadRequest(self._address, di), self._read_decoder(di), priority, di=di, force=force
             )
             if not first.more:
-                return first.value, check.decoded
+                return first.value, values
             try:
                 return await self._follow_ups(di, first, priority, follow_up_attempts=1, force=force), None
             except _BrokenChain as broken:
@@ -524,7 +563,7 @@ class Dlt645Driver:
             try:
                 reply = await self._exchange(
                     request,
-                    m.ReadReply,
+                    _expecting(m.ReadReply),
                     priority,
                     di=di,
                     seq=seq if edition is E7 else None,
@@ -542,28 +581,25 @@ class Dlt645Driver:
     async def _exchange(
         self,
         request: m.Message,
-        expect_type: type[T],
+        decode: Callable[[m.Message], R],
         priority: int,
         *,
         di: int | None = None,
         seq: int | None = None,
         attempts: int | None = None,
         force: bool = False,
-        check: Callable[[m.Message], None] | None = None,
-    ) -> T:
+    ) -> R:
+        """One request to this meter; the reply as ``decode`` gives it."""
         expect = Expect(self._address, request.function(self.edition), di, seq)
-        matcher = Dlt645Matcher(self.edition, expect, history=self._history, check=check)
-        reply = await self.bus.exchange(
+        exchange = Dlt645Exchange(self._line, self.edition, expect, decode)
+        return await self.bus.exchange(
             request.encode(self.edition),
-            matcher,
+            exchange,
             meter=self.meter_id,
             priority=priority,
             attempts=attempts,
             force=force,
         )
-        if not isinstance(reply, expect_type):
-            raise BadReply(f"meter {self.meter_id}: expected {expect_type.__name__}, got {type(reply).__name__}")
-        return reply
 
     def _di(self, di: int) -> str:
         return self.edition.format_di(di)
@@ -636,7 +672,7 @@ class Dlt645Driver:
             request.payload(self.edition)
         except ProtocolError as exc:
             raise ConfigurationError(f"meter {self.meter_id}: {exc}") from exc
-        await self._exchange(request, m.RemoteControlReply, priority, attempts=attempts, force=True)
+        await self._exchange(request, _expecting(m.RemoteControlReply), priority, attempts=attempts, force=True)
 
     async def read_relay(self, *, priority: int = Priority.COMMAND, force: bool = False) -> RelayStatus:
         """The relay as the meter reports it (2007: status word 3, DI 04000503).
@@ -668,6 +704,42 @@ class Dlt645Driver:
         )
 
     # -- frozen data ----------------------------------------------------------------------------
+
+    def frozen_quantities(self) -> tuple[str, ...]:
+        """The model's quantities the meter keeps in its daily freezes (the frozen job asks)."""
+        return daily_frozen_quantities(self.model, self.catalogue)
+
+    async def read_frozen_day(
+        self, day: datetime.date, quantities: Sequence[str], *, priority: int = Priority.POLL
+    ) -> list[Reading]:
+        """The daily freeze taken at the meter's midnight starting ``day``; [] when the meter has
+        no such record (not taken yet, too old, or never taken). The protocol-neutral signature
+        the frozen job calls (DL/T 698.45 selects by freeze time, Dlt698Driver.read_frozen_day).
+
+        DL/T 645-2007 numbers its freezes instead (1 = the newest, :meth:`read_frozen_daily`):
+        the record number is predicted from this driver's clock, and the freeze time the meter
+        returns checked. A meter whose clock is a little off, or that did not freeze some
+        midnight (it was unpowered), numbers its records differently: the number is moved by
+        the difference and asked again, at most :data:`FROZEN_PROBES` reads.
+        """
+        latest = datetime.datetime.fromtimestamp(self.clock(), self.tz).date()
+        index = (latest - day).days + 1
+        tried: set[int] = set()
+        for _ in range(FROZEN_PROBES):
+            if index not in DAILY_FREEZES or index in tried:
+                return []
+            tried.add(index)
+            readings = await self.read_frozen_daily(index, quantities, priority=priority)
+            if not readings or readings[0].meter_time is None:
+                return []
+            got = datetime.datetime.fromtimestamp(readings[0].meter_time, self.tz).date()
+            if got == day:
+                return readings
+            log.info(
+                "meter %s: daily freeze %d is of %s, not %s; asking again", self.meter_id, index, got, day.isoformat()
+            )
+            index += (got - day).days
+        return []
 
     async def read_frozen_daily(
         self, index: int, quantities: Sequence[str], *, priority: int = Priority.POLL
@@ -734,3 +806,21 @@ class Dlt645Driver:
             return None
         stamp = decoded[0].timestamp
         return stamp if isinstance(stamp, datetime.datetime) else None
+
+
+def from_config(ctx: DriverContext) -> Dlt645Driver:
+    """The registry's builder for DL/T 645 meters (both editions; the protocol name says which)."""
+    if not isinstance(ctx.model, Dlt645Model) or not isinstance(ctx.address, str):
+        raise ConfigurationError(f"meter {ctx.meter_id}: needs a DL/T 645 model and a 12-digit address")
+    creds = ctx.credentials
+    return Dlt645Driver(
+        ctx.bus,
+        ctx.meter_id,
+        ctx.address,
+        Edition.parse(ctx.protocol),
+        ctx.model,
+        password=creds.password if creds is not None else None,
+        password_level=creds.level if creds is not None else 2,
+        operator=creds.operator if creds is not None else "00000000",
+        tz=ctx.tz,
+    )

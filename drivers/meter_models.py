@@ -31,11 +31,15 @@ import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from meter_gateway.drivers.errors import ConfigurationError
 from meter_gateway.protocols.dlt645.edition import Edition
 from meter_gateway.protocols.modbus.values import BYTE_ORDERS, DATA_TYPES, ModbusValueError, ValueCodec
+
+if TYPE_CHECKING:
+    from meter_gateway.drivers.cjt188_model import Cjt188Model
+    from meter_gateway.drivers.dlt698_model import Dlt698Model
 
 __all__ = [
     "FUNCTIONS",
@@ -80,10 +84,20 @@ _QUANTITIES: Final[tuple[tuple[re.Pattern[str], str, tuple[float, float]], ...]]
         (r"power_factor\.(total|l[123])", "", (-1.0, 1.0)),
         (r"frequency", "Hz", (40.0, 70.0)),
         (r"relay\.state", "", (0.0, 1.0)),
+        # A prepaid meter's own account (DL/T 645-2007 local fee control): an energy-type meter
+        # keeps kWh, a money-type one yuan; balances and purchases are never negative (overdraft
+        # is its own quantity), and the wire format tops out at 999999.99.
+        (r"prepaid\.energy\.(remaining|overdraft)", "kWh", (0.0, 1e6)),
+        (r"prepaid\.money\.(remaining|overdraft)", "CNY", (0.0, 1e6)),
+        (r"prepaid\.energy\.purchase\.(amount|before|after|total)", "kWh", (0.0, 1e6)),
+        (r"prepaid\.money\.purchase\.(amount|before|after|total)", "CNY", (0.0, 1e6)),
+        (r"prepaid\.(energy|money)\.purchase\.count", "", (0.0, 9999.0)),
     )
 )
 # DL/T 645 models may also name these (units come from the DL/T 645 catalogue).
-_DLT645_EXTRA: Final = re.compile(r"clock\.(date|time)|status\.word[1-7]|meter\.(address|number)")
+_DLT645_EXTRA: Final = re.compile(
+    r"clock\.(date|time)|status\.word[1-7]|meter\.(address|number)|prepaid\.(energy|money)\.purchase\.time"
+)
 
 
 def _quantity_info(quantity: str) -> tuple[str, tuple[float, float]] | None:
@@ -318,10 +332,10 @@ def available_models() -> list[str]:
     return sorted(p.stem for p in MODELS_DIR.glob("*.toml"))
 
 
-_cache: dict[tuple[str, int, int], ModbusModel | Dlt645Model] = {}
+_cache: dict[tuple[str, int, int], ModbusModel | Dlt645Model | Cjt188Model | Dlt698Model] = {}
 
 
-def load_model(name_or_path: str | Path) -> ModbusModel | Dlt645Model:
+def load_model(name_or_path: str | Path) -> ModbusModel | Dlt645Model | Cjt188Model | Dlt698Model:
     """Load a shipped model by name (``"sdm630"``) or any model file by path.
 
     Raises :class:`ModelError` (a ConfigurationError) with the file and key for anything wrong.
@@ -361,14 +375,22 @@ def _resolve(name_or_path: str | Path) -> Path:
     return path
 
 
-def _build(path: Path, data: dict[str, Any]) -> ModbusModel | Dlt645Model:
+def _build(path: Path, data: dict[str, Any]) -> ModbusModel | Dlt645Model | Cjt188Model | Dlt698Model:
     r = _Reader(path)
     protocol = r.get(data, "", "protocol", str)
     if protocol == "modbus":
         return _build_modbus(r, data)
     if protocol == "dlt645":
         return _build_dlt645(r, data)
-    raise r.error("protocol", f"must be 'modbus' or 'dlt645', got {protocol!r}")
+    if protocol == "cjt188":
+        from meter_gateway.drivers.cjt188_model import build_cjt188
+
+        return build_cjt188(r, data)
+    if protocol == "dlt698":
+        from meter_gateway.drivers.dlt698_model import build_dlt698
+
+        return build_dlt698(r, data)
+    raise r.error("protocol", f"must be 'modbus', 'dlt645', 'dlt698' or 'cjt188', got {protocol!r}")
 
 
 _COMMON_KEYS: Final = ("name", "protocol", "vendor", "description", "source", "sections")

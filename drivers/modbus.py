@@ -58,6 +58,7 @@ from pymodbus.pdu.register_message import (
     WriteSingleRegisterRequest,
 )
 
+from meter_gateway.drivers.context import DriverContext
 from meter_gateway.drivers.errors import BadReply, ConfigurationError, LinkDown, MeterRefused, NoAnswer
 from meter_gateway.drivers.meter_models import FUNCTIONS, ModbusModel, ModbusPoint, RelaySpec, load_model
 from meter_gateway.drivers.reading import Quality, Reading
@@ -71,6 +72,7 @@ __all__ = [
     "ModbusMeter",
     "ReadRequest",
     "decode_block",
+    "from_config",
     "plan_reads",
 ]
 
@@ -595,3 +597,13 @@ class ModbusMeter:
         if self.model.relay is None:
             raise ConfigurationError(f"meter {self.meter_id}: model {self.model.name} has no relay")
         return self.model.relay
+
+
+def from_config(ctx: DriverContext) -> ModbusMeter:
+    """The registry's builder for Modbus meters: a unit on the link its bus was built with."""
+    link = ctx.bus.job_link
+    if not isinstance(link, ModbusLink):
+        raise ConfigurationError(f"meter {ctx.meter_id}: bus {ctx.bus.name} has no Modbus link")
+    if not isinstance(ctx.model, ModbusModel) or not isinstance(ctx.address, int):
+        raise ConfigurationError(f"meter {ctx.meter_id}: needs a Modbus model and a unit id")
+    return ModbusMeter(link, ctx.model, unit=ctx.address, meter_id=ctx.meter_id)

@@ -15,6 +15,9 @@ class Quality(enum.IntFlag):
     CLOCK_SUSPECT = 2  # the meter's clock was off by more than the configured tolerance
     OUT_OF_RANGE = 4  # decoded fine but outside the plausible range for the quantity
     FROZEN = 8  # a value the meter froze (daily/interval freeze), stamped with the freeze time
+    # came in a response the meter protected with a MAC the gateway cannot check (DL/T 698.45
+    # SECURITY plaintext + RN: verifying needs the meter's keys, i.e. an ESAM): integrity unknown
+    MAC_UNVERIFIED = 16
 
 
 class Reading(msgspec.Struct, frozen=True, gc=False):

@@ -105,6 +105,24 @@ _DLT645_ADDRESS: Final = Rule(
     forbidden=frozenset({"999999999999"}),
     hint='a DL/T 645 address is exactly 12 decimal digits in quotes (e.g. "000000001234")',
 )
+# CJ/T 188-2004 clause 6.2.3: A0..A6, 14 BCD digits printed most significant first; AA bytes
+# are wildcards, so an all-A address is no one meter.
+_CJT188_ADDRESS: Final = Rule(
+    str,
+    pattern=r"[0-9]{14}",
+    hint='a CJ/T 188 address is exactly 14 decimal digits in quotes, most significant first (e.g. "00000000000001")',
+)
+# DL/T 698.45-2017 clause 5: the server address SA is 1..16 bytes of BCD, printed most significant
+# digit first; A nibbles (wildcard) and the broadcast AA address no one meter.
+_DLT698_ADDRESS: Final = Rule(
+    str,
+    pattern=r"(?:[0-9]{2}){1,16}",
+    hint='a DL/T 698.45 server address is an even number (2..32) of decimal digits in quotes (e.g. "000000000001")',
+)
+# CONNECT-Request PasswordSecurity (clause 6.2, ConnectMechanismInfo): a visible-string password.
+_DLT698_PASSWORD: Final = Rule(
+    str, pattern=r"[ -~]{1,32}", hint="a DL/T 698.45 connect password is 1..32 printable ASCII characters"
+)
 _MODBUS_UNIT: Final = Rule(int, low=1, high=247, hint="a Modbus unit id is an integer 1..247")
 
 # DL/T 645-2007 clause 6.13 / -1997 clause 9.5: a password is the level byte then 3 bytes, here
@@ -134,6 +152,30 @@ PROTOCOLS: Final[dict[str, MeterProtocol]] = {
         _DLT645_ADDRESS,
         "meter_gateway.drivers.dlt645_driver:from_config",
         _DLT645_PASSWORD,
+    ),
+    # DL/T 698.45-2017: GET-NormalList reads, GET-Record freezes (5004/5006/5002 on 2021), broadcast
+    # ACTION 4000-127 and SET 40000200 time, 8000-129/130 relay (130 enum 0 arms it: close permit),
+    # 8001 keep-power, wildcard GET 40010200 discovery. Passwords are CONNECT PasswordSecurity.
+    "dlt698": MeterProtocol(
+        "dlt698",
+        "dlt698",
+        "DL/T 698.45-2017",
+        BYTE_BUSES,
+        Can.READ | Can.FROZEN | Can.TIME_SYNC | Can.RELAY | Can.CLOSE_PERMIT | Can.KEEP_POWER | Can.DISCOVER,
+        _DLT698_ADDRESS,
+        "meter_gateway.drivers.dlt698_driver:from_config",
+        _DLT698_PASSWORD,
+    ),
+    # CJ/T 188-2004 water, gas and heat meters: 901F reads, A015 time (acknowledged), A017 valve,
+    # 810A discovery. Its settlement-day history is monthly, not the daily freezes FROZEN reads.
+    "cjt188": MeterProtocol(
+        "cjt188",
+        "cjt188",
+        "CJ/T 188-2004",
+        BYTE_BUSES,
+        Can.READ | Can.VALVE | Can.TIME_SYNC | Can.DISCOVER,
+        _CJT188_ADDRESS,
+        "meter_gateway.drivers.cjt188_driver:from_config",
     ),
     # Modbus: registers only; no clock, freezes or relay function is defined by the protocol.
     "modbus": MeterProtocol(

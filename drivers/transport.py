@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -57,9 +57,8 @@ class Transport(Protocol):
 
     async def wait_connected(self, within: float | None = None) -> bool: ...
 
-    def write(self, data: bytes) -> Awaitable[None]:
-        """Queue ``data``; await the result until the OS has taken it (drain). Raises LinkDown,
-        possibly before anything is awaited (a plain method returning what to await)."""
+    async def write(self, data: bytes) -> None:
+        """Queue ``data`` and return once the OS has taken it (drain). Raises LinkDown."""
         ...
 
     async def read(self, deadline: float) -> bytes:
@@ -69,11 +68,11 @@ class Transport(Protocol):
         """
         ...
 
-    def read_until(self, consume: Callable[[bytes], bool], deadline: float) -> Awaitable[bool]:
+    async def read_until(self, consume: Callable[[bytes], bool], deadline: float) -> bool:
         """Hand arriving bytes to ``consume`` until it returns True (then return True) or the
         ``deadline`` (loop time) passes (then return False). What ``consume`` raises is raised
-        here; LinkDown if the link goes down first. The bus's fast path (one wake-up per reply).
-        A plain method returning what to await, so it may raise before anything is awaited."""
+        here; LinkDown if the link goes down first. ``consume`` runs as the bytes arrive, so a
+        reply costs the waiting transaction one wake-up however many chunks it came in."""
         ...
 
     def flush_input(self) -> int:
@@ -291,12 +290,6 @@ def make_transport(settings: LinkSettings, *, name: str | None = None) -> Stream
 # Shared implementation for links built on an asyncio transport + protocol
 
 
-def _resolved(loop: asyncio.AbstractEventLoop, value: bool | None) -> asyncio.Future[Any]:
-    fut: asyncio.Future[Any] = loop.create_future()
-    fut.set_result(value)
-    return fut
-
-
 class Inbox(asyncio.Protocol):
     """Feeds one connection's events to its link; a superseded connection's events are ignored."""
 
@@ -309,9 +302,8 @@ class Inbox(asyncio.Protocol):
         return self._link._generation == self._generation
 
     def data_received(self, data: bytes) -> None:
-        link = self._link
-        if link._generation == self._generation:  # _current(), inlined: this runs once per reply
-            link._on_data(data)
+        if self._current():
+            self._link._on_data(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed.set()
@@ -332,11 +324,10 @@ class RecvIntoBuffer(asyncio.BufferedProtocol):
     """Receive into one small buffer of the protocol's own (``recv_into``), each chunk handed to
     its ``data_received``; for the gateway's TCP links and the simulator's connections.
 
-    asyncio's plain ``data_received`` path allocates its 256 KiB read size for every receive;
-    glibc serves that with mmap, then mremap and munmap once the bytes object shrinks: three
-    system calls and a page fault per reply, ~20 us each time here (bench/tcp_links.py), more
-    than the rest of a transaction's receive path. Meter frames are a few hundred bytes at most.
-    Mix in after the class that defines ``data_received``.
+    asyncio's plain ``data_received`` path allocates its 256 KiB read size for every receive,
+    which glibc may serve with mmap, then mremap and munmap once the bytes object shrinks: system
+    calls and a page fault per reply. Meter frames are a few hundred bytes at most. Mix in after
+    the class that defines ``data_received``.
     """
 
     RX_SIZE: ClassVar[int] = 2048
@@ -396,22 +387,11 @@ class StreamLink(abc.ABC):
         self._inboxes: set[Inbox] = set()  # connections not yet fully closed
         self._closing = False
         self._silent = 0
-        # the loop the link runs in, noted by open(): asyncio.get_running_loop() is a getpid()
-        # system call per call on Python 3.11, and data_received needs the time on every reply
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._last_rx = -math.inf
         self._down_since: float | None = None
-        # read_until: the consumer fed straight from data_received, the future it resolves, and one
-        # lazily re-armed deadline timer per link (deadlines only move forward, so a transaction
-        # usually just moves ``_deadline`` instead of scheduling and cancelling a timer of its own)
+        # read_until: the consumer fed straight from data_received and the future it resolves
         self._consumer: Callable[[bytes], bool] | None = None
         self._waiter: asyncio.Future[bool] | None = None
-        self._deadline = -math.inf
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = math.inf
-        # already resolved futures, one per result, shared by every write and read_until that
-        # ends without waiting (made by open(), in the loop the link runs in)
-        self._done: dict[bool | None, asyncio.Future[Any]] = {}
 
     # -- state ------------------------------------------------------------------------------
 
@@ -446,8 +426,7 @@ class StreamLink(abc.ABC):
     async def open(self) -> bool:
         if self._supervisor is not None:
             return self.connected
-        loop = self._loop = asyncio.get_running_loop()
-        self._done = {value: _resolved(loop, value) for value in (None, True, False)}
+        loop = asyncio.get_running_loop()
         self._closing = False
         self._down_since = loop.time()
         first: asyncio.Future[None] = loop.create_future()
@@ -458,9 +437,6 @@ class StreamLink(abc.ABC):
     async def close(self) -> None:
         self._closing = True
         task, self._supervisor = self._supervisor, None
-        timer, self._timer = self._timer, None
-        if timer is not None:
-            timer.cancel()
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -544,21 +520,17 @@ class StreamLink(abc.ABC):
 
     def _on_data(self, data: bytes) -> None:
         self._stats.bytes_in += len(data)
-        self._last_rx = self._loop.time()  # type: ignore[union-attr]  # data comes only after open()
-        consume = self._consumer
-        if consume is not None:
-            waiter = self._waiter
-            if waiter is not None and not waiter.done():
-                try:
-                    done = consume(data)
-                except Exception as e:  # the matcher's verdict (MeterRefused, BadReply...) goes to the reader
-                    self._consumer = None
-                    waiter.set_exception(e)
-                    return
-                if done:
-                    self._consumer = None
-                    waiter.set_result(True)
+        self._last_rx = asyncio.get_running_loop().time()
+        consume, waiter = self._consumer, self._waiter
+        if consume is not None and waiter is not None and not waiter.done():
+            try:
+                done = consume(data)
+            except Exception as e:  # what the consumer raises is the reader's to handle
+                waiter.set_exception(e)
                 return
+            if done:
+                waiter.set_result(True)
+            return
         self._buf += data
         excess = len(self._buf) - self.MAX_BUFFER
         if excess > 0:
@@ -579,7 +551,6 @@ class StreamLink(abc.ABC):
         self._wake.set()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            self._consumer = None
             waiter.set_exception(LinkDown(f"link {self._name}: not connected"))
         if not self._closing:
             self._stats.losses += 1
@@ -599,27 +570,19 @@ class StreamLink(abc.ABC):
 
     # -- I/O ------------------------------------------------------------------------------
 
-    def write(self, data: bytes) -> Awaitable[None]:
-        # A plain method: the usual write is taken by the OS at once and returns a future that is
-        # already resolved, shared by every write, so awaiting it costs no coroutine and no object.
+    async def write(self, data: bytes) -> None:
         transport = self._transport
         if transport is None or transport.is_closing() or not isinstance(transport, asyncio.WriteTransport):
             raise LinkDown(f"link {self._name}: not connected")
         transport.write(data)
         self._stats.bytes_out += len(data)
         if not self._writable.is_set():
-            return self._drain(transport)
-        if transport.is_closing():
-            raise LinkDown(f"link {self._name}: lost while writing")
-        return self._done[None]
-
-    async def _drain(self, transport: asyncio.WriteTransport) -> None:
-        try:
-            async with asyncio.timeout(self._write_timeout):
-                await self._writable.wait()
-        except TimeoutError:
-            self._drop(f"write stalled for {self._write_timeout:.1f} s")
-            raise LinkDown(f"link {self._name}: write stalled") from None
+            try:
+                async with asyncio.timeout(self._write_timeout):
+                    await self._writable.wait()
+            except TimeoutError:
+                self._drop(f"write stalled for {self._write_timeout:.1f} s")
+                raise LinkDown(f"link {self._name}: write stalled") from None
         if self._transport is not transport or transport.is_closing():
             raise LinkDown(f"link {self._name}: lost while writing")
 
@@ -638,47 +601,27 @@ class StreamLink(abc.ABC):
             except TimeoutError:
                 return b""
 
-    def read_until(self, consume: Callable[[bytes], bool], deadline: float) -> asyncio.Future[bool]:
-        # A plain method returning the future: a coroutine here would cost one more frame to
-        # create, resume and unwind on every transaction. Whatever ends the wait (_on_data,
-        # _on_timer, _on_lost) drops the consumer; a cancelled waiter is found done and ignored.
-        loop = self._loop
+    async def read_until(self, consume: Callable[[bytes], bool], deadline: float) -> bool:
         if self._buf:
             data = bytes(self._buf)
             self._buf.clear()
             if consume(data):
-                return self._done[True]
+                return True
         if not self.connected:
             raise LinkDown(f"link {self._name}: not connected")
-        assert loop is not None  # connected, so opened
-        if loop.time() >= deadline:
-            return self._done[False]
-        waiter: asyncio.Future[bool] = loop.create_future()
-        self._consumer = consume
-        self._waiter = waiter
-        self._deadline = deadline
-        if self._timer is None or self._timer_at > deadline:
-            self._arm(loop, deadline)
-        return waiter
-
-    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = loop.call_at(when, self._on_timer)
-        self._timer_at = when
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = math.inf
-        waiter = self._waiter
-        if waiter is None or waiter.done():
-            return  # nobody waiting: the next read_until arms it again
         loop = asyncio.get_running_loop()
-        if loop.time() < self._deadline:
-            self._arm(loop, self._deadline)  # a later transaction moved the deadline on
-            return
-        self._consumer = None
-        waiter.set_result(False)
+        if loop.time() >= deadline:
+            return False
+        # _on_data, _on_lost or the deadline resolves the waiter; only a pending one is fed
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._consumer, self._waiter = consume, waiter
+        timer = loop.call_at(deadline, _expire, waiter)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+            if self._waiter is waiter:
+                self._consumer = self._waiter = None
 
     def flush_input(self) -> int:
         n = len(self._buf)
@@ -704,3 +647,8 @@ class StreamLink(abc.ABC):
             self._silent = 0
             self._stats.half_open_resets += 1
             self._drop(f"no reply to {self._no_reply_limit} consecutive requests on an open link")
+
+
+def _expire(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)

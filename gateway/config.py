@@ -47,6 +47,7 @@ __all__ = [
     "ConfigError",
     "Credentials",
     "DailyFrozen",
+    "Dlt698Options",
     "Duration",
     "Meter",
     "PollGroup",
@@ -458,6 +459,55 @@ class Credentials(_Section, kw_only=True, frozen=True):
     ] = "00000000"
 
 
+class Cjt188Options(_Section, kw_only=True, frozen=True):
+    """CJ/T 188 per-meter settings (``meters[].cjt188``); not set: the model's."""
+
+    di_order: Annotated[
+        Literal["standard", "swapped"] | None,
+        _about(
+            'Data identifier byte order: "standard" sends 90 1F as the standard prints 901F, "swapped" 1F 90 '
+            "(some meters' firmware). Not set: the model's."
+        ),
+    ] = None
+    preamble: Annotated[
+        Annotated[int, Meta(ge=0, le=16)] | None,
+        _about(
+            "FE wake-up bytes before each request (the standard sends 2 to 4; a battery meter that sleeps may "
+            "need more). Not set: the model's.",
+            unit="bytes",
+        ),
+    ] = None
+
+
+class Dlt698Options(_Section, kw_only=True, frozen=True):
+    """DL/T 698.45 per-meter settings (``meters[].dlt698``); not set: the model's (docs/dlt698.md)."""
+
+    association: Annotated[
+        Literal["auto", "connect", "none"] | None,
+        _about(
+            'Application association (CONNECT) before reading: "connect" always, "none" never, "auto" learns it '
+            "from the first exchange (a meter that refuses access without one gets one). The password, if the meter "
+            "wants PasswordSecurity, is meters[].credentials. Not set: the model's."
+        ),
+    ] = None
+    security: Annotated[
+        Literal["plain", "rn"] | None,
+        _about(
+            'How requests go: "plain", or "rn" (SECURITY plaintext + a 16-byte random number) for meters whose '
+            "security mode table asks for it. Their MAC cannot be verified without an ESAM: such readings carry the "
+            "MAC_UNVERIFIED quality flag. Not set: the model's."
+        ),
+    ] = None
+    control: Annotated[
+        Literal["plaintext", "passthrough"],
+        _about(
+            'Remote control: "plaintext" sends ACTION 8000/8001 itself (test benches, meters that accept it); '
+            '"passthrough" forwards the secured APDU the signed command carries (params.apdu, made by the '
+            "head-end's crypto service or an ESAM): the gateway frames it, never makes or opens it."
+        ),
+    ] = "plaintext"
+
+
 class Meter(_Section, kw_only=True, frozen=True, gc=False):
     """One meter on a bus."""
 
@@ -467,13 +517,18 @@ class Meter(_Section, kw_only=True, frozen=True, gc=False):
     ]
     bus: Annotated[str, _about("The bus the meter is on (a buses[].name).")]
     protocol: Annotated[
-        Literal["dlt645-2007", "dlt645-1997", "modbus"],
-        _about("DL/T 645 edition (on a dlt645 bus), or modbus (on a modbus-rtu or modbus-tcp bus)."),
+        Literal["dlt645-2007", "dlt645-1997", "dlt698", "cjt188", "modbus"],
+        _about(
+            "DL/T 645 edition, dlt698 (DL/T 698.45) or cjt188 (water, gas and heat meters; all on a dlt645, dlt698 "
+            "or cjt188 bus), or modbus (on a modbus-rtu or modbus-tcp bus)."
+        ),
     ]
     address: Annotated[
         str | int,
         _about(
             'DL/T 645: the 12-digit address as a quoted string ("000000001234"; not the broadcast 999999999999). '
+            'CJ/T 188: the 14-digit address, most significant digit first ("00000000000001"). '
+            'DL/T 698.45: the server address, an even number of 2..32 digits ("000000000001"). '
             "Modbus: the unit id 1..247 as an integer. Unique on its bus."
         ),
     ]
@@ -497,6 +552,19 @@ class Meter(_Section, kw_only=True, frozen=True, gc=False):
             'the customer presses the meter\'s button; "direct_close" closes it at once.'
         ),
     ] = "close_permit"
+    cjt188: Annotated[
+        Cjt188Options | None,
+        _about("CJ/T 188 settings of this meter that differ from its model's (CJ/T 188 meters only)."),
+    ] = None
+    dlt698: Annotated[
+        Dlt698Options | None,
+        _about("DL/T 698.45 association, security and control mode of this meter (DL/T 698.45 meters only)."),
+    ] = None
+
+    def protocol_options(self) -> dict[str, Any]:
+        """The meter's protocol-specific settings (its ``meters[].<family>`` table) as plain data."""
+        section = getattr(self, registry.get(self.protocol).family, None)
+        return msgspec.to_builtins(section) if section is not None else {}
 
     @property
     def unit_id(self) -> int:
@@ -1246,6 +1314,8 @@ class _Validator:
             else:
                 seen_addresses[key] = (mi, m.id)
             model = self._model(m, where)
+            if m.dlt698 is not None and registry.get(m.protocol).family != "dlt698":
+                self.error(f"{where}.dlt698", f"only for dlt698 meters; this meter speaks {m.protocol}")
             credentials = m.credentials
             if credentials is not None:
                 rule = registry.get(m.protocol).password

@@ -5,7 +5,7 @@ meter-gateway ctl ACTION METER... --gateway GW --key FILE --key-id ID [--broker 
 meter-gateway ctl release COMMAND_ID... --gateway GW --key FILE --key-id ID [--meter M ...] [--wait]
 
 ACTION: disconnect, reconnect, status, keep-power-on, keep-power-off, alarm-on, alarm-off,
-time-sync, read-now. Head-end side, like gateway/headend_client.py: paho's threaded client.
+time-sync, read-now, valve-close, valve-open. Head-end side, like gateway/headend_client.py: paho's threaded client.
 It subscribes to the gateway's acks before publishing, so no transition is missed.
 
 Exit codes: 0 published (without --wait) or every meter verified (with --wait); 1 the command
@@ -61,6 +61,8 @@ ACTIONS: Final = {
     "alarm-off": "alarm_off",
     "time-sync": "time_sync",
     "read-now": "read_now",
+    "valve-close": "valve_close",
+    "valve-open": "valve_open",
 }
 # not_before is backdated by this much so a gateway whose clock is a little behind still runs it
 CLOCK_TOLERANCE: Final = 30.0
@@ -108,6 +110,12 @@ def _parser() -> argparse.ArgumentParser:
         _common(p)
         if verb == "reconnect":
             p.add_argument("--mode", choices=("close_permit", "direct_close"), help="default: the meter's setting")
+        if ACTIONS[verb] in ("disconnect", "reconnect", "keep_power_on", "keep_power_off"):
+            p.add_argument(
+                "--apdu",
+                metavar="HEX",
+                help="DL/T 698.45 pass-through: the secured APDU (from the head-end's crypto service) to forward",
+            )
         if verb == "read-now":
             p.add_argument("--quantity", action="append", dest="quantities", help="quantity (repeatable)")
     release = sub.add_parser("release", help="release commands held by the mass-disconnect guard")
@@ -163,8 +171,11 @@ def build_envelope(args: argparse.Namespace, key: SigningKey, now: float) -> Com
     else:
         action, meters = ACTIONS[args.verb], list(args.meters)
         params = None
-        if action == "reconnect" and args.mode:
-            params = Params(mode=args.mode)
+        apdu = getattr(args, "apdu", None)
+        if apdu is not None:
+            apdu = apdu.replace(" ", "").upper()
+        if (action == "reconnect" and args.mode) or apdu:
+            params = Params(mode=args.mode if action == "reconnect" else None, apdu=apdu or None)
         elif action == "read_now" and args.quantities:
             params = Params(quantities=list(args.quantities))
     if args.expires <= 0:

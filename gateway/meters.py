@@ -13,18 +13,22 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from meter_gateway.drivers import registry
 from meter_gateway.drivers.backoff import BackoffPolicy
 from meter_gateway.drivers.bus import Bus, BusSettings
+from meter_gateway.drivers.context import Credentials, DriverContext
 from meter_gateway.drivers.health import HealthBook
-from meter_gateway.drivers.meter_models import Dlt645Model, ModbusModel, load_model
+from meter_gateway.drivers.meter_models import load_model
 from meter_gateway.drivers.reading import Reading
 from meter_gateway.drivers.transport import Rs485Settings, SerialSettings, TcpSettings, make_transport
 from meter_gateway.gateway.config import BusConfig, Config, ConfigDiff, Meter, SerialBus, TcpBus
-from meter_gateway.protocols.dlt645.edition import Edition
 
 if TYPE_CHECKING:
+    from meter_gateway.drivers.cjt188_driver import Cjt188Driver
     from meter_gateway.drivers.dlt645_driver import Dlt645Driver
-    from meter_gateway.drivers.modbus import ModbusLink, ModbusMeter
+    from meter_gateway.drivers.modbus import ModbusMeter
+
+    Driver = Dlt645Driver | ModbusMeter | Cjt188Driver
 
 log = logging.getLogger("meter_gateway")
 
@@ -33,16 +37,16 @@ ReadFn = Callable[[Sequence[str], float, float], Awaitable[list[Reading]]]
 
 @dataclass(frozen=True, slots=True)
 class MeterRuntime:
-    """A configured meter as the daemon drives it: its bus, how to read it, and its driver
-    (``Dlt645Driver`` or ``ModbusMeter``) for everything beyond polling (commands, frozen data,
-    time sync)."""
+    """A configured meter as the daemon drives it: its bus, how to read it, and its driver (built
+    by its protocol's builder, see :mod:`drivers.registry`) for everything beyond polling
+    (commands, frozen data, time sync)."""
 
     meter_id: str
     bus: str
     protocol: str
-    driver: Dlt645Driver | ModbusMeter
-    # Modbus meters: the bus whose turn a read waits for (their pymodbus link does the I/O);
-    # DL/T 645 drivers go through their bus themselves. ``read`` is a method, not a stored
+    driver: Driver
+    # Modbus meters: the bus whose turn a read waits for (their Modbus link does the I/O);
+    # byte-stream drivers go through their bus themselves. ``read`` is a method, not a stored
     # callable, so 10,000 meters do not each carry a reader object.
     modbus_bus: Bus | None = None
 
@@ -76,36 +80,52 @@ def link_settings(bus: BusConfig) -> SerialSettings | TcpSettings:
 
 
 def build_bus(bus: BusConfig, health: HealthBook) -> Bus:
-    """Raw-byte buses (DL/T 645) get one of our transports; Modbus buses leave the I/O to their
-    pymodbus link and use the Bus only for exclusive access and health."""
+    """Byte-stream buses (DL/T 645, DL/T 698.45, CJ/T 188) get one of our transports; Modbus buses
+    get a Modbus link (``Bus.job_link``) and use the Bus for exclusive access and health."""
     settings = BusSettings(
         reply_timeout=float(bus.reply_timeout),
         attempts=bus.attempts,
         inter_frame_gap=bus.frame_gap(),
     )
-    transport = make_transport(link_settings(bus), name=bus.name) if bus.protocol == "dlt645" else None
-    return Bus(bus.name, transport, settings=settings, health=health)
+    byte_stream = bus.protocol in registry.BYTE_BUSES
+    transport = make_transport(link_settings(bus), name=bus.name) if byte_stream else None
+    built = Bus(bus.name, transport, settings=settings, health=health)
+    if not byte_stream:
+        from meter_gateway.drivers.modbus import ModbusLink  # pymodbus only where Modbus is configured
+
+        framing = "tcp" if bus.protocol == "modbus-tcp" else "rtu"
+        timeout = float(bus.reply_timeout)
+        built.job_link = ModbusLink(link_settings(bus), framing=framing, timeout=timeout, name=bus.name)
+    return built
 
 
 def build_buses(config: Config, health: HealthBook) -> dict[str, Bus]:
     return {bus.name: build_bus(bus, health) for bus in config.buses}
 
 
-def dlt645_driver(config: Config, meter: Meter, bus: Bus, model: Dlt645Model) -> Dlt645Driver:
-    from meter_gateway.drivers.dlt645_driver import Dlt645Driver
-
+def driver_context(config: Config, meter: Meter, bus: Bus) -> DriverContext:
+    """What the meter's protocol builder is given (drivers never read the config themselves)."""
     creds = meter.credentials
-    return Dlt645Driver(
-        bus,
-        meter.id,
-        meter.dlt645_address,
-        Edition.parse(meter.protocol),
-        model,
-        password=creds.password.reveal() if creds is not None and creds.password is not None else None,
-        password_level=creds.password_level if creds is not None else 2,
-        operator=creds.operator if creds is not None else "00000000",
+    credentials = None
+    if creds is not None:
+        password = creds.password.reveal() if creds.password is not None else None
+        credentials = Credentials(password=password, level=creds.password_level, operator=creds.operator)
+    return DriverContext(
+        meter_id=meter.id,
+        protocol=meter.protocol,
+        address=meter.address,
+        bus=bus,
+        model=load_model(meter.model),
         tz=config.gateway.zone(),
+        credentials=credentials,
+        options=meter.protocol_options(),
     )
+
+
+def build_driver(config: Config, meter: Meter, bus: Bus) -> Driver:
+    """The meter's driver, built by its protocol's builder named in the registry."""
+    driver: Driver = registry.get(meter.protocol).build_driver()(driver_context(config, meter, bus))
+    return driver
 
 
 class Fleet:
@@ -115,7 +135,6 @@ class Fleet:
         self.health = health
         self.buses: dict[str, Bus] = {}
         self.meters: dict[str, MeterRuntime] = {}
-        self._links: dict[str, ModbusLink] = {}
 
     def build(self, config: Config) -> None:
         self.buses = build_buses(config, self.health)
@@ -150,33 +169,24 @@ class Fleet:
         return buses, meters
 
     def _meter(self, config: Config, meter: Meter) -> MeterRuntime:
-        bus_config = config.bus(meter.bus)
         bus = self.buses[meter.bus]
-        model = load_model(meter.model)
-        if meter.protocol == "modbus":
-            from meter_gateway.drivers.modbus import ModbusLink, ModbusMeter  # pymodbus only where Modbus is configured
-
-            assert isinstance(model, ModbusModel)
-            link = self._links.get(meter.bus)
-            if link is None:
-                framing = "tcp" if bus_config.protocol == "modbus-tcp" else "rtu"
-                link = self._links[meter.bus] = ModbusLink(
-                    link_settings(bus_config), framing=framing, timeout=float(bus_config.reply_timeout), name=meter.bus
-                )
-                bus.job_link = link  # its requests and bytes in the bus's metrics
-            modbus = ModbusMeter(link, model, unit=meter.unit_id, meter_id=meter.id)
-            return MeterRuntime(meter.id, meter.bus, meter.protocol, modbus, modbus_bus=bus)
-        assert isinstance(model, Dlt645Model)
-        driver = dlt645_driver(config, meter, bus, model)
-        return MeterRuntime(meter.id, meter.bus, meter.protocol, driver)
+        driver = build_driver(config, meter, bus)
+        # a driver whose library does the I/O (Modbus) is read inside the bus's turn
+        job_bus = bus if bus.job_link is not None else None
+        return MeterRuntime(meter.id, meter.bus, meter.protocol, driver, modbus_bus=job_bus)
 
     async def _close_bus(self, name: str) -> None:
         bus = self.buses.pop(name, None)
-        link = self._links.pop(name, None)
-        for closing in (bus, link):
-            if closing is not None:
-                with contextlib.suppress(Exception):  # closing must not stop a shutdown or reload
-                    await closing.close()
+        if bus is None:
+            return
+        with contextlib.suppress(Exception):  # closing must not stop a shutdown or reload
+            await bus.close()
+        if bus.job_link is not None:
+            from meter_gateway.drivers.modbus import ModbusLink
+
+            if isinstance(bus.job_link, ModbusLink):
+                with contextlib.suppress(Exception):
+                    await bus.job_link.close()
 
 
-__all__ = ["Fleet", "MeterRuntime", "build_bus", "build_buses", "dlt645_driver", "link_settings"]
+__all__ = ["Fleet", "MeterRuntime", "build_bus", "build_buses", "build_driver", "driver_context", "link_settings"]

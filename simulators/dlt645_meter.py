@@ -32,7 +32,15 @@ Behaviour follows DL/T 645-2007 clause 6 and the 2013 filing amendment, as real 
 * instantaneous values come from the load model with its noise, refreshed once per simulated
   second; maximum demand (0101xx00) is the highest import power seen at those refreshes, with its
   time (a simplification of the 15-minute window); apparent energy and reactive demand are not
-  kept (they answer "no requested data"). Energy is computed lazily from the clock on read.
+  kept (they answer "no requested data"). Energy is computed lazily from the clock on read;
+* prepaid (local fee control), with a ``purse`` (opening credit): a ``prepaid="money"`` meter's
+  remaining money falls by ``price`` yuan per kWh imported, an ``"energy"`` meter's remaining
+  energy by each kWh; past zero the overdraft grows (00 90 0x 00/01; the other type's DIs answer
+  "no requested data"). Status word 3 bits 8-9 give the type, word 1 bit 14 is set at zero
+  credit. :meth:`top_up` is a purchase (records 0332/0333 xx NN, the opening credit is purchase
+  1). With ``trip_at_zero_credit`` the meter opens its own relay (operator FFFFFFFF) when credit
+  runs out, dated to the integration step in which it did, unless keep-power is on; a purchase
+  that restores credit then arms the relay, which closes on :meth:`press_button` as after 1B.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final, TypeAlias
+from typing import Any, Final, TypeAlias
 
 from meter_gateway.protocols.dlt645 import messages as m
 from meter_gateway.protocols.dlt645.catalogue import Catalogue, DataItem, default_catalogue
@@ -54,6 +62,7 @@ from meter_gateway.protocols.dlt645.frame import Address, Frame
 from meter_gateway.protocols.dlt645.remote_control import RemoteCommand
 from meter_gateway.simulators.clock import SimClock
 from meter_gateway.simulators.load import DEFAULT_TARIFFS, LoadModel, LoadSettings
+from meter_gateway.simulators.prepaid import Purchase, Purse, PurseKind
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +77,8 @@ RC_EXPIRED: Final = 1 << 10
 RC_KEEP_POWER: Final = 1 << 11
 _EPOCH: Final = datetime.datetime(1970, 1, 1)
 _ENERGY_KINDS: Final = ("active", "reactive")
+_IMPORT: Final = "energy.active.import.total"
+LOCAL_OPERATOR: Final = "FFFFFFFF"  # operator code a meter logs for what it does by itself
 
 
 def _unix(dt: datetime.datetime) -> float:
@@ -123,7 +134,15 @@ class Dlt645Meter:
         history_days: int = 0,
         energy_step: float = 300.0,
         catalogue: Catalogue | None = None,
+        load_settings: Mapping[str, Any] | None = None,
+        purse: float | None = None,
+        prepaid: PurseKind = "money",
+        price: float = 0.5,
+        trip_at_zero_credit: bool = False,
     ) -> None:
+        """``load_settings``: further :class:`~simulators.load.LoadSettings` fields for this
+        meter's installation (PV, currents...). ``purse``: opening credit of a prepaid meter (yuan,
+        or kWh for ``prepaid="energy"``); None for a meter without fee control."""
         self.address = Address.parse(address)
         self.address_text = str(self.address)
         self.edition = edition if isinstance(edition, Edition) else Edition.parse(str(edition))
@@ -175,7 +194,15 @@ class Dlt645Meter:
         start = sim_now - datetime.timedelta(days=history_days)
         self._started = start
         self._model_tariffs = DEFAULT_TARIFFS.tariffs
-        self.load = LoadModel(LoadSettings(seed=seed, initial_energy=initial, step=energy_step), start=_unix(start))
+        settings = LoadSettings(seed=seed, initial_energy=initial, step=energy_step, **dict(load_settings or {}))
+        self.load = LoadModel(settings, start=_unix(start))
+        self.trip_at_zero_credit = trip_at_zero_credit
+        self._credit_tripped = False
+        self.purse = (
+            None
+            if purse is None
+            else Purse(prepaid, credit=purse, price=price, energy=self.load.energy(_IMPORT), at=start)
+        )
         self._last_meter_date = (start + datetime.timedelta(seconds=self._offset)).date()
         self._handlers: dict[type, Callable[[m.Message], list[Frame]]] = {
             m.ReadRequest: self._read,  # type: ignore[dict-item]
@@ -228,10 +255,33 @@ class Dlt645Meter:
         self._move_relay(closed=True, operator="FFFFFFFF")
         return self.relay_closed
 
+    def top_up(self, amount: float) -> Purchase:
+        """A purchase of ``amount`` (the purse's unit), dated now; ValueError for a meter without
+        fee control or an amount the meter cannot record. Credit back above zero after a
+        zero-credit trip arms the relay (the customer closes it with the button)."""
+        if self.purse is None:
+            raise ValueError(f"meter {self.address_text} has no prepaid purse")
+        self._catch_up()
+        purchase = self.purse.top_up(amount, energy=self.load.energy(_IMPORT), at=self.meter_time())
+        if self._credit_tripped and purchase.after > 0:
+            self._credit_tripped = False
+            self.relay_command_open = False
+            self.relay_armed = not self.relay_closed
+        return purchase
+
+    @property
+    def status_word1(self) -> int:
+        self._catch_up()
+        if self.purse is not None and self.purse.exhausted(self.load.energy(_IMPORT)):
+            return 1 << 14  # overdraft / credit exhausted
+        return 0
+
     @property
     def status_word3(self) -> int:
         self._catch_up()
         word = 0
+        if self.purse is not None:
+            word |= 1 << 9 if self.purse.kind == "money" else 1 << 8  # bits 8-9: 10 money, 01 energy
         if not self.relay_closed:
             word |= 1 << 4
         if self.relay_command_open:
@@ -296,6 +346,29 @@ class Dlt645Meter:
         self._last_meter_date = max(day, today)
         for _, action in sorted(events, key=lambda e: e[0]):
             action()
+        if self.trip_at_zero_credit and self.purse is not None and self.relay_closed:
+            self._trip_when_credit_runs_out()
+
+    def _trip_when_credit_runs_out(self) -> None:
+        """Walk the load model up to now one integration step at a time and open the relay at the
+        first step boundary where the credit is gone (keep-power forbids it, as it forbids trips)."""
+        assert self.purse is not None
+        if self.keep_power or self.stuck_relay:
+            return
+        target = _unix(self._sim_now())
+        step = self.load.settings.step
+        while True:
+            if self.purse.exhausted(self.load.energy(_IMPORT)):
+                at = _EPOCH + datetime.timedelta(seconds=self.load.time + self.clock_offset)
+                self._credit_tripped = True
+                self.relay_command_open = True
+                self.relay_armed = False
+                self._move_relay(closed=False, operator=LOCAL_OPERATOR, at=at)
+                return
+            if self.load.time >= target:
+                return
+            self.load.advance(min(target, (self.load.time // step + 1) * step))
+            self._cache_second = None
 
     def _freeze(self, meter_midnight: datetime.datetime) -> None:
         sim = meter_midnight - datetime.timedelta(seconds=self.clock_offset)
@@ -599,6 +672,33 @@ class Dlt645Meter:
         tariffs = ("total", *(f"t{t}" for t in range(1, self.tariffs + 1)))
         return [self._energy(f"{base}.{t}", freeze.energy) for t in tariffs]
 
+    def _status_word1(self, item: DataItem, quantity: str) -> object:
+        return self.status_word1
+
+    def _prepaid(self, item: DataItem, quantity: str) -> object:
+        """``prepaid.<kind>.<what>``: the purse of this meter's type only (the other type's DIs
+        and a meter without fee control have no such data)."""
+        purse = self.purse
+        _, kind, what = quantity.split(".", 2)
+        if purse is None or kind != purse.kind:
+            raise LookupError(quantity)
+        self._live_values()  # advances the load model, whose import register the purse follows
+        energy = self.load.energy(_IMPORT)
+        if what == "remaining":
+            return purse.remaining(energy)
+        if what == "overdraft":
+            return purse.overdraft(energy)
+        field = what.removeprefix("purchase.")
+        nth = item.nth or 1
+        if field == what or nth > len(purse.purchases):
+            raise LookupError(quantity)
+        record = purse.purchases[nth - 1]
+        if field == "time":
+            return record.time.replace(second=0, microsecond=0)
+        if field in ("count", "amount", "before", "after", "total"):
+            return getattr(record, field)
+        raise LookupError(quantity)
+
     def _event(self, item: DataItem, quantity: str) -> object:
         _, which, what = quantity.split(".", 2)
         records = self.trips if which == "trip" else self.closes
@@ -641,6 +741,7 @@ _NAMED_SOURCES: Final[dict[str, _Source]] = {
     "meter.number": Dlt645Meter._identity,
     "meter.constant.active": _constant(1200),
     "meter.constant.reactive": _constant(1200),
+    "status.word1": Dlt645Meter._status_word1,
     "status.word3": Dlt645Meter._status_word3,
     "temperature.internal": _constant(28.5),
     "demand.active.current": Dlt645Meter._current_demand,
@@ -655,6 +756,8 @@ def _source(quantity: str) -> _Source:
         return Dlt645Meter._frozen
     if quantity.startswith("event."):
         return Dlt645Meter._event
+    if quantity.startswith("prepaid."):
+        return Dlt645Meter._prepaid
     named = _NAMED_SOURCES.get(quantity)
     if named is not None:
         return named

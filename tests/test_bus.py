@@ -8,15 +8,16 @@ import time
 import pytest
 
 from meter_gateway.drivers.backoff import BackoffPolicy
-from meter_gateway.drivers.bus import Bus, BusSettings, Priority, Rejection, RejectionLog
+from meter_gateway.drivers.bus import Bus, BusSettings, Priority
 from meter_gateway.drivers.errors import BadReply, LinkDown, MeterRefused, NoAnswer
 from meter_gateway.drivers.health import HealthBook, HealthPolicy, MeterOffline, MeterState, StateChange
 from meter_gateway.drivers.tcp_link import TcpLink
 from meter_gateway.drivers.transport import TcpSettings
+from meter_gateway.protocols.exchange import Answer, Event, Refusal, Unusable
 from tests.plugins.peers import (
     PeerConn,
+    ToyExchange,
     ToyFrame,
-    ToyMatcher,
     ToyServer,
     request,
     silent,
@@ -36,7 +37,7 @@ def make_bus(server: ToyServer, **settings: object) -> Bus:
 
 async def ask(bus: Bus, address: int, seq: int, **kw: object) -> ToyFrame:
     req = request(address, seq, b"q")
-    return await bus.exchange(req.encode(), ToyMatcher(req), **kw)  # type: ignore[arg-type]
+    return await bus.exchange(req.encode(), ToyExchange(req), **kw)  # type: ignore[arg-type]
 
 
 @pytest.mark.asyncio
@@ -240,12 +241,16 @@ async def test_garbage_only_ends_in_bad_reply(toy_server) -> None:
         await bus.close()
 
 
-class RefusingMatcher(ToyMatcher):
-    def feed(self, data: bytes) -> ToyFrame | None:
-        frame = super().feed(data)
-        if frame is not None and frame.payload == b"ERR":
-            raise MeterRefused("meter refused", code=0x04, reasons=("bad password",))
-        return frame
+class RefusingExchange(ToyExchange):
+    """The toy reply ``ERR`` is the meter's refusal; ``BAD`` a reply whose content does not decode."""
+
+    def consider(self, frame: ToyFrame) -> Event[ToyFrame]:
+        event = super().consider(frame)
+        if isinstance(event, Answer) and frame.payload == b"ERR":
+            return Refusal("meter refused", 0x04, ("bad password",))
+        if isinstance(event, Answer) and frame.payload == b"BAD":
+            return Unusable("the reply does not decode")
+        return event
 
 
 @pytest.mark.asyncio
@@ -260,7 +265,7 @@ async def test_meter_refusal_is_not_retried_and_counts_as_alive(toy_server) -> N
         await bus.open()
         req = request(1, 1)
         with pytest.raises(MeterRefused) as err:
-            await bus.exchange(req.encode(), RefusingMatcher(req), meter="m1")
+            await bus.exchange(req.encode(), RefusingExchange(req), meter="m1")
         assert err.value.code == 0x04
         assert len(server.arrivals) == 1
         assert bus.counters.refused == 1
@@ -497,13 +502,24 @@ async def test_broadcast_send_expects_no_reply(toy_server) -> None:
         await bus.close()
 
 
-def test_rejection_log_hands_out_each_rejection_once() -> None:
-    log = RejectionLog()
-    log.reject(Rejection.GARBAGE, 3)
-    log.reject(Rejection.LATE, 9, "seq 4")
-    taken = log.take_rejections()
-    assert [(r.kind, r.size, r.detail) for r in taken] == [
-        (Rejection.GARBAGE, 3, ""),
-        (Rejection.LATE, 9, "seq 4"),
-    ]
-    assert log.take_rejections() == []
+@pytest.mark.asyncio
+async def test_an_unusable_reply_is_retried_then_ends_in_bad_reply(toy_server) -> None:
+    async def bad_then_good(frame: ToyFrame, conn: PeerConn) -> None:
+        payload = b"BAD" if len(server.arrivals) < 3 else b"fine"
+        conn.write(frame.reply(payload).encode())
+
+    server = await toy_server(bad_then_good)
+    bus = make_bus(server, attempts=2, retry=QUICK_RETRY)
+    bus.health = HealthBook()
+    try:
+        await bus.open()
+        req = request(1, 1)
+        with pytest.raises(BadReply, match="does not decode"):
+            await bus.exchange(req.encode(), RefusingExchange(req), meter="m1")
+        assert (bus.counters.sent, bus.counters.retries, bus.counters.bad_reply) == (2, 1, 1)
+        assert bus.counters.timeouts == 0  # it was an answer, not silence
+        reply = await bus.exchange(req.encode(), RefusingExchange(req), meter="m1")
+        assert reply.payload == b"fine"
+        assert bus.health.state("m1") is MeterState.ONLINE
+    finally:
+        await bus.close()

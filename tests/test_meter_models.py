@@ -19,7 +19,18 @@ from meter_gateway.drivers.meter_models import (
 )
 from meter_gateway.protocols.dlt645.edition import Edition
 
-SHIPPED = ["chint-dtsu666", "dlt645-1997-generic", "dlt645-2007-generic", "eastron-sdm630", "sim-3ph"]
+SHIPPED = [
+    "chint-dtsu666",
+    "cjt188-cold-water",
+    "cjt188-gas",
+    "cjt188-heat",
+    "dlt645-1997-generic",
+    "dlt645-2007-generic",
+    "dlt698-generic",
+    "dlt698-single-phase-prepaid",
+    "eastron-sdm630",
+    "sim-3ph",
+]
 
 
 def test_the_shipped_models_are_available() -> None:
@@ -188,7 +199,7 @@ def _variant(tmp_path: Path, name: str, old: str, new: str, *, count: int = 1) -
             "closed = 1, open = 1 }",
             r"relay\.write: 'closed' and 'open' must differ",
         ),
-        ("sim-3ph", 'protocol = "modbus"', 'protocol = "modbus-tcp"', r"protocol: must be 'modbus' or 'dlt645'"),
+        ("sim-3ph", 'protocol = "modbus"', 'protocol = "modbus-tcp"', r"protocol: must be 'modbus', 'dlt645'"),
         (
             "dlt645-2007-generic",
             'di = "00010000"',

@@ -30,9 +30,8 @@ def test_every_protocol_is_whole(name: str) -> None:
     assert info.name == name
     assert info.buses <= registry.BUS_PROTOCOLS
     assert Can.READ in info.can
-    module, _, function = info.driver.partition(":")
-    assert module.startswith("meter_gateway.drivers.")
-    assert function
+    assert info.driver.startswith("meter_gateway.drivers.")
+    assert callable(info.build_driver())
     assert name in [p for bus in info.buses for p in registry.carried_by(bus)]
 
 

@@ -28,8 +28,8 @@ from meter_gateway.drivers.transport import (
 from tests.plugins.peers import (
     PeerConn,
     ToyDeframer,
+    ToyExchange,
     ToyFrame,
-    ToyMatcher,
     request,
     silent,
     until,
@@ -412,9 +412,9 @@ async def test_half_open_link_is_reconnected_after_consecutive_silences(toy_serv
         await bus.open()
         for seq in (1, 2):
             with pytest.raises(NoAnswer):
-                await bus.exchange(request(1, seq).encode(), ToyMatcher(request(1, seq)))
+                await bus.exchange(request(1, seq).encode(), ToyExchange(request(1, seq)))
         assert link.stats.half_open_resets == 1
-        reply = await bus.exchange(request(1, 3).encode(), ToyMatcher(request(1, 3)))
+        reply = await bus.exchange(request(1, 3).encode(), ToyExchange(request(1, 3)))
         assert reply.seq == 3
         assert server.connections == 2
         assert link.stats.connects == 2
@@ -434,10 +434,10 @@ async def test_a_single_silence_does_not_reconnect(toy_server) -> None:
     try:
         await bus.open()
         with pytest.raises(NoAnswer):
-            await bus.exchange(request(1, 1).encode(), ToyMatcher(request(1, 1)))
-        await bus.exchange(request(1, 2).encode(), ToyMatcher(request(1, 2)))
+            await bus.exchange(request(1, 1).encode(), ToyExchange(request(1, 1)))
+        await bus.exchange(request(1, 2).encode(), ToyExchange(request(1, 2)))
         with pytest.raises(NoAnswer):
-            await bus.exchange(request(1, 1).encode(), ToyMatcher(request(1, 1)))
+            await bus.exchange(request(1, 1).encode(), ToyExchange(request(1, 1)))
         assert link.stats.half_open_resets == 0  # the answer in between reset the count
         assert server.connections == 1
     finally:
@@ -542,8 +542,8 @@ async def test_serial_path_now_naming_another_device_is_noticed_on_silence(pty_m
         by_id.unlink()
         by_id.symlink_to(new.path)
         with pytest.raises(NoAnswer):
-            await bus.exchange(request(1, 1).encode(), ToyMatcher(request(1, 1)))
-        reply = await bus.exchange(request(1, 2).encode(), ToyMatcher(request(1, 2)))
+            await bus.exchange(request(1, 1).encode(), ToyExchange(request(1, 1)))
+        reply = await bus.exchange(request(1, 2).encode(), ToyExchange(request(1, 2)))
         assert reply.seq == 2
         assert [a.frame.seq for a in new.arrivals] == [2]
         assert link.stats.connects == 2

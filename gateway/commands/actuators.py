@@ -4,6 +4,8 @@
   through :meth:`Dlt645Driver.remote_control`, with the command's ``expires_at`` as the frame's
   validity time, so a frame that lingers in a serial server cannot act after the order expired;
   relay, close permit and keep-power from status word 3 (:meth:`Dlt645Driver.read_relay`).
+* CJ/T 188 (water, gas, heat): the valve (A017) in :mod:`gateway.commands.cjt188_actuator`,
+  verified from ST (:class:`ValveActuator`); no relay.
 * Modbus: the model's relay coil or register (:meth:`ModbusMeter.set_relay`/``read_relay``), run
   under ``bus.run(..., priority=Priority.COMMAND, force=True)``: a command goes ahead of polls
   and is tried even on a meter the health book calls offline. Modbus meters have no close permit,
@@ -18,9 +20,10 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal, Protocol, TypeVar
+from typing import Final, Literal, Protocol, TypeVar, runtime_checkable
 
 from meter_gateway.drivers.bus import Bus, Priority
+from meter_gateway.drivers.cjt188_driver import Cjt188Driver
 from meter_gateway.drivers.dlt645_driver import Dlt645Driver
 from meter_gateway.drivers.errors import ConfigurationError, DriverError, MeterRefused
 from meter_gateway.drivers.modbus import ModbusMeter
@@ -31,11 +34,14 @@ from meter_gateway.protocols.dlt645.remote_control import RemoteCommand
 
 __all__ = [
     "RELAY_ACTIONS",
+    "VALVE_ACTIONS",
     "ActuatorError",
     "Dlt645Actuator",
     "MeterActuator",
     "ModbusActuator",
     "RelayReading",
+    "ValveActuator",
+    "ValveReading",
     "make_actuator",
 ]
 
@@ -53,6 +59,9 @@ _DLT_COMMANDS: Final = {
 }
 _RECONNECT: Final = {"close_permit": RemoteCommand.CLOSE_PERMIT, "direct_close": RemoteCommand.DIRECT_CLOSE}
 CONTROL_ACTIONS: Final = frozenset({*_DLT_COMMANDS, "reconnect"})
+# Actions that move a water or gas valve and are verified by reading its state back; the value
+# is whether the valve is to be open.
+VALVE_ACTIONS: Final = {"valve_close": False, "valve_open": True}
 
 Failure = Literal["no_answer", "meter_refused", "unsupported"]
 
@@ -76,6 +85,13 @@ class RelayReading:
     keep_power: bool  # False when the meter cannot say
     raw: int | None  # the raw status word (DL/T 645), None for Modbus
     trip_pending: bool = False  # the meter holds a trip it has not carried out yet (DL/T 645 delayed trip)
+
+
+@dataclass(frozen=True, slots=True)
+class ValveReading:
+    state: str  # open | closed | abnormal (the meter says the valve is jammed or failed)
+    battery_low: bool
+    raw: int | None  # the raw status word (CJ/T 188 ST)
 
 
 def _convert(exc: DriverError) -> ActuatorError:
@@ -110,6 +126,15 @@ class MeterActuator(Protocol):
 
     async def time_sync(self, now: float) -> float:
         """Set the meter clock to ``now``; returns the meter clock's offset read back after."""
+
+
+@runtime_checkable
+class ValveActuator(Protocol):
+    """A meter with a valve: what the valve actions need beyond :class:`MeterActuator`."""
+
+    meter_id: str
+
+    async def read_valve(self) -> ValveReading: ...
 
 
 class Dlt645Actuator:
@@ -183,10 +208,18 @@ class ModbusActuator:
         raise ActuatorError("unsupported", "unsupported", "Modbus meters have no clock to set")
 
 
-def make_actuator(driver: Dlt645Driver | ModbusMeter, bus: Bus | None) -> MeterActuator:
+def make_actuator(driver: Dlt645Driver | ModbusMeter | Cjt188Driver, bus: Bus | None) -> MeterActuator:
     """The actuator for a meter runtime's driver (Modbus needs its bus for ``run``)."""
     if isinstance(driver, Dlt645Driver):
         return Dlt645Actuator(driver)
+    if type(driver).__name__ == "Dlt698Driver":  # its module is imported only where one is configured
+        from meter_gateway.gateway.commands.dlt698_actuator import Dlt698Actuator  # it imports this module
+
+        return Dlt698Actuator(driver)  # type: ignore[arg-type]
+    if isinstance(driver, Cjt188Driver):
+        from meter_gateway.gateway.commands.cjt188_actuator import Cjt188Actuator  # it imports this module
+
+        return Cjt188Actuator(driver)
     if bus is None:
         raise ConfigurationError(f"meter {driver.meter_id}: a Modbus meter needs its bus")
     return ModbusActuator(driver, bus)

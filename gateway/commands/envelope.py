@@ -44,6 +44,8 @@ Action = Literal[
     "time_sync",
     "relay_status",
     "release",
+    "valve_close",
+    "valve_open",
 ]
 ACTIONS: Final[tuple[str, ...]] = get_args(Action)
 
@@ -57,6 +59,8 @@ TERMINAL_STATES: Final = TERMINAL
 RelayState = Literal["closed", "open", "armed"]
 ReconnectMode = Literal["close_permit", "direct_close"]
 
+# Actions a DL/T 698.45 pass-through APDU (params.apdu) may carry.
+_APDU_ACTIONS: Final = frozenset({"disconnect", "reconnect", "keep_power_on", "keep_power_off"})
 # Every string in an envelope is from these sets, so the canonical JSON never needs escaping.
 _ID_PATTERN: Final = r"^[A-Za-z0-9._:-]{1,64}$"
 _METER_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"  # config.Name
@@ -69,6 +73,8 @@ MeterId = Annotated[str, Meta(pattern=_METER_PATTERN)]
 Quantity = Annotated[str, Meta(pattern=_QUANTITY_PATTERN, max_length=128)]
 UnixTime = Annotated[float, Meta(ge=0, lt=1e11)]
 
+MAX_APDU_BYTES: Final = 2048  # one link frame's worth: pass-through APDUs are never fragmented
+_APDU_PATTERN: Final = r"^(?:[0-9A-Fa-f]{2})+$"
 MAX_METERS: Final = 1000
 MAX_RELEASE: Final = 100
 MAX_QUANTITIES: Final = 64
@@ -80,6 +86,9 @@ class Params(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, fro
     quantities: Annotated[list[Quantity], Meta(min_length=1, max_length=MAX_QUANTITIES)] | None = None
     commands: Annotated[list[CommandId], Meta(min_length=1, max_length=MAX_RELEASE)] | None = None
     mode: ReconnectMode | None = None
+    # DL/T 698.45 pass-through control: the head-end's secured APDU (SECURITY-Request ciphertext +
+    # SID_MAC from its crypto service or an ESAM), hex; forwarded to the meter untouched
+    apdu: Annotated[str, Meta(pattern=_APDU_PATTERN, max_length=2 * MAX_APDU_BYTES)] | None = None
 
 
 class CommandEnvelope(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True, kw_only=True):
@@ -112,6 +121,8 @@ class CommandEnvelope(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=
             raise ContractError("params.quantities is only for read_now")
         if p.mode is not None and self.action != "reconnect":
             raise ContractError("params.mode is only for reconnect")
+        if p.apdu is not None and self.action not in _APDU_ACTIONS:
+            raise ContractError(f"params.apdu is only for {', '.join(sorted(_APDU_ACTIONS))}")
         if self.action == "release":
             if not p.commands:
                 raise ContractError("release needs params.commands (the held command ids)")
@@ -128,6 +139,11 @@ class CommandEnvelope(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=
     def reconnect_mode(self) -> ReconnectMode | None:
         """The mode asked for in params (None: use the meter's configured ``reconnect``)."""
         return self.params.mode if self.params is not None else None
+
+    @property
+    def secured_apdu(self) -> bytes | None:
+        """The pass-through APDU (params.apdu) as bytes, or None."""
+        return bytes.fromhex(self.params.apdu) if self.params is not None and self.params.apdu else None
 
     @property
     def released_commands(self) -> list[str]:

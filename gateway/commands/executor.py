@@ -32,9 +32,18 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
+from meter_gateway.drivers import registry
 from meter_gateway.drivers.backoff import Backoff, BackoffPolicy
 from meter_gateway.drivers.reading import Reading
-from meter_gateway.gateway.commands.actuators import RELAY_ACTIONS, ActuatorError, MeterActuator, RelayReading
+from meter_gateway.gateway.commands.actuators import (
+    RELAY_ACTIONS,
+    VALVE_ACTIONS,
+    ActuatorError,
+    MeterActuator,
+    RelayReading,
+    ValveActuator,
+    ValveReading,
+)
 from meter_gateway.gateway.commands.envelope import Ack, RelayState
 from meter_gateway.gateway.commands.states import RESULTS, TERMINAL, CommandEvent, CommandState
 from meter_gateway.gateway.commands.store import CommandStore, Execution, Transition
@@ -48,6 +57,14 @@ log = logging.getLogger(__name__)
 # A meter clock this close to ours after a time sync counts as set (whole-second resolution on
 # the wire plus one exchange's latency).
 CLOCK_TOLERANCE: Final = 2.0
+# Protocol families (an actuator's ``protocol``) whose meters arm a close permit or hold keep-power,
+# as the registry says (drivers/registry.py capabilities, not protocol names).
+_CLOSE_PERMIT_FAMILIES: Final = frozenset(
+    p.family for p in registry.PROTOCOLS.values() if registry.Can.CLOSE_PERMIT in p.can
+)
+_KEEP_POWER_FAMILIES: Final = frozenset(
+    p.family for p in registry.PROTOCOLS.values() if registry.Can.KEEP_POWER in p.can
+)
 # The keep-power setting each keep-power action must read back (status word 3).
 _KEEP_POWER: Final = {"keep_power_on": True, "keep_power_off": False}
 
@@ -109,7 +126,7 @@ def wanted_relay(action: str, mode: str | None, protocol: str) -> frozenset[str]
     (the customer's button closes it) or already closed; Modbus relays close directly."""
     if action == "disconnect":
         return frozenset({"open"})
-    if mode == "close_permit" and protocol == "dlt645":
+    if mode == "close_permit" and protocol in _CLOSE_PERMIT_FAMILIES:
         return frozenset({"armed", "closed"})
     return frozenset({"closed"})
 
@@ -127,6 +144,12 @@ def _relay_detail(reading: RelayReading) -> str:
     if reading.state == "armed":
         return "close permit; relay armed (closes on the customer's button)"
     return f"relay {reading.state}"
+
+
+def _valve_detail(reading: ValveReading) -> str:
+    battery = "; battery low" if reading.battery_low else ""
+    raw = f" (ST {reading.raw:04X})" if reading.raw is not None else ""
+    return f"valve {reading.state}{raw}{battery}"
 
 
 class Executor:
@@ -157,6 +180,7 @@ class Executor:
         # How each action runs: a new action adds its row here (and its actuator support), not a branch.
         self._runners: dict[str, Callable[[Execution, MeterActuator], Awaitable[None]]] = {
             **dict.fromkeys(RELAY_ACTIONS, self._relay),
+            **dict.fromkeys(VALVE_ACTIONS, self._valve),
             **dict.fromkeys((*_KEEP_POWER, "alarm_on", "alarm_off"), self._setting),
             "relay_status": self._relay_status,
             "read_now": self._read_now,
@@ -262,8 +286,9 @@ class Executor:
         await run(exe, actuator)
 
     async def _resume(self, exe: Execution, actuator: MeterActuator) -> bool:
-        """After a restart: read the relay before anything else. True when that settled it."""
-        reading = await self._read(actuator)
+        """After a restart: read the relay before anything else. True when that settled it.
+        (A valve action reads its valve first itself, in :meth:`_valve`.)"""
+        reading = None if exe.action in VALVE_ACTIONS else await self._read(actuator)
         wanted = wanted_relay(exe.action, exe.mode, actuator.protocol)
         if exe.action in RELAY_ACTIONS and reading is not None and reading.state in wanted:
             detail = f"{_relay_detail(reading)} (found after a restart)"
@@ -317,7 +342,7 @@ class Executor:
         return "no_answer"
 
     async def _relay(self, exe: Execution, actuator: MeterActuator) -> None:
-        keep_power_check = exe.action == "disconnect" and actuator.protocol == "dlt645"
+        keep_power_check = exe.action == "disconnect" and actuator.protocol in _KEEP_POWER_FAMILIES
         # After a command store reset this command may already have run: look first, and do not
         # operate a relay that is already where it should be (store.py "reset_caution").
         after_reset = self.store.reset_caution
@@ -397,6 +422,58 @@ class Executor:
         if outcome == "no_answer":
             detail += "; the control frame was never acknowledged"
         self._step(exe, E.GIVE_UP, relay=last.state if last else None, detail=detail)
+
+    async def _read_valve(self, actuator: ValveActuator) -> ValveReading | None:
+        try:
+            return await actuator.read_valve()
+        except ActuatorError as exc:
+            log.info("meter %s: valve read failed: %s", actuator.meter_id, exc.detail)
+            return None
+
+    async def _valve(self, exe: Execution, actuator: MeterActuator) -> None:
+        """Valve close/open: one valve command per attempt, then the valve read back until it is
+        where it should be or ``verify_window`` passes. A valve the meter reports abnormal
+        (jammed, motor fault) ends at once with reason ``valve_abnormal``: waiting cannot fix it.
+        After a restart or a command store reset the valve is looked at first, and a valve
+        already where it should be is not operated."""
+        if not isinstance(actuator, ValveActuator):
+            self._step(exe, E.REJECT, reason="unsupported", detail=f"meter {exe.meter} has no valve")
+            return
+        wanted = "open" if VALVE_ACTIONS[exe.action] else "closed"
+        if self.store.reset_caution or exe.attempts > 0:
+            before = await self._read_valve(actuator)
+            if before is not None and before.state == wanted:
+                self._step(exe, E.CONFIRM, detail=f"{_valve_detail(before)} already; nothing sent")
+                return
+        outcome = await self._control(exe, actuator)
+        if outcome in ("refused", "expired"):
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.verify_window
+        interval = Backoff(self.settings.verify_backoff)
+        last: ValveReading | None = None
+        while True:
+            reading = await self._read_valve(actuator)
+            if reading is not None:
+                last = reading
+                if reading.state == wanted:
+                    self._step(exe, E.CONFIRM, detail=_valve_detail(reading))
+                    return
+                if reading.state == "abnormal":
+                    self._step(exe, E.GIVE_UP, reason="valve_abnormal", detail=f"read back: {_valve_detail(reading)}")
+                    return
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            await asyncio.sleep(min(interval.next(), left))
+        window = f"{self.settings.verify_window:g} s"
+        if last is None:
+            detail = f"no answer to the valve read-back within {window}"
+        else:
+            detail = f"{_valve_detail(last)} after {window}, wanted {wanted}"
+        if outcome == "no_answer":
+            detail += "; the valve command was never acknowledged"
+        self._step(exe, E.GIVE_UP, detail=detail)
 
     async def _setting(self, exe: Execution, actuator: MeterActuator) -> None:
         """Keep-power and alarm: one control frame; keep-power is verified from status word 3."""

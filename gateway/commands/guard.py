@@ -1,6 +1,7 @@
-"""The mass-disconnect guard: at most ``max_disconnects`` meters disconnected per sliding
-``guard_window``; beyond that, disconnects are held until a ``release`` (signed by a key with
-the ``release`` role) or their expiry.
+"""The mass-disconnect guard: at most ``max_disconnects`` meters disconnected (relay trips and
+valve closes alike, :data:`GUARDED_ACTIONS`) per sliding ``guard_window``; beyond that,
+disconnects are held until a ``release`` (signed by a key with the ``release`` role) or their
+expiry.
 
 A wrong or malicious mass disconnect is a safety incident (hospitals, lifts, heating in winter);
 a limit that a second person must lift bounds the damage of one compromised key or one buggy
@@ -12,15 +13,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from meter_gateway.gateway.commands.states import CommandEvent, CommandState
 from meter_gateway.gateway.commands.store import CommandStore, Execution, Transition
 
-__all__ = ["GUARD_REASON", "GuardDecision", "MassDisconnectGuard"]
+__all__ = ["GUARDED_ACTIONS", "GUARD_REASON", "GuardDecision", "MassDisconnectGuard"]
 
 log = logging.getLogger(__name__)
 
 GUARD_REASON = "mass_disconnect_guard"
+# Actions that cut a supply and so count against the window: closing a water or gas valve is a
+# disconnect of that supply.
+GUARDED_ACTIONS: Final = frozenset({"disconnect", "valve_close"})
 
 
 @dataclass(frozen=True, slots=True)

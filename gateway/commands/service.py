@@ -28,7 +28,7 @@ from meter_gateway.gateway.commands.actuators import CONTROL_ACTIONS, MeterActua
 from meter_gateway.gateway.commands.auth import CommandRejected, KeyRing, authenticate
 from meter_gateway.gateway.commands.envelope import Ack, CommandEnvelope, canonical_bytes, decode_envelope
 from meter_gateway.gateway.commands.executor import CommandStats, CommitReadings, ExecSettings, Executor
-from meter_gateway.gateway.commands.guard import GUARD_REASON, MassDisconnectGuard
+from meter_gateway.gateway.commands.guard import GUARD_REASON, GUARDED_ACTIONS, MassDisconnectGuard
 from meter_gateway.gateway.commands.states import ACTIVE, CommandEvent, CommandState, IllegalTransition
 from meter_gateway.gateway.commands.store import CommandStore, MeterPlan, StoreError, Transition
 from meter_gateway.gateway.config import Config, Meter
@@ -285,7 +285,7 @@ class CommandService:
             runnable.append(meter)
         mode = env.reconnect_mode
         held: set[str] = set()
-        if env.action == "disconnect":
+        if env.action in GUARDED_ACTIONS:
             decision = guard.decide(runnable, now, env.id)
             held = set(decision.held)
         for meter in runnable:
@@ -296,7 +296,7 @@ class CommandService:
                 detail = f"more than {limit}; waits for a release (role release) until it expires"
                 plans[meter] = MeterPlan(meter, E.HOLD, reason=GUARD_REASON, detail=detail)
             else:
-                plans[meter] = MeterPlan(meter, E.ADMIT, mode=meter_mode, guarded=env.action == "disconnect")
+                plans[meter] = MeterPlan(meter, E.ADMIT, mode=meter_mode, guarded=env.action in GUARDED_ACTIONS)
         return [plans[m] for m in env.meters]
 
     def _accept(self, env: CommandEnvelope, now: float) -> None:

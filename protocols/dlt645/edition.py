@@ -16,10 +16,6 @@ class Edition(enum.Enum):
     def __init__(self, value: str) -> None:
         self.di_length = 4 if value == "2007" else 2
 
-    # Members are singletons and compare by identity, so the identity hash (in C) is consistent
-    # with equality; Enum's own hashes the name in Python on every dict look-up keyed by an edition.
-    __hash__ = object.__hash__
-
     def format_di(self, di: int) -> str:
         """Printed order, most significant byte first (``00010000``, ``9010``)."""
         return f"{di:0{self.di_length * 2}X}"

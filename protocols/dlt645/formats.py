@@ -430,13 +430,6 @@ def _lookup(fmt: str) -> _Format:
     return parsed
 
 
-def _number_decoder(fmt: str) -> Callable[[bytes], FieldValue] | None:
-    """The decoder of a numeric (BCD) format, for a caller that checks the length itself and
-    wants no more per value than the decode (the catalogue's hot path); None for other formats."""
-    found = _lookup(fmt)
-    return found.decode if isinstance(found, _Bcd) else None
-
-
 def _encoder(fmt: str) -> Callable[[object], bytes]:
     """``encode_field(fmt, ·)`` with the format looked up once (the catalogue's encoders); an
     unknown format fails when used, as encode_field does."""
@@ -477,7 +470,7 @@ def encode_field(fmt: str, value: object) -> bytes:
 
 def json_value(value: object) -> JsonScalar:
     """A decoded value as a JSON scalar: dates, times and datetimes become ISO 8601 text."""
-    if value is None or isinstance(value, bool | int | float | str):
+    if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, MeterDate):
         return value.date.isoformat()

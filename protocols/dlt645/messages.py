@@ -22,15 +22,11 @@ from meter_gateway.protocols.dlt645.error_words import error_flags, remote_contr
 from meter_gateway.protocols.dlt645.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from meter_gateway.protocols.dlt645.formats import decode_field, encode_field
 from meter_gateway.protocols.dlt645.frame import (
-    _CONTROLS,
     BROADCAST,
-    END,
-    START,
     WILDCARD,
     Address,
     Control,
     Frame,
-    scramble,
 )
 from meter_gateway.protocols.dlt645.remote_control import RemoteCommand
 
@@ -133,7 +129,7 @@ class _Message:
             raise LocalProtocolError(f"{type(self).__name__} does not exist in DL/T 645-{edition.value}") from None
 
     def control(self, edition: Edition) -> Control:
-        return Control(self.function(edition), from_meter=self.FROM_METER)
+        return Control.from_byte(self.function(edition) | (0x80 if self.FROM_METER else 0))
 
     def to_frame(self, edition: Edition) -> Frame:
         return Frame(self.address, self.control(edition), self.payload(edition))
@@ -194,30 +190,6 @@ class ReadRequest(_Message):
             value = decode_field("YYMMDDhhmm", data[n + 1 :])
             since = value if isinstance(value, datetime.datetime) else None
         return cls(frame.address, _di_from(edition, data), data[n] if len(data) > n else None, since)
-
-
-_START_BYTE = bytes((START,))
-
-
-class ReadRequestEncoder:
-    """``ReadRequest(address, di).encode(edition)`` without building a message and a frame per
-    request (2,600 requests a second at full load): the parts that do not depend on the meter or
-    the DI are fixed once per edition. It holds nothing per meter, so one encoder serves every
-    meter of a gateway (10,000 per-meter copies of the frame's start cost 1 MiB)."""
-
-    __slots__ = ("_control", "_control_sum", "_edition")
-
-    def __init__(self, edition: Edition) -> None:
-        n = edition.di_length
-        self._edition = edition
-        self._control = bytes((START, ReadRequest.FUNCTIONS[edition], n))  # 68 C L after the address
-        self._control_sum = START + sum(self._control)  # both 68s, C and L
-
-    def encode(self, address: Address, di: int) -> bytes:
-        wire = address.wire
-        data = scramble(_di_bytes(self._edition, di))
-        checksum = (self._control_sum + sum(wire) + sum(data)) & 0xFF
-        return b"".join((_START_BYTE, wire, self._control, data, bytes((checksum, END))))
 
 
 @dataclass(frozen=True, slots=True)
@@ -712,22 +684,9 @@ _REPLIES: dict[Edition, dict[int, _Parser]] = {
 }
 
 
-# The plain read reply (2007 0x91, 1997 0x81) answers nearly every poll: parse_message reads it
-# without the table look-ups. The deframer hands out these very Control objects; another equal
-# Control (built by hand) simply takes the general path.
-_PLAIN_READ_REPLY_2007 = _CONTROLS[0x91]
-_PLAIN_READ_REPLY_1997 = _CONTROLS[0x81]
-
-
 def parse_message(frame: Frame, edition: Edition) -> Message:
     """The application message carried by ``frame``, read with the meter's ``edition``."""
     control = frame.control
-    if (control is _PLAIN_READ_REPLY_2007 and edition is E7) or (control is _PLAIN_READ_REPLY_1997 and edition is E97):
-        # What ReadReply.parse does for it: DI, then the value; no SEQ, no follow-up flag.
-        data = frame.data
-        n = edition.di_length
-        if len(data) >= n:
-            return ReadReply(frame.address, int.from_bytes(data[:n], "little"), data[n:], False, None)
     if control.from_meter and control.abnormal:
         return ErrorReply.parse(frame, edition)
     table = _REPLIES if control.from_meter else _REQUESTS
@@ -763,7 +722,6 @@ __all__ = [
     "ReadFollowUpRequest",
     "ReadReply",
     "ReadRequest",
-    "ReadRequestEncoder",
     "RemoteControlReply",
     "RemoteControlRequest",
     "RereadRequest",

@@ -4,8 +4,9 @@ They speak a toy length-prefixed framing so these tests do not depend on any rea
 
     0xA5, n, kind, address, seq, payload...      (n = 3 + len(payload))
 
-kind 0x01 is a request, 0x81 a reply. ``ToyMatcher`` is a real ReplyMatcher for it (the bus API
-is protocol-agnostic, so tests supply the protocol part the way a driver would).
+kind 0x01 is a request, 0x81 a reply. ``ToyExchange`` is a real reply exchange for it
+(:class:`protocols.exchange.ReplyExchange`; the bus is protocol-agnostic, so tests supply the
+protocol part the way a driver would).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 
 import pytest_asyncio
 
-from meter_gateway.drivers.bus import Rejection, RejectionLog
+from meter_gateway.protocols.exchange import Answer, Event, Rejected, Rejection
 
 SYNC = 0xA5
 REQUEST = 0x01
@@ -82,35 +83,40 @@ class ToyDeframer:
         return out
 
 
-class ToyMatcher(RejectionLog):
+class ToyExchange:
     """Accepts the reply to one toy request; reports everything else by kind."""
 
     def __init__(self, req: ToyFrame) -> None:
-        super().__init__()
         self.request = req
         self._raw = req.encode()
         self._deframer = ToyDeframer()
 
-    def reset(self) -> None:
+    def begin(self) -> None:
         self._deframer.clear()
 
-    def feed(self, data: bytes) -> ToyFrame | None:
+    def receive(self, data: bytes) -> list[Event[ToyFrame]]:
+        events: list[Event[ToyFrame]] = []
         for skipped, frame in self._deframer.feed(data):
             if frame is None:
-                self.reject(Rejection.GARBAGE, skipped)
+                events.append(Rejected(Rejection.GARBAGE, skipped))
                 continue
-            size = len(frame.encode())
-            if frame.encode() == self._raw:
-                self.reject(Rejection.ECHO, size)
-            elif frame.kind != REPLY:
-                self.reject(Rejection.WRONG_FUNCTION, size, f"kind {frame.kind:#x}")
-            elif frame.address != self.request.address:
-                self.reject(Rejection.WRONG_ADDRESS, size, f"address {frame.address}")
-            elif frame.seq != self.request.seq:
-                self.reject(Rejection.LATE, size, f"seq {frame.seq}")
-            else:
-                return frame
-        return None
+            event = self.consider(frame)
+            events.append(event)
+            if not isinstance(event, Rejected):
+                break
+        return events
+
+    def consider(self, frame: ToyFrame) -> Event[ToyFrame]:
+        size = len(frame.encode())
+        if frame.encode() == self._raw:
+            return Rejected(Rejection.ECHO, size)
+        if frame.kind != REPLY:
+            return Rejected(Rejection.WRONG_FUNCTION, size, f"kind {frame.kind:#x}")
+        if frame.address != self.request.address:
+            return Rejected(Rejection.WRONG_ADDRESS, size, f"address {frame.address}")
+        if frame.seq != self.request.seq:
+            return Rejected(Rejection.LATE, size, f"seq {frame.seq}")
+        return Answer(frame)
 
 
 async def until(cond: Callable[[], object], within: float = 1.0) -> None:

@@ -1,0 +1,214 @@
+"""The transaction engine of one wire: a request out, the reply the protocol's exchange accepts back.
+
+The engine owns what every framed protocol needs around a request and nothing protocol-specific:
+
+* waiting briefly for a link that is down (early in an outage only, so queues drain later);
+* the inter-frame gap (bus quiet time, measured from the last byte either way) before sending;
+* flushing stale input before every attempt;
+* the deadline, fixed when the request is on the wire, so a dribbling peer cannot extend it;
+* retries with jittered backoff after silence, an unusable reply or a lost link; none after a
+  refusal (the meter answered);
+* counting what the exchange rejected, and telling the link whether anything answered (its
+  half-open detection).
+
+What the bytes mean is the exchange's business (:mod:`protocols.exchange`). The caller holds the
+wire's turn (:mod:`drivers.turn_lock`) while a transaction runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from meter_gateway.drivers.backoff import Backoff, BackoffPolicy
+from meter_gateway.drivers.bus_counters import BusCounters
+from meter_gateway.drivers.errors import BadReply, DriverError, LinkDown, MeterRefused, NoAnswer
+from meter_gateway.drivers.transport import Transport
+from meter_gateway.protocols.exchange import Answer, Refusal, Rejected, Rejection, ReplyExchange, Unusable, Verdict
+
+__all__ = ["BusSettings", "TransactionEngine"]
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class BusSettings:
+    reply_timeout: float = 1.0  # whole reply, from the request being on the wire
+    attempts: int = 3  # first try included
+    retry: BackoffPolicy = field(default_factory=lambda: BackoffPolicy(initial=0.1, maximum=1.0))
+    inter_frame_gap: float = 0.0  # bus quiet time before we send
+    max_quiet_wait: float = 1.0  # a chattering bus cannot hold a request back longer than this
+    link_wait: float = 1.0  # how long into an outage transactions wait for the link to return
+
+    def __post_init__(self) -> None:
+        if self.reply_timeout <= 0 or self.attempts < 1:
+            raise ValueError("bus settings need reply_timeout > 0 and attempts >= 1")
+        if min(self.inter_frame_gap, self.max_quiet_wait, self.link_wait) < 0:
+            raise ValueError("bus settings: gaps and waits must be >= 0")
+
+
+class _Listener(Generic[R]):
+    """What one attempt hears: fed by the link as bytes arrive, until a verdict."""
+
+    __slots__ = ("bad", "counters", "exchange", "heard", "verdict")
+
+    def __init__(self, exchange: ReplyExchange[R], counters: BusCounters) -> None:
+        self.exchange = exchange
+        self.counters = counters
+        self.heard = False  # any byte, even an echo or a late reply, shows the link is alive
+        self.verdict: Verdict[R] | None = None
+        self.bad: list[str] = []  # the rejections that mean a bad reply rather than silence
+
+    def feed(self, data: bytes) -> bool:
+        self.heard = True
+        for event in self.exchange.receive(data):
+            if isinstance(event, Rejected):
+                if self._count(event):
+                    self.bad.append(str(event))
+            else:
+                self.verdict = event
+                return True
+        return False
+
+    def _count(self, r: Rejected) -> bool:
+        """Count one rejection; return True if it means a bad reply rather than silence."""
+        c = self.counters
+        if r.kind is Rejection.ECHO:
+            c.echo_ignored += 1
+            return False
+        if r.kind is Rejection.LATE:
+            c.late_replies += 1
+            return False
+        if r.kind is Rejection.GARBAGE:
+            c.garbage_bytes += r.size
+        else:
+            c.mismatched += 1
+        return True
+
+
+class TransactionEngine:
+    """Runs the transactions of one wire (see the module docstring). ``transport`` may be None for
+    a wire whose library does its own I/O; then only :meth:`quiet` and :meth:`job_ended` apply."""
+
+    def __init__(
+        self,
+        name: str,
+        transport: Transport | None,
+        settings: BusSettings,
+        counters: BusCounters,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.name = name
+        self.transport = transport
+        self.settings = settings
+        self.counters = counters
+        self._rng = rng  # None: the shared jitter generator (drivers.backoff)
+        # called with the seconds from request written to accepted reply
+        self.on_latency: Callable[[float], None] | None = None
+        self._last_tx_end = -math.inf  # loop time our last request left the wire
+        self._last_job_end = -math.inf
+
+    async def transact(self, request: bytes, exchange: ReplyExchange[R], *, attempts: int, reply_timeout: float) -> R:
+        """Send ``request`` until ``exchange`` accepts a reply; return that reply.
+
+        Raises NoAnswer / BadReply after ``attempts``, MeterRefused at once, LinkDown when the
+        link is still down on the last attempt.
+        """
+        failure: DriverError | None = None
+        backoff: Backoff | None = None
+        for attempt in range(attempts):
+            if attempt:
+                self.counters.retries += 1
+                if backoff is None:
+                    backoff = Backoff(self.settings.retry, rng=self._rng)
+                await asyncio.sleep(backoff.next())
+            transport = await self._link()  # a link still down after the wait fails the transaction
+            await self.quiet()
+            self.counters.stale_bytes_flushed += transport.flush_input()
+            exchange.begin()
+            listener: _Listener[R] = _Listener(exchange, self.counters)
+            try:
+                await self._write(transport, request)
+                # the deadline is fixed from the request being on the wire: dribbling cannot extend it
+                await transport.read_until(listener.feed, self._last_tx_end + reply_timeout)
+            except LinkDown as e:  # lost while writing or waiting: the next attempt waits for it
+                if attempt + 1 == attempts:
+                    raise
+                log.debug("bus %s: %s; retrying", self.name, e)
+                continue
+            if listener.heard:
+                transport.note_reply()
+            else:
+                transport.note_silence()
+            verdict = listener.verdict
+            if isinstance(verdict, Answer):
+                self.counters.ok += 1
+                if self.on_latency is not None:
+                    self.on_latency(asyncio.get_running_loop().time() - self._last_tx_end)
+                return verdict.reply
+            if isinstance(verdict, Refusal):
+                raise MeterRefused(verdict.text, code=verdict.code, reasons=verdict.reasons)
+            if isinstance(verdict, Unusable):
+                failure = BadReply(verdict.text)
+                continue
+            self.counters.timeouts += 1
+            if listener.bad:
+                failure = BadReply(
+                    f"bus {self.name}: no valid matching reply within {reply_timeout:.2f} s ({', '.join(listener.bad)})"
+                )
+            else:
+                failure = NoAnswer(f"bus {self.name}: no reply within {reply_timeout:.2f} s")
+        raise failure or NoAnswer(f"bus {self.name}: no reply")
+
+    async def send(self, request: bytes) -> None:
+        """Send a request that gets no reply (a broadcast), honouring gap and flush."""
+        transport = await self._link()
+        await self.quiet()
+        self.counters.stale_bytes_flushed += transport.flush_input()
+        await self._write(transport, request)
+
+    async def quiet(self) -> None:
+        """Wait until the bus has been quiet for the inter-frame gap (bounded by max_quiet_wait)."""
+        gap = self.settings.inter_frame_gap
+        if gap <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.settings.max_quiet_wait
+        transport = self.transport
+        while True:
+            last = max(self._last_tx_end, self._last_job_end, transport.last_rx if transport else -math.inf)
+            wait = min(last + gap, give_up) - loop.time()
+            if wait <= 0:
+                return
+            await asyncio.sleep(wait)
+
+    def job_ended(self) -> None:
+        """A job of the wire's own library ended: the quiet time counts from now."""
+        self._last_job_end = asyncio.get_running_loop().time()
+
+    async def _link(self) -> Transport:
+        transport = self.transport
+        if transport is None:
+            raise LinkDown(f"bus {self.name} has no transport for raw exchanges")
+        if transport.connected:
+            return transport
+        # wait for a reconnect only early in an outage; later, fail fast so the queue drains
+        now = asyncio.get_running_loop().time()
+        since = transport.down_since
+        remaining = (since if since is not None else now) + self.settings.link_wait - now
+        if remaining > 0 and await transport.wait_connected(remaining):
+            return transport
+        raise LinkDown(f"bus {self.name}: link {transport.name} is down")
+
+    async def _write(self, transport: Transport, request: bytes) -> None:
+        await transport.write(request)
+        self.counters.sent += 1
+        self._last_tx_end = asyncio.get_running_loop().time() + transport.tx_time(len(request))

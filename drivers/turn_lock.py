@@ -1,0 +1,68 @@
+"""The turn lock of one wire: one transaction at a time, commands ahead of polls.
+
+Whoever drives a wire (the transaction engine for framed bytes, a library such as pymodbus for
+its own I/O) takes a turn before its request and gives it back after the reply. Turns are granted
+by (priority, arrival order): a command goes next, ahead of queued polls; FIFO within a priority.
+A waiter that is cancelled gives up its place, or passes the turn on if it was just handed one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import heapq
+import itertools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+__all__ = ["Priority", "TurnLock"]
+
+
+class Priority(enum.IntEnum):
+    """Lower runs sooner."""
+
+    COMMAND = 0  # remote disconnect / reconnect, operator actions
+    POLL = 10  # scheduled readings
+    BACKFILL = 20  # catching up on frozen data; yields to everything live
+
+
+class TurnLock:
+    def __init__(self) -> None:
+        self._held = False
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+
+    @property
+    def waiting(self) -> int:
+        """Transactions queued for a turn."""
+        return sum(1 for *_, f in self._waiters if not f.done())
+
+    async def acquire(self, priority: int) -> None:
+        if not self._held and not self._waiters:
+            self._held = True
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (priority, next(self._order), fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # the turn was handed to us as we were cancelled: pass it on
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            fut = heapq.heappop(self._waiters)[2]
+            if not fut.done():
+                fut.set_result(None)  # the turn moves to this waiter; the lock stays held
+                return
+        self._held = False
+
+    @asynccontextmanager
+    async def turn(self, priority: int) -> AsyncIterator[None]:
+        """Hold the wire for one transaction."""
+        await self.acquire(priority)
+        try:
+            yield
+        finally:
+            self.release()
