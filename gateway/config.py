@@ -508,6 +508,10 @@ class Dlt698Options(_Section, kw_only=True, frozen=True):
     ] = "plaintext"
 
 
+# Protocol families whose meters take a settings table of their own (Meter fields of the same name).
+_PROTOCOL_OPTIONS: Final = ("dlt698", "cjt188")
+
+
 class Meter(_Section, kw_only=True, frozen=True, gc=False):
     """One meter on a bus."""
 
@@ -1314,8 +1318,9 @@ class _Validator:
             else:
                 seen_addresses[key] = (mi, m.id)
             model = self._model(m, where)
-            if m.dlt698 is not None and registry.get(m.protocol).family != "dlt698":
-                self.error(f"{where}.dlt698", f"only for dlt698 meters; this meter speaks {m.protocol}")
+            for family in _PROTOCOL_OPTIONS:  # meters[].<family> tables belong to meters of that family
+                if getattr(m, family) is not None and registry.get(m.protocol).family != family:
+                    self.error(f"{where}.{family}", f"only for {family} meters; this meter speaks {m.protocol}")
             credentials = m.credentials
             if credentials is not None:
                 rule = registry.get(m.protocol).password

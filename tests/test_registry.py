@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typing
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +69,17 @@ def test_addresses_are_checked_by_the_protocols_rule(protocol: str, address: obj
 def test_an_unknown_protocol_is_named_with_the_known_ones() -> None:
     with pytest.raises(KeyError, match="known: dlt645-2007"):
         registry.get("dlt645-2009")
+
+
+def test_a_protocol_settings_table_on_another_protocols_meter_is_an_error(tmp_path: Path) -> None:
+    from meter_gateway.gateway.config import ConfigError, load_config
+
+    path = tmp_path / "gw.toml"
+    path.write_text(
+        '[gateway]\nid = "gw"\nstate_dir = "state"\n[uplink]\nhost = "127.0.0.1"\n'
+        '[[buses]]\nname = "b"\ntype = "tcp"\nhost = "127.0.0.1"\nport = 1\nprotocol = "dlt645"\n'
+        '[[meters]]\nid = "m"\nbus = "b"\nprotocol = "dlt645-2007"\naddress = "000000000001"\n'
+        'model = "dlt645-2007-generic"\n[meters.cjt188]\ndi_order = "swapped"\n'
+    )
+    with pytest.raises(ConfigError, match=r"meters\[0\]\.cjt188: only for cjt188 meters"):
+        load_config(path, secrets=False)

@@ -42,6 +42,7 @@ __all__ = [
     "RelayReading",
     "ValveActuator",
     "ValveReading",
+    "guarded",
     "make_actuator",
 ]
 
@@ -103,7 +104,8 @@ def _convert(exc: DriverError) -> ActuatorError:
     return ActuatorError("no_answer", exc.kind, str(exc))  # NoAnswer, LinkDown, BadReply, MeterOffline
 
 
-async def _guarded(call: Awaitable[T]) -> T:
+async def guarded(call: Awaitable[T]) -> T:
+    """Await a driver call, turning its errors into the actuator's (every actuator goes through this)."""
     try:
         return await call
     except DriverError as exc:
@@ -155,21 +157,21 @@ class Dlt645Actuator:
 
     async def control(self, action: str, mode: str | None, valid_until: float) -> None:
         command = _RECONNECT[mode or "close_permit"] if action == "reconnect" else _DLT_COMMANDS[action]
-        await _guarded(self.driver.remote_control(command, valid_until, priority=Priority.COMMAND, attempts=1))
+        await guarded(self.driver.remote_control(command, valid_until, priority=Priority.COMMAND, attempts=1))
 
     async def read_relay(self) -> RelayReading:
         # forced: a meter marked offline by the control frames' lost replies must still be read back
-        status = await _guarded(self.driver.read_relay(priority=Priority.COMMAND, force=True))
+        status = await guarded(self.driver.read_relay(priority=Priority.COMMAND, force=True))
         state: RelayState = "closed" if status.closed else "armed" if status.armed else "open"
         return RelayReading(state, status.keep_power, status.raw, status.trip_pending)
 
     async def read_now(self, quantities: Sequence[str] | None, now: float) -> list[Reading]:
         wanted = list(quantities) if quantities else list(self.driver.model.quantities)
-        return await _guarded(self.driver.read(wanted, slot=float(int(now)), now=now, priority=Priority.COMMAND))
+        return await guarded(self.driver.read(wanted, slot=float(int(now)), now=now, priority=Priority.COMMAND))
 
     async def time_sync(self, now: float) -> float:
-        await _guarded(self.driver.sync_time(now, priority=Priority.COMMAND))
-        meter = await _guarded(self.driver.read_clock(priority=Priority.COMMAND))
+        await guarded(self.driver.sync_time(now, priority=Priority.COMMAND))
+        meter = await guarded(self.driver.read_clock(priority=Priority.COMMAND))
         return meter - self.clock()
 
 
@@ -189,7 +191,7 @@ class ModbusActuator:
         return None
 
     async def _run(self, job: Callable[[], Awaitable[T]]) -> T:
-        return await _guarded(self.bus.run(job, meter=self.meter_id, priority=Priority.COMMAND, force=True))
+        return await guarded(self.bus.run(job, meter=self.meter_id, priority=Priority.COMMAND, force=True))
 
     async def control(self, action: str, mode: str | None, valid_until: float) -> None:
         # no validity time on Modbus: the executor does not start a command after its expiry

@@ -26,7 +26,7 @@ from meter_gateway.gateway.commands.actuators import (
     ActuatorError,
     RelayReading,
     ValveReading,
-    _guarded,
+    guarded,
 )
 
 __all__ = ["Cjt188Actuator"]
@@ -59,7 +59,7 @@ class Cjt188Actuator:
             open_valve = VALVE_ACTIONS[action]
         except KeyError:
             raise ActuatorError("unsupported", "unsupported", f"{action} is not a CJ/T 188 control") from None
-        status = await _guarded(self.driver.set_valve(open_valve, priority=Priority.COMMAND, attempts=1))
+        status = await guarded(self.driver.set_valve(open_valve, priority=Priority.COMMAND, attempts=1))
         if status is not None and status.valve == "abnormal":
             raise ActuatorError(
                 "meter_refused",
@@ -69,7 +69,7 @@ class Cjt188Actuator:
 
     async def read_valve(self) -> ValveReading:
         # forced: a meter marked offline by lost command replies must still be read back
-        status = await _guarded(self.driver.read_valve(priority=Priority.COMMAND, force=True))
+        status = await guarded(self.driver.read_valve(priority=Priority.COMMAND, force=True))
         return ValveReading(status.state, status.battery_low, status.raw)
 
     async def read_relay(self) -> RelayReading:
@@ -77,9 +77,9 @@ class Cjt188Actuator:
 
     async def read_now(self, quantities: Sequence[str] | None, now: float) -> list[Reading]:
         wanted = list(quantities) if quantities else list(self.driver.model.quantities)
-        return await _guarded(self.driver.read(wanted, slot=float(int(now)), now=now, priority=Priority.COMMAND))
+        return await guarded(self.driver.read(wanted, slot=float(int(now)), now=now, priority=Priority.COMMAND))
 
     async def time_sync(self, now: float) -> float:
-        await _guarded(self.driver.sync_time(now, priority=Priority.COMMAND))
-        meter = await _guarded(self.driver.read_clock(priority=Priority.COMMAND))
+        await guarded(self.driver.sync_time(now, priority=Priority.COMMAND))
+        meter = await guarded(self.driver.read_clock(priority=Priority.COMMAND))
         return meter - self.clock()

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from meter_gateway.drivers.bus import Priority
 from meter_gateway.drivers.dlt698_driver import Dlt698Driver
 from meter_gateway.drivers.reading import Reading
-from meter_gateway.gateway.commands.actuators import RELAY_ACTIONS, ActuatorError, RelayReading, _guarded
+from meter_gateway.gateway.commands.actuators import RELAY_ACTIONS, ActuatorError, RelayReading, guarded
 from meter_gateway.gateway.commands.envelope import RelayState
 
 __all__ = ["CONTROL_ACTIONS", "Dlt698Actuator"]
@@ -56,27 +56,27 @@ class Dlt698Actuator:
                     "apdu_required",
                     f"meter {d.meter_id} takes control only as the head-end's secured APDU (params.apdu)",
                 )
-            await _guarded(d.passthrough(apdu, priority=Priority.COMMAND, attempts=1))
+            await guarded(d.passthrough(apdu, priority=Priority.COMMAND, attempts=1))
             return
         if apdu is not None:
             raise ActuatorError("unsupported", "unsupported", f"meter {d.meter_id} is in plaintext control mode")
         if action == "disconnect":
-            await _guarded(d.trip(priority=Priority.COMMAND, attempts=1))
+            await guarded(d.trip(priority=Priority.COMMAND, attempts=1))
         elif action == "reconnect":
-            await _guarded(d.close(close_now=mode == "direct_close", priority=Priority.COMMAND, attempts=1))
+            await guarded(d.close(close_now=mode == "direct_close", priority=Priority.COMMAND, attempts=1))
         else:
-            await _guarded(d.keep_power(action == "keep_power_on", priority=Priority.COMMAND, attempts=1))
+            await guarded(d.keep_power(action == "keep_power_on", priority=Priority.COMMAND, attempts=1))
 
     async def read_relay(self) -> RelayReading:
-        status = await _guarded(self.driver.read_relay(priority=Priority.COMMAND, force=True))
+        status = await guarded(self.driver.read_relay(priority=Priority.COMMAND, force=True))
         state: RelayState = "closed" if status.closed else "armed" if status.armed else "open"
         return RelayReading(state, status.keep_power, status.raw, status.trip_pending)
 
     async def read_now(self, quantities: Sequence[str] | None, now: float) -> list[Reading]:
         wanted = list(quantities) if quantities else list(self.driver.model.quantities)
-        return await _guarded(self.driver.read(wanted, slot=float(int(now)), now=now, priority=Priority.COMMAND))
+        return await guarded(self.driver.read(wanted, slot=float(int(now)), now=now, priority=Priority.COMMAND))
 
     async def time_sync(self, now: float) -> float:
-        await _guarded(self.driver.sync_time(now, priority=Priority.COMMAND))
-        meter = await _guarded(self.driver.read_clock(priority=Priority.COMMAND))
+        await guarded(self.driver.sync_time(now, priority=Priority.COMMAND))
+        meter = await guarded(self.driver.read_clock(priority=Priority.COMMAND))
         return meter - self.clock()
