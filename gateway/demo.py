@@ -5,7 +5,9 @@ it lists (DL/T 645-2007 and -1997 meters on simulated RS-485 lines reached over 
 meters), a local MQTT broker
 (mosquitto on a free loopback port; the product ships no broker), and the gateway itself; then
 subscribes to the gateway's readings like a head-end would and prints them as they arrive at the
-broker. Ports are picked free at start, so it runs beside anything.
+broker, with their quality flags. Ports are picked free at start, so it runs beside anything.
+The simulated meters keep the time of the config's ``gateway.timezone``, not the host's, and
+their buttons are on a loopback text port (``press ADDRESS``; README "Simulated meters").
 Stop with Ctrl-C, or give ``--duration``.
 """
 
@@ -26,28 +28,72 @@ from pathlib import Path
 import msgspec
 
 from meter_gateway.config import resource
+from meter_gateway.drivers.reading import Quality
 from meter_gateway.gateway.app import Gateway
 from meter_gateway.gateway.config import BusConfig, Config, ConfigError, TcpBus, load_config
 from meter_gateway.gateway.headend_client import ReadingsWatcher
 from meter_gateway.gateway.local_broker import BrokerUnavailable, LocalBroker
 from meter_gateway.gateway.mqtt_contract import ReadingsBatch, Topics
 from meter_gateway.protocols.dlt645.edition import Edition
+from meter_gateway.simulators.dlt645_meter import Dlt645Meter
 
 # Package data, so the demo runs from an installed wheel in any directory, not only from a checkout.
 DEMO_CONFIG_FILE = "demo.toml"
+
+
+class _Buttons:
+    """The demo's meter buttons on a loopback text port, one command a line:
+    ``press ADDRESS`` (closes a relay a close permit armed) or ``status ADDRESS``."""
+
+    def __init__(self, meters: dict[str, Dlt645Meter]) -> None:
+        self.meters = meters
+        self.server: asyncio.Server | None = None
+
+    def answer(self, line: str) -> str:
+        words = line.split()
+        if len(words) != 2 or words[0] not in ("press", "status"):
+            return "error usage: press ADDRESS | status ADDRESS"
+        meter = self.meters.get(words[1])
+        if meter is None:
+            return f"error no simulated DL/T 645 meter {words[1]}"
+        if words[0] == "press":
+            return "ok relay closed" if meter.press_button() else "ok not armed: relay unchanged"
+        relay = "closed" if meter.relay_closed else "armed" if meter.relay_armed else "open"
+        return f"ok relay={relay} time={meter.meter_time().replace(microsecond=0).isoformat()}"
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                writer.write((self.answer(line.decode("utf-8", "replace")) + "\n").encode())
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
 
 
 async def start_simulators(config: Config) -> tuple[list[object], Config]:
     """A simulator for every bus and meter of ``config``; returns them and the config re-pointed
     at the ports they got."""
     from meter_gateway.simulators.clock import SimClock
-    from meter_gateway.simulators.dlt645_meter import Dlt645Meter
     from meter_gateway.simulators.links import LinkConfig, SimulatedBus
     from meter_gateway.simulators.modbus_meter import serve_modbus
 
     running: list[object] = []
     buses: list[BusConfig] = []
-    clock = SimClock()
+    dlt645: dict[str, Dlt645Meter] = {}
+    # the meters keep the time of the zone the config puts them in, whatever this host's zone is:
+    # on a UTC host, Shanghai meters on host time would be 8 h off and every reading clock-suspect
+    clock = SimClock(tz=config.gateway.zone())
     seeds = {m.id: i for i, m in enumerate(config.meters)}  # every simulated meter its own load
     for bus in config.buses:
         meters = [m for m in config.meters if m.bus == bus.name]
@@ -61,6 +107,7 @@ async def start_simulators(config: Config) -> tuple[list[object], Config]:
             sim_bus = SimulatedBus(sims, LinkConfig(kind="tcp", host="127.0.0.1", port=0))
             await sim_bus.start()
             running.append(sim_bus)
+            dlt645.update((sim.address_text, sim) for sim in sims)
             port = int(sim_bus.endpoint[1])
         else:
             transport = "tcp" if bus.protocol == "modbus-tcp" else "rtu-over-tcp"
@@ -76,11 +123,22 @@ async def start_simulators(config: Config) -> tuple[list[object], Config]:
             running.append(server)
             port = int(server.address[1])
         buses.append(msgspec.structs.replace(bus, host="127.0.0.1", port=port))
+    if dlt645:
+        buttons = _Buttons(dlt645)
+        button_port = await buttons.start()
+        running.append(buttons)
+        print(f"demo: meter buttons: printf 'press ADDRESS\\n' | nc 127.0.0.1 {button_port}", flush=True)
     return running, msgspec.structs.replace(config, buses=buses)
 
 
+def _flags(q: int) -> str:
+    """A reading's quality flags as shown beside it (nothing for a good reading)."""
+    names = [flag.name.lower() for flag in Quality if flag.value and q & flag.value and flag.name]
+    return f"  [{', '.join(names)}]" if names else ""
+
+
 def _printer(started: float) -> tuple[dict[str, int], object, object]:
-    seen: dict[str, int] = {"batches": 0, "readings": 0}
+    seen: dict[str, int] = {"batches": 0, "readings": 0, "clock_suspect": 0}
     ids: set[str] = set()
     lock = threading.Lock()
 
@@ -90,8 +148,11 @@ def _printer(started: float) -> tuple[dict[str, int], object, object]:
             for r in batch.readings:
                 seen["readings"] += 1
                 ids.add(r.id)
+                if r.q & Quality.CLOCK_SUSPECT:
+                    seen["clock_suspect"] += 1
                 value = f"{r.value:.2f}" if isinstance(r.value, float) else str(r.value)
-                print(f"{time.time() - started:7.1f}s  {r.meter:<9} {r.qty:<28} {value:>10} {r.unit}", flush=True)
+                line = f"{time.time() - started:7.1f}s  {r.meter:<9} {r.qty:<28} {value:>10} {r.unit}{_flags(r.q)}"
+                print(line, flush=True)
             seen["distinct"] = len(ids)
 
     def on_state(meter: str, state: str) -> None:
@@ -138,9 +199,11 @@ async def run_demo(config_path: Path, duration: float | None) -> int:
             finally:
                 await asyncio.sleep(0.5)
                 watcher.stop()
+            clocks = gateway.time_sync.stats.measured if gateway.time_sync is not None else 0
             print(
                 f"demo: {seen['readings']} readings in {seen['batches']} batches reached the broker "
-                f"({seen.get('distinct', 0)} distinct ids); gateway committed {gateway.stats.committed}, "
+                f"({seen.get('distinct', 0)} distinct ids, {seen['clock_suspect']} clock-suspect); "
+                f"meter clocks read {clocks}; gateway committed {gateway.stats.committed}, "
                 f"read failures {gateway.stats.failures or 'none'}",
                 flush=True,
             )

@@ -57,6 +57,19 @@ class Will:
     retain: bool = True
 
 
+_PAHO_LEVELS: dict[int, int] = {
+    paho.MQTT_LOG_DEBUG: logging.DEBUG,
+    paho.MQTT_LOG_INFO: logging.INFO,
+    paho.MQTT_LOG_NOTICE: logging.INFO,
+    paho.MQTT_LOG_WARNING: logging.WARNING,
+    paho.MQTT_LOG_ERR: logging.ERROR,
+}
+# paho says ERR when the socket fails or times out: a lost connection (a broker restart, a frozen
+# broker), which the uplink reports itself with what it does about it. ERROR stays for the rest
+# (an exception raised in one of our callbacks is a bug).
+_CONNECTION_TROUBLE = ("failed to receive on socket", "timeout on socket")
+
+
 def _code(reason: ReasonCode | int) -> tuple[int, str]:
     if isinstance(reason, ReasonCode):
         return int(reason.value), reason.getName()
@@ -109,8 +122,9 @@ class MqttConnection:
         client.on_socket_register_write = self._on_socket_register_write
         client.on_socket_unregister_write = self._on_socket_unregister_write
         client.max_inflight_messages_set(max_inflight)
+        self._logger = logger
         if logger is not None:
-            client.enable_logger(logger)
+            client.on_log = self._on_log
         if username is not None:
             client.username_pw_set(username, password)
         if tls_context is not None:
@@ -186,8 +200,13 @@ class MqttConnection:
             raise MqttError(f"subscribe refused by the client: {paho.error_string(rc)}")
         fut: asyncio.Future[list[int]] = self._loop.create_future()
         self._subacks[mid] = fut
-        async with asyncio.timeout(self.timeout):
-            return await fut
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await fut
+        except TimeoutError:
+            # a broker that stopped answering (frozen) on a connection that still looks open: the
+            # caller treats it as the lost connection it is, not as a bug
+            raise MqttError(f"no SUBACK within {self.timeout:g} s") from None
 
     async def messages(self) -> AsyncIterator[paho.MQTTMessage]:
         """Messages as they arrive; raises ConnectionLost when the connection ends."""
@@ -236,6 +255,14 @@ class MqttConnection:
         fut = self._subacks.pop(mid, None)
         if fut is not None and not fut.done():
             fut.set_result([_code(r)[0] for r in reasons])
+
+    def _on_log(self, client: paho.Client, userdata: Any, level: int, buf: str) -> None:
+        if self._logger is None:
+            return
+        std = _PAHO_LEVELS.get(level, logging.WARNING)
+        if std >= logging.ERROR and buf.startswith(_CONNECTION_TROUBLE):
+            std = logging.WARNING
+        self._logger.log(std, "%s", buf)
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         self._messages.put_nowait(message)

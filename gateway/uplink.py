@@ -29,6 +29,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from meter_gateway.drivers.backoff import Backoff, BackoffPolicy
 from meter_gateway.gateway import __version__
+from meter_gateway.gateway.logs import log_limited
 from meter_gateway.gateway.mqtt_connection import ConnectionLost, ConnectRefused, MqttConnection, MqttError, Will
 from meter_gateway.gateway.mqtt_contract import (
     BATCH_OVERHEAD,
@@ -137,7 +138,11 @@ class UplinkConfig:
 
 @dataclass(frozen=True, slots=True)
 class InboundMessage:
-    """A raw message on the command topic. ``retained`` ones are stale by definition: never run them."""
+    """A raw message on the command topic. ``retained`` ones are stale by definition: never run them.
+
+    On MQTT 5 ``retained`` is also set for a message published with retain while the gateway is
+    subscribed (Retain As Published); on MQTT 3.1.1 only for one the broker held when it subscribed.
+    """
 
     topic: str
     payload: bytes
@@ -319,7 +324,15 @@ class Uplink:
             self._window_sem.release()
         if code >= 0x80:
             self.stats.fail(_reason_key(name))
-            log.warning("broker refused a message on %s: %s (0x%02x)", topic, name, code)
+            log_limited(
+                log,
+                logging.WARNING,
+                f"broker_refused:{name}",
+                "broker refused a message on %s: %s (0x%02x)",
+                topic,
+                name,
+                code,
+            )
             return False
         return True
 
@@ -460,8 +473,17 @@ class Uplink:
 
     async def _subscribe(self, client: MqttConnection) -> None:
         if self._protocol is Protocol.V5:
-            # never have retained commands sent to us; they are stale by definition
-            options = SubscribeOptions(qos=1, noLocal=True, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+            # Retained commands are stale by definition and never run. Retain handling 2: the
+            # broker does not send the ones it holds when we subscribe. Retain As Published: one
+            # published with retain while we are subscribed arrives with its retain flag (without
+            # RAP the broker clears it on forwarding, MQTT 5.0 3.8.3.1), so the command service can
+            # refuse it. On 3.1.1 neither exists: docs/mqtt.md "Retained commands".
+            options = SubscribeOptions(
+                qos=1,
+                noLocal=True,
+                retainAsPublished=True,
+                retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND,
+            )
             granted = await client.subscribe(self.topics.commands_filter, options=options)
         else:
             granted = await client.subscribe(self.topics.commands_filter, qos=1)
@@ -497,7 +519,16 @@ class Uplink:
             window.release()
         if code >= 0x80:
             self.stats.fail(_reason_key(name))
-            log.warning("broker refused %s on %s: %s (0x%02x)", what, topic, name, code)
+            log_limited(
+                log,
+                logging.WARNING,
+                f"broker_refused:{what}:{name}",
+                "broker refused %s on %s: %s (0x%02x)",
+                what,
+                topic,
+                name,
+                code,
+            )
             return False
         return True
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import logging
 import os
 import signal
+import socket
+import struct
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -18,9 +22,15 @@ import pytest_asyncio
 from meter_gateway.drivers.backoff import BackoffPolicy
 from meter_gateway.drivers.reading import Quality, Reading
 from meter_gateway.gateway import mqtt_contract as contract
+from meter_gateway.gateway.commands.envelope import TERMINAL_STATES
+from meter_gateway.gateway.mqtt_connection import MqttConnection, MqttError
 from meter_gateway.gateway.outbox import AsyncOutbox
 from meter_gateway.gateway.uplink import InboundMessage, Protocol, TlsConfig, Uplink, UplinkConfig, UplinkConfigError
 from tests.plugins.broker import Broker, Subscriber
+from tests.plugins.simulators import SimBusFactory
+from tests.test_command_exec import envelope, mid
+from tests.test_command_service import TOPICS as COMMAND_TOPICS
+from tests.test_command_service import acks_of, gateway
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST: dict[str, Any] = {
@@ -325,6 +335,125 @@ async def test_negative_puback_keeps_rows_and_recovers(
     assert "accepts readings again" in caplog.text
 
 
+@pytest.mark.asyncio
+async def test_a_subscribe_to_a_frozen_broker_is_a_lost_connection_not_a_crash(mosquitto: Broker) -> None:
+    """A broker that stops answering between CONNACK and SUBACK: MqttError (the uplink reconnects),
+    not a bare TimeoutError that ends the session as an unexpected failure with a traceback."""
+    conn = MqttConnection(mosquitto.host, mosquitto.port, identifier="gw-frozen-sub", mqtt5=True, timeout=1.0)
+    await conn.connect()
+    assert mosquitto.pid is not None
+    os.kill(mosquitto.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(MqttError, match="no SUBACK within 1 s"):
+            await conn.subscribe("meter-gateway/v1/gw-frozen-sub/commands/#")
+    finally:
+        os.kill(mosquitto.pid, signal.SIGCONT)
+        await conn.disconnect(within=1.0)
+
+
+@pytest.mark.asyncio
+async def test_a_connection_reset_is_logged_as_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """paho reports a reset socket at its ERR level; for the gateway it is a lost connection
+    (a broker restarting), reported and retried, so a WARNING, not an ERROR."""
+
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)  # the CONNECT has arrived
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with RST
+        writer.transport.abort()
+
+    server = await asyncio.start_server(reset, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    caplog.set_level(logging.DEBUG, logger="test.paho")
+    conn = MqttConnection(
+        "127.0.0.1", port, identifier="gw-reset", mqtt5=True, timeout=5.0, logger=logging.getLogger("test.paho")
+    )
+    try:
+        with pytest.raises(MqttError, match="before CONNACK"):
+            await conn.connect()
+    finally:
+        server.close()
+        await server.wait_closed()
+    paho_lines = [r for r in caplog.records if r.name == "test.paho"]
+    assert any("failed to receive on socket" in r.getMessage() and r.levelno == logging.WARNING for r in paho_lines)
+    assert all(r.levelno < logging.ERROR for r in paho_lines)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("end", "ack_timeout"),
+    [("thaw", 30.0), ("kill", 3.0)],  # keepalive notices the freeze first / the PUBACK timeout does
+)
+async def test_a_frozen_broker_costs_a_reconnect_and_logs_no_error(
+    broker_factory: Callable[..., Broker],
+    start_uplink: Starter,
+    subscriber: Any,
+    caplog: pytest.LogCaptureFixture,
+    end: str,
+    ack_timeout: float,
+) -> None:
+    """mosquitto frozen (SIGSTOP) for longer than the keepalive while readings and acks are in
+    flight, then thawed or killed and restarted: the uplink reconnects and delivers everything,
+    and nothing logs an ERROR, a traceback or "Future exception was never retrieved"."""
+    caplog.set_level(logging.INFO)
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    broker = broker_factory()
+    assert broker.pid is not None
+    uplink = await start_uplink(
+        broker, keepalive=5, connect_timeout=2.0, ack_timeout=ack_timeout, batch_max_readings=20
+    )
+    await until(lambda: uplink.stats.connected, what="connected")
+    added = 0
+    outcomes: list[bool] = []
+
+    async def produce() -> None:
+        nonlocal added
+        while True:
+            await uplink.outbox.add(readings(20, start=added))
+            added += 20
+            # command acks go the other publish path, with their own timeout
+            outcomes.append(await uplink.publish(COMMAND_TOPICS.acks, b'{"ack":1}', within=1.0))
+            await asyncio.sleep(0.05)
+
+    producer = asyncio.create_task(produce())
+    try:
+        await until(lambda: uplink.stats.published_readings >= 100, what="deliveries before the freeze")
+        os.kill(broker.pid, signal.SIGSTOP)
+        try:
+            await until(lambda: not uplink.stats.connected, within=20, what="the frozen broker noticed")
+            await until(
+                lambda: uplink.stats.connect_failures >= 1, within=10, what="a reconnect attempt on the frozen broker"
+            )
+            assert uplink.outbox.depth > 0  # readings piled up meanwhile
+        finally:
+            if end == "kill":
+                await broker.akill()  # SIGKILL ends a stopped process too: the frozen broker never wakes
+            else:
+                os.kill(broker.pid, signal.SIGCONT)
+        if end == "kill":
+            await broker.astart()
+        await until(lambda: uplink.stats.connected, within=15, what="reconnected")
+        assert False in outcomes  # acks published during the freeze were not confirmed (kept by the caller)
+        assert await uplink.publish(COMMAND_TOPICS.acks, b'{"ack":2}', within=5.0)
+    finally:
+        producer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await producer
+    await until(lambda: uplink.outbox.depth == 0, within=20, what="everything delivered after the freeze")
+    late = subscriber(broker, [contract.Topics("gw-1").readings])
+    await uplink.outbox.add(readings(5, start=added))
+    await late.wait_for(lambda m: len(ids_on(late, contract.Topics("gw-1").readings)) >= 5)
+
+    gc.collect()  # a future nobody retrieved reports itself when it is collected
+    loop.set_exception_handler(None)
+    assert unhandled == []
+    troubles = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info is not None]
+    assert troubles == [], [r.getMessage() for r in troubles]
+    assert any("MQTT" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+
 _DYING_GATEWAY = """
 import asyncio, sys
 from meter_gateway.gateway.outbox import AsyncOutbox
@@ -521,6 +650,41 @@ async def test_commands_reach_the_hook_and_retained_ones_never_run(
     await asyncio.to_thread(
         publish.single, f"{topics.commands}/old", b"", qos=1, retain=True, hostname=mosquitto.host, port=mosquitto.port
     )
+
+
+@pytest.mark.asyncio
+async def test_a_signed_command_published_retained_while_connected_never_runs(
+    tmp_path: Path, mosquitto: Broker, sim_bus: SimBusFactory, subscriber: Any
+) -> None:
+    """MQTT 5: a genuine, signed, valid disconnect published with retain while the gateway is
+    subscribed is forwarded at once; Retain As Published keeps its retain flag, so it is refused
+    (``retained``) like any retained command, and the relay stays closed."""
+    handle = await sim_bus(1)
+    meter = handle.meters[0]
+    acks = subscriber(mosquitto, [COMMAND_TOPICS.acks])
+    async with gateway(tmp_path, mosquitto, handle, protocol=Protocol.V5) as gw:
+        cut = envelope("disconnect", [mid(meter)], expires=600)
+        await gw.command(cut, retain=True)
+        await until(lambda: any(a.state == "rejected" for a in acks_of(acks, cut.id)), what="the refusal")
+        received, rejected = acks_of(acks, cut.id)
+        assert (received.state, rejected.state, rejected.reason) == ("received", "rejected", "retained")
+        assert gw.service.stats.rejected == {"retained": 1}
+        assert gw.uplink.stats.commands_retained == 1
+        await asyncio.sleep(0.5)  # an execution, had one started, would have reached the meter by now
+        assert meter.relay_closed
+        assert meter.trip_count == 0
+        assert gw.service.stats.accepted == 0
+
+        # clearing the retained message (an empty retained publish) is refused the same way
+        await gw.command(b"", retain=True)
+        await until(lambda: gw.service.stats.rejected == {"retained": 2}, what="the empty retained message refused")
+        # the refusal spent nothing: the same command sent as a command (not retained) runs
+        await gw.command(cut)
+        await until(
+            lambda: any(a.meter and a.state in TERMINAL_STATES for a in acks_of(acks, cut.id)), what="execution"
+        )
+        assert [a.state for a in acks_of(acks, cut.id) if a.meter][-1] == "verified"
+        assert not meter.relay_closed
 
 
 @pytest.mark.asyncio
