@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ctl": ("meter_gateway.gateway.ctl_cmd", "head-end reference client: signed remote-control commands"),
     "audit": ("meter_gateway.gateway.audit_cmd", "query the remote-control audit log"),
     "backup": ("meter_gateway.gateway.backup_cmd", "back up the outbox, cursor, command and audit stores"),
+    "read": ("meter_gateway.gateway.read_cmd", "read one meter once, without the daemon (field tool)"),
+    "discover": ("meter_gateway.gateway.discover_cmd", "find the meters on a bus; print [[meters]] to paste"),
 }
 
 

@@ -11,7 +11,7 @@ from meter_gateway.protocols.dlt645.edition import Edition
 
 @functools.cache
 def _tables() -> dict[str, tuple[str, ...]]:
-    text = resources.files("protocols.dlt645").joinpath("data/error_words.toml").read_text("utf-8")
+    text = resources.files("meter_gateway.protocols.dlt645").joinpath("data/error_words.toml").read_text("utf-8")
     raw = tomllib.loads(text)
     return {name: tuple(str(bit) for bit in table["bits"]) for name, table in raw.items()}
 
