@@ -133,10 +133,13 @@ class TransactionEngine:
             transport = await self._link()  # a link still down after the wait fails the transaction
             await self.quiet()
             self.counters.stale_bytes_flushed += transport.flush_input()
+            if not transport.connected:  # the flush found the peer gone (one that closes after each reply)
+                transport = await self._link()
             exchange.begin()
             listener: _Listener[R] = _Listener(exchange, self.counters)
             try:
-                await self._write(transport, request)
+                await transport.write(request)
+                self._sent(transport, request)
                 # the deadline is fixed from the request being on the wire: dribbling cannot extend it
                 await transport.read_until(listener.feed, self._last_tx_end + reply_timeout)
             except LinkDown as e:  # lost while writing or waiting: the next attempt waits for it
@@ -173,7 +176,8 @@ class TransactionEngine:
         transport = await self._link()
         await self.quiet()
         self.counters.stale_bytes_flushed += transport.flush_input()
-        await self._write(transport, request)
+        await transport.write(request)
+        self._sent(transport, request)
 
     async def quiet(self) -> None:
         """Wait until the bus has been quiet for the inter-frame gap (bounded by max_quiet_wait)."""
@@ -208,7 +212,6 @@ class TransactionEngine:
             return transport
         raise LinkDown(f"bus {self.name}: link {transport.name} is down")
 
-    async def _write(self, transport: Transport, request: bytes) -> None:
-        await transport.write(request)
+    def _sent(self, transport: Transport, request: bytes) -> None:
         self.counters.sent += 1
         self._last_tx_end = asyncio.get_running_loop().time() + transport.tx_time(len(request))

@@ -13,6 +13,7 @@ from meter_gateway.drivers.errors import BadReply, LinkDown, MeterRefused, NoAns
 from meter_gateway.drivers.health import HealthBook, HealthPolicy, MeterOffline, MeterState, StateChange
 from meter_gateway.drivers.tcp_link import TcpLink
 from meter_gateway.drivers.transport import TcpSettings
+from meter_gateway.drivers.turn_lock import TurnLock
 from meter_gateway.protocols.exchange import Answer, Event, Refusal, Unusable
 from tests.plugins.peers import (
     PeerConn,
@@ -459,7 +460,8 @@ async def test_transaction_rides_over_a_reconnect(toy_server) -> None:
         await bus.open()
         assert (await ask(bus, 1, 1)).seq == 1
         server.drop_connections()  # the concentrator closed an idle connection
-        await until(lambda: bus.transport is not None and not bus.transport.connected)
+        # (a connection that had answered is reconnected at once: wait for the loss, not the gap)
+        await until(lambda: bus.transport is not None and bus.transport.stats.losses == 1)
         assert (await ask(bus, 1, 2)).seq == 2
         assert server.connections == 2
     finally:
@@ -523,3 +525,26 @@ async def test_an_unusable_reply_is_retried_then_ends_in_bad_reply(toy_server) -
         assert bus.health.state("m1") is MeterState.ONLINE
     finally:
         await bus.close()
+
+
+@pytest.mark.asyncio
+async def test_turn_lock_passes_a_turn_on_when_its_waiter_is_cancelled() -> None:
+    turns = TurnLock()
+    await turns.acquire(Priority.POLL)
+    order: list[str] = []
+
+    async def take(name: str, priority: int) -> None:
+        await turns.acquire(priority)
+        order.append(name)
+        turns.release()
+
+    poll = asyncio.create_task(take("poll", Priority.POLL))
+    command = asyncio.create_task(take("command", Priority.COMMAND))
+    doomed = asyncio.create_task(take("doomed", Priority.COMMAND))
+    await asyncio.sleep(0)
+    assert turns.waiting == 3
+    turns.release()  # the command gets the turn ...
+    command.cancel()  # ... and is cancelled before it runs: the turn goes on
+    await asyncio.gather(poll, doomed, command, return_exceptions=True)
+    assert order == ["doomed", "poll"]  # commands first, FIFO among equals
+    await asyncio.wait_for(turns.acquire(Priority.POLL), 1.0)  # and the lock is free again
