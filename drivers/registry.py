@@ -84,12 +84,33 @@ class MeterProtocol:
     address: Rule
     driver: str  # "module:function" that builds the driver (see gateway/meters.py)
     password: Rule | None = None  # control frames carry a meter password (meters[].credentials)
+    # TIME_SYNC protocols with a broadcast clock set: "module:function", an async function
+    # (bus, when, tz) that sets every meter of this protocol on the bus at once; "" means
+    # meters of this protocol are set one by one (the driver's sync_time)
+    broadcast_time: str = ""
+    # seconds either side of the meter's midnight (when it freezes) that its clock must not be set
+    midnight_guard: float = 300.0
+    # "module:function" making a simulated meter for a configured one (simulators/for_config.py);
+    # "" for protocols simulated per bus instead (Modbus: one server holds every unit)
+    simulator: str = ""
 
     def build_driver(self) -> Callable[..., Any]:
         """The driver builder, imported now (only protocols in use are ever imported)."""
-        module, _, function = self.driver.partition(":")
-        built: Callable[..., Any] = getattr(importlib.import_module(module), function)
-        return built
+        return _load(self.driver)
+
+    def simulated_meter(self) -> Callable[..., Any] | None:
+        """The simulated-meter builder, imported now, or None (see ``simulator``)."""
+        return _load(self.simulator) if self.simulator else None
+
+    def broadcaster(self) -> Callable[..., Any] | None:
+        """The broadcast time-set function, imported now, or None when the protocol has none."""
+        return _load(self.broadcast_time) if self.broadcast_time else None
+
+
+def _load(path: str) -> Callable[..., Any]:
+    module, _, function = path.partition(":")
+    loaded: Callable[..., Any] = getattr(importlib.import_module(module), function)
+    return loaded
 
 
 # Byte-stream buses: our own transport carries frames of any of these protocols, so one RS-485
@@ -141,6 +162,8 @@ PROTOCOLS: Final[dict[str, MeterProtocol]] = {
         _DLT645_ADDRESS,
         "meter_gateway.drivers.dlt645_driver:from_config",
         _DLT645_PASSWORD,
+        broadcast_time="meter_gateway.drivers.dlt645_driver:broadcast_time_2007",
+        simulator="meter_gateway.simulators.for_config:dlt645",
     ),
     # DL/T 645-1997 keeps no daily frozen data; broadcast time (08) is its only clock write we use.
     "dlt645-1997": MeterProtocol(
@@ -152,6 +175,9 @@ PROTOCOLS: Final[dict[str, MeterProtocol]] = {
         _DLT645_ADDRESS,
         "meter_gateway.drivers.dlt645_driver:from_config",
         _DLT645_PASSWORD,
+        broadcast_time="meter_gateway.drivers.dlt645_driver:broadcast_time_1997",
+        midnight_guard=3600.0,  # 1997 clause 5.5 notes: not in the meter's hours 23 and 0
+        simulator="meter_gateway.simulators.for_config:dlt645",
     ),
     # DL/T 698.45-2017: GET-NormalList reads, GET-Record freezes (5004/5006/5002 on 2021), broadcast
     # ACTION 4000-127 and SET 40000200 time, 8000-129/130 relay (130 enum 0 arms it: close permit),
@@ -165,6 +191,8 @@ PROTOCOLS: Final[dict[str, MeterProtocol]] = {
         _DLT698_ADDRESS,
         "meter_gateway.drivers.dlt698_driver:from_config",
         _DLT698_PASSWORD,
+        broadcast_time="meter_gateway.drivers.dlt698_driver:broadcast_time",
+        simulator="meter_gateway.simulators.for_config:dlt698",
     ),
     # CJ/T 188-2004 water, gas and heat meters: 901F reads, A015 time (acknowledged), A017 valve,
     # 810A discovery. Its settlement-day history is monthly, not the daily freezes FROZEN reads.
@@ -176,6 +204,7 @@ PROTOCOLS: Final[dict[str, MeterProtocol]] = {
         Can.READ | Can.VALVE | Can.TIME_SYNC | Can.DISCOVER,
         _CJT188_ADDRESS,
         "meter_gateway.drivers.cjt188_driver:from_config",
+        simulator="meter_gateway.simulators.for_config:cjt188",
     ),
     # Modbus: registers only; no clock, freezes or relay function is defined by the protocol.
     "modbus": MeterProtocol(

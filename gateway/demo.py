@@ -24,17 +24,20 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from meter_gateway.config import resource
+from meter_gateway.drivers import registry
+from meter_gateway.drivers.meter_models import load_model
 from meter_gateway.drivers.reading import Quality
 from meter_gateway.gateway.app import Gateway
-from meter_gateway.gateway.config import BusConfig, Config, ConfigError, TcpBus, load_config
+from meter_gateway.gateway.config import BusConfig, Config, ConfigError, Meter, TcpBus, load_config
 from meter_gateway.gateway.headend_client import ReadingsWatcher
 from meter_gateway.gateway.local_broker import BrokerUnavailable, LocalBroker
 from meter_gateway.gateway.mqtt_contract import ReadingsBatch, Topics
-from meter_gateway.protocols.dlt645.edition import Edition
+from meter_gateway.simulators.clock import SimClock
 from meter_gateway.simulators.dlt645_meter import Dlt645Meter
 
 # Package data, so the demo runs from an installed wheel in any directory, not only from a checkout.
@@ -84,7 +87,6 @@ class _Buttons:
 async def start_simulators(config: Config) -> tuple[list[object], Config]:
     """A simulator for every bus and meter of ``config``; returns them and the config re-pointed
     at the ports they got."""
-    from meter_gateway.simulators.clock import SimClock
     from meter_gateway.simulators.links import LinkConfig, SimulatedBus
     from meter_gateway.simulators.modbus_meter import serve_modbus
 
@@ -100,14 +102,12 @@ async def start_simulators(config: Config) -> tuple[list[object], Config]:
         if not isinstance(bus, TcpBus):
             buses.append(bus)
             continue
-        if bus.protocol == "dlt645":
-            sims = [
-                Dlt645Meter(m.dlt645_address, Edition.parse(m.protocol), clock=clock, seed=seeds[m.id]) for m in meters
-            ]
+        if bus.protocol in registry.BYTE_BUSES:
+            sims = [_simulated(m, clock, seeds[m.id]) for m in meters]
             sim_bus = SimulatedBus(sims, LinkConfig(kind="tcp", host="127.0.0.1", port=0))
             await sim_bus.start()
             running.append(sim_bus)
-            dlt645.update((sim.address_text, sim) for sim in sims)
+            dlt645.update((sim.address_text, sim) for sim in sims if isinstance(sim, Dlt645Meter))
             port = int(sim_bus.endpoint[1])
         else:
             transport = "tcp" if bus.protocol == "modbus-tcp" else "rtu-over-tcp"
@@ -129,6 +129,14 @@ async def start_simulators(config: Config) -> tuple[list[object], Config]:
         running.append(buttons)
         print(f"demo: meter buttons: printf 'press ADDRESS\\n' | nc 127.0.0.1 {button_port}", flush=True)
     return running, msgspec.structs.replace(config, buses=buses)
+
+
+def _simulated(meter: Meter, clock: SimClock, seed: int) -> Any:
+    """The simulated meter for a configured one, built by its protocol's simulator (the registry)."""
+    build = registry.get(meter.protocol).simulated_meter()
+    if build is None:
+        raise ConfigError([f"meters: {meter.id}: {meter.protocol} meters cannot be simulated on a byte-stream bus"])
+    return build(meter.address, meter.protocol, load_model(meter.model), clock=clock, seed=seed)
 
 
 def _flags(q: int) -> str:
