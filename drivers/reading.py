@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 
 import msgspec
 
@@ -48,6 +49,81 @@ class Reading(msgspec.Struct, frozen=True, gc=False):
 
     @property
     def id(self) -> str:
-        stamp = self.meter_time if self.meter_time is not None else self.slot
-        kind = "m" if self.meter_time is not None else "s"
-        return f"{self.meter_id}/{self.quantity}/{kind}{int(stamp or 0)}"
+        return f"{self.meter_id}/{self.quantity}/{stamp_of(self.meter_time, self.slot)}"
+
+
+def stamp_of(meter_time: float | None, slot: float | None) -> str:
+    """The id suffix of a reading stamped so: ``m{meter time}`` when the meter gave one, else ``s{slot}``."""
+    return f"m{int(meter_time)}" if meter_time is not None else f"s{int(slot or 0)}"
+
+
+class ReadRecord(msgspec.Struct, frozen=True, gc=False):
+    """What one read of one meter returned, as one record: the pipeline's unit of work.
+
+    The readings of a record share the meter, the gateway time and the id stamp (meter time, or
+    poll slot), so each reading's id is ``{meter_id}/{quantity}/{stamp}`` exactly as
+    ``Reading.id`` derives it; the quantities, values, units and quality flags are parallel
+    tuples. The outbox stores one row per record instead of one per reading.
+    """
+
+    meter_id: str
+    gateway_time: float
+    meter_time: float | None
+    slot: float | None
+    quantities: tuple[str, ...]
+    values: tuple[float | int | str, ...]
+    units: tuple[str, ...]
+    qualities: tuple[int, ...]
+
+    @property
+    def stamp(self) -> str:
+        return stamp_of(self.meter_time, self.slot)
+
+    @property
+    def key(self) -> str:
+        """``{meter_id}/{stamp}``: what the outbox looks a re-acquired read up by."""
+        return f"{self.meter_id}/{self.stamp}"
+
+    def ids(self) -> list[str]:
+        stamp = self.stamp
+        return [f"{self.meter_id}/{q}/{stamp}" for q in self.quantities]
+
+    def readings(self) -> list[Reading]:
+        return [
+            Reading(self.meter_id, q, v, u, self.gateway_time, self.meter_time, self.slot, Quality(f))
+            for q, v, u, f in zip(self.quantities, self.values, self.units, self.qualities, strict=True)
+        ]
+
+
+def records(readings: Iterable[Reading]) -> list[ReadRecord]:
+    """Group readings into records, keeping their order: each run of consecutive readings of one
+    meter with the same gateway time, meter time and slot (one read's values) becomes one record."""
+    out: list[ReadRecord] = []
+    run: list[Reading] = []
+    for r in readings:
+        if run and (
+            r.meter_id != run[0].meter_id
+            or r.gateway_time != run[0].gateway_time
+            or r.meter_time != run[0].meter_time
+            or r.slot != run[0].slot
+        ):
+            out.append(_record(run))
+            run = []
+        run.append(r)
+    if run:
+        out.append(_record(run))
+    return out
+
+
+def _record(run: list[Reading]) -> ReadRecord:
+    first = run[0]
+    return ReadRecord(
+        first.meter_id,
+        first.gateway_time,
+        first.meter_time,
+        first.slot,
+        tuple(r.quantity for r in run),
+        tuple(r.value for r in run),
+        tuple(r.unit for r in run),
+        tuple(int(r.quality) for r in run),
+    )

@@ -8,7 +8,7 @@ CONTRACT_VERSION (which is part of every topic) for any change a consumer could 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -61,6 +61,10 @@ class Topics:
 
     def meter_state(self, meter_id: str) -> str:
         return f"{self.base}/meters/{check_level('meter id', meter_id)}/state"
+
+    def meter_events(self, meter_id: str) -> str:
+        """What a meter sent on its own (reports, logins); QoS 1, not retained."""
+        return f"{self.base}/meters/{check_level('meter id', meter_id)}/events"
 
     @property
     def commands(self) -> str:
@@ -131,14 +135,44 @@ class MeterState(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False
     detail: str | None = None
 
 
+class MeterEvent(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
+    """Something a meter sent unasked (DL/T 698.45 REPORT-Notification, a response's
+    FollowReport, a terminal's LINK login/logout), as the gateway received it."""
+
+    v: int
+    gateway: str
+    meter: str
+    protocol: str  # the meter's registry protocol, e.g. "dlt698"
+    kind: str  # report | follow_report | link
+    at: float  # gateway time it was received (unix seconds)
+    service: str  # the APDU's name, e.g. "ReportNotificationList"
+    apdu: str  # the APDU as received, upper-case hex: the authoritative content
+    detail: dict[str, Any] | None = None  # the APDU decoded as `meter-gateway decode` prints it
+
+
 _encoder = msgspec.json.Encoder()
 _batch_decoder = msgspec.json.Decoder(ReadingsBatch)
 _status_decoder = msgspec.json.Decoder(Status)
 _state_decoder = msgspec.json.Decoder(MeterState)
+_event_decoder = msgspec.json.Decoder(MeterEvent)
 
 
 def encode_reading(reading: WireReading) -> bytes:
     return _encoder.encode(reading)
+
+
+def encode_readings(readings: Sequence[WireReading]) -> bytes:
+    """Readings encoded as they appear in a batch, comma-separated (no brackets): one call for
+    one read's readings, stored by the outbox and spliced into batches as is."""
+    return _encoder.encode(readings)[1:-1]
+
+
+_wire_list_decoder = msgspec.json.Decoder(list[WireReading])
+
+
+def decode_readings(encoded: bytes) -> list[WireReading]:
+    """The readings of an ``encode_readings`` fragment."""
+    return _wire_list_decoder.decode(b"[" + encoded + b"]")
 
 
 def encode_batch(
@@ -202,6 +236,18 @@ def decode_meter_state(payload: bytes) -> MeterState:
         return _state_decoder.decode(payload)
     except msgspec.DecodeError as exc:
         raise ContractError(f"bad meter state: {exc}") from None
+
+
+def encode_meter_event(event: MeterEvent) -> bytes:
+    check_level("meter id", event.meter)
+    return _encoder.encode(event)
+
+
+def decode_meter_event(payload: bytes) -> MeterEvent:
+    try:
+        return _event_decoder.decode(payload)
+    except msgspec.DecodeError as exc:
+        raise ContractError(f"bad meter event: {exc}") from None
 
 
 def reading_ids(batches: Iterable[ReadingsBatch]) -> list[str]:

@@ -1,8 +1,10 @@
 """The durable outbox: every reading is committed to SQLite before it counts as acquired.
 
-Rows are keyed by an AUTOINCREMENT row id (delivery order) with the reading's deterministic id
-unique (a re-acquired reading is a counted duplicate, not a second row). A row leaves the outbox
-only through ``ack(row_ids)`` after a positive broker acknowledgement, or through the counted
+One row per read (a ``ReadRecord``: one meter's values from one read), holding its readings
+encoded as the MQTT batches carry them; every reading keeps its own row number (delivery order,
+never reused) and deterministic id (a re-acquired reading is a counted duplicate, not a second
+row). A reading leaves the outbox only through ``ack(row_ids)`` after a positive broker
+acknowledgement, or through the counted
 drop-oldest overflow policy; nothing is ever deleted by age, so a gateway clock step cannot
 lose undelivered data. The gateway time at insert is kept only for the oldest-undelivered-age
 metric.
@@ -51,9 +53,10 @@ from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 
-from meter_gateway.drivers.reading import Quality, Reading
+from meter_gateway.drivers.reading import Quality, Reading, ReadRecord, records
 from meter_gateway.gateway import outbox_schema
 from meter_gateway.gateway.logs import limited_kind_ended, log_limited
+from meter_gateway.gateway.mqtt_contract import WireReading, decode_readings, encode_readings
 from meter_gateway.gateway.outbox_schema import COUNTER_NAMES, SchemaError
 from meter_gateway.gateway.outbox_sizing import transaction_rows, wal_limit
 from meter_gateway.gateway.sqlite_check import (
@@ -76,6 +79,7 @@ __all__ = [
     "OutboxError",
     "OutboxStats",
     "OverflowPolicy",
+    "Record",
     "Row",
     "SchemaError",
     "Synchronous",
@@ -92,7 +96,7 @@ DEFAULT_HOLD_LIMIT = 100_000
 DEFAULT_CHECK_BUDGET = 2.0
 ACK_GROUP_ROWS = 20_000  # acked rows deleted per writer transaction at most (see AsyncOutbox._take_acks)
 # A fresh database has too few rows for a measured per-row size; this is above the real
-# figure (about 150-200 bytes with the unique index) so the budget errs on the safe side.
+# figure (about 150-200 bytes a reading as one row each; less as records) so the budget errs on the safe side.
 _INITIAL_ROW_ESTIMATE = 256
 # Ids per "IN (...)" lookup, under SQLite's bound-parameter limit. A lookup is padded (with its
 # last id again) to a power of two, for the same reason as the INSERTs' sizes: one cached
@@ -158,25 +162,41 @@ class Row(NamedTuple):
             quality=Quality(self.quality),
         )
 
+    @classmethod
+    def of(cls, w: WireReading, added_at: float) -> Row:
+        return cls(w.row, w.id, w.meter, w.qty, w.value, w.unit, w.gt, w.mt, w.slot, w.q, added_at)
 
-_SELECT_ROWS = (
-    "SELECT row_id, reading_id, meter_id, quantity, value, unit, gateway_time, meter_time, slot, quality, "
-    "added_at FROM readings "
-)
-_PEEK = _SELECT_ROWS + "WHERE row_id > ? ORDER BY row_id LIMIT ?"
-_BY_ROW_ID = _SELECT_ROWS + "WHERE row_id = ?"
-_BY_READING_ID = _SELECT_ROWS + "WHERE reading_id = ?"
-_INSERT_INTO = (
-    "INSERT OR IGNORE INTO readings (reading_id, meter_id, quantity, value, unit, gateway_time, "
-    "meter_time, slot, quality, added_at) VALUES "
-)
-_INSERT_COLUMNS = 10
-# Rows per INSERT statement. Python's sqlite3 releases the GIL around every sqlite3_step, and
+
+class Record(NamedTuple):
+    """One stored read: its readings' row numbers span ``first_row``..``last_row`` (``n`` of them;
+    fewer than the span once some were acked alone) and ``wire`` is their batch encoding."""
+
+    first_row: int
+    last_row: int
+    n: int
+    added_at: float
+    wire: bytes
+
+    def row_ids(self) -> list[int]:
+        if self.n == self.last_row - self.first_row + 1:
+            return list(range(self.first_row, self.last_row + 1))
+        return [w.row for w in decode_readings(self.wire)]
+
+    def rows(self) -> list[Row]:
+        return [Row.of(w, self.added_at) for w in decode_readings(self.wire)]
+
+
+_RECORD = "SELECT first_row, last_row, n, added_at, wire FROM reads "
+# the record holding a row number, when one does (records never interleave)
+_AT_OR_BEFORE = _RECORD + "WHERE first_row <= ? ORDER BY first_row DESC LIMIT 1"
+_FROM = _RECORD + "WHERE first_row >= ? ORDER BY first_row LIMIT ?"
+_INSERT_INTO = "INSERT INTO reads (first_row, last_row, n, key, added_at, wire) VALUES "
+_INSERT_COLUMNS = 6
+# Records per INSERT statement. Python's sqlite3 releases the GIL around every sqlite3_step, and
 # executemany steps once per row: while the event loop is busy, each row then waits for the GIL
 # (up to the switch interval), and a batch of 300 rows took ~0.1 s and stole the loop's turns.
-# One multi-row statement is one step. 64 rows x 10 columns stays under the 999 bound parameters
-# of SQLite builds before 3.32. Statements come in power-of-two sizes only: sqlite3 keeps every
-# prepared statement it has seen (up to 128), and one per size from 1 to 64 rows took 2.6 MiB.
+# One multi-row statement is one step. Statements come in power-of-two sizes only: sqlite3 keeps
+# every prepared statement it has seen (up to 128), and one per size from 1 to 64 rows took 2.6 MiB.
 _INSERT_ROWS = 64
 
 
@@ -186,13 +206,27 @@ def _insert_sql(rows: int) -> str:
 
 
 @functools.cache
-def _lookup_sql(ids: int) -> str:
-    # only "?" placeholders are interpolated; the ids themselves are bound
-    return f"SELECT reading_id FROM readings WHERE reading_id IN ({','.join('?' * ids)})"  # noqa: S608
+def _lookup_sql(keys: int) -> str:
+    # only "?" placeholders are interpolated; the keys themselves are bound
+    return f"SELECT key, wire FROM reads WHERE key IN ({','.join('?' * keys)})"  # noqa: S608
+
+
+def _seq(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'readings'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _depth(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT coalesce(sum(n), 0) FROM reads").fetchone()[0])
+
+
+def _record_key(reading_id: str) -> str:
+    """The ``key`` of the record a reading id belongs to: ``{meter}/{stamp}`` (a meter id has no "/")."""
+    return reading_id[: reading_id.find("/")] + reading_id[reading_id.rfind("/") :]
 
 
 def _insert(conn: sqlite3.Connection, rows: Sequence[tuple[object, ...]]) -> None:
-    """INSERT OR IGNORE ``rows`` (``_row`` tuples), in order, in few statements (GIL hand-overs)."""
+    """INSERT ``rows`` (``_records`` tuples), in order, in few statements (GIL hand-overs)."""
     start = 0
     while start < len(rows):
         size = min(_INSERT_ROWS, 1 << ((len(rows) - start).bit_length() - 1))  # largest power of two left
@@ -299,20 +333,48 @@ def _problem(r: Reading) -> str | None:
     return f"value of type {type(v).__name__} is not a number or text"
 
 
-def _storable(group: Sequence[Reading]) -> tuple[list[Reading], int]:
-    """The readings of a batch the outbox can store, and how many it cannot (logged once)."""
-    out: list[Reading] = []
+def _record_ok(rec: ReadRecord) -> bool:
+    """Whether a record can be stored as is (checked once per read; values one by one)."""
+    if type(rec.meter_id) is not str or not _stamp_ok(rec.gateway_time):
+        return False
+    if (rec.meter_time is not None and not _stamp_ok(rec.meter_time)) or (
+        rec.slot is not None and not _stamp_ok(rec.slot)
+    ):
+        return False
+    for v in rec.values:
+        t = type(v)
+        if t is float:
+            if not math.isfinite(v):  # type: ignore[arg-type]
+                return False
+        elif t is int:
+            if not _INT64[0] <= v <= _INT64[1]:  # type: ignore[operator]
+                return False
+        elif t is not str:
+            return False
+    return all(type(x) is str for x in rec.quantities) and all(type(x) is str for x in rec.units)
+
+
+def _storable(group: Sequence[Reading]) -> tuple[list[ReadRecord], int]:
+    """The reads of a batch the outbox can store, as records, and how many readings it cannot
+    (logged once). A record is checked as a whole; only one that fails is looked at by reading."""
+    out: list[ReadRecord] = []
     bad = 0
     first: str | None = None
-    for r in group:
-        problem = _problem(r)
-        if problem is None:
-            out.append(r)
-        elif problem == "convert":
-            out.append(msgspec.structs.replace(r, value=_number_text(r.value)))
-        else:
-            bad += 1
-            first = first or f"{r.id}: {problem}"
+    for rec in records(group):
+        if _record_ok(rec):
+            out.append(rec)
+            continue
+        fixed: list[Reading] = []
+        for r in rec.readings():
+            problem = _problem(r)
+            if problem is None:
+                fixed.append(r)
+            elif problem == "convert":
+                fixed.append(msgspec.structs.replace(r, value=_number_text(r.value)))
+            else:
+                bad += 1
+                first = first or f"{r.id}: {problem}"
+        out += records(fixed)
     if bad:
         log_limited(
             log, logging.WARNING, "outbox.invalid", "outbox: refused %d invalid readings (first: %s)", bad, first
@@ -320,9 +382,51 @@ def _storable(group: Sequence[Reading]) -> tuple[list[Reading], int]:
     return out, bad
 
 
-def _row(rid: str, r: Reading, now: float) -> tuple[object, ...]:
-    """A reading's INSERT parameters (see ``_INSERT_INTO``)."""
-    return (rid, r.meter_id, r.quantity, r.value, r.unit, r.gateway_time, r.meter_time, r.slot, int(r.quality), now)
+def _size_of(recs: Iterable[ReadRecord]) -> int:
+    """Readings in some records."""
+    return sum(len(rec.quantities) for rec in recs)
+
+
+def _subset(rec: ReadRecord, keep: Sequence[int]) -> ReadRecord:
+    """The record with only the readings at positions ``keep``."""
+    return msgspec.structs.replace(
+        rec,
+        quantities=tuple(rec.quantities[i] for i in keep),
+        values=tuple(rec.values[i] for i in keep),
+        units=tuple(rec.units[i] for i in keep),
+        qualities=tuple(rec.qualities[i] for i in keep),
+    )
+
+
+def _cut(recs: Sequence[ReadRecord], n: int) -> list[ReadRecord]:
+    """The first ``n`` readings of some records (the last record cut if need be)."""
+    out: list[ReadRecord] = []
+    for rec in recs:
+        if n <= 0:
+            break
+        size = len(rec.quantities)
+        out.append(rec if size <= n else _subset(rec, range(n)))
+        n -= size
+    return out
+
+
+def _encode_record(rec: ReadRecord, first_row: int, now: float) -> tuple[object, ...]:
+    """A record's INSERT parameters (see ``_INSERT_INTO``), its readings numbered from
+    ``first_row`` and encoded here, once, as batches carry them."""
+    stamp = rec.stamp
+    meter, gt, mt, slot = rec.meter_id, rec.gateway_time, rec.meter_time, rec.slot
+    wire = [
+        WireReading(f"{meter}/{qty}/{stamp}", row, meter, qty, value, unit, gt, q, mt, slot)
+        for row, qty, value, unit, q in zip(
+            range(first_row, first_row + len(rec.quantities)),
+            rec.quantities,
+            rec.values,
+            rec.units,
+            rec.qualities,
+            strict=True,
+        )
+    ]
+    return (first_row, first_row + len(wire) - 1, len(wire), f"{meter}/{stamp}", now, encode_readings(wire))
 
 
 def _runs(ids: Sequence[int]) -> Iterator[tuple[int, int]]:
@@ -369,14 +473,14 @@ class Outbox:
         self.schema_version = outbox_schema.version(conn)
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         self.instance: str = meta.get("instance", "")
-        self._depth: int = conn.execute("SELECT count(*) FROM readings").fetchone()[0]
-        seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'readings'").fetchone()
-        self._last_row_id: int = seq[0] if seq else 0
+        self._depth: int = _depth(conn)
+        self._last_row_id: int = _seq(conn)
         self._totals: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
         self._totals.update(dict(conn.execute("SELECT name, value FROM counters").fetchall()))
         self.counters: dict[str, int] = dict.fromkeys((*COUNTER_NAMES, *PROCESS_COUNTERS), 0)
         self.quarantined: Path | None = None  # set by open() when it moved a damaged file aside
         self._unflushed: dict[str, int] = {}  # counter increments not yet persisted
+        self._next_row = self._last_row_id + 1  # row number of the next reading committed
         self._held: list[Reading] = []
         self._pending_acks: set[int] = set()
         self._alarm: str | None = None
@@ -643,11 +747,42 @@ class Outbox:
     def _delete_ids(self, ids: Sequence[int]) -> int:
         deleted = 0
         for first, last in _runs(ids):
-            deleted += self._conn.execute("DELETE FROM readings WHERE row_id BETWEEN ? AND ?", (first, last)).rowcount
+            deleted += self._delete_range(first, last)
         return deleted
 
+    def _delete_range(self, first: int, last: int) -> int:
+        """Delete the readings with row numbers ``first``..``last``; return how many there were.
+
+        Records wholly inside go in one range delete; a record the range cuts (an ack of single
+        rows, not the uplink's, which acks whole records) is rewritten with its other readings."""
+        conn = self._conn
+        deleted = 0
+        cut = [Record._make(r) for r in conn.execute(_AT_OR_BEFORE, (first - 1,))]
+        cut = [rec for rec in cut if rec.last_row >= first]
+        cut += map(
+            Record._make,
+            conn.execute(_RECORD + "WHERE first_row BETWEEN ? AND ? AND last_row > ?", (first, last, last)),
+        )
+        for rec in cut:
+            wires = decode_readings(rec.wire)
+            keep = [w for w in wires if not first <= w.row <= last]
+            deleted += len(wires) - len(keep)
+            key = _record_key(wires[0].id)
+            conn.execute("DELETE FROM reads WHERE first_row = ?", (rec.first_row,))
+            if keep:
+                conn.execute(
+                    _insert_sql(1), (keep[0].row, keep[-1].row, len(keep), key, rec.added_at, encode_readings(keep))
+                )
+        (whole,) = conn.execute(
+            "SELECT coalesce(sum(n), 0) FROM reads WHERE first_row BETWEEN ? AND ? AND last_row <= ?",
+            (first, last, last),
+        ).fetchone()
+        if whole:
+            conn.execute("DELETE FROM reads WHERE first_row BETWEEN ? AND ? AND last_row <= ?", (first, last, last))
+        return deleted + int(whole)
+
     def _add_groups(self, groups: Sequence[Sequence[Reading]]) -> list[AddResult]:
-        work: list[list[Reading]] = []
+        work: list[list[ReadRecord]] = []
         invalid: list[int] = []
         for group in groups:
             ok, bad = _storable(group)
@@ -657,7 +792,7 @@ class Outbox:
         results = self._add_clean(work)
         return [dataclasses.replace(r, invalid=n) if n else r for r, n in zip(results, invalid, strict=True)]
 
-    def _add_clean(self, work: list[list[Reading]]) -> list[AddResult]:
+    def _add_clean(self, work: list[list[ReadRecord]]) -> list[AddResult]:
         # A backlog held through a storage failure goes back in bounded transactions, oldest
         # first: in one transaction, 100,000 readings need tens of MiB of WAL that a small state
         # partition does not have, and the retry would fail for good.
@@ -668,7 +803,7 @@ class Outbox:
                 return self._hold([], work)
         return self._commit_clean(work)
 
-    def _commit_clean(self, work: list[list[Reading]], held_rows: int | None = None) -> list[AddResult]:
+    def _commit_clean(self, work: list[list[ReadRecord]], held_rows: int | None = None) -> list[AddResult]:
         """One transaction: the first ``held_rows`` held readings (all when None), then ``work``."""
         if not self._held and not any(work):
             return [AddResult() for _ in work]
@@ -676,14 +811,15 @@ class Outbox:
         take = len(self._held) if held_rows is None else held_rows
         held = self._held[:take]
         self._held = self._held[take:]
-        attempt = [held, *work] if held else work
+        attempt = [records(held), *work] if held else work
         results: list[AddResult] = []
         deltas: dict[str, int] = dict.fromkeys(("committed", "duplicates", "overflow_dropped", "refused"), 0)
         depth = self._depth
         try:
             self._conn.execute("BEGIN IMMEDIATE")
+            self._next_row = self._last_row_id + 1  # the only writer: the file is locked
             now = self._clock()
-            roomy = self._roomy(sum(map(len, attempt)), depth)
+            roomy = self._roomy(sum(map(_size_of, attempt)), depth)
             for result in self._insert_all(attempt, now) if roomy else self._insert_each(attempt, now, depth):
                 depth += result.committed - result.dropped
                 deltas["committed"] += result.committed
@@ -691,6 +827,8 @@ class Outbox:
                 deltas["overflow_dropped"] += result.dropped
                 deltas["refused"] += result.refused
                 results.append(result)
+            if self._next_row - 1 != self._last_row_id:
+                self._conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'readings'", (self._next_row - 1,))
             self._flush_counters(deltas)
             self._conn.execute("COMMIT")
         except (sqlite3.Error, OSError) as exc:
@@ -698,8 +836,7 @@ class Outbox:
             self._storage_failed(exc)
             return self._hold(held, work)
         self._depth = depth
-        seq = self._conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'readings'").fetchone()
-        self._last_row_id = seq[0] if seq else self._last_row_id
+        self._last_row_id = self._next_row - 1
         self._committed_counters(deltas)
         if held:
             self._recovered += results[0].committed
@@ -743,23 +880,20 @@ class Outbox:
         inserted whole, without the per-group budget checks (each costs two PRAGMA queries)."""
         return self._budget_plan(2 * n, depth) == (2 * n, 0)
 
-    def _insert_all(self, groups: list[list[Reading]], now: float) -> list[AddResult]:
+    def _insert_all(self, groups: list[list[ReadRecord]], now: float) -> list[AddResult]:
         """Insert every group's new readings together; one result per group."""
-        fresh = self._fresh([r for group in groups for r in group])
-        # Every fresh row is inserted: the lookup and the INSERT share this write transaction.
-        _insert(self._conn, [_row(rid, r, now) for rid, r in fresh.items()])
-        new = {id(r) for r in fresh.values()}
+        fresh = self._fresh([rec for group in groups for rec in group])
+        # Every fresh record is inserted: the lookup and the INSERT share this write transaction.
+        self._insert_fresh(fresh, now)
         results = []
+        start = 0
         for group in groups:
-            committed = 0
-            for r in group:
-                if id(r) in new:
-                    new.discard(id(r))  # the same object twice is one row
-                    committed += 1
-            results.append(AddResult(committed=committed, duplicates=len(group) - committed))
+            committed = _size_of(rec for rec in fresh[start : start + len(group)] if rec is not None)
+            start += len(group)
+            results.append(AddResult(committed=committed, duplicates=_size_of(group) - committed))
         return results
 
-    def _insert_each(self, groups: list[list[Reading]], now: float, depth: int) -> list[AddResult]:
+    def _insert_each(self, groups: list[list[ReadRecord]], now: float, depth: int) -> list[AddResult]:
         """Insert group by group, checking the budget (and applying its policy) before each."""
         results = []
         for group in groups:
@@ -768,16 +902,14 @@ class Outbox:
             results.append(result)
         return results
 
-    def _insert_group(self, group: list[Reading], now: float, depth: int) -> AddResult:
+    def _insert_group(self, group: list[ReadRecord], now: float, depth: int) -> AddResult:
         if not group:
             return AddResult()
-        take, drop = self._budget_plan(len(group), depth)
+        size = _size_of(group)
+        take, drop = self._budget_plan(size, depth)
         dropped = 0
         if drop:
-            dropped = self._conn.execute(
-                "DELETE FROM readings WHERE row_id IN (SELECT row_id FROM readings ORDER BY row_id LIMIT ?)",
-                (drop,),
-            ).rowcount
+            dropped = self._drop_oldest(drop)
             log_limited(
                 log,
                 logging.WARNING,
@@ -785,7 +917,7 @@ class Outbox:
                 "outbox over budget: dropped %d oldest undelivered readings",
                 dropped,
             )
-        refused = len(group) - take
+        refused = size - take
         if refused:
             log_limited(
                 log,
@@ -795,30 +927,68 @@ class Outbox:
                 self.budget_bytes,
                 refused,
             )
-        fresh = self._fresh(group[:take])
-        before = self._conn.total_changes
-        _insert(self._conn, [_row(rid, r, now) for rid, r in fresh.items()])
-        committed = self._conn.total_changes - before
+        fresh = self._fresh(_cut(group, take))
+        self._insert_fresh(fresh, now)
+        committed = _size_of(rec for rec in fresh if rec is not None)
         return AddResult(committed=committed, duplicates=take - committed, refused=refused, dropped=dropped)
 
-    def _fresh(self, readings: Sequence[Reading]) -> dict[str, Reading]:
-        """The readings not yet in the outbox by id, first of each id only, in order.
+    def _fresh(self, recs: Sequence[ReadRecord]) -> list[ReadRecord | None]:
+        """Each record with only its readings not yet in the outbox by id (first of each id
+        only), or None when none is new; in order, one per record.
 
-        Filtering before the INSERT keeps row numbers gap-free: SQLite advances the
-        AUTOINCREMENT counter even for rows INSERT OR IGNORE then ignores, and a gap in row
-        numbers must mean loss to the head-end. (OR IGNORE stays as the safety net.)
+        One index probe per read (its meter and stamp), not per reading: only a read whose key
+        is found (a re-acquisition, or another poll group of the meter in the same slot) has its
+        readings' ids compared. Filtering before the INSERT keeps row numbers gap-free, and a
+        gap must mean loss to the head-end.
         """
-        by_id: dict[str, Reading] = {}
-        for r in readings:
-            by_id.setdefault(r.id, r)
-        ids = list(by_id)
-        for start in range(0, len(ids), _IN_CHUNK):
-            chunk = ids[start : start + _IN_CHUNK]
+        keys = [rec.key for rec in recs]
+        stored: dict[str, set[str]] = {}
+        unique = list(dict.fromkeys(keys))
+        for start in range(0, len(unique), _IN_CHUNK):
+            chunk = unique[start : start + _IN_CHUNK]
             size = 1 << (len(chunk) - 1).bit_length()
             chunk += chunk[-1:] * (size - len(chunk))
-            for (known,) in self._conn.execute(_lookup_sql(size), chunk):
-                del by_id[known]
-        return by_id
+            for key, wire in self._conn.execute(_lookup_sql(size), chunk):
+                stored.setdefault(key, set()).update(w.id for w in decode_readings(wire))
+        taken: dict[str, list[ReadRecord]] = {}  # records taken whole, ids not yet listed
+        out: list[ReadRecord | None] = []
+        for rec, key in zip(recs, keys, strict=True):
+            if key not in stored and key not in taken and len(set(rec.quantities)) == len(rec.quantities):
+                taken[key] = [rec]
+                out.append(rec)
+                continue
+            seen = stored.setdefault(key, set())
+            for earlier in taken.pop(key, ()):
+                seen.update(earlier.ids())
+            keep = []
+            for i, rid in enumerate(rec.ids()):
+                if rid not in seen:
+                    seen.add(rid)
+                    keep.append(i)
+            out.append(None if not keep else rec if len(keep) == len(rec.quantities) else _subset(rec, keep))
+        return out
+
+    def _insert_fresh(self, recs: Sequence[ReadRecord | None], now: float) -> None:
+        """Insert records (``_fresh``'s) in order, numbering their readings' rows on."""
+        rows: list[tuple[object, ...]] = []
+        for rec in recs:
+            if rec is not None:
+                rows.append(_encode_record(rec, self._next_row, now))
+                self._next_row += len(rec.quantities)
+        _insert(self._conn, rows)
+
+    def _drop_oldest(self, n: int) -> int:
+        """Delete the oldest records holding at least ``n`` readings (whole reads); return how many readings."""
+        dropped = 0
+        last = None
+        for first_row, count in self._conn.execute("SELECT first_row, n FROM reads ORDER BY first_row"):
+            dropped += count
+            last = first_row
+            if dropped >= n:
+                break
+        if last is not None:
+            self._conn.execute("DELETE FROM reads WHERE first_row <= ?", (last,))
+        return dropped
 
     def _budget_plan(self, n: int, depth: int) -> tuple[int, int]:
         """(how many of ``n`` new readings to take, how many oldest rows to drop first)."""
@@ -831,13 +1001,13 @@ class Outbox:
             return room, 0
         return n, min(n - room, depth)
 
-    def _hold(self, held: list[Reading], work: list[list[Reading]]) -> list[AddResult]:
+    def _hold(self, held: list[Reading], work: list[list[ReadRecord]]) -> list[AddResult]:
         """Keep a failed attempt in memory, oldest first (before readings still held from earlier);
         refuse what exceeds the hold limit."""
         self._held = held + self._held
         results: list[AddResult] = []
         refused_total = 0
-        for group in work:
+        for group in ([r for rec in recs for r in rec.readings()] for recs in work):
             space = max(0, self.hold_limit - len(self._held))
             self._held.extend(group[:space])
             refused = len(group) - min(space, len(group))
@@ -925,15 +1095,16 @@ class Outbox:
         limit_cache(conn)
         return OutboxReader(conn, self._pending_acks)
 
+    def peek_records(self, after_row_id: int = 0, limit: int = 1000) -> list[Record]:
+        return _peek_records(self._conn, after_row_id, limit, self._pending_acks)
+
     def get(self, key: int | str) -> Row | None:
         """One undelivered row by row id (int) or reading id (str)."""
-        query = _BY_ROW_ID if isinstance(key, int) else _BY_READING_ID
-        row = self._conn.execute(query, (key,)).fetchone()
-        return Row._make(row) if row else None
+        return _get(self._conn, key)
 
     def oldest_undelivered(self) -> tuple[int, float] | None:
         """(row id, gateway time at insert) of the oldest undelivered row, or None when empty."""
-        row = self._conn.execute("SELECT row_id, added_at FROM readings ORDER BY row_id LIMIT 1").fetchone()
+        row = self._conn.execute("SELECT first_row, added_at FROM reads ORDER BY first_row LIMIT 1").fetchone()
         return (row[0], row[1]) if row else None
 
     def live_bytes(self) -> int:
@@ -946,9 +1117,8 @@ class Outbox:
         oldest = self.oldest_undelivered()
         if self.readonly:
             # another process writes: read what is committed now rather than our cached view
-            depth = self._conn.execute("SELECT count(*) FROM readings").fetchone()[0]
-            seq = self._conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'readings'").fetchone()
-            last = seq[0] if seq else 0
+            depth = _depth(self._conn)
+            last = _seq(self._conn)
             totals = dict(self._conn.execute("SELECT name, value FROM counters").fetchall())
         else:
             depth, last, totals = self._depth, self._last_row_id, dict(self._totals)
@@ -994,12 +1164,63 @@ class Outbox:
                 self._lock_fd = None
 
 
+def _records_after(conn: sqlite3.Connection, after_row_id: int, limit: int) -> Iterator[Record]:
+    """Up to ``limit`` records holding rows after ``after_row_id``, in row order (the first may
+    also hold rows up to it: a record is cut only by an ack of single rows). Lazily: callers
+    stop once they have enough readings."""
+    start = after_row_id + 1
+    held = conn.execute(_AT_OR_BEFORE, (start,)).fetchone()
+    if held is not None and held[1] >= start:
+        start = held[0]
+    cursor = conn.execute(_FROM, (start, limit))
+    try:
+        yield from map(Record._make, cursor)
+    finally:
+        cursor.close()
+
+
 def _peek(conn: sqlite3.Connection, after_row_id: int, limit: int, pending_acks: set[int]) -> list[Row]:
-    out = list(map(Row._make, conn.execute(_PEEK, (after_row_id, limit)).fetchall()))
+    out: list[Row] = []
+    for rec in _records_after(conn, after_row_id, limit):
+        out += [r for r in rec.rows() if r.row_id > after_row_id]
+        if len(out) >= limit:
+            del out[limit:]
+            break
     if pending_acks:
         # rows whose ack is waiting for the storage were delivered: do not send them again
         out = [r for r in out if r.row_id not in pending_acks]
     return out
+
+
+def _peek_records(conn: sqlite3.Connection, after_row_id: int, limit: int, pending_acks: set[int]) -> list[Record]:
+    """Whole records (about ``limit`` readings' worth, at least one record) with rows after
+    ``after_row_id``; rows at or before it, or waiting for their ack's commit, are left out."""
+    out: list[Record] = []
+    count = 0
+    for rec in _records_after(conn, after_row_id, limit):
+        if rec.first_row <= after_row_id or (pending_acks and not pending_acks.isdisjoint(rec.row_ids())):
+            rows = [w for w in decode_readings(rec.wire) if w.row > after_row_id and w.row not in pending_acks]
+            if not rows:
+                continue
+            out.append(Record(rows[0].row, rows[-1].row, len(rows), rec.added_at, encode_readings(rows)))
+        else:
+            out.append(rec)
+        count += out[-1].n
+        if count >= limit:
+            break
+    return out
+
+
+def _get(conn: sqlite3.Connection, key: int | str) -> Row | None:
+    if isinstance(key, int):
+        found = conn.execute(_AT_OR_BEFORE, (key,)).fetchall()
+    else:
+        found = conn.execute(_RECORD + "WHERE key = ?", (_record_key(key),)).fetchall()
+    for rec in map(Record._make, found):
+        for row in rec.rows():
+            if key in (row.row_id, row.reading_id):
+                return row
+    return None
 
 
 class OutboxReader:
@@ -1012,10 +1233,11 @@ class OutboxReader:
     def peek(self, after_row_id: int = 0, limit: int = 1000) -> list[Row]:
         return _peek(self._conn, after_row_id, limit, self._pending_acks)
 
+    def peek_records(self, after_row_id: int = 0, limit: int = 1000) -> list[Record]:
+        return _peek_records(self._conn, after_row_id, limit, self._pending_acks)
+
     def get(self, key: int | str) -> Row | None:
-        query = _BY_ROW_ID if isinstance(key, int) else _BY_READING_ID
-        row = self._conn.execute(query, (key,)).fetchone()
-        return Row._make(row) if row else None
+        return _get(self._conn, key)
 
     def close(self) -> None:
         self._conn.close()
@@ -1231,6 +1453,11 @@ class AsyncOutbox:
     async def peek(self, after_row_id: int = 0, limit: int = 1000) -> list[Row]:
         self._check_open()
         return await self._run(self._reader.peek, after_row_id, limit, reader=True)
+
+    async def peek_records(self, after_row_id: int = 0, limit: int = 1000) -> list[Record]:
+        """Whole records with rows after ``after_row_id``, about ``limit`` readings (see ``_peek_records``)."""
+        self._check_open()
+        return await self._run(self._reader.peek_records, after_row_id, limit, reader=True)
 
     async def get(self, key: int | str) -> Row | None:
         return await self._run(self._reader.get, key, reader=True)

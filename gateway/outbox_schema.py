@@ -13,6 +13,8 @@ import time
 import uuid
 from collections.abc import Callable
 
+from meter_gateway.gateway.mqtt_contract import WireReading, encode_readings
+
 # Counters persisted as lifetime totals (schema v3). The in-memory process counters use the
 # same names; the persisted ones survive restarts so `meter-gateway outbox stats` can show them.
 COUNTER_NAMES: tuple[str, ...] = (
@@ -68,8 +70,96 @@ def _v3_counters(conn: sqlite3.Connection) -> None:
     conn.executemany("INSERT INTO counters (name, value) VALUES (?, 0)", [(n,) for n in COUNTER_NAMES])
 
 
+# v4: one row per read. `wire` holds the read's readings exactly as a readings batch carries
+# them (encode_readings: ids and row numbers included), encoded once at commit and spliced into
+# every publish. Reading row numbers stay per reading: a record holds first_row..last_row (rows
+# of its readings, ascending; fewer than the span once some were acked alone), records never
+# interleave, and the highest row number ever given stays in sqlite_sequence under 'readings'
+# (a plain table SQLite lets us write), so numbers are never reused. `key` is
+# "{meter}/{stamp}", the part of the reading ids a read shares: a re-acquired read is found
+# through its index (one entry per read, not per reading) and its readings compared by id.
+_READS = """
+    CREATE TABLE reads (
+        first_row INTEGER PRIMARY KEY,
+        last_row  INTEGER NOT NULL,
+        n         INTEGER NOT NULL,
+        key       TEXT    NOT NULL,
+        added_at  REAL    NOT NULL,
+        wire      BLOB    NOT NULL
+    )
+"""
+# The per-reading table as a view (read-only tools and SQL inspection keep working) and an
+# INSERT into it as a one-reading record (bulk test fixtures).
+_READINGS_VIEW = """
+    CREATE VIEW readings (row_id, reading_id, meter_id, quantity, value, unit, gateway_time, meter_time,
+                          slot, quality, added_at) AS
+    SELECT json_extract(j.value, '$.row'), json_extract(j.value, '$.id'), json_extract(j.value, '$.meter'),
+           json_extract(j.value, '$.qty'), json_extract(j.value, '$.value'), json_extract(j.value, '$.unit'),
+           json_extract(j.value, '$.gt'), json_extract(j.value, '$.mt'), json_extract(j.value, '$.slot'),
+           coalesce(json_extract(j.value, '$.q'), 0), reads.added_at
+    FROM reads, json_each('[' || CAST(reads.wire AS TEXT) || ']') AS j
+"""
+_READINGS_INSERT = """
+    CREATE TRIGGER readings_insert INSTEAD OF INSERT ON readings BEGIN
+        UPDATE sqlite_sequence SET seq = seq + 1 WHERE name = 'readings';
+        INSERT INTO reads (first_row, last_row, n, key, added_at, wire)
+        SELECT seq, seq, 1,
+               NEW.meter_id || '/' || CASE WHEN NEW.meter_time IS NOT NULL
+                   THEN 'm' || CAST(NEW.meter_time AS INTEGER) ELSE 's' || CAST(NEW.slot AS INTEGER) END,
+               NEW.added_at,
+               CAST(json_object('id', NEW.reading_id, 'row', seq, 'meter', NEW.meter_id, 'qty', NEW.quantity,
+                                'value', NEW.value, 'unit', NEW.unit, 'gt', NEW.gateway_time,
+                                'q', coalesce(NEW.quality, 0), 'mt', NEW.meter_time, 'slot', NEW.slot) AS BLOB)
+        FROM sqlite_sequence WHERE name = 'readings';
+    END
+"""
+_MIGRATE_CHUNK = 10_000
+
+
+def _v4_reads(conn: sqlite3.Connection) -> None:
+    conn.execute(_READS)
+    conn.execute("CREATE INDEX reads_key ON reads (key)")
+    seq_row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'readings'").fetchone()
+    seq = seq_row[0] if seq_row else 0
+    # undelivered rows keep their row numbers and ids: consecutive rows of one read become one record
+    after = 0
+    run: list[tuple[WireReading, str, float]] = []
+    while True:
+        rows = conn.execute(
+            "SELECT row_id, reading_id, meter_id, quantity, value, unit, gateway_time, meter_time, slot, quality, "
+            "added_at FROM readings WHERE row_id > ? ORDER BY row_id LIMIT ?",
+            (after, _MIGRATE_CHUNK),
+        ).fetchall()
+        if not rows:
+            break
+        for row_id, rid, meter, qty, value, unit, gt, mt, slot, q, added in rows:
+            wire = WireReading(
+                id=rid, row=row_id, meter=meter, qty=qty, value=value, unit=unit, gt=gt, q=q, mt=mt, slot=slot
+            )
+            key = f"{meter}/{rid.rsplit('/', 1)[-1]}"
+            if run and (key != run[0][1] or added != run[0][2] or gt != run[0][0].gt):
+                _v4_insert(conn, run)
+                run = []
+            run.append((wire, key, added))
+        after = rows[-1][0]
+    if run:
+        _v4_insert(conn, run)
+    conn.execute("DROP TABLE readings")  # takes its sqlite_sequence entry with it
+    conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('readings', ?)", (seq,))
+    conn.execute(_READINGS_VIEW)
+    conn.execute(_READINGS_INSERT)
+
+
+def _v4_insert(conn: sqlite3.Connection, run: list[tuple[WireReading, str, float]]) -> None:
+    wires = [w for w, _, _ in run]
+    conn.execute(
+        "INSERT INTO reads (first_row, last_row, n, key, added_at, wire) VALUES (?, ?, ?, ?, ?, ?)",
+        (wires[0].row, wires[-1].row, len(wires), run[0][1], run[0][2], encode_readings(wires)),
+    )
+
+
 # Ordered steps: MIGRATIONS[i] takes the database from version i to i + 1. Append only.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1_readings, _v2_meta, _v3_counters)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1_readings, _v2_meta, _v3_counters, _v4_reads)
 CURRENT = len(MIGRATIONS)
 
 

@@ -45,7 +45,7 @@ from meter_gateway.gateway.mqtt_contract import (
     encode_reading,
     encode_status,
 )
-from meter_gateway.gateway.outbox import AsyncOutbox, OutboxDamaged, Row
+from meter_gateway.gateway.outbox import AsyncOutbox, OutboxDamaged, Record, Row
 
 __all__ = [
     "CommandHook",
@@ -600,6 +600,32 @@ class Uplink:
         if ids:
             yield ids, self._batch_payload(ids[0], ids[-1], parts)
 
+    def _record_batches(self, records: Sequence[Record], max_bytes: int) -> Iterator[tuple[list[int], bytes]]:
+        """Cut records into batches of whole records by count and exact payload size, splicing
+        each record's stored encoding in as is; a record too big for one batch alone is cut by
+        reading. Yields (row ids, payload)."""
+        limit = self.config.batch_max_readings
+        fixed = BATCH_OVERHEAD + len(self.config.gateway_id) + len(self.outbox.instance)
+        ids: list[int] = []
+        parts: list[bytes] = []
+        size = fixed
+        for rec in records:
+            part = rec.wire
+            if rec.n > limit or fixed + len(part) + 1 > max_bytes:
+                if ids:
+                    yield ids, self._batch_payload(ids[0], ids[-1], parts)
+                    ids, parts, size = [], [], fixed
+                yield from self._batches(rec.rows(), max_bytes)
+                continue
+            if ids and (len(ids) + rec.n > limit or size + len(part) + 1 > max_bytes):
+                yield ids, self._batch_payload(ids[0], ids[-1], parts)
+                ids, parts, size = [], [], fixed
+            ids += rec.row_ids()
+            parts.append(part)
+            size += len(part) + 1
+        if ids:
+            yield ids, self._batch_payload(ids[0], ids[-1], parts)
+
     def _batch_payload(self, first_row: int, last_row: int, parts: list[bytes]) -> bytes:
         return encode_batch(
             gateway_id=self.config.gateway_id,
@@ -618,16 +644,16 @@ class Uplink:
         wake = asyncio.Event()  # refused or broken: stop waiting for rows or window slots
         properties = self._publish_properties()
         max_bytes = self._max_payload(client)
-        # rows held at once: this chunk and the one read ahead. A backlog (a start-up burst, an
-        # outage) keeps both full, and 2 x 2,000 Row objects cost ~2 MiB of heap that the process
-        # keeps; a chunk of one batch drains as fast (bench/outbox_drain.py)
+        # readings held at once: this chunk and the one read ahead. A backlog (a start-up burst,
+        # an outage) keeps both full, and 2 x 2,000 readings as Row objects cost ~2 MiB of heap
+        # that the process keeps; a chunk of one batch drains as fast (bench/outbox_drain.py)
         prefetch = max(self.config.batch_max_readings, 500)
         topic = self.topics.readings
         loop = asyncio.get_running_loop()
         cursor = 0
         # the next chunk is read while this one is encoded and published; it is only valid
         # if every row of this chunk went out (it starts after the chunk's last row)
-        ahead: asyncio.Task[list[Row]] | None = None
+        ahead: asyncio.Task[list[Record]] | None = None
 
         def drop_ahead() -> None:
             nonlocal ahead
@@ -657,16 +683,16 @@ class Uplink:
                     cursor = 0  # resend from the oldest undelivered row
                     continue
                 if ahead is not None:
-                    rows = await ahead
+                    records = await ahead
                     ahead = None
                 else:
-                    rows = await self.outbox.peek(cursor, prefetch)
-                if not rows:
+                    records = await self.outbox.peek_records(cursor, prefetch)
+                if not records:
                     await self._wait_any(self.outbox.wait_for_rows(cursor), wake)
                     continue
-                if len(rows) == prefetch:  # more backlog: read on while this chunk goes out
-                    ahead = loop.create_task(self.outbox.peek(rows[-1].row_id, prefetch))
-                for ids, payload in self._batches(rows, max_bytes):
+                if sum(r.n for r in records) >= prefetch:  # more backlog: read on while this chunk goes out
+                    ahead = loop.create_task(self.outbox.peek_records(records[-1].last_row, prefetch))
+                for ids, payload in self._record_batches(records, max_bytes):
                     acquired = await self._wait_any(window.acquire(), wake)
                     if not acquired or self._stopping.is_set() or wake.is_set():
                         if acquired:

@@ -473,7 +473,7 @@ def test_migrations_from_v1_to_current(db: Path) -> None:
 
     box = Outbox.open(db)
     try:
-        assert box.schema_version == outbox_schema.CURRENT == 3
+        assert box.schema_version == outbox_schema.CURRENT == 4
         assert len(box.instance) == 32
         assert [r.reading_id for r in box.peek()] == ["m/e/s60"]
         assert box.stats().totals == dict.fromkeys(outbox_schema.COUNTER_NAMES, 0)
@@ -717,5 +717,105 @@ def test_a_large_held_backlog_commits_in_bounded_transactions(db: Path, caplog: 
         assert len(ok) == 1
         assert f"committed_held={held}" in ok[0]
         assert all(r.levelname == "INFO" for r in caplog.records if "outbox_storage_ok" in r.getMessage())
+    finally:
+        box.close()
+
+
+# -- one row per read (schema v4) ----------------------------------------------------------------
+
+
+def read_of(meter: str, slot: float, quantities: int = 10, *, value: float = 1.0) -> list[Reading]:
+    """The readings one read of ``meter`` returns: one gateway time, one slot, many quantities."""
+    return [Reading(meter, f"q{k}", value + k, "kWh", gateway_time=slot + 0.25, slot=slot) for k in range(quantities)]
+
+
+def write_v3_outbox(path: Path, rows: list[Reading], *, delivered: range = range(0)) -> str:
+    """An outbox file as the schema-v3 gateway left it: ``rows`` committed one row per reading
+    (row i + 1 for rows[i]), those in ``delivered`` acked. Returns its instance id."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        outbox_schema.migrate(conn, target=3)
+        conn.executemany(
+            "INSERT INTO readings (reading_id, meter_id, quantity, value, unit, gateway_time, meter_time, slot, "
+            "quality, added_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    r.id,
+                    r.meter_id,
+                    r.quantity,
+                    r.value,
+                    r.unit,
+                    r.gateway_time,
+                    r.meter_time,
+                    r.slot,
+                    int(r.quality),
+                    9.0,
+                )
+                for r in rows
+            ],
+        )
+        conn.executemany("DELETE FROM readings WHERE row_id = ?", [(i,) for i in delivered])
+        conn.execute("UPDATE counters SET value = ? WHERE name = 'committed'", (len(rows),))
+        (instance,) = conn.execute("SELECT value FROM meta WHERE key = 'instance'").fetchone()
+        return str(instance)
+    finally:
+        conn.close()
+
+
+def test_a_read_is_one_row_and_its_readings_keep_ids_and_row_numbers(outbox: Outbox, db: Path) -> None:
+    reads = [read_of(f"{m:012d}", 1_700_000_000.0) for m in range(3)]
+    result = outbox.add([r for read in reads for r in read])
+    assert (result.committed, outbox.depth, outbox.last_row_id) == (30, 30, 30)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM reads").fetchone() == (3,)
+        assert conn.execute("SELECT count(*), min(row_id), max(row_id) FROM readings").fetchone() == (30, 1, 30)
+    records = outbox.peek_records(0, 1000)
+    assert [(r.first_row, r.last_row, r.n) for r in records] == [(1, 10, 10), (11, 20, 10), (21, 30, 10)]
+    assert [row.reading_id for rec in records for row in rec.rows()] == [r.id for read in reads for r in read]
+    assert [row.reading() for row in outbox.peek(0, 1000)] == [r for read in reads for r in read]
+
+    # a re-acquired read is a duplicate as a whole; a read of other quantities in the same slot is not
+    again = outbox.add(reads[1] + read_of("000000000001", 1_700_000_000.0, 12))
+    assert (again.committed, again.duplicates) == (2, 20)
+    assert [row.quantity for row in outbox.peek(30, 10)] == ["q10", "q11"]
+
+    # single rows acked out of a read: the read's other readings stay, numbered as before
+    assert outbox.ack([5, 6, 15]) == 3
+    assert outbox.ack([5]) == 0
+    assert [r.row_id for r in outbox.peek(0, 12)] == [1, 2, 3, 4, 7, 8, 9, 10, 11, 12, 13, 14]
+    assert [r.row_id for r in outbox.peek(4, 3)] == [7, 8, 9]
+    assert [rec.row_ids() for rec in outbox.peek_records(6, 12)][:2] == [
+        [7, 8, 9, 10],
+        [11, 12, 13, 14, 16, 17, 18, 19, 20],
+    ]
+    assert outbox.get(reads[0][6].id) == outbox.get(7)
+    assert outbox.get(reads[0][5].id) is None
+    assert outbox.ack(range(1, 33)) == 29
+    assert (outbox.depth, outbox.last_row_id, outbox.oldest_undelivered()) == (0, 32, None)
+    assert outbox.add(read_of("000000000009", 1_700_000_900.0, 1)).committed == 1
+    assert [r.row_id for r in outbox.peek()] == [33]  # never reused after the deletes
+
+
+def test_an_old_schema_file_is_migrated_on_open_with_its_rows_ids_and_numbers(db: Path) -> None:
+    old = [*read_of("000000000001", 1_700_000_000.0, 4), *read_of("000000000002", 1_700_000_000.0, 3)]
+    old.append(Reading("000000000003", "voltage", "NaN", "V", gateway_time=1_700_000_001.0, meter_time=1_699_999_999.0))
+    instance = write_v3_outbox(db, old, delivered=range(2, 4))
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM readings WHERE row_id = 8")  # the newest row delivered: the sequence is ahead
+    box = Outbox.open(db)
+    try:
+        assert (box.schema_version, box.instance) == (4, instance)
+        assert (box.depth, box.last_row_id) == (5, 8)
+        rows = box.peek()
+        assert [(r.row_id, r.reading_id) for r in rows] == [(i + 1, old[i].id) for i in (0, 3, 4, 5, 6)]
+        assert [r.reading() for r in rows] == [old[i] for i in (0, 3, 4, 5, 6)]
+        assert box.stats().totals["committed"] == 8
+        # the rows of one read became one record; each reading is still found by its id
+        assert [rec.n for rec in box.peek_records()] == [2, 3]
+        assert box.get(old[4].id) == rows[2]
+        # re-acquired readings (delivered or not) are duplicates; new ones number on after the sequence
+        result = box.add([old[0], old[5], Reading("000000000003", "voltage", 230.0, "V", 1_700_000_002.0, slot=0.0)])
+        assert (result.committed, result.duplicates) == (1, 2)
+        assert [r.row_id for r in box.peek(7)] == [9]
     finally:
         box.close()

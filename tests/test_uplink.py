@@ -31,6 +31,7 @@ from tests.plugins.simulators import SimBusFactory
 from tests.test_command_exec import envelope, mid
 from tests.test_command_service import TOPICS as COMMAND_TOPICS
 from tests.test_command_service import acks_of, gateway
+from tests.test_outbox import write_v3_outbox
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST: dict[str, Any] = {
@@ -203,6 +204,28 @@ async def test_readings_arrive_in_order_with_their_ids_and_fields(
     status = [contract.decode_status(m.payload) for m in sub.snapshot(topics.status)]
     assert status[-1].state == "online"
     assert status[-1].version
+
+
+@pytest.mark.asyncio
+async def test_an_old_schema_outbox_delivers_its_undelivered_rows_once_with_their_ids(
+    mosquitto: Broker, start_uplink: Starter, subscriber: Any, tmp_path: Path
+) -> None:
+    old = readings(30)
+    instance = write_v3_outbox(tmp_path / "gw-1-0.sqlite", old, delivered=range(1, 6))  # the file start_uplink opens
+    topics = contract.Topics("gw-1")
+    sub = subscriber(mosquitto, [topics.readings])
+    uplink = await start_uplink(mosquitto, batch_max_readings=7)
+    assert uplink.outbox.instance == instance
+    new = readings(4, start=30)
+    result = await uplink.outbox.add(old[10:20] + new)  # re-acquired after the upgrade: duplicates
+    assert (result.committed, result.duplicates) == (4, 10)
+
+    await sub.wait_for(lambda _: len(ids_on(sub, topics.readings)) >= 29)
+    await until(lambda: uplink.outbox.depth == 0, what="outbox drained")
+    sent = [(r.row, r.id, r.value, r.gt, r.slot, r.q) for b in batches_on(sub, topics.readings) for r in b.readings]
+    expected = [(i + 1, r.id, r.value, r.gateway_time, r.slot, int(r.quality)) for i, r in enumerate(old + new)]
+    assert sent == expected[5:]  # once each, the old rows with their numbers and ids, the new ones after
+    assert all(b.outbox == instance for b in batches_on(sub, topics.readings))
 
 
 @pytest.mark.asyncio

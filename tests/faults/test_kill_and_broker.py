@@ -956,7 +956,7 @@ async def test_broker_down_while_a_large_backlog_accumulates(
         f"(read time - the meter's earliest read time in its slot) broker down median "
         f"{statistics.median(delay_down) * 1000:.0f} ms max {max(delay_down) * 1000:.0f} ms "
         f"({len(delay_down)} reads), during the drain median {statistics.median(delay_drain) * 1000:.0f} ms max "
-        f"{max(delay_drain) * 1000:.0f} ms ({len(delay_drain)} reads); missed slots {missed:.0f}; long: {LONG}"
+        f"{max(delay_drain) * 1000:.0f} ms ({len(delay_drain)} reads); missed slots {missed(after):.0f}; long: {LONG}"
     )
     # polls stay on time while the backlog drains: a read's bus turn ends before its commit, and
     # acks are deleted in bounded groups, so a poll's commit never waits behind a huge delete
