@@ -1,12 +1,13 @@
 """Gateway memory: RSS with 10,000 meters configured, against the same process with none.
 
-    python -m bench memory [--protocol dlt645|modbus] [--buses 100] [--meters-per-bus 100]
+    python -m bench memory [--protocol dlt645|dlt698|modbus] [--buses 100] [--meters-per-bus 100]
                            [--interval 30] [--settle 30] [--sample 5] [--runs 1] [--tracemalloc 25]
 
 The gateway runs as a user runs it (``meter-gateway run -c gateway.toml``), polling its meters
 through the simulator (``meter-gateway simulate``, another process) into a local mosquitto. Each
 meter is read every ``--interval`` seconds (DL/T 645: the forward active energy block, 5 readings
-in one request; Modbus: the 12 energy registers in one read), spread over 90 % of the interval:
+in one request; DL/T 698.45: the same 5 as the whole attribute 00100200 in one GET; Modbus: the
+12 energy registers in one read), spread over 90 % of the interval:
 a modest, steady rate (10,000 meters / 30 s = 333 reads/s). After ``--settle`` seconds, so every
 meter has been read at least once, VmRSS is sampled once a second for ``--sample`` seconds; the
 median sample is the figure, VmHWM (peak) is reported beside it. Meters whose read time in the
@@ -65,6 +66,7 @@ from bench.e2e import (
 GOAL_MB = 60.0
 POLLED = {
     "dlt645": tuple(f"energy.active.import.{t}" for t in ("total", "t1", "t2", "t3", "t4")),
+    "dlt698": tuple(f"energy.active.import.{t}" for t in ("total", "t1", "t2", "t3", "t4")),
     "modbus": (
         *(f"energy.{kind}.{d}.total" for kind in ("active", "reactive") for d in ("import", "export")),
         *(f"energy.active.{d}.t{t}" for d in ("import", "export") for t in (1, 2, 3, 4)),

@@ -29,8 +29,8 @@ class BackoffPolicy:
             raise ValueError(f"backoff jitter must be in [0, 1), got {self.jitter}")
 
 
-# One generator for every link's and bus's jitter unless a test passes its own: a Random holds
-# 2.5 KB of state, and a gateway has hundreds of links and buses.
+# One generator for every link's and bus's jitter unless a test passes its own: a Random carries
+# its whole state table, and a gateway has hundreds of links and buses.
 _JITTER = random.Random()
 
 

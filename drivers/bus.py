@@ -16,36 +16,20 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Awaitable, Callable
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 from meter_gateway.drivers.bus_counters import BusCounters
 from meter_gateway.drivers.errors import BadReply, DriverError, LinkDown, MeterRefused, NoAnswer
 from meter_gateway.drivers.health import HealthBook, MeterOffline
 from meter_gateway.drivers.transaction import BusSettings, TransactionEngine
-from meter_gateway.drivers.transport import LinkStats, Transport
+from meter_gateway.drivers.transport import Transport
 from meter_gateway.drivers.turn_lock import Priority, TurnLock
 from meter_gateway.protocols.exchange import ReplyExchange
 
-__all__ = ["Bus", "BusCounters", "BusSettings", "JobLink", "Priority"]
+__all__ = ["Bus", "BusCounters", "BusSettings", "Priority"]
 
 R = TypeVar("R")
 T = TypeVar("T")
-
-
-class JobLink(Protocol):
-    """A link whose library does the I/O (Modbus through pymodbus): the bus runs its jobs and only
-    reports its figures, so its requests and bytes show in the bus's snapshot like a raw link's."""
-
-    @property
-    def stats(self) -> LinkStats: ...
-
-    @property
-    def connected(self) -> bool: ...
-
-    @property
-    def transactions(self) -> int:
-        """Requests written so far."""
-        ...
 
 
 class Bus:
@@ -67,8 +51,9 @@ class Bus:
         self.turns = TurnLock()
         self.engine = TransactionEngine(name, transport, self.settings, self.counters, rng=rng)
         self._closed = False
-        # the link a job-only bus's library drives (set by whoever builds it), for snapshot()
-        self.job_link: JobLink | None = None
+        # counts a protocol keeps per bus beyond the engine's (Modbus exception replies by code),
+        # exported with the bus's snapshot
+        self.protocol_counters: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"<Bus {self.name} queued={self.queued}>"
@@ -94,10 +79,8 @@ class Bus:
         """Counters (and the link's, prefixed ``link_``) as plain data for export."""
         out = self.counters.as_dict()
         out["queued"] = self.queued
-        link: Transport | JobLink | None = self.transport
-        if link is None and self.job_link is not None:
-            link = self.job_link
-            out["sent"] += self.job_link.transactions  # its library writes the requests, not we
+        out.update(self.protocol_counters)
+        link = self.transport
         if link is not None:
             out.update({f"link_{k}": v for k, v in link.stats.as_dict().items()})
             out["link_connected"] = int(link.connected)
@@ -141,6 +124,7 @@ class Bus:
                     exchange,
                     attempts=1 if probing else (attempts or self.settings.attempts),
                     reply_timeout=reply_timeout or self.settings.reply_timeout,
+                    source=meter,
                 )
             except DriverError as e:
                 self._account_failure(meter, e)

@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import datetime
 import logging
-import math
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
@@ -45,7 +43,9 @@ from meter_gateway.drivers.bus import Bus, Priority
 from meter_gateway.drivers.cjt188_model import Cjt188Model, quantity_info
 from meter_gateway.drivers.context import DriverContext
 from meter_gateway.drivers.errors import BadReply, ConfigurationError
+from meter_gateway.drivers.per_bus import PerBus
 from meter_gateway.drivers.reading import Quality, Reading
+from meter_gateway.drivers.readings import from_meter_time, plausible, to_meter_time
 from meter_gateway.protocols.cjt188 import messages as m
 from meter_gateway.protocols.cjt188.catalogue import Catalogue, DecodedValue, default_catalogue
 from meter_gateway.protocols.cjt188.errors import ProtocolError, RemoteProtocolError
@@ -68,15 +68,8 @@ DISCOVERY_TURNAROUND: Final = 1.0  # s: the slowest shipped model's turnaround, 
 # A converter or serial server adds its own latency to the meter's turnaround.
 SCHEDULING_MARGIN: Final = 0.1  # s
 
-_lines: weakref.WeakKeyDictionary[Bus, Cjt188Line] = weakref.WeakKeyDictionary()
-
-
-def line_for(bus: Bus) -> Cjt188Line:
-    """What the CJ/T 188 exchanges on ``bus`` share (made on first use, dropped with the bus)."""
-    line = _lines.get(bus)
-    if line is None:
-        line = _lines[bus] = Cjt188Line()
-    return line
+# what the CJ/T 188 exchanges on a bus share
+line_for: Final = PerBus(Cjt188Line)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,15 +85,6 @@ class DiscoveredMeter:
     meter_type: int
     address: str  # printed, 14 digits
     meter_class: str  # water, gas, heat, cooling, other
-
-
-def to_meter_time(when: float, tz: datetime.tzinfo | None) -> datetime.datetime:
-    """Unix time as the meter's naive local wall time, to the nearest second."""
-    return datetime.datetime.fromtimestamp(round(when), tz).replace(tzinfo=None)
-
-
-def from_meter_time(local: datetime.datetime, tz: datetime.tzinfo | None) -> float:
-    return local.replace(tzinfo=tz).timestamp() if tz is not None else local.timestamp()
 
 
 def _expecting(kind: type[T]) -> Callable[[m.Message], T]:
@@ -285,7 +269,7 @@ class Cjt188Driver:
         return [self._reading(q, values[q], now=now, slot=slot) for q in wanted]
 
     def _reading(self, quantity: str, decoded: DecodedValue, *, now: float, slot: float | None) -> Reading:
-        units, (low, high) = quantity_info(quantity)
+        units, bounds = quantity_info(quantity)
         value: Any = decoded.value
         quality = Quality.GOOD
         if quantity == "valve.state":
@@ -295,7 +279,7 @@ class Cjt188Driver:
         unit = decoded.unit or units[0]
         if unit not in units:
             raise BadReply(f"meter {self.meter_id}: {quantity} came in {unit}, expected {' or '.join(units)}")
-        if not isinstance(value, int | float) or not (math.isfinite(value) and low <= value <= high):
+        if not isinstance(value, int | float) or not plausible(value, bounds):
             quality |= Quality.OUT_OF_RANGE
         return Reading(self.meter_id, quantity, value, unit, now, None, slot, quality)
 

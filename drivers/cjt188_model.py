@@ -38,7 +38,7 @@ from meter_gateway.protocols.cjt188.catalogue import default_catalogue
 from meter_gateway.protocols.cjt188.identifiers import DI_ORDERS, DiOrder, check_order
 
 if TYPE_CHECKING:
-    from meter_gateway.drivers.meter_models import Source, _Reader
+    from meter_gateway.drivers.meter_models import ModelReader, Source
 
 __all__ = ["QUANTITIES", "Cjt188Model", "Cjt188Point", "build_cjt188", "quantity_info"]
 
@@ -133,12 +133,10 @@ _KEYS: Final = (
 )
 
 
-def build_cjt188(r: _Reader, data: dict[str, Any]) -> Cjt188Model:
+def build_cjt188(r: ModelReader, data: dict[str, Any]) -> Cjt188Model:
     """A :class:`Cjt188Model` from a parsed model file; errors name the file and the key."""
-    from meter_gateway.drivers.meter_models import _header
-
     r.only(data, "", _KEYS)
-    name, vendor, description, source = _header(r, data)
+    name, vendor, description, source = r.header(data)
     catalogue = default_catalogue()
     type_text = r.get(data, "", "meter_type", str)
     if not re.fullmatch(r"[0-9A-Fa-f]{2}", type_text):
@@ -159,45 +157,31 @@ def build_cjt188(r: _Reader, data: dict[str, Any]) -> Cjt188Model:
     valve = r.get(data, "", "valve", bool, False)
     battery = r.get(data, "", "battery", bool, False)
     points: list[Cjt188Point] = []
-    seen: dict[str, str] = {}
-    for si, raw_section in enumerate(r.get(data, "", "sections", list)):
-        where = f"sections[{si}]"
-        section = r.table(raw_section, where)
-        r.only(section, where, ("source", "points"))
-        cite = r.get(section, where, "source", str)
-        for pi, raw in enumerate(r.get(section, where, "points", list)):
-            pwhere = f"{where}.points[{pi}]"
-            p = r.table(raw, pwhere)
-            r.only(p, pwhere, ("quantity", "di"))
-            quantity = r.get(p, pwhere, "quantity", str)
-            if quantity not in QUANTITIES:
-                raise r.error(
-                    f"{pwhere}.quantity", f"{quantity!r} is not a CJ/T 188 quantity ({', '.join(QUANTITIES)})"
-                )
-            if quantity in _VALVE_QUANTITIES and not valve:
-                raise r.error(f"{pwhere}.quantity", f"{quantity} needs valve = true")
-            if quantity in _BATTERY_QUANTITIES and not battery:
-                raise r.error(f"{pwhere}.quantity", f"{quantity} needs battery = true")
-            if quantity in seen:
-                raise r.error(pwhere, f"duplicate point for {quantity!r}; first at {seen[quantity]}")
-            seen[quantity] = pwhere
-            di_text = r.get(p, pwhere, "di", str)
-            if not re.fullmatch(r"[0-9A-Fa-f]{4}", di_text):
-                raise r.error(f"{pwhere}.di", f'a CJ/T 188 DI is 4 hex digits (e.g. "901F"), got {di_text!r}')
-            point = Cjt188Point(quantity, int(di_text, 16), cite)
-            item = catalogue.get(point.di)
-            carried = set() if item is None else {spec.name for spec in item.reply_layout(meter_class)}
-            if _STATUS_FIELD in carried:
-                carried |= {bit.quantity for bit in catalogue.status_bits}
-            if point.field not in carried:
-                raise r.error(
-                    f"{pwhere}.di",
-                    f"DI {di_text.upper()} of a {meter_class} meter does not carry {quantity}"
-                    + (f" (it carries {', '.join(sorted(carried))})" if carried else " (not in the catalogue)"),
-                )
-            points.append(point)
-    if not points:
-        raise r.error("sections", "a model needs at least one point")
+
+    def check(quantity: str, where: str) -> None:
+        if quantity not in QUANTITIES:
+            raise r.error(f"{where}.quantity", f"{quantity!r} is not a CJ/T 188 quantity ({', '.join(QUANTITIES)})")
+        if quantity in _VALVE_QUANTITIES and not valve:
+            raise r.error(f"{where}.quantity", f"{quantity} needs valve = true")
+        if quantity in _BATTERY_QUANTITIES and not battery:
+            raise r.error(f"{where}.quantity", f"{quantity} needs battery = true")
+
+    for pwhere, p, quantity, cite in r.points(data, ("quantity", "di"), check):
+        di_text = r.get(p, pwhere, "di", str)
+        if not re.fullmatch(r"[0-9A-Fa-f]{4}", di_text):
+            raise r.error(f"{pwhere}.di", f'a CJ/T 188 DI is 4 hex digits (e.g. "901F"), got {di_text!r}')
+        point = Cjt188Point(quantity, int(di_text, 16), cite)
+        item = catalogue.get(point.di)
+        carried = set() if item is None else {spec.name for spec in item.reply_layout(meter_class)}
+        if _STATUS_FIELD in carried:
+            carried |= {bit.quantity for bit in catalogue.status_bits}
+        if point.field not in carried:
+            raise r.error(
+                f"{pwhere}.di",
+                f"DI {di_text.upper()} of a {meter_class} meter does not carry {quantity}"
+                + (f" (it carries {', '.join(sorted(carried))})" if carried else " (not in the catalogue)"),
+            )
+        points.append(point)
     return Cjt188Model(
         name=name,
         vendor=vendor,

@@ -24,6 +24,10 @@ Decisions worth knowing:
 * **Readings.** Canonical unit from :func:`drivers.meter_models.canonical_unit` (the catalogue's
   unit for the DL/T 645 extras such as ``status.word3``); ``OUT_OF_RANGE`` outside
   :func:`~drivers.meter_models.plausible_range`, as the Modbus driver does.
+* **Wake-up.** ``preamble`` FE bytes go in front of every request to the meter (the config's
+  ``buses[].preamble``, 4 on serial lines, overridable per meter as ``meters[].dlt645.preamble``):
+  some meters' receivers need them to wake, as both common DL/T 645 libraries send by default.
+  Like CJ/T 188's, the preamble is part of the request bytes, so its wire time is counted.
 """
 
 from __future__ import annotations
@@ -32,10 +36,9 @@ import asyncio
 import collections
 import datetime
 import logging
-import math
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
@@ -44,6 +47,7 @@ from meter_gateway.drivers.context import DriverContext
 from meter_gateway.drivers.errors import BadReply, ConfigurationError, MeterRefused, NoAnswer
 from meter_gateway.drivers.meter_models import Dlt645Block, Dlt645Model, canonical_unit, plausible_range
 from meter_gateway.drivers.reading import Quality, Reading
+from meter_gateway.drivers.readings import from_meter_time, plausible, to_meter_time
 from meter_gateway.protocols.dlt645 import messages as m
 from meter_gateway.protocols.dlt645.catalogue import Catalogue, DecodedValue, default_catalogue
 from meter_gateway.protocols.dlt645.edition import Edition
@@ -53,7 +57,16 @@ from meter_gateway.protocols.dlt645.formats import is_signed
 from meter_gateway.protocols.dlt645.frame import BROADCAST, WILDCARD, Address
 from meter_gateway.protocols.dlt645.remote_control import RemoteCommand
 
-__all__ = ["Dlt645Driver", "RelayStatus", "broadcast_time", "discover_address", "from_config"]
+__all__ = [
+    "Dlt645Driver",
+    "RelayStatus",
+    "broadcast_time",
+    "broadcast_time_1997",
+    "broadcast_time_2007",
+    "daily_frozen_quantities",
+    "discover_address",
+    "from_config",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +77,9 @@ E97 = Edition.DLT645_1997
 NO_DATA_FLAGS: Final = frozenset({"no_requested_data", "bad_data_identifier"})
 FROZEN_PREFIX: Final = "frozen.daily."
 MAX_FOLLOW_UPS: Final = 64  # a block of 63 tariffs needs 2; more means a meter that never stops
+MAX_PREAMBLE: Final = 16  # FE wake-up bytes; the config's bound, as CJ/T 188's
+# "not worked out yet" in a meter model's unit table (None there means "the catalogue's unit")
+_UNKNOWN_UNIT: Final[tuple[str, tuple[float, float]]] = ("", (0.0, 0.0))
 DAILY_FREEZES: Final = range(1, 63)  # DL/T 645-2007 App. A Table A.6: 0506xx01..3E
 FROZEN_PROBES: Final = 3  # reads to find one day's freeze when the meter numbers its records differently
 
@@ -92,16 +108,6 @@ class RelayStatus:
     read_at: float  # gateway unix time of the read
 
 
-def to_meter_time(when: float, tz: datetime.tzinfo | None) -> datetime.datetime:
-    """Unix time as the meter's naive local wall time, to the nearest second."""
-    return datetime.datetime.fromtimestamp(round(when), tz).replace(tzinfo=None)
-
-
-def from_meter_time(local: datetime.datetime, tz: datetime.tzinfo | None) -> float:
-    """A meter's naive local wall time as unix time (``tz`` None: the host's zone)."""
-    return local.replace(tzinfo=tz).timestamp() if tz is not None else local.timestamp()
-
-
 async def broadcast_time(
     bus: Bus,
     when: float,
@@ -127,7 +133,7 @@ async def broadcast_time_2007(bus: Bus, when: float, tz: datetime.tzinfo | None 
 
 async def broadcast_time_1997(bus: Bus, when: float, tz: datetime.tzinfo | None = None) -> None:
     """:func:`broadcast_time` for DL/T 645-1997 meters (see :func:`broadcast_time_2007`)."""
-    await broadcast_time(bus, when, Edition.DLT645_1997, tz)
+    await broadcast_time(bus, when, E97, tz)
 
 
 def daily_frozen_quantities(model: Dlt645Model, catalogue: Catalogue | None = None) -> tuple[str, ...]:
@@ -186,11 +192,6 @@ class _BrokenChain(Exception):
     def __init__(self, cause: NoAnswer | BadReply) -> None:
         super().__init__(str(cause))
         self.cause = cause
-
-
-def _plausible(value: float, bounds: tuple[float, float]) -> bool:
-    low, high = bounds
-    return math.isfinite(value) and low <= value <= high
 
 
 def _bounds(quantity: str, decoded: DecodedValue) -> tuple[float, float]:
@@ -285,6 +286,7 @@ class Dlt645Driver:
         "meter_id",
         "model",
         "operator",
+        "preamble",
         "tz",
     )
 
@@ -302,7 +304,10 @@ class Dlt645Driver:
         tz: datetime.tzinfo | None = None,
         clock: Callable[[], float] = time.time,
         catalogue: Catalogue | None = None,
+        preamble: int = 0,
     ) -> None:
+        if not 0 <= preamble <= MAX_PREAMBLE:
+            raise ConfigurationError(f"meter {meter_id}: preamble of {preamble} FE bytes (0..{MAX_PREAMBLE})")
         try:
             self._address = Address.parse(address)
         except ProtocolError as exc:
@@ -330,6 +335,7 @@ class Dlt645Driver:
         self.tz = tz
         self.clock = clock
         self.catalogue = catalogue or default_catalogue()
+        self.preamble = preamble
         self._line = line_for(bus)
         self._line.know(self._address)
         self._info = _model_info(model, self.catalogue, meter_id)
@@ -430,14 +436,14 @@ class Dlt645Driver:
         quality: Quality,
     ) -> Reading:
         value = decoded.value
+        # tuples, not ``int | float``: isinstance checks a tuple without building a union's args
         if isinstance(value, bool):
             value = int(value)
-        elif not isinstance(value, int | float | str):
+        elif not isinstance(value, (int, float, str)):
             value = str(value)
         units = self._info.units
-        if quantity in units:
-            info = units[quantity]
-        else:
+        info = units.get(quantity, _UNKNOWN_UNIT)
+        if info is _UNKNOWN_UNIT:
             try:
                 info = units[quantity] = (canonical_unit(quantity), _bounds(quantity, decoded))
             except KeyError:  # a DL/T 645 extra (clock, status word, address): the catalogue's unit
@@ -447,7 +453,7 @@ class Dlt645Driver:
             unit, bounds = decoded.unit or "", None
         else:
             unit, bounds = info
-        if bounds is not None and isinstance(value, int | float) and not _plausible(float(value), bounds):
+        if bounds is not None and isinstance(value, (int, float)) and not plausible(float(value), bounds):
             quality |= Quality.OUT_OF_RANGE
         return Reading(self.meter_id, quantity, value, unit, gateway_time, meter_time, slot, quality)
 
@@ -578,7 +584,7 @@ class Dlt645Driver:
             more = reply.more
         return b"".join(parts)
 
-    async def _exchange(
+    def _exchange(
         self,
         request: m.Message,
         decode: Callable[[m.Message], R],
@@ -588,12 +594,13 @@ class Dlt645Driver:
         seq: int | None = None,
         attempts: int | None = None,
         force: bool = False,
-    ) -> R:
-        """One request to this meter; the reply as ``decode`` gives it."""
+    ) -> Awaitable[R]:
+        """One request to this meter; the reply as ``decode`` gives it. A plain function handing
+        back the bus's coroutine: a read then runs one coroutine level fewer."""
         expect = Expect(self._address, request.function(self.edition), di, seq)
         exchange = Dlt645Exchange(self._line, self.edition, expect, decode)
-        return await self.bus.exchange(
-            request.encode(self.edition),
+        return self.bus.exchange(
+            request.encode(self.edition, self.preamble),
             exchange,
             meter=self.meter_id,
             priority=priority,
@@ -634,7 +641,7 @@ class Dlt645Driver:
 
         Meters that honour 0x08 only as a broadcast ignore it silently: check with read_clock.
         """
-        frame = m.BroadcastTime(self._address, to_meter_time(when, self.tz)).encode(self.edition)
+        frame = m.BroadcastTime(self._address, to_meter_time(when, self.tz)).encode(self.edition, self.preamble)
         await self.bus.send(frame, priority=priority)
 
     # -- remote control and relay --------------------------------------------------------------
@@ -717,13 +724,21 @@ class Dlt645Driver:
         the frozen job calls (DL/T 698.45 selects by freeze time, Dlt698Driver.read_frozen_day).
 
         DL/T 645-2007 numbers its freezes instead (1 = the newest, :meth:`read_frozen_daily`):
-        the record number is predicted from this driver's clock, and the freeze time the meter
-        returns checked. A meter whose clock is a little off, or that did not freeze some
-        midnight (it was unpowered), numbers its records differently: the number is moved by
-        the difference and asked again, at most :data:`FROZEN_PROBES` reads.
+        the record number is predicted from the newest freeze's time (one read; the meter's
+        calendar, not ours, numbers them), and the freeze time the meter returns checked. A
+        meter that did not freeze some midnight (it was unpowered) numbers older records
+        differently: the number is moved by the difference and asked again, at most
+        :data:`FROZEN_PROBES` reads.
         """
-        latest = datetime.datetime.fromtimestamp(self.clock(), self.tz).date()
-        index = (latest - day).days + 1
+        if self.edition is not E7:
+            raise ConfigurationError(f"meter {self.meter_id}: DL/T 645-1997 has no daily frozen data")
+        newest_di = self._nth_di("frozen.daily.time", 1)
+        if newest_di is None:
+            raise ConfigurationError("the DL/T 645-2007 catalogue has no daily freeze time")
+        newest = await self._freeze_time(newest_di, priority)
+        if newest is None or day > newest.date():
+            return []  # no freeze yet, or not this one yet
+        index = (newest.date() - day).days + 1
         tried: set[int] = set()
         for _ in range(FROZEN_PROBES):
             if index not in DAILY_FREEZES or index in tried:
@@ -823,4 +838,16 @@ def from_config(ctx: DriverContext) -> Dlt645Driver:
         password_level=creds.level if creds is not None else 2,
         operator=creds.operator if creds is not None else "00000000",
         tz=ctx.tz,
+        preamble=_preamble_option(ctx),
     )
+
+
+def _preamble_option(ctx: DriverContext) -> int:
+    """``preamble`` of the meter's options (the fleet builder fills in its bus's when the meter
+    sets none); 0 for a context without one (tools that build a driver on their own)."""
+    preamble = ctx.options.get("preamble")
+    if preamble is None:
+        return 0
+    if isinstance(preamble, bool) or not isinstance(preamble, int):
+        raise ConfigurationError(f"meter {ctx.meter_id}: preamble must be a number of FE bytes")
+    return preamble

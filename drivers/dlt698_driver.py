@@ -50,8 +50,10 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 from meter_gateway.drivers.bus import Bus, Priority
 from meter_gateway.drivers.dlt698_model import Dlt698Model
 from meter_gateway.drivers.errors import BadReply, ConfigurationError, MeterRefused
-from meter_gateway.drivers.meter_models import canonical_unit, plausible_range
+from meter_gateway.drivers.meter_models import canonical_info
+from meter_gateway.drivers.per_bus import PerBus
 from meter_gateway.drivers.reading import Quality, Reading
+from meter_gateway.drivers.readings import from_meter_time, plain_value, plausible, to_meter_time
 from meter_gateway.protocols.dlt698 import apdu as ap
 from meter_gateway.protocols.dlt698 import requests as rq
 from meter_gateway.protocols.dlt698.axdr import OAD, RCSD, BitString, Data, DataType, DateTimeS
@@ -139,22 +141,7 @@ class _BusShare:
         self.drivers: weakref.WeakValueDictionary[bytes, Dlt698Driver] = weakref.WeakValueDictionary()
 
 
-_shares: weakref.WeakKeyDictionary[Bus, _BusShare] = weakref.WeakKeyDictionary()
-
-
-def _share(bus: Bus) -> _BusShare:
-    share = _shares.get(bus)
-    if share is None:
-        share = _shares[bus] = _BusShare()
-    return share
-
-
-def to_meter_time(when: float, tz: datetime.tzinfo | None) -> datetime.datetime:
-    return datetime.datetime.fromtimestamp(round(when), tz).replace(tzinfo=None)
-
-
-def from_meter_time(local: datetime.datetime, tz: datetime.tzinfo | None) -> float:
-    return local.replace(tzinfo=tz).timestamp() if tz is not None else local.timestamp()
+_share: Final = PerBus(_BusShare)
 
 
 async def broadcast_time(
@@ -531,24 +518,18 @@ class Dlt698Driver:
         meter_time: float | None,
         quality: Quality,
     ) -> Reading:
-        raw, unit = value.canonical  # kW, not the standard's W
+        decoded, unit = value.canonical  # kW, not the standard's W
         if value.fields is not None and isinstance(value.raw, str):
-            raw = _as_int(BitString.from_bits(value.raw))  # a status word, as DL/T 645's are ints
-        if isinstance(raw, bool):
-            raw = int(raw)
-        elif not isinstance(raw, int | float | str):
-            raw = str(raw)
+            decoded = _as_int(BitString.from_bits(value.raw))  # a status word, as DL/T 645's are ints
+        raw = plain_value(decoded)
         units = self._info.units
-        if quantity in units:
-            info = units[quantity]
-        else:
-            try:
-                info = units[quantity] = (canonical_unit(quantity), plausible_range(quantity))
-            except KeyError:  # a 698 extra (clock, status word, address): the catalogue's unit
-                info = units[quantity] = None
+        if quantity not in units:
+            # None for a 698 extra (clock, status word, address): the catalogue's unit stands
+            units[quantity] = canonical_info(quantity)
+        info = units[quantity]
         if info is not None:
-            unit, (low, high) = info[0], info[1]
-            if isinstance(raw, int | float) and not low <= raw <= high:
+            unit = info[0]
+            if isinstance(raw, int | float) and not plausible(raw, info[1]):
                 quality |= Quality.OUT_OF_RANGE
         return Reading(self.meter_id, quantity, raw, unit, now, meter_time, slot, quality)
 

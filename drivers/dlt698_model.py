@@ -37,7 +37,7 @@ from meter_gateway.protocols.dlt698.axdr import OAD
 from meter_gateway.protocols.dlt698.catalogue import Catalogue, default_catalogue
 
 if TYPE_CHECKING:
-    from meter_gateway.drivers.meter_models import Source, _Reader
+    from meter_gateway.drivers.meter_models import ModelReader, Source
 
 __all__ = [
     "ASSOCIATIONS",
@@ -114,10 +114,10 @@ class Dlt698Model:
         for p in self.points:
             if p.quantity == quantity:
                 return p.oad
-        from meter_gateway.drivers.meter_models import _suggest
+        from meter_gateway.drivers.meter_models import suggest
 
         raise ConfigurationError(
-            f"meter model {self.name} has no OAD for {quantity!r}{_suggest(quantity, self.quantities)}"
+            f"meter model {self.name} has no OAD for {quantity!r}{suggest(quantity, self.quantities)}"
         )
 
     @property
@@ -137,107 +137,37 @@ def _unit_of(catalogue: Catalogue, oad: OAD) -> str | None:
     return _CANONICAL_POWER.get(unit, unit)
 
 
-def build_dlt698(r: _Reader, data: dict[str, Any], catalogue: Catalogue | None = None) -> Dlt698Model:
+def build_dlt698(r: ModelReader, data: dict[str, Any], catalogue: Catalogue | None = None) -> Dlt698Model:
     """The model of a parsed ``protocol = "dlt698"`` file (``r`` names the file in errors)."""
-    from meter_gateway.drivers.meter_models import _COMMON_KEYS, _header, _quantity_info, _suggest
+    from meter_gateway.drivers.meter_models import COMMON_KEYS, suggest
 
     cat = catalogue or default_catalogue()
-    r.only(data, "", (*_COMMON_KEYS, "oads_per_request", "security", "association", "freeze", "relay"))
-    name, vendor, description, source = _header(r, data)
+    r.only(data, "", (*COMMON_KEYS, "oads_per_request", "security", "association", "freeze", "relay"))
+    name, vendor, description, source = r.header(data)
     per_request = r.get(data, "", "oads_per_request", int)
     if not 1 <= per_request <= MAX_OADS_PER_REQUEST:
         raise r.error("oads_per_request", f"must be 1..{MAX_OADS_PER_REQUEST}, got {per_request}")
     security = r.get(data, "", "security", str, "plain")
     if security not in SECURITY_MODES:
         raise r.error(
-            "security", f"{security!r} is not one of {', '.join(SECURITY_MODES)}{_suggest(security, SECURITY_MODES)}"
+            "security", f"{security!r} is not one of {', '.join(SECURITY_MODES)}{suggest(security, SECURITY_MODES)}"
         )
     association = r.get(data, "", "association", str, "auto")
     if association not in ASSOCIATIONS:
         raise r.error(
             "association",
-            f"{association!r} is not one of {', '.join(ASSOCIATIONS)}{_suggest(association, ASSOCIATIONS)}",
+            f"{association!r} is not one of {', '.join(ASSOCIATIONS)}{suggest(association, ASSOCIATIONS)}",
         )
-    points: list[Dlt698Point] = []
-    seen: dict[str, str] = {}
-    for si, raw_section in enumerate(r.get(data, "", "sections", list)):
-        where = f"sections[{si}]"
-        section = r.table(raw_section, where)
-        r.only(section, where, ("source", "points"))
-        cite = r.get(section, where, "source", str)
-        for pi, raw in enumerate(r.get(section, where, "points", list)):
-            pwhere = f"{where}.points[{pi}]"
-            p = r.table(raw, pwhere)
-            r.only(p, pwhere, ("quantity", "oad"))
-            quantity = r.get(p, pwhere, "quantity", str)
-            info = _quantity_info(quantity)
-            if info is None and not _EXTRA.fullmatch(quantity):
-                raise r.error(f"{pwhere}.quantity", f"{quantity!r} is not a known quantity name")
-            if quantity in seen:
-                raise r.error(pwhere, f"duplicate point for {quantity!r}; first at {seen[quantity]}")
-            seen[quantity] = pwhere
-            oad = _oad(r, p, pwhere, "oad")
-            unit = _unit_of(cat, oad)
-            if unit is None:
-                raise r.error(
-                    f"{pwhere}.oad", f"{oad} is not in the DL/T 698.45 catalogue (protocols/dlt698/data/oads.toml)"
-                )
-            if info is not None and unit != info[0]:
-                raise r.error(
-                    f"{pwhere}.oad", f"{oad} is in {unit or 'no unit'}, {quantity} is in {info[0] or 'no unit'}"
-                )
-            points.append(Dlt698Point(quantity, oad, cite))
-    if not points:
-        raise r.error("sections", "a model needs at least one point")
-    freezes: dict[str, Dlt698Freeze] = {}
-    if "freeze" in data:
-        f = r.table(data["freeze"], "freeze")
-        r.only(f, "freeze", ("source", *_FREEZES))
-        cite = r.get(f, "freeze", "source", str)
-        for kind, obj in _FREEZES.items():
-            wanted = r.get(f, "freeze", kind, list, [])
-            for q in wanted:
-                if q not in seen:
-                    raise r.error(f"freeze.{kind}", f"{q!r} is not a point of this model{_suggest(str(q), seen)}")
-            if wanted:
-                freezes[kind] = Dlt698Freeze(obj, tuple(wanted), cite)
-    relay = None
-    if "relay" in data:
-        t = r.table(data["relay"], "relay")
-        r.only(
-            t,
-            "relay",
-            ("state_oad", "bit", "open_when", "command_bit", "keep_power_bit", "output", "close_permit", "source"),
-        )
-        bits = {k: r.get(t, "relay", k, int, None) for k in ("bit", "command_bit", "keep_power_bit")}
-        if bits["bit"] is None:
-            raise r.error("relay.bit", "missing")
-        for key, bit in bits.items():
-            if bit is not None and not 0 <= bit <= 15:
-                raise r.error(f"relay.{key}", f"a status word bit is 0..15, got {bit}")
-        open_when = r.get(t, "relay", "open_when", int)
-        if open_when not in (0, 1):
-            raise r.error("relay.open_when", f"must be 0 or 1, got {open_when}")
-        state = _oad(r, t, "relay", "state_oad")
-        if cat.get(state) is None:
-            raise r.error("relay.state_oad", f"{state} is not in the DL/T 698.45 catalogue")
-        relay = Dlt698Relay(
-            state,
-            bits["bit"],
-            open_when,
-            _oad(r, t, "relay", "output"),
-            r.get(t, "relay", "close_permit", bool, True),
-            bits["command_bit"],
-            bits["keep_power_bit"],
-            r.get(t, "relay", "source", str),
-        )
+    points = _points(r, data, cat)
+    freezes = _freezes(r, data["freeze"], [p.quantity for p in points]) if "freeze" in data else {}
+    relay = _relay(r, data["relay"], cat) if "relay" in data else None
     return Dlt698Model(
         name=name,
         vendor=vendor,
         description=description,
         source=source,
         path=r.path,
-        points=tuple(points),
+        points=points,
         oads_per_request=per_request,
         security=security,
         association=association,
@@ -246,7 +176,80 @@ def build_dlt698(r: _Reader, data: dict[str, Any], catalogue: Catalogue | None =
     )
 
 
-def _oad(r: _Reader, table: Mapping[str, Any], where: str, key: str) -> OAD:
+def _points(r: ModelReader, data: dict[str, Any], cat: Catalogue) -> tuple[Dlt698Point, ...]:
+    """The [[point]] tables: each OAD in the catalogue, in the unit its quantity is read in."""
+    from meter_gateway.drivers.meter_models import canonical_info
+
+    def check(quantity: str, where: str) -> None:
+        if canonical_info(quantity) is None and not _EXTRA.fullmatch(quantity):
+            raise r.error(f"{where}.quantity", f"{quantity!r} is not a known quantity name")
+
+    points: list[Dlt698Point] = []
+    for pwhere, p, quantity, cite in r.points(data, ("quantity", "oad"), check):
+        oad = _oad(r, p, pwhere, "oad")
+        unit = _unit_of(cat, oad)
+        if unit is None:
+            raise r.error(
+                f"{pwhere}.oad", f"{oad} is not in the DL/T 698.45 catalogue (protocols/dlt698/data/oads.toml)"
+            )
+        info = canonical_info(quantity)
+        if info is not None and unit != info[0]:
+            raise r.error(f"{pwhere}.oad", f"{oad} is in {unit or 'no unit'}, {quantity} is in {info[0] or 'no unit'}")
+        points.append(Dlt698Point(quantity, oad, cite))
+    return tuple(points)
+
+
+def _freezes(r: ModelReader, raw: Any, seen: list[str]) -> dict[str, Dlt698Freeze]:
+    """The [freeze] table: which of the model's points each freeze kind keeps."""
+    from meter_gateway.drivers.meter_models import suggest
+
+    f = r.table(raw, "freeze")
+    r.only(f, "freeze", ("source", *_FREEZES))
+    cite = r.get(f, "freeze", "source", str)
+    freezes: dict[str, Dlt698Freeze] = {}
+    for kind, obj in _FREEZES.items():
+        wanted = r.get(f, "freeze", kind, list, [])
+        for q in wanted:
+            if q not in seen:
+                raise r.error(f"freeze.{kind}", f"{q!r} is not a point of this model{suggest(str(q), seen)}")
+        if wanted:
+            freezes[kind] = Dlt698Freeze(obj, tuple(wanted), cite)
+    return freezes
+
+
+def _relay(r: ModelReader, raw: Any, cat: Catalogue) -> Dlt698Relay:
+    """The [relay] table: where the relay state is read and how it is switched."""
+    t = r.table(raw, "relay")
+    r.only(
+        t,
+        "relay",
+        ("state_oad", "bit", "open_when", "command_bit", "keep_power_bit", "output", "close_permit", "source"),
+    )
+    bits = {k: r.get(t, "relay", k, int, None) for k in ("bit", "command_bit", "keep_power_bit")}
+    if bits["bit"] is None:
+        raise r.error("relay.bit", "missing")
+    for key, bit in bits.items():
+        if bit is not None and not 0 <= bit <= 15:
+            raise r.error(f"relay.{key}", f"a status word bit is 0..15, got {bit}")
+    open_when = r.get(t, "relay", "open_when", int)
+    if open_when not in (0, 1):
+        raise r.error("relay.open_when", f"must be 0 or 1, got {open_when}")
+    state = _oad(r, t, "relay", "state_oad")
+    if cat.get(state) is None:
+        raise r.error("relay.state_oad", f"{state} is not in the DL/T 698.45 catalogue")
+    return Dlt698Relay(
+        state,
+        bits["bit"],
+        open_when,
+        _oad(r, t, "relay", "output"),
+        r.get(t, "relay", "close_permit", bool, True),
+        bits["command_bit"],
+        bits["keep_power_bit"],
+        r.get(t, "relay", "source", str),
+    )
+
+
+def _oad(r: ModelReader, table: Mapping[str, Any], where: str, key: str) -> OAD:
     text = r.get(table, where, key, str)
     if not re.fullmatch(r"[0-9A-Fa-f]{8}", text):
         raise r.error(f"{where}.{key}", f"an OAD is 8 hex digits (OI, attribute, index), got {text!r}")

@@ -2,14 +2,21 @@
 
 An offline meter is probed at most once per ``probe_interval``; in between, its transactions fail
 fast with MeterOffline without touching the wire, so one dead meter cannot eat its bus's time in
-reply timeouts. Only answers count: a link that is down says nothing about the meter behind it,
-and a refusal (abnormal reply, Modbus exception) proves the meter is alive.
+reply timeouts. Only answers count: a failed transaction on a link that is down says nothing
+about the meter behind it, and a refusal (abnormal reply, Modbus exception) proves the meter is
+alive.
+
+A link that stays down (or never opened) past ``link_down_after`` is another matter: nothing
+behind it can be read, so the owner of the links reports it (:meth:`HealthBook.link_down`) and its
+meters go offline with reason :data:`LINK_DOWN`. Those meters are not held back for a probe: their
+reads fail at once on the link anyway, and the first read after the link returns brings them back.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +31,9 @@ class MeterState(enum.StrEnum):
     ONLINE = "online"
     DEGRADED = "degraded"
     OFFLINE = "offline"
+
+
+LINK_DOWN = "link_down"  # the reason of a meter offline because its link is down
 
 
 class MeterOffline(NoAnswer):
@@ -42,12 +52,13 @@ class HealthPolicy:
     degraded_after: int = 1  # consecutive failed transactions
     offline_after: int = 3
     probe_interval: float = 60.0  # seconds between attempts on an offline meter
+    link_down_after: float = 30.0  # seconds a link may be down before its meters are offline
 
     def __post_init__(self) -> None:
         if not 1 <= self.degraded_after <= self.offline_after:
             raise ValueError("health policy needs 1 <= degraded_after <= offline_after")
-        if self.probe_interval < 0:
-            raise ValueError("health policy probe_interval must be >= 0")
+        if self.probe_interval < 0 or self.link_down_after < 0:
+            raise ValueError("health policy probe_interval and link_down_after must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +140,7 @@ class HealthBook:
         """Admit a transaction that is about to touch the wire; return True if it is a probe of an
         offline meter (the caller then makes a single attempt). Raise MeterOffline if not due."""
         h = self._meters.setdefault(meter_id, MeterState.UNKNOWN)
-        if not isinstance(h, MeterHealth) or h.state is not MeterState.OFFLINE:
+        if not isinstance(h, MeterHealth) or h.state is not MeterState.OFFLINE or h.last_error == LINK_DOWN:
             return False
         self.check(meter_id)
         # the probe slot is taken now, so transactions queued behind this one fail fast
@@ -145,6 +156,21 @@ class HealthBook:
         elif isinstance(error, NoAnswer | BadReply):
             self._failure(meter_id, error)
         # LinkDown, ConfigurationError and anything else say nothing about the meter
+
+    def link_down(self, meter_id: str) -> None:
+        """The meter's link has been down longer than ``link_down_after`` (the caller measures it):
+        offline with reason :data:`LINK_DOWN`, unless already offline. Not probe-gated (see the
+        module docstring); a success brings it back online."""
+        h = self._meters.get(meter_id, MeterState.UNKNOWN)
+        if isinstance(h, MeterState):
+            h = self._meters[meter_id] = MeterHealth(meter_id, h)
+        elif h.state is MeterState.OFFLINE:
+            return
+        old = h.state
+        h.state = MeterState.OFFLINE
+        h.last_error = LINK_DOWN
+        h.next_probe_at = -math.inf
+        self._changed(meter_id, old, h.state, failures=h.failures, reason=LINK_DOWN)
 
     def _success(self, meter_id: str) -> None:
         h = self._meters.get(meter_id, MeterState.UNKNOWN)

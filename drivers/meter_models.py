@@ -28,7 +28,7 @@ import difflib
 import math
 import re
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Final
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from meter_gateway.drivers.dlt698_model import Dlt698Model
 
 __all__ = [
+    "COMMON_KEYS",
     "FUNCTIONS",
     "MODELS_DIR",
     "Dlt645Block",
@@ -51,13 +52,16 @@ __all__ = [
     "ModbusModel",
     "ModbusPoint",
     "ModelError",
+    "ModelReader",
     "RelayAccess",
     "RelaySpec",
     "Source",
     "available_models",
+    "canonical_info",
     "canonical_unit",
     "load_model",
     "plausible_range",
+    "suggest",
 ]
 
 MODELS_DIR: Final = Path(__file__).resolve().with_name("models")
@@ -100,7 +104,8 @@ _DLT645_EXTRA: Final = re.compile(
 )
 
 
-def _quantity_info(quantity: str) -> tuple[str, tuple[float, float]] | None:
+def canonical_info(quantity: str) -> tuple[str, tuple[float, float]] | None:
+    """The unit and plausible range of a canonical quantity, None for any other name."""
     for pattern, unit, bounds in _QUANTITIES:
         if pattern.fullmatch(quantity):
             return unit, bounds
@@ -109,14 +114,14 @@ def _quantity_info(quantity: str) -> tuple[str, tuple[float, float]] | None:
 
 def canonical_unit(quantity: str) -> str:
     """The unit every reading of ``quantity`` carries; KeyError if the name is not canonical."""
-    info = _quantity_info(quantity)
+    info = canonical_info(quantity)
     if info is None:
         raise KeyError(quantity)
     return info[0]
 
 
 def plausible_range(quantity: str) -> tuple[float, float]:
-    info = _quantity_info(quantity)
+    info = canonical_info(quantity)
     if info is None:
         raise KeyError(quantity)
     return info[1]
@@ -222,7 +227,7 @@ class ModbusModel:
         candidates = [p for p in self.points if p.quantity == quantity]
         if not candidates:
             raise ConfigurationError(
-                f"meter model {self.name} has no point for {quantity!r}{_suggest(quantity, self.quantities)}"
+                f"meter model {self.name} has no point for {quantity!r}{suggest(quantity, self.quantities)}"
             )
         for wanted in (variant, ""):
             if wanted is None:
@@ -316,7 +321,7 @@ class Dlt645Model:
             if p.quantity == quantity:
                 return p.di
         raise ConfigurationError(
-            f"meter model {self.name} has no data identifier for {quantity!r}{_suggest(quantity, self.quantities)}"
+            f"meter model {self.name} has no data identifier for {quantity!r}{suggest(quantity, self.quantities)}"
         )
 
     def format_di(self, di: int) -> str:
@@ -369,14 +374,14 @@ def _resolve(name_or_path: str | Path) -> Path:
     path = MODELS_DIR / f"{text}.toml"
     if not path.exists():
         raise ModelError(
-            f"no meter model named {text!r}{_suggest(text, available_models())} "
+            f"no meter model named {text!r}{suggest(text, available_models())} "
             f"(available: {', '.join(available_models())})"
         )
     return path
 
 
 def _build(path: Path, data: dict[str, Any]) -> ModbusModel | Dlt645Model | Cjt188Model | Dlt698Model:
-    r = _Reader(path)
+    r = ModelReader(path)
     protocol = r.get(data, "", "protocol", str)
     if protocol == "modbus":
         return _build_modbus(r, data)
@@ -393,7 +398,7 @@ def _build(path: Path, data: dict[str, Any]) -> ModbusModel | Dlt645Model | Cjt1
     raise r.error("protocol", f"must be 'modbus', 'dlt645', 'dlt698' or 'cjt188', got {protocol!r}")
 
 
-_COMMON_KEYS: Final = ("name", "protocol", "vendor", "description", "source", "sections")
+COMMON_KEYS: Final = ("name", "protocol", "vendor", "description", "source", "sections")
 _MODBUS_DEFAULT_KEYS: Final = (
     "function",
     "type",
@@ -406,9 +411,9 @@ _MODBUS_DEFAULT_KEYS: Final = (
 _LAYOUT_KEYS: Final = ("function", "type", "byte_order", "word_order", "variant")
 
 
-def _build_modbus(r: _Reader, data: dict[str, Any]) -> ModbusModel:
-    r.only(data, "", (*_COMMON_KEYS, "defaults", "relay"))
-    name, vendor, description, source = _header(r, data)
+def _build_modbus(r: ModelReader, data: dict[str, Any]) -> ModbusModel:
+    r.only(data, "", (*COMMON_KEYS, "defaults", "relay"))
+    name, vendor, description, source = r.header(data)
     d = r.get(data, "", "defaults", dict)
     r.only(d, "defaults", _MODBUS_DEFAULT_KEYS)
     defaults: dict[str, Any] = {
@@ -476,11 +481,11 @@ def _build_modbus(r: _Reader, data: dict[str, Any]) -> ModbusModel:
 
 
 def _modbus_point(
-    r: _Reader, raw: dict[str, Any], where: str, inherited: Mapping[str, Any], *, cite: str, max_regs: int
+    r: ModelReader, raw: dict[str, Any], where: str, inherited: Mapping[str, Any], *, cite: str, max_regs: int
 ) -> ModbusPoint:
     r.only(raw, where, ("quantity", "address", *_LAYOUT_KEYS, "scale", "unit", "range"))
     quantity = r.get(raw, where, "quantity", str)
-    info = _quantity_info(quantity)
+    info = canonical_info(quantity)
     if info is None:
         raise r.error(
             f"{where}.quantity", f"{quantity!r} is not a canonical quantity name{_suggest_quantity(quantity)}"
@@ -545,7 +550,7 @@ def _modbus_point(
     )
 
 
-def _modbus_relay(r: _Reader, raw: Any) -> RelaySpec:
+def _modbus_relay(r: ModelReader, raw: Any) -> RelaySpec:
     relay = r.table(raw, "relay")
     r.only(relay, "relay", ("source", "write", "read"))
     cite = r.get(relay, "relay", "source", str)
@@ -572,36 +577,26 @@ def _modbus_relay(r: _Reader, raw: Any) -> RelaySpec:
     return RelaySpec(sides["write"], sides["read"], cite)
 
 
-def _build_dlt645(r: _Reader, data: dict[str, Any]) -> Dlt645Model:
-    r.only(data, "", (*_COMMON_KEYS, "edition", "supports_block_reads", "blocks", "relay"))
-    name, vendor, description, source = _header(r, data)
+def _build_dlt645(r: ModelReader, data: dict[str, Any]) -> Dlt645Model:
+    r.only(data, "", (*COMMON_KEYS, "edition", "supports_block_reads", "blocks", "relay"))
+    name, vendor, description, source = r.header(data)
     try:
         edition = Edition.parse(r.get(data, "", "edition", str))
     except ValueError as e:
         raise r.error("edition", str(e)) from e
     supports_blocks = r.get(data, "", "supports_block_reads", bool, False)
-    points: list[Dlt645Point] = []
-    seen: dict[str, str] = {}
-    for si, raw_section in enumerate(r.get(data, "", "sections", list)):
-        where = f"sections[{si}]"
-        section = r.table(raw_section, where)
-        r.only(section, where, ("source", "points"))
-        cite = r.get(section, where, "source", str)
-        for pi, raw in enumerate(r.get(section, where, "points", list)):
-            pwhere = f"{where}.points[{pi}]"
-            p = r.table(raw, pwhere)
-            r.only(p, pwhere, ("quantity", "di"))
-            quantity = r.get(p, pwhere, "quantity", str)
-            if _quantity_info(quantity) is None and not _DLT645_EXTRA.fullmatch(quantity):
-                raise r.error(
-                    f"{pwhere}.quantity", f"{quantity!r} is not a known quantity name{_suggest_quantity(quantity)}"
-                )
-            if quantity in seen:
-                raise r.error(pwhere, f"duplicate point for {quantity!r}; first at {seen[quantity]}")
-            seen[quantity] = pwhere
-            points.append(Dlt645Point(quantity, _di(r, p, pwhere, "di", edition), cite))
-    if not points:
-        raise r.error("sections", "a model needs at least one point")
+
+    def check(quantity: str, where: str) -> None:
+        if canonical_info(quantity) is None and not _DLT645_EXTRA.fullmatch(quantity):
+            raise r.error(
+                f"{where}.quantity", f"{quantity!r} is not a known quantity name{_suggest_quantity(quantity)}"
+            )
+
+    points = [
+        Dlt645Point(quantity, _di(r, p, where, "di", edition), cite)
+        for where, p, quantity, cite in r.points(data, ("quantity", "di"), check)
+    ]
+    seen = [p.quantity for p in points]
     blocks: list[Dlt645Block] = []
     for bi, raw in enumerate(r.get(data, "", "blocks", list, [])):
         where = f"blocks[{bi}]"
@@ -610,7 +605,7 @@ def _build_dlt645(r: _Reader, data: dict[str, Any]) -> Dlt645Model:
         covers = r.get(b, where, "covers", list)
         for q in covers:
             if q not in seen:
-                raise r.error(f"{where}.covers", f"{q!r} is not a point of this model{_suggest(str(q), seen)}")
+                raise r.error(f"{where}.covers", f"{q!r} is not a point of this model{suggest(str(q), seen)}")
         blocks.append(Dlt645Block(_di(r, b, where, "di", edition), tuple(covers), r.get(b, where, "source", str)))
     if blocks and not supports_blocks:
         raise r.error("blocks", "blocks are listed but supports_block_reads is false")
@@ -637,7 +632,7 @@ def _build_dlt645(r: _Reader, data: dict[str, Any]) -> Dlt645Model:
     )
 
 
-def _di(r: _Reader, table: Mapping[str, Any], where: str, key: str, edition: Edition) -> int:
+def _di(r: ModelReader, table: Mapping[str, Any], where: str, key: str, edition: Edition) -> int:
     text = r.get(table, where, key, str)
     digits = edition.di_length * 2
     if not re.fullmatch(f"[0-9A-Fa-f]{{{digits}}}", text):
@@ -645,30 +640,58 @@ def _di(r: _Reader, table: Mapping[str, Any], where: str, key: str, edition: Edi
     return int(text, 16)
 
 
-def _header(r: _Reader, data: Mapping[str, Any]) -> tuple[str, str, str, Source]:
-    name = r.get(data, "", "name", str)
-    if name != r.path.stem:
-        raise r.error("name", f"{name!r} must match the file name {r.path.stem!r}")
-    vendor = r.get(data, "", "vendor", str)
-    description = r.get(data, "", "description", str, "")
-    s = r.table(r.get(data, "", "source", dict), "source")
-    r.only(s, "source", ("title", "version", "url", "notes"))
-    source = Source(
-        title=r.get(s, "source", "title", str),
-        version=r.get(s, "source", "version", str, ""),
-        url=r.get(s, "source", "url", str, ""),
-        notes=r.get(s, "source", "notes", str, ""),
-    )
-    return name, vendor, description, source
-
-
-class _Reader:
+class ModelReader:
     """Typed access to parsed TOML with errors that name the file and the key."""
 
     _MISSING: Final = object()
 
     def __init__(self, path: Path) -> None:
         self.path = path
+
+    def header(self, data: Mapping[str, Any]) -> tuple[str, str, str, Source]:
+        """name, vendor, description and [source]: what every model file starts with."""
+        name = self.get(data, "", "name", str)
+        if name != self.path.stem:
+            raise self.error("name", f"{name!r} must match the file name {self.path.stem!r}")
+        vendor = self.get(data, "", "vendor", str)
+        description = self.get(data, "", "description", str, "")
+        s = self.table(self.get(data, "", "source", dict), "source")
+        self.only(s, "source", ("title", "version", "url", "notes"))
+        source = Source(
+            title=self.get(s, "source", "title", str),
+            version=self.get(s, "source", "version", str, ""),
+            url=self.get(s, "source", "url", str, ""),
+            notes=self.get(s, "source", "notes", str, ""),
+        )
+        return name, vendor, description, source
+
+    def points(
+        self, data: Mapping[str, Any], keys: Sequence[str], check: Callable[[str, str], None]
+    ) -> Iterator[tuple[str, dict[str, Any], str, str]]:
+        """``(where, table, quantity, cite)`` of every point of the file's ``[[sections]]``, in order.
+
+        Each point may hold only ``keys``; ``check(quantity, where)`` raises for a quantity the
+        protocol does not know. A quantity named twice, and a file with no point, are errors here
+        so that every protocol with one identifier per quantity words them alike.
+        """
+        seen: dict[str, str] = {}
+        for si, raw_section in enumerate(self.get(data, "", "sections", list)):
+            where = f"sections[{si}]"
+            section = self.table(raw_section, where)
+            self.only(section, where, ("source", "points"))
+            cite = self.get(section, where, "source", str)
+            for pi, raw in enumerate(self.get(section, where, "points", list)):
+                pwhere = f"{where}.points[{pi}]"
+                p = self.table(raw, pwhere)
+                self.only(p, pwhere, keys)
+                quantity = self.get(p, pwhere, "quantity", str)
+                check(quantity, pwhere)
+                if quantity in seen:
+                    raise self.error(pwhere, f"duplicate point for {quantity!r}; first at {seen[quantity]}")
+                seen[quantity] = pwhere
+                yield pwhere, p, quantity, cite
+        if not seen:
+            raise self.error("sections", "a model needs at least one point")
 
     def error(self, key: str, message: str) -> ModelError:
         return ModelError(f"{self.path}: {key}: {message}" if key else f"{self.path}: {message}")
@@ -678,7 +701,7 @@ class _Reader:
             if key not in allowed:
                 raise self.error(
                     f"{where}.{key}" if where else key,
-                    f"unknown key{_suggest(key, allowed)} (allowed: {', '.join(allowed)})",
+                    f"unknown key{suggest(key, allowed)} (allowed: {', '.join(allowed)})",
                 )
 
     def table(self, value: Any, where: str) -> dict[str, Any]:
@@ -711,7 +734,7 @@ class _Reader:
         if value not in choices:
             raise self.error(
                 f"{where}.{key}" if where else key,
-                f"{value!r} is not one of {', '.join(choices)}{_suggest(value, choices)}",
+                f"{value!r} is not one of {', '.join(choices)}{suggest(value, choices)}",
             )
         return choices[value]
 
@@ -723,7 +746,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _suggest(word: str, options: Iterable[str]) -> str:
+def suggest(word: str, options: Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(options), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -745,4 +768,4 @@ _EXAMPLE_QUANTITIES: Final = (
 
 
 def _suggest_quantity(quantity: str) -> str:
-    return _suggest(quantity, _EXAMPLE_QUANTITIES)
+    return suggest(quantity, _EXAMPLE_QUANTITIES)

@@ -1,53 +1,53 @@
-"""Modbus meters: the link, the read planner and the meter driver.
+"""Modbus meters: the bus's Modbus access, the reply exchange, the read planner and the meter driver.
 
-This is the only client-side module that imports pymodbus, and it uses pymodbus for encoding
-only: requests and replies are pymodbus PDU objects, framed by its public ``FramerSocket`` (MBAP)
-or ``FramerRTU``. The bytes travel over the gateway's own stream links
-(:func:`drivers.transport.make_transport`: TCP with keepalive and TCP_USER_TIMEOUT, or a serial
-port with kernel RS-485 mode), the same links the DL/T 645 buses use. pymodbus' client is not
-used: what the driver needs from it (a connect timeout apart from the reply timeout, socket
-options, the serial port object for RS-485 mode, a cap on a receive buffer that line noise
-fills, failing the pending request when the connection drops) has no public hook in pymodbus
-3.16; it lives in its transport's and transaction manager's internal state. No pymodbus type
-leaves this module: trouble becomes a ``drivers.errors`` type.
+This is the only module that imports pymodbus, and it uses pymodbus for encoding only: requests
+and replies are pymodbus PDU objects, framed by its public ``FramerSocket`` (MBAP) or
+``FramerRTU``. A Modbus bus is a byte-stream bus like the others: the bytes travel over the
+gateway's own links (:func:`drivers.transport.make_transport`) and every request is one
+``Bus.exchange`` with a :class:`ModbusExchange`, so the bus's turn lock (commands first), its
+transaction engine (deadline, retries with backoff, input flush) and its meters' health apply to
+Modbus exactly as to DL/T 645. No pymodbus type leaves this module: trouble becomes a
+``drivers.errors`` type.
 
-* :class:`ModbusLink` is one bus: Modbus TCP (MBAP framing), RTU framing over TCP (transparent
-  serial servers), or RTU on a local serial port. The link keeps itself connected in the
-  background (reconnecting under the link settings' backoff policy); a transaction while it is
-  down fails at once with LinkDown. There are no retries here: the caller's bus layer retries.
-  Several :class:`ModbusMeter` objects (unit ids) share one link; the link runs one transaction
-  at a time.
+* :class:`ModbusLink` is Modbus on one bus (:func:`attach` makes it, :func:`link_for` finds it):
+  the framing (Modbus TCP with MBAP, or RTU frames over TCP or a serial port), the transaction
+  ids, the requests recently made (to tell late replies from strangers) and the exception replies
+  counted by code (exported with the bus's counters). Several :class:`ModbusMeter` objects (unit
+  ids) share one.
 * :func:`plan_reads` merges the registers wanted into as few transactions as the device allows.
 * :class:`ModbusMeter` reads quantities into :class:`~drivers.reading.Reading` objects and
-  operates the relay. Each call is one or more transactions; run it under the per-bus scheduler
-  (``Bus.run``), which serializes them.
+  operates the relay.
 
-Error mapping (Modbus Application Protocol Specification V1.1b3, §7 for exception codes):
+Exception replies (Modbus Application Protocol Specification V1.1b3, §7), counted by code:
 
 ============================================  =====================================================
-cannot connect, connection lost               LinkDown
-no reply before the timeout                   NoAnswer
-exception 0x0B (gateway: target no response)  NoAnswer (the meter is silent, the gateway said so)
-other exception responses                     MeterRefused(code, reasons=(name,))
-reply of the wrong function, size, echo       BadReply
+0x05 acknowledge, 0x06 server device busy     asked again with the bus's backoff; BadReply after
+                                              the bus's attempts (the meter is not answering data)
+0x0A gateway path unavailable,                asked again likewise; then NoAnswer (the meter is
+0x0B gateway target failed to respond         not reachable; its health counts the failure)
+other codes (0x01-0x04, 0x08, ...)            MeterRefused(code, reasons=(name,)) at once
 ============================================  =====================================================
 
-RTU framing has no transaction id, so a reply that arrives after its request timed out could be
-taken for the answer to the next request. Input is discarded before every request, after a
-timeout on an RTU link the next request waits ``late_reply_guard`` seconds so a late reply lands
-in that gap, replies from another unit are skipped, and replies are checked for function, size
-and echo. Modbus TCP replies must also carry the request's transaction id.
+A refused coalesced read is split, down to single points, and what the device refuses is
+remembered per meter (:class:`ModbusMeter`). A reply of the wrong function, size or echo is
+unusable (tried again, then BadReply); no reply is NoAnswer; a lost link LinkDown.
+
+RTU framing has no transaction id: input is flushed before every request, replies from another
+unit, or for a request recently made to another unit or function, are rejected as late or
+strangers, and replies are checked for function, size and echo. Modbus TCP replies must also
+carry the request's transaction id; one with the id of an earlier request is a late reply.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import struct
-from collections.abc import Iterable, Sequence
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Generic, TypeVar
 
 from pymodbus.framer import FramerBase, FramerRTU, FramerSocket
 from pymodbus.pdu import DecodePDU, ModbusPDU
@@ -58,25 +58,38 @@ from pymodbus.pdu.register_message import (
     WriteSingleRegisterRequest,
 )
 
+from meter_gateway.drivers.backoff import BackoffPolicy
+from meter_gateway.drivers.bus import Bus, BusSettings, Priority
 from meter_gateway.drivers.context import DriverContext
 from meter_gateway.drivers.errors import BadReply, ConfigurationError, LinkDown, MeterRefused, NoAnswer
+from meter_gateway.drivers.health import HealthBook
+from meter_gateway.drivers.log_limit import log_limited
 from meter_gateway.drivers.meter_models import FUNCTIONS, ModbusModel, ModbusPoint, RelaySpec, load_model
 from meter_gateway.drivers.reading import Quality, Reading
 from meter_gateway.drivers.serial_link import SerialLink
-from meter_gateway.drivers.transport import LinkStats, SerialSettings, StreamLink, TcpSettings, make_transport
+from meter_gateway.drivers.transport import LinkStats, SerialSettings, TcpSettings, Transport, make_transport
+from meter_gateway.protocols.exchange import Answer, Event, Refusal, Rejected, Rejection, Unusable
 from meter_gateway.protocols.modbus.values import RemoteValueError
 
 __all__ = [
+    "COUNTER_PREFIX",
     "EXCEPTION_NAMES",
+    "RETRIED_EXCEPTIONS",
+    "UNREACHABLE_EXCEPTIONS",
+    "ModbusExchange",
     "ModbusLink",
     "ModbusMeter",
     "ReadRequest",
+    "attach",
     "decode_block",
     "from_config",
+    "link_for",
     "plan_reads",
 ]
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R")
 
 # Modbus Application Protocol Specification V1.1b3, §7 "MODBUS Exception Responses".
 EXCEPTION_NAMES: Final[dict[int, str]] = {
@@ -90,15 +103,22 @@ EXCEPTION_NAMES: Final[dict[int, str]] = {
     0x0A: "gateway path unavailable",
     0x0B: "gateway target device failed to respond",
 }
-_GATEWAY_NO_RESPONSE: Final = 0x0B
+# The meter is working on something else: ask again after the bus's backoff.
+RETRIED_EXCEPTIONS: Final = frozenset({0x05, 0x06})
+# A Modbus gateway says the meter behind it cannot be reached: silence, as far as health goes.
+UNREACHABLE_EXCEPTIONS: Final = frozenset({0x0A, 0x0B})
+# Bus.protocol_counters key of an exception code's count
+COUNTER_PREFIX: Final = "modbus_exception_"
 
 _READ_FUNCTIONS: Final = frozenset(FUNCTIONS.values())
 _WRITE_COIL: Final = 5
 _WRITE_REGISTER: Final = 6
-# The largest Modbus ADU (TCP: 7-byte MBAP + 253-byte PDU; RTU: 256): more waiting input is noise.
-RECEIVE_BUFFER_CAP: Final = 260
 # §6.1-6.4: per-request limits of the read functions
 _MAX_COUNT: Final = {1: 2000, 2: 2000, 3: 125, 4: 125}
+HISTORY_LENGTH: Final = 32  # requests remembered per bus for telling late replies from strangers
+# What a device refused is tried merged again after this long (wall seconds): firmware updates
+# and replaced meters happen, and a refusal that was a passing fault should not cost data forever.
+RELEARN_AFTER: Final = 3600.0
 
 # pymodbus' framers and decoder log every undecodable frame; we convert and count them ourselves
 # and the bus logs one line per failed transaction, so its logger only speaks when it is dire.
@@ -110,237 +130,487 @@ def _unit_ok(unit: int) -> None:
         raise ConfigurationError(f"Modbus unit id must be 1..255, got {unit!r}")
 
 
-class ModbusLink:
-    """One Modbus bus or gateway connection, shared by the meters (unit ids) on it.
+def exception_text(code: int) -> str:
+    return f"{EXCEPTION_NAMES.get(code, 'exception')} ({code:#04x})"
 
-    ``framing`` is "tcp" (Modbus TCP, MBAP header) or "rtu" (RTU frames, over TCP to a
-    transparent serial server, or on a local serial port; the default for serial settings).
-    ``timeout`` bounds each transaction from request to complete reply.
+
+# ---------------------------------------------------------------------------------------------
+# Modbus on one bus
+
+
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    """A request recently made on the bus: what a late reply to it looks like."""
+
+    unit: int
+    function: int
+    tid: int  # 0 on RTU
+
+
+_links: weakref.WeakKeyDictionary[Bus, ModbusLink] = weakref.WeakKeyDictionary()
+
+
+def attach(bus: Bus, framing: str) -> ModbusLink:
+    """Make ``bus`` a Modbus bus framed ``framing`` ("tcp" or "rtu"); its meters find the link
+    with :func:`link_for`. Its exception counters start at 0 for every known code."""
+    link = ModbusLink(bus, framing=framing)
+    _links[bus] = link
+    return link
+
+
+def link_for(bus: Bus) -> ModbusLink:
+    link = _links.get(bus)
+    if link is None:
+        raise ConfigurationError(f"bus {bus.name} is not a Modbus bus")
+    return link
+
+
+class ModbusLink:
+    """Modbus on one bus: framing, transaction ids, recent requests, exception counts, and the
+    register and coil transactions, each one ``bus.exchange`` (see the module docstring).
+
+    ``meter`` keys the health book; ``priority`` and ``force`` are the bus's (a command goes
+    first and is tried on an offline meter); ``attempts`` overrides the bus's.
     """
 
-    def __init__(
-        self,
+    def __init__(self, bus: Bus, *, framing: str) -> None:
+        if framing not in ("tcp", "rtu"):
+            raise ConfigurationError(f"bus {bus.name}: Modbus framing must be 'tcp' or 'rtu', got {framing!r}")
+        if bus.transport is None:
+            raise ConfigurationError(f"bus {bus.name}: a Modbus bus needs a link")
+        self.bus = bus
+        self.framing = framing
+        self.framer: FramerBase = (FramerSocket if framing == "tcp" else FramerRTU)(ReplyDecoder(False))
+        self._tid = 0  # MBAP transaction id of the last request (RTU has none)
+        self.recent: deque[_Sent] = deque(maxlen=HISTORY_LENGTH)
+        self._own_bus = False  # made by build(): opened on first use, closed by close()
+        self._closed = False
+        counters = bus.protocol_counters
+        for code in EXCEPTION_NAMES:
+            counters.setdefault(f"{COUNTER_PREFIX}{code:#04x}", 0)
+
+    @classmethod
+    def build(
+        cls,
         settings: TcpSettings | SerialSettings,
         *,
         framing: str | None = None,
         timeout: float = 1.0,
-        late_reply_guard: float | None = None,
+        attempts: int = 1,
+        retry: BackoffPolicy | None = None,
+        link_wait: float = 1.0,
+        health: HealthBook | None = None,
         name: str | None = None,
-    ) -> None:
+    ) -> ModbusLink:
+        """A bus of its own on ``settings`` (tools, tests); opened on first use. ``framing``
+        defaults to "tcp" on TCP and must be "rtu" on a serial port."""
         if isinstance(settings, SerialSettings):
             framing = framing or "rtu"
             if framing != "rtu":
                 raise ConfigurationError(f"serial link {settings.port}: Modbus on a serial port is framed 'rtu'")
-            default_name = f"modbus-rtu:{settings.port}"
+            name = name or f"modbus-rtu:{settings.port}"
         elif isinstance(settings, TcpSettings):
             framing = framing or "tcp"
-            if framing not in ("tcp", "rtu"):
-                raise ConfigurationError(f"tcp link {settings.label}: framing must be 'tcp' or 'rtu', got {framing!r}")
-            default_name = f"modbus-{framing}://{settings.label}"
+            name = name or f"modbus-{framing}://{settings.label}"
         else:
             raise ConfigurationError(f"Modbus link settings must be TcpSettings or SerialSettings, got {settings!r}")
         if not 0 < timeout <= 60:
-            raise ConfigurationError(f"{default_name}: timeout must be in (0, 60] s, got {timeout}")
-        self.settings = settings
-        self.framing = framing
-        self.timeout = float(timeout)
-        self.late_reply_guard = (
-            (timeout / 2 if framing == "rtu" else 0.0) if late_reply_guard is None else late_reply_guard
+            raise ConfigurationError(f"{name}: timeout must be in (0, 60] s, got {timeout}")
+        timing = BusSettings(
+            reply_timeout=float(timeout),
+            attempts=attempts,
+            retry=retry or BackoffPolicy(initial=0.1, maximum=1.0),
+            link_wait=link_wait,
         )
-        self.name = name or default_name
-        self.transactions = 0
-        self._link: StreamLink = make_transport(settings, name=self.name)
-        framer_class = FramerSocket if framing == "tcp" else FramerRTU
-        self._framer: FramerBase = framer_class(ReplyDecoder(False))
-        self._tid = 0  # MBAP transaction id of the last request (RTU has none)
-        self._lock = asyncio.Lock()
-        self._opened = False
-        self._quiet_until = -math.inf  # loop time the late-reply guard ends
+        bus = Bus(name, make_transport(settings, name=name), settings=timing, health=health)
+        link = cls(bus, framing=framing)
+        link._own_bus = True
+        return link
 
     def __repr__(self) -> str:
-        return f"<ModbusLink {self.name} {'up' if self.connected else 'down'}>"
+        return f"<ModbusLink {self.name} {self.framing} {'up' if self.connected else 'down'}>"
+
+    @property
+    def name(self) -> str:
+        return self.bus.name
+
+    @property
+    def transport(self) -> Transport:
+        transport = self.bus.transport
+        assert transport is not None  # checked in __init__
+        return transport
 
     @property
     def stats(self) -> LinkStats:
-        return self._link.stats
+        return self.transport.stats
 
     @property
     def connected(self) -> bool:
-        return self._link.connected
+        return self.transport.connected
 
     @property
     def down_since(self) -> float | None:
-        """Loop time the link went down (or the first connect failed); None while up or unused."""
-        return self._link.down_since if self._opened else None
+        return self.transport.down_since
+
+    @property
+    def transactions(self) -> int:
+        """Requests written so far (retries included)."""
+        return self.bus.counters.sent
 
     @property
     def rs485_active(self) -> bool:
         """Kernel RS-485 mode is on (serial links that asked for it and whose device took it)."""
-        return isinstance(self._link, SerialLink) and self._link.rs485_active
+        transport = self.transport
+        return isinstance(transport, SerialLink) and transport.rs485_active
 
-    # -- connection ---------------------------------------------------------------------------
+    @property
+    def exceptions(self) -> dict[int, int]:
+        """Exception replies heard on this bus, by code (retried ones included)."""
+        n = len(COUNTER_PREFIX)
+        return {int(k[n:], 16): v for k, v in self.bus.protocol_counters.items() if k.startswith(COUNTER_PREFIX)}
 
     async def connect(self) -> None:
-        """Connect now (raises LinkDown); transactions also connect on demand."""
-        async with self._lock:
-            self._ensure_connected()
-            if not self._opened:
-                await self._open()
+        """Connect now (raises LinkDown); a link of its own also connects on first use."""
+        if not await self.bus.open():
+            raise LinkDown(f"{self.name}: cannot connect: {self.stats.last_error or 'no connection'}")
 
     async def wait_connected(self, within: float | None = None) -> bool:
-        """Wait until the link is up (it reconnects in the background); False after ``within`` s."""
-        return self._opened and await self._link.wait_connected(within)
+        return await self.transport.wait_connected(within)
 
     async def close(self) -> None:
-        async with self._lock:
-            self._opened = False
-            await self._link.close()
-
-    async def _open(self) -> None:
-        self._opened = True
-        if not await self._link.open():
-            target = self.settings.label if isinstance(self.settings, TcpSettings) else self.settings.port
-            raise LinkDown(f"{self.name}: cannot connect to {target}: {self.stats.last_error or 'no connection'}")
-
-    def _ensure_connected(self) -> None:
-        if self._opened and not self._link.connected:
-            raise LinkDown(
-                f"{self.name}: link down ({self.stats.last_error or 'not connected'}); reconnecting in the background"
-            )
+        """Close the bus (a link of its own; the fleet closes the buses it built)."""
+        self._closed = True
+        await self.bus.close()
 
     # -- transactions -------------------------------------------------------------------------
 
-    async def read_registers(self, unit: int, function: int, address: int, count: int) -> list[int]:
-        """Read ``count`` holding (3) or input (4) registers."""
+    async def read_registers(
+        self,
+        unit: int,
+        function: int,
+        address: int,
+        count: int,
+        *,
+        meter: str | None = None,
+        priority: int = Priority.POLL,
+        force: bool = False,
+        attempts: int | None = None,
+        strict: bool = False,
+    ) -> list[int]:
+        """Read ``count`` holding (3) or input (4) registers. ``strict``: an exception reply that
+        would be a refusal is a bad reply instead (a probe of a meter that refuses everything)."""
         if function not in (3, 4):
             raise ConfigurationError(f"register reads use function 3 or 4, not {function}")
         _check_span(function, address, count)
-        response = await self._transact(unit, function, address, count)
-        registers = list(response.registers)
-        if len(registers) != count:
-            raise BadReply(f"{self.name} unit {unit}: asked for {count} registers at {address}, got {len(registers)}")
-        return registers
 
-    async def read_bits(self, unit: int, function: int, address: int, count: int) -> list[bool]:
+        def registers(pdu: ModbusPDU) -> list[int]:
+            got = list(pdu.registers)
+            if len(got) != count:
+                raise _WrongReply(f"asked for {count} registers at {address}, got {len(got)}")
+            return got
+
+        what = f"function {function} registers {address}..{address + count - 1}"
+        return await self._transact(
+            unit,
+            function,
+            address,
+            count,
+            registers,
+            what=what,
+            meter=meter,
+            priority=priority,
+            force=force,
+            attempts=attempts,
+            strict=strict,
+        )
+
+    async def read_bits(
+        self,
+        unit: int,
+        function: int,
+        address: int,
+        count: int,
+        *,
+        meter: str | None = None,
+        priority: int = Priority.POLL,
+        force: bool = False,
+        attempts: int | None = None,
+        strict: bool = False,
+    ) -> list[bool]:
         """Read ``count`` coils (1) or discrete inputs (2)."""
         if function not in (1, 2):
             raise ConfigurationError(f"bit reads use function 1 or 2, not {function}")
         _check_span(function, address, count)
-        response = await self._transact(unit, function, address, count)
-        bits = [bool(b) for b in response.bits]
-        # bits come padded to whole bytes; fewer than asked is a short reply
-        if len(bits) < count or len(bits) >= count + 8:
-            raise BadReply(f"{self.name} unit {unit}: asked for {count} bits at {address}, got {len(bits)}")
-        return bits[:count]
 
-    async def write_coil(self, unit: int, address: int, value: bool) -> None:
+        def bits(pdu: ModbusPDU) -> list[bool]:
+            got = [bool(b) for b in pdu.bits]
+            # bits come padded to whole bytes; fewer than asked is a short reply
+            if len(got) < count or len(got) >= count + 8:
+                raise _WrongReply(f"asked for {count} bits at {address}, got {len(got)}")
+            return got[:count]
+
+        what = f"function {function} bits {address}..{address + count - 1}"
+        return await self._transact(
+            unit,
+            function,
+            address,
+            count,
+            bits,
+            what=what,
+            meter=meter,
+            priority=priority,
+            force=force,
+            attempts=attempts,
+            strict=strict,
+        )
+
+    async def write_coil(
+        self,
+        unit: int,
+        address: int,
+        value: bool,
+        *,
+        meter: str | None = None,
+        priority: int = Priority.POLL,
+        force: bool = False,
+        attempts: int | None = None,
+    ) -> None:
         _check_span(1, address, 1)
-        response = await self._transact(unit, _WRITE_COIL, address, bool(value))
-        echoed = bool(response.bits[0]) if response.bits else None
-        if response.address != address or echoed is not bool(value):
-            raise BadReply(f"{self.name} unit {unit}: write coil {address}={value} echoed {response.address}={echoed}")
 
-    async def write_register(self, unit: int, address: int, value: int) -> None:
+        def echoed(pdu: ModbusPDU) -> None:
+            echo = bool(pdu.bits[0]) if pdu.bits else None
+            if pdu.address != address or echo is not bool(value):
+                raise _WrongReply(f"write coil {address}={value} echoed {pdu.address}={echo}")
+
+        what = f"function 5 coil {address}"
+        await self._transact(
+            unit,
+            _WRITE_COIL,
+            address,
+            bool(value),
+            echoed,
+            what=what,
+            meter=meter,
+            priority=priority,
+            force=force,
+            attempts=attempts,
+        )
+
+    async def write_register(
+        self,
+        unit: int,
+        address: int,
+        value: int,
+        *,
+        meter: str | None = None,
+        priority: int = Priority.POLL,
+        force: bool = False,
+        attempts: int | None = None,
+    ) -> None:
         _check_span(3, address, 1)
         if isinstance(value, bool) or not 0 <= value <= 0xFFFF:
             raise ConfigurationError(f"a register holds 0..65535, got {value!r}")
-        response = await self._transact(unit, _WRITE_REGISTER, address, value)
-        echoed = response.registers[0] if response.registers else None
-        if response.address != address or echoed != value:
-            raise BadReply(
-                f"{self.name} unit {unit}: write register {address}={value} echoed {response.address}={echoed}"
-            )
 
-    async def _transact(self, unit: int, function: int, address: int, arg: int | bool) -> ModbusPDU:
-        _unit_ok(unit)
-        async with self._lock:
-            self._ensure_connected()
-            if not self._opened:
-                await self._open()
-            link = self._link
-            loop = asyncio.get_running_loop()
-            if (wait := self._quiet_until - loop.time()) > 0:
-                await asyncio.sleep(wait)
-            if self.framing == "tcp":
-                self._tid = self._tid % 0xFFFF + 1
-            request = _request(function, unit, address, arg, self._tid)
-            reply = _ReplyMatcher(self, self._framer, unit, self._tid, 2 * _reply_size(function, arg) + 8)
-            self.transactions += 1
-            link.flush_input()  # whatever is waiting answers nothing we are about to ask
-            await link.write(self._framer.buildFrame(request))
-            if not await link.read_until(reply.feed, loop.time() + self.timeout):
-                raise self._no_reply(unit, function, address)
-            link.note_reply()
-            response = reply.pdu
-            assert response is not None  # read_until returned True: feed() found it
-            if response.isError():
-                if response.function_code != function | 0x80:
-                    raise BadReply(
-                        f"{self.name} unit {unit}: exception reply to function {response.function_code & 0x7F}"
-                    )
-                code = int(response.exception_code)
-                reason = EXCEPTION_NAMES.get(code, f"exception {code:#04x}")
-                what = f"{self.name} unit {unit}: function {function} at {address}: {reason} ({code:#04x})"
-                if code == _GATEWAY_NO_RESPONSE:
-                    raise NoAnswer(what)
-                raise MeterRefused(what, code=code, reasons=(reason,))
-            if response.function_code != function:
-                raise BadReply(
-                    f"{self.name} unit {unit}: reply of function {response.function_code} to function {function}"
-                )
-            return response
+        def echoed(pdu: ModbusPDU) -> None:
+            echo = pdu.registers[0] if pdu.registers else None
+            if pdu.address != address or echo != value:
+                raise _WrongReply(f"write register {address}={value} echoed {pdu.address}={echo}")
 
-    def _no_reply(self, unit: int, function: int, address: int) -> NoAnswer | LinkDown:
-        self._quiet_until = asyncio.get_running_loop().time() + self.late_reply_guard
-        self._link.note_silence()
-        if not self._link.connected:
-            # the socket looked fine but nothing answered any more: the link dropped it as half-open
-            limit = self.settings.no_reply_limit
-            return LinkDown(f"{self.name}: {limit} transactions in a row without a reply; reconnecting")
-        return NoAnswer(
-            f"{self.name} unit {unit}: no reply to function {function} at {address} within {self.timeout:.2f} s"
+        what = f"function 6 register {address}"
+        await self._transact(
+            unit,
+            _WRITE_REGISTER,
+            address,
+            value,
+            echoed,
+            what=what,
+            meter=meter,
+            priority=priority,
+            force=force,
+            attempts=attempts,
         )
 
+    async def _transact(
+        self,
+        unit: int,
+        function: int,
+        address: int,
+        arg: int | bool,
+        decode: Callable[[ModbusPDU], R],
+        *,
+        what: str,
+        meter: str | None,
+        priority: int,
+        force: bool,
+        attempts: int | None,
+        strict: bool = False,
+    ) -> R:
+        _unit_ok(unit)
+        if self._own_bus and not self._closed and self.bus.transport is not None:
+            await self.bus.open()  # a link of its own connects on first use (idempotent after)
+        tid = 0
+        if self.framing == "tcp":
+            tid = self._tid = self._tid % 0xFFFF + 1
+        request = self.framer.buildFrame(_request(function, unit, address, arg, tid))
+        exchange = ModbusExchange(
+            self,
+            request,
+            unit=unit,
+            tid=tid,
+            function=function,
+            decode=decode,
+            what=f"{self.name} unit {unit}: {what}",
+            reply_size=_reply_size(function, arg),
+            strict=strict,
+        )
+        try:
+            return await self.bus.exchange(
+                request, exchange, meter=meter, priority=priority, attempts=attempts, force=force
+            )
+        except BadReply as e:
+            code = exchange.exception
+            if code is None or (strict and code not in UNREACHABLE_EXCEPTIONS):
+                raise  # a strict probe's refusal is reported by the meter that probed
+            log_limited(
+                log,
+                logging.WARNING,
+                f"modbus.exception:{self.name}:{code}",
+                "meter %s: %s; gave up after the bus's attempts",
+                meter or f"unit {unit}",
+                exchange.what + ": " + exception_text(code),
+            )
+            if code in UNREACHABLE_EXCEPTIONS:
+                raise NoAnswer(str(e)) from e  # the bus counted it, and the health book, as a failure
+            raise
 
-class _ReplyMatcher:
-    """Collects a reply from the arriving bytes (``feed`` is the link's ``read_until`` consumer).
+    def _sent(self, sent: _Sent) -> None:
+        self.recent.append(sent)
 
-    Frames from another unit (a neighbour's late reply on a shared bus) or, on Modbus TCP, with
-    another transaction id are skipped. While no whole frame is there, only the newest ``cap``
-    bytes are kept: line noise that never forms a frame would otherwise be rescanned (the RTU
-    framer tries every offset) on every chunk that arrives."""
+    def count_exception(self, code: int) -> None:
+        counters = self.bus.protocol_counters
+        key = f"{COUNTER_PREFIX}{code:#04x}"
+        counters[key] = counters.get(key, 0) + 1
 
-    __slots__ = ("buffer", "cap", "framer", "link", "pdu", "tid", "unit")
 
-    def __init__(self, link: ModbusLink, framer: FramerBase, unit: int, tid: int, cap: int) -> None:
+class _WrongReply(Exception):
+    """The reply answers the request but does not fit it (size, echoed address or value)."""
+
+
+class ModbusExchange(Generic[R]):
+    """The :class:`~protocols.exchange.ReplyExchange` of one Modbus request (see the module
+    docstring for what is accepted). ``decode`` turns the accepted PDU into the caller's value;
+    a :class:`_WrongReply` from it makes the reply unusable. ``exception`` is the exception code
+    of the current attempt's reply, if it was one."""
+
+    __slots__ = ("buffer", "cap", "decode", "echo", "exception", "function", "link", "strict", "tid", "unit", "what")
+
+    def __init__(
+        self,
+        link: ModbusLink,
+        request: bytes,
+        *,
+        unit: int,
+        tid: int,
+        function: int,
+        decode: Callable[[ModbusPDU], R],
+        what: str,
+        reply_size: int,
+        strict: bool = False,
+    ) -> None:
         self.link = link
-        self.framer = framer
         self.unit = unit
         self.tid = tid
-        self.cap = cap
+        self.function = function
+        self.decode = decode
+        self.what = what
+        self.strict = strict
+        # an RS-485 adapter that hears itself returns a read request before its reply; a write's
+        # reply is its echo, so nothing can be told apart there
+        self.echo = request if link.framing == "rtu" and function in _READ_FUNCTIONS else b""
+        # while no whole frame is there, keep only the newest bytes: line noise that never forms a
+        # frame would otherwise be rescanned (the RTU framer tries every offset) on every chunk
+        self.cap = 2 * reply_size + 8 + len(self.echo)
         self.buffer = b""
-        self.pdu: ModbusPDU | None = None
+        self.exception: int | None = None
+        link._sent(_Sent(unit, function, tid))
 
-    def feed(self, data: bytes) -> bool:
+    def begin(self) -> None:
+        self.buffer = b""
+        self.exception = None
+
+    def receive(self, data: bytes) -> list[Event[R]]:
+        events: list[Event[R]] = []
         buffer = self.buffer + data
-        framer = self.framer
+        echo = self.echo
+        if echo:
+            if len(buffer) < len(echo) and echo.startswith(buffer):
+                self.buffer = buffer
+                return events  # maybe our request coming back: wait for the rest
+            if buffer.startswith(echo):
+                events.append(Rejected(Rejection.ECHO, len(echo)))
+                buffer = buffer[len(echo) :]
+        framer = self.link.framer
+        rtu = self.link.framing == "rtu"
         while buffer:
             used, unit, tid, frame = framer.decode(buffer)
             if not used:
                 break
-            buffer = buffer[used:]
-            if not frame or unit != self.unit or (self.link.framing == "tcp" and tid != self.tid):
+            if not frame:
+                events.append(Rejected(Rejection.GARBAGE, used, "no valid frame"))
+                buffer = buffer[used:]
                 continue
-            pdu = framer.decoder.decode(frame)
-            if pdu is None:
-                raise BadReply(f"{self.link.name} unit {unit}: undecodable reply {frame.hex()}")
-            self.pdu = pdu
-            return True
-        if len(buffer) > self.cap:
-            self.link.stats.overflow_dropped += len(buffer) - self.cap
-            buffer = buffer[-self.cap :]
+            if rtu:
+                # FramerRTU reports the whole buffer used; the frame itself ends at its CRC
+                start = buffer.find(bytes((unit,)) + frame)
+                if start > 0:
+                    events.append(Rejected(Rejection.GARBAGE, start, "before a frame"))
+                used = max(start, 0) + len(frame) + 3
+            buffer = buffer[used:]
+            event = self._consider(unit, tid, frame, used)
+            events.append(event)
+            if not isinstance(event, Rejected):
+                self.buffer = b""
+                return events  # the verdict: whatever follows is stale input for the next attempt
+        excess = len(buffer) - self.cap
+        if excess > 0:
+            events.append(Rejected(Rejection.GARBAGE, excess, "no frame in the input"))
+            buffer = buffer[excess:]
         self.buffer = buffer
-        return False
+        return events
+
+    def _consider(self, unit: int, tid: int, frame: bytes, size: int) -> Event[R]:
+        function = frame[0] & 0x7F
+        tcp = self.link.framing == "tcp"
+        if tcp and tid != self.tid:
+            if any(s.tid == tid for s in self.link.recent):
+                return Rejected(Rejection.LATE, size, f"reply to transaction {tid}")
+            return Rejected(Rejection.WRONG_FUNCTION, size, f"transaction id {tid}, asked {self.tid}")
+        if unit != self.unit or function != self.function:
+            if not tcp and any(s.unit == unit and s.function == function for s in self.link.recent):
+                return Rejected(Rejection.LATE, size, f"unit {unit} function {function}")
+            if unit != self.unit:
+                return Rejected(Rejection.WRONG_ADDRESS, size, f"reply from unit {unit}, asked {self.unit}")
+            if not tcp:
+                return Rejected(Rejection.WRONG_FUNCTION, size, f"reply of function {function} to {self.function}")
+            # the request's own transaction id: it is the answer, and a wrong one
+            return Unusable(f"{self.what}: reply of function {function} to function {self.function}")
+        pdu = self.link.framer.decoder.decode(frame)
+        if pdu is None:
+            return Unusable(f"{self.what}: undecodable reply {frame.hex()}")
+        if pdu.isError():
+            code = int(pdu.exception_code)
+            self.exception = code
+            self.link.count_exception(code)
+            text = f"{self.what}: {exception_text(code)}"
+            if code in RETRIED_EXCEPTIONS or code in UNREACHABLE_EXCEPTIONS:
+                return Unusable(text)
+            if self.strict:
+                return Unusable(f"{text} (it refuses every read)")
+            return Refusal(text, code, (EXCEPTION_NAMES.get(code, f"exception {code:#04x}"),))
+        try:
+            return Answer(self.decode(pdu))
+        except _WrongReply as e:
+            return Unusable(f"{self.what}: {e}")
 
 
 def _check_span(function: int, address: int, count: int) -> None:
@@ -352,9 +622,9 @@ def _check_span(function: int, address: int, count: int) -> None:
 
 
 class ReplyDecoder(DecodePDU):
-    """pymodbus' response decoder, with a truncated PDU always "undecodable" (None, a BadReply
-    here). pymodbus 3.11 let ``struct.error`` out of several message classes (found by ``fuzz
-    modbus``); 3.16 catches it itself, and this keeps the guarantee whatever the version does."""
+    """pymodbus' response decoder, with a truncated PDU always "undecodable" (None, an unusable
+    reply here). pymodbus 3.11 let ``struct.error`` out of several message classes (found by
+    ``fuzz modbus``); 3.16 catches it itself, and this keeps the guarantee whatever the version does."""
 
     def decode(self, frame: bytes) -> ModbusPDU | None:
         try:
@@ -485,15 +755,61 @@ _PlanKey = tuple[int, str | None, int, int, tuple[str, ...]]
 _shared_plans: dict[_PlanKey, tuple[ModbusModel, list[ReadRequest]]] = {}
 
 
+@dataclass(slots=True)
+class _Learned:
+    """What one meter's device refuses; only meters that refused something have one."""
+
+    until: float  # wall time after which it is forgotten and the planned reads are tried again
+    # a planned read the device refused -> the reads that replace it (points it refuses left out)
+    pieces: dict[ReadRequest, tuple[ReadRequest, ...]]
+    refuses_all: str = ""  # it refused every read: why (its reads are then single strict probes)
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """What the transactions of one read came to."""
+
+    answered: bool = False
+    refusals: list[tuple[ReadRequest, MeterRefused]] | None = None
+
+    def refused(self, request: ReadRequest, error: MeterRefused) -> None:
+        if self.refusals is None:
+            self.refusals = []
+        self.refusals.append((request, error))
+
+
+def _split(request: ReadRequest) -> tuple[ReadRequest, ReadRequest]:
+    """A read of several points as two reads of half the points each."""
+    points = sorted(request.points, key=lambda p: (p.address, p.end))
+    half = len(points) // 2
+    return _span(request.function, points[:half]), _span(request.function, points[half:])
+
+
+def _span(function: int, points: Sequence[ModbusPoint]) -> ReadRequest:
+    start = min(p.address for p in points)
+    return ReadRequest(function, start, max(p.end for p in points) - start, tuple(points))
+
+
+def _registers(request: ReadRequest) -> str:
+    kind = "bits" if request.function in (1, 2) else "registers"
+    return f"function {request.function} {kind} {request.address}..{request.end - 1}"
+
+
 class ModbusMeter:
-    """One Modbus meter (a unit id on a link) described by a meter model.
+    """One Modbus meter (a unit id on a Modbus bus) described by a meter model.
 
     ``variant`` picks which of a model's duplicate points to read (e.g. "int32" in sim-3ph);
     ``max_registers`` and ``max_gap`` override the model's limits for this meter.
+
+    A device that refuses a merged read (one spanning registers it does not map, or more than it
+    reads at once) has it split in two, again and again down to single points; the reads that
+    worked replace the refused one for this meter from then on (for :data:`RELEARN_AFTER`), and a
+    point refused on its own yields no reading. A meter that refuses every read is failing: its
+    health book hears so, and later reads are one strict probe until it answers with data.
     """
 
     # 10,000 meters on one gateway: no per-instance __dict__
-    __slots__ = ("link", "max_gap", "max_registers", "meter_id", "model", "unit", "variant")
+    __slots__ = ("_learned", "link", "max_gap", "max_registers", "meter_id", "model", "unit", "variant")
 
     def __init__(
         self,
@@ -523,6 +839,7 @@ class ModbusMeter:
         self.variant = variant
         self.max_registers = max_registers or model.max_registers_per_read
         self.max_gap = model.max_gap if max_gap is None else max_gap
+        self._learned: _Learned | None = None
 
     def __repr__(self) -> str:
         return f"<ModbusMeter {self.meter_id} unit {self.unit} {self.model.name} on {self.link.name}>"
@@ -531,8 +848,13 @@ class ModbusMeter:
     def quantities(self) -> tuple[str, ...]:
         return self.model.quantities
 
+    @property
+    def refused(self) -> dict[ReadRequest, tuple[ReadRequest, ...]]:
+        """The planned reads this meter's device refused, and the reads that replace each."""
+        return dict(self._learned.pieces) if self._learned is not None else {}
+
     def plan(self, quantities: Iterable[str] | None = None) -> list[ReadRequest]:
-        """The transactions :meth:`read` will make for ``quantities`` (all if None); cached."""
+        """The transactions the model's points need for ``quantities`` (all if None); cached."""
         wanted = self.model.quantities if quantities is None else tuple(dict.fromkeys(quantities))
         key = (id(self.model), self.variant, self.max_registers, self.max_gap, wanted)
         found = _shared_plans.get(key)
@@ -547,43 +869,194 @@ class ModbusMeter:
         _shared_plans[key] = (self.model, plan)
         return plan
 
-    async def read(self, quantities: Iterable[str] | None = None, *, slot: float | None, now: float) -> list[Reading]:
+    async def read(
+        self,
+        quantities: Iterable[str] | None = None,
+        *,
+        slot: float | None,
+        now: float,
+        priority: int = Priority.POLL,
+        force: bool = False,
+    ) -> list[Reading]:
         """Read ``quantities`` (all the model has if None); ``now`` stamps ``gateway_time``.
 
-        Raises the first transaction's DriverError (LinkDown, NoAnswer, BadReply, MeterRefused);
-        a partial set of readings is never returned as if complete.
+        Points the device refuses yield no reading (see the class docstring). Raises the first
+        other transaction error (LinkDown, NoAnswer, BadReply), and BadReply when the device
+        refused every read; a partial set of readings is never returned for those.
         """
         wanted = None if quantities is None else tuple(dict.fromkeys(quantities))
+        plan = self.plan(wanted)
+        learned = self._learned
+        if learned is not None and now >= learned.until:
+            learned = self._learned = None
         readings: list[Reading] = []
-        for request in self.plan(wanted):
-            data: Sequence[int] | Sequence[bool]
-            if request.function in (1, 2):
-                data = await self.link.read_bits(self.unit, request.function, request.address, request.count)
-            else:
-                data = await self.link.read_registers(self.unit, request.function, request.address, request.count)
-            readings.extend(decode_block(request, data, meter_id=self.meter_id, gateway_time=now, slot=slot))
+        if learned is not None and learned.refuses_all:
+            # a single strict attempt: a refusal counts against its health instead of proving it alive
+            first = plan[0]
+            try:
+                data = await self._fetch(first, priority, force, strict=True, attempts=1)
+            except BadReply as e:
+                self._refuses_all(str(e))
+                raise BadReply(f"meter {self.meter_id} refuses every read: {e}") from e
+            learned = self._learned = None
+            readings.extend(decode_block(first, data, meter_id=self.meter_id, gateway_time=now, slot=slot))
+            plan = plan[1:]
+        outcome = _Outcome()
+        replaced: dict[ReadRequest, tuple[ReadRequest, ...]] = {}
+        for request in plan:
+            pieces = learned.pieces.get(request) if learned is not None else None
+            got: tuple[ReadRequest, ...] = ()
+            for piece in (request,) if pieces is None else pieces:
+                got += await self._gather(piece, readings, outcome, now=now, slot=slot, priority=priority, force=force)
+            if got != (pieces or (request,)):
+                replaced[request] = got
+        if outcome.refusals:
+            self._learn(learned, replaced, outcome, now)
         order = {q: i for i, q in enumerate(wanted or self.model.quantities)}
         readings.sort(key=lambda r: order[r.quantity])  # as asked, not as the registers lie
         return readings
 
-    async def set_relay(self, closed: bool) -> None:
+    async def _gather(
+        self,
+        request: ReadRequest,
+        readings: list[Reading],
+        outcome: _Outcome,
+        *,
+        now: float,
+        slot: float | None,
+        priority: int,
+        force: bool,
+    ) -> tuple[ReadRequest, ...]:
+        """Read ``request`` into ``readings``, splitting it while the device refuses it; return the
+        reads that worked."""
+        try:
+            data = await self._fetch(request, priority, force)
+        except MeterRefused as e:
+            outcome.refused(request, e)
+            if len(request.points) == 1:
+                return ()
+            first, second = _split(request)
+            head = await self._gather(first, readings, outcome, now=now, slot=slot, priority=priority, force=force)
+            return head + await self._gather(
+                second, readings, outcome, now=now, slot=slot, priority=priority, force=force
+            )
+        outcome.answered = True
+        readings.extend(decode_block(request, data, meter_id=self.meter_id, gateway_time=now, slot=slot))
+        return (request,)
+
+    def _learn(
+        self,
+        learned: _Learned | None,
+        replaced: dict[ReadRequest, tuple[ReadRequest, ...]],
+        outcome: _Outcome,
+        now: float,
+    ) -> None:
+        assert outcome.refusals
+        first = outcome.refusals[0][1]
+        if not outcome.answered:
+            reason = str(first)
+            self._learned = _Learned(now + RELEARN_AFTER, {}, refuses_all=reason)
+            error = BadReply(f"meter {self.meter_id} refuses every read: {reason}")
+            health = self.link.bus.health
+            if health is not None:
+                # each refusal told the health book the meter is alive; all of them say it is not working
+                health.record(self.meter_id, error)
+            self._refuses_all(reason)
+            raise error
+        pieces = dict(learned.pieces) if learned is not None else {}
+        pieces.update(replaced)
+        self._learned = _Learned(learned.until if learned is not None else now + RELEARN_AFTER, pieces)
+        for planned, parts in replaced.items():
+            codes = sorted({e.code for r, e in outcome.refusals if planned.address <= r.address < planned.end})
+            lost = len(planned.points) - sum(len(p.points) for p in parts)
+            log_limited(
+                log,
+                logging.WARNING,
+                f"modbus.refused:{self.link.name}:{planned.function}:{planned.address}:{planned.count}",
+                "meter %s (unit %d on %s) refused %s: %s; read in %d parts from now on%s",
+                self.meter_id,
+                self.unit,
+                self.link.name,
+                _registers(planned),
+                ", ".join(exception_text(c) for c in codes),
+                len(parts),
+                f", {lost} point(s) it refuses alone are not read" if lost else "",
+            )
+
+    def _refuses_all(self, reason: str) -> None:
+        log_limited(
+            log,
+            logging.WARNING,
+            f"modbus.refuses_all:{self.link.name}",
+            "meter %s (unit %d on %s) refuses every read: %s; counted as failing until it answers",
+            self.meter_id,
+            self.unit,
+            self.link.name,
+            reason,
+        )
+
+    async def _fetch(
+        self,
+        request: ReadRequest,
+        priority: int,
+        force: bool,
+        *,
+        strict: bool = False,
+        attempts: int | None = None,
+    ) -> Sequence[int] | Sequence[bool]:
+        link = self.link
+        if request.function in (1, 2):
+            return await link.read_bits(
+                self.unit,
+                request.function,
+                request.address,
+                request.count,
+                meter=self.meter_id,
+                priority=priority,
+                force=force,
+                strict=strict,
+                attempts=attempts,
+            )
+        return await link.read_registers(
+            self.unit,
+            request.function,
+            request.address,
+            request.count,
+            meter=self.meter_id,
+            priority=priority,
+            force=force,
+            strict=strict,
+            attempts=attempts,
+        )
+
+    async def set_relay(
+        self, closed: bool, *, priority: int = Priority.POLL, force: bool = False, attempts: int | None = None
+    ) -> None:
         """Close (supply on) or open (disconnect) the relay. Does not wait for it to move: check
         with :meth:`read_relay`."""
         relay = self._relay()
         raw = relay.write.closed if closed else relay.write.open
+        link, meter, address = self.link, self.meter_id, relay.write.address
         if relay.write.function == 1:
-            await self.link.write_coil(self.unit, relay.write.address, bool(raw))
+            await link.write_coil(
+                self.unit, address, bool(raw), meter=meter, priority=priority, force=force, attempts=attempts
+            )
         else:
-            await self.link.write_register(self.unit, relay.write.address, raw)
+            await link.write_register(
+                self.unit, address, raw, meter=meter, priority=priority, force=force, attempts=attempts
+            )
 
-    async def read_relay(self) -> bool:
+    async def read_relay(self, *, priority: int = Priority.POLL, force: bool = False) -> bool:
         """True if the relay is closed (supply on)."""
         access = self._relay().read
         raw: int
-        if access.function in (1, 2):
-            raw = int((await self.link.read_bits(self.unit, access.function, access.address, 1))[0])
+        link, meter, fn, address = self.link, self.meter_id, access.function, access.address
+        if fn in (1, 2):
+            bits = await link.read_bits(self.unit, fn, address, 1, meter=meter, priority=priority, force=force)
+            raw = int(bits[0])
         else:
-            raw = (await self.link.read_registers(self.unit, access.function, access.address, 1))[0]
+            regs = await link.read_registers(self.unit, fn, address, 1, meter=meter, priority=priority, force=force)
+            raw = regs[0]
         if raw == access.closed:
             return True
         if raw == access.open:
@@ -600,10 +1073,7 @@ class ModbusMeter:
 
 
 def from_config(ctx: DriverContext) -> ModbusMeter:
-    """The registry's builder for Modbus meters: a unit on the link its bus was built with."""
-    link = ctx.bus.job_link
-    if not isinstance(link, ModbusLink):
-        raise ConfigurationError(f"meter {ctx.meter_id}: bus {ctx.bus.name} has no Modbus link")
+    """The registry's builder for Modbus meters: a unit on its bus's Modbus link (:func:`attach`)."""
     if not isinstance(ctx.model, ModbusModel) or not isinstance(ctx.address, int):
         raise ConfigurationError(f"meter {ctx.meter_id}: needs a Modbus model and a unit id")
-    return ModbusMeter(link, ctx.model, unit=ctx.address, meter_id=ctx.meter_id)
+    return ModbusMeter(link_for(ctx.bus), ctx.model, unit=ctx.address, meter_id=ctx.meter_id)

@@ -133,13 +133,13 @@ class SerialLink(StreamLink):
             return 0
         return waiting
 
-    def note_silence(self) -> None:
+    def note_silence(self, source: object = None) -> None:
         # a timeout is the cheap moment to ask whether the device file is still ours: an unplugged
         # adapter whose node was removed or reused may otherwise look open but deaf
         if self.connected and not self._device_still_there():
             self._drop(f"device {self.settings.port} is gone or now names another device")
             return
-        super().note_silence()
+        super().note_silence(source)
 
     def _device_still_there(self) -> bool:
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import socket
 
 from meter_gateway.drivers.errors import LinkDown
@@ -69,6 +70,17 @@ class TcpLink(StreamLink):
             opt = getattr(socket, const, None)
             if opt is not None:  # not every platform has every option
                 sock.setsockopt(level, opt, wanted[key])
+
+    def _peer_closed(self) -> bool:
+        # POLLRDHUP: the peer's FIN is in, though the event loop has not read it yet; polling the
+        # descriptor reads nothing, so asyncio's own reading is untouched
+        transport = self._transport
+        rdhup = getattr(select, "POLLRDHUP", 0)
+        if transport is None or not rdhup:
+            return False
+        poller = select.poll()
+        poller.register(transport.get_extra_info("socket").fileno(), rdhup)
+        return bool(poller.poll(0))
 
     def socket_options(self) -> dict[str, int]:
         """The keepalive-related options as the kernel reports them (diagnostics, tests)."""

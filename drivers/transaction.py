@@ -37,6 +37,15 @@ log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 
+# Line silence that ends a reply which overran its deadline (a quarter of the reply timeout at
+# most). A peer pausing longer between bytes is cut off anyway; the next exchange rejects its
+# late bytes.
+TAIL_SETTLE = 0.1
+
+
+def _settle(reply_timeout: float) -> float:
+    return min(TAIL_SETTLE, reply_timeout / 4)
+
 
 @dataclass(frozen=True, slots=True)
 class BusSettings:
@@ -116,8 +125,17 @@ class TransactionEngine:
         self._last_tx_end = -math.inf  # loop time our last request left the wire
         self._last_job_end = -math.inf
 
-    async def transact(self, request: bytes, exchange: ReplyExchange[R], *, attempts: int, reply_timeout: float) -> R:
-        """Send ``request`` until ``exchange`` accepts a reply; return that reply.
+    async def transact(
+        self,
+        request: bytes,
+        exchange: ReplyExchange[R],
+        *,
+        attempts: int,
+        reply_timeout: float,
+        source: object = None,
+    ) -> R:
+        """Send ``request`` until ``exchange`` accepts a reply; return that reply. ``source`` (the
+        meter asked) lets the link's half-open detection tell a silent meter from a dead link.
 
         Raises NoAnswer / BadReply after ``attempts``, MeterRefused at once, LinkDown when the
         link is still down on the last attempt.
@@ -141,16 +159,17 @@ class TransactionEngine:
                 await transport.write(request)
                 self._sent(transport, request)
                 # the deadline is fixed from the request being on the wire: dribbling cannot extend it
-                await transport.read_until(listener.feed, self._last_tx_end + reply_timeout)
+                deadline = self._last_tx_end + reply_timeout
+                await transport.read_until(listener.feed, deadline)
             except LinkDown as e:  # lost while writing or waiting: the next attempt waits for it
                 if attempt + 1 == attempts:
                     raise
                 log.debug("bus %s: %s; retrying", self.name, e)
                 continue
             if listener.heard:
-                transport.note_reply()
+                transport.note_reply(source)
             else:
-                transport.note_silence()
+                transport.note_silence(source)
             verdict = listener.verdict
             if isinstance(verdict, Answer):
                 self.counters.ok += 1
@@ -163,6 +182,12 @@ class TransactionEngine:
                 failure = BadReply(verdict.text)
                 continue
             self.counters.timeouts += 1
+            if not listener.bad and listener.heard and transport.last_rx >= deadline - _settle(reply_timeout):
+                # a reply still arriving at its deadline (a dribbling meter): a retry would only
+                # start another trickle, so its turn ends here. The rest of its turn's budget goes
+                # to letting the tail pass, so the next meter's request does not collide with it.
+                await self._let_tail_pass(transport, deadline + (attempts - attempt - 1) * reply_timeout, reply_timeout)
+                raise NoAnswer(f"bus {self.name}: reply still arriving at the {reply_timeout:.2f} s deadline")
             if listener.bad:
                 failure = BadReply(
                     f"bus {self.name}: no valid matching reply within {reply_timeout:.2f} s ({', '.join(listener.bad)})"
@@ -190,6 +215,17 @@ class TransactionEngine:
         while True:
             last = max(self._last_tx_end, self._last_job_end, transport.last_rx if transport else -math.inf)
             wait = min(last + gap, give_up) - loop.time()
+            if wait <= 0:
+                return
+            await asyncio.sleep(wait)
+
+    async def _let_tail_pass(self, transport: Transport, until: float, reply_timeout: float) -> None:
+        """Wait, until ``until`` at the latest, for the line to be quiet for the settle time."""
+        settle = _settle(reply_timeout)
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            wait = min(transport.last_rx + settle, until) - now
             if wait <= 0:
                 return
             await asyncio.sleep(wait)

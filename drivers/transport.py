@@ -83,12 +83,13 @@ class Transport(Protocol):
         """Seconds the line needs to put ``nbytes`` on the wire after write() returned."""
         ...
 
-    def note_reply(self) -> None:
-        """A transaction got an answer: the link is alive."""
+    def note_reply(self, source: object = None) -> None:
+        """A transaction got an answer (from ``source``, the meter asked, if known): the link is alive."""
         ...
 
-    def note_silence(self) -> None:
-        """A transaction timed out with the link nominally up (input to half-open detection)."""
+    def note_silence(self, source: object = None) -> None:
+        """A transaction to ``source`` (the meter asked, if known) timed out with the link nominally
+        up (input to half-open detection)."""
         ...
 
 
@@ -309,7 +310,7 @@ class Inbox(asyncio.Protocol):
         self.closed.set()
         self._link._inboxes.discard(self)
         if self._current():
-            self._link._on_lost(str(exc) if exc is not None else "closed by peer")
+            self._link._on_lost(str(exc) if exc is not None else _PEER_CLOSED)
 
     def pause_writing(self) -> None:
         if self._current():
@@ -387,6 +388,10 @@ class StreamLink(abc.ABC):
         self._inboxes: set[Inbox] = set()  # connections not yet fully closed
         self._closing = False
         self._silent = 0
+        self._silent_sources: set[object] = set()  # who the current run of silences went to (<= 2 kept)
+        self._answering: set[object] = set()  # who ever answered on this link (<= 2 kept)
+        self._fruitless_drop = False  # we dropped the link for silence and nothing answered since
+        self._answered = False  # the current connection answered a transaction
         self._last_rx = -math.inf
         self._down_since: float | None = None
         # read_until: the consumer fed straight from data_received and the future it resolves
@@ -498,6 +503,7 @@ class StreamLink(abc.ABC):
                 self._inboxes.add(inbox)
                 self._transport = transport
                 self._silent = 0
+                self._answered = False
                 self._writable.set()
                 self._down.clear()
                 self._up.set()
@@ -508,9 +514,11 @@ class StreamLink(abc.ABC):
                 if not first.done():
                     first.set_result(None)
                 await self._down.wait()
-                if loop.time() - connected_at >= self.STABLE_AFTER:
+                if loop.time() - connected_at >= self.STABLE_AFTER or self._answered:
                     backoff.reset()
-                if not self._closing:
+                if not self._closing and not self._answered:
+                    # a peer that closes after answering (cheap serial servers, some PLC gateways
+                    # close after every reply) is no outage: connect again at once
                     await asyncio.sleep(backoff.next())
         finally:
             if not first.done():
@@ -555,13 +563,15 @@ class StreamLink(abc.ABC):
         if not self._closing:
             self._stats.losses += 1
             self._stats.last_error = reason
-            log.warning("link %s: lost: %s", self._name, reason)
+            level = logging.DEBUG if self._answered and reason == _PEER_CLOSED else logging.WARNING
+            log.log(level, "link %s: lost: %s", self._name, reason)
 
     def _drop(self, reason: str) -> None:
         """Abort the current connection now; the supervisor reconnects after its backoff."""
         transport = self._transport
         if transport is None:
             return
+        self._answered = False  # our decision, not a peer closing after its reply
         if isinstance(transport, asyncio.WriteTransport):
             transport.abort()
         else:
@@ -628,25 +638,56 @@ class StreamLink(abc.ABC):
         self._buf.clear()
         if self.connected:
             n += self._discard_os_input()
+            transport = self._transport
+            if transport is not None and self._peer_closed():
+                # the peer closed after its last reply and the event loop has not seen it yet: a
+                # request written now would be lost, so the link goes down before it is sent
+                transport.close()
+                self._on_lost(_PEER_CLOSED)
         return n
 
     def _discard_os_input(self) -> int:
         """Discard input the OS holds that has not reached us yet; return its size."""
         return 0
 
+    def _peer_closed(self) -> bool:
+        """Whether the OS already knows the peer closed the connection (links that can tell)."""
+        return False
+
     # -- half-open policy ------------------------------------------------------------------
 
-    def note_reply(self) -> None:
-        self._silent = 0
+    # Silence alone cannot tell a half-open link from a meter that does not answer; who is silent
+    # can. A run of silences that spans two meters, or one meter's on a link where no other meter
+    # ever answered, drops the link (the reconnect is the test). One meter's silence while another
+    # answered on this link is that meter's, and a reconnect that brought no answer is not repeated
+    # for the same single-meter silence: the meter's health deals with it, the link stays up.
 
-    def note_silence(self) -> None:
+    def note_reply(self, source: object = None) -> None:
+        self._silent = 0
+        self._silent_sources.clear()
+        self._answered = True
+        self._fruitless_drop = False
+        if len(self._answering) < 2:
+            self._answering.add(source)
+
+    def note_silence(self, source: object = None) -> None:
         if not self.connected:
             return
         self._silent += 1
-        if self._no_reply_limit and self._silent >= self._no_reply_limit:
-            self._silent = 0
-            self._stats.half_open_resets += 1
-            self._drop(f"no reply to {self._no_reply_limit} consecutive requests on an open link")
+        if len(self._silent_sources) < 2:
+            self._silent_sources.add(source)
+        if not self._no_reply_limit or self._silent < self._no_reply_limit:
+            return
+        if len(self._silent_sources) < 2 and (self._answering - self._silent_sources or self._fruitless_drop):
+            return  # one meter is silent, not the link
+        self._silent = 0
+        self._silent_sources.clear()
+        self._fruitless_drop = True
+        self._stats.half_open_resets += 1
+        self._drop(f"no reply to {self._no_reply_limit} consecutive requests on an open link")
+
+
+_PEER_CLOSED = "closed by peer"
 
 
 def _expire(waiter: asyncio.Future[bool]) -> None:

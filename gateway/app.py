@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from meter_gateway.drivers import registry
 from meter_gateway.drivers.bus import Bus, Priority
-from meter_gateway.drivers.dlt645_driver import Dlt645Driver
 from meter_gateway.drivers.errors import DriverError
 from meter_gateway.drivers.health import HealthBook, HealthPolicy, MeterState, StateChange
 from meter_gateway.drivers.reading import Quality
@@ -43,6 +43,7 @@ from meter_gateway.gateway.config import Config, ConfigError, diff
 from meter_gateway.gateway.cursors import CursorStore, autosave_poll
 from meter_gateway.gateway.frozen_job import FrozenJob
 from meter_gateway.gateway.logs import log_limited
+from meter_gateway.gateway.meter_events import MeterEvents
 from meter_gateway.gateway.meters import Fleet, MeterRuntime
 from meter_gateway.gateway.metrics import Metrics, missed_slot_reason
 from meter_gateway.gateway.outbox import AsyncOutbox, OutboxDamaged, OverflowPolicy
@@ -158,12 +159,14 @@ class Gateway:
                 degraded_after=config.limits.degraded_after,
                 offline_after=config.limits.offline_after,
                 probe_interval=float(config.limits.offline_probe_interval),
+                link_down_after=float(config.limits.link_down_after),
             ),
             on_change=self._meter_state_changed,
         )
         self.fleet = Fleet(self.health)
         self.outbox: AsyncOutbox | None = None
         self.uplink: Uplink | None = None
+        self.events: MeterEvents | None = None
         self._quantities = {g.name: tuple(g.quantities) for g in config.poll_groups}
         self._intervals = {g.name: int(g.interval) for g in config.poll_groups}
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -177,6 +180,7 @@ class Gateway:
         # or a stalled outbox would fill memory with readings; at the bound the bus waits instead.
         self._commits = asyncio.Semaphore(COMMITS_PENDING)
         self._running: dict[str, int] = {}
+        self._links_down: set[str] = set()  # buses whose meters were set offline for link_down
         self.cursors: CursorStore | None = None
         self.schedule: PollSchedule | None = None
         self.frozen: FrozenJob | None = None
@@ -230,6 +234,8 @@ class Gateway:
         try:
             self.cursors = await asyncio.to_thread(CursorStore.for_config, config)
             self.uplink = Uplink(uplink_config(config), self.outbox, on_command=self._on_command)
+            self.events = MeterEvents(self.uplink.topics, self.uplink.publish, clock=self.clock)
+            self.fleet.on_event = self.events.listener
             self.fleet.build(config)
             self._watch_buses()
             await self.fleet.open()
@@ -237,6 +243,7 @@ class Gateway:
             await self._build_jobs()
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.uplink.run(), name="uplink")
+                tg.create_task(self.events.run(stop), name="meter_events")
                 self.schedule = PollSchedule(
                     GroupPlan.from_config(config), self.clock(), resume=self.cursors.load_poll(self.clock())
                 )
@@ -335,6 +342,7 @@ class Gateway:
                 self._schedule_changed = False
                 self.schedule = PollSchedule(GroupPlan.from_config(self.config), now, resume=self.schedule.cursors())
             schedule = self.schedule
+            self._check_links()
             paused = self._pause_polling()
             for due in schedule.next_due(now):
                 meter = self.meters.get(due.meter)
@@ -379,6 +387,27 @@ class Gateway:
             delay = 1.0 if next_time is None else min(1.0, max(0.0, next_time - self.clock()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
+
+    def _check_links(self) -> None:
+        """Meters behind a link that has been down (or never opened) for ``link_down_after`` go
+        offline, reason link_down. Checked on the poller's turn (at least once a second), not on a
+        failed read: a meter polled every 15 minutes must not look online for 15 minutes."""
+        limit = self.health.policy.link_down_after
+        now = asyncio.get_running_loop().time()
+        down: set[str] = set()
+        for name, bus in self.buses.items():
+            link = bus.transport
+            since = link.down_since if link is not None else None
+            if since is not None and now - since >= limit:
+                down.add(name)
+        # only a bus newly past the limit walks the meters (10,000 of them, every second otherwise);
+        # its meters cannot be read back online while it stays down
+        new, self._links_down = down - self._links_down, down
+        if not new:
+            return
+        for meter_id, meter in self.meters.items():
+            if meter.bus in new:
+                self.health.link_down(meter_id)
 
     def _count_missed(self, bus: str, reason: str, slots: int = 1) -> None:
         self.stats.missed_slots += slots
@@ -493,17 +522,19 @@ class Gateway:
 
     # -- frozen data and time sync ------------------------------------------------------------
 
-    def _dlt645_drivers(self) -> dict[str, Dlt645Driver]:
-        return {m: rt.driver for m, rt in self.meters.items() if isinstance(rt.driver, Dlt645Driver)}
+    def _drivers_that(self, can: registry.Can) -> dict[str, Any]:
+        """The drivers of meters whose protocol can ``can`` (the jobs call one signature on all)."""
+        return {m: rt.driver for m, rt in self.meters.items() if registry.capable(rt.protocol, can)}
 
     async def _build_jobs(self) -> None:
         """Built (and the frozen job's owed days loaded) before the poller starts, so missed
         slots it reports on its first turn are not lost."""
         assert self.outbox is not None
         assert self.cursors is not None
-        drivers = self._dlt645_drivers()
-        self.frozen = FrozenJob(self.config, drivers, self.outbox, self.clock, self.cursors)
-        self.time_sync = TimeSyncJob(self.config, drivers, self.buses, self.clock, cursors=self.cursors)
+        frozen = self._drivers_that(registry.Can.FROZEN)
+        self.frozen = FrozenJob(self.config, frozen, self.outbox, self.clock, self.cursors)
+        clocks = self._drivers_that(registry.Can.TIME_SYNC)
+        self.time_sync = TimeSyncJob(self.config, clocks, self.buses, self.clock, cursors=self.cursors)
         await self.frozen.load()
 
     async def _jobs(self, stop: asyncio.Event) -> None:
@@ -721,6 +752,7 @@ class Gateway:
         self._quantities = {g.name: tuple(g.quantities) for g in new.poll_groups}
         self._intervals = {g.name: int(g.interval) for g in new.poll_groups}
         self._schedule_changed = True
+        self._links_down.clear()  # meters added on a bus that is down are set offline too
         self._jobs_restart.set()
         if self.commands is not None:
             self.commands.update(new, self.meters, self.buses)
@@ -745,7 +777,10 @@ class Gateway:
             self.metrics.count_reload(ok)
 
     def _meter_state_changed(self, change: StateChange) -> None:
-        log.info(
+        # a meter that stops being readable is an operator's business; one coming back is news
+        worse = change.new in (MeterState.DEGRADED, MeterState.OFFLINE)
+        log.log(
+            logging.WARNING if worse else logging.INFO,
             "event=meter_state meter=%s from=%s to=%s failures=%d reason=%s",
             change.meter_id,
             change.old.value,

@@ -356,6 +356,13 @@ class LimitsSection(_Section, kw_only=True, frozen=True):
         ),
     ] = 3
     offline_probe_interval: Annotated[Duration, _about("Time between probes of an offline meter.")] = _seconds(60)
+    link_down_after: Annotated[
+        Duration,
+        _about(
+            "How long a bus link may be down (or fail to open) before its meters are offline, reason link_down. "
+            "Keep it at most max(2 poll intervals, 60 s)."
+        ),
+    ] = _seconds(30)
     backfill_max_slots: Annotated[
         int,
         Meta(ge=0),
@@ -385,10 +392,27 @@ class _BusBase(_Section, kw_only=True, frozen=True):
             "Modbus over Serial Line V1.02 2.5.1.1); tcp buses none."
         ),
     ] = None  # None: the protocol's own rule (see SerialBus.frame_gap)
+    preamble: Annotated[
+        Annotated[int, Meta(ge=0, le=16)] | None,
+        _about(
+            "FE wake-up bytes sent before each DL/T 645 request on this bus (some meters' receivers need them; "
+            "the common DL/T 645 libraries send 4). A meter may override it (meters[].dlt645.preamble). Not set: "
+            "4 on serial buses, 0 on tcp buses.",
+            unit="bytes",
+        ),
+    ] = None
+
+    DEFAULT_PREAMBLE: ClassVar[int] = 0
+
+    def dlt645_preamble(self) -> int:
+        """FE bytes before each DL/T 645 request: as configured, else the bus type's default."""
+        return self.DEFAULT_PREAMBLE if self.preamble is None else self.preamble
 
 
 class SerialBus(_BusBase, kw_only=True, frozen=True, tag="serial", tag_field="type"):
     """Meters on a local serial port (RS-485, or RS-232): ``type = "serial"``."""
+
+    DEFAULT_PREAMBLE: ClassVar[int] = 4  # DL/T 645-2007 clause 4: a master sends 4 FE to wake the receiver
 
     port: Annotated[str, Meta(min_length=1), _about("Serial device, e.g. /dev/ttyUSB0.")]
     baud_rate: Annotated[
@@ -479,6 +503,19 @@ class Cjt188Options(_Section, kw_only=True, frozen=True):
     ] = None
 
 
+class Dlt645Options(_Section, kw_only=True, frozen=True):
+    """DL/T 645 per-meter settings (``meters[].dlt645``); not set: the bus's."""
+
+    preamble: Annotated[
+        Annotated[int, Meta(ge=0, le=16)] | None,
+        _about(
+            "FE wake-up bytes before each request to this meter (a meter that needs more, or none). Not set: the "
+            "bus's preamble.",
+            unit="bytes",
+        ),
+    ] = None
+
+
 class Dlt698Options(_Section, kw_only=True, frozen=True):
     """DL/T 698.45 per-meter settings (``meters[].dlt698``); not set: the model's (docs/dlt698.md)."""
 
@@ -509,7 +546,7 @@ class Dlt698Options(_Section, kw_only=True, frozen=True):
 
 
 # Protocol families whose meters take a settings table of their own (Meter fields of the same name).
-_PROTOCOL_OPTIONS: Final = ("dlt698", "cjt188")
+_PROTOCOL_OPTIONS: Final = ("dlt645", "dlt698", "cjt188")
 
 
 class Meter(_Section, kw_only=True, frozen=True, gc=False):
@@ -556,6 +593,10 @@ class Meter(_Section, kw_only=True, frozen=True, gc=False):
             'the customer presses the meter\'s button; "direct_close" closes it at once.'
         ),
     ] = "close_permit"
+    dlt645: Annotated[
+        Dlt645Options | None,
+        _about("DL/T 645 settings of this meter that differ from its bus's (DL/T 645 meters only)."),
+    ] = None
     cjt188: Annotated[
         Cjt188Options | None,
         _about("CJ/T 188 settings of this meter that differ from its model's (CJ/T 188 meters only)."),
@@ -630,8 +671,9 @@ class TimeSync(_Section, kw_only=True, frozen=True):
     mode: Annotated[
         Literal["broadcast", "unicast"],
         _about(
-            'How a drifting clock is corrected with 0x08: "broadcast" once per bus and edition, "unicast" once per '
-            "meter to correct."
+            'How a drifting clock is corrected: "broadcast" one broadcast time-set per bus and protocol (DL/T 645 '
+            "0x08, DL/T 698.45 ACTION 4000-127; meters of a protocol without one, like CJ/T 188, are set one by "
+            'one), "unicast" once per meter to correct.'
         ),
     ] = "broadcast"
     max_drift: Annotated[Duration, _about("Meter clock drift tolerated before it is corrected.")] = _seconds(5)
@@ -1057,13 +1099,7 @@ class _Validator:
 
     def _check(self, c: Config) -> Config:
         gateway = c.gateway
-        if gateway.timezone is not None:
-            try:
-                zoneinfo.ZoneInfo(gateway.timezone)
-            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-                self.error(
-                    "gateway.timezone", f"unknown time zone {gateway.timezone!r} (an IANA name like 'Asia/Shanghai')"
-                )
+        self._timezone(gateway.timezone)
         state_dir = self._path(gateway.state_dir)
         gateway = msgspec.structs.replace(gateway, state_dir=state_dir)
         outbox = msgspec.structs.replace(
@@ -1086,57 +1122,77 @@ class _Validator:
             self.warn("meters", "no meters are configured: the gateway will read nothing")
         model_quantities = self._model_quantities(meters)
         for gi, g in self._numbered("poll_groups", c.poll_groups):
-            where = f"poll_groups[{gi}]"
-            if g.interval < 1 or not float(g.interval).is_integer():
-                self.error(f"{where}.interval", f"must be a whole number of seconds >= 1, got {float(g.interval)!r}")
-            self._meter_refs(g.meters, f"{where}.meters", known)
-            if g.meters == "*" and not known and "meters" not in self.dropped:
-                self.warn(f"{where}.meters", '"*" matches no meters (none are configured): this group reads nothing')
-            ids = [m.id for m in meters] if g.meters == "*" else [m for m in g.meters if m in known]
-            for qi, q in enumerate(g.quantities):
-                if not _QUANTITY.fullmatch(q):
-                    self.error(
-                        f"{where}.quantities[{qi}]",
-                        f"{q!r} is not a quantity name (lower-case dotted words like 'energy.active.import.total')",
-                    )
-                    continue
-                offered = [model_quantities[i] for i in ids if i in model_quantities]
-                if offered and len(offered) == len(ids) and not any(q in o for o in offered):
-                    everything = sorted(set().union(*offered))
-                    self.error(
-                        f"{where}.quantities[{qi}]", f"no meter of this group can read {q!r}{_suggest(q, everything)}"
-                    )
+            self._poll_group(f"poll_groups[{gi}]", g, meters, known, model_quantities)
         self._duplicates(self._raw_names("poll_groups", "name"), "poll_groups", "name", "poll group name")
         if c.daily_frozen is not None:
-            frozen = c.daily_frozen
-            self._meter_refs(frozen.meters, "daily_frozen.meters", known)
-            by_id = {m.id: m for m in meters}
-            if frozen.enabled and frozen.meters == "*" and known and not c.group_meters(frozen):
-                self.warn("daily_frozen.meters", '"*" matches no meter that keeps daily freezes: nothing is read')
-            for i, ref in enumerate(frozen.meters if isinstance(frozen.meters, list) else ()):
-                if ref in by_id and not registry.capable(by_id[ref].protocol, registry.Can.FROZEN):
-                    title = registry.get(by_id[ref].protocol).title
-                    self.error(f"daily_frozen.meters[{i}]", f"{ref!r} is a {title} meter, which keeps no daily freezes")
-            if frozen.delay + frozen.spread >= 86400:
-                self.error("daily_frozen", "delay + spread must be less than a day")
+            self._daily_frozen(c, c.daily_frozen, meters, known)
         if c.time_sync is not None:
-            sync = c.time_sync
-            if sync.interval < 1 or not float(sync.interval).is_integer():
-                self.error(
-                    "time_sync.interval", f"must be a whole number of seconds >= 1, got {float(sync.interval)!r}"
-                )
-            elif sync.offset >= sync.interval:
-                self.error("time_sync.offset", f"must be less than time_sync.interval ({float(sync.interval):g} s)")
-            if sync.suspect_drift < sync.max_drift:
-                self.error(
-                    "time_sync.suspect_drift",
-                    f"must be at least time_sync.max_drift ({float(sync.max_drift):g} s): a drift the job "
-                    "corrects is not a suspect clock",
-                )
+            self._time_sync(c.time_sync)
         commands = self._commands(c.commands, state_dir)
         return msgspec.structs.replace(
             c, gateway=gateway, outbox=outbox, uplink=uplink, buses=buses, meters=meters, commands=commands
         )
+
+    def _timezone(self, timezone: str | None) -> None:
+        if timezone is None:
+            return
+        try:
+            zoneinfo.ZoneInfo(timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            self.error("gateway.timezone", f"unknown time zone {timezone!r} (an IANA name like 'Asia/Shanghai')")
+
+    def _poll_group(
+        self,
+        where: str,
+        g: PollGroup,
+        meters: list[Meter],
+        known: set[str],
+        model_quantities: dict[str, frozenset[str]],
+    ) -> None:
+        if g.interval < 1 or not float(g.interval).is_integer():
+            self.error(f"{where}.interval", f"must be a whole number of seconds >= 1, got {float(g.interval)!r}")
+        self._meter_refs(g.meters, f"{where}.meters", known)
+        if g.meters == "*" and not known and "meters" not in self.dropped:
+            self.warn(f"{where}.meters", '"*" matches no meters (none are configured): this group reads nothing')
+        ids = [m.id for m in meters] if g.meters == "*" else [m for m in g.meters if m in known]
+        # a group some of whose meters have no known model may read anything: only judged when all are known
+        offered = [model_quantities[i] for i in ids if i in model_quantities]
+        judged = bool(offered) and len(offered) == len(ids)
+        for qi, q in enumerate(g.quantities):
+            if not _QUANTITY.fullmatch(q):
+                self.error(
+                    f"{where}.quantities[{qi}]",
+                    f"{q!r} is not a quantity name (lower-case dotted words like 'energy.active.import.total')",
+                )
+            elif judged and not any(q in o for o in offered):
+                everything = sorted(set().union(*offered))
+                self.error(
+                    f"{where}.quantities[{qi}]", f"no meter of this group can read {q!r}{_suggest(q, everything)}"
+                )
+
+    def _daily_frozen(self, c: Config, frozen: DailyFrozen, meters: list[Meter], known: set[str]) -> None:
+        self._meter_refs(frozen.meters, "daily_frozen.meters", known)
+        by_id = {m.id: m for m in meters}
+        if frozen.enabled and frozen.meters == "*" and known and not c.group_meters(frozen):
+            self.warn("daily_frozen.meters", '"*" matches no meter that keeps daily freezes: nothing is read')
+        for i, ref in enumerate(frozen.meters if isinstance(frozen.meters, list) else ()):
+            if ref in by_id and not registry.capable(by_id[ref].protocol, registry.Can.FROZEN):
+                title = registry.get(by_id[ref].protocol).title
+                self.error(f"daily_frozen.meters[{i}]", f"{ref!r} is a {title} meter, which keeps no daily freezes")
+        if frozen.delay + frozen.spread >= 86400:
+            self.error("daily_frozen", "delay + spread must be less than a day")
+
+    def _time_sync(self, sync: TimeSync) -> None:
+        if sync.interval < 1 or not float(sync.interval).is_integer():
+            self.error("time_sync.interval", f"must be a whole number of seconds >= 1, got {float(sync.interval)!r}")
+        elif sync.offset >= sync.interval:
+            self.error("time_sync.offset", f"must be less than time_sync.interval ({float(sync.interval):g} s)")
+        if sync.suspect_drift < sync.max_drift:
+            self.error(
+                "time_sync.suspect_drift",
+                f"must be at least time_sync.max_drift ({float(sync.max_drift):g} s): a drift the job "
+                "corrects is not a suspect clock",
+            )
 
     def _commands(self, section: CommandsSection, state_dir: str) -> CommandsSection:
         where = "commands"

@@ -55,8 +55,8 @@ from meter_gateway.gateway.field_bus import (
     make_meter,
     open_bus,
     resolve_target,
+    run_tool,
     shipped_models,
-    tool_logging,
 )
 from meter_gateway.gateway.meters import build_driver
 
@@ -269,7 +269,7 @@ async def _addresses(target: Target, args: argparse.Namespace, addresses: list[s
 
 async def _units(target: Target, args: argparse.Namespace, units: list[int]) -> tuple[list[Found], list[int]]:
     """The units that answered, and those whose only answer was "server device failure"."""
-    from meter_gateway.drivers.modbus import ModbusLink
+    from meter_gateway.drivers.modbus import link_for
 
     if not 0 <= args.register <= 0xFFFF:
         raise FieldError(f"--register is a register address 0..65535, got {args.register}")
@@ -278,11 +278,10 @@ async def _units(target: Target, args: argparse.Namespace, units: list[int]) -> 
     found: list[Found] = []
     doubtful: list[int] = []
     async with open_bus(probe, scan=True) as bus:
-        link = bus.job_link
-        assert isinstance(link, ModbusLink)  # build_bus gives every Modbus bus one
+        link = link_for(bus)  # build_bus makes every Modbus bus one
         for unit in units:
             try:
-                await bus.run(lambda unit=unit: link.read_registers(unit, 3, args.register, 1))  # type: ignore[misc]
+                await link.read_registers(unit, 3, args.register, 1)
             except MeterRefused as e:
                 if e.code in _GATEWAY_NOBODY:
                     continue
@@ -428,20 +427,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
-    parser = _parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    with tool_logging(args.verbose):
-        try:
-            return run(args)
-        except FieldError as e:
-            for line in str(e).splitlines():
-                print(line if line.startswith("error: ") else f"meter-gateway discover: {line}", file=sys.stderr)
-            return e.code
-        except KeyboardInterrupt:
-            return 130
+    return run_tool(_parser(), argv, run)
 
 
 if __name__ == "__main__":

@@ -19,18 +19,18 @@ import difflib
 import logging
 import re
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
 import msgspec
 
 from meter_gateway.drivers import registry
-from meter_gateway.drivers.bus import Bus, BusSettings
+from meter_gateway.drivers.bus import Bus
 from meter_gateway.drivers.errors import ConfigurationError
 from meter_gateway.drivers.health import HealthBook
 from meter_gateway.drivers.meter_models import available_models, load_model
-from meter_gateway.drivers.transport import TcpSettings, make_transport
+from meter_gateway.drivers.transport import TcpSettings
 from meter_gateway.gateway.config import (
     BAUD_RATES,
     BusConfig,
@@ -57,6 +57,7 @@ __all__ = [
     "make_meter",
     "open_bus",
     "resolve_target",
+    "run_tool",
     "shipped_models",
     "tool_config",
     "tool_logging",
@@ -359,22 +360,12 @@ def _probe_bus(bus: BusConfig) -> Bus:
     settings = link_settings(bus)
     if not isinstance(settings, TcpSettings):
         return build_bus(bus, HealthBook())  # serial links have no such detector
-    settings = dataclasses.replace(settings, no_reply_limit=0)
-    timing = BusSettings(reply_timeout=float(bus.reply_timeout), attempts=bus.attempts, inter_frame_gap=bus.frame_gap())
-    if bus.protocol in registry.BYTE_BUSES:
-        return Bus(bus.name, make_transport(settings, name=bus.name), settings=timing, health=HealthBook())
-    from meter_gateway.drivers.modbus import ModbusLink  # pymodbus only where Modbus is asked for
-
-    built = Bus(bus.name, None, settings=timing, health=HealthBook())
-    framing = "tcp" if bus.protocol == "modbus-tcp" else "rtu"
-    built.job_link = ModbusLink(settings, framing=framing, timeout=float(bus.reply_timeout), name=bus.name)
-    return built
+    return build_bus(bus, HealthBook(), link=dataclasses.replace(settings, no_reply_limit=0))
 
 
 @contextlib.asynccontextmanager
 async def open_bus(bus: BusConfig, *, scan: bool = False) -> AsyncIterator[Bus]:
-    """The daemon's Bus for ``bus`` (``scan``: see :func:`_probe_bus`), connected; closed (with its
-    Modbus link) afterwards.
+    """The daemon's Bus for ``bus`` (``scan``: see :func:`_probe_bus`), connected; closed afterwards.
 
     Raises :class:`FieldError` (exit 1) when a byte-stream line cannot be opened: a serial device
     that is missing or locked by a running gateway, a TCP endpoint that refuses."""
@@ -388,11 +379,6 @@ async def open_bus(bus: BusConfig, *, scan: bool = False) -> AsyncIterator[Bus]:
     finally:
         with contextlib.suppress(Exception):  # closing must not hide what happened
             await built.close()
-        link = built.job_link
-        close = getattr(link, "close", None)
-        if close is not None:
-            with contextlib.suppress(Exception):
-                await close()
 
 
 @contextlib.contextmanager
@@ -412,3 +398,21 @@ def tool_logging(verbose: bool) -> Iterator[None]:
         logger.removeHandler(handler)
         logger.setLevel(level)
         logger.propagate = propagate
+
+
+def run_tool(parser: argparse.ArgumentParser, argv: list[str], run: Callable[[argparse.Namespace], int]) -> int:
+    """A field tool's ``main``: ``run`` the parsed options with driver warnings on stderr; a
+    :class:`FieldError` is its lines on stderr, each prefixed with the tool's name, and its code."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    with tool_logging(args.verbose):
+        try:
+            return run(args)
+        except FieldError as e:
+            for line in str(e).splitlines():
+                print(line if line.startswith("error: ") else f"{parser.prog}: {line}", file=sys.stderr)
+            return e.code
+        except KeyboardInterrupt:
+            return 130

@@ -1,6 +1,7 @@
 """Daily frozen reads and backfill: each meter's midnight freeze, and what outages made us miss.
 
-:class:`FrozenJob` runs beside the poller. Every DL/T 645-2007 meter of ``[daily_frozen]`` has
+:class:`FrozenJob` runs beside the poller. Every meter of ``[daily_frozen]`` whose protocol
+keeps daily freezes (``registry.capable(protocol, Can.FROZEN)``: DL/T 645-2007, DL/T 698.45) has
 its newest daily freeze read ``delay`` + a per-meter share of ``spread`` after local midnight
 (:class:`~gateway.schedule.DailyFrozenSchedule`) and committed to the outbox with
 ``Quality.FROZEN`` and ``meter_time`` = the freeze time the meter reports, so the reading id
@@ -19,11 +20,15 @@ Owed freezes
     ``Priority.BACKFILL`` (behind live polls), one read at a time per bus.
 
 Which record
-    A meter numbers its freezes 1 (newest) .. 62; the job asks for the index the gateway's
-    calendar predicts and checks the freeze time the meter returns. A meter whose clock is a
-    little off, or that did not freeze some midnight (it was unpowered), numbers its records
-    differently: the job moves the index by the difference and asks again (at most 3 reads),
-    and gives a day up as lost only when the records either side of it are both found.
+    The job asks every protocol the same way: the driver's ``read_frozen_day(day, quantities)``
+    gives the freeze taken at the meter's midnight starting ``day``, or [] when the meter has
+    no such record. How the driver finds it is the protocol's business (DL/T 698.45 selects by
+    freeze time; DL/T 645-2007 numbers its records and probes, see
+    ``Dlt645Driver.read_frozen_day``). An empty answer for a day the gateway's calendar says is
+    frozen is checked against the meter's own clock: a meter that has not reached that midnight
+    yet (its clock is behind, or the gateway's clock jumped ahead) is asked again later; one
+    that is past it and has no record has lost the day (it was unpowered, or the record is
+    older than the meter keeps).
 
 Poll slots
     For poll groups with ``backfill = true``, :meth:`FrozenJob.note_missed` takes the poll
@@ -32,8 +37,8 @@ Poll slots
     slots, and quantities a meter does not freeze (voltages, powers...), cannot be filled;
     they are counted (``slots_unfillable``). docs/backfill.md has the whole story.
 
-Meters without daily freezes (Modbus meters; DL/T 645-1997, whose tables have none) are
-skipped, each logged once.
+Meters whose protocol keeps no daily freezes (Modbus, DL/T 645-1997, CJ/T 188) are skipped,
+each logged once.
 """
 
 from __future__ import annotations
@@ -48,8 +53,9 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 import msgspec
 
+from meter_gateway.drivers import registry
 from meter_gateway.drivers.bus import Priority
-from meter_gateway.drivers.errors import ConfigurationError, DriverError, MeterRefused
+from meter_gateway.drivers.errors import BadReply, ConfigurationError, DriverError, MeterRefused
 from meter_gateway.drivers.reading import Quality, Reading
 from meter_gateway.gateway.cursors import MAX_OWED_PER_METER, CursorStore, OwedFreeze
 from meter_gateway.gateway.schedule import (
@@ -57,26 +63,22 @@ from meter_gateway.gateway.schedule import (
     DailyFrozenSchedule,
     MissedSlots,
     freeze_time,
-    frozen_index,
     latest_freeze_date,
 )
-from meter_gateway.protocols.dlt645.catalogue import Catalogue, default_catalogue
-from meter_gateway.protocols.dlt645.edition import Edition
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from meter_gateway.drivers.bus import Bus
-    from meter_gateway.drivers.meter_models import Dlt645Model
     from meter_gateway.gateway.config import Config
     from meter_gateway.gateway.outbox import AddResult
 
-__all__ = ["FROZEN_PREFIX", "FrozenJob", "FrozenReader", "FrozenStats", "ReadingSink", "frozen_quantities"]
+__all__ = ["FrozenJob", "FrozenReader", "FrozenStats", "ReadingSink"]
 
 log = logging.getLogger("meter_gateway")
 
-FROZEN_PREFIX: Final = "frozen.daily."  # catalogue quantities of DL/T 645-2007 Table A.6
-MAX_PROBES: Final = 3  # reads to find one freeze when the meter numbers its records differently
+# a meter clock this little past the freeze's midnight may not have written the record yet
+FREEZE_SETTLE: Final = 60.0
 MAX_REFUSALS: Final = 3  # a freeze the meter keeps refusing (not "no data") is given up after this
 DEFAULT_DELAY: Final = 300.0
 DEFAULT_SPREAD: Final = 600.0
@@ -84,16 +86,19 @@ DEFAULT_BACKFILL_DAYS: Final = 7
 
 
 class FrozenReader(Protocol):
-    """What the job needs of a meter driver (drivers.dlt645_driver.Dlt645Driver)."""
+    """What the job needs of a meter driver: the same for every protocol that can FROZEN
+    (Dlt645Driver, Dlt698Driver). ``read_clock`` tells "not frozen yet" from "lost"."""
 
     meter_id: str
     bus: Bus
-    model: Dlt645Model
-    edition: Edition
 
-    async def read_frozen_daily(
-        self, index: int, quantities: Sequence[str], *, priority: int = Priority.POLL
+    def frozen_quantities(self) -> tuple[str, ...]: ...
+
+    async def read_frozen_day(
+        self, day: date, quantities: Sequence[str], *, priority: int = Priority.POLL
     ) -> list[Reading]: ...
+
+    async def read_clock(self, *, priority: int = Priority.POLL) -> float: ...
 
 
 class ReadingSink(Protocol):
@@ -112,7 +117,7 @@ class FrozenStats:
     rereads: int = 0  # freezes read again whose readings the outbox already had (not counted above)
     committed: int = 0  # readings newly committed
     duplicates: int = 0  # readings the outbox already had (a freeze read twice)
-    index_corrections: int = 0  # reads whose record turned out to be another day
+    not_yet: int = 0  # reads that found the meter had not taken the freeze yet (its clock is behind ours)
     slots_filled: int = 0  # missed poll slots filled from a freeze
     slots_unfillable: int = 0  # missed poll slots of backfill groups that no freeze can fill
     skipped_meters: dict[str, str] = field(default_factory=dict)  # meter -> why it has no frozen reads
@@ -122,13 +127,6 @@ class FrozenStats:
         self.read_failures[kind] = self.read_failures.get(kind, 0) + 1
         if backfill:
             self.backfill_failures += 1
-
-
-def frozen_quantities(model: Dlt645Model, catalogue: Catalogue | None = None) -> tuple[str, ...]:
-    """The quantities of ``model`` a DL/T 645-2007 meter keeps in its daily freezes (its
-    energies; Table A.6 has no instantaneous values)."""
-    cat = catalogue or default_catalogue()
-    return tuple(q for q in model.quantities if cat.by_quantity(Edition.DLT645_2007, FROZEN_PREFIX + q) is not None)
 
 
 @dataclass
@@ -142,7 +140,7 @@ class _Owed:
 
 @dataclass(frozen=True, slots=True)
 class _Outcome:
-    kind: str  # ok | not_yet | gone | missing | failed | unsupported
+    kind: str  # ok | not_yet | gone | failed | unsupported
     records: Mapping[date, list[Reading]] = field(default_factory=dict)
     error: DriverError | None = None
 
@@ -150,7 +148,8 @@ class _Outcome:
 class FrozenJob:
     """Daily frozen reads, their retries and backfill; see the module doc.
 
-    ``drivers`` maps meter ids to DL/T 645 drivers (meters missing from it are skipped);
+    ``drivers`` maps meter ids to drivers (meters missing from it, or whose protocol cannot
+    FROZEN, are skipped);
     ``outbox`` takes the readings; ``clock`` is gateway unix time; ``cursors`` persists the
     schedule cursor and the owed freezes. ``tick`` bounds each sleep (the clock may be stepped).
     """
@@ -188,7 +187,6 @@ class FrozenJob:
         self.delay = float(daily.delay) if daily is not None else DEFAULT_DELAY
         self.spread = float(daily.spread) if daily is not None else DEFAULT_SPREAD
         self.backfill_days = daily.backfill_days if daily is not None else DEFAULT_BACKFILL_DAYS
-        self._catalogue = default_catalogue()
         self._quantities: dict[str, tuple[str, ...]] = {}
         self._group_quantities = {g.name: tuple(g.quantities) for g in config.poll_groups if g.backfill}
         self._daily_meters = (
@@ -215,10 +213,9 @@ class FrozenJob:
         except KeyError:
             protocol = "unknown"
         reason = None
-        if protocol == "modbus":
-            reason = "modbus meters keep no daily frozen records"
-        elif protocol == "dlt645-1997":
-            reason = "DL/T 645-1997 has no daily frozen data"
+        if not registry.capable(protocol, registry.Can.FROZEN):
+            title = registry.PROTOCOLS[protocol].title if protocol in registry.PROTOCOLS else protocol
+            reason = f"{title} meters keep no daily frozen records"
         elif meter_id not in self.drivers:
             reason = "no driver"
         if reason is None:
@@ -230,7 +227,7 @@ class FrozenJob:
     def _frozen_quantities(self, meter_id: str) -> tuple[str, ...]:
         qs = self._quantities.get(meter_id)
         if qs is None:
-            qs = self._quantities[meter_id] = frozen_quantities(self.drivers[meter_id].model, self._catalogue)
+            qs = self._quantities[meter_id] = tuple(self.drivers[meter_id].frozen_quantities())
         return qs
 
     # -- owed freezes -------------------------------------------------------------------------
@@ -491,45 +488,34 @@ class FrozenJob:
             self._retry_later(meter, day, item, now, "internal", None)
 
     async def _locate(self, meter: str, day: date, now: float, priority: int) -> _Outcome:
-        """Read the meter's record of ``day``, moving the index if the meter numbers differently."""
+        """Read the meter's record of ``day``; without one, whether it is still to come."""
         driver = self.drivers[meter]
         quantities = self._frozen_quantities(meter)
         if not quantities:
             return _Outcome("unsupported")
-        index = frozen_index(day, latest_freeze_date(now, self.tz))
-        records: dict[date, list[Reading]] = {}
-        tried: set[int] = set()
-        for _ in range(MAX_PROBES):
-            if index < 1:
-                return _Outcome("not_yet", records)  # the meter has not frozen it yet (or our clock went back)
-            if index > MAX_FROZEN_DAYS or index in tried:
-                return _Outcome("gone" if index > MAX_FROZEN_DAYS else "missing", records)
-            tried.add(index)
-            try:
-                readings = await driver.read_frozen_daily(index, quantities, priority=priority)
-            except ConfigurationError as exc:
-                return _Outcome("unsupported", records, exc)
-            except DriverError as exc:
-                return _Outcome("failed", records, exc)
-            if not readings:  # fewer freezes than that in the meter
-                return _Outcome("not_yet" if index == 1 else "gone", records)
+        if day > latest_freeze_date(now, self.tz):
+            return _Outcome("not_yet")  # our clock went back: that midnight is still to come
+        try:
+            readings = await driver.read_frozen_day(day, quantities, priority=priority)
+        except ConfigurationError as exc:
+            return _Outcome("unsupported", error=exc)
+        except DriverError as exc:
+            return _Outcome("failed", error=exc)
+        if readings:
             stamp = readings[0].meter_time
-            if stamp is None:
-                return _Outcome("failed", records, DriverError("frozen readings without a freeze time"))
-            got = datetime.fromtimestamp(stamp, self.tz).date()
-            records[got] = readings
-            if got == day:
-                return _Outcome("ok", records)
-            self.stats.index_corrections += 1
-            log.info(
-                "event=frozen_index_moved meter=%s wanted=%s index=%d got=%s",
-                meter,
-                day.isoformat(),
-                index,
-                got.isoformat(),
-            )
-            index += (got - day).days
-        return _Outcome("missing", records)
+            got = datetime.fromtimestamp(stamp, self.tz).date() if stamp is not None else None
+            if got != day:
+                return _Outcome("failed", error=BadReply(f"asked for the freeze of {day}, the meter gave {got}"))
+            return _Outcome("ok", {day: readings})
+        try:
+            meter_now = await driver.read_clock(priority=priority)
+        except DriverError as exc:
+            return _Outcome("failed", error=exc)
+        if meter_now < freeze_time(day, self.tz) + FREEZE_SETTLE:
+            self.stats.not_yet += 1
+            log.info("event=frozen_not_yet meter=%s day=%s meter_clock=%.0f", meter, day.isoformat(), meter_now)
+            return _Outcome("not_yet")
+        return _Outcome("gone")
 
     async def _finish(self, meter: str, day: date, item: _Owed, outcome: _Outcome, now: float) -> None:
         # every record read that is owed gets committed, the wanted one or a neighbour
@@ -549,8 +535,8 @@ class FrozenJob:
         if outcome.kind == "not_yet":
             item.retry_at = now + self.retry_base
             return
-        if outcome.kind in ("gone", "missing"):
-            self._settle(meter, day, lost="not in the meter" if outcome.kind == "gone" else "the meter never froze it")
+        if outcome.kind == "gone":
+            self._settle(meter, day, lost="not in the meter (never taken, or older than it keeps)")
             return
         if outcome.kind == "unsupported":
             reason = str(outcome.error) if outcome.error is not None else "no quantities the meter freezes"

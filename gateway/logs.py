@@ -14,12 +14,15 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import IO, Any, Literal
+
+# the rate limiter lives with the drivers (which must not import the gateway): one limiter for both
+from meter_gateway.drivers.log_limit import REPEAT_INTERVAL, RateLimiter, limited_kind_ended, log_limited
 
 __all__ = [
     "REDACTED",
+    "REPEAT_INTERVAL",
     "JsonFormatter",
     "LogfmtFormatter",
     "RateLimiter",
@@ -184,71 +187,3 @@ def setup_logging(
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
     return handler
-
-
-@dataclass(slots=True)
-class _Window:
-    opened: float
-    suppressed: int = 0
-
-
-# Seconds between two lines of one repeating kind (the first occurrence is logged at once).
-REPEAT_INTERVAL = 60.0
-
-
-class RateLimiter:
-    """One line per kind per ``interval`` seconds; the lines that were held back are counted.
-
-    The caller still counts every event in its metrics; this only keeps the journal readable when a
-    bus produces garbage hundreds of times a second.
-    """
-
-    def __init__(self, interval: float = REPEAT_INTERVAL, clock: Callable[[], float] = time.monotonic) -> None:
-        self.interval = interval
-        self._clock = clock
-        self._windows: dict[str, _Window] = {}
-
-    def allow(self, kind: str) -> int | None:
-        """None to stay quiet; else the number of events suppressed since the last line of ``kind``."""
-        now = self._clock()
-        w = self._windows.get(kind)
-        if w is None or now - w.opened >= self.interval:
-            suppressed = 0 if w is None else w.suppressed
-            self._windows[kind] = _Window(now)
-            return suppressed
-        w.suppressed += 1
-        return None
-
-    def log(
-        self, logger: logging.Logger, level: int, kind: str, msg: str, *args: object, exc_info: bool = False
-    ) -> bool:
-        """Log ``msg`` (logfmt) unless ``kind`` was logged within the interval; adds ``suppressed=N``."""
-        if not logger.isEnabledFor(level):
-            return False
-        suppressed = self.allow(kind)
-        if suppressed is None:
-            return False
-        logger.log(level, msg, *args, exc_info=exc_info, extra=fields(suppressed=suppressed) if suppressed else None)
-        return True
-
-    def forget(self, kind: str) -> None:
-        """The condition behind ``kind`` ended: its next occurrence is logged at once."""
-        self._windows.pop(kind, None)
-
-
-# The daemon's one limiter: every warning or error that can repeat in a loop goes through
-# ``log_limited``, so a condition that lasts (a full disk, a dead link, a full outbox) is one line
-# when it starts and then one line with a count per interval, never one per occurrence.
-_DAEMON_LIMITER = RateLimiter()
-
-
-def log_limited(logger: logging.Logger, level: int, kind: str, msg: str, *args: object, exc_info: bool = False) -> bool:
-    """``logger.log(level, msg, *args)`` at most once per :data:`REPEAT_INTERVAL` for ``kind``
-    (a short name unique in the daemon, e.g. ``"outbox.refused"`` or ``"link_lost:bus-a"``); the
-    line after a quiet spell carries ``suppressed=N``. Returns whether the line was written."""
-    return _DAEMON_LIMITER.log(logger, level, kind, msg, *args, exc_info=exc_info)
-
-
-def limited_kind_ended(kind: str) -> None:
-    """Reset ``kind`` once its condition clears, so a new episode is reported at once."""
-    _DAEMON_LIMITER.forget(kind)

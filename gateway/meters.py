@@ -1,6 +1,6 @@
 """Build buses and meter drivers from the config: the one place that maps config to drivers.
 
-:class:`Fleet` holds what was built (buses, Modbus links, meters) and applies a reloaded config
+:class:`Fleet` holds what was built (buses and their meters) and applies a reloaded config
 by rebuilding only what changed: an untouched bus keeps its ``Bus`` (queue, counters, meter
 health) and its link, so a SIGHUP that adds one meter does not drop every connection.
 """
@@ -11,7 +11,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from meter_gateway.drivers import registry
 from meter_gateway.drivers.backoff import BackoffPolicy
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("meter_gateway")
 
 ReadFn = Callable[[Sequence[str], float, float], Awaitable[list[Reading]]]
+# (meter id, protocol) -> the callback a driver calls with what its meter sent unasked
+EventListener = Callable[[str, str], Callable[[Any], None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,19 +47,12 @@ class MeterRuntime:
     bus: str
     protocol: str
     driver: Driver
-    # Modbus meters: the bus whose turn a read waits for (their Modbus link does the I/O);
-    # byte-stream drivers go through their bus themselves. ``read`` is a method, not a stored
-    # callable, so 10,000 meters do not each carry a reader object.
-    modbus_bus: Bus | None = None
 
     async def read(self, quantities: Sequence[str], slot: float, now: float) -> list[Reading]:
-        """Read ``quantities`` for the slot starting at ``slot`` (a :data:`ReadFn`)."""
-        driver = self.driver
-        bus = self.modbus_bus
-        if bus is None:
-            readings: list[Reading] = await driver.read(quantities, slot=slot, now=now)
-            return readings
-        return await bus.run(lambda: driver.read(quantities, slot=slot, now=now), meter=self.meter_id)
+        """Read ``quantities`` for the slot starting at ``slot`` (a :data:`ReadFn`). A method, not
+        a stored callable, so 10,000 meters do not each carry a reader object."""
+        readings: list[Reading] = await self.driver.read(quantities, slot=slot, now=now)
+        return readings
 
 
 def link_settings(bus: BusConfig) -> SerialSettings | TcpSettings:
@@ -79,23 +74,20 @@ def link_settings(bus: BusConfig) -> SerialSettings | TcpSettings:
     )
 
 
-def build_bus(bus: BusConfig, health: HealthBook) -> Bus:
-    """Byte-stream buses (DL/T 645, DL/T 698.45, CJ/T 188) get one of our transports; Modbus buses
-    get a Modbus link (``Bus.job_link``) and use the Bus for exclusive access and health."""
+def build_bus(bus: BusConfig, health: HealthBook, *, link: SerialSettings | TcpSettings | None = None) -> Bus:
+    """The bus on one of our transports (``link``, default: from the config), whatever its
+    protocol; a Modbus bus also gets its Modbus framing (:func:`drivers.modbus.attach`)."""
     settings = BusSettings(
         reply_timeout=float(bus.reply_timeout),
         attempts=bus.attempts,
         inter_frame_gap=bus.frame_gap(),
     )
-    byte_stream = bus.protocol in registry.BYTE_BUSES
-    transport = make_transport(link_settings(bus), name=bus.name) if byte_stream else None
+    transport = make_transport(link or link_settings(bus), name=bus.name)
     built = Bus(bus.name, transport, settings=settings, health=health)
-    if not byte_stream:
-        from meter_gateway.drivers.modbus import ModbusLink  # pymodbus only where Modbus is configured
+    if bus.protocol in registry.MODBUS_BUSES:
+        from meter_gateway.drivers.modbus import attach  # pymodbus only where Modbus is configured
 
-        framing = "tcp" if bus.protocol == "modbus-tcp" else "rtu"
-        timeout = float(bus.reply_timeout)
-        built.job_link = ModbusLink(link_settings(bus), framing=framing, timeout=timeout, name=bus.name)
+        attach(built, "tcp" if bus.protocol == "modbus-tcp" else "rtu")
     return built
 
 
@@ -110,6 +102,10 @@ def driver_context(config: Config, meter: Meter, bus: Bus) -> DriverContext:
     if creds is not None:
         password = creds.password.reveal() if creds.password is not None else None
         credentials = Credentials(password=password, level=creds.password_level, operator=creds.operator)
+    options = meter.protocol_options()
+    if registry.get(meter.protocol).family == "dlt645" and options.get("preamble") is None:
+        # buses[].preamble, with its per-type default, unless the meter sets its own
+        options["preamble"] = next(b for b in config.buses if b.name == meter.bus).dlt645_preamble()
     return DriverContext(
         meter_id=meter.id,
         protocol=meter.protocol,
@@ -118,7 +114,7 @@ def driver_context(config: Config, meter: Meter, bus: Bus) -> DriverContext:
         model=load_model(meter.model),
         tz=config.gateway.zone(),
         credentials=credentials,
-        options=meter.protocol_options(),
+        options=options,
     )
 
 
@@ -129,10 +125,11 @@ def build_driver(config: Config, meter: Meter, bus: Bus) -> Driver:
 
 
 class Fleet:
-    """The buses, Modbus links and meters built from one config."""
+    """The buses and meters built from one config."""
 
-    def __init__(self, health: HealthBook) -> None:
+    def __init__(self, health: HealthBook, on_event: EventListener | None = None) -> None:
         self.health = health
+        self.on_event = on_event  # drivers with an ``on_event`` attribute (DL/T 698.45) get one
         self.buses: dict[str, Bus] = {}
         self.meters: dict[str, MeterRuntime] = {}
 
@@ -171,9 +168,9 @@ class Fleet:
     def _meter(self, config: Config, meter: Meter) -> MeterRuntime:
         bus = self.buses[meter.bus]
         driver = build_driver(config, meter, bus)
-        # a driver whose library does the I/O (Modbus) is read inside the bus's turn
-        job_bus = bus if bus.job_link is not None else None
-        return MeterRuntime(meter.id, meter.bus, meter.protocol, driver, modbus_bus=job_bus)
+        if self.on_event is not None and hasattr(driver, "on_event"):
+            driver.on_event = self.on_event(meter.id, meter.protocol)
+        return MeterRuntime(meter.id, meter.bus, meter.protocol, driver)
 
     async def _close_bus(self, name: str) -> None:
         bus = self.buses.pop(name, None)
@@ -181,12 +178,6 @@ class Fleet:
             return
         with contextlib.suppress(Exception):  # closing must not stop a shutdown or reload
             await bus.close()
-        if bus.job_link is not None:
-            from meter_gateway.drivers.modbus import ModbusLink
-
-            if isinstance(bus.job_link, ModbusLink):
-                with contextlib.suppress(Exception):
-                    await bus.job_link.close()
 
 
 __all__ = ["Fleet", "MeterRuntime", "build_bus", "build_buses", "build_driver", "driver_context", "link_settings"]

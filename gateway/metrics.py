@@ -150,6 +150,9 @@ _BUS_TRANSACTIONS = {
 _BUS_ATTEMPTS = {"retries": "retry", "timeouts": "timeout", "probes": "probe"}
 _BUS_REJECTED = {"echo_ignored": "echo", "mismatched": "mismatched", "late_replies": "late"}
 _BUS_DISCARDED_BYTES = {"garbage_bytes": "garbage", "stale_bytes_flushed": "stale_flushed"}
+# Bus.snapshot() keys of a Modbus bus's exception replies, one per code (drivers/modbus.py
+# COUNTER_PREFIX): the driver sets every known code to 0 when the bus is built.
+_MODBUS_EXCEPTION_PREFIX = "modbus_exception_"
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +225,17 @@ class _SnapshotCollector(Collector):
         yield family("bus_attempts", "Extra attempts on a bus: retries, timeouts, probes.", _BUS_ATTEMPTS, "kind")
         yield family("bus_rejected_replies", "Frames heard on a bus and not taken as the reply.", _BUS_REJECTED, "kind")
         yield family("bus_discarded_bytes", "Bytes thrown away on a bus.", _BUS_DISCARDED_BYTES, "kind")
+        exceptions = CounterMetricFamily(
+            f"{PREFIX}_modbus_exceptions",
+            "Modbus exception replies by exception code, retried ones included.",
+            labels=["bus", "code"],
+        )
+        n = len(_MODBUS_EXCEPTION_PREFIX)
+        for bus, snap in sorted(buses.items()):
+            for key, value in sorted(snap.items()):
+                if key.startswith(_MODBUS_EXCEPTION_PREFIX):
+                    exceptions.add_metric([bus, key[n:]], value)
+        yield exceptions
 
         sent = CounterMetricFamily(f"{PREFIX}_bus_requests_sent", "Requests written, retries included.", labels=["bus"])
         queued = GaugeMetricFamily(f"{PREFIX}_bus_queued", "Transactions waiting for the bus.", labels=["bus"])
@@ -612,6 +626,7 @@ _CONDITIONS: dict[str, str] = {
     "meter_gateway_link_losses": "buses with a link",
     "meter_gateway_link_received_bytes": "buses with a link",
     "meter_gateway_link_sent_bytes": "buses with a link",
+    "meter_gateway_modbus_exceptions": "Modbus buses",
     "meter_gateway_uplink_last_delivery_timestamp_seconds": "after the first delivery",
     "meter_gateway_meter_clock_drift_max_seconds": "once a meter clock was measured",
 }
@@ -647,7 +662,10 @@ def reference_registry() -> CollectorRegistry:
 
     metrics = Metrics(version=__version__)
     metrics.add_bus("bus")
-    metrics.update_bus("bus", BusCounters().as_dict() | {"link_connected": 0})
+    from meter_gateway.drivers.modbus import COUNTER_PREFIX, EXCEPTION_NAMES
+
+    modbus = {f"{COUNTER_PREFIX}{code:#04x}": 0 for code in EXCEPTION_NAMES}
+    metrics.update_bus("bus", BusCounters().as_dict() | {"link_connected": 0} | modbus)
     outbox = OutboxStats("", 0, "", "", "", 0, 0, 0, None, None, 0, 0, 0, None, 0, 0)
     metrics.update_outbox(outbox, now=0.0)
     metrics.update_uplink(UplinkStats(last_delivery=0.0))

@@ -126,6 +126,27 @@ class OverflowPolicy(enum.StrEnum):
     DROP_OLDEST = "drop-oldest"  # delete the oldest undelivered rows to make room
 
 
+
+def _settings(
+    synchronous: Synchronous | str, overflow_policy: OverflowPolicy | str, budget_bytes: int, hold_limit: int
+) -> tuple[Synchronous, OverflowPolicy]:
+    """The open-time settings checked, as their enums (OutboxError names the bad one)."""
+    try:
+        sync = Synchronous(str(synchronous).upper())
+    except ValueError:
+        raise OutboxError(f"outbox synchronous must be one of {', '.join(Synchronous)}, got {synchronous!r}") from None
+    try:
+        policy = OverflowPolicy(str(overflow_policy))
+    except ValueError:
+        raise OutboxError(
+            f"outbox overflow policy must be one of {', '.join(OverflowPolicy)}, got {overflow_policy!r}"
+        ) from None
+    if budget_bytes < MIN_BUDGET_BYTES:
+        raise OutboxError(f"outbox budget must be at least {MIN_BUDGET_BYTES} bytes, got {budget_bytes}")
+    if hold_limit < 0:
+        raise OutboxError(f"outbox hold limit must be >= 0, got {hold_limit}")
+    return sync, policy
+
 class OutboxError(Exception):
     """The outbox cannot be opened or used as asked."""
 
@@ -519,22 +540,7 @@ class Outbox:
         file is quarantined and a fresh outbox started (see the module doc); ``quarantined``
         then names where the damaged file went.
         """
-        try:
-            sync = Synchronous(str(synchronous).upper())
-        except ValueError:
-            raise OutboxError(
-                f"outbox synchronous must be one of {', '.join(Synchronous)}, got {synchronous!r}"
-            ) from None
-        try:
-            policy = OverflowPolicy(str(overflow_policy))
-        except ValueError:
-            raise OutboxError(
-                f"outbox overflow policy must be one of {', '.join(OverflowPolicy)}, got {overflow_policy!r}"
-            ) from None
-        if budget_bytes < MIN_BUDGET_BYTES:
-            raise OutboxError(f"outbox budget must be at least {MIN_BUDGET_BYTES} bytes, got {budget_bytes}")
-        if hold_limit < 0:
-            raise OutboxError(f"outbox hold limit must be >= 0, got {hold_limit}")
+        sync, policy = _settings(synchronous, overflow_policy, budget_bytes, hold_limit)
         db = Path(path)
         if not db.parent.is_dir():
             raise OutboxError(f"outbox directory {db.parent} does not exist")

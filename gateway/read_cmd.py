@@ -44,8 +44,8 @@ from meter_gateway.gateway.field_bus import (
     make_meter,
     open_bus,
     resolve_target,
+    run_tool,
     shipped_models,
-    tool_logging,
 )
 from meter_gateway.gateway.meters import MeterRuntime, build_driver
 
@@ -130,8 +130,7 @@ def _check_quantities(meter: Meter, wanted: list[str]) -> tuple[str, ...]:
 async def _read(target: Target, meter: Meter, quantities: tuple[str, ...]) -> tuple[list[Reading], float]:
     async with open_bus(target.bus) as bus:
         driver = build_driver(target.config, meter, bus)
-        # as the fleet does: a driver whose library owns the I/O (Modbus) reads inside the bus's turn
-        runtime = MeterRuntime(meter.id, bus.name, meter.protocol, driver, bus if bus.job_link is not None else None)
+        runtime = MeterRuntime(meter.id, bus.name, meter.protocol, driver)
         now = time.time()
         readings = await runtime.read(quantities, float(int(now)), now)
     return readings, now
@@ -197,20 +196,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
-    parser = _parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
-    with tool_logging(args.verbose):
-        try:
-            return run(args)
-        except FieldError as e:
-            for line in str(e).splitlines():
-                print(line if line.startswith("error: ") else f"meter-gateway read: {line}", file=sys.stderr)
-            return e.code
-        except KeyboardInterrupt:
-            return 130
+    return run_tool(_parser(), argv, run)
 
 
 if __name__ == "__main__":

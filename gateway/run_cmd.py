@@ -60,15 +60,14 @@ def main(argv: list[str]) -> int:
         return 130
 
 
-# How long the event loop can wait for the GIL behind the outbox's writer and reader threads
-# (Python's default: 5 ms). SQLite releases the GIL for every row it steps, so those threads take
-# it back hundreds of times per batch; each time the loop held it they waited up to the interval,
-# and at 10,000 readings/s the uplink's reads fell behind (outbox growing in every run at 5 ms,
-# shrinking in every run at 1 ms: docs/benchmarks.md "Late evening of 2026-11-23").
+# How long a thread may hold the GIL before another gets it (Python's default: 5 ms). SQLite
+# releases the GIL for every row it steps, so the outbox's writer and reader threads take it back
+# many times per batch and each time wait up to this interval behind the event loop: at the
+# default, a busy gateway's deliveries fall behind its polls (bench e2e shows the outbox growing).
 GIL_SWITCH_INTERVAL = 0.001
-# glibc gives a thread its own malloc arena when another holds the lock; with the threads taking
-# turns every millisecond, the outbox, reader and metrics threads grew ~3 MiB of arenas (10,000
-# meters: 58.8 MiB polled, 56.1 with two arenas; bench/memory.py). MALLOC_ARENA_MAX, if set, wins.
+# glibc gives a thread its own malloc arena when another holds the lock; with threads taking turns
+# this often, the outbox, reader and metrics threads would each grow one for nothing (bench
+# memory). MALLOC_ARENA_MAX, if set, wins.
 MALLOC_ARENAS = 2
 _M_ARENA_MAX = -8  # glibc malloc.h
 

@@ -45,14 +45,14 @@ log = logging.getLogger(__name__)
 DEFAULT_CHECK_BUDGET: Final = 1.0
 
 # Per connection. SQLite's default (2,000 KiB) is reached by the open-time quick_check alone,
-# which reads the whole file, and then kept for the process's life: five connections would hold
-# ~10 MiB of pages the kernel's page cache holds anyway. What the daemon touches per write is
+# which reads the whole file, and then kept for the process's life: every connection would hold
+# pages the kernel's page cache holds anyway. What the daemon touches per write is
 # the B-tree's edges (appends, deletes from the front, one cursor row), a few dozen pages.
 # The outbox writer keeps more: each insert and delete also lands at a random place in the
 # reading-id index.
 CACHE_KIB: Final = 512
 # Every other connection (outbox reader, cursors, commands, audit) reads or writes a few pages
-# per turn: 128 KiB each is 1.5 MiB less than 512 over the four (docs/benchmarks.md, memory).
+# per turn, so a small cache each is enough (bench memory).
 SMALL_CACHE_KIB: Final = 128
 
 # The WAL of a small state file (cursors, commands, audit): SQLite's default auto-checkpoint lets

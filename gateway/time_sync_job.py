@@ -1,16 +1,21 @@
-"""Scheduled meter clock checks and DL/T 645 time sync.
+"""Scheduled meter clock checks and time sync, for every protocol that can TIME_SYNC.
 
 On every :class:`~gateway.schedule.TimeSyncSchedule` slot (``[time_sync] interval`` +
-``offset``) :class:`TimeSyncJob` reads each DL/T 645 meter's clock and records its drift
+``offset``) :class:`TimeSyncJob` reads the clock of each meter whose protocol can set its time
+(``registry.capable(protocol, Can.TIME_SYNC)``: DL/T 645, DL/T 698.45, CJ/T 188) through the
+driver's ``read_clock`` and records its drift
 (meter minus gateway). The gateway instant a reading stands for is the middle of the read's
 round trip (``(t0 + t1) / 2``); the meter reports whole seconds, truncated, so half a second is
 added to what it says. Clock reads go at ``Priority.COMMAND``, one meter at a time per bus, so
 the read is not stuck behind queued polls (which would skew the midpoint) and polls still run
 between meters.
 
-A meter whose drift exceeds ``max_drift`` gets one log line, and is corrected with the 0x08
-time-sync command, which DL/T 645 restricts (2007 clause 6.1 notes; 1997 clause 5.5 notes, as
-quoted in public concentrator code: "仅当从站的日历和时钟与主站的时差在±5min以内时执行校时
+A meter whose drift exceeds ``max_drift`` gets one log line, and is corrected: by its
+protocol's broadcast (the registry's ``MeterProtocol.broadcast_time``: DL/T 645 0x08 to
+999999999999, DL/T 698.45 ACTION 4000-127) or by the driver's ``sync_time`` (unicast: DL/T 645
+0x08 to the meter, DL/T 698.45 SET 40000200, CJ/T 188). The same policy holds for every
+protocol; it comes from DL/T 645, which restricts 0x08 (2007 clause 6.1 notes; 1997 clause 5.5
+notes, as quoted in public concentrator code: "仅当从站的日历和时钟与主站的时差在±5min以内时执行校时
 命令 ... 不能在午夜0时和23时校时 ... 每天只允许校对一次"):
 
 * only a drift within ±5 min (:data:`BROADCAST_LIMIT`) is corrected by 0x08; a meter further
@@ -18,22 +23,24 @@ quoted in public concentrator code: "仅当从站的日历和时钟与主站的�
   operator's decision: the job raises an alarm (``stats.alarms``, one warning line) and sends
   nothing addressed to that meter (a broadcast for its bus reaches it too; it ignores it);
 * never around midnight, when meters freeze: 2007 forbids the 5 min either side of the meter's
-  midnight, 1997 the hours 23 and 0. The meter's midnight may be up to 5 min from ours, so
-  the job keeps 5 min more away (:func:`sync_allowed`) and defers the sync to the window's end;
+  midnight, 1997 the hours 23 and 0 (the registry's ``midnight_guard``, 5 min unless a protocol
+  says otherwise: a DL/T 698.45 meter freezes at midnight too). The meter's midnight may be up
+  to 5 min from ours, so the job keeps 5 min more away (:func:`sync_allowed`) and defers the sync to the window's end;
 * at most once a day per meter: the last sync per meter is kept in the cursor store, so a
-  restart does not sync twice. A broadcast reaches every meter of its edition on the bus, so it
+  restart does not sync twice. A broadcast reaches every meter of its protocol on the bus, so it
   is sent only when none of them was synced that day.
 
-``mode = "broadcast"`` sends one broadcast per bus and edition that has a meter to correct;
-``mode = "unicast"`` sends 0x08 to each such meter's own address. Either way the corrected
-meters' clocks are read again and a meter still off is logged as ignoring the sync.
+``mode = "broadcast"`` sends one broadcast per bus and protocol that has a meter to correct
+(meters of a protocol without a broadcast are set one by one); ``mode = "unicast"`` sets each
+such meter by its own address. Either way the corrected meters' clocks are read again and a
+meter still off is logged as ignoring the sync.
 
 If most meters (at least 3) are beyond the ±5 min limit, it is more likely that the gateway's
 clock is wrong than all of them: nothing is sent and ``gateway_clock_suspect`` is counted. A
 ``clock_trusted`` callback (e.g. "NTP is synchronised") can veto syncs too: a billing meter must
 never be set from a clock nobody vouches for.
 
-Modbus meters have no time-sync command we use; they are skipped (logged once).
+Meters whose protocol cannot TIME_SYNC (Modbus) are skipped (logged once).
 
 Clock-suspect readings: :meth:`TimeSyncJob.clock_suspect` says whether a meter's last measured
 skew (meter minus gateway, whoever is wrong) exceeds ``suspect_drift`` by more than the
@@ -59,11 +66,11 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, tzinfo
 from typing import TYPE_CHECKING, Final, Protocol
 
+from meter_gateway.drivers import registry
 from meter_gateway.drivers.bus import Bus, Priority
 from meter_gateway.drivers.errors import DriverError
 from meter_gateway.gateway.cursors import CursorStore, TimeSyncRecord
 from meter_gateway.gateway.schedule import TimeSyncSchedule
-from meter_gateway.protocols.dlt645.edition import Edition
 
 if TYPE_CHECKING:
     from meter_gateway.gateway.config import Config
@@ -81,9 +88,7 @@ __all__ = [
 
 log = logging.getLogger("meter_gateway")
 
-BROADCAST_LIMIT: Final = 300.0  # ±5 min: the most a 0x08 time sync may correct (see module doc)
-# Seconds either side of the meter's midnight when 0x08 must not be sent, by edition.
-MIDNIGHT_GUARD: Final = {Edition.DLT645_2007: (300.0, 300.0), Edition.DLT645_1997: (3600.0, 3600.0)}
+BROADCAST_LIMIT: Final = 300.0  # ±5 min: the most a time sync may correct (see module doc)
 TRUNCATION: Final = 0.5  # meters report whole seconds, truncated: on average half a second behind
 DRIFT_SAMPLES: Final = 4096  # recent |drift| values kept for histograms
 SUSPECT_MIN_METERS: Final = 3
@@ -91,24 +96,25 @@ DAY: Final = 86400.0
 
 
 class ClockDriver(Protocol):
-    """What the job needs of a meter driver (drivers.dlt645_driver.Dlt645Driver)."""
+    """What the job needs of a meter driver: the same for every protocol that can TIME_SYNC."""
 
     meter_id: str
     bus: Bus
-    edition: Edition
 
     async def read_clock(self, *, priority: int = Priority.POLL) -> float: ...
 
     async def sync_time(self, when: float, *, priority: int = Priority.COMMAND) -> None: ...
 
 
-BroadcastFn = Callable[[Bus, float, Edition, tzinfo | None], Awaitable[None]]
+# (bus, when, tz): set every meter of one protocol on the bus (registry ``broadcast_time``)
+BroadcastFn = Callable[[Bus, float, tzinfo | None], Awaitable[None]]
 
 
-def sync_allowed(now: float, tz: tzinfo, edition: Edition, margin: float = BROADCAST_LIMIT) -> float | None:
-    """None when a 0x08 time sync may be sent at ``now``; else the gateway time it may be sent
-    again. ``margin`` widens the forbidden window by how far a meter's midnight may be from ours."""
-    before, after = MIDNIGHT_GUARD[edition]
+def sync_allowed(now: float, tz: tzinfo, protocol: str, margin: float = BROADCAST_LIMIT) -> float | None:
+    """None when a meter of ``protocol`` may have its clock set at ``now``; else the gateway time
+    it may be set again. ``margin`` widens the forbidden window by how far a meter's midnight may
+    be from ours."""
+    before = after = registry.get(protocol).midnight_guard
     local = datetime.fromtimestamp(now, tz)
     midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
     since = (local - midnight).total_seconds()
@@ -132,7 +138,7 @@ class Measurement:
 class TimeSyncStats:
     runs: int = 0
     measured: int = 0
-    syncs: int = 0  # 0x08 commands sent (broadcasts + unicasts)
+    syncs: int = 0  # time-set commands sent (broadcasts + unicasts)
     broadcasts: int = 0
     unicasts: int = 0
     corrected: int = 0  # meters read back within max_drift after a sync
@@ -173,7 +179,7 @@ class SyncReport:
 
     measured: dict[str, Measurement] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # meter -> error kind
-    sent: list[str] = field(default_factory=list)  # "bus:<name>:<edition>" or "meter:<id>"
+    sent: list[str] = field(default_factory=list)  # "bus:<name>:<protocol>" or "meter:<id>"
     corrected: list[str] = field(default_factory=list)
     ineffective: list[str] = field(default_factory=list)
     alarms: list[str] = field(default_factory=list)
@@ -184,9 +190,10 @@ class SyncReport:
 class TimeSyncJob:
     """Clock checks and time sync on the ``[time_sync]`` schedule; see the module doc.
 
-    ``drivers`` maps meter ids to DL/T 645 drivers, ``buses`` bus names to buses (broadcasts),
-    ``clock`` is gateway unix time. ``cursors`` keeps the last sync per meter (once-a-day rule
-    across restarts). ``broadcast`` defaults to :func:`drivers.dlt645_driver.broadcast_time`.
+    ``drivers`` maps meter ids to drivers (those whose protocol cannot TIME_SYNC are left out),
+    ``buses`` bus names to buses (broadcasts), ``clock`` is gateway unix time. ``cursors`` keeps
+    the last sync per meter (once-a-day rule across restarts). ``broadcasts`` maps protocol
+    names to broadcast functions, overriding the registry's ``broadcast_time``.
     """
 
     def __init__(
@@ -197,7 +204,7 @@ class TimeSyncJob:
         clock: Callable[[], float],
         *,
         cursors: CursorStore | None = None,
-        broadcast: BroadcastFn | None = None,
+        broadcasts: Mapping[str, BroadcastFn] | None = None,
         clock_trusted: Callable[[], bool] | None = None,
         tick: float = 1.0,
         suspect_drift: float | None = None,
@@ -219,13 +226,16 @@ class TimeSyncJob:
         if suspect_drift is None:
             suspect_drift = float(ts.suspect_drift) if ts is not None else BROADCAST_LIMIT
         self.suspect_drift = suspect_drift
-        self._broadcast = broadcast
+        self._broadcasts: dict[str, BroadcastFn | None] = dict(broadcasts or {})
         synced: list[str] = []
+        # meter -> protocol name; the strings are the config's, shared, not copied per meter
+        self._protocol: dict[str, str] = {}
         for m in config.meters:
-            if not m.protocol.startswith("dlt645"):
+            if not registry.capable(m.protocol, registry.Can.TIME_SYNC):
                 log.info("event=time_sync_skipped meter=%s reason='%s meters have no time sync'", m.id, m.protocol)
             elif m.id in drivers:
                 synced.append(m.id)
+                self._protocol[m.id] = m.protocol
         # usually every driver given, in config order: share that mapping (10,000 entries) then
         self.drivers: Mapping[str, ClockDriver] = (
             drivers if synced == list(drivers) else {meter: drivers[meter] for meter in synced}
@@ -365,6 +375,19 @@ class TimeSyncJob:
 
     # -- deciding -----------------------------------------------------------------------------
 
+    def _not_now(self, meter: str, window_end: float | None, now: float, today: date) -> str | None:
+        """Why a meter the gateway may correct is not corrected now, or None."""
+        if window_end is not None:
+            return "midnight_window"
+        if self._synced_today(meter, now, today):
+            return "already_synced_today"
+        return None
+
+    def _midnight_window_end(self, now: float, protocols: set[str]) -> float | None:
+        """When the latest midnight guard of ``protocols`` ends, or None outside every guard."""
+        ends = [end for protocol in protocols if (end := sync_allowed(now, self.tz, protocol)) is not None]
+        return max(ends) if ends else None
+
     def _candidates(self, report: SyncReport) -> list[str]:
         """Meters to correct now; everything else over max_drift is logged with the reason."""
         now = self.clock()
@@ -382,30 +405,21 @@ class TimeSyncJob:
                 len(beyond),
             )
         trusted = self.clock_trusted() if self.clock_trusted is not None else True
-        window_end = None
-        editions = {self.drivers[m].edition for m in measured}
-        for edition in editions:
-            end = sync_allowed(now, self.tz, edition)
-            if end is not None:
-                window_end = end if window_end is None else max(window_end, end)
+        window_end = self._midnight_window_end(now, {self._protocol[m] for m in measured})
         today = datetime.fromtimestamp(now, self.tz).date()
         out: list[str] = []
         for meter, x in sorted(measured.items()):
             if abs(x.drift) <= self.max_drift:
                 continue
-            reason = None
             if meter in beyond:
-                reason = "beyond_limit"
                 report.alarms.append(meter)
                 self.stats.alarms[meter] = x.drift
-            elif suspect:
-                reason = "gateway_clock_suspect"
-            elif not trusted:
-                reason = "gateway_clock_untrusted"
-            elif window_end is not None:
-                reason = "midnight_window"
-            elif self._synced_today(meter, now, today):
-                reason = "already_synced_today"
+            if meter in beyond:
+                reason: str | None = "beyond_limit"
+            elif suspect or not trusted:
+                reason = "gateway_clock_suspect" if suspect else "gateway_clock_untrusted"
+            else:
+                reason = self._not_now(meter, window_end, now, today)
             action: str = self.mode
             if reason is None:
                 out.append(meter)
@@ -416,7 +430,7 @@ class TimeSyncJob:
             level = logging.WARNING if reason == "beyond_limit" else logging.INFO
             why = "" if reason is None else f" reason={reason}"
             if reason == "beyond_limit":
-                why += " (0x08 corrects at most 5 min: needs a password write of the clock)"
+                why += " (a time sync corrects at most 5 min: needs a password write of the clock)"
             log.log(
                 level,
                 "event=clock_drift meter=%s drift=%+.1fs uncertainty=%.1fs max_drift=%.0fs action=%s%s",
@@ -442,33 +456,45 @@ class TimeSyncJob:
         if not candidates:
             return
         if self.mode == "unicast":
-            for meter in candidates:
-                try:
-                    await self.drivers[meter].sync_time(self.clock(), priority=Priority.COMMAND)
-                except DriverError as exc:
-                    self.stats.fail(exc.kind)
-                    log.warning("event=time_sync_failed meter=%s kind=%s detail=%s", meter, exc.kind, exc)
-                    continue
-                self.stats.syncs += 1
-                self.stats.unicasts += 1
-                self._synced_at[meter] = self.clock()
-                report.sent.append(f"meter:{meter}")
-            sent = [m for m in candidates if f"meter:{m}" in report.sent]
+            sent = await self._unicast_all(candidates, report)
         else:
-            sent = await self._broadcast_all(candidates, report)
+            one_by_one = [m for m in candidates if self._broadcaster(self._protocol[m]) is None]
+            sent = await self._broadcast_all([m for m in candidates if m not in one_by_one], report)
+            sent += await self._unicast_all(one_by_one, report)
         await self._verify(sent, report)
 
+    def _broadcaster(self, protocol: str) -> BroadcastFn | None:
+        if protocol not in self._broadcasts:
+            self._broadcasts[protocol] = registry.get(protocol).broadcaster()
+        return self._broadcasts[protocol]
+
+    async def _unicast_all(self, meters: list[str], report: SyncReport) -> list[str]:
+        sent: list[str] = []
+        for meter in meters:
+            try:
+                await self.drivers[meter].sync_time(self.clock(), priority=Priority.COMMAND)
+            except DriverError as exc:
+                self.stats.fail(exc.kind)
+                log.warning("event=time_sync_failed meter=%s kind=%s detail=%s", meter, exc.kind, exc)
+                continue
+            self.stats.syncs += 1
+            self.stats.unicasts += 1
+            self._synced_at[meter] = self.clock()
+            report.sent.append(f"meter:{meter}")
+            sent.append(meter)
+        return sent
+
     async def _broadcast_all(self, candidates: list[str], report: SyncReport) -> list[str]:
-        groups: dict[tuple[str, Edition], list[str]] = {}
+        groups: dict[tuple[str, str], list[str]] = {}
         for meter in candidates:
-            d = self.drivers[meter]
-            groups.setdefault((d.bus.name, d.edition), []).append(meter)
+            groups.setdefault((self.drivers[meter].bus.name, self._protocol[meter]), []).append(meter)
         now = self.clock()
         today = datetime.fromtimestamp(now, self.tz).date()
-        broadcast = self._broadcast or _driver_broadcast
         sent: list[str] = []
-        for (bus_name, edition), meters in groups.items():
-            reached = [m for m, d in self.drivers.items() if d.bus.name == bus_name and d.edition is edition]
+        for (bus_name, protocol), meters in groups.items():
+            broadcast = self._broadcaster(protocol)
+            assert broadcast is not None  # the caller sends the others one by one
+            reached = [m for m, d in self.drivers.items() if d.bus.name == bus_name and self._protocol[m] == protocol]
             if any(self._synced_today(m, now, today) for m in reached):
                 for m in meters:
                     report.skipped[m] = "bus_synced_today"
@@ -477,7 +503,7 @@ class TimeSyncJob:
                 continue
             bus = self.buses.get(bus_name) or self.drivers[meters[0]].bus
             try:
-                await broadcast(bus, self.clock(), edition, self.tz)
+                await broadcast(bus, self.clock(), self.tz)
             except DriverError as exc:
                 self.stats.fail(exc.kind)
                 log.warning("event=time_sync_failed bus=%s kind=%s detail=%s", bus_name, exc.kind, exc)
@@ -487,13 +513,13 @@ class TimeSyncJob:
             at = self.clock()
             for m in reached:
                 self._synced_at[m] = at
-            report.sent.append(f"bus:{bus_name}:{edition.value}")
-            log.info("event=time_sync_broadcast bus=%s edition=%s meters_off=%d", bus_name, edition.value, len(meters))
+            report.sent.append(f"bus:{bus_name}:{protocol}")
+            log.info("event=time_sync_broadcast bus=%s protocol=%s meters_off=%d", bus_name, protocol, len(meters))
             sent.extend(meters)
         return sent
 
     async def _verify(self, meters: list[str], report: SyncReport) -> None:
-        """Read the synced meters' clocks again: 0x08 gets no reply, this is the only proof."""
+        """Read the synced meters' clocks again: a broadcast gets no reply, this is the only proof."""
         for meter in meters:
             try:
                 m = await self.measure(meter)
@@ -522,9 +548,3 @@ class TimeSyncJob:
             await asyncio.to_thread(self.cursors.save_time_sync, records)
         except Exception:  # a state file problem must not stop clock checks
             log.exception("event=cursor_save_failed kind=time_sync")
-
-
-async def _driver_broadcast(bus: Bus, when: float, edition: Edition, tz: tzinfo | None) -> None:
-    from meter_gateway.drivers.dlt645_driver import broadcast_time
-
-    await broadcast_time(bus, when, edition, tz)

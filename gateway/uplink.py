@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import inspect
 import logging
 import ssl
@@ -77,6 +78,30 @@ class Protocol(enum.StrEnum):
     V5 = "5"
     V311 = "3.1.1"
 
+
+
+def _cancel(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a read-ahead that is no longer wanted (the pump then forgets it)."""
+    if task is not None:
+        task.cancel()
+
+
+def _settled(
+    inflight: set[asyncio.Task[None]],
+    broken: list[BaseException],
+    refused: asyncio.Event,
+    wake: asyncio.Event,
+    task: asyncio.Task[None],
+) -> None:
+    """A batch's publish task ended: forget it, keep its failure, and wake the pump to act on it."""
+    inflight.discard(task)
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        broken.append(exc)
+    if exc is not None or refused.is_set():
+        wake.set()
 
 class UplinkConfigError(ValueError):
     """The uplink configuration cannot work (bad numbers, unreadable TLS files)."""
@@ -655,28 +680,14 @@ class Uplink:
         # if every row of this chunk went out (it starts after the chunk's last row)
         ahead: asyncio.Task[list[Record]] | None = None
 
-        def drop_ahead() -> None:
-            nonlocal ahead
-            if ahead is not None:
-                ahead.cancel()
-                ahead = None
-
-        def settled(task: asyncio.Task[None]) -> None:
-            inflight.discard(task)
-            if task.cancelled():
-                return
-            exc = task.exception()
-            if exc is not None:
-                broken.append(exc)
-            if exc is not None or refused.is_set():
-                wake.set()
-
+        settled = functools.partial(_settled, inflight, broken, refused, wake)
         try:
             while not self._stopping.is_set():
                 if broken:
                     raise broken[0]
                 if refused.is_set():
-                    drop_ahead()
+                    _cancel(ahead)
+                    ahead = None
                     await self._after_refusal(inflight)
                     refused.clear()
                     wake.clear()
@@ -697,7 +708,8 @@ class Uplink:
                     if not acquired or self._stopping.is_set() or wake.is_set():
                         if acquired:
                             window.release()
-                        drop_ahead()
+                        _cancel(ahead)
+                        ahead = None
                         break
                     fut = client.publish(topic, payload, properties=properties)
                     self.stats.inflight_batches += 1
@@ -710,7 +722,8 @@ class Uplink:
             if inflight:
                 await asyncio.wait(set(inflight), timeout=self.config.shutdown_timeout)
         finally:
-            drop_ahead()
+            _cancel(ahead)
+            ahead = None
             for task in list(inflight):
                 task.cancel()
 

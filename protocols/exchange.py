@@ -22,14 +22,34 @@ own package; the engine needs nothing else from it.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Final, Generic, Protocol, TypeVar
 
-__all__ = ["Answer", "Event", "Refusal", "Rejected", "Rejection", "ReplyExchange", "Unusable", "Verdict"]
+from meter_gateway.protocols.deframing import Discarded
+
+__all__ = [
+    "HISTORY_LENGTH",
+    "Answer",
+    "Event",
+    "Refusal",
+    "Rejected",
+    "Rejection",
+    "ReplyExchange",
+    "RequestHistory",
+    "Unusable",
+    "Verdict",
+    "garbage",
+    "until_verdict",
+]
+
+HISTORY_LENGTH: Final = 32  # requests remembered per bus for telling late replies from strangers
 
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
+F = TypeVar("F")
+X = TypeVar("X")
 
 
 class Rejection(enum.StrEnum):
@@ -89,3 +109,41 @@ class ReplyExchange(Protocol[R_co]):
     def receive(self, data: bytes) -> Sequence[Event[R_co]]:
         """What ``data`` (the next bytes after the request) holds; a verdict, if any, comes last."""
         ...
+
+
+def garbage(discarded: Discarded) -> Rejected:
+    """What the deframer threw away, as the exchange reports it."""
+    return Rejected(Rejection.GARBAGE, len(discarded.data), f"{discarded.reason} {discarded.detail}".strip())
+
+
+def until_verdict(items: Iterable[F | Discarded], consider: Callable[[F], Event[R]]) -> list[Event[R]]:
+    """The events of deframed ``items``: garbage for what was discarded, ``consider(frame)`` for
+    each frame, up to and including the first verdict (whatever follows it is the next attempt's
+    stale input)."""
+    events: list[Event[R]] = []
+    for item in items:
+        if isinstance(item, Discarded):
+            events.append(garbage(item))
+            continue
+        event = consider(item)
+        events.append(event)
+        if not isinstance(event, Rejected):
+            break
+    return events
+
+
+class RequestHistory(Generic[X]):
+    """The requests recently made on one bus, newest last: what tells a reply to one of our
+    earlier requests (an attempt given up on, answered late) from a stranger's."""
+
+    __slots__ = ("_recent",)
+
+    def __init__(self, history: int = HISTORY_LENGTH) -> None:
+        self._recent: deque[X] = deque(maxlen=history)
+
+    def note(self, expect: X) -> None:
+        self._recent.append(expect)
+
+    def answered_earlier(self, current: X, answers: Callable[[X], bool]) -> bool:
+        """Whether a reply answers one of the remembered requests other than ``current``."""
+        return any(e is not current and answers(e) for e in self._recent)

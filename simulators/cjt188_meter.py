@@ -52,6 +52,7 @@ from meter_gateway.protocols.cjt188.status import Status
 from meter_gateway.simulators.clock import SimClock
 from meter_gateway.simulators.faults import Faults
 from meter_gateway.simulators.flow import GAS, HEAT, WATER, FlowModel, FlowSettings
+from meter_gateway.simulators.meter_clock import MeterClock
 from meter_gateway.simulators.protocol import StreamDeframer, WireProtocol
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ class Cjt188Wire(WireProtocol):
 CJT188: Final = Cjt188Wire()
 
 
-class Cjt188Meter:
+class Cjt188Meter(MeterClock):
     """One simulated CJ/T 188 meter. See the module docstring for what it does."""
 
     WIRE: ClassVar[WireProtocol] = CJT188
@@ -233,10 +234,8 @@ class Cjt188Meter:
         self.unheard = 0  # frames ignored for a short wake-up preamble
         rng = random.Random(seed)
         base = flow or {"heat": HEAT, "gas": GAS}.get(self.meter_class, WATER)
-        sim_now = clock.now()
+        sim_now = self._start_clock()
         self._started = sim_now
-        self._offset = 0.0
-        self._drift_anchor = sim_now
         self.flow = FlowModel(
             replace(base, seed=seed),
             start=_unix(sim_now),
@@ -249,27 +248,6 @@ class Cjt188Meter:
         self.settlements: deque[tuple[datetime.date, float]] = deque(maxlen=HISTORY_KEPT)
         self._last_settlement_check = self.meter_time().date()
         self._settled_value = self._register()  # the value at the last settlement day
-
-    # -- clock ----------------------------------------------------------------------------------
-
-    @property
-    def clock_offset(self) -> float:
-        if not self.drift_ppm:
-            return self._offset
-        elapsed = (self._sim_now() - self._drift_anchor).total_seconds()
-        return self._offset + elapsed * self.drift_ppm * 1e-6
-
-    def _sim_now(self) -> datetime.datetime:
-        return self._request_now or self.clock.now()
-
-    def meter_time(self) -> datetime.datetime:
-        return self._sim_now() + datetime.timedelta(seconds=self.clock_offset)
-
-    def set_meter_time(self, when: datetime.datetime) -> None:
-        self._catch_up()
-        sim = self.clock.now()
-        self._offset = (when - sim).total_seconds()
-        self._drift_anchor = sim
 
     # -- valve, battery, status -----------------------------------------------------------------
 
@@ -344,16 +322,11 @@ class Cjt188Meter:
         if preamble is not None and preamble < self.wake_preamble:
             self.unheard += 1  # still asleep: the frame went by unheard
             return []
-        self.requests += 1
-        self._request_now = now or self.clock.now()
-        try:
-            self._catch_up()
-            reply = self._reply(frame)
-        finally:
-            self._request_now = None
+        reply = self._answering(now, self._reply, frame)
         return [] if reply is None else [reply.encode(self.di_order, self.preamble)]
 
     def _reply(self, frame: Frame) -> m.Message | None:
+        self._catch_up()
         try:
             message = m.parse_message(frame, self.di_order)
         except ProtocolError as exc:

@@ -48,7 +48,6 @@ from __future__ import annotations
 import datetime
 import functools
 import logging
-import random
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -61,7 +60,8 @@ from meter_gateway.protocols.dlt645.errors import ProtocolError
 from meter_gateway.protocols.dlt645.frame import Address, Frame
 from meter_gateway.protocols.dlt645.remote_control import RemoteCommand
 from meter_gateway.simulators.clock import SimClock
-from meter_gateway.simulators.load import DEFAULT_TARIFFS, LoadModel, LoadSettings
+from meter_gateway.simulators.load import DEFAULT_TARIFFS, LoadModel, LoadSettings, energy_register, initial_energy
+from meter_gateway.simulators.meter_clock import MeterClock
 from meter_gateway.simulators.prepaid import Purchase, Purse, PurseKind
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class RelayEvent:
     energy: dict[str, float]
 
 
-class Dlt645Meter:
+class Dlt645Meter(MeterClock):
     """One simulated meter. See the module docstring for what it does."""
 
     def __init__(
@@ -182,15 +182,8 @@ class Dlt645Meter:
         self.max_demand: dict[str, tuple[float, datetime.datetime]] = {}  # total | tN -> (kW, time)
         self._cache_values: dict[str, float] = {}
         self._last_reply: list[bytes] = []
-        rng = random.Random(seed)
-        sim_now = clock.now()
-        self._offset = 0.0  # meter clock minus simulated time, at _drift_anchor
-        self._drift_anchor = sim_now
-        initial = {
-            f"energy.active.import.t{t}": round(rng.uniform(50.0, 5000.0), 2)
-            for t in range(1, DEFAULT_TARIFFS.tariffs + 1)
-        }
-        initial.update({f"energy.reactive.import.t{t}": round(v * 0.35, 2) for t, v in enumerate(initial.values(), 1)})
+        sim_now = self._start_clock()
+        initial = initial_energy(seed)
         start = sim_now - datetime.timedelta(days=history_days)
         self._started = start
         self._model_tariffs = DEFAULT_TARIFFS.tariffs
@@ -212,37 +205,6 @@ class Dlt645Meter:
             m.BroadcastTime: self._broadcast_time,  # type: ignore[dict-item]
             m.RemoteControlRequest: self._remote_control,  # type: ignore[dict-item]
         }
-
-    # -- clock ----------------------------------------------------------------------------------
-
-    @property
-    def clock_offset(self) -> float:
-        """Seconds the meter clock is ahead of simulated time now (its set offset plus drift)."""
-        if not self.drift_ppm:  # most meters: no timedelta maths per value read
-            return self._offset
-        elapsed = (self._sim_now() - self._drift_anchor).total_seconds()
-        return self._offset + elapsed * self.drift_ppm * 1e-6
-
-    @clock_offset.setter
-    def clock_offset(self, seconds: float) -> None:
-        self._offset = float(seconds)
-        self._drift_anchor = self.clock.now()
-
-    def _sim_now(self) -> datetime.datetime:
-        """Simulated time; one reading serves a whole request (a meter answers from one instant)."""
-        return self._request_now or self.clock.now()
-
-    def meter_time(self) -> datetime.datetime:
-        offset = self.clock_offset
-        now = self._sim_now()
-        return now + datetime.timedelta(seconds=offset) if offset else now
-
-    def set_meter_time(self, when: datetime.datetime) -> None:
-        self._catch_up()
-        sim = self.clock.now()
-        self._offset = (when - sim).total_seconds()
-        self._drift_anchor = sim
-        self._catch_up()
 
     # -- relay ----------------------------------------------------------------------------------
 
@@ -397,12 +359,7 @@ class Dlt645Meter:
         ``now`` is the simulated time of the request (default: the clock's now)."""
         if frame.control.from_meter or not self.addressed_by(frame.address):
             return []
-        self.requests += 1
-        self._request_now = now or self.clock.now()
-        try:
-            return self._handle(frame)
-        finally:
-            self._request_now = None
+        return self._answering(now, self._handle, frame)
 
     def _handle(self, frame: Frame) -> list[bytes]:
         try:
@@ -493,7 +450,7 @@ class Dlt645Meter:
         if not self._password_ok(req.password) or req.password.level not in self.trip_levels:
             return [self._error(0x1C, RC_AUTH_FAILED, word=True)]
         now = self.meter_time()
-        if req.valid_until < now:
+        if req.valid_until is None or req.valid_until < now:  # no validity time: expired, as meters treat it
             return [self._error(0x1C, RC_EXPIRED, word=True)]
         command = req.command
         if command.opens_relay and self.keep_power:
@@ -640,26 +597,10 @@ class Dlt645Meter:
                 return 0.0
             return self.load.energy(f"energy.{k}.{d}.{tariff}")
 
-        if kind == "active" and direction in ("import", "export"):
-            return get("active", direction)
-        if kind == "active" and direction == "combined":
-            return get("active", "import") + get("active", "export")
-        if kind == "reactive":
-            # The load model splits reactive energy by the sign of Q only: lagging while importing
-            # is quadrant I, reactive export is booked to quadrant IV; II and III stay 0.
-            quadrant = {
-                "q1": get("reactive", "import"),
-                "q4": get("reactive", "export"),
-                "q2": 0.0,
-                "q3": 0.0,
-            }
-            if direction in quadrant:
-                return quadrant[direction]
-            if direction == "combined1":
-                return quadrant["q1"] + quadrant["q2"]
-            if direction == "combined2":
-                return quadrant["q3"] + quadrant["q4"]
-        raise LookupError(quantity)
+        value = energy_register(kind, direction, get)
+        if value is None:
+            raise LookupError(quantity)
+        return value
 
     def _frozen(self, item: DataItem, quantity: str) -> object:
         nth = item.nth or 1

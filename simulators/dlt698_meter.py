@@ -45,7 +45,6 @@ import dataclasses
 import datetime
 import functools
 import logging
-import random
 from collections import deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -82,7 +81,8 @@ from meter_gateway.protocols.dlt698.frame import (
 )
 from meter_gateway.simulators.clock import SimClock
 from meter_gateway.simulators.dlt698_test_security import DEFAULT_KEY, SecurityError, TestOnlySecurity
-from meter_gateway.simulators.load import DEFAULT_TARIFFS, LoadModel, LoadSettings
+from meter_gateway.simulators.load import DEFAULT_TARIFFS, LoadModel, LoadSettings, energy_register, initial_energy
+from meter_gateway.simulators.meter_clock import MeterClock
 from meter_gateway.simulators.protocol import StreamDeframer, WireProtocol
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ class Dlt698Wire(WireProtocol):
 DLT698: Final = Dlt698Wire()
 
 
-class Dlt698Meter:
+class Dlt698Meter(MeterClock):
     """One simulated DL/T 698.45 meter. See the module docstring for what it does."""
 
     WIRE: ClassVar[WireProtocol] = DLT698
@@ -243,15 +243,8 @@ class Dlt698Meter:
         self._blocks: list[ap.ResultRecord] = []
         self._report_piid = 0
         self._request_now: datetime.datetime | None = None
-        rng = random.Random(seed)
-        sim_now = clock.now()
-        self._offset = 0.0
-        self._drift_anchor = sim_now
-        initial = {
-            f"energy.active.import.t{t}": round(rng.uniform(50.0, 5000.0), 2)
-            for t in range(1, DEFAULT_TARIFFS.tariffs + 1)
-        }
-        initial.update({f"energy.reactive.import.t{t}": round(v * 0.35, 2) for t, v in enumerate(initial.values(), 1)})
+        sim_now = self._start_clock()
+        initial = initial_energy(seed)
         start = sim_now - datetime.timedelta(days=history_days)
         self.load = LoadModel(LoadSettings(seed=seed, initial_energy=initial, step=energy_step), start=_unix(start))
         self._model_tariffs = DEFAULT_TARIFFS.tariffs
@@ -263,27 +256,6 @@ class Dlt698Meter:
         self._credit_tripped = False
 
     # -- clock ----------------------------------------------------------------------------------
-
-    @property
-    def clock_offset(self) -> float:
-        """Seconds the meter clock is ahead of simulated time now (its set offset plus drift)."""
-        if not self.drift_ppm:
-            return self._offset
-        elapsed = (self._sim_now() - self._drift_anchor).total_seconds()
-        return self._offset + elapsed * self.drift_ppm * 1e-6
-
-    def _sim_now(self) -> datetime.datetime:
-        return self._request_now or self.clock.now()
-
-    def meter_time(self) -> datetime.datetime:
-        return self._sim_now() + datetime.timedelta(seconds=self.clock_offset)
-
-    def set_meter_time(self, when: datetime.datetime) -> None:
-        self._catch_up()
-        sim = self.clock.now()
-        self._offset = (when - sim).total_seconds()
-        self._drift_anchor = sim
-        self._catch_up()
 
     def _sim_at(self, meter_time: datetime.datetime) -> float:
         return _unix(meter_time - datetime.timedelta(seconds=self.clock_offset))
@@ -462,20 +434,10 @@ class Dlt698Meter:
         def get(k: str, d: str) -> float:
             return source[f"energy.{k}.{d}.{tariff}"]
 
-        if kind == "active" and direction in ("import", "export"):
-            return get("active", direction)
-        if kind == "active" and direction == "combined":
-            return get("active", "import") + get("active", "export")
-        if kind == "reactive":
-            # As the DL/T 645 simulator: reactive import is quadrant I, reactive export quadrant IV.
-            quadrant = {"q1": get("reactive", "import"), "q4": get("reactive", "export"), "q2": 0.0, "q3": 0.0}
-            if direction in quadrant:
-                return quadrant[direction]
-            if direction == "combined1":
-                return quadrant["q1"] + quadrant["q2"]
-            if direction == "combined2":
-                return quadrant["q3"] + quadrant["q4"]
-        raise LookupError(name)
+        value = energy_register(kind, direction, get)
+        if value is None:
+            raise LookupError(name)
+        return value
 
     def get_data(self, oad: OAD, snapshot: Mapping[str, float] | None = None) -> Data:
         """The Data for ``oad`` now (or from a freeze ``snapshot``); LookupError if the meter has none."""
@@ -527,12 +489,7 @@ class Dlt698Meter:
         """Reply bytes for one request frame (an empty list when the meter stays silent)."""
         if frame.control.from_server or frame.control.fragment or not frame.address.matches(self.address):
             return []
-        self.requests += 1
-        self._request_now = now or self.clock.now()
-        try:
-            return self._handle(frame)
-        finally:
-            self._request_now = None
+        return self._answering(now, self._handle, frame)
 
     def _handle(self, frame: Frame) -> list[bytes]:
         broadcast = frame.address.type is AddressType.BROADCAST

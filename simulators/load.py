@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import cmath
 import math
-from collections.abc import Iterable, Mapping
+import random
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -46,6 +47,8 @@ __all__ = [
     "LoadSettings",
     "TariffSchedule",
     "daily_profile",
+    "energy_register",
+    "initial_energy",
 ]
 
 PHASES: Final = (1, 2, 3)
@@ -117,6 +120,38 @@ DEFAULT_TARIFFS: Final = TariffSchedule.parse(
         ("23:00", 4),
     ]
 )
+
+
+def initial_energy(seed: int, tariffs: int = DEFAULT_TARIFFS.tariffs) -> dict[str, float]:
+    """An electricity meter's registers when the simulation starts, the same for the same seed:
+    some years' active import per tariff, reactive at about a third of it."""
+    rng = random.Random(seed)
+    initial = {f"energy.active.import.t{t}": round(rng.uniform(50.0, 5000.0), 2) for t in range(1, tariffs + 1)}
+    initial.update({f"energy.reactive.import.t{t}": round(v * 0.35, 2) for t, v in enumerate(initial.values(), 1)})
+    return initial
+
+
+def energy_register(kind: str, direction: str, get: Callable[[str, str], float]) -> float | None:
+    """An electricity meter's ``energy.<kind>.<direction>`` register of one tariff, from
+    ``get(kind, "import" | "export")``; None when no such register is simulated.
+
+    Combined active is import plus export. The load model splits reactive energy by the sign of Q
+    only: lagging while importing is quadrant I, reactive export is booked to quadrant IV; II and
+    III stay 0.
+    """
+    if kind == "active" and direction in ("import", "export"):
+        return get("active", direction)
+    if kind == "active" and direction == "combined":
+        return get("active", "import") + get("active", "export")
+    if kind == "reactive":
+        quadrant = {"q1": get("reactive", "import"), "q4": get("reactive", "export"), "q2": 0.0, "q3": 0.0}
+        if direction in quadrant:
+            return quadrant[direction]
+        if direction == "combined1":
+            return quadrant["q1"] + quadrant["q2"]
+        if direction == "combined2":
+            return quadrant["q3"] + quadrant["q4"]
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import datetime
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
@@ -230,56 +230,79 @@ def _check_keys(where: str, raw: Mapping[str, Any], protocol: str, allowed_extra
         raise SimConfigError(f"{where}: key(s) not for protocol {protocol!r}: {detail}")
 
 
+_Parse = Callable[[str, object], object]
+
+
+def _ranged(lo: int, hi: int) -> _Parse:
+    def parse(where: str, value: object) -> int:
+        number = _int(where, value)
+        if not lo <= number <= hi:
+            raise SimConfigError(f"{where} must be {lo}..{hi}")
+        return number
+
+    return parse
+
+
+def _non_negative(where: str, value: object) -> float:
+    number = _num(where, value)
+    if number < 0:
+        raise SimConfigError(f"{where} must be >= 0")
+    return number
+
+
+def _choice(choices: tuple[str, ...], wording: str) -> _Parse:
+    def parse(where: str, value: object) -> str:
+        text = _str(where, value)
+        if text not in choices:
+            raise SimConfigError(f"{where} must be {wording}")
+        return text
+
+    return parse
+
+
+def _hex_key(where: str, value: object) -> bytes:
+    text = _str(where, value)
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise SimConfigError(f"{where} must be hex digits, got {text!r}") from None
+    if not key:
+        raise SimConfigError(f"{where} must not be empty")
+    return key
+
+
+# The meter keys a bus or group table may set, each with the parser that checks its value; checked
+# in this order, so the first bad key of a table is the one reported.
+_GROUP_FIELDS: Final[tuple[tuple[str, _Parse], ...]] = (
+    ("model", _str),
+    ("turnaround", _num),
+    ("preamble", _ranged(0, 4)),
+    ("drift_ppm", _num),
+    ("tariffs", _int),
+    ("requires_connect", _bool),
+    ("requires_security", _bool),
+    ("accept_plaintext_control", _bool),
+    ("report", _bool),
+    ("trip_at_zero_credit", _bool),
+    ("battery_low", _bool),
+    ("security_key", _hex_key),
+    ("purse", _non_negative),
+    ("price", _non_negative),
+    ("valve_time", _non_negative),
+    ("battery_days", _non_negative),
+    ("meter_type", _choice(METER_TYPES, f"one of {', '.join(METER_TYPES)}")),
+    ("di_order", _choice(("standard", "swapped"), "'standard' or 'swapped'")),
+    ("wake_preamble", _ranged(0, 16)),
+)
+
+
 def _group(where: str, raw: Mapping[str, Any], protocol: str, base: BusConfig) -> BusConfig:
     """``base`` with the meter keys of ``raw`` (a bus table or a [[bus.group]] table) applied."""
-    fam = family(protocol)
     config = replace(base, protocol=protocol, meters=_addresses(where, raw, protocol), groups=[])
-    if "model" in raw:
-        config.model = _str(f"{where}.model", raw["model"])
-    if "turnaround" in raw:
-        config.turnaround = _num(f"{where}.turnaround", raw["turnaround"])
-    if "preamble" in raw:
-        config.preamble = _int(f"{where}.preamble", raw["preamble"])
-        if not 0 <= config.preamble <= 4:
-            raise SimConfigError(f"{where}.preamble must be 0..4")
-    if "drift_ppm" in raw:
-        config.drift_ppm = _num(f"{where}.drift_ppm", raw["drift_ppm"])
-    if "tariffs" in raw:
-        config.tariffs = _int(f"{where}.tariffs", raw["tariffs"])
-    for key in ("requires_connect", "requires_security", "accept_plaintext_control", "report"):
+    for key, parse in _GROUP_FIELDS:
         if key in raw:
-            setattr(config, key, _bool(f"{where}.{key}", raw[key]))
-    if "trip_at_zero_credit" in raw:
-        config.trip_at_zero_credit = _bool(f"{where}.trip_at_zero_credit", raw["trip_at_zero_credit"])
-    if "battery_low" in raw:
-        config.battery_low = _bool(f"{where}.battery_low", raw["battery_low"])
-    if "security_key" in raw:
-        text = _str(f"{where}.security_key", raw["security_key"])
-        try:
-            config.security_key = bytes.fromhex(text)
-        except ValueError:
-            raise SimConfigError(f"{where}.security_key must be hex digits, got {text!r}") from None
-        if not config.security_key:
-            raise SimConfigError(f"{where}.security_key must not be empty")
-    for key in ("purse", "price", "valve_time", "battery_days"):
-        if key in raw:
-            value = _num(f"{where}.{key}", raw[key])
-            if value < 0:
-                raise SimConfigError(f"{where}.{key} must be >= 0")
-            setattr(config, key, value)
-    if "meter_type" in raw:
-        config.meter_type = _str(f"{where}.meter_type", raw["meter_type"])
-        if config.meter_type not in METER_TYPES:
-            raise SimConfigError(f"{where}.meter_type must be one of {', '.join(METER_TYPES)}")
-    if "di_order" in raw:
-        config.di_order = _str(f"{where}.di_order", raw["di_order"])
-        if config.di_order not in ("standard", "swapped"):
-            raise SimConfigError(f"{where}.di_order must be 'standard' or 'swapped'")
-    if "wake_preamble" in raw:
-        config.wake_preamble = _int(f"{where}.wake_preamble", raw["wake_preamble"])
-        if not 0 <= config.wake_preamble <= 16:
-            raise SimConfigError(f"{where}.wake_preamble must be 0..16")
-    if fam == "dlt698" and not 1 <= config.tariffs <= 12:
+            setattr(config, key, parse(f"{where}.{key}", raw[key]))
+    if family(protocol) == "dlt698" and not 1 <= config.tariffs <= 12:
         raise SimConfigError(f"{where}.tariffs must be 1..12 for dlt698")
     return config
 

@@ -808,15 +808,16 @@ async def test_thousand_disconnects_against_the_guard(tmp_path: Path, sim_bus: S
 @pytest.mark.asyncio
 async def test_modbus_disconnect_and_reconnect_via_relay_coil(tmp_path: Path) -> None:
     server = await serve_modbus(units=(1,), port=0)
-    link = ModbusLink(TcpSettings("127.0.0.1", server.port, connect_timeout=1.0, reconnect=QUICK), timeout=0.5)
-    bus = Bus("mb", None)
+    link = ModbusLink.build(
+        TcpSettings("127.0.0.1", server.port, connect_timeout=1.0, reconnect=QUICK), timeout=0.5, name="mb"
+    )
     meter = ModbusMeter(link, "sim-3ph", unit=1, meter_id="mb1")
     cfg = Meter(id="mb1", bus="mb", protocol="modbus", address=1, model="sim-3ph")
     rig = Rig(
         tmp_path,
         make_config(tmp_path, [cfg]),
-        {"mb1": MeterRuntime("mb1", "mb", "modbus", meter, modbus_bus=bus)},
-        {"mb": bus},
+        {"mb1": MeterRuntime("mb1", "mb", "modbus", meter)},
+        {"mb": link.bus},
     )
     try:
         await rig.start()

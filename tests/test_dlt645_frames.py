@@ -136,6 +136,56 @@ def test_cli_rejects_bad_input_with_one_clear_line(text: str, message: str) -> N
     assert message in lines[0]
 
 
+# Shaped as the public captures of head-end and concentrator traffic: 4 FE, password level 02 with
+# 000000, operator 00000000, N1 = 1A trip / 1B close permit, N2 = 00 and N3..N8 = 00 (no validity).
+CAPTURED_TRIP = "FE FE FE FE 68 61 01 00 00 00 00 68 1C 10 35 33 33 33 33 33 33 33 4D 33 33 33 33 33 33 33 AA 16"
+CAPTURED_CLOSE_PERMIT = (
+    "FE FE FE FE 68 61 01 00 00 00 00 68 1C 10 35 33 33 33 33 33 33 33 4E 33 33 33 33 33 33 33 AB 16"
+)
+
+
+@pytest.mark.parametrize(("text", "command"), [(CAPTURED_TRIP, "trip"), (CAPTURED_CLOSE_PERMIT, "close-permit")])
+def test_captured_remote_control_without_validity_time_decodes_with_a_warning(text: str, command: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "meter_gateway.gateway.cli", "decode", text], capture_output=True, text=True, check=False
+    )
+    assert (proc.returncode, proc.stderr) == (0, "")
+    decoded = json.loads(proc.stdout)
+    assert decoded["command"] == command
+    assert (decoded["address"], decoded["password_level"], decoded["operator"]) == ("000000000161", 2, "00000000")
+    assert (decoded["n2"], decoded["valid_until"]) == (0, None)
+    [warning] = decoded["warnings"]
+    assert "N3..N8 is all zero" in warning
+
+
+def test_a_bad_frame_beside_a_captured_one_does_not_hide_it() -> None:
+    bad = "68 61 01 00 00 00 00 68 91 08 33 33 34 33 59 33 33 33 8B 16"  # checksum off by one
+    proc = subprocess.run(
+        [sys.executable, "-m", "meter_gateway.gateway.cli", "decode", f"{CAPTURED_TRIP} {bad} {CAPTURED_CLOSE_PERMIT}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    commands = [json.loads(line).get("command") for line in proc.stdout.splitlines()]
+    assert "trip" in commands
+    assert "close-permit" in commands
+    assert "checksum expected 8A found 8B" in proc.stdout + proc.stderr
+
+
+def test_a_remote_control_without_validity_time_parses_but_is_never_encoded() -> None:
+    [frame] = Deframer().feed(bytes.fromhex(CAPTURED_TRIP))
+    assert isinstance(frame, Frame)
+    request = parse_message(frame, E7)
+    assert isinstance(request, RemoteControlRequest)
+    assert (request.command, request.valid_until) == (RemoteCommand.TRIP, None)
+    with pytest.raises(LocalProtocolError, match="needs a validity time"):
+        request.encode(E7)
+    # a validity time that is there but is no date is still the peer's error
+    garbled = Frame(frame.address, frame.control, frame.data[:10] + bytes.fromhex("00 00 00 32 13 26"))
+    with pytest.raises(RemoteProtocolError, match="is not a date and time"):
+        parse_message(garbled, E7)
+
+
 def test_cli_pretty_and_forced_edition() -> None:
     assert decode_cmd.main(["--pretty", VECTORS[1]["hex"]]) == 0
     # Forcing the wrong edition is an error stated as such, not a silent misreading.

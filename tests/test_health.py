@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from meter_gateway.drivers.errors import BadReply, ConfigurationError, LinkDown, MeterRefused, NoAnswer
-from meter_gateway.drivers.health import HealthBook, HealthPolicy, MeterOffline, MeterState, StateChange
+from meter_gateway.drivers.health import LINK_DOWN, HealthBook, HealthPolicy, MeterOffline, MeterState, StateChange
 
 
 class Clock:
@@ -153,3 +153,41 @@ def test_a_meter_without_failures_costs_no_health_object(clock: Clock) -> None:
     book.record("c", None)
     assert book._meters["c"] is MeterState.ONLINE
     assert book.states() == {"a": MeterState.UNKNOWN, "b": MeterState.ONLINE, "c": MeterState.ONLINE}
+
+
+def test_a_link_down_makes_the_meter_offline_without_holding_its_reads_back(clock: Clock) -> None:
+    changes: list[StateChange] = []
+    book = HealthBook(HealthPolicy(offline_after=3, probe_interval=60), on_change=changes.append, clock=clock)
+    book.link_down("never-read")  # a link that never opened: from unknown straight to offline
+    book.record("m", None)
+    book.link_down("m")
+    book.link_down("m")  # still down: no second change
+    assert book.state("m") is MeterState.OFFLINE
+    assert book.get("m").last_error == LINK_DOWN
+    assert [(c.meter_id, c.old, c.new, c.reason) for c in changes] == [
+        ("never-read", MeterState.UNKNOWN, MeterState.OFFLINE, LINK_DOWN),
+        ("m", MeterState.UNKNOWN, MeterState.ONLINE, ""),
+        ("m", MeterState.ONLINE, MeterState.OFFLINE, LINK_DOWN),
+    ]
+    # not gated by the probe interval: the first read after the link returns may go at once
+    book.check("m")
+    assert book.begin("m") is False  # full attempts, not a single probe
+    book.record("m", LinkDown("still down"))  # says nothing more
+    assert book.state("m") is MeterState.OFFLINE
+    book.record("m", None)
+    assert book.state("m") is MeterState.ONLINE
+    assert (changes[-1].old, changes[-1].new) == (MeterState.OFFLINE, MeterState.ONLINE)
+
+
+def test_a_link_down_does_not_rewrite_a_meter_already_offline_for_silence(clock: Clock) -> None:
+    book = HealthBook(HealthPolicy(degraded_after=1, offline_after=1, probe_interval=60), clock=clock)
+    book.record("m", NoAnswer("no reply"))
+    book.link_down("m")
+    assert book.get("m").last_error == "no reply"
+    with pytest.raises(MeterOffline):
+        book.check("m")  # still probe-gated: the meter itself was silent
+
+
+def test_link_down_after_is_checked() -> None:
+    with pytest.raises(ValueError, match="link_down_after"):
+        HealthPolicy(link_down_after=-1)

@@ -358,10 +358,13 @@ def test_time_sync_clock_steps() -> None:
 
 def test_group_plans_from_config() -> None:
     config = load_config(Path(__file__).resolve().parent.parent / "config" / "demo.toml")
-    (plan,) = GroupPlan.from_config(config)
-    assert plan.interval == 10
-    assert plan.meters == tuple(m.id for m in config.meters)
-    assert plan.spread == config.poll_groups[0].spread
+    plans = GroupPlan.from_config(config)
+    assert [p.name for p in plans] == [g.name for g in config.poll_groups]
+    for plan, group in zip(plans, config.poll_groups, strict=True):
+        assert plan.interval == 10
+        assert plan.meters == tuple(m.id for m in config.group_meters(group))
+        assert plan.spread == group.spread
+    assert sorted(m for p in plans for m in p.meters) == sorted(m.id for m in config.meters)
 
 
 # -- the compact heap against the plain one ----------------------------------------------------

@@ -1,4 +1,5 @@
-"""TimeSyncJob against simulated DL/T 645 meters on a real TCP bus with a real cursor store.
+"""TimeSyncJob against simulated DL/T 645 (and DL/T 698.45) meters on a real TCP bus with a real
+cursor store.
 Simulated time stands still unless a test moves it; the gateway clock is that time in Shanghai."""
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import pytest
 from meter_gateway.drivers.backoff import BackoffPolicy
 from meter_gateway.drivers.bus import Bus, BusSettings
 from meter_gateway.drivers.dlt645_driver import Dlt645Driver
+from meter_gateway.drivers.dlt698_driver import Dlt698Driver
+from meter_gateway.drivers.dlt698_model import Dlt698Model
 from meter_gateway.drivers.meter_models import Dlt645Model, load_model
 from meter_gateway.drivers.tcp_link import TcpLink
 from meter_gateway.drivers.transport import TcpSettings
@@ -25,11 +28,13 @@ from meter_gateway.gateway.cursors import CursorStore
 from meter_gateway.gateway.schedule import freeze_time
 from meter_gateway.gateway.time_sync_job import BROADCAST_LIMIT, TimeSyncJob, sync_allowed
 from meter_gateway.protocols.dlt645.edition import Edition
-from tests.plugins.simulators import SimBusFactory, SimBusHandle
+from meter_gateway.simulators.clock import SimClock
+from meter_gateway.simulators.dlt645_meter import Dlt645Meter
+from meter_gateway.simulators.dlt698_meter import Dlt698Meter
+from tests.plugins.simulators import MetersBusFactory, SimBusFactory, SimBusHandle
 
 TZ = ZoneInfo("Asia/Shanghai")
 E7 = Edition.DLT645_2007
-E97 = Edition.DLT645_1997
 QUICK = BackoffPolicy(initial=0.01, maximum=0.02)
 START = datetime.datetime(2026, 3, 14, 10, 0)
 
@@ -198,7 +203,7 @@ async def test_broadcast_sends_one_frame_per_bus_and_corrects_every_meter(
         r.offsets(60, -20, 2)
         job = r.job()
         report = await job.sync_once()
-        assert report.sent == ["bus:dlt-a:2007"]
+        assert report.sent == ["bus:dlt-a:dlt645-2007"]
         assert r.handle.bus.stats["broadcasts"] == 1
         for i in range(3):
             assert r.offset(i) == pytest.approx(0, abs=1)
@@ -296,16 +301,16 @@ async def test_scheduled_run_defers_past_the_midnight_window(sim_bus: SimBusFact
 
 def test_sync_windows_around_midnight_per_edition() -> None:
     midnight = freeze_time(datetime.date(2026, 3, 15), TZ)
-    assert sync_allowed(midnight - 3600, TZ, E7) is None
-    assert sync_allowed(midnight - 601, TZ, E7) is None
-    assert sync_allowed(midnight - 599, TZ, E7) == midnight + 600
-    assert sync_allowed(midnight + 599, TZ, E7) == midnight + 600
-    assert sync_allowed(midnight + 600, TZ, E7) is None
+    assert sync_allowed(midnight - 3600, TZ, "dlt645-2007") is None
+    assert sync_allowed(midnight - 601, TZ, "dlt645-2007") is None
+    assert sync_allowed(midnight - 599, TZ, "dlt645-2007") == midnight + 600
+    assert sync_allowed(midnight + 599, TZ, "dlt645-2007") == midnight + 600
+    assert sync_allowed(midnight + 600, TZ, "dlt645-2007") is None
     # 1997: not in the hours 23 and 0 of the meter, 5 min margin either side
-    assert sync_allowed(midnight - 3600 - 301, TZ, E97) is None
-    assert sync_allowed(midnight - 3600 - 299, TZ, E97) == midnight + 3900
-    assert sync_allowed(midnight + 3899, TZ, E97) == midnight + 3900
-    assert sync_allowed(midnight + 3900, TZ, E97) is None
+    assert sync_allowed(midnight - 3600 - 301, TZ, "dlt645-1997") is None
+    assert sync_allowed(midnight - 3600 - 299, TZ, "dlt645-1997") == midnight + 3900
+    assert sync_allowed(midnight + 3899, TZ, "dlt645-1997") == midnight + 3900
+    assert sync_allowed(midnight + 3900, TZ, "dlt645-1997") is None
 
 
 async def _until(cond: Callable[[], bool], within: float = 5.0) -> None:
@@ -315,3 +320,50 @@ async def _until(cond: Callable[[], bool], within: float = 5.0) -> None:
         if loop.time() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.01)
+
+
+@pytest.mark.asyncio
+async def test_a_mixed_line_gets_one_broadcast_per_protocol_and_698_meters_are_corrected(
+    meters_bus: MetersBusFactory, tmp_path: Path
+) -> None:
+    """DL/T 645 and DL/T 698.45 meters on one line: each protocol's own broadcast (0x08; ACTION
+    4000-127), chosen through the registry, and both read back corrected."""
+    clock = SimClock(START, 0.0)
+    old = Dlt645Meter("000000000001", clock=clock)
+    new = Dlt698Meter("000000000002", clock=clock)
+    line = await meters_bus([old, new])
+    host, port = line.endpoint  # type: ignore[misc]
+    text = config_text(tmp_path, port, "broadcast", 1).replace(
+        '[[meters]]\nid = "mb1"',
+        '[[meters]]\nid = "p2"\nbus = "dlt-a"\nprotocol = "dlt698"\naddress = "000000000002"\n'
+        'model = "dlt698-generic"\n\n[[meters]]\nid = "mb1"',
+    )
+    path = tmp_path / "gw.toml"
+    path.write_text(text)
+    config = load_config(path)
+
+    def gateway_clock() -> float:
+        return clock.now().replace(tzinfo=TZ).timestamp()
+
+    link = TcpLink(TcpSettings(host, port, no_reply_limit=0, reconnect=BackoffPolicy(initial=0.05, maximum=0.1)))
+    bus = Bus("dlt-a", link, settings=BusSettings(reply_timeout=0.5, attempts=2, retry=QUICK))
+    assert await bus.open()
+    try:
+        m698 = load_model("dlt698-generic")
+        assert isinstance(m698, Dlt698Model)
+        drivers: dict[str, Dlt645Driver | Dlt698Driver] = {
+            "m1": Dlt645Driver(bus, "m1", "000000000001", E7, MODEL, tz=TZ, clock=gateway_clock),
+            "p2": Dlt698Driver(bus, "p2", "000000000002", m698, tz=TZ, clock=gateway_clock),
+        }
+        old.clock_offset = 40
+        new.set_meter_time(clock.now() - datetime.timedelta(seconds=90))
+        job = TimeSyncJob(config, drivers, {"dlt-a": bus}, gateway_clock)
+        assert set(job.drivers) == {"m1", "p2"}
+        report = await job.sync_once()
+    finally:
+        await bus.close()
+    assert sorted(report.sent) == ["bus:dlt-a:dlt645-2007", "bus:dlt-a:dlt698"]
+    assert sorted(report.corrected) == ["m1", "p2"]
+    assert (job.stats.broadcasts, job.stats.unicasts) == (2, 0)
+    assert abs(old.clock_offset) <= 1
+    assert abs(new.clock_offset) <= 1

@@ -6,10 +6,10 @@
   relay, close permit and keep-power from status word 3 (:meth:`Dlt645Driver.read_relay`).
 * CJ/T 188 (water, gas, heat): the valve (A017) in :mod:`gateway.commands.cjt188_actuator`,
   verified from ST (:class:`ValveActuator`); no relay.
-* Modbus: the model's relay coil or register (:meth:`ModbusMeter.set_relay`/``read_relay``), run
-  under ``bus.run(..., priority=Priority.COMMAND, force=True)``: a command goes ahead of polls
-  and is tried even on a meter the health book calls offline. Modbus meters have no close permit,
-  keep-power or alarm: a reconnect closes directly.
+* Modbus: the model's relay coil or register (:meth:`ModbusMeter.set_relay`/``read_relay``) with
+  ``priority=Priority.COMMAND, force=True``: a command goes ahead of polls and is tried even on a
+  meter the health book calls offline. Modbus meters have no close permit, keep-power or alarm: a
+  reconnect closes directly.
 
 Each control call is ONE attempt (the executor owns retries, so each attempt is acked as
 ``sent``). Driver errors become :class:`ActuatorError` with the ack reason the executor needs.
@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Final, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
 from meter_gateway.drivers.bus import Bus, Priority
 from meter_gateway.drivers.cjt188_driver import Cjt188Driver
@@ -34,9 +34,11 @@ from meter_gateway.protocols.dlt645.remote_control import RemoteCommand
 
 __all__ = [
     "RELAY_ACTIONS",
+    "RELAY_STATUS_ACTIONS",
     "VALVE_ACTIONS",
     "ActuatorError",
     "Dlt645Actuator",
+    "DriverActuator",
     "MeterActuator",
     "ModbusActuator",
     "RelayReading",
@@ -44,12 +46,15 @@ __all__ = [
     "ValveReading",
     "guarded",
     "make_actuator",
+    "relay_reading",
 ]
 
 T = TypeVar("T")
 
 # Actions that move the relay and are verified by reading it back.
 RELAY_ACTIONS: Final = frozenset({"disconnect", "reconnect"})
+# Actions a status-word meter (DL/T 645, DL/T 698.45) can only verify when its model says where the relay is.
+RELAY_STATUS_ACTIONS: Final = frozenset({*RELAY_ACTIONS, "relay_status", "keep_power_on", "keep_power_off"})
 # DL/T 645 N1 codes for the actions that are one 0x1C frame (clause 6.13 / remote_control.py).
 _DLT_COMMANDS: Final = {
     "disconnect": RemoteCommand.TRIP,
@@ -139,31 +144,40 @@ class ValveActuator(Protocol):
     async def read_valve(self) -> ValveReading: ...
 
 
-class Dlt645Actuator:
-    protocol = "dlt645"
+class _ModelQuantities(Protocol):
+    @property
+    def quantities(self) -> tuple[str, ...]: ...
 
-    def __init__(self, driver: Dlt645Driver, clock: Callable[[], float] = time.time) -> None:
+
+class CommandDriver(Protocol):
+    """What :class:`DriverActuator` needs of a meter driver."""
+
+    @property
+    def meter_id(self) -> str: ...
+
+    @property
+    def model(self) -> _ModelQuantities: ...
+
+    async def read(
+        self, quantities: Sequence[str], *, slot: float | None, now: float, priority: int = ...
+    ) -> list[Reading]: ...
+
+    async def read_clock(self, *, priority: int = ...) -> float: ...
+
+    async def sync_time(self, when: float, *, priority: int = ...) -> None: ...
+
+
+D = TypeVar("D", bound=CommandDriver)
+
+
+class DriverActuator(Generic[D]):
+    """What the actuators over a clocked meter driver (DL/T 645, DL/T 698.45, CJ/T 188) do alike:
+    on-demand reads and clock setting, at command priority, errors through :func:`guarded`."""
+
+    def __init__(self, driver: D, clock: Callable[[], float] = time.time) -> None:
         self.driver = driver
         self.meter_id = driver.meter_id
         self.clock = clock
-
-    def unsupported(self, action: str) -> str | None:
-        d = self.driver
-        if action in CONTROL_ACTIONS and d.edition is not Edition.DLT645_2007:
-            return "DL/T 645-1997 has no remote control (0x1C)"
-        if action in {*RELAY_ACTIONS, "relay_status", "keep_power_on", "keep_power_off"} and d.model.relay is None:
-            return f"model {d.model.name} does not report its relay"
-        return None
-
-    async def control(self, action: str, mode: str | None, valid_until: float) -> None:
-        command = _RECONNECT[mode or "close_permit"] if action == "reconnect" else _DLT_COMMANDS[action]
-        await guarded(self.driver.remote_control(command, valid_until, priority=Priority.COMMAND, attempts=1))
-
-    async def read_relay(self) -> RelayReading:
-        # forced: a meter marked offline by the control frames' lost replies must still be read back
-        status = await guarded(self.driver.read_relay(priority=Priority.COMMAND, force=True))
-        state: RelayState = "closed" if status.closed else "armed" if status.armed else "open"
-        return RelayReading(state, status.keep_power, status.raw, status.trip_pending)
 
     async def read_now(self, quantities: Sequence[str] | None, now: float) -> list[Reading]:
         wanted = list(quantities) if quantities else list(self.driver.model.quantities)
@@ -175,12 +189,54 @@ class Dlt645Actuator:
         return meter - self.clock()
 
 
+class RelayStatusLike(Protocol):
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def armed(self) -> bool: ...
+
+    @property
+    def trip_pending(self) -> bool: ...
+
+    @property
+    def keep_power(self) -> bool: ...
+
+    @property
+    def raw(self) -> int: ...
+
+
+def relay_reading(status: RelayStatusLike) -> RelayReading:
+    """A status-word meter's relay state as the executor verifies it."""
+    state: RelayState = "closed" if status.closed else "armed" if status.armed else "open"
+    return RelayReading(state, status.keep_power, status.raw, status.trip_pending)
+
+
+class Dlt645Actuator(DriverActuator[Dlt645Driver]):
+    protocol = "dlt645"
+
+    def unsupported(self, action: str) -> str | None:
+        d = self.driver
+        if action in CONTROL_ACTIONS and d.edition is not Edition.DLT645_2007:
+            return "DL/T 645-1997 has no remote control (0x1C)"
+        if action in RELAY_STATUS_ACTIONS and d.model.relay is None:
+            return f"model {d.model.name} does not report its relay"
+        return None
+
+    async def control(self, action: str, mode: str | None, valid_until: float) -> None:
+        command = _RECONNECT[mode or "close_permit"] if action == "reconnect" else _DLT_COMMANDS[action]
+        await guarded(self.driver.remote_control(command, valid_until, priority=Priority.COMMAND, attempts=1))
+
+    async def read_relay(self) -> RelayReading:
+        # forced: a meter marked offline by the control frames' lost replies must still be read back
+        return relay_reading(await guarded(self.driver.read_relay(priority=Priority.COMMAND, force=True)))
+
+
 class ModbusActuator:
     protocol = "modbus"
 
-    def __init__(self, meter: ModbusMeter, bus: Bus) -> None:
+    def __init__(self, meter: ModbusMeter) -> None:
         self.meter = meter
-        self.bus = bus
         self.meter_id = meter.meter_id
 
     def unsupported(self, action: str) -> str | None:
@@ -190,28 +246,26 @@ class ModbusActuator:
             return f"Modbus meters have no {action.replace('_', ' ')}"
         return None
 
-    async def _run(self, job: Callable[[], Awaitable[T]]) -> T:
-        return await guarded(self.bus.run(job, meter=self.meter_id, priority=Priority.COMMAND, force=True))
-
     async def control(self, action: str, mode: str | None, valid_until: float) -> None:
         # no validity time on Modbus: the executor does not start a command after its expiry
         closed = action == "reconnect"
-        await self._run(lambda: self.meter.set_relay(closed))
+        await guarded(self.meter.set_relay(closed, priority=Priority.COMMAND, force=True, attempts=1))
 
     async def read_relay(self) -> RelayReading:
-        closed = await self._run(self.meter.read_relay)
+        closed = await guarded(self.meter.read_relay(priority=Priority.COMMAND, force=True))
         return RelayReading("closed" if closed else "open", False, None)
 
     async def read_now(self, quantities: Sequence[str] | None, now: float) -> list[Reading]:
         wanted = list(quantities) if quantities else None
-        return await self._run(lambda: self.meter.read(wanted, slot=float(int(now)), now=now))
+        return await guarded(self.meter.read(wanted, slot=float(int(now)), now=now, priority=Priority.COMMAND))
 
     async def time_sync(self, now: float) -> float:
         raise ActuatorError("unsupported", "unsupported", "Modbus meters have no clock to set")
 
 
-def make_actuator(driver: Dlt645Driver | ModbusMeter | Cjt188Driver, bus: Bus | None) -> MeterActuator:
-    """The actuator for a meter runtime's driver (Modbus needs its bus for ``run``)."""
+def make_actuator(driver: Dlt645Driver | ModbusMeter | Cjt188Driver, bus: Bus | None = None) -> MeterActuator:
+    """The actuator for a meter runtime's driver. ``bus`` is no longer needed (every driver holds
+    its bus); it is accepted so callers need not change at once."""
     if isinstance(driver, Dlt645Driver):
         return Dlt645Actuator(driver)
     if type(driver).__name__ == "Dlt698Driver":  # its module is imported only where one is configured
@@ -222,6 +276,4 @@ def make_actuator(driver: Dlt645Driver | ModbusMeter | Cjt188Driver, bus: Bus | 
         from meter_gateway.gateway.commands.cjt188_actuator import Cjt188Actuator  # it imports this module
 
         return Cjt188Actuator(driver)
-    if bus is None:
-        raise ConfigurationError(f"meter {driver.meter_id}: a Modbus meter needs its bus")
-    return ModbusActuator(driver, bus)
+    return ModbusActuator(driver)

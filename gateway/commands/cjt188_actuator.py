@@ -15,15 +15,12 @@ Each control call is ONE attempt (the executor owns retries). Driver errors beco
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
-
 from meter_gateway.drivers.bus import Priority
 from meter_gateway.drivers.cjt188_driver import Cjt188Driver
-from meter_gateway.drivers.reading import Reading
 from meter_gateway.gateway.commands.actuators import (
     VALVE_ACTIONS,
     ActuatorError,
+    DriverActuator,
     RelayReading,
     ValveReading,
     guarded,
@@ -35,13 +32,8 @@ _NO_RELAY = frozenset({"disconnect", "reconnect", "relay_status", "keep_power_on
 _NO_ALARM = frozenset({"alarm_on", "alarm_off"})
 
 
-class Cjt188Actuator:
+class Cjt188Actuator(DriverActuator[Cjt188Driver]):
     protocol = "cjt188"
-
-    def __init__(self, driver: Cjt188Driver, clock: Callable[[], float] = time.time) -> None:
-        self.driver = driver
-        self.meter_id = driver.meter_id
-        self.clock = clock
 
     def unsupported(self, action: str) -> str | None:
         model = self.driver.model
@@ -74,12 +66,3 @@ class Cjt188Actuator:
 
     async def read_relay(self) -> RelayReading:
         raise ActuatorError("unsupported", "unsupported", "CJ/T 188 meters have no relay")
-
-    async def read_now(self, quantities: Sequence[str] | None, now: float) -> list[Reading]:
-        wanted = list(quantities) if quantities else list(self.driver.model.quantities)
-        return await guarded(self.driver.read(wanted, slot=float(int(now)), now=now, priority=Priority.COMMAND))
-
-    async def time_sync(self, now: float) -> float:
-        await guarded(self.driver.sync_time(now, priority=Priority.COMMAND))
-        meter = await guarded(self.driver.read_clock(priority=Priority.COMMAND))
-        return meter - self.clock()

@@ -15,33 +15,30 @@ Each control call is ONE attempt; driver errors become ActuatorError as for DL/T
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
-
 from meter_gateway.drivers.bus import Priority
 from meter_gateway.drivers.dlt698_driver import Dlt698Driver
-from meter_gateway.drivers.reading import Reading
-from meter_gateway.gateway.commands.actuators import RELAY_ACTIONS, ActuatorError, RelayReading, guarded
-from meter_gateway.gateway.commands.envelope import RelayState
+from meter_gateway.gateway.commands.actuators import (
+    RELAY_STATUS_ACTIONS,
+    ActuatorError,
+    DriverActuator,
+    RelayReading,
+    guarded,
+    relay_reading,
+)
 
 __all__ = ["CONTROL_ACTIONS", "Dlt698Actuator"]
 
 CONTROL_ACTIONS = frozenset({"disconnect", "reconnect", "keep_power_on", "keep_power_off"})
 
 
-class Dlt698Actuator:
+class Dlt698Actuator(DriverActuator[Dlt698Driver]):
     protocol = "dlt698"
-
-    def __init__(self, driver: Dlt698Driver, clock: Callable[[], float] = time.time) -> None:
-        self.driver = driver
-        self.meter_id = driver.meter_id
-        self.clock = clock
 
     def unsupported(self, action: str) -> str | None:
         d = self.driver
         if action in {"alarm_on", "alarm_off"}:
             return "DL/T 698.45 alarm control is not implemented"
-        if action in {*RELAY_ACTIONS, "relay_status", "keep_power_on", "keep_power_off"} and d.model.relay is None:
+        if action in RELAY_STATUS_ACTIONS and d.model.relay is None:
             return f"model {d.model.name} does not report its relay"
         return None
 
@@ -68,15 +65,4 @@ class Dlt698Actuator:
             await guarded(d.keep_power(action == "keep_power_on", priority=Priority.COMMAND, attempts=1))
 
     async def read_relay(self) -> RelayReading:
-        status = await guarded(self.driver.read_relay(priority=Priority.COMMAND, force=True))
-        state: RelayState = "closed" if status.closed else "armed" if status.armed else "open"
-        return RelayReading(state, status.keep_power, status.raw, status.trip_pending)
-
-    async def read_now(self, quantities: Sequence[str] | None, now: float) -> list[Reading]:
-        wanted = list(quantities) if quantities else list(self.driver.model.quantities)
-        return await guarded(self.driver.read(wanted, slot=float(int(now)), now=now, priority=Priority.COMMAND))
-
-    async def time_sync(self, now: float) -> float:
-        await guarded(self.driver.sync_time(now, priority=Priority.COMMAND))
-        meter = await guarded(self.driver.read_clock(priority=Priority.COMMAND))
-        return meter - self.clock()
+        return relay_reading(await guarded(self.driver.read_relay(priority=Priority.COMMAND, force=True)))

@@ -25,6 +25,7 @@ repeated frame is harmless; a blind re-send after expiry is what must never happ
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections import deque
@@ -272,6 +273,8 @@ class Executor:
             return
         run = self._runners.get(exe.action)
         why = f"action {exe.action} runs on no meter" if run is None else actuator.unsupported(exe.action)
+        if why is None and exe.apdu is not None and not _takes_apdu(actuator):
+            why = f"params.apdu is for DL/T 698.45 pass-through meters; {meter} is {actuator.protocol}"
         if why is not None or run is None:
             self._step(exe, E.REJECT, reason="unsupported", detail=why)
             return
@@ -323,7 +326,10 @@ class Executor:
             attempts += 1
             self._step(exe, E.SEND, attempts=attempts, sent=True, detail=f"attempt {attempts}")
             try:
-                await actuator.control(exe.action, exe.mode, exe.expires_at)
+                if exe.apdu is None:
+                    await actuator.control(exe.action, exe.mode, exe.expires_at)
+                else:  # only actuators that take one get here (checked in _execute)
+                    await actuator.control(exe.action, exe.mode, exe.expires_at, apdu=exe.apdu)  # type: ignore[call-arg]
             except ActuatorError as exc:
                 if exc.kind == "meter_refused":
                     self._step(exe, E.REFUSE, reason=exc.reason, detail=exc.detail)
@@ -553,3 +559,8 @@ class Executor:
             self._step(exe, E.CONFIRM, detail=f"meter clock set; {result:+.1f} s off after")
         else:
             self._step(exe, E.GIVE_UP, detail=f"meter clock still {result:+.1f} s off after the sync")
+
+
+def _takes_apdu(actuator: MeterActuator) -> bool:
+    """Whether the actuator's control accepts a head-end APDU (``apdu=``; DL/T 698.45's does)."""
+    return "apdu" in inspect.signature(actuator.control).parameters

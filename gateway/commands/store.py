@@ -201,6 +201,7 @@ class Execution:
     attempts: int  # control frames sent so far (over restarts)
     sent: bool  # a control frame may have reached the meter
     expires_at: float
+    apdu: bytes | None = None  # DL/T 698.45 pass-through: the head-end's secured APDU (params.apdu)
 
     @property
     def terminal(self) -> bool:
@@ -239,7 +240,7 @@ class Transition:
 
 def _execution(row: Sequence[Any], path: str) -> Execution:
     command, meter, position, action, key_id, mode, params, state, relay, reason, detail, attempts, sent, exp = row
-    quantities = tuple(json.loads(params)) if params else None
+    quantities, apdu = _params(params)
     return Execution(
         command,
         meter,
@@ -255,7 +256,31 @@ def _execution(row: Sequence[Any], path: str) -> Execution:
         attempts,
         bool(sent),
         exp,
+        apdu,
     )
+
+
+def _params(stored: str | None) -> tuple[tuple[str, ...] | None, bytes | None]:
+    """(quantities, apdu) from ``executions.params``: a JSON list of quantities (read_now, and
+    every row written before pass-through existed) or an object with ``quantities``/``apdu``."""
+    if not stored:
+        return None, None
+    raw = json.loads(stored)
+    if isinstance(raw, list):
+        return tuple(raw), None
+    quantities = raw.get("quantities")
+    apdu = raw.get("apdu")
+    return (tuple(quantities) if quantities else None), (bytes.fromhex(apdu) if apdu else None)
+
+
+def _stored_params(env: CommandEnvelope) -> str | None:
+    """What :func:`_params` reads back; a list when there is no APDU, as older versions wrote."""
+    p = env.params
+    if p is None:
+        return None
+    if p.apdu:
+        return json.dumps({"quantities": list(p.quantities or ()), "apdu": p.apdu})
+    return json.dumps(list(p.quantities)) if p.quantities else None
 
 
 class CommandStore:
@@ -443,7 +468,7 @@ class CommandStore:
         if why is not None:
             log.warning("event=command_rejected_store_reset command=%s key=%s detail=%r", env.id, env.key_id, why)
             return self.reject(env.id, now, STORE_RESET, why, predates_reset=True)
-        params = json.dumps(list(env.params.quantities)) if env.params and env.params.quantities else None
+        params = _stored_params(env)
         with self._txn() as cur:
             if cur.execute("SELECT 1 FROM commands WHERE id = ?", (env.id,)).fetchone():
                 raise StoreError(f"command {env.id} already stored")

@@ -67,19 +67,9 @@ def describe_frame(
     if not catalogue.known_meter_type(frame.meter_type):
         warnings.append(f"meter type {frame.meter_type:02X} is outside the ranges of Table 3")
     message = parse_message(frame, di_order)
-    if isinstance(message, ReadRequest | ReadReply | WriteRequest | WriteReply) or (
-        isinstance(message, ErrorReply) and message.di is not None
-    ):
-        di = message.di
-        assert di is not None
-        out["di"] = di_text(di)
-        out["di_order"] = di_order
-        item = catalogue.get(di)
-        if item is not None:
-            out["name"] = item.name
-        else:
-            warnings.append(f"data identifier {di_text(di)} is not in the catalogue")
-            warnings.append(f"is di_order {di_order!r} right for this meter?")
+    di = None if isinstance(message, OtherMessage) else message.di  # an error reply may carry none
+    if di is not None:
+        out.update(_identifier(di, di_order, catalogue, warnings))
     match message:
         case ReadRequest(ser=ser):
             out["ser"] = ser
@@ -91,14 +81,9 @@ def describe_frame(
         case WriteRequest(ser=ser):
             out["ser"] = ser
             out.update(_values(message.values(catalogue), warnings))
-        case WriteReply(ser=ser, data=data):
+        case WriteReply(ser=ser):
             out["ser"] = ser
-            item = catalogue.get(message.di)
-            layout = item.reply_layout(catalogue.meter_class(frame.meter_type)) if item is not None else ()
-            if not layout and len(data) == 2:
-                out["status"] = _status(Status.from_bytes(data))  # meters that add ST to any write
-            elif data or layout:
-                out.update(_values(message.values(catalogue), warnings))
+            out.update(_write_reply(message, catalogue.meter_class(frame.meter_type), catalogue, warnings))
             out["result"] = "accepted"
         case ErrorReply(ser=ser, status=status):
             out["ser"] = ser
@@ -113,6 +98,29 @@ def describe_frame(
     if raw is not None:
         out["hex"] = raw.hex(" ").upper()
     return out
+
+
+def _identifier(di: int, di_order: DiOrder, catalogue: Catalogue, warnings: list[str]) -> dict[str, Any]:
+    """The DI of a message as printed, and its name when the catalogue knows it."""
+    out: dict[str, Any] = {"di": di_text(di), "di_order": di_order}
+    item = catalogue.get(di)
+    if item is not None:
+        out["name"] = item.name
+    else:
+        warnings.append(f"data identifier {di_text(di)} is not in the catalogue")
+        warnings.append(f"is di_order {di_order!r} right for this meter?")
+    return out
+
+
+def _write_reply(message: WriteReply, meter_class: str, catalogue: Catalogue, warnings: list[str]) -> dict[str, Any]:
+    """What a write reply carries beyond its SER: its reply layout's values, or a bare ST word."""
+    item = catalogue.get(message.di)
+    layout = item.reply_layout(meter_class) if item is not None else ()
+    if not layout and len(message.data) == 2:
+        return {"status": _status(Status.from_bytes(message.data))}  # meters that add ST to any write
+    if message.data or layout:
+        return _values(message.values(catalogue), warnings)
+    return {}
 
 
 def _status(status: Status) -> dict[str, Any]:

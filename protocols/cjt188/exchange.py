@@ -27,24 +27,32 @@ refusal's code); a matching frame whose payload does not parse, or whose content
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
-from typing import Final, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import msgspec
 
 from meter_gateway.protocols.cjt188 import messages as m
-from meter_gateway.protocols.cjt188.deframer import Deframer, Discarded
+from meter_gateway.protocols.cjt188.deframer import Deframer
 from meter_gateway.protocols.cjt188.errors import ProtocolError
 from meter_gateway.protocols.cjt188.frame import OVERHEAD, WILDCARD_TYPE, Address, Frame
 from meter_gateway.protocols.cjt188.functions import function_name
 from meter_gateway.protocols.cjt188.identifiers import DiOrder, check_order, di_bytes
 from meter_gateway.protocols.cjt188.status import Status
-from meter_gateway.protocols.exchange import Answer, Event, Refusal, Rejected, Rejection, Unusable
+from meter_gateway.protocols.exchange import (
+    HISTORY_LENGTH,
+    Answer,
+    Event,
+    Refusal,
+    Rejected,
+    Rejection,
+    RequestHistory,
+    Unusable,
+    until_verdict,
+)
 
 __all__ = ["HISTORY_LENGTH", "Cjt188Exchange", "Cjt188Line", "Expect", "as_message", "status_reasons"]
 
-HISTORY_LENGTH: Final = 32  # requests remembered per bus for telling late replies from strangers
 
 R = TypeVar("R")
 
@@ -85,13 +93,13 @@ class Expect(msgspec.Struct, frozen=True, gc=False):
         return len(data) >= 3 and data[:2] == self.di and data[2] == self.ser
 
 
-class Cjt188Line:
+class Cjt188Line(RequestHistory[Expect]):
     """What the CJ/T 188 exchanges of one bus share: the requests recently made on it (newest
     last), the bus's SER counter, and its deframer (one transaction runs at a time and each
     attempt starts by resetting it)."""
 
     def __init__(self, history: int = HISTORY_LENGTH) -> None:
-        self._recent: deque[Expect] = deque(maxlen=history)
+        super().__init__(history)
         self._ser = 0
         # vendor replies can exceed the standard's L <= 64H: accept any L a frame can carry
         self.deframer = Deframer(max_data_length=255)
@@ -105,11 +113,8 @@ class Cjt188Line:
         self._ser = m.next_ser(self._ser)
         return self._ser
 
-    def note(self, expect: Expect) -> None:
-        self._recent.append(expect)
-
     def answers_earlier(self, frame: Frame, current: Expect) -> bool:
-        return any(e != current and e.answered_by(frame) for e in self._recent)
+        return self.answered_earlier(current, lambda e: e.answered_by(frame))
 
 
 def as_message(message: m.Message) -> m.Message:
@@ -151,17 +156,7 @@ class Cjt188Exchange(Generic[R]):
         self.line.deframer.reset()
 
     def receive(self, data: bytes) -> list[Event[R]]:
-        events: list[Event[R]] = []
-        for item in self.line.deframer.feed(data):
-            if isinstance(item, Discarded):
-                detail = f"{item.reason} {item.detail}".strip()
-                events.append(Rejected(Rejection.GARBAGE, len(item.data), detail))
-                continue
-            event = self._consider(item)
-            events.append(event)
-            if not isinstance(event, Rejected):
-                break  # the verdict: whatever follows it is the next attempt's stale input
-        return events
+        return until_verdict(self.line.deframer.feed(data), self._consider)
 
     def _consider(self, frame: Frame) -> Event[R]:
         size = OVERHEAD + len(frame.data)

@@ -49,6 +49,7 @@ from meter_gateway.protocols.dlt645.formats import (
     _encoder,
     decode_field,
     encode_field,
+    field_decoder,
     format_length,
     json_fields,
     json_value,
@@ -166,6 +167,32 @@ class _Table:
         self.reply_parts: dict[int, tuple[tuple[DataItem, Callable[[object], bytes]], ...]] = {}
         self._by_quantity: dict[str, DataItem] | None = None
         self._by_key: dict[tuple[str, int | None], DataItem] = {}
+        self._decoders: dict[int, _Decoder] = {}  # DI -> its item's compiled decoder
+
+    def decoder(self, di: int) -> _Decoder | None:
+        """The compiled decoder of ``di``'s data field, made with its item (None: unknown DI)."""
+        found = self._decoders.get(di)
+        if found is None:
+            item = self.get(di)
+            if item is None:
+                return None
+            found = self._decoders[di] = self._compile(item)
+        return found
+
+    def di_name(self, di: int) -> str:
+        """``DI (name)`` of a known DI, as decoding errors start."""
+        item = self._member(di)
+        return f"{item.di_text} ({item.name})"
+
+    def _compile(self, item: DataItem) -> _Decoder:
+        if item.kind == "value":
+            return _value_decoder(item)
+        if item.kind == "block":
+            # a block's members are never blocks (checked by the loader)
+            return _block_decoder([(member, self._compile(member)) for member in self.parts(item)])
+        if item.kind == "series":
+            return _series_decoder(item)
+        return functools.partial(_decode_record_checked, item)
 
     def get(self, di: int) -> DataItem | None:
         item = self._items.get(di)
@@ -290,43 +317,17 @@ class Catalogue:
         """Decode the data field of ``di`` (offset removed, DI bytes stripped)."""
         if type(raw) is not bytes:
             raw = bytes(raw)
-        table = self._table(edition)
-        item = table.get(di)
-        if item is None:
+        table = self._tables.get(edition) or self._table(edition)
+        decode = table.decoder(di)
+        if decode is None:
             return [DecodedValue(di, None, "unknown", None, raw.hex().upper(), None, None, {})]
-        if not raw:
-            raise RemoteProtocolError(f"{item.di_text} ({item.name}): the reply has no data")
         try:
-            return self._decode_item(item, raw)
+            if raw:
+                return decode(raw)
+            problem = "the reply has no data"
         except RemoteProtocolError as exc:
-            raise RemoteProtocolError(f"{item.di_text} ({item.name}): {exc}") from exc
-
-    def _decode_item(self, item: DataItem, raw: bytes) -> list[DecodedValue]:
-        kind = item.kind
-        if kind == "value":
-            return [_decode_value(item, raw)]
-        if kind == "block":
-            members = self._table(item.edition).parts(item)
-            chunks = _split(raw, [member.length for member in members])
-            out: list[DecodedValue] = []
-            for member, chunk in zip(members, chunks, strict=False):
-                try:
-                    if member.kind == "value":  # a block's members are never blocks (checked by the loader)
-                        out.append(_decode_value(member, chunk))
-                    else:
-                        out += self._decode_item(member, chunk)
-                except RemoteProtocolError as exc:
-                    raise RemoteProtocolError(f"member {member.di_text} ({member.name}): {exc}") from exc
-            return out
-        if kind == "series":
-            chunks = _split(raw, [spec.length for spec in item.fields])
-            return [
-                _decoded(item, spec.quantity, spec.unit, _field(spec, chunk), f"{item.name}, {spec.name}")
-                for spec, chunk in zip(item.fields, chunks, strict=False)
-            ]
-        if len(raw) != item.length:
-            raise RemoteProtocolError(f"needs {item.length} bytes, got {len(raw)}")
-        return [_decode_record(item, raw)]
+            raise RemoteProtocolError(f"{table.di_name(di)}: {exc}") from exc
+        raise RemoteProtocolError(f"{table.di_name(di)}: {problem}")
 
     # -- encoding ------------------------------------------------------------------------------
 
@@ -397,6 +398,82 @@ class Catalogue:
         return b"".join(self._encode_item(m, v) for m, v in zip(members, value, strict=False))
 
 
+_Decoder = Callable[[bytes], list[DecodedValue]]
+
+
+def _value_decoder(item: DataItem) -> _Decoder:
+    """A value item's decoder: its format looked up once; a number (the bulk of what is polled)
+    needs none of the JSON extras, status bits or timestamps :func:`_decoded` works out."""
+    assert item.format is not None  # a value item always has one (checked by the loader)
+    length, decode_raw, numeric = field_decoder(item.format)
+    if length != item.length:
+        raise LocalProtocolError(f"catalogue: {item.di_text} is {item.length} bytes, its format {length}")
+    wrong_length = f"needs {length} bytes, got {{}}"
+    if numeric:
+        di, name, quantity, unit, nth = item.di, item.name, item.quantity, item.unit, item.nth
+
+        def decode_number(raw: bytes) -> list[DecodedValue]:
+            if len(raw) != length:
+                raise RemoteProtocolError(wrong_length.format(len(raw)))
+            fields: dict[str, object] = {} if nth is None else {"nth": nth}
+            return [DecodedValue(di, item, name, quantity, decode_raw(raw), unit, None, fields)]
+
+        return decode_number
+
+    def decode_other(raw: bytes) -> list[DecodedValue]:
+        if len(raw) != length:
+            raise RemoteProtocolError(wrong_length.format(len(raw)))
+        return [_decoded(item, item.quantity, item.unit, decode_raw(raw), item.name)]
+
+    return decode_other
+
+
+def _block_decoder(members: Sequence[tuple[DataItem, _Decoder]]) -> _Decoder:
+    """A block's decoder: each member's slice and decoder fixed once; a meter answers the first
+    N members it has, so the reply's length says how many (any other length is an error)."""
+    lengths = [member.length for member, _ in members]
+    parts: list[tuple[int, int, DataItem, _Decoder]] = []
+    count_of: dict[int, int] = {}
+    offset = 0
+    for member, decode in members:
+        parts.append((offset, offset + member.length, member, decode))
+        offset += member.length
+        count_of[offset] = len(parts)
+
+    def decode_block(raw: bytes) -> list[DecodedValue]:
+        count = count_of.get(len(raw))
+        if count is None:  # not a whole number of members: _split says what is wrong
+            count = len(_split(raw, lengths))
+        out: list[DecodedValue] = []
+        for start, end, member, decode in parts[:count]:
+            try:
+                out += decode(raw[start:end])
+            except RemoteProtocolError as exc:
+                raise RemoteProtocolError(f"member {member.di_text} ({member.name}): {exc}") from exc
+        return out
+
+    return decode_block
+
+
+def _series_decoder(item: DataItem) -> _Decoder:
+    specs = [(spec, f"{item.name}, {spec.name}") for spec in item.fields]
+    lengths = [spec.length for spec in item.fields]
+
+    def decode_series(raw: bytes) -> list[DecodedValue]:
+        return [
+            _decoded(item, spec.quantity, spec.unit, _field(spec, chunk), name)
+            for (spec, name), chunk in zip(specs, _split(raw, lengths), strict=False)
+        ]
+
+    return decode_series
+
+
+def _decode_record_checked(item: DataItem, raw: bytes) -> list[DecodedValue]:
+    if len(raw) != item.length:
+        raise RemoteProtocolError(f"needs {item.length} bytes, got {len(raw)}")
+    return [_decode_record(item, raw)]
+
+
 def _di_text(edition: Edition, di: int) -> str:
     return edition.format_di(di) if 0 <= di < 1 << (8 * edition.di_length) else repr(di)
 
@@ -426,14 +503,6 @@ def _field(spec: FieldSpec, raw: bytes) -> FieldValue:
         return decode_field(spec.format, raw)
     except RemoteProtocolError as exc:
         raise RemoteProtocolError(f"field {spec.name!r}: {exc}") from exc
-
-
-def _decode_value(item: DataItem, raw: bytes) -> DecodedValue:
-    """A value item's one value."""
-    if len(raw) != item.length:
-        raise RemoteProtocolError(f"needs {item.length} bytes, got {len(raw)}")
-    assert item.format is not None  # a value item always has one (checked by the loader)
-    return _decoded(item, item.quantity, item.unit, decode_field(item.format, raw), item.name)
 
 
 def _decoded(item: DataItem, quantity: str | None, unit: str | None, value: FieldValue, name: str) -> DecodedValue:

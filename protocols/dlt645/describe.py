@@ -4,7 +4,9 @@ Field names and value conventions follow ``shared/vectors/dlt645.json``: ``editi
 (printed order), ``control`` (two hex digits), ``di`` (printed order), ``value`` and ``unit``,
 ``date``/``weekday``/``time``, ``error_code``, ``status_word`` and ``relay``, ``password_level``,
 ``operator``, ``command``, ``n1``, ``valid_until`` and ``broadcast_time`` (ISO 8601),
-``meter_address``. Passwords are never printed, only their level.
+``meter_address``. Passwords are never printed, only their level. What is decoded but not as the
+standard has it (a remote-control command with no validity time, N3..N8 all zero, as head-ends
+and concentrator firmware send) is described all the same and named in ``warnings``.
 """
 
 from __future__ import annotations
@@ -72,6 +74,13 @@ def describe_message(message: Message, edition: Edition, catalogue: Catalogue) -
             out["name"] = item.name
             if item.quantity:
                 out["quantity"] = item.quantity
+    out.update(_describe_request(message, edition))  # each message matches one of the two
+    out.update(_describe_reply(message, edition, catalogue))
+    return out
+
+
+def _describe_request(message: Message, edition: Edition) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     match message:
         case ReadRequest(count=count, since=since):
             if count is not None:
@@ -80,10 +89,6 @@ def describe_message(message: Message, edition: Edition, catalogue: Catalogue) -
                 out["since"] = since.isoformat()
         case ReadFollowUpRequest(seq=seq):
             out["seq"] = seq
-        case ReadReply():
-            out.update(_describe_values(message, edition, catalogue))
-        case ReadAddressReply(meter_address=meter_address):
-            out["meter_address"] = str(meter_address)
         case WriteRequest(password=password, operator=operator, value=value):
             out["password_level"] = password.level
             if edition is Edition.DLT645_2007:
@@ -95,22 +100,13 @@ def describe_message(message: Message, edition: Edition, catalogue: Catalogue) -
             out["broadcast_time"] = when.isoformat()
         case FreezeRequest(minute=minute, hour=hour, day=day, month=month):
             out["freeze_at"] = {"minute": minute, "hour": hour, "day": day, "month": month}
-        case ChangeBaudRequest(baud=baud) | ChangeBaudReply(baud=baud):
+        case ChangeBaudRequest(baud=baud):
             out["baud_rate"] = baud
         case ChangePasswordRequest(old=old, new=new):
             out["password_level"] = old.level
             out["new_password_level"] = new.level
-        case ChangePasswordReply(new=new):
-            out["new_password_level"] = new.level
-        case RemoteControlRequest(password=password, operator=operator, command=command, n2=n2, valid_until=until):
-            out.update(
-                password_level=password.level,
-                operator=operator,
-                command=command.label,
-                n1=f"{int(command):02X}",
-                n2=n2,
-                valid_until=until.isoformat(),
-            )
+        case RemoteControlRequest():
+            out.update(_describe_remote_control(message))
         case ClearEventsRequest(password=password, operator=operator, event_di=event_di):
             out.update(password_level=password.level, operator=operator, event_di=f"{event_di:08X}")
         case (
@@ -118,6 +114,22 @@ def describe_message(message: Message, edition: Edition, catalogue: Catalogue) -
             | ClearMeterRequest(password=password, operator=operator)
         ):
             out.update(password_level=password.level, operator=operator)
+        case _:
+            pass
+    return out
+
+
+def _describe_reply(message: Message, edition: Edition, catalogue: Catalogue) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    match message:
+        case ReadReply():
+            out.update(_describe_values(message, edition, catalogue))
+        case ReadAddressReply(meter_address=meter_address):
+            out["meter_address"] = str(meter_address)
+        case ChangeBaudReply(baud=baud):
+            out["baud_rate"] = baud
+        case ChangePasswordReply(new=new):
+            out["new_password_level"] = new.level
         case RemoteControlReply(status=status):
             out["result"] = "accepted"
             if status is not None:
@@ -132,6 +144,24 @@ def describe_message(message: Message, edition: Edition, catalogue: Catalogue) -
             out["result"] = f"{function_name(edition, acked)} accepted"
         case _:
             pass
+    return out
+
+
+def _describe_remote_control(request: RemoteControlRequest) -> dict[str, Any]:
+    until = request.valid_until
+    out: dict[str, Any] = {
+        "password_level": request.password.level,
+        "operator": request.operator,
+        "command": request.command.label,
+        "n1": f"{int(request.command):02X}",
+        "n2": request.n2,
+        "valid_until": until.isoformat() if until is not None else None,
+    }
+    if until is None:
+        out["warnings"] = [
+            "validity time N3..N8 is all zero (no expiry): DL/T 645-2007 6.13 asks for one, and a meter "
+            "that checks it refuses the command as expired"
+        ]
     return out
 
 

@@ -57,6 +57,7 @@ __all__ = [
     "MeterDate",
     "decode_field",
     "encode_field",
+    "field_decoder",
     "format_length",
     "format_names",
     "is_signed",
@@ -453,6 +454,14 @@ def is_signed(fmt: str) -> bool:
 def format_names() -> tuple[str, ...]:
     """The non-numeric format names (numeric ones are any ``±?X+(.X+)?``)."""
     return tuple(_FIXED)
+
+
+def field_decoder(fmt: str) -> tuple[int, Callable[[bytes], FieldValue], bool]:
+    """``fmt``'s wire length, its decoder of exactly that many ``bytes``, and whether it is a
+    number (a plain int or float, no JSON extras): what a catalogue item compiles its decoding
+    from once, so decoding a reply does no look-up by format name."""
+    found = _lookup(fmt)
+    return found.length, found.decode, isinstance(found, _Bcd)
 
 
 def decode_field(fmt: str, raw: bytes) -> FieldValue:

@@ -23,6 +23,7 @@ MAX_DATA_LENGTH: Final = 255  # L is one byte; the standard caps reads at 200 an
 
 _ADD_33: Final = bytes((b + OFFSET) & 0xFF for b in range(256))
 _SUB_33: Final = bytes((b - OFFSET) & 0xFF for b in range(256))
+_START_BYTE: Final = bytes((START,))
 
 
 def scramble(data: bytes) -> bytes:
@@ -149,11 +150,21 @@ class Frame:
 
     def encode(self, preamble: int = 0) -> bytes:
         """The frame's bytes, optionally preceded by ``preamble`` FE wake-up bytes."""
-        body = bytearray((START, *self.address.wire, START, self.control.byte, len(self.data)))
-        body += scramble(self.data)
-        body.append(checksum(body))
-        body.append(END)
-        return b"\xfe" * preamble + bytes(body)
+        return encode_frame(self.address, self.control.byte, self.data, preamble)
+
+
+def encode_frame(address: Address, control: int, data: bytes, preamble: int = 0) -> bytes:
+    """The bytes of the frame ``address``/``control``/``data`` (offset not yet applied), after
+    ``preamble`` FE bytes: what :meth:`Frame.encode` and every message's ``encode`` send."""
+    if len(data) > MAX_DATA_LENGTH:
+        raise LocalProtocolError(f"data field of {len(data)} bytes exceeds {MAX_DATA_LENGTH}")
+    if preamble < 0:
+        raise LocalProtocolError(f"a preamble of {preamble} FE bytes")
+    head = _START_BYTE + address.wire + bytes((START, control, len(data)))
+    body = data.translate(_ADD_33)
+    # the checksum of the scrambled data is the plain data's sum plus 0x33 per byte
+    total = sum(head) + sum(data) + OFFSET * len(data)
+    return b"\xfe" * preamble + head + body + bytes((total & 0xFF, END))
 
 
 def parse_frame(raw: bytes) -> Frame:

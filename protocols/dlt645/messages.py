@@ -27,6 +27,7 @@ from meter_gateway.protocols.dlt645.frame import (
     Address,
     Control,
     Frame,
+    encode_frame,
 )
 from meter_gateway.protocols.dlt645.remote_control import RemoteCommand
 
@@ -135,7 +136,8 @@ class _Message:
         return Frame(self.address, self.control(edition), self.payload(edition))
 
     def encode(self, edition: Edition, preamble: int = 0) -> bytes:
-        return self.to_frame(edition).encode(preamble)
+        """The message's frame bytes (see :func:`~protocols.dlt645.frame.encode_frame`)."""
+        return encode_frame(self.address, self.control(edition).byte, self.payload(edition), preamble)
 
 
 # Requests (master -> meter)
@@ -418,16 +420,23 @@ class RemoteControlRequest(_Privileged):
 
     N1 is the command, N2 a command parameter (reserved, or the delay of delayed trips), N3..N8
     the validity time ``ss mm hh DD MM YY``: the meter refuses the command after that instant.
+
+    ``valid_until`` None is what head-ends and concentrator firmware often send: N3..N8 all zero,
+    no validity time. It parses (a field decoder shows what is on the wire and
+    :mod:`~protocols.dlt645.describe` flags it), but is never encoded: the gateway always sends
+    one, so a delayed command cannot act later than its sender meant.
     """
 
     command: RemoteCommand = RemoteCommand.TRIP
     n2: int = 0
-    valid_until: datetime.datetime = datetime.datetime(2000, 1, 1)
+    valid_until: datetime.datetime | None = datetime.datetime(2000, 1, 1)
     FUNCTIONS: ClassVar[dict[Edition, int]] = {E7: 0x1C}
 
     def payload(self, edition: Edition) -> bytes:
         if not 0 <= self.n2 <= 0xFF:
             raise LocalProtocolError(f"N2 {self.n2} out of range")
+        if self.valid_until is None:
+            raise LocalProtocolError("a remote control command needs a validity time (N3..N8)")
         return (
             _Privileged.payload(self, edition)
             + bytes((int(self.command), self.n2))
@@ -442,7 +451,7 @@ class RemoteControlRequest(_Privileged):
             command = RemoteCommand(d[8])
         except ValueError:
             raise RemoteProtocolError(f"remote control command N1={d[8]:02X} is not defined") from None
-        valid = _timestamp(d[10:16], "remote control validity time")
+        valid = None if not any(d[10:16]) else _timestamp(d[10:16], "remote control validity time")
         return cls(frame.address, Password.decode(d[:4]), _hex_digits(d[4:8]), command, d[9], valid)
 
 
@@ -509,9 +518,6 @@ class Ack(_Message):
 
     def control(self, edition: Edition) -> Control:
         return Control(self.acked, from_meter=True)
-
-    def to_frame(self, edition: Edition) -> Frame:
-        return Frame(self.address, self.control(edition))
 
     @classmethod
     def parse(cls, frame: Frame, edition: Edition) -> Ack:
@@ -587,9 +593,8 @@ class ErrorReply(_Message):
     def control(self, edition: Edition) -> Control:
         return Control(self.failed, from_meter=True, abnormal=True)
 
-    def to_frame(self, edition: Edition) -> Frame:
-        size = 2 if self.word else 1
-        return Frame(self.address, self.control(edition), self.code.to_bytes(size, "little"))
+    def payload(self, edition: Edition) -> bytes:
+        return self.code.to_bytes(2 if self.word else 1, "little")
 
     @classmethod
     def parse(cls, frame: Frame, edition: Edition) -> ErrorReply:

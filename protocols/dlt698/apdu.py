@@ -22,6 +22,7 @@ accepted with a warning (some meters omit it); encoding always writes it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, NamedTuple, TypeVar
 
@@ -1647,47 +1648,43 @@ _CHOICE_DECODERS: Final = {
 }
 
 
+_Descriptors = Callable[[Any], list[OAD | OMD]]
+
+# What each kind of APDU is about; kinds absent (link, connect, release, errors) are about nothing.
+_ABOUT: Final[dict[type[Apdu], _Descriptors]] = {
+    GetRequestNormal: lambda a: [a.oad],
+    GetRequestMD5: lambda a: [a.oad],
+    SetRequestNormal: lambda a: [a.oad],
+    SetResponseNormal: lambda a: [a.oad],
+    GetResponseMD5: lambda a: [a.oad],
+    GetRequestNormalList: lambda a: list(a.oads),
+    ReportResponseList: lambda a: list(a.oads),
+    ReportResponseRecordList: lambda a: list(a.oads),
+    GetRequestRecord: lambda a: [a.record.oad],
+    GetRequestRecordList: lambda a: [rec.oad for rec in a.records],
+    GetResponseNormal: lambda a: [a.result.oad],
+    GetResponseRecord: lambda a: [a.result.oad],
+    GetResponseNormalList: lambda a: [res.oad for res in a.results],
+    GetResponseRecordList: lambda a: [res.oad for res in a.results],
+    GetResponseNext: lambda a: [res.oad for res in a.results],
+    ReportNotificationList: lambda a: [res.oad for res in a.results],
+    ReportNotificationRecordList: lambda a: [res.oad for res in a.results],
+    SetRequestNormalList: lambda a: [oad for oad, _ in a.items],
+    SetResponseNormalList: lambda a: [res.oad for res in a.results],
+    SetThenGetRequestNormalList: lambda a: [item.oad for item in a.items],
+    ActionRequest: lambda a: [a.omd],
+    ActionRequestList: lambda a: [item.omd for item in a.items],
+    ActionResponseNormal: lambda a: [a.result.omd],
+    ActionResponseNormalList: lambda a: [res.omd for res in a.results],
+}
+
+
 def oads_of(apdu: Apdu) -> list[OAD | OMD]:
     """The object descriptors an APDU is about, in order (OMDs for ACTION)."""
-    match apdu:
-        case (
-            GetRequestNormal(oad=oad) | GetRequestMD5(oad=oad) | SetRequestNormal(oad=oad) | SetResponseNormal(oad=oad)
-        ):
-            return [oad]
-        case GetRequestNormalList(oads=oads) | ReportResponseList(oads=oads):
-            return list(oads)
-        case GetRequestRecord(record=record):
-            return [record.oad]
-        case GetRequestRecordList(records=records):
-            return [rec.oad for rec in records]
-        case GetResponseNormal(result=result) | GetResponseRecord(result=result):
-            return [result.oad]
-        case GetResponseNormalList(results=results) | GetResponseRecordList(results=results):
-            return [res.oad for res in results]
-        case ReportNotificationList(results=results) | ReportNotificationRecordList(results=results):
-            return [res.oad for res in results]
-        case GetResponseNext(results=results):
-            return [res.oad for res in results]
-        case GetResponseMD5(oad=oad):
-            return [oad]
-        case SetRequestNormalList(items=items):
-            return [oad for oad, _ in items]
-        case SetResponseNormalList(results=set_results):
-            return [res.oad for res in set_results]
-        case SetThenGetRequestNormalList(items=stg_items):
-            return [item.oad for item in stg_items]
-        case ActionRequest(omd=omd):
-            return [omd]
-        case ActionRequestList(items=action_items):
-            return [item.omd for item in action_items]
-        case ActionResponseNormal(result=action_result):
-            return [action_result.omd]
-        case ActionResponseNormalList(results=action_results):
-            return [res.omd for res in action_results]
-        case SecurityRequest(inner=inner) | SecurityResponse(inner=inner) if inner is not None:
-            return oads_of(inner)
-        case _:
-            return []
+    if isinstance(apdu, SecurityRequest | SecurityResponse):
+        return oads_of(apdu.inner) if apdu.inner is not None else []
+    about = _ABOUT.get(type(apdu))
+    return about(apdu) if about is not None else []
 
 
 __all__ = [

@@ -976,6 +976,124 @@ def _encode_selector2(out: bytearray, s: Selector2) -> None:
     encode_data(out, s.interval)
 
 
+def _e_null(out: bytearray, value: Any, depth: int) -> None:
+    if value is not None:
+        raise LocalProtocolError("null carries no value")
+
+
+def _e_sequence(out: bytearray, value: Any, depth: int, tag: DataType) -> None:
+    if depth >= MAX_DEPTH:
+        raise LocalProtocolError(f"Data nested deeper than {MAX_DEPTH}")
+    if not isinstance(value, tuple | list):
+        raise LocalProtocolError(f"{tag.name.lower()} needs a tuple of Data")
+    encode_length(out, len(value))
+    for item in value:
+        encode_data(out, item, depth + 1)
+
+
+def _e_bool(out: bytearray, value: Any, depth: int) -> None:
+    if not isinstance(value, bool):
+        raise LocalProtocolError("bool needs a bool")
+    out.append(1 if value else 0)
+
+
+def _e_bits(out: bytearray, value: Any, depth: int) -> None:
+    if not isinstance(value, BitString) or len(value.data) != (value.length + 7) // 8:
+        raise LocalProtocolError("bit-string needs a BitString whose data holds exactly its bits")
+    encode_length(out, value.length)
+    out += value.data
+
+
+def _e_visible(out: bytearray, value: Any, depth: int) -> None:
+    if not isinstance(value, str) or not value.isascii():
+        raise LocalProtocolError("visible-string needs an ASCII str")
+    encode_octets(out, value.encode("ascii"))
+
+
+def _e_utf8(out: bytearray, value: Any, depth: int) -> None:
+    if not isinstance(value, str):
+        raise LocalProtocolError("UTF8-string needs a str")
+    encode_octets(out, value.encode("utf-8"))
+
+
+def _e_float32(out: bytearray, value: Any, depth: int) -> None:
+    if not isinstance(value, float | int) or (math.isfinite(value) and abs(value) > 3.4028234663852886e38):
+        raise LocalProtocolError("float32 value out of range")
+    out += struct.pack(">f", value)
+
+
+def _e_float64(out: bytearray, value: Any, depth: int) -> None:
+    if not isinstance(value, float | int):
+        raise LocalProtocolError("float64 needs a float")
+    out += struct.pack(">d", value)
+
+
+def _e_date(out: bytearray, value: Any, depth: int) -> None:
+    out += _int_bytes(value.year, 2, False, "year")
+    for part in value[1:]:
+        out += _int_bytes(part, 1, False, "date field")
+
+
+def _e_bytes_of(what: str) -> _Encoder:
+    """An encoder for the types that are a fixed run of unsigned bytes (TIME, COMDCB)."""
+
+    def encode(out: bytearray, value: Any, depth: int) -> None:
+        for part in value:
+            out += _int_bytes(part, 1, False, what)
+
+    return encode
+
+
+def _e_scaler_unit(out: bytearray, value: Any, depth: int) -> None:
+    out += _int_bytes(value.scaler, 1, True, "scaler")
+    out += _int_bytes(value.unit, 1, False, "unit")
+
+
+def _e_sid(out: bytearray, value: Any, depth: int) -> None:
+    out += _int_bytes(value.ident, 4, False, "SID")
+    encode_octets(out, value.extra)
+
+
+def _e_sid_mac(out: bytearray, value: Any, depth: int) -> None:
+    _e_sid(out, value.sid, depth)
+    encode_octets(out, value.mac)
+
+
+_Encoder = Callable[[bytearray, Any, int], None]
+
+# Array and structure are absent: they carry their tag into the error text, see encode_data.
+_ENCODERS: Final[dict[DataType, _Encoder]] = {
+    DataType.NULL: _e_null,
+    DataType.BOOL: _e_bool,
+    DataType.BIT_STRING: _e_bits,
+    DataType.OCTET_STRING: lambda o, v, d: encode_octets(o, v),
+    DataType.VISIBLE_STRING: _e_visible,
+    DataType.UTF8_STRING: _e_utf8,
+    DataType.FLOAT32: _e_float32,
+    DataType.FLOAT64: _e_float64,
+    DataType.DATE_TIME: lambda o, v, d: encode_date_time(o, v),
+    DataType.DATE: _e_date,
+    DataType.TIME: _e_bytes_of("time field"),
+    DataType.DATE_TIME_S: lambda o, v, d: encode_date_time_s(o, v),
+    DataType.OAD: lambda o, v, d: encode_oad(o, v),
+    DataType.ROAD: lambda o, v, d: encode_road(o, v),
+    DataType.OMD: lambda o, v, d: encode_omd(o, v),
+    DataType.TI: lambda o, v, d: encode_ti(o, v),
+    DataType.TSA: lambda o, v, d: encode_tsa(o, v),
+    DataType.MAC: lambda o, v, d: encode_octets(o, v),
+    DataType.RN: lambda o, v, d: encode_octets(o, v),
+    DataType.REGION: lambda o, v, d: encode_region(o, v),
+    DataType.SCALER_UNIT: _e_scaler_unit,
+    DataType.RSD: lambda o, v, d: encode_rsd(o, v),
+    DataType.CSD: lambda o, v, d: encode_csd(o, v),
+    DataType.MS: lambda o, v, d: encode_ms(o, v),
+    DataType.SID: _e_sid,
+    DataType.SID_MAC: _e_sid_mac,
+    DataType.COMDCB: _e_bytes_of("COMDCB field"),
+    DataType.RCSD: lambda o, v, d: encode_rcsd(o, v),
+}
+
+
 def encode_data(out: bytearray, data: Data, depth: int = 0) -> None:
     """Append one tagged Data, strictly (minimal lengths, values in range)."""
     tag = data.type
@@ -985,91 +1103,13 @@ def encode_data(out: bytearray, data: Data, depth: int = 0) -> None:
     if fixed is not None:
         out += _int_bytes(value, fixed[0], fixed[1], tag.name.lower())
         return
-    match tag:
-        case DataType.NULL:
-            if value is not None:
-                raise LocalProtocolError("null carries no value")
-        case DataType.ARRAY | DataType.STRUCTURE:
-            if depth >= MAX_DEPTH:
-                raise LocalProtocolError(f"Data nested deeper than {MAX_DEPTH}")
-            if not isinstance(value, tuple | list):
-                raise LocalProtocolError(f"{tag.name.lower()} needs a tuple of Data")
-            encode_length(out, len(value))
-            for item in value:
-                encode_data(out, item, depth + 1)
-        case DataType.BOOL:
-            if not isinstance(value, bool):
-                raise LocalProtocolError("bool needs a bool")
-            out.append(1 if value else 0)
-        case DataType.BIT_STRING:
-            if not isinstance(value, BitString) or len(value.data) != (value.length + 7) // 8:
-                raise LocalProtocolError("bit-string needs a BitString whose data holds exactly its bits")
-            encode_length(out, value.length)
-            out += value.data
-        case DataType.OCTET_STRING | DataType.MAC | DataType.RN:
-            encode_octets(out, value)
-        case DataType.VISIBLE_STRING:
-            if not isinstance(value, str) or not value.isascii():
-                raise LocalProtocolError("visible-string needs an ASCII str")
-            encode_octets(out, value.encode("ascii"))
-        case DataType.UTF8_STRING:
-            if not isinstance(value, str):
-                raise LocalProtocolError("UTF8-string needs a str")
-            encode_octets(out, value.encode("utf-8"))
-        case DataType.FLOAT32:
-            if not isinstance(value, float | int) or (math.isfinite(value) and abs(value) > 3.4028234663852886e38):
-                raise LocalProtocolError("float32 value out of range")
-            out += struct.pack(">f", value)
-        case DataType.FLOAT64:
-            if not isinstance(value, float | int):
-                raise LocalProtocolError("float64 needs a float")
-            out += struct.pack(">d", value)
-        case DataType.DATE_TIME:
-            encode_date_time(out, value)
-        case DataType.DATE:
-            out += _int_bytes(value.year, 2, False, "year")
-            for part in value[1:]:
-                out += _int_bytes(part, 1, False, "date field")
-        case DataType.TIME:
-            for part in value:
-                out += _int_bytes(part, 1, False, "time field")
-        case DataType.DATE_TIME_S:
-            encode_date_time_s(out, value)
-        case DataType.OAD:
-            encode_oad(out, value)
-        case DataType.ROAD:
-            encode_road(out, value)
-        case DataType.OMD:
-            encode_omd(out, value)
-        case DataType.TI:
-            encode_ti(out, value)
-        case DataType.TSA:
-            encode_tsa(out, value)
-        case DataType.REGION:
-            encode_region(out, value)
-        case DataType.SCALER_UNIT:
-            out += _int_bytes(value.scaler, 1, True, "scaler")
-            out += _int_bytes(value.unit, 1, False, "unit")
-        case DataType.RSD:
-            encode_rsd(out, value)
-        case DataType.CSD:
-            encode_csd(out, value)
-        case DataType.MS:
-            encode_ms(out, value)
-        case DataType.SID:
-            out += _int_bytes(value.ident, 4, False, "SID")
-            encode_octets(out, value.extra)
-        case DataType.SID_MAC:
-            out += _int_bytes(value.sid.ident, 4, False, "SID")
-            encode_octets(out, value.sid.extra)
-            encode_octets(out, value.mac)
-        case DataType.COMDCB:
-            for part in value:
-                out += _int_bytes(part, 1, False, "COMDCB field")
-        case DataType.RCSD:
-            encode_rcsd(out, value)
-        case _:  # pragma: no cover - every DataType is handled
-            raise LocalProtocolError(f"cannot encode {tag!r}")
+    if tag is DataType.ARRAY or tag is DataType.STRUCTURE:
+        _e_sequence(out, value, depth, tag)
+        return
+    encoder = _ENCODERS.get(tag)
+    if encoder is None:  # pragma: no cover - every DataType has an encoder
+        raise LocalProtocolError(f"cannot encode {tag!r}")
+    encoder(out, value, depth)
 
 
 def data_bytes(data: Data) -> bytes:

@@ -15,12 +15,12 @@ import functools
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any, Final, NamedTuple
 
 from meter_gateway.protocols.dlt698.apdu import ResultRecord
 from meter_gateway.protocols.dlt698.axdr import OAD, ROAD, BitString, Data, DataType, plain
 from meter_gateway.protocols.dlt698.errors import LocalProtocolError
+from meter_gateway.protocols.package_data import read_packaged
 
 LAYOUTS: Final = frozenset({"none", "tariffs", "phases", "total_phases", "status_words", "structure", "record"})
 _CANONICAL: Final = {"W": ("kW", -3), "var": ("kvar", -3), "VA": ("kVA", -3)}
@@ -290,7 +290,9 @@ def _load(text: str) -> Catalogue:
 @functools.cache
 def default_catalogue() -> Catalogue:
     """The catalogue of ``data/oads.toml``, loaded once."""
-    text = resources.files("meter_gateway.protocols.dlt698.data").joinpath("oads.toml").read_text("utf-8")
+    from meter_gateway.protocols.dlt698 import data
+
+    text = read_packaged(data, "oads.toml")
     return _load(text)
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import functools
 import tomllib
-from importlib import resources
 from typing import NamedTuple
+
+from meter_gateway.protocols.package_data import read_packaged
 
 SUCCESS = 0
 
@@ -24,7 +25,9 @@ class DarInfo(NamedTuple):
 @functools.cache
 def table() -> dict[int, DarInfo]:
     """Every DAR code the standard names."""
-    text = resources.files("meter_gateway.protocols.dlt698.data").joinpath("dar.toml").read_text("utf-8")
+    from meter_gateway.protocols.dlt698 import data
+
+    text = read_packaged(data, "dar.toml")
     raw = tomllib.loads(text)["codes"]
     return {int(code): DarInfo(int(code), e["key"], e["name"], e["label"]) for code, e in raw.items()}
 

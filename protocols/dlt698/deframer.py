@@ -21,14 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
+from meter_gateway.protocols.deframing import Discarded, LengthFramedDeframer
 from meter_gateway.protocols.dlt698.crc import crc16
 from meter_gateway.protocols.dlt698.errors import LocalProtocolError, RemoteProtocolError
 from meter_gateway.protocols.dlt698.frame import (
     END,
     MAX_LENGTH,
     MIN_FRAME,
-    PREAMBLE,
-    START,
     Control,
     FragmentHeader,
     FragmentType,
@@ -38,80 +37,40 @@ from meter_gateway.protocols.dlt698.frame import (
     frame_length,
 )
 
+__all__ = [
+    "REASONS",
+    "Deframer",
+    "Discarded",
+    "Event",
+    "Reassembler",
+    "Reassembly",
+    "ack_frame",
+    "fragment_apdu",
+]
+
 REASONS: Final = ("noise", "bad_hcs", "bad_fcs", "bad_end", "bad_length", "truncated")
-
-
-@dataclass(frozen=True, slots=True)
-class Discarded:
-    """Bytes the deframer threw away, and why (for counters and field engineers' hex dumps).
-
-    ``reason`` is one of :data:`REASONS`.
-    """
-
-    reason: str
-    data: bytes
-    detail: str = ""
-
 
 Event = Frame | Discarded
 
 
-class Deframer:
-    """Feed bytes with :meth:`feed`; it returns the frames and discards completed by them."""
+class Deframer(LengthFramedDeframer[Frame]):
+    """Feed bytes with :meth:`feed`; it returns the frames and discards completed by them. An
+    incomplete candidate waits for its bytes, or for :meth:`expire`."""
 
-    __slots__ = ("_addresses", "_buf", "max_frame_length", "preamble_bytes")
+    __slots__ = ("_addresses", "max_frame_length")
 
     def __init__(self, max_frame_length: int = 2048) -> None:
         # 2048 covers the usual negotiated frame sizes; the field itself allows 16385.
         if not MIN_FRAME <= max_frame_length <= MAX_LENGTH + 2:
             raise LocalProtocolError(f"max_frame_length must be within {MIN_FRAME}..{MAX_LENGTH + 2}")
+        super().__init__()
         self.max_frame_length = max_frame_length
-        self._buf = b""
         self._addresses: dict[bytes, ServerAddress] = {}
-        self.preamble_bytes = 0  # FE wake-up bytes skipped (not noise, so counted apart)
 
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
-
-    def reset(self) -> bytes:
-        """Drop and return whatever partial input is held (stale input before a new request)."""
-        stale = self._buf
-        self._buf = b""
-        return stale
-
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
-        held = self._buf
-        buf = held + bytes(data) if held else data if type(data) is bytes else bytes(data)
-        n = len(buf)
-        pos = 0
-        events: list[Event] = []
-        while pos < n:
-            start = buf.find(START, pos)
-            if start < 0:
-                self._drop(events, buf[pos:])
-                pos = n
-                break
-            if start > pos:
-                if buf.count(PREAMBLE, pos, start) == start - pos:
-                    self.preamble_bytes += start - pos
-                else:
-                    self._drop(events, buf[pos:start])
-                pos = start
-            verdict = self._check(buf, pos, n)
-            if verdict is None:  # incomplete but plausible: wait for its bytes (or expire())
-                break
-            if isinstance(verdict, Discarded):
-                events.append(verdict)
-                pos += 1
-                continue
-            events.append(_build(buf, pos, verdict, self._addresses))
-            pos += verdict
-        self._buf = buf[pos:] if pos < n else b""
-        return events
+    def _frame(self, buf: bytes, pos: int, size: int) -> Frame:
+        return _build(buf, pos, size, self._addresses)
 
     def _check(self, buf: bytes, pos: int, n: int) -> int | Discarded | None:
-        """The frame size if a valid frame starts at ``pos``, a Discarded if not, None if undecided."""
         if n - pos < 5:
             return None
         total = frame_length(buf, pos)
@@ -133,12 +92,6 @@ class Deframer:
         if buf[end - 1] != END:
             return Discarded("bad_end", buf[pos : pos + 1], f"end byte expected 16 found {buf[end - 1]:02X}")
         return total
-
-    def _drop(self, events: list[Event], chunk: bytes) -> None:
-        stripped = chunk.strip(b"\xfe")
-        self.preamble_bytes += len(chunk) - len(stripped)
-        if stripped:
-            events.append(Discarded("noise", stripped))
 
     def expire(self) -> list[Event]:
         """The line went quiet (the caller's inter-frame timer): no more bytes will complete the

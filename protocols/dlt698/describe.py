@@ -9,7 +9,8 @@ from the catalogue), ``dar`` per object, and ``warnings`` for anything accepted 
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Final
 
 from meter_gateway.protocols.dlt698.apdu import (
     ActionRequest,
@@ -33,7 +34,7 @@ from meter_gateway.protocols.dlt698.apdu import (
     oads_of,
     parse_apdu,
 )
-from meter_gateway.protocols.dlt698.axdr import plain
+from meter_gateway.protocols.dlt698.axdr import Data, plain
 from meter_gateway.protocols.dlt698.catalogue import Catalogue, default_catalogue
 from meter_gateway.protocols.dlt698.dar import dar_name
 from meter_gateway.protocols.dlt698.errors import ProtocolError
@@ -146,79 +147,111 @@ def _value(cat: Catalogue, oad: Any, data: Any) -> dict[str, Any]:
     return entry
 
 
-def _details(apdu: Apdu, cat: Catalogue) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    match apdu:
-        case GetResponseNormal(result=result):
-            results = [result]
-        case GetResponseNormalList(results=results) | ReportNotificationList(results=results):
-            pass
-        case _:
-            results = []
-    if results:
-        values = []
-        for r in results:
-            if r.data is not None:
-                values.append(_value(cat, r.oad, r.data))
-            else:
-                values.append({"oad": str(r.oad), "dar": r.dar, "dar_name": dar_name(r.dar or 0)})
-        out["values"] = values
-    match apdu:
-        case GetResponseRecord(result=rec):
-            out["rcsd"] = [plain(c) for c in rec.rcsd.columns]
-            if rec.rows is not None:
-                out["rows"] = [[plain(v) for v in row] for row in rec.rows]
-            else:
-                out["dar"] = rec.dar
-        case GetRequestRecord(record=record):
-            out["rsd"] = {"selector": record.rsd.selector, "value": plain(record.rsd.value)}
-            out["rcsd"] = [plain(c) for c in record.rcsd.columns]
-        case SetRequestNormal(oad=oad, data=data):
-            out["values"] = [{"oad": str(oad), "raw": plain(data), "type": data.type.name.lower()}]
-        case SetRequestNormalList(items=items):
-            out["values"] = [{"oad": str(o), "raw": plain(d), "type": d.type.name.lower()} for o, d in items]
-        case SetResponseNormal(oad=oad, dar=dar):
-            out["results"] = [{"oad": str(oad), "dar": dar, "dar_name": dar_name(dar)}]
-        case SetResponseNormalList(results=set_results):
-            out["results"] = [{"oad": str(r.oad), "dar": r.dar, "dar_name": dar_name(r.dar)} for r in set_results]
-        case ActionRequest(omd=omd, data=data):
-            out["values"] = [{"omd": str(omd), "raw": plain(data), "type": data.type.name.lower()}]
-        case ActionResponseNormal(result=ar):
-            entry: dict[str, Any] = {"omd": str(ar.omd), "dar": ar.dar, "dar_name": dar_name(ar.dar)}
-            if ar.data is not None:
-                entry["return"] = plain(ar.data)
-            out["results"] = [entry]
-        case LinkRequest(kind=kind, heartbeat=heartbeat, time=time):
-            out["link"] = ("login", "heartbeat", "logout")[kind] if kind < 3 else kind
-            out["heartbeat_s"] = heartbeat
-            out["time"] = str(time)
-        case LinkResponse(
-            result=link_result, clock_trusted=trusted, request_time=t1, receive_time=t2, response_time=t3
-        ):
-            out.update(
-                result=link_result,
-                clock_trusted=trusted,
-                request_time=str(t1),
-                receive_time=str(t2),
-                response_time=str(t3),
-            )
-        case ConnectRequest():
-            out.update(
-                protocol_version=apdu.version,
-                apdu_max=apdu.apdu_max,
-                timeout_s=apdu.timeout,
-                mechanism=("NullSecurity", "PasswordSecurity", "SymmetrySecurity", "SignatureSecurity")[
-                    apdu.mechanism.kind
-                ],
-            )
-        case ConnectResponse():
-            out.update(
-                protocol_version=apdu.version,
-                apdu_max=apdu.apdu_max,
-                timeout_s=apdu.timeout,
-                connect_result=apdu.result,
-                vendor=apdu.factory.vendor,
-            )
-        case _:
-            pass
+def _result_value(cat: Catalogue, r: Any) -> dict[str, Any]:
+    """One GetResult: its value, or the DAR the meter gave instead."""
+    if r.data is not None:
+        return _value(cat, r.oad, r.data)
+    return {"oad": str(r.oad), "dar": r.dar, "dar_name": dar_name(r.dar or 0)}
+
+
+def _result_values(results: Iterable[Any], cat: Catalogue) -> dict[str, Any]:
+    values = [_result_value(cat, r) for r in results]
+    return {"values": values} if values else {}
+
+
+def _written(key: str, target: Any, data: Data) -> dict[str, Any]:
+    """A value a request writes (set) or passes (action), as sent."""
+    return {key: str(target), "raw": plain(data), "type": data.type.name.lower()}
+
+
+def _dar_result(key: str, target: Any, dar: int) -> dict[str, Any]:
+    return {key: str(target), "dar": dar, "dar_name": dar_name(dar)}
+
+
+def _record_response(apdu: GetResponseRecord, cat: Catalogue) -> dict[str, Any]:
+    rec = apdu.result
+    out: dict[str, Any] = {"rcsd": [plain(c) for c in rec.rcsd.columns]}
+    if rec.rows is not None:
+        out["rows"] = [[plain(v) for v in row] for row in rec.rows]
+    else:
+        out["dar"] = rec.dar
     return out
+
+
+def _record_request(apdu: GetRequestRecord, cat: Catalogue) -> dict[str, Any]:
+    record = apdu.record
+    return {
+        "rsd": {"selector": record.rsd.selector, "value": plain(record.rsd.value)},
+        "rcsd": [plain(c) for c in record.rcsd.columns],
+    }
+
+
+def _action_response(apdu: ActionResponseNormal, cat: Catalogue) -> dict[str, Any]:
+    ar = apdu.result
+    entry = _dar_result("omd", ar.omd, ar.dar)
+    if ar.data is not None:
+        entry["return"] = plain(ar.data)
+    return {"results": [entry]}
+
+
+def _link_request(apdu: LinkRequest, cat: Catalogue) -> dict[str, Any]:
+    kind = apdu.kind
+    return {
+        "link": ("login", "heartbeat", "logout")[kind] if kind < 3 else kind,
+        "heartbeat_s": apdu.heartbeat,
+        "time": str(apdu.time),
+    }
+
+
+def _link_response(apdu: LinkResponse, cat: Catalogue) -> dict[str, Any]:
+    return {
+        "result": apdu.result,
+        "clock_trusted": apdu.clock_trusted,
+        "request_time": str(apdu.request_time),
+        "receive_time": str(apdu.receive_time),
+        "response_time": str(apdu.response_time),
+    }
+
+
+def _connect_request(apdu: ConnectRequest, cat: Catalogue) -> dict[str, Any]:
+    return {
+        "protocol_version": apdu.version,
+        "apdu_max": apdu.apdu_max,
+        "timeout_s": apdu.timeout,
+        "mechanism": ("NullSecurity", "PasswordSecurity", "SymmetrySecurity", "SignatureSecurity")[apdu.mechanism.kind],
+    }
+
+
+def _connect_response(apdu: ConnectResponse, cat: Catalogue) -> dict[str, Any]:
+    return {
+        "protocol_version": apdu.version,
+        "apdu_max": apdu.apdu_max,
+        "timeout_s": apdu.timeout,
+        "connect_result": apdu.result,
+        "vendor": apdu.factory.vendor,
+    }
+
+
+# What each kind of APDU adds to its description beyond service, PIID and OADs; kinds absent add nothing.
+_DETAILS: Final[dict[type[Apdu], Callable[[Any, Catalogue], dict[str, Any]]]] = {
+    GetResponseNormal: lambda a, cat: _result_values([a.result], cat),
+    GetResponseNormalList: lambda a, cat: _result_values(a.results, cat),
+    ReportNotificationList: lambda a, cat: _result_values(a.results, cat),
+    GetResponseRecord: _record_response,
+    GetRequestRecord: _record_request,
+    SetRequestNormal: lambda a, cat: {"values": [_written("oad", a.oad, a.data)]},
+    SetRequestNormalList: lambda a, cat: {"values": [_written("oad", o, d) for o, d in a.items]},
+    SetResponseNormal: lambda a, cat: {"results": [_dar_result("oad", a.oad, a.dar)]},
+    SetResponseNormalList: lambda a, cat: {"results": [_dar_result("oad", r.oad, r.dar) for r in a.results]},
+    ActionRequest: lambda a, cat: {"values": [_written("omd", a.omd, a.data)]},
+    ActionResponseNormal: _action_response,
+    LinkRequest: _link_request,
+    LinkResponse: _link_response,
+    ConnectRequest: _connect_request,
+    ConnectResponse: _connect_response,
+}
+
+
+def _details(apdu: Apdu, cat: Catalogue) -> dict[str, Any]:
+    details = _DETAILS.get(type(apdu))
+    return details(apdu, cat) if details is not None else {}

@@ -48,7 +48,17 @@ from meter_gateway.protocols.dlt698.dar import dar_info, dar_name
 from meter_gateway.protocols.dlt698.deframer import Deframer, Discarded
 from meter_gateway.protocols.dlt698.errors import ProtocolError, RemoteProtocolError
 from meter_gateway.protocols.dlt698.frame import FUNCTION_LINK, Frame, ServerAddress
-from meter_gateway.protocols.exchange import Answer, Event, Refusal, Rejected, Rejection, Unusable
+from meter_gateway.protocols.exchange import (
+    HISTORY_LENGTH,
+    Answer,
+    Event,
+    Refusal,
+    Rejected,
+    Rejection,
+    RequestHistory,
+    Unusable,
+    garbage,
+)
 
 __all__ = [
     "EVENT_BACKLOG",
@@ -61,7 +71,6 @@ __all__ = [
     "as_reply",
 ]
 
-HISTORY_LENGTH: Final = 32  # requests remembered per bus for telling late replies from strangers
 EVENT_BACKLOG: Final = 256  # unsolicited frames kept per bus until a driver takes them
 _GET_RESPONSE: Final = 133
 _FRAME_OVERHEAD: Final = 12  # 68 L L C AF CA HCS HCS FCS FCS 16, with the SA bytes added per frame
@@ -153,12 +162,12 @@ class MeterEvent:
         return self.frame.address
 
 
-class Dlt698Line:
+class Dlt698Line(RequestHistory[Expect]):
     """What the DL/T 698.45 exchanges of one bus share: recent requests, PIIDs, the deframer (one
     transaction runs at a time; each attempt resets it) and the unsolicited frames not yet taken."""
 
     def __init__(self, history: int = HISTORY_LENGTH) -> None:
-        self._recent: deque[Expect] = deque(maxlen=history)
+        super().__init__(history)
         self._piid = 0
         self.deframer = Deframer()
         self._events: deque[MeterEvent] = deque(maxlen=EVENT_BACKLOG)
@@ -172,13 +181,10 @@ class Dlt698Line:
     def know(self, address: ServerAddress) -> None:
         self.deframer.know(address)
 
-    def note(self, expect: Expect) -> None:
-        self._recent.append(expect)
-
     def answers_earlier(
         self, address: ServerAddress, identity: Identity | None, secured: bool, current: Expect
     ) -> bool:
-        return any(e is not current and e.answered_by(address, identity, secured) for e in self._recent)
+        return self.answered_earlier(current, lambda e: e.answered_by(address, identity, secured))
 
     def add_event(self, event: MeterEvent) -> None:
         if len(self._events) == self._events.maxlen:
@@ -226,8 +232,7 @@ class Dlt698Exchange(Generic[R]):
         for item in self.line.deframer.feed(data):
             if isinstance(item, Discarded):
                 if not decided:
-                    detail = f"{item.reason} {item.detail}".strip()
-                    events.append(Rejected(Rejection.GARBAGE, len(item.data), detail))
+                    events.append(garbage(item))
                 continue
             if item.control.from_server and not item.control.prm:
                 self._unsolicited(item, events, decided)

@@ -19,7 +19,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,82 +82,116 @@ def base_envelopes(meter: str) -> list[dict[str, Any]]:
     return out
 
 
+def _mutate(rng: random.Random, data: bytes) -> bytes:
+    """``data`` with 1 to 8 random byte edits: overwrite, insert, delete, escape garbage, cut."""
+    b = bytearray(data)
+    for _ in range(rng.randint(1, 8)):
+        op = rng.randrange(5)
+        pos = rng.randrange(len(b) + 1)
+        if op == 0 and b:
+            b[min(pos, len(b) - 1)] = rng.randrange(256)
+        elif op == 1:
+            b[pos:pos] = rng.randbytes(rng.randint(1, 16))
+        elif op == 2:
+            del b[pos : pos + rng.randint(1, 16)]
+        elif op == 3:
+            b[pos:pos] = rng.choice(JSON_ESCAPE_GARBAGE)
+        else:
+            b = b[:pos]
+    return bytes(b)
+
+
+# Each case maker takes the seeded RNG and a copy of a base envelope it may change in place.
+_Maker = Callable[[random.Random, dict[str, Any]], bytes]
+
+
+def _big_random(rng: random.Random, base: dict[str, Any]) -> bytes:
+    return rng.randbytes(MB10)
+
+
+def _big_string(rng: random.Random, base: dict[str, Any]) -> bytes:
+    return json.dumps({**base, "id": "x" * MB10}).encode()
+
+
+def _big_array(rng: random.Random, base: dict[str, Any]) -> bytes:
+    return b"[" + b"1," * (MB10 // 2) + b"1]"
+
+
+def _random(rng: random.Random, base: dict[str, Any]) -> bytes:
+    return rng.randbytes(rng.choice([0, 1, 2, 8, 64, 512, 4096]))
+
+
+def _invalid_utf8(rng: random.Random, base: dict[str, Any]) -> bytes:
+    text = json.dumps(base).encode()
+    key = rng.choice([b'"id": "', b'"gateway": "', b'"key_id": "', b'"sig": "', b'"action": "'])
+    at = text.find(key)
+    garbage = rng.choice(JSON_ESCAPE_GARBAGE[4:]) * rng.randint(1, 3)
+    return text[: at + len(key)] + garbage + text[at + len(key) :] if at >= 0 else text + garbage
+
+
+def _nested(rng: random.Random, base: dict[str, Any]) -> bytes:
+    # nesting deeper than the JSON decoder's recursion limit is test_deep_nesting_...'s
+    depth = rng.choice([2, 10, 100, 400])
+    opener, closer = rng.choice([(b"[", b"]"), (b'{"a":', b"}")])
+    inner = opener * depth + b"1" + closer * depth
+    where = rng.choice(["alone", "params", "meters", "extra"])
+    if where == "alone":
+        return inner
+    return json.dumps({**base, where: "@@"}).encode().replace(b'"@@"', inner)
+
+
+def _wrong_type(rng: random.Random, base: dict[str, Any]) -> bytes:
+    for field in rng.sample([*FIELDS, "params", "sig"], rng.randint(1, 3)):
+        base[field] = rng.choice(WRONG_VALUES)
+    return json.dumps(base).encode("utf-8", "surrogatepass")
+
+
+def _missing(rng: random.Random, base: dict[str, Any]) -> bytes:
+    for field in rng.sample(FIELDS, rng.randint(1, len(FIELDS))):
+        base.pop(field, None)
+    return json.dumps(base).encode()
+
+
+def _extra(rng: random.Random, base: dict[str, Any]) -> bytes:
+    target = base
+    if rng.random() < 0.3:
+        target = base["params"] = dict(base.get("params") or {})
+    for _ in range(rng.randint(1, 3)):
+        target[rng.choice(["x", "sig2", "extra", "__proto__", "Id", "meter"])] = rng.choice(WRONG_VALUES[:12])
+    return json.dumps(base).encode()
+
+
+def _mutated(rng: random.Random, base: dict[str, Any]) -> bytes:
+    return _mutate(rng, json.dumps(base).encode())
+
+
+def _not_object(rng: random.Random, base: dict[str, Any]) -> bytes:
+    return json.dumps(rng.choice([[base], "id", 1, None, True, [], base["id"]])).encode()
+
+
+_BIG: dict[str, _Maker] = {"big_random": _big_random, "big_string": _big_string, "big_array": _big_array}
+_SMALL: dict[str, _Maker] = {
+    "random": _random,
+    "invalid_utf8": _invalid_utf8,
+    "nested": _nested,
+    "wrong_type": _wrong_type,
+    "missing": _missing,
+    "extra": _extra,
+    "mutated": _mutated,
+    "not_object": _not_object,
+}
+
+
 def cases(n: int, seed: int, meter: str, *, big: int) -> Iterator[tuple[str, bytes]]:
     """``n`` (kind, payload) malformed command messages, ``big`` of them 10 MB."""
     rng = random.Random(seed)
     bases = base_envelopes(meter)
     big_at = set(rng.sample(range(n), big)) if big else set()
-
-    def mutate(data: bytes) -> bytes:
-        b = bytearray(data)
-        for _ in range(rng.randint(1, 8)):
-            op = rng.randrange(5)
-            pos = rng.randrange(len(b) + 1)
-            if op == 0 and b:
-                b[min(pos, len(b) - 1)] = rng.randrange(256)
-            elif op == 1:
-                b[pos:pos] = rng.randbytes(rng.randint(1, 16))
-            elif op == 2:
-                del b[pos : pos + rng.randint(1, 16)]
-            elif op == 3:
-                b[pos:pos] = rng.choice(JSON_ESCAPE_GARBAGE)
-            else:
-                b = b[:pos]
-        return bytes(b)
-
     for i in range(n):
         base = dict(rng.choice(bases))
-        if i in big_at:
-            kind = rng.choice(["big_random", "big_string", "big_array"])
-            if kind == "big_random":
-                yield kind, rng.randbytes(MB10)
-            elif kind == "big_string":
-                yield kind, json.dumps({**base, "id": "x" * MB10}).encode()
-            else:
-                yield kind, b"[" + b"1," * (MB10 // 2) + b"1]"
-            continue
-        kind = rng.choice(
-            ["random", "invalid_utf8", "nested", "wrong_type", "missing", "extra", "mutated", "not_object"]
-        )
-        if kind == "random":
-            payload = rng.randbytes(rng.choice([0, 1, 2, 8, 64, 512, 4096]))
-        elif kind == "invalid_utf8":
-            text = json.dumps(base).encode()
-            key = rng.choice([b'"id": "', b'"gateway": "', b'"key_id": "', b'"sig": "', b'"action": "'])
-            at = text.find(key)
-            garbage = rng.choice(JSON_ESCAPE_GARBAGE[4:]) * rng.randint(1, 3)
-            payload = text[: at + len(key)] + garbage + text[at + len(key) :] if at >= 0 else text + garbage
-        elif kind == "nested":
-            # nesting deeper than the JSON decoder's recursion limit is test_deep_nesting_...'s
-            depth = rng.choice([2, 10, 100, 400])
-            opener, closer = rng.choice([(b"[", b"]"), (b'{"a":', b"}")])
-            inner = opener * depth + b"1" + closer * depth
-            where = rng.choice(["alone", "params", "meters", "extra"])
-            if where == "alone":
-                payload = inner
-            else:
-                text = json.dumps({**base, where: "@@"}).encode()
-                payload = text.replace(b'"@@"', inner)
-        elif kind == "wrong_type":
-            for field in rng.sample([*FIELDS, "params", "sig"], rng.randint(1, 3)):
-                base[field] = rng.choice(WRONG_VALUES)
-            payload = json.dumps(base).encode("utf-8", "surrogatepass")
-        elif kind == "missing":
-            for field in rng.sample(FIELDS, rng.randint(1, len(FIELDS))):
-                base.pop(field, None)
-            payload = json.dumps(base).encode()
-        elif kind == "extra":
-            target = base
-            if rng.random() < 0.3:
-                target = base["params"] = dict(base.get("params") or {})
-            for _ in range(rng.randint(1, 3)):
-                target[rng.choice(["x", "sig2", "extra", "__proto__", "Id", "meter"])] = rng.choice(WRONG_VALUES[:12])
-            payload = json.dumps(base).encode()
-        elif kind == "mutated":
-            payload = mutate(json.dumps(base).encode())
-        else:
-            payload = json.dumps(rng.choice([[base], "id", 1, None, True, [], base["id"]])).encode()
-        yield kind, payload
+        makers = _BIG if i in big_at else _SMALL
+        kind = rng.choice(list(makers))
+        yield kind, makers[kind](rng, base)
 
 
 async def _service(rig: Any) -> tuple[CommandService, list[int], asyncio.Event, asyncio.Task[None]]:

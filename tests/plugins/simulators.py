@@ -21,7 +21,7 @@ import datetime
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import pytest_asyncio
 
@@ -47,100 +47,6 @@ class SimBusHandle:
         return self.bus.endpoint
 
 
-class DltTcpClient:
-    """Send frames to a TCP bus and collect what comes back, deframed."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.deframer = Deframer()
-        self.raw = bytearray()
-
-    @classmethod
-    async def connect(cls, endpoint: tuple[str, int] | str) -> DltTcpClient:
-        assert isinstance(endpoint, tuple), "DltTcpClient talks to TCP buses"
-        reader, writer = await asyncio.open_connection(*endpoint)
-        return cls(reader, writer)
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def events(self, wait: float = 0.3, *, until_frames: int | None = None) -> list[Event]:
-        """Everything that arrives within ``wait`` seconds (or until ``until_frames`` frames came)."""
-        out: list[Event] = []
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        while until_frames is None or sum(isinstance(e, Frame) for e in out) < until_frames:
-            left = deadline - loop.time()
-            if left <= 0:
-                break
-            try:
-                chunk = await asyncio.wait_for(self.reader.read(4096), left)
-            except TimeoutError:
-                break
-            if not chunk:
-                break
-            self.raw += chunk
-            out += self.deframer.feed(chunk)
-        return out
-
-    async def request(self, data: bytes, wait: float = 1.0) -> Frame | None:
-        """Send one request; the first frame back, or None when nothing came within ``wait`` seconds."""
-        await self.send(data)
-        frames = [e for e in await self.events(wait, until_frames=1) if isinstance(e, Frame)]
-        return frames[0] if frames else None
-
-    async def close(self) -> None:
-        self.writer.close()
-        await self.writer.wait_closed()
-
-
-def frames_of(events: list[Event]) -> list[Frame]:
-    return [e for e in events if isinstance(e, Frame)]
-
-
-def discards_of(events: list[Event]) -> list[Discarded]:
-    return [e for e in events if isinstance(e, Discarded)]
-
-
-SimBusFactory = Callable[..., Awaitable[SimBusHandle]]
-
-
-@pytest_asyncio.fixture
-async def sim_bus() -> AsyncIterator[SimBusFactory]:
-    """Factory: ``await sim_bus(n, kind="tcp"|"pty", edition=..., baud=None, faults=None, ...)``."""
-    started: list[SimulatedBus] = []
-
-    async def start(
-        n: int = 1,
-        *,
-        kind: str = "tcp",
-        edition: Edition = Edition.DLT645_2007,
-        baud: int | None = None,
-        bits_per_char: int = 11,
-        faults: Faults | None = None,
-        start_time: datetime.datetime = SIM_START,
-        speed: float = 1.0,
-        first_address: int = 1,
-        **meter_options: object,
-    ) -> SimBusHandle:
-        clock = SimClock(start_time, speed)
-        meters = [
-            Dlt645Meter(f"{first_address + i:012d}", edition, clock=clock, seed=i, **meter_options)  # type: ignore[arg-type]
-            for i in range(n)
-        ]
-        link = LinkConfig(kind=kind, baud=baud, bits_per_char=bits_per_char)  # type: ignore[arg-type]
-        bus = SimulatedBus(meters, link, faults=faults)
-        await bus.start()
-        started.append(bus)
-        return SimBusHandle(bus, meters, clock)
-
-    yield start
-    for bus in started:
-        await bus.stop()
-
-
 class ByteClient:
     """Send bytes to a TCP bus; deframe what comes back with ``deframer`` (any codec's)."""
 
@@ -151,10 +57,11 @@ class ByteClient:
         self.raw = bytearray()
 
     @classmethod
-    async def connect(cls, endpoint: tuple[str, int] | str, deframer: Any) -> ByteClient:
+    async def connect(cls, endpoint: tuple[str, int] | str, *options: Any) -> Self:
+        """Connected to ``endpoint``; ``options`` as the class's constructor takes them after the streams."""
         assert isinstance(endpoint, tuple), "ByteClient talks to TCP buses"
         reader, writer = await asyncio.open_connection(*endpoint)
-        return cls(reader, writer, deframer)
+        return cls(reader, writer, *options)
 
     async def send(self, data: bytes) -> None:
         self.writer.write(data)
@@ -192,6 +99,52 @@ class ByteClient:
     async def close(self) -> None:
         self.writer.close()
         await self.writer.wait_closed()
+
+
+class DltTcpClient(ByteClient):
+    """A :class:`ByteClient` that deframes DL/T 645."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        super().__init__(reader, writer, Deframer())
+
+
+def frames_of(events: list[Event]) -> list[Frame]:
+    return [e for e in events if isinstance(e, Frame)]
+
+
+def discards_of(events: list[Event]) -> list[Discarded]:
+    return [e for e in events if isinstance(e, Discarded)]
+
+
+SimBusFactory = Callable[..., Awaitable[SimBusHandle]]
+
+
+@pytest_asyncio.fixture
+async def sim_bus(meters_bus: MetersBusFactory) -> AsyncIterator[SimBusFactory]:
+    """Factory: ``await sim_bus(n, kind="tcp"|"pty", edition=..., baud=None, faults=None, ...)``."""
+
+    async def start(
+        n: int = 1,
+        *,
+        kind: str = "tcp",
+        edition: Edition = Edition.DLT645_2007,
+        baud: int | None = None,
+        bits_per_char: int = 11,
+        faults: Faults | None = None,
+        start_time: datetime.datetime = SIM_START,
+        speed: float = 1.0,
+        first_address: int = 1,
+        **meter_options: object,
+    ) -> SimBusHandle:
+        clock = SimClock(start_time, speed)
+        meters = [
+            Dlt645Meter(f"{first_address + i:012d}", edition, clock=clock, seed=i, **meter_options)  # type: ignore[arg-type]
+            for i in range(n)
+        ]
+        bus = await meters_bus(meters, kind=kind, faults=faults, baud=baud, bits_per_char=bits_per_char)
+        return SimBusHandle(bus, meters, clock)
+
+    yield start
 
 
 def pty_exchange(path: str, data: bytes, *, wait: float = 0.5, quiet: float = 0.15) -> bytes:

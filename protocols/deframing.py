@@ -1,0 +1,104 @@
+"""What the length-framed deframers share: frames that begin with a start byte 68H, possibly after
+FEH wake-up bytes, and say their own length (CJ/T 188, DL/T 698.45; DL/T 645 keeps its own copy
+of the same scan for now).
+
+The scan: bytes before a start byte are wake-up bytes (counted in ``preamble_bytes``) or noise
+(reported); at a start byte the protocol's :meth:`LengthFramedDeframer._check` says whether a
+whole, valid frame starts there, that none does (a :class:`Discarded` whose ``data`` is what is
+given up, usually the start byte alone, so a frame hidden behind it is still found), or that it
+cannot tell yet (the candidate waits for more bytes). A frame is never found by scanning for the
+end byte 16H: checksums and data may hold it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, Generic, TypeVar
+
+__all__ = ["PREAMBLE", "START", "Discarded", "LengthFramedDeframer"]
+
+START: Final = 0x68
+PREAMBLE: Final = 0xFE  # a wake-up byte
+
+F = TypeVar("F")
+
+
+@dataclass(frozen=True, slots=True)
+class Discarded:
+    """Bytes the deframer threw away, and why (for counters and field engineers' hex dumps).
+
+    ``reason`` is one of the protocol deframer's ``REASONS``.
+    """
+
+    reason: str
+    data: bytes
+    detail: str = ""
+
+
+class LengthFramedDeframer(Generic[F]):
+    """Feed bytes with :meth:`feed`; it returns the frames and discards completed by them.
+
+    The buffer holds only the unresolved tail of the input: nothing between whole frames.
+    """
+
+    __slots__ = ("_buf", "preamble_bytes")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self.preamble_bytes = 0  # FE wake-up bytes skipped (not noise, so counted apart)
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def reset(self) -> bytes:
+        """Drop and return whatever partial input is held (stale input before a new request)."""
+        stale = self._buf
+        self._buf = b""
+        return stale
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[F | Discarded]:
+        held = self._buf
+        buf = held + bytes(data) if held else data if type(data) is bytes else bytes(data)
+        n = len(buf)
+        pos = 0
+        events: list[F | Discarded] = []
+        while pos < n:
+            start = buf.find(START, pos)
+            if start < 0:
+                self._drop(events, buf[pos:])
+                pos = n
+                break
+            if start > pos:
+                if buf.count(PREAMBLE, pos, start) == start - pos:  # only wake-up bytes: the usual case
+                    self.preamble_bytes += start - pos
+                else:
+                    self._drop(events, buf[pos:start])
+                pos = start
+            verdict = self._check(buf, pos, n)
+            if verdict is None:  # incomplete but plausible: wait for its bytes
+                break
+            if isinstance(verdict, Discarded):
+                events.append(verdict)
+                pos += len(verdict.data)
+                continue
+            events.append(self._frame(buf, pos, verdict))
+            pos += verdict
+        self._buf = buf[pos:] if pos < n else b""
+        return events
+
+    def _check(self, buf: bytes, pos: int, n: int) -> int | Discarded | None:
+        """The size of the valid frame starting at ``buf[pos]`` (``n`` bytes are in), a
+        Discarded if none starts there, None if that cannot be told until more bytes come."""
+        raise NotImplementedError
+
+    def _frame(self, buf: bytes, pos: int, size: int) -> F:
+        """The frame of ``size`` bytes at ``pos`` that :meth:`_check` found valid."""
+        raise NotImplementedError
+
+    def _drop(self, events: list[F | Discarded], chunk: bytes) -> None:
+        # FE runs before and after noise are wake-up preambles, counted apart from noise.
+        stripped = chunk.strip(b"\xfe")
+        self.preamble_bytes += len(chunk) - len(stripped)
+        if stripped:
+            events.append(Discarded("noise", stripped))
