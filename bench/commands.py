@@ -91,8 +91,8 @@ from meter_gateway.gateway.config import (
     TcpBus,
     UplinkSection,
 )
-from meter_gateway.gateway.meters import Fleet
-from meter_gateway.gateway.uplink import InboundMessage
+from meter_gateway.gateway.daemon.meters import Fleet
+from meter_gateway.gateway.uplink.session import InboundMessage
 
 ROOT = Path(__file__).resolve().parents[1]
 GW = "bench-gw"
@@ -140,7 +140,7 @@ def start_simulator(buses: int, per_bus: int, turnaround: float) -> Simulator:
     with handle:
         handle.write(simulator_config(buses, per_bus, turnaround))
     path = Path(handle.name)
-    code = "import sys; from simulators.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from meter_gateway.simulators.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "--config", str(path)], cwd=ROOT, stdout=subprocess.PIPE, text=True
     )
@@ -467,7 +467,7 @@ async def run_all(args: argparse.Namespace, sim: Simulator) -> tuple[list[Scenar
     key = SigningKey.ed25519("bench-ops", Ed25519PrivateKey.generate())
     base_dir = Path(tempfile.mkdtemp(prefix="bench-cmd-", dir="/var/tmp"))
     config = gateway_config(sim, base_dir, args, key)
-    limits = config.limits  # the health book as gateway/app.py builds it
+    limits = config.limits  # the health book as gateway/daemon/app.py builds it
     fleet = Fleet(
         HealthBook(
             HealthPolicy(

@@ -9,7 +9,7 @@ Every part runs in its own process, started as a user would start it:
 * the simulator: ``meter-gateway simulate --config sim.toml`` (Modbus TCP ``sim-3ph`` meters, or
   DL/T 645-2007 or DL/T 698.45 meters behind TCP serial servers; no wire-time emulation, so the simulator is
   not the limit it would be at 2400 baud);
-* mosquitto on a free loopback port (gateway/local_broker.py);
+* mosquitto on a free loopback port (gateway/cli/local_broker.py);
 * the gateway: ``meter-gateway run -c gateway.toml`` with a generated config (metrics on, outbox
   ``synchronous=FULL``, default uplink batch and window);
 * a head-end subscriber (this module, ``_subscriber``): paho, QoS 1, decodes every batch and
@@ -238,7 +238,7 @@ def _subscriber_main(host: str, port: int, topic: str) -> int:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from meter_gateway.gateway.mqtt_contract import decode_batch
+    from meter_gateway.gateway.uplink.contract import decode_batch
 
     ids: set[str] = set()
     ready = threading.Event()
@@ -403,8 +403,8 @@ def _fill_readings(count: int, meters: int = 2000) -> Iterator[list[Any]]:
 
 async def _baseline_drain(host: str, port: int, workdir: Path, count: int, subscriber: Subscriber) -> float:
     """Readings/s from uplink start until the subscriber has seen every id."""
-    from meter_gateway.gateway.outbox import AsyncOutbox
-    from meter_gateway.gateway.uplink import Uplink, UplinkConfig
+    from meter_gateway.gateway.store.outbox import AsyncOutbox
+    from meter_gateway.gateway.uplink.session import Uplink, UplinkConfig
 
     box = await AsyncOutbox.open(workdir / "baseline.sqlite", synchronous="NORMAL")
     try:
@@ -424,8 +424,8 @@ async def _baseline_drain(host: str, port: int, workdir: Path, count: int, subsc
 
 
 def run_once(proto: Protocol, args: argparse.Namespace, run: int) -> RunResult:
-    from meter_gateway.gateway.local_broker import LocalBroker, free_port
-    from meter_gateway.gateway.mqtt_contract import Topics
+    from meter_gateway.gateway.cli.local_broker import LocalBroker, free_port
+    from meter_gateway.gateway.uplink.contract import Topics
 
     topic = Topics(GATEWAY_ID).readings
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp, LocalBroker() as broker:

@@ -175,7 +175,7 @@ def measure(
     poll: bool = True,
     cwd: Path = ROOT,
 ) -> Sample:
-    from meter_gateway.gateway.local_broker import free_port
+    from meter_gateway.gateway.cli.local_broker import free_port
 
     metrics_port = free_port()
     config = _write_config(workdir, args, ports, broker_port, metrics_port, poll=poll)
@@ -214,7 +214,7 @@ def measure(
 
 
 def probe(args: argparse.Namespace, workdir: Path, ports: dict[str, int], broker_port: int, cwd: Path = ROOT) -> None:
-    from meter_gateway.gateway.local_broker import free_port
+    from meter_gateway.gateway.cli.local_broker import free_port
 
     config = _write_config(workdir, args, ports, broker_port, free_port())
     subprocess.run(
@@ -233,8 +233,8 @@ def _probe_main(config_path: str, seconds: float, top: int) -> int:
     import asyncio
     import logging
 
+    from meter_gateway.gateway.cli.run_cmd import serve
     from meter_gateway.gateway.config import load_config
-    from meter_gateway.gateway.run_cmd import serve
 
     logging.basicConfig(level=logging.WARNING)
     imports = tracemalloc.take_snapshot()
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--start-at must be within the poll interval, [0, {args.interval:g})")
     if args.protocol == "modbus" and args.meters_per_bus > 247:
         parser.error("Modbus unit ids stop at 247")
-    from meter_gateway.gateway.local_broker import LocalBroker
+    from meter_gateway.gateway.cli.local_broker import LocalBroker
 
     empty: list[Sample] = []
     idle: list[Sample] = []

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from meter_gateway.drivers.reading import Quality, Reading
-from meter_gateway.gateway.outbox import AsyncOutbox
-from meter_gateway.gateway.uplink import Uplink, UplinkConfig
+from meter_gateway.gateway.store.outbox import AsyncOutbox
+from meter_gateway.gateway.uplink.session import Uplink, UplinkConfig
 
 FILL_BATCH = 1000
 
@@ -113,7 +113,7 @@ class _Verifier:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
-        from meter_gateway.gateway.mqtt_contract import Topics, decode_batch
+        from meter_gateway.gateway.uplink.contract import Topics, decode_batch
 
         client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self = cls(client)

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from meter_gateway.drivers.reading import Reading
-from meter_gateway.gateway.outbox import _insert, _insert_sql, _row
-from meter_gateway.gateway.outbox_schema import migrate
+from meter_gateway.gateway.store.outbox import _insert, _insert_sql, _row
+from meter_gateway.gateway.store.outbox_schema import migrate
 
 MODES = ("executemany", "multi-row")
 

@@ -230,7 +230,7 @@ def simulator_toml(workload: Workload, model: Path) -> str:
 def _datapoints(kind: str) -> Callable[[bytes], list[int]]:
     """A function giving the hashes of the distinct datapoints in one payload of ``kind``."""
     if kind == "meter-gateway":
-        from meter_gateway.gateway.mqtt_contract import decode_batch
+        from meter_gateway.gateway.uplink.contract import decode_batch
 
         return lambda payload: [hash(r.id) for r in decode_batch(payload).readings]
     if kind == "thingsboard":
@@ -392,8 +392,8 @@ def _nothing_to_install(_cache: Path) -> None:
 
 def _meter_gateway(max_registers: int) -> Callable[[Context, Path], Started]:
     def start(ctx: Context, home: Path) -> Started:
-        from meter_gateway.gateway.local_broker import free_port
-        from meter_gateway.gateway.mqtt_contract import Topics
+        from meter_gateway.gateway.cli.local_broker import free_port
+        from meter_gateway.gateway.uplink.contract import Topics
 
         name = f"bench-{max_registers}reg"
         model = home / f"{name}.toml"
@@ -644,7 +644,7 @@ def node_red_flow(ctx: Context) -> list[dict[str, Any]]:
 
 
 def _start_node_red(ctx: Context, home: Path) -> Started:
-    from meter_gateway.gateway.local_broker import free_port
+    from meter_gateway.gateway.cli.local_broker import free_port
 
     red = _node_red_dir(ctx.cache) / "node_modules" / "node-red" / "red.js"
     node = shutil.which("node")
@@ -823,7 +823,7 @@ def _table(results: dict[str, list[Measure]], skipped: dict[str, str], offered: 
 
 
 def run(args: argparse.Namespace) -> tuple[dict[str, list[Measure]], dict[str, str], Workload]:
-    from meter_gateway.gateway.local_broker import LocalBroker
+    from meter_gateway.gateway.cli.local_broker import LocalBroker
 
     workload = Workload(args.devices, args.ports, args.interval)
     names: list[str] = args.sides

@@ -98,7 +98,7 @@ async def _run(endpoints: list[tuple[str, int, list[str]]], connections: int, wi
 
 
 def _start_simulator(meters: int, buses: int) -> tuple[subprocess.Popen[str], list[tuple[str, int, list[str]]]]:
-    code = "import sys; from simulators.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from meter_gateway.simulators.cli import main; sys.exit(main(sys.argv[1:]))"
     args = [sys.executable, "-c", code, "--meters", str(meters), "--buses", str(buses), "--port", "0"]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None

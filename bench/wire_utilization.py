@@ -75,7 +75,7 @@ def start_simulator(config_toml: str) -> tuple[subprocess.Popen[str], list[SimEn
     with handle:
         handle.write(config_toml)
     path = Path(handle.name)
-    code = "import sys; from simulators.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from meter_gateway.simulators.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "--config", str(path)], cwd=ROOT, stdout=subprocess.PIPE, text=True
     )

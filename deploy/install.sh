@@ -107,11 +107,11 @@ GID_MG=$(awk -F: -v g="$USER_NAME" '$1 == g { print $3 }' "$ROOT/etc/group")
 
 # -- the software -----------------------------------------------------------------------------------
 if [ -n "$USE_PYTHON" ]; then
-    "$USE_PYTHON" -c 'import meter_gateway.gateway.cli' 2>/dev/null ||
+    "$USE_PYTHON" -c 'import meter_gateway.gateway.cli.main' 2>/dev/null ||
         die "$USE_PYTHON cannot import meter_gateway; install it there first"
     mkdir -p "$VENV/bin"
     # a launcher where the unit's ExecStart expects the console script
-    printf '#!/bin/sh\nexec "%s" -m meter_gateway.gateway.cli "$@"\n' "$USE_PYTHON" >"$MG"
+    printf '#!/bin/sh\nexec "%s" -m meter_gateway.gateway.cli.main "$@"\n' "$USE_PYTHON" >"$MG"
     chmod 0755 "$MG"
 else
     "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null ||

@@ -1,7 +1,7 @@
 """What a driver builder is given: one configured meter, the bus it is on, and its model.
 
 Every protocol's driver module has a ``from_config(ctx: DriverContext)`` builder, named in the
-protocol registry (:mod:`drivers.registry`). The fleet builder (``gateway/meters.py``) fills the
+protocol registry (:mod:`drivers.registry`). The fleet builder (``gateway/daemon/meters.py``) fills the
 context from the config; drivers never import the config themselves, so they can be built the
 same way by ``meter-gateway read``, the simulators' tests and the benchmarks.
 """

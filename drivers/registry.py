@@ -82,7 +82,7 @@ class MeterProtocol:
     buses: frozenset[str]  # the buses[].protocol values whose line can carry it
     can: Can
     address: Rule
-    driver: str  # "module:function" that builds the driver (see gateway/meters.py)
+    driver: str  # "module:function" that builds the driver (see gateway/daemon/meters.py)
     password: Rule | None = None  # control frames carry a meter password (meters[].credentials)
     # TIME_SYNC protocols with a broadcast clock set: "module:function", an async function
     # (bus, when, tz) that sets every meter of this protocol on the bus at once; "" means

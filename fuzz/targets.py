@@ -301,7 +301,7 @@ def _envelope(draw: st.DrawFn) -> tuple[Any, bytes]:
 def _run_command(context: Any, data: bytes, rng: random.Random) -> None:
     from meter_gateway.gateway.commands.auth import CommandRejected, authenticate
     from meter_gateway.gateway.commands.envelope import decode_envelope, peek_command_id
-    from meter_gateway.gateway.mqtt_contract import ContractError
+    from meter_gateway.gateway.uplink.contract import ContractError
 
     # the three entry points run independently, so a crash in one does not hide another's
     crashes: list[Exception] = []
@@ -335,7 +335,7 @@ def _run_command(context: Any, data: bytes, rng: random.Random) -> None:
 
 def _command() -> Target:
     from meter_gateway.gateway.commands.auth import CommandRejected
-    from meter_gateway.gateway.mqtt_contract import ContractError
+    from meter_gateway.gateway.uplink.contract import ContractError
 
     return Target(
         "command",

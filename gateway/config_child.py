@@ -27,8 +27,8 @@ from typing import Any
 
 import msgspec
 
+from meter_gateway.gateway.cli.config_cmd import EX_CONFIG  # the child's exit status when its answer is a ConfigError
 from meter_gateway.gateway.config import Config, ConfigError, Duration, Secret, load_config_and_warnings
-from meter_gateway.gateway.config_cmd import EX_CONFIG  # the child's exit status when its answer is a ConfigError
 
 __all__ = ["decode", "encode", "load_config_in_child"]
 

@@ -166,7 +166,7 @@ async def test_promtool_check_metrics_is_clean_on_the_running_daemon(
     assert "meter_gateway_watchdog_misses_total 0.0" in scraped
     assert "process_start_time_seconds " in scraped
     # no dashboard panel is empty on a healthy gateway, except those of features this one has off
-    from meter_gateway.gateway.metrics import exported_when
+    from meter_gateway.gateway.daemon.metrics import exported_when
     from tests.test_metrics import dashboard_metrics
 
     live = {line.split("{")[0].split(" ")[0] for line in scraped.splitlines() if not line.startswith("#")}
@@ -184,7 +184,7 @@ def test_promtool_check_metrics_is_clean_on_every_family_the_daemon_can_export()
     checked here, from the registry docs/metrics.md is generated from."""
     from prometheus_client import generate_latest
 
-    from meter_gateway.gateway.metrics import reference_registry
+    from meter_gateway.gateway.daemon.metrics import reference_registry
 
     done = run("check", "metrics", stdin=generate_latest(reference_registry()).decode())
     assert done.returncode == 0, done.stdout + done.stderr

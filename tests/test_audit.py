@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from meter_gateway.gateway import audit_cmd
-from meter_gateway.gateway.audit import GENESIS, AuditEntry, AuditError, AuditLog, record_hash
+from meter_gateway.gateway.cli import audit_cmd
+from meter_gateway.gateway.store.audit import GENESIS, AuditEntry, AuditError, AuditLog, record_hash
 
 T0 = 1_700_000_000.0
 

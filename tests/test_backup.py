@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from meter_gateway.drivers.reading import Reading
-from meter_gateway.gateway.audit import AuditEntry, AuditLog
-from meter_gateway.gateway.backup_cmd import main as backup_main
-from meter_gateway.gateway.commands.store import CommandStore
-from meter_gateway.gateway.cursors import CursorStore
-from meter_gateway.gateway.outbox import Outbox
+from meter_gateway.gateway.cli.backup_cmd import main as backup_main
+from meter_gateway.gateway.store.audit import AuditEntry, AuditLog
+from meter_gateway.gateway.store.commands import CommandStore
+from meter_gateway.gateway.store.cursors import CursorStore
+from meter_gateway.gateway.store.outbox import Outbox
 
 BATCH = 50
 

@@ -22,7 +22,7 @@ from meter_gateway.drivers.tcp_link import TcpLink
 from meter_gateway.drivers.transport import TcpSettings
 from meter_gateway.gateway.commands.envelope import Params
 from meter_gateway.gateway.config import Meter
-from meter_gateway.gateway.meters import MeterRuntime
+from meter_gateway.gateway.daemon.meters import MeterRuntime
 from meter_gateway.simulators.cjt188_meter import Cjt188Meter
 from meter_gateway.simulators.clock import SimClock
 from meter_gateway.simulators.faults import Faults

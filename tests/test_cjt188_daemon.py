@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from meter_gateway.gateway.mqtt_contract import decode_batch
+from meter_gateway.gateway.uplink.contract import decode_batch
 from meter_gateway.protocols.dlt645.edition import Edition
 from meter_gateway.simulators.cjt188_meter import Cjt188Meter
 from meter_gateway.simulators.clock import SimClock

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from meter_gateway.config import EXAMPLES
-from meter_gateway.gateway import cli
+from meter_gateway.gateway.cli import main as cli
 from tests.plugins.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

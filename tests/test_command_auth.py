@@ -36,7 +36,7 @@ from meter_gateway.gateway.commands.envelope import (
     encode_ack,
     encode_envelope,
 )
-from meter_gateway.gateway.mqtt_contract import ContractError
+from meter_gateway.gateway.uplink.contract import ContractError
 
 # The worked example of docs/mqtt.md "Canonical form": RFC 8032 test 1 key.
 VECTOR_SEED = bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")

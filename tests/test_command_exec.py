@@ -27,7 +27,6 @@ from meter_gateway.drivers.modbus import ModbusLink, ModbusMeter
 from meter_gateway.drivers.reading import Reading
 from meter_gateway.drivers.tcp_link import TcpLink
 from meter_gateway.drivers.transport import TcpSettings
-from meter_gateway.gateway.audit import AuditLog
 from meter_gateway.gateway.commands.auth import SigningKey, sign_envelope
 from meter_gateway.gateway.commands.envelope import (
     TERMINAL_STATES,
@@ -39,7 +38,6 @@ from meter_gateway.gateway.commands.envelope import (
 )
 from meter_gateway.gateway.commands.service import CommandService
 from meter_gateway.gateway.commands.states import CommandEvent
-from meter_gateway.gateway.commands.store import CommandStore, MeterPlan, Transition
 from meter_gateway.gateway.config import (
     CommandKeyConfig,
     CommandsSection,
@@ -51,8 +49,10 @@ from meter_gateway.gateway.config import (
     Secret,
     UplinkSection,
 )
-from meter_gateway.gateway.meters import MeterRuntime
-from meter_gateway.gateway.uplink import InboundMessage
+from meter_gateway.gateway.daemon.meters import MeterRuntime
+from meter_gateway.gateway.store.audit import AuditLog
+from meter_gateway.gateway.store.commands import CommandStore, MeterPlan, Transition
+from meter_gateway.gateway.uplink.session import InboundMessage
 from meter_gateway.protocols.dlt645 import messages as m
 from meter_gateway.protocols.dlt645.edition import Edition
 from meter_gateway.protocols.dlt645.frame import Frame

@@ -18,7 +18,6 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meter_gateway.drivers.backoff import BackoffPolicy
-from meter_gateway.gateway.audit import AuditLog
 from meter_gateway.gateway.commands.auth import SigningKey
 from meter_gateway.gateway.commands.envelope import (
     TERMINAL_STATES,
@@ -30,9 +29,10 @@ from meter_gateway.gateway.commands.envelope import (
 )
 from meter_gateway.gateway.commands.service import CommandService
 from meter_gateway.gateway.config import Duration
-from meter_gateway.gateway.mqtt_contract import Topics
-from meter_gateway.gateway.outbox import AsyncOutbox
-from meter_gateway.gateway.uplink import InboundMessage, Protocol, Uplink, UplinkConfig
+from meter_gateway.gateway.store.audit import AuditLog
+from meter_gateway.gateway.store.outbox import AsyncOutbox
+from meter_gateway.gateway.uplink.contract import Topics
+from meter_gateway.gateway.uplink.session import InboundMessage, Protocol, Uplink, UplinkConfig
 from tests.plugins.broker import Broker, Subscriber
 from tests.plugins.simulators import SimBusFactory, SimBusHandle
 from tests.test_command_exec import GW, SUPERVISOR, Rig, dlt_rig, envelope, mid

@@ -35,7 +35,7 @@ from meter_gateway.gateway.commands.states import (
     allowed_events,
     transition,
 )
-from meter_gateway.gateway.commands.store import CommandStore, MeterPlan, StoreError, Transition
+from meter_gateway.gateway.store.commands import CommandStore, MeterPlan, StoreError, Transition
 from tests.test_command_exec import envelope
 
 E = CommandEvent
@@ -279,7 +279,7 @@ def test_unknown_stored_state_at_open_quarantines_like_damage(tmp_path: Path, ca
     store.accept(env, 1_800_000_000.0, [MeterPlan("m1", E.ADMIT)])
     store.close()
     _raw(path, "UPDATE executions SET state = 'exploded'")
-    with caplog.at_level(logging.ERROR, logger="meter_gateway.gateway.commands.store"):
+    with caplog.at_level(logging.ERROR, logger="meter_gateway.gateway.store.commands"):
         store = CommandStore.open(path, "gw-1", clock=lambda: 1_800_000_100.0)
     try:
         assert store.quarantined is not None

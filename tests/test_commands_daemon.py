@@ -36,7 +36,7 @@ import pytest
 import pytest_asyncio
 
 from meter_gateway.gateway.commands.envelope import TERMINAL_STATES, Ack, decode_ack, decode_envelope
-from meter_gateway.gateway.mqtt_contract import Topics
+from meter_gateway.gateway.uplink.contract import Topics
 from meter_gateway.protocols.dlt645 import messages as m
 from meter_gateway.protocols.dlt645.remote_control import RemoteCommand
 from meter_gateway.simulators.clock import SimClock

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from meter_gateway.gateway import config_cmd
+from meter_gateway.gateway.cli import config_cmd
 from meter_gateway.gateway.config import (
     ConfigError,
     Secret,

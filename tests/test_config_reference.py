@@ -185,9 +185,9 @@ def test_defaults_the_reference_states_are_the_code_defaults() -> None:
 
 
 def test_restart_sections_agree_with_the_daemon() -> None:
-    """The reference's "on SIGHUP" column and gateway/app.py's RESTART_SECTIONS (read from the
+    """The reference's "on SIGHUP" column and gateway/daemon/app.py's RESTART_SECTIONS (read from the
     source, so this test does not need the daemon's drivers importable)."""
-    tree = ast.parse((ROOT / "gateway" / "app.py").read_text(encoding="utf-8"))
+    tree = ast.parse((ROOT / "gateway" / "daemon" / "app.py").read_text(encoding="utf-8"))
     node = next(
         n
         for n in ast.walk(tree)
@@ -213,6 +213,6 @@ def test_cli_writes_and_checks(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 def test_cli_command_is_registered() -> None:
-    from meter_gateway.gateway.cli import COMMANDS
+    from meter_gateway.gateway.cli.main import COMMANDS
 
     assert COMMANDS["config-reference"][0] == "meter_gateway.gateway.config_reference"

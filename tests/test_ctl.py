@@ -15,11 +15,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from meter_gateway.gateway import ctl_cmd
+from meter_gateway.gateway.cli import ctl_cmd
 from meter_gateway.gateway.commands.auth import KeyRing, authenticate
 from meter_gateway.gateway.commands.envelope import Ack, AckState, CommandEnvelope, decode_envelope, encode_ack
 from meter_gateway.gateway.config import load_config
-from meter_gateway.gateway.mqtt_contract import Topics
+from meter_gateway.gateway.uplink.contract import Topics
 from tests.plugins.broker import Broker, Subscriber
 
 GW = "gw-ctl"

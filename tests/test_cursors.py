@@ -11,8 +11,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from meter_gateway.gateway.cursors import CursorStore, CursorStoreError, OwedFreeze, TimeSyncRecord, autosave_poll
-from meter_gateway.gateway.schedule import GroupPlan, PollSchedule, freeze_time
+from meter_gateway.gateway.daemon.schedule import GroupPlan, PollSchedule, freeze_time
+from meter_gateway.gateway.store.cursors import CursorStore, CursorStoreError, OwedFreeze, TimeSyncRecord, autosave_poll
 
 TZ = ZoneInfo("Asia/Shanghai")
 T0 = freeze_time(datetime.date(2026, 3, 14), TZ) + 10 * 3600  # 2026-03-14 10:00 local

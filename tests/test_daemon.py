@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from meter_gateway.gateway.mqtt_contract import Topics, decode_batch
+from meter_gateway.gateway.uplink.contract import Topics, decode_batch
 from meter_gateway.simulators.modbus_meter import ModbusSimServer, SimulatedMeter
 from tests.plugins.broker import Broker, Subscriber
 from tests.plugins.ports import free_port

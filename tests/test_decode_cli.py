@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from meter_gateway.gateway import decode_cmd
+from meter_gateway.gateway.cli import decode_cmd
 from tests.plugins.vectors import load_vectors
 
 DLT645 = load_vectors("dlt645")

@@ -23,8 +23,8 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from meter_gateway.drivers import registry
-from meter_gateway.gateway import config_cmd
-from meter_gateway.gateway.discover_cmd import main
+from meter_gateway.gateway.cli import config_cmd
+from meter_gateway.gateway.cli.discover_cmd import main
 from meter_gateway.protocols.dlt645.edition import Edition
 from meter_gateway.simulators.cjt188_meter import Cjt188Meter
 from meter_gateway.simulators.clock import SimClock

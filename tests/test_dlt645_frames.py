@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meter_gateway.gateway import decode_cmd
+from meter_gateway.gateway.cli import decode_cmd
 from meter_gateway.protocols.dlt645.deframer import Deframer, Discarded
 from meter_gateway.protocols.dlt645.edition import Edition
 from meter_gateway.protocols.dlt645.errors import LocalProtocolError, ProtocolError, RemoteProtocolError

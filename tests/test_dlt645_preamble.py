@@ -19,7 +19,7 @@ from meter_gateway.drivers.meter_models import Dlt645Model, load_model
 from meter_gateway.drivers.tcp_link import TcpLink
 from meter_gateway.drivers.transport import TcpSettings
 from meter_gateway.gateway.config import ConfigError, load_config
-from meter_gateway.gateway.meters import build_driver
+from meter_gateway.gateway.daemon.meters import build_driver
 from meter_gateway.protocols.dlt645 import messages as m
 from meter_gateway.protocols.dlt645.edition import Edition
 from meter_gateway.protocols.dlt645.frame import Address, parse_frame

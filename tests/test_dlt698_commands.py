@@ -9,13 +9,13 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from meter_gateway.gateway import ctl_cmd
+from meter_gateway.gateway.cli import ctl_cmd
 from meter_gateway.gateway.commands.actuators import ActuatorError, make_actuator
 from meter_gateway.gateway.commands.auth import KeyRing
 from meter_gateway.gateway.commands.dlt698_actuator import Dlt698Actuator
 from meter_gateway.gateway.commands.envelope import CommandEnvelope, Params
 from meter_gateway.gateway.commands.executor import wanted_relay
-from meter_gateway.gateway.mqtt_contract import ContractError, Topics
+from meter_gateway.gateway.uplink.contract import ContractError, Topics
 from meter_gateway.protocols.dlt698 import requests as rq
 from meter_gateway.protocols.dlt698.frame import ServerAddress
 from meter_gateway.simulators.dlt698_test_security import TestOnlySecurity

@@ -28,13 +28,13 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from meter_gateway.drivers.reading import Quality
-from meter_gateway.gateway import ctl_cmd
-from meter_gateway.gateway.app import Gateway
+from meter_gateway.gateway.cli import ctl_cmd
 from meter_gateway.gateway.commands.auth import KeyRing
 from meter_gateway.gateway.commands.envelope import decode_ack
 from meter_gateway.gateway.config import load_config
-from meter_gateway.gateway.mqtt_contract import Topics, decode_batch, decode_meter_event
-from meter_gateway.gateway.schedule import freeze_time
+from meter_gateway.gateway.daemon.app import Gateway
+from meter_gateway.gateway.daemon.schedule import freeze_time
+from meter_gateway.gateway.uplink.contract import Topics, decode_batch, decode_meter_event
 from meter_gateway.protocols.dlt698 import requests as rq
 from meter_gateway.protocols.dlt698.frame import ServerAddress
 from meter_gateway.simulators.clock import SimClock

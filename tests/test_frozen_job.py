@@ -23,10 +23,10 @@ from meter_gateway.drivers.reading import Quality
 from meter_gateway.drivers.tcp_link import TcpLink
 from meter_gateway.drivers.transport import TcpSettings
 from meter_gateway.gateway.config import Config, load_config
-from meter_gateway.gateway.cursors import CursorStore, OwedFreeze
-from meter_gateway.gateway.frozen_job import FrozenJob
-from meter_gateway.gateway.outbox import AsyncOutbox, Row
-from meter_gateway.gateway.schedule import MissedSlots, freeze_time
+from meter_gateway.gateway.daemon.schedule import MissedSlots, freeze_time
+from meter_gateway.gateway.jobs.frozen import FrozenJob
+from meter_gateway.gateway.store.cursors import CursorStore, OwedFreeze
+from meter_gateway.gateway.store.outbox import AsyncOutbox, Row
 from meter_gateway.protocols.dlt645.edition import Edition
 from meter_gateway.simulators.clock import SimClock
 from meter_gateway.simulators.faults import Faults

@@ -15,10 +15,10 @@ import pytest
 import pytest_asyncio
 
 from meter_gateway.drivers.health import HealthBook
-from meter_gateway.gateway.app import Gateway
 from meter_gateway.gateway.config import load_config
-from meter_gateway.gateway.meters import Fleet
-from meter_gateway.gateway.mqtt_contract import Topics, decode_batch
+from meter_gateway.gateway.daemon.app import Gateway
+from meter_gateway.gateway.daemon.meters import Fleet
+from meter_gateway.gateway.uplink.contract import Topics, decode_batch
 from meter_gateway.simulators.modbus_meter import ModbusSimServer, SimulatedMeter
 from tests.plugins.broker import Broker, Subscriber
 

@@ -21,10 +21,10 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from meter_gateway.drivers.reading import Quality
-from meter_gateway.gateway.app import Gateway
 from meter_gateway.gateway.config import load_config
-from meter_gateway.gateway.cursors import CursorStore
-from meter_gateway.gateway.schedule import freeze_time
+from meter_gateway.gateway.daemon.app import Gateway
+from meter_gateway.gateway.daemon.schedule import freeze_time
+from meter_gateway.gateway.store.cursors import CursorStore
 from meter_gateway.simulators.clock import SimClock
 from tests.plugins.simulators import SimBusFactory
 

@@ -13,7 +13,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from meter_gateway.gateway.local_broker import ENV_MOSQUITTO, BrokerUnavailable, LocalBroker, find_mosquitto
+from meter_gateway.gateway.cli.local_broker import ENV_MOSQUITTO, BrokerUnavailable, LocalBroker, find_mosquitto
 
 ROOT = Path(__file__).resolve().parents[1]
 

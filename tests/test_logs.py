@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from meter_gateway.gateway.logs import (
+from meter_gateway.gateway.daemon.logs import (
     RateLimiter,
     fields,
     limited_kind_ended,
@@ -63,7 +63,7 @@ def test_logfmt_line() -> None:
 def test_json_line() -> None:
     out = io.StringIO()
     setup_logging("DEBUG", "json", stream=out, journald=False)
-    log = logging.getLogger("meter_gateway.gateway.uplink")
+    log = logging.getLogger("meter_gateway.gateway.uplink.session")
     log.debug('event=publish_failed reason=not_authorized detail="no ACL"', extra=fields(batch=7))
     log.error("plain sentence")
     a, b = (json.loads(line) for line in lines(out))

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from meter_gateway.drivers.bus import BusCounters
-from meter_gateway.gateway.metrics import LATENCY_BUCKETS, Metrics, MetricsServer, start_http
+from meter_gateway.gateway.daemon.metrics import LATENCY_BUCKETS, Metrics, MetricsServer, start_http
 from tests.plugins.broker import Broker
 from tests.plugins.simulators import SimBusFactory
 
@@ -79,7 +79,7 @@ def test_bus_snapshot_counters_follow_the_snapshot(served: tuple[Metrics, Metric
 
 
 def test_every_bus_counter_key_is_exported_or_deliberately_skipped() -> None:
-    from meter_gateway.gateway import metrics as m
+    from meter_gateway.gateway.daemon import metrics as m
 
     mapped = {*m._BUS_TRANSACTIONS, *m._BUS_ATTEMPTS, *m._BUS_REJECTED, *m._BUS_DISCARDED_BYTES, "sent"}
     not_exported = {"jobs", "jobs_failed"}  # run() jobs end in the same outcome counters
@@ -128,7 +128,7 @@ class FakeOutboxStats:
 
 
 def test_outbox_meters_and_uplink(served: tuple[Metrics, MetricsServer]) -> None:
-    from meter_gateway.gateway.uplink import UplinkStats
+    from meter_gateway.gateway.uplink.session import UplinkStats
 
     metrics, server = served
     counters = {"committed": 10, "duplicates": 2, "overflow_dropped": 3, "refused": 4, "delivered": 6, "invalid": 0}
@@ -213,7 +213,7 @@ def dashboard_metrics() -> set[str]:
 
 def test_dashboard_queries_only_exported_metrics() -> None:
     """A panel querying a misspelt or renamed metric shows "No data" forever."""
-    from meter_gateway.gateway.metrics import reference_registry
+    from meter_gateway.gateway.daemon.metrics import reference_registry
 
     exported = {s.name for family in reference_registry().collect() for s in family.samples}
     used = dashboard_metrics()
@@ -231,8 +231,8 @@ def test_dashboard_queries_only_exported_metrics() -> None:
 
 
 def test_frozen_and_time_sync_jobs(served: tuple[Metrics, MetricsServer]) -> None:
-    from meter_gateway.gateway.frozen_job import FrozenStats
-    from meter_gateway.gateway.time_sync_job import TimeSyncStats
+    from meter_gateway.gateway.jobs.frozen import FrozenStats
+    from meter_gateway.gateway.jobs.time_sync import TimeSyncStats
 
     metrics, server = served
     metrics.update_jobs(None, None)
@@ -323,7 +323,7 @@ def test_every_known_label_value_is_exported_at_zero_before_its_first_event() ->
     """A counter series born at its first increment makes increase() miss that event (see
     tests/test_alerts.py): every reason, bus and action the code knows exists from the start."""
     from meter_gateway.gateway.commands.executor import CommandStats
-    from meter_gateway.gateway.uplink import UplinkStats
+    from meter_gateway.gateway.uplink.session import UplinkStats
 
     metrics = Metrics()
     metrics.add_bus("rs485-1")
@@ -351,7 +351,7 @@ def test_metric_reason_tables_match_the_code_that_produces_them() -> None:
     from meter_gateway.drivers.errors import LinkDown, NoAnswer
     from meter_gateway.drivers.health import MeterOffline
     from meter_gateway.gateway.commands.auth import REJECT_REASONS
-    from meter_gateway.gateway.metrics import COMMAND_REJECT_REASONS, MISSED_SLOT_REASONS, missed_slot_reason
+    from meter_gateway.gateway.daemon.metrics import COMMAND_REJECT_REASONS, MISSED_SLOT_REASONS, missed_slot_reason
 
     assert set(REJECT_REASONS) <= set(COMMAND_REJECT_REASONS)
     assert missed_slot_reason(LinkDown.kind) == "link_down"
@@ -377,11 +377,11 @@ def test_process_platform_and_gc_collectors_are_exported(served: tuple[Metrics, 
 def test_docs_metrics_md_is_generated_from_the_registry() -> None:
     from pathlib import Path
 
-    from meter_gateway.gateway.metrics import reference_markdown, reference_registry
+    from meter_gateway.gateway.daemon.metrics import reference_markdown, reference_registry
 
     path = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
     assert path.read_text() == reference_markdown(), (
-        "docs/metrics.md is stale: python -m meter_gateway.gateway.metrics > docs/metrics.md"
+        "docs/metrics.md is stale: python -m meter_gateway.gateway.daemon.metrics > docs/metrics.md"
     )
     # every family of a fully fed registry is documented, once
     text = path.read_text()
@@ -400,8 +400,8 @@ async def test_verification_latency_of_a_real_disconnect_is_observed(
 
     from meter_gateway.gateway.commands.envelope import encode_envelope
     from meter_gateway.gateway.commands.service import CommandService
-    from meter_gateway.gateway.outbox import AsyncOutbox
-    from meter_gateway.gateway.uplink import InboundMessage, Uplink, UplinkConfig
+    from meter_gateway.gateway.store.outbox import AsyncOutbox
+    from meter_gateway.gateway.uplink.session import InboundMessage, Uplink, UplinkConfig
     from tests.test_command_exec import GW, dlt_rig, envelope, mid
 
     async def until(cond: Callable[[], bool], what: str) -> None:
@@ -463,8 +463,8 @@ async def test_verification_latency_of_a_real_disconnect_is_observed(
 async def test_missed_slots_count_every_slot_not_read_with_its_reason(tmp_path: Path, mosquitto: Broker) -> None:
     """A gateway whose bus link is down misses every slot (reason link_down); stopped for a while
     and started again, it counts the slots that passed meanwhile (reason daemon_down)."""
-    from meter_gateway.gateway.app import Gateway
     from meter_gateway.gateway.config import load_config
+    from meter_gateway.gateway.daemon.app import Gateway
     from tests.plugins.ports import free_port
     from tests.test_daemon import config_text
 

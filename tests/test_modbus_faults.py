@@ -29,12 +29,12 @@ from meter_gateway.drivers.meter_models import ModbusModel, load_model
 from meter_gateway.drivers.modbus import ModbusLink, ModbusMeter
 from meter_gateway.drivers.reading import Quality
 from meter_gateway.drivers.transport import TcpSettings
-from meter_gateway.gateway.metrics import Metrics
+from meter_gateway.gateway.daemon.metrics import Metrics
 from tests.plugins.ports import free_port
 
 T0 = 1_700_000_000.0
 QUICK = BackoffPolicy(initial=0.01, maximum=0.05, jitter=0.1)
-# what the daemon's config gives a TCP bus (gateway/meters.py link_settings)
+# what the daemon's config gives a TCP bus (gateway/daemon/meters.py link_settings)
 CONFIG_RECONNECT = BackoffPolicy(0.5, 30.0)
 
 # a bus name per test: warnings are rate-limited per bus for the whole process

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from meter_gateway.drivers.reading import Quality, Reading
-from meter_gateway.gateway import outbox_cmd, outbox_schema
-from meter_gateway.gateway.outbox import AsyncOutbox, Outbox, OutboxError, OverflowPolicy, SchemaError
-from meter_gateway.gateway.outbox_sizing import largest_budget, min_partition_bytes, wal_bound, wal_limit
+from meter_gateway.gateway.cli import outbox_cmd
+from meter_gateway.gateway.store import outbox_schema
+from meter_gateway.gateway.store.outbox import AsyncOutbox, Outbox, OutboxError, OverflowPolicy, SchemaError
+from meter_gateway.gateway.store.outbox_sizing import largest_budget, min_partition_bytes, wal_bound, wal_limit
 from tests.plugins.tmpfs import small_tmpfs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,7 +189,7 @@ def test_rows_spanning_several_insert_statements_keep_order_values_and_gap_free_
 def test_stored_ids_are_found_at_every_group_size_with_few_prepared_lookups(outbox: Outbox) -> None:
     # The "already stored?" lookup is padded to power-of-two sizes (sqlite3 keeps each distinct
     # statement it prepared, and one per group size took 3 MiB); padding must not change results.
-    from meter_gateway.gateway.outbox import _lookup_sql
+    from meter_gateway.gateway.store.outbox import _lookup_sql
 
     sizes = (1, 2, 3, 63, 64, 65, 127, 300, 511, 512, 513, 600)
     stored = readings(600)
@@ -209,8 +210,8 @@ def test_page_caches_are_capped_per_role(outbox: Outbox, tmp_path: Path) -> None
     # SQLite's default page cache is 2 MiB per connection, filled by the open-time quick_check
     # and kept: the writer keeps 512 KiB (random reading-id index inserts), every other
     # connection 128 KiB (docs/benchmarks.md, memory with 10,000 meters).
-    from meter_gateway.gateway.cursors import CursorStore
-    from meter_gateway.gateway.sqlite_check import CACHE_KIB, SMALL_CACHE_KIB
+    from meter_gateway.gateway.store.cursors import CursorStore
+    from meter_gateway.gateway.store.sqlite_check import CACHE_KIB, SMALL_CACHE_KIB
 
     reader = outbox.open_reader()
     cursors = CursorStore.open(tmp_path / "schedule.sqlite")
@@ -275,7 +276,7 @@ def test_wal_mode_and_synchronous_setting_are_applied(db: Path, mode: str) -> No
 _WRITER = """
 import sys, time
 from meter_gateway.drivers.reading import Reading
-from meter_gateway.gateway.outbox import Outbox
+from meter_gateway.gateway.store.outbox import Outbox
 box = Outbox.open(sys.argv[1], synchronous="FULL")
 batch = 0
 while True:
@@ -665,7 +666,7 @@ def test_over_budget_is_said_once_and_clears_when_deliveries_free_room(
     box = Outbox.open(db, budget_bytes=256 * 1024)
     try:
         n = 0
-        with caplog.at_level("INFO", logger="meter_gateway.gateway.outbox"):
+        with caplog.at_level("INFO", logger="meter_gateway.gateway.store.outbox"):
             while not box.over_budget:
                 assert box.add(readings(20, start=n)).refused == 0  # over budget before any refusal
                 n += 20
@@ -697,7 +698,7 @@ def test_a_large_held_backlog_commits_in_bounded_transactions(db: Path, caplog: 
             box.add(readings(50, start=n))
             n += 50
         first_held = n - 50
-        with caplog.at_level("INFO", logger="meter_gateway.gateway.outbox"):
+        with caplog.at_level("INFO", logger="meter_gateway.gateway.store.outbox"):
             for _ in range(30):
                 box.add(readings(100, start=n))
                 n += 100

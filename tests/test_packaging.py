@@ -115,4 +115,4 @@ def test_wheel_carries_config_and_leaves_tests_out(tmp_path: Path) -> None:
     assert "meter_gateway/protocols/dlt645/data/dlt645_2007.toml" in names
     assert not {n for n in names if n.split("/")[1] in NOT_SHIPPED and n.startswith("meter_gateway/")}
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "meter-gateway = meter_gateway.gateway.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "meter-gateway = meter_gateway.gateway.cli.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

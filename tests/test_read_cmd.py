@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from meter_gateway.gateway.read_cmd import main
+from meter_gateway.gateway.cli.read_cmd import main
 from meter_gateway.protocols.dlt645.catalogue import default_catalogue
 from meter_gateway.protocols.dlt645.edition import Edition
 from meter_gateway.simulators.cjt188_meter import Cjt188Meter

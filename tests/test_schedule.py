@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meter_gateway.gateway.config import load_config
-from meter_gateway.gateway.schedule import (
+from meter_gateway.gateway.daemon.schedule import (
     DailyFrozenSchedule,
     Due,
     GroupPlan,

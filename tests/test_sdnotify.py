@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from meter_gateway.gateway.sdnotify import Notifier, run_watchdog, watchdog_interval
+from meter_gateway.gateway.daemon.sdnotify import Notifier, run_watchdog, watchdog_interval
 
 
 @pytest.fixture

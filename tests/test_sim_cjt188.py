@@ -304,7 +304,7 @@ async def test_cli_serves_a_mixed_bus_from_a_config(tmp_path: Path) -> None:
         '[[bus]]\nprotocol = "cjt188"\nmeter_type = "water"\nport = 0\nmeters = ["00000000000001"]\n'
         '[[bus.group]]\nprotocol = "dlt698"\nmeters = ["000000000002"]\n'
     )
-    code = "import sys; from simulators.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from meter_gateway.simulators.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", code, "--config", str(path), stdout=asyncio.subprocess.PIPE
     )

@@ -314,7 +314,7 @@ async def _read_until_ready(stream: asyncio.StreamReader) -> list[str]:
 
 @pytest.mark.asyncio
 async def test_cli_serves_reads_takes_control_commands_and_stops_on_sigterm() -> None:
-    code = "import sys; from simulators.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from meter_gateway.simulators.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",

@@ -24,9 +24,9 @@ from meter_gateway.drivers.meter_models import Dlt645Model, load_model
 from meter_gateway.drivers.tcp_link import TcpLink
 from meter_gateway.drivers.transport import TcpSettings
 from meter_gateway.gateway.config import Config, load_config
-from meter_gateway.gateway.cursors import CursorStore
-from meter_gateway.gateway.schedule import freeze_time
-from meter_gateway.gateway.time_sync_job import BROADCAST_LIMIT, TimeSyncJob, sync_allowed
+from meter_gateway.gateway.daemon.schedule import freeze_time
+from meter_gateway.gateway.jobs.time_sync import BROADCAST_LIMIT, TimeSyncJob, sync_allowed
+from meter_gateway.gateway.store.cursors import CursorStore
 from meter_gateway.protocols.dlt645.edition import Edition
 from meter_gateway.simulators.clock import SimClock
 from meter_gateway.simulators.dlt645_meter import Dlt645Meter

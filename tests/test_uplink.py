@@ -21,11 +21,18 @@ import pytest_asyncio
 
 from meter_gateway.drivers.backoff import BackoffPolicy
 from meter_gateway.drivers.reading import Quality, Reading
-from meter_gateway.gateway import mqtt_contract as contract
 from meter_gateway.gateway.commands.envelope import TERMINAL_STATES
-from meter_gateway.gateway.mqtt_connection import MqttConnection, MqttError
-from meter_gateway.gateway.outbox import AsyncOutbox
-from meter_gateway.gateway.uplink import InboundMessage, Protocol, TlsConfig, Uplink, UplinkConfig, UplinkConfigError
+from meter_gateway.gateway.store.outbox import AsyncOutbox
+from meter_gateway.gateway.uplink import contract
+from meter_gateway.gateway.uplink.mqtt_connection import MqttConnection, MqttError
+from meter_gateway.gateway.uplink.session import (
+    InboundMessage,
+    Protocol,
+    TlsConfig,
+    Uplink,
+    UplinkConfig,
+    UplinkConfigError,
+)
 from tests.plugins.broker import Broker, Subscriber
 from tests.plugins.simulators import SimBusFactory
 from tests.test_command_exec import envelope, mid
@@ -479,8 +486,8 @@ async def test_a_frozen_broker_costs_a_reconnect_and_logs_no_error(
 
 _DYING_GATEWAY = """
 import asyncio, sys
-from meter_gateway.gateway.outbox import AsyncOutbox
-from meter_gateway.gateway.uplink import Uplink, UplinkConfig
+from meter_gateway.gateway.store.outbox import AsyncOutbox
+from meter_gateway.gateway.uplink.session import Uplink, UplinkConfig
 
 async def main():
     box = await AsyncOutbox.open(sys.argv[1])

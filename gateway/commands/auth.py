@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from meter_gateway.gateway.commands.envelope import CommandEnvelope, canonical_bytes, decode_envelope, peek_command_id
-from meter_gateway.gateway.mqtt_contract import ContractError
+from meter_gateway.gateway.uplink.contract import ContractError
 
 if TYPE_CHECKING:
     from meter_gateway.gateway.config import CommandKeyConfig

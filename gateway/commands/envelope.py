@@ -14,7 +14,7 @@ import msgspec
 from msgspec import Meta
 
 from meter_gateway.gateway.commands.states import TERMINAL, CommandState
-from meter_gateway.gateway.mqtt_contract import CONTRACT_VERSION, ContractError
+from meter_gateway.gateway.uplink.contract import CONTRACT_VERSION, ContractError
 
 __all__ = [
     "ACK_STATES",

@@ -47,7 +47,7 @@ from meter_gateway.gateway.commands.actuators import (
 )
 from meter_gateway.gateway.commands.envelope import Ack, RelayState
 from meter_gateway.gateway.commands.states import RESULTS, TERMINAL, CommandEvent, CommandState
-from meter_gateway.gateway.commands.store import CommandStore, Execution, Transition
+from meter_gateway.gateway.store.commands import CommandStore, Execution, Transition
 
 __all__ = ["RESULT_STATES", "CommandStats", "ExecSettings", "Executor", "Recorder", "wanted_relay"]
 

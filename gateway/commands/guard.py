@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from meter_gateway.gateway.commands.states import CommandEvent, CommandState
-from meter_gateway.gateway.commands.store import CommandStore, Execution, Transition
+from meter_gateway.gateway.store.commands import CommandStore, Execution, Transition
 
 __all__ = ["GUARDED_ACTIONS", "GUARD_REASON", "GuardDecision", "MassDisconnectGuard"]
 

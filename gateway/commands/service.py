@@ -23,20 +23,20 @@ from typing import TYPE_CHECKING, Final
 
 from meter_gateway.drivers.backoff import Backoff, BackoffPolicy
 from meter_gateway.drivers.bus import Bus
-from meter_gateway.gateway.audit import AuditEntry, AuditError, AuditLog
 from meter_gateway.gateway.commands.actuators import CONTROL_ACTIONS, MeterActuator, make_actuator
 from meter_gateway.gateway.commands.auth import CommandRejected, KeyRing, authenticate
 from meter_gateway.gateway.commands.envelope import Ack, CommandEnvelope, canonical_bytes, decode_envelope
 from meter_gateway.gateway.commands.executor import CommandStats, CommitReadings, ExecSettings, Executor
 from meter_gateway.gateway.commands.guard import GUARD_REASON, GUARDED_ACTIONS, MassDisconnectGuard
 from meter_gateway.gateway.commands.states import ACTIVE, CommandEvent, CommandState, IllegalTransition
-from meter_gateway.gateway.commands.store import CommandStore, MeterPlan, StoreError, Transition
 from meter_gateway.gateway.config import Config, Meter
-from meter_gateway.gateway.mqtt_contract import ContractError
+from meter_gateway.gateway.store.audit import AuditEntry, AuditError, AuditLog
+from meter_gateway.gateway.store.commands import CommandStore, MeterPlan, StoreError, Transition
+from meter_gateway.gateway.uplink.contract import ContractError
 
 if TYPE_CHECKING:
-    from meter_gateway.gateway.meters import MeterRuntime
-    from meter_gateway.gateway.uplink import InboundMessage
+    from meter_gateway.gateway.daemon.meters import MeterRuntime
+    from meter_gateway.gateway.uplink.session import InboundMessage
 
 __all__ = ["CommandService", "CommandStats"]
 

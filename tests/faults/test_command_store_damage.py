@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from meter_gateway.gateway.audit import QUARANTINE_STATE, AuditError, AuditLog
 from meter_gateway.gateway.commands.states import CommandEvent
-from meter_gateway.gateway.commands.store import RESET_ACK_BASE, RESET_CLOCK_MARGIN, CommandStore, MeterPlan
+from meter_gateway.gateway.store.audit import QUARANTINE_STATE, AuditError, AuditLog
+from meter_gateway.gateway.store.commands import RESET_ACK_BASE, RESET_CLOCK_MARGIN, CommandStore, MeterPlan
 from meter_gateway.simulators.dlt645_meter import Dlt645Meter
 from tests.faults.test_commands_faults import CountingMeter, counting_bus
 from tests.test_command_exec import audit_of, dlt_rig, envelope, mid

@@ -25,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from meter_gateway.gateway.commands.auth import SigningKey
 from meter_gateway.gateway.commands.envelope import CommandEnvelope, encode_envelope
-from meter_gateway.gateway.uplink import Protocol
+from meter_gateway.gateway.uplink.session import Protocol
 from meter_gateway.protocols.dlt645.frame import Frame
 from meter_gateway.simulators.clock import SimClock
 from meter_gateway.simulators.dlt645_meter import Dlt645Meter

@@ -20,9 +20,9 @@ import pytest
 import pytest_asyncio
 
 from bench.e2e import PROTOCOLS, LineReader, gateway_config, parse_endpoints, simulator_config
-from meter_gateway.gateway.app import Gateway
 from meter_gateway.gateway.config import load_config
-from meter_gateway.gateway.sdnotify import Notifier
+from meter_gateway.gateway.daemon.app import Gateway
+from meter_gateway.gateway.daemon.sdnotify import Notifier
 from meter_gateway.simulators.modbus_meter import ModbusSimServer, SimulatedMeter
 from tests.faults import scale
 from tests.plugins.broker import Broker

@@ -42,8 +42,8 @@ import pytest
 import pytest_asyncio
 
 from meter_gateway.drivers.reading import Reading
-from meter_gateway.gateway.mqtt_contract import Topics, decode_batch
-from meter_gateway.gateway.outbox import Outbox
+from meter_gateway.gateway.store.outbox import Outbox
+from meter_gateway.gateway.uplink.contract import Topics, decode_batch
 from meter_gateway.simulators.modbus_meter import ModbusSimServer, SimulatedMeter
 from tests.faults import LONG, scale
 from tests.plugins.broker import Broker, Subscriber
@@ -55,7 +55,7 @@ GATEWAY_ID = "gw-faults"
 TOPICS = Topics(GATEWAY_ID, "meter-gateway")
 QUANTITIES = ("energy.active.import.total", "voltage.l1", "power.active.total")
 UNITS = (1, 2, 3, 4, 5, 6)
-RECONNECT_CAP = 30.0  # gateway/uplink.py UplinkConfig.reconnect: 0.5 s doubling to 30 s
+RECONNECT_CAP = 30.0  # gateway/uplink/session.py UplinkConfig.reconnect: 0.5 s doubling to 30 s
 RSS_CAP_MIB = 100.0  # this test's cap for a gateway with a handful of meters, whatever the backlog
 SEED = int(os.environ.get("METER_GATEWAY_FAULT_SEED", "0")) or random.randrange(1, 2**31)
 
@@ -294,11 +294,14 @@ def rows_of(payloads: Iterable[bytes]) -> set[int]:
 # -- item 1: fast restarts of the real entry point --------------------------------------------
 
 # A pre-imported interpreter that forks a child per start; the child runs the daemon's own
-# entry point (gateway.cli.main(["run", "-c", FILE])), exactly what `meter-gateway run` runs.
+# entry point (meter_gateway.gateway.cli.main.main(["run", "-c", FILE])), exactly what
+# `meter-gateway run` runs.
 # The zygote never starts a thread or an event loop, so forking it is safe.
 ZYGOTE = r"""
 import os, signal, sys
-import gateway.cli, gateway.run_cmd, gateway.app, gateway.uplink, gateway.outbox, drivers.modbus
+import meter_gateway.drivers.modbus, meter_gateway.gateway.daemon.app, meter_gateway.gateway.store.outbox
+import meter_gateway.gateway.uplink.session, meter_gateway.gateway.cli.run_cmd
+from meter_gateway.gateway.cli.main import main
 signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps killed children
 print("ready", flush=True)
 for line in sys.stdin:
@@ -313,7 +316,7 @@ for line in sys.stdin:
         os.dup2(fd, 2)
         code = 70
         try:
-            code = gateway.cli.main(["run", "-c", config])
+            code = main(["run", "-c", config])
         finally:
             os._exit(code)
     print(pid, flush=True)

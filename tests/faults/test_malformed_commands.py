@@ -29,7 +29,7 @@ import pytest
 from meter_gateway.drivers.backoff import BackoffPolicy
 from meter_gateway.gateway.commands.envelope import CommandEnvelope, encode_envelope
 from meter_gateway.gateway.commands.service import CommandService
-from meter_gateway.gateway.uplink import InboundMessage
+from meter_gateway.gateway.uplink.session import InboundMessage
 from tests.faults import scale
 from tests.faults.test_commands_faults import counting_bus, operations, publish_many
 from tests.plugins.broker import Broker

@@ -31,13 +31,13 @@ from meter_gateway.drivers.meter_models import Dlt645Model, load_model
 from meter_gateway.drivers.reading import Quality, Reading
 from meter_gateway.drivers.tcp_link import TcpLink
 from meter_gateway.drivers.transport import TcpSettings
-from meter_gateway.gateway.app import Gateway
 from meter_gateway.gateway.config import load_config
-from meter_gateway.gateway.cursors import CursorStore
-from meter_gateway.gateway.mqtt_contract import decode_batch
-from meter_gateway.gateway.outbox import AsyncOutbox, Outbox, OutboxDamaged
-from meter_gateway.gateway.outbox_sizing import MIB, wal_bound
-from meter_gateway.gateway.time_sync_job import BROADCAST_LIMIT, TimeSyncJob
+from meter_gateway.gateway.daemon.app import Gateway
+from meter_gateway.gateway.jobs.time_sync import BROADCAST_LIMIT, TimeSyncJob
+from meter_gateway.gateway.store.cursors import CursorStore
+from meter_gateway.gateway.store.outbox import AsyncOutbox, Outbox, OutboxDamaged
+from meter_gateway.gateway.store.outbox_sizing import MIB, wal_bound
+from meter_gateway.gateway.uplink.contract import decode_batch
 from meter_gateway.protocols.dlt645.edition import Edition
 from meter_gateway.simulators.modbus_meter import ModbusSimServer, SimulatedMeter
 from tests.faults import scale
@@ -48,7 +48,7 @@ from tests.plugins.tmpfs import small_tmpfs
 from tests.test_daemon import TOPICS, config_text, start_daemon, stop_daemon, wait_until
 from tests.test_daemon import scrape as scrape_or_raise
 
-LOG = "meter_gateway.gateway.outbox"
+LOG = "meter_gateway.gateway.store.outbox"
 ROOT = Path(__file__).resolve().parents[2]
 
 

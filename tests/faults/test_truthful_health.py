@@ -33,10 +33,10 @@ from meter_gateway.drivers.errors import DriverError
 from meter_gateway.drivers.health import HealthBook, HealthPolicy, MeterState
 from meter_gateway.drivers.tcp_link import TcpLink
 from meter_gateway.drivers.transport import TcpSettings
-from meter_gateway.gateway.app import Gateway, status_path
 from meter_gateway.gateway.config import load_config
-from meter_gateway.gateway.metrics import Metrics
-from meter_gateway.gateway.mqtt_contract import Topics, decode_batch
+from meter_gateway.gateway.daemon.app import Gateway, status_path
+from meter_gateway.gateway.daemon.metrics import Metrics
+from meter_gateway.gateway.uplink.contract import Topics, decode_batch
 from meter_gateway.simulators.clock import SimClock
 from meter_gateway.simulators.dlt645_meter import Dlt645Meter, Edition
 from meter_gateway.simulators.faults import Faults

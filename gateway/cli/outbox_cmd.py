@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from meter_gateway.gateway.outbox import Outbox, OutboxError, Row, SchemaError
+from meter_gateway.gateway.store.outbox import Outbox, OutboxError, Row, SchemaError
 
 
 def _parser() -> argparse.ArgumentParser:

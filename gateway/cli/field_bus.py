@@ -31,6 +31,7 @@ from meter_gateway.drivers.errors import ConfigurationError
 from meter_gateway.drivers.health import HealthBook
 from meter_gateway.drivers.meter_models import available_models, load_model
 from meter_gateway.drivers.transport import TcpSettings
+from meter_gateway.gateway.cli.config_cmd import EX_CONFIG
 from meter_gateway.gateway.config import (
     BAUD_RATES,
     BusConfig,
@@ -43,8 +44,7 @@ from meter_gateway.gateway.config import (
     UplinkSection,
     load_config,
 )
-from meter_gateway.gateway.config_cmd import EX_CONFIG
-from meter_gateway.gateway.meters import build_bus, link_settings
+from meter_gateway.gateway.daemon.meters import build_bus, link_settings
 
 __all__ = [
     "EX_CONFIG",

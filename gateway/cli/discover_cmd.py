@@ -45,8 +45,7 @@ import msgspec
 from meter_gateway.drivers import registry
 from meter_gateway.drivers.errors import BadReply, ConfigurationError, DriverError, LinkDown, MeterRefused, NoAnswer
 from meter_gateway.drivers.meter_models import load_model
-from meter_gateway.gateway.config import BusConfig, Duration
-from meter_gateway.gateway.field_bus import (
+from meter_gateway.gateway.cli.field_bus import (
     FieldError,
     Target,
     add_bus_arguments,
@@ -58,7 +57,8 @@ from meter_gateway.gateway.field_bus import (
     run_tool,
     shipped_models,
 )
-from meter_gateway.gateway.meters import build_driver
+from meter_gateway.gateway.config import BusConfig, Duration
+from meter_gateway.gateway.daemon.meters import build_driver
 
 __all__ = ["MAX_PROBES", "Found", "main", "snippet"]
 

@@ -38,7 +38,7 @@ from typing import Any, Final, Self
 
 import msgspec
 
-from meter_gateway.gateway.sqlite_check import (
+from meter_gateway.gateway.store.sqlite_check import (
     DEFAULT_CHECK_BUDGET,
     DamagedDatabase,
     is_damage,

@@ -56,7 +56,7 @@ CACHE_KIB: Final = 512
 SMALL_CACHE_KIB: Final = 128
 
 # The WAL of a small state file (cursors, commands, audit): SQLite's default auto-checkpoint lets
-# it reach ~4 MiB, the size of a whole small state partition (gateway/outbox_sizing.py counts the
+# it reach ~4 MiB, the size of a whole small state partition (gateway/store/outbox_sizing.py counts the
 # other state files at a few hundred KiB each).
 SMALL_WAL_BYTES: Final = 256 * 1024
 

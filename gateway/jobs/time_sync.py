@@ -69,8 +69,8 @@ from typing import TYPE_CHECKING, Final, Protocol
 from meter_gateway.drivers import registry
 from meter_gateway.drivers.bus import Bus, Priority
 from meter_gateway.drivers.errors import DriverError
-from meter_gateway.gateway.cursors import CursorStore, TimeSyncRecord
-from meter_gateway.gateway.schedule import TimeSyncSchedule
+from meter_gateway.gateway.daemon.schedule import TimeSyncSchedule
+from meter_gateway.gateway.store.cursors import CursorStore, TimeSyncRecord
 
 if TYPE_CHECKING:
     from meter_gateway.gateway.config import Config

@@ -19,9 +19,9 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from meter_gateway.gateway.audit import AuditError, AuditLog, AuditRecord
+from meter_gateway.gateway.cli.config_cmd import EX_CONFIG
 from meter_gateway.gateway.config import ConfigError, load_config, parse_duration
-from meter_gateway.gateway.config_cmd import EX_CONFIG
+from meter_gateway.gateway.store.audit import AuditError, AuditLog, AuditRecord
 
 
 def _parser() -> argparse.ArgumentParser:

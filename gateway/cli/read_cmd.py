@@ -34,8 +34,7 @@ from meter_gateway.drivers import registry
 from meter_gateway.drivers.errors import ConfigurationError, DriverError
 from meter_gateway.drivers.meter_models import load_model
 from meter_gateway.drivers.reading import Quality, Reading
-from meter_gateway.gateway.config import Meter
-from meter_gateway.gateway.field_bus import (
+from meter_gateway.gateway.cli.field_bus import (
     FieldError,
     Target,
     add_bus_arguments,
@@ -47,7 +46,8 @@ from meter_gateway.gateway.field_bus import (
     run_tool,
     shipped_models,
 )
-from meter_gateway.gateway.meters import MeterRuntime, build_driver
+from meter_gateway.gateway.config import Meter
+from meter_gateway.gateway.daemon.meters import MeterRuntime, build_driver
 
 __all__ = ["main", "parse_address"]
 

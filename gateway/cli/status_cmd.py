@@ -2,7 +2,7 @@
 
 Reads the status file the daemon replaces every few seconds in its state directory and the
 outbox itself (read-only: the depth is the committed truth even when the daemon is down). On a
-full disk the daemon writes the status file in place (gateway/status_file.py), so a running
+full disk the daemon writes the status file in place (gateway/daemon/status_file.py), so a running
 daemon still shows as running, with its storage alarm.
 Exit status: 0 the daemon is running, 3 it is not (the status file is missing, says it
 stopped, or is stale), 78 the config is bad.
@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from meter_gateway.gateway.app import STATUS_EVERY, outbox_path, status_path
+from meter_gateway.gateway.cli.config_cmd import EX_CONFIG
 from meter_gateway.gateway.config import ConfigError, load_config
-from meter_gateway.gateway.config_cmd import EX_CONFIG
-from meter_gateway.gateway.outbox import Outbox, OutboxError
+from meter_gateway.gateway.daemon.app import STATUS_EVERY, outbox_path, status_path
+from meter_gateway.gateway.store.outbox import Outbox, OutboxError
 
 NOT_RUNNING = 3  # as `systemctl status` / LSB init scripts
 STALE_AFTER = 6 * STATUS_EVERY

@@ -32,11 +32,11 @@ from meter_gateway.config import resource
 from meter_gateway.drivers import registry
 from meter_gateway.drivers.meter_models import load_model
 from meter_gateway.drivers.reading import Quality
-from meter_gateway.gateway.app import Gateway
+from meter_gateway.gateway.cli.local_broker import BrokerUnavailable, LocalBroker
 from meter_gateway.gateway.config import BusConfig, Config, ConfigError, Meter, TcpBus, load_config
-from meter_gateway.gateway.headend_client import ReadingsWatcher
-from meter_gateway.gateway.local_broker import BrokerUnavailable, LocalBroker
-from meter_gateway.gateway.mqtt_contract import ReadingsBatch, Topics
+from meter_gateway.gateway.daemon.app import Gateway
+from meter_gateway.gateway.uplink.contract import ReadingsBatch, Topics
+from meter_gateway.gateway.uplink.headend_client import ReadingsWatcher
 from meter_gateway.simulators.clock import SimClock
 from meter_gateway.simulators.dlt645_meter import Dlt645Meter
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from meter_gateway.drivers.backoff import Backoff, BackoffPolicy
-from meter_gateway.gateway.mqtt_contract import CONTRACT_VERSION, MeterEvent, Topics, encode_meter_event
+from meter_gateway.gateway.uplink.contract import CONTRACT_VERSION, MeterEvent, Topics, encode_meter_event
 
 __all__ = ["DEFAULT_BACKLOG", "EventStats", "MeterEvents"]
 

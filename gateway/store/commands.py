@@ -55,7 +55,7 @@ from meter_gateway.gateway.commands.states import (
     Scope,
     transition,
 )
-from meter_gateway.gateway.sqlite_check import (
+from meter_gateway.gateway.store.sqlite_check import (
     DEFAULT_CHECK_BUDGET,
     DamagedDatabase,
     is_damage,

@@ -50,9 +50,9 @@ class Copy:
 
 def config_stores(config_path: str) -> list[tuple[str, Path, bool]]:
     """(name, path, required) of every store the config's daemon writes. Raises ConfigError."""
-    from meter_gateway.gateway.app import outbox_path
     from meter_gateway.gateway.config import load_config
-    from meter_gateway.gateway.cursors import store_path
+    from meter_gateway.gateway.daemon.app import outbox_path
+    from meter_gateway.gateway.store.cursors import store_path
 
     config = load_config(config_path)
     state = Path(config.gateway.state_dir)
@@ -150,8 +150,8 @@ def main(argv: Sequence[str]) -> int:
         print("meter-gateway backup: give either -c CONFIG or the store FILEs, not both", file=sys.stderr)
         return 2
     if args.config:
+        from meter_gateway.gateway.cli.config_cmd import EX_CONFIG
         from meter_gateway.gateway.config import ConfigError
-        from meter_gateway.gateway.config_cmd import EX_CONFIG
 
         try:
             stores = config_stores(args.config)

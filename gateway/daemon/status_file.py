@@ -5,7 +5,7 @@ padded with spaces (JSON ignores trailing whitespace) to leave room to grow, so 
 owns more blocks than its content needs. When the disk is full and the temporary file cannot be
 written, the new content is written in place over the existing file's blocks instead: no new
 block is needed, and `meter-gateway status` still sees a running daemon and its storage alarm.
-In place, a reader can catch a half-written file; it then reads again (gateway/status_cmd.py).
+In place, a reader can catch a half-written file; it then reads again (gateway/cli/status_cmd.py).
 If even the padded room is too small, the per-meter state map is left out of that version.
 """
 
@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from meter_gateway.gateway.logs import limited_kind_ended, log_limited
+from meter_gateway.gateway.daemon.logs import limited_kind_ended, log_limited
 
 __all__ = ["StatusFile"]
 

@@ -22,13 +22,13 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from meter_gateway.gateway.cli.config_cmd import EX_CONFIG
 from meter_gateway.gateway.config import Config, ConfigError
 from meter_gateway.gateway.config_child import load_config_in_child
-from meter_gateway.gateway.config_cmd import EX_CONFIG
-from meter_gateway.gateway.logs import setup_logging
+from meter_gateway.gateway.daemon.logs import setup_logging
 
 if TYPE_CHECKING:
-    from meter_gateway.gateway.metrics import MetricsServer
+    from meter_gateway.gateway.daemon.metrics import MetricsServer
 
 log = logging.getLogger("meter_gateway")
 
@@ -86,9 +86,9 @@ async def serve(config: Config, path: str) -> int:
     _limit_malloc_arenas()  # before serve() starts any thread
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     # imported here, after the config is known good: a bad config exits 78 without paying for them
-    from meter_gateway.gateway.app import Gateway
-    from meter_gateway.gateway.metrics import Metrics, start_http
-    from meter_gateway.gateway.sdnotify import Notifier
+    from meter_gateway.gateway.daemon.app import Gateway
+    from meter_gateway.gateway.daemon.metrics import Metrics, start_http
+    from meter_gateway.gateway.daemon.sdnotify import Notifier
 
     metrics = Metrics()
     server: MetricsServer | None = None

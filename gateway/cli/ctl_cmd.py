@@ -5,8 +5,9 @@ meter-gateway ctl ACTION METER... --gateway GW --key FILE --key-id ID [--broker 
 meter-gateway ctl release COMMAND_ID... --gateway GW --key FILE --key-id ID [--meter M ...] [--wait]
 
 ACTION: disconnect, reconnect, status, keep-power-on, keep-power-off, alarm-on, alarm-off,
-time-sync, read-now, valve-close, valve-open. Head-end side, like gateway/headend_client.py: paho's threaded client.
-It subscribes to the gateway's acks before publishing, so no transition is missed.
+time-sync, read-now, valve-close, valve-open. Head-end side, like
+gateway/uplink/headend_client.py: paho's threaded client. It subscribes to the gateway's acks
+before publishing, so no transition is missed.
 
 Exit codes: 0 published (without --wait) or every meter verified (with --wait); 1 the command
 finished but some meter is not verified (rejected, meter_refused, unverified, expired);
@@ -42,7 +43,7 @@ from meter_gateway.gateway.commands.envelope import (
     decode_ack,
     encode_envelope,
 )
-from meter_gateway.gateway.mqtt_contract import TOPIC_ROOT, ContractError, Topics
+from meter_gateway.gateway.uplink.contract import TOPIC_ROOT, ContractError, Topics
 
 EXIT_OK: Final = 0
 EXIT_NOT_VERIFIED: Final = 1

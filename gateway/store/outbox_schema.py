@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from meter_gateway.gateway.mqtt_contract import WireReading, encode_readings
+from meter_gateway.gateway.uplink.contract import WireReading, encode_readings
 
 # Counters persisted as lifetime totals (schema v3). The in-memory process counters use the
 # same names; the persisted ones survive restarts so `meter-gateway outbox stats` can show them.

@@ -1,7 +1,7 @@
 """MQTT uplink: drains the outbox to the broker, publishes status and meter states, takes commands.
 
 Delivery is at least once from the outbox to the broker: rows are acked in the outbox only after
-a PUBACK with a success reason code. The connection is gateway/mqtt_connection.py (paho's public
+a PUBACK with a success reason code. The connection is gateway/uplink/mqtt_connection.py (paho's public
 client API on our event loop; aiomqtt's public API cannot report a PUBACK's reason code), whose
 publish() gives a future of that code. A negative code (>= 0x80: not authorized, quota exceeded,
 ...) is a failure: the rows stay, the pump backs off and sends them again.
@@ -30,9 +30,9 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from meter_gateway.drivers.backoff import Backoff, BackoffPolicy
 from meter_gateway.gateway import __version__
-from meter_gateway.gateway.logs import log_limited
-from meter_gateway.gateway.mqtt_connection import ConnectionLost, ConnectRefused, MqttConnection, MqttError, Will
-from meter_gateway.gateway.mqtt_contract import (
+from meter_gateway.gateway.daemon.logs import log_limited
+from meter_gateway.gateway.store.outbox import AsyncOutbox, OutboxDamaged, Record, Row
+from meter_gateway.gateway.uplink.contract import (
     BATCH_OVERHEAD,
     CONTRACT_VERSION,
     TOPIC_ROOT,
@@ -46,7 +46,7 @@ from meter_gateway.gateway.mqtt_contract import (
     encode_reading,
     encode_status,
 )
-from meter_gateway.gateway.outbox import AsyncOutbox, OutboxDamaged, Record, Row
+from meter_gateway.gateway.uplink.mqtt_connection import ConnectionLost, ConnectRefused, MqttConnection, MqttError, Will
 
 __all__ = [
     "CommandHook",

@@ -10,23 +10,23 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "decode": ("meter_gateway.gateway.decode_cmd", "decode DL/T 645 frames given as hex and print them as JSON"),
+    "decode": ("meter_gateway.gateway.cli.decode_cmd", "decode DL/T 645 frames given as hex and print them as JSON"),
     "simulate": ("meter_gateway.simulators.cli", "run simulated DL/T 645 and Modbus meters on TCP ports or ptys"),
-    "run": ("meter_gateway.gateway.run_cmd", "run the gateway daemon with a config file"),
-    "check-config": ("meter_gateway.gateway.config_cmd", "validate a config file; exit 78 when it is bad"),
+    "run": ("meter_gateway.gateway.cli.run_cmd", "run the gateway daemon with a config file"),
+    "check-config": ("meter_gateway.gateway.cli.config_cmd", "validate a config file; exit 78 when it is bad"),
     "config-reference": ("meter_gateway.gateway.config_reference", "every config key: Markdown or JSON Schema"),
     "example-config": (
-        "meter_gateway.gateway.example_config_cmd",
+        "meter_gateway.gateway.cli.example_config_cmd",
         "print an example config, the systemd unit, alert rules or dashboard",
     ),
-    "status": ("meter_gateway.gateway.status_cmd", "show meters by state, outbox depth and last delivery"),
-    "outbox": ("meter_gateway.gateway.outbox_cmd", "inspect the durable outbox"),
-    "demo": ("meter_gateway.gateway.demo", "simulators + local MQTT broker + gateway, readings shown live"),
-    "ctl": ("meter_gateway.gateway.ctl_cmd", "head-end reference client: signed remote-control commands"),
-    "audit": ("meter_gateway.gateway.audit_cmd", "query the remote-control audit log"),
-    "backup": ("meter_gateway.gateway.backup_cmd", "back up the outbox, cursor, command and audit stores"),
-    "read": ("meter_gateway.gateway.read_cmd", "read one meter once, without the daemon (field tool)"),
-    "discover": ("meter_gateway.gateway.discover_cmd", "find the meters on a bus; print [[meters]] to paste"),
+    "status": ("meter_gateway.gateway.cli.status_cmd", "show meters by state, outbox depth and last delivery"),
+    "outbox": ("meter_gateway.gateway.cli.outbox_cmd", "inspect the durable outbox"),
+    "demo": ("meter_gateway.gateway.cli.demo", "simulators + local MQTT broker + gateway, readings shown live"),
+    "ctl": ("meter_gateway.gateway.cli.ctl_cmd", "head-end reference client: signed remote-control commands"),
+    "audit": ("meter_gateway.gateway.cli.audit_cmd", "query the remote-control audit log"),
+    "backup": ("meter_gateway.gateway.cli.backup_cmd", "back up the outbox, cursor, command and audit stores"),
+    "read": ("meter_gateway.gateway.cli.read_cmd", "read one meter once, without the daemon (field tool)"),
+    "discover": ("meter_gateway.gateway.cli.discover_cmd", "find the meters on a bus; print [[meters]] to paste"),
 }
 
 

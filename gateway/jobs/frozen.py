@@ -57,21 +57,21 @@ from meter_gateway.drivers import registry
 from meter_gateway.drivers.bus import Priority
 from meter_gateway.drivers.errors import BadReply, ConfigurationError, DriverError, MeterRefused
 from meter_gateway.drivers.reading import Quality, Reading
-from meter_gateway.gateway.cursors import MAX_OWED_PER_METER, CursorStore, OwedFreeze
-from meter_gateway.gateway.schedule import (
+from meter_gateway.gateway.daemon.schedule import (
     MAX_FROZEN_DAYS,
     DailyFrozenSchedule,
     MissedSlots,
     freeze_time,
     latest_freeze_date,
 )
+from meter_gateway.gateway.store.cursors import MAX_OWED_PER_METER, CursorStore, OwedFreeze
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from meter_gateway.drivers.bus import Bus
     from meter_gateway.gateway.config import Config
-    from meter_gateway.gateway.outbox import AddResult
+    from meter_gateway.gateway.store.outbox import AddResult
 
 __all__ = ["FrozenJob", "FrozenReader", "FrozenStats", "ReadingSink"]
 

@@ -7,7 +7,7 @@ backfills), ``jobs`` (the daily frozen reads with backfill, and meter time sync;
 reload), ``commands`` (remote control, when ``[commands] enabled``), ``housekeeping`` (metrics
 snapshots, the status file, sd_notify STATUS), ``watchdog`` (sd_notify WATCHDOG=1 while the
 poller makes progress) and ``reloader`` (applies a new config on the ``reload`` event). Signals
-only set events (``stop``, ``reload``; see gateway/run_cmd.py). Shutdown runs the stages in
+only set events (``stop``, ``reload``; see gateway/cli/run_cmd.py). Shutdown runs the stages in
 reverse order within a budget: stop handing out reads and let in-flight reads finish (so what
 was read is committed), let commands persist their state, stop the uplink (it waits briefly for
 in-flight PUBACKs), close buses, close the cursor store and the outbox.
@@ -40,19 +40,19 @@ from meter_gateway.drivers.errors import DriverError
 from meter_gateway.drivers.health import HealthBook, HealthPolicy, MeterState, StateChange
 from meter_gateway.drivers.reading import Quality
 from meter_gateway.gateway.config import Config, ConfigError, diff
-from meter_gateway.gateway.cursors import CursorStore, autosave_poll
-from meter_gateway.gateway.frozen_job import FrozenJob
-from meter_gateway.gateway.logs import log_limited
-from meter_gateway.gateway.meter_events import MeterEvents
-from meter_gateway.gateway.meters import Fleet, MeterRuntime
-from meter_gateway.gateway.metrics import Metrics, missed_slot_reason
-from meter_gateway.gateway.outbox import AsyncOutbox, OutboxDamaged, OverflowPolicy
-from meter_gateway.gateway.outbox_sizing import PartitionTooSmall, check_partition
-from meter_gateway.gateway.schedule import GroupPlan, MissedSlots, PollSchedule
-from meter_gateway.gateway.sdnotify import Notifier, run_watchdog, watchdog_interval
-from meter_gateway.gateway.status_file import StatusFile
-from meter_gateway.gateway.time_sync_job import TimeSyncJob
-from meter_gateway.gateway.uplink import InboundMessage, Protocol, TlsConfig, Uplink, UplinkConfig
+from meter_gateway.gateway.daemon.logs import log_limited
+from meter_gateway.gateway.daemon.meters import Fleet, MeterRuntime
+from meter_gateway.gateway.daemon.metrics import Metrics, missed_slot_reason
+from meter_gateway.gateway.daemon.schedule import GroupPlan, MissedSlots, PollSchedule
+from meter_gateway.gateway.daemon.sdnotify import Notifier, run_watchdog, watchdog_interval
+from meter_gateway.gateway.daemon.status_file import StatusFile
+from meter_gateway.gateway.jobs.frozen import FrozenJob
+from meter_gateway.gateway.jobs.time_sync import TimeSyncJob
+from meter_gateway.gateway.store.cursors import CursorStore, autosave_poll
+from meter_gateway.gateway.store.outbox import AsyncOutbox, OutboxDamaged, OverflowPolicy
+from meter_gateway.gateway.store.outbox_sizing import PartitionTooSmall, check_partition
+from meter_gateway.gateway.uplink.meter_events import MeterEvents
+from meter_gateway.gateway.uplink.session import InboundMessage, Protocol, TlsConfig, Uplink, UplinkConfig
 
 if TYPE_CHECKING:
     from meter_gateway.drivers.reading import Reading

@@ -91,7 +91,7 @@ def missed_slot_reason(kind: str) -> str:
 
 
 # UplinkStats.failures keys the uplink can produce: its own, and the MQTT v5 reason codes a broker
-# may answer a PUBLISH or SUBSCRIBE with (>= 0x80), named as gateway/uplink.py _reason_key spells them.
+# may answer a PUBLISH or SUBSCRIBE with (>= 0x80), named as gateway/uplink/session.py _reason_key spells them.
 UPLINK_FAILURE_REASONS: tuple[str, ...] = (
     "ack_timeout",
     "connect_error",
@@ -652,13 +652,13 @@ _OPEN_LABELS = frozenset({"bus", "le", "version", "implementation", "major", "mi
 
 def reference_registry() -> CollectorRegistry:
     """A registry holding every family the daemon can export, each fed an all-zero snapshot: the
-    source of docs/metrics.md (``python -m meter_gateway.gateway.metrics``)."""
+    source of docs/metrics.md (``python -m meter_gateway.gateway.daemon.metrics``)."""
     from meter_gateway.drivers.bus import BusCounters
     from meter_gateway.gateway.commands.executor import CommandStats
-    from meter_gateway.gateway.frozen_job import FrozenStats
-    from meter_gateway.gateway.outbox import OutboxStats
-    from meter_gateway.gateway.time_sync_job import TimeSyncStats
-    from meter_gateway.gateway.uplink import UplinkStats
+    from meter_gateway.gateway.jobs.frozen import FrozenStats
+    from meter_gateway.gateway.jobs.time_sync import TimeSyncStats
+    from meter_gateway.gateway.store.outbox import OutboxStats
+    from meter_gateway.gateway.uplink.session import UplinkStats
 
     metrics = Metrics(version=__version__)
     metrics.add_bus("bus")
@@ -689,7 +689,7 @@ def reference_markdown(registry: CollectorRegistry | None = None) -> str:
     lines = [
         "# Metrics reference",
         "",
-        "Generated from the code's own registry by `python -m meter_gateway.gateway.metrics >"
+        "Generated from the code's own registry by `python -m meter_gateway.gateway.daemon.metrics >"
         " docs/metrics.md`; tests/test_metrics.py fails when this file and the code disagree."
         ' docs/operations.md ("Metrics") explains how to read them; docs/commands.md the command ones.',
         "",

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from meter_gateway.gateway.mqtt_contract import ReadingsBatch, Topics, decode_batch, decode_meter_state
+from meter_gateway.gateway.uplink.contract import ReadingsBatch, Topics, decode_batch, decode_meter_state
 
 
 class ReadingsWatcher:

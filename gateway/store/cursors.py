@@ -48,9 +48,9 @@ from datetime import date, timedelta, tzinfo
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from meter_gateway.gateway.logs import log_limited
-from meter_gateway.gateway.schedule import DEFAULT_RESYNC_AFTER, latest_freeze_date
-from meter_gateway.gateway.sqlite_check import limit_cache, limit_wal, quarantine
+from meter_gateway.gateway.daemon.logs import log_limited
+from meter_gateway.gateway.daemon.schedule import DEFAULT_RESYNC_AFTER, latest_freeze_date
+from meter_gateway.gateway.store.sqlite_check import limit_cache, limit_wal, quarantine
 
 if TYPE_CHECKING:
     from meter_gateway.gateway.config import Config

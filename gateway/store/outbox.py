@@ -54,12 +54,11 @@ from typing import Any, NamedTuple, TypeVar
 import msgspec
 
 from meter_gateway.drivers.reading import Quality, Reading, ReadRecord, records
-from meter_gateway.gateway import outbox_schema
-from meter_gateway.gateway.logs import limited_kind_ended, log_limited
-from meter_gateway.gateway.mqtt_contract import WireReading, decode_readings, encode_readings
-from meter_gateway.gateway.outbox_schema import COUNTER_NAMES, SchemaError
-from meter_gateway.gateway.outbox_sizing import transaction_rows, wal_limit
-from meter_gateway.gateway.sqlite_check import (
+from meter_gateway.gateway.daemon.logs import limited_kind_ended, log_limited
+from meter_gateway.gateway.store import outbox_schema
+from meter_gateway.gateway.store.outbox_schema import COUNTER_NAMES, SchemaError
+from meter_gateway.gateway.store.outbox_sizing import transaction_rows, wal_limit
+from meter_gateway.gateway.store.sqlite_check import (
     CACHE_KIB,
     DamagedDatabase,
     clear_damage_mark,
@@ -70,6 +69,7 @@ from meter_gateway.gateway.sqlite_check import (
     quarantine,
     quick_check,
 )
+from meter_gateway.gateway.uplink.contract import WireReading, decode_readings, encode_readings
 
 __all__ = [
     "AddResult",

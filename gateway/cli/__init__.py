@@ -1,0 +1,1 @@
+"""The meter-gateway command line: one module per command."""

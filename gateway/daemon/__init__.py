@@ -1,0 +1,1 @@
+"""The daemon: lifecycle, the fleet of buses and drivers, the poll schedule, metrics, logs, status."""

@@ -1,0 +1,1 @@
+"""The SQLite files: the outbox, poll cursors, the command store and the audit log."""

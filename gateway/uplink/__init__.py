@@ -1,0 +1,1 @@
+"""MQTT to the head-end: the session, the connection, the wire contract, meter events."""
