@@ -116,7 +116,7 @@ def test_bad_readings_are_counted_and_the_rest_of_the_batch_is_kept(
     assert [r.reading_id for r in outbox.peek()] == [good[0].id, *(r.id for r in odd), good[1].id]
     assert outbox.stats().counters["invalid"] == 3
     assert outbox.stats().totals["invalid"] == 3
-    assert len([r for r in caplog.records if "invalid readings" in r.getMessage()]) == 1
+    assert len([r for r in caplog.records if "event=outbox_refused_invalid" in r.getMessage()]) == 1
 
 
 def test_duplicates_are_ignored_counted_and_leave_no_gap_in_row_numbers(outbox: Outbox) -> None:
@@ -209,7 +209,7 @@ def test_stored_ids_are_found_at_every_group_size_with_few_prepared_lookups(outb
 def test_page_caches_are_capped_per_role(outbox: Outbox, tmp_path: Path) -> None:
     # SQLite's default page cache is 2 MiB per connection, filled by the open-time quick_check
     # and kept: the writer keeps 512 KiB (random reading-id index inserts), every other
-    # connection 128 KiB (docs/benchmarks.md, memory with 10,000 meters).
+    # connection 128 KiB (bench memory).
     from meter_gateway.gateway.store.cursors import CursorStore
     from meter_gateway.gateway.store.sqlite_check import CACHE_KIB, SMALL_CACHE_KIB
 
@@ -474,7 +474,7 @@ def test_migrations_from_v1_to_current(db: Path) -> None:
 
     box = Outbox.open(db)
     try:
-        assert box.schema_version == outbox_schema.CURRENT == 4
+        assert box.schema_version == outbox_schema.CURRENT == 5
         assert len(box.instance) == 32
         assert [r.reading_id for r in box.peek()] == ["m/e/s60"]
         assert box.stats().totals == dict.fromkeys(outbox_schema.COUNTER_NAMES, 0)
@@ -805,7 +805,7 @@ def test_an_old_schema_file_is_migrated_on_open_with_its_rows_ids_and_numbers(db
         conn.execute("DELETE FROM readings WHERE row_id = 8")  # the newest row delivered: the sequence is ahead
     box = Outbox.open(db)
     try:
-        assert (box.schema_version, box.instance) == (4, instance)
+        assert (box.schema_version, box.instance) == (outbox_schema.CURRENT, instance)
         assert (box.depth, box.last_row_id) == (5, 8)
         rows = box.peek()
         assert [(r.row_id, r.reading_id) for r in rows] == [(i + 1, old[i].id) for i in (0, 3, 4, 5, 6)]
