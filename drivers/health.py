@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from meter_gateway.drivers.errors import BadReply, DriverError, MeterRefused, NoAnswer
+from meter_gateway.drivers.log_limit import logfmt_value
 
 log = logging.getLogger(__name__)
 
@@ -200,10 +201,16 @@ class HealthBook:
         if old is new:
             return
         change = StateChange(meter_id, old, new, failures, reason, self._clock())
-        log.debug("meter %s: %s -> %s%s", meter_id, old, new, f" ({reason})" if reason else "")
+        log.debug(
+            "event=meter_health meter=%s from=%s to=%s reason=%s",
+            logfmt_value(meter_id),
+            old.value,
+            new.value,
+            logfmt_value(reason or "-"),
+        )
         if self._on_change is not None:
             try:
                 self._on_change(change)
             except Exception:
                 # a broken subscriber must not break acquisition
-                log.exception("meter %s: state-change callback failed", meter_id)
+                log.exception("event=state_callback_crashed meter=%s", logfmt_value(meter_id))

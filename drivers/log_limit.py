@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["REPEAT_INTERVAL", "RateLimiter", "limited_kind_ended", "log_limited"]
+__all__ = ["REPEAT_INTERVAL", "RateLimiter", "limited_kind_ended", "log_limited", "logfmt_value"]
 
 # Seconds between two lines of one repeating kind (the first occurrence is logged at once).
 REPEAT_INTERVAL = 60.0
@@ -82,3 +82,12 @@ def log_limited(logger: logging.Logger, level: int, kind: str, msg: str, *args: 
 def limited_kind_ended(kind: str) -> None:
     """Reset ``kind`` once its condition clears, so a new episode is reported at once."""
     _LIMITER.forget(kind)
+
+
+def logfmt_value(value: object) -> str:
+    """``value`` as one logfmt value: bare when it can be, else double-quoted and escaped, so a
+    message like ``"event=x error=%s"`` stays parseable whatever the error says."""
+    text = str(value)
+    if text and text.isprintable() and not any(c in text for c in ' ="\\'):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -61,9 +61,9 @@ from pymodbus.pdu.register_message import (
 from meter_gateway.drivers.backoff import BackoffPolicy
 from meter_gateway.drivers.bus import Bus, BusSettings, Priority
 from meter_gateway.drivers.context import DriverContext
-from meter_gateway.drivers.errors import BadReply, ConfigurationError, LinkDown, MeterRefused, NoAnswer
+from meter_gateway.drivers.errors import BadReply, ConfigurationError, LinkDown, MeterRefused, NoAnswer, PartialRead
 from meter_gateway.drivers.health import HealthBook
-from meter_gateway.drivers.log_limit import log_limited
+from meter_gateway.drivers.log_limit import log_limited, logfmt_value
 from meter_gateway.drivers.meter_models import FUNCTIONS, ModbusModel, ModbusPoint, RelaySpec, load_model
 from meter_gateway.drivers.reading import Quality, Reading
 from meter_gateway.drivers.serial_link import SerialLink
@@ -475,9 +475,11 @@ class ModbusLink:
                 log,
                 logging.WARNING,
                 f"modbus.exception:{self.name}:{code}",
-                "meter %s: %s; gave up after the bus's attempts",
-                meter or f"unit {unit}",
-                exchange.what + ": " + exception_text(code),
+                "event=modbus_exception meter=%s unit=%d what=%s reason=%s gave_up=true",
+                logfmt_value(meter or "-"),
+                unit,
+                logfmt_value(exchange.what),
+                logfmt_value(exception_text(code)),
             )
             if code in UNREACHABLE_EXCEPTIONS:
                 raise NoAnswer(str(e)) from e  # the bus counted it, and the health book, as a failure
@@ -630,7 +632,7 @@ class ReplyDecoder(DecodePDU):
         try:
             return super().decode(frame)
         except struct.error:
-            log.debug("undecodable reply PDU %s", frame.hex())
+            log.debug("event=undecodable_pdu hex=%s", frame.hex())
             return None
 
 
@@ -730,7 +732,12 @@ def decode_block(
             except RemoteValueError as e:
                 value = e.value
                 quality = Quality.OUT_OF_RANGE
-                log.warning("%s %s: %s", meter_id, p.quantity, e)
+                log.warning(
+                    "event=value_failed meter=%s quantity=%s error=%s",
+                    logfmt_value(meter_id),
+                    logfmt_value(p.quantity),
+                    logfmt_value(e),
+                )
         if quality is Quality.GOOD and not _plausible(value, p.range):
             quality = Quality.OUT_OF_RANGE
         out.append(Reading(meter_id, p.quantity, value, p.unit, gateway_time, slot=slot, quality=quality))
@@ -880,9 +887,11 @@ class ModbusMeter:
     ) -> list[Reading]:
         """Read ``quantities`` (all the model has if None); ``now`` stamps ``gateway_time``.
 
-        Points the device refuses yield no reading (see the class docstring). Raises the first
-        other transaction error (LinkDown, NoAnswer, BadReply), and BadReply when the device
-        refused every read; a partial set of readings is never returned for those.
+        Points the device refuses yield no reading (see the class docstring). LinkDown is raised at
+        once, BadReply when the device refused every read. A transaction lost otherwise (NoAnswer,
+        BadReply) loses only its points: the other reads go on and PartialRead carries what they
+        got with the quantities lost. Nothing read at all raises the first loss; so do two losses
+        before anything was read (a dead device must not hold the bus for every read).
         """
         wanted = None if quantities is None else tuple(dict.fromkeys(quantities))
         plan = self.plan(wanted)
@@ -903,17 +912,35 @@ class ModbusMeter:
             plan = plan[1:]
         outcome = _Outcome()
         replaced: dict[ReadRequest, tuple[ReadRequest, ...]] = {}
+        lost: set[str] = set()
+        cause: NoAnswer | BadReply | None = None
         for request in plan:
             pieces = learned.pieces.get(request) if learned is not None else None
             got: tuple[ReadRequest, ...] = ()
-            for piece in (request,) if pieces is None else pieces:
-                got += await self._gather(piece, readings, outcome, now=now, slot=slot, priority=priority, force=force)
+            try:
+                for piece in (request,) if pieces is None else pieces:
+                    got += await self._gather(
+                        piece, readings, outcome, now=now, slot=slot, priority=priority, force=force
+                    )
+            except (NoAnswer, BadReply) as exc:
+                cause = cause or exc
+                lost.update(p.quantity for p in request.points)
+                if not readings and len(lost) > len(request.points):
+                    raise cause from None
+                continue  # an interrupted request teaches nothing about refusals
             if got != (pieces or (request,)):
                 replaced[request] = got
         if outcome.refusals:
             self._learn(learned, replaced, outcome, now)
         order = {q: i for i, q in enumerate(wanted or self.model.quantities)}
         readings.sort(key=lambda r: order[r.quantity])  # as asked, not as the registers lie
+        if cause is not None:
+            if not readings:
+                raise cause
+            have = {r.quantity for r in readings}
+            failed = tuple(q for q in order if q in lost and q not in have)
+            if failed:
+                raise PartialRead(readings, failed, cause)
         return readings
 
     async def _gather(
@@ -973,14 +1000,14 @@ class ModbusMeter:
                 log,
                 logging.WARNING,
                 f"modbus.refused:{self.link.name}:{planned.function}:{planned.address}:{planned.count}",
-                "meter %s (unit %d on %s) refused %s: %s; read in %d parts from now on%s",
-                self.meter_id,
+                "event=modbus_refused meter=%s unit=%d link=%s registers=%s reason=%s parts=%d unread_points=%d",
+                logfmt_value(self.meter_id),
                 self.unit,
-                self.link.name,
-                _registers(planned),
-                ", ".join(exception_text(c) for c in codes),
+                logfmt_value(self.link.name),
+                logfmt_value(_registers(planned)),
+                logfmt_value(", ".join(exception_text(c) for c in codes)),
                 len(parts),
-                f", {lost} point(s) it refuses alone are not read" if lost else "",
+                lost,
             )
 
     def _refuses_all(self, reason: str) -> None:
@@ -988,11 +1015,11 @@ class ModbusMeter:
             log,
             logging.WARNING,
             f"modbus.refuses_all:{self.link.name}",
-            "meter %s (unit %d on %s) refuses every read: %s; counted as failing until it answers",
-            self.meter_id,
+            "event=modbus_refuses_all meter=%s unit=%d link=%s reason=%s counted=failing",
+            logfmt_value(self.meter_id),
             self.unit,
-            self.link.name,
-            reason,
+            logfmt_value(self.link.name),
+            logfmt_value(reason),
         )
 
     async def _fetch(

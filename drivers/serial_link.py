@@ -17,6 +17,7 @@ import serial.rs485
 import serial_asyncio_fast
 
 from meter_gateway.drivers.errors import LinkDown
+from meter_gateway.drivers.log_limit import logfmt_value
 from meter_gateway.drivers.transport import Inbox, SerialSettings, StreamLink
 
 log = logging.getLogger(__name__)
@@ -54,20 +55,19 @@ class SerialLink(StreamLink):
             level = logging.DEBUG if self._rs485_refusal_logged else logging.WARNING
             log.log(
                 level,
-                "link %s: device refused kernel RS-485 mode (%s); running without it, so "
-                "the adapter must switch direction itself",
-                self.name,
-                refusal,
+                "event=rs485_mode_refused link=%s error=%s direction=adapter",
+                logfmt_value(self.name),
+                logfmt_value(refusal),
             )
             self._rs485_refusal_logged = True
         self.rs485_active = s.rs485 is not None and refusal is None
         log.info(
-            "link %s: opened %s (-> %s) at %s%s",
-            self.name,
-            s.port,
-            device,
-            s.label,
-            ", kernel RS-485 mode" if self.rs485_active else "",
+            "event=link_opened link=%s port=%s device=%s settings=%s rs485_kernel=%s",
+            logfmt_value(self.name),
+            logfmt_value(s.port),
+            logfmt_value(device),
+            logfmt_value(s.label),
+            str(self.rs485_active).lower(),
         )
         try:
             transport, _ = await serial_asyncio_fast.connection_for_serial(loop, lambda: inbox, port)

@@ -28,12 +28,16 @@ from typing import Generic, TypeVar
 from meter_gateway.drivers.backoff import Backoff, BackoffPolicy
 from meter_gateway.drivers.bus_counters import BusCounters
 from meter_gateway.drivers.errors import BadReply, DriverError, LinkDown, MeterRefused, NoAnswer
+from meter_gateway.drivers.log_limit import logfmt_value
 from meter_gateway.drivers.transport import Transport
 from meter_gateway.protocols.exchange import Answer, Refusal, Rejected, Rejection, ReplyExchange, Unusable, Verdict
 
 __all__ = ["BusSettings", "TransactionEngine"]
 
 log = logging.getLogger(__name__)
+# Every frame on the wire, as a sniffer shows it: for ``--log-level DEBUG`` (every bus) or a bus's
+# ``trace = true`` (that bus only, whatever the level: those records bypass the level check).
+trace_log = logging.getLogger("meter_gateway.trace")
 
 R = TypeVar("R")
 
@@ -55,6 +59,7 @@ class BusSettings:
     inter_frame_gap: float = 0.0  # bus quiet time before we send
     max_quiet_wait: float = 1.0  # a chattering bus cannot hold a request back longer than this
     link_wait: float = 1.0  # how long into an outage transactions wait for the link to return
+    trace: bool = False  # log every frame of this bus even when DEBUG is off
 
     def __post_init__(self) -> None:
         if self.reply_timeout <= 0 or self.attempts < 1:
@@ -142,6 +147,7 @@ class TransactionEngine:
         """
         failure: DriverError | None = None
         backoff: Backoff | None = None
+        started = asyncio.get_running_loop().time()
         for attempt in range(attempts):
             if attempt:
                 self.counters.retries += 1
@@ -155,16 +161,20 @@ class TransactionEngine:
                 transport = await self._link()
             exchange.begin()
             listener: _Listener[R] = _Listener(exchange, self.counters)
+            feed: Callable[[bytes], bool] = listener.feed
+            if self._tracing():
+                feed = self._traced(listener.feed, source, started)
             try:
+                self._trace("tx", request, source, started)
                 await transport.write(request)
                 self._sent(transport, request)
                 # the deadline is fixed from the request being on the wire: dribbling cannot extend it
                 deadline = self._last_tx_end + reply_timeout
-                await transport.read_until(listener.feed, deadline)
+                await transport.read_until(feed, deadline)
             except LinkDown as e:  # lost while writing or waiting: the next attempt waits for it
                 if attempt + 1 == attempts:
                     raise
-                log.debug("bus %s: %s; retrying", self.name, e)
+                log.debug("event=link_lost_in_transaction bus=%s error=%s retry=true", self.name, logfmt_value(str(e)))
                 continue
             if listener.heard:
                 transport.note_reply(source)
@@ -201,6 +211,7 @@ class TransactionEngine:
         transport = await self._link()
         await self.quiet()
         self.counters.stale_bytes_flushed += transport.flush_input()
+        self._trace("tx", request, None, asyncio.get_running_loop().time())
         await transport.write(request)
         self._sent(transport, request)
 
@@ -247,6 +258,35 @@ class TransactionEngine:
         if remaining > 0 and await transport.wait_connected(remaining):
             return transport
         raise LinkDown(f"bus {self.name}: link {transport.name} is down")
+
+    # -- frame trace ----------------------------------------------------------------------------
+
+    def _tracing(self) -> bool:
+        return self.settings.trace or trace_log.isEnabledFor(logging.DEBUG)
+
+    def _trace(self, direction: str, data: bytes, meter: object, started: float) -> None:
+        if not self._tracing():
+            return
+        elapsed = (asyncio.get_running_loop().time() - started) * 1000
+        who = logfmt_value("-" if meter is None else str(meter))
+        record = trace_log.makeRecord(
+            trace_log.name,
+            logging.DEBUG,
+            __file__,
+            0,
+            'event=frame dir=%s bus=%s meter=%s t=+%.1fms len=%d hex="%s"',
+            (direction, logfmt_value(self.name), who, elapsed, len(data), data.hex(" ")),
+            None,
+        )
+        # handle(), not log(): a traced bus's frames pass whatever level the process runs at
+        trace_log.handle(record)
+
+    def _traced(self, feed: Callable[[bytes], bool], meter: object, started: float) -> Callable[[bytes], bool]:
+        def traced(data: bytes) -> bool:
+            self._trace("rx", data, meter, started)
+            return feed(data)
+
+        return traced
 
     def _sent(self, transport: Transport, request: bytes) -> None:
         self.counters.sent += 1

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from meter_gateway.drivers.backoff import Backoff, BackoffPolicy
 from meter_gateway.drivers.errors import ConfigurationError, LinkDown
+from meter_gateway.drivers.log_limit import logfmt_value
 
 log = logging.getLogger(__name__)
 
@@ -493,7 +494,13 @@ class StreamLink(abc.ABC):
                     self._stats.last_error = str(e)
                     delay = backoff.next()
                     level = logging.DEBUG if outage_logged else logging.WARNING
-                    log.log(level, "link %s: cannot connect: %s; next try in %.1f s", self._name, e, delay)
+                    log.log(
+                        level,
+                        "event=link_connect_failed link=%s error=%s retry_in=%.1f",
+                        logfmt_value(self._name),
+                        logfmt_value(e),
+                        delay,
+                    )
                     outage_logged = True
                     if not first.done():
                         first.set_result(None)
@@ -510,7 +517,7 @@ class StreamLink(abc.ABC):
                 self._down_since = None
                 self._stats.connects += 1
                 outage_logged = False
-                log.info("link %s: connected", self._name)
+                log.info("event=link_connected link=%s", logfmt_value(self._name))
                 if not first.done():
                     first.set_result(None)
                 await self._down.wait()
@@ -564,7 +571,7 @@ class StreamLink(abc.ABC):
             self._stats.losses += 1
             self._stats.last_error = reason
             level = logging.DEBUG if self._answered and reason == _PEER_CLOSED else logging.WARNING
-            log.log(level, "link %s: lost: %s", self._name, reason)
+            log.log(level, "event=link_lost link=%s reason=%s", logfmt_value(self._name), logfmt_value(reason))
 
     def _drop(self, reason: str) -> None:
         """Abort the current connection now; the supervisor reconnects after its backoff."""

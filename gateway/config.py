@@ -401,6 +401,14 @@ class _BusBase(_Section, kw_only=True, frozen=True):
             unit="bytes",
         ),
     ] = None
+    trace: Annotated[
+        bool,
+        _about(
+            "Log every frame on this bus (direction, meter, time since the request, bytes in hex) at DEBUG on the "
+            "logger meter_gateway.trace, whatever --log-level is. --log-level DEBUG traces every bus. For "
+            "commissioning and fault finding: a busy bus writes many lines."
+        ),
+    ] = False
 
     DEFAULT_PREAMBLE: ClassVar[int] = 0
 

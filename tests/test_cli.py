@@ -157,4 +157,4 @@ def test_missing_serial_device_at_start_is_retried_not_fatal(tmp_path: Path) -> 
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err[-3000:]
-    assert "link line-1: cannot connect: cannot open: No such file or directory" in err  # and it says so
+    assert 'event=link_connect_failed link=line-1 error="cannot open: No such file or directory' in err  # it says so

@@ -334,7 +334,7 @@ async def test_serial_rs485_mode_refused_by_a_pty_is_used_without_it(
                 )
             assert readings[0].quality is Quality.GOOD
             assert not link.rs485_active
-            assert "refused kernel RS-485 mode" in caplog.text
+            assert "event=rs485_mode_refused" in caplog.text
         finally:
             await link.close()
 
@@ -378,8 +378,8 @@ async def test_exception_responses_become_meter_refused(
         # what exists is read; the refused read is split down to its points, each refused alone
         assert {r.quantity for r in readings} == {p.quantity for p in first.points}
         assert sdm.refused == {refused: ()}
-        assert "meter m1 (unit 1 on" in caplog.text
-        assert "refused function 4 registers 52..79: illegal data address (0x02)" in caplog.text
+        assert "event=modbus_refused meter=m1 unit=1 link=" in caplog.text
+        assert 'registers="function 4 registers 52..79" reason="illegal data address (0x02)"' in caplog.text
         assert link.exceptions[2] == 2 * len(refused.points) - 1  # every split refused
         sent = link.transactions
         again = await sdm.read(slot=T0, now=T0)

@@ -200,7 +200,7 @@ async def _refused_everything(
     assert code in reason
     with pytest.raises(MeterOffline):  # offline: no traffic until its probe is due
         await meter.read(slot=T0, now=T0)
-    assert "meter m9 (unit" in caplog.text
+    assert "event=modbus_refuses_all meter=m9 unit=" in caplog.text
     assert code in caplog.text
     assert "function 4 registers" in caplog.text
 
@@ -290,7 +290,7 @@ async def test_an_exception_that_lasts_degrades_the_meter_with_one_warning(
             assert link.exceptions[code] == 4
             warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
             assert len(warnings) == 1  # rate-limited
-            assert "meter m4" in warnings[0].getMessage()
+            assert "event=modbus_exception meter=m4 " in warnings[0].getMessage()
             assert "function 4 registers 0..79" in warnings[0].getMessage()
             assert text in warnings[0].getMessage()
         finally:
@@ -344,7 +344,7 @@ async def test_a_device_refusing_spans_over_unmapped_registers_is_read_point_by_
                 assert float(r.value) == pytest.approx(values[r.quantity], rel=1e-6, abs=step / 2)
             assert book.state("m1") is MeterState.ONLINE
             assert meter.refused  # remembered per meter
-            assert f"meter m1 (unit 1 on {link.name}) refused function" in caplog.text
+            assert f'event=modbus_refused meter=m1 unit=1 link={link.name} registers="function' in caplog.text
             assert "illegal data address (0x02)" in caplog.text
             # later polls make only the reads that work
             refusals, before = link.exceptions[2], peer.requests

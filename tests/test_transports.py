@@ -473,7 +473,7 @@ async def test_serial_rs485_refused_is_logged_once_and_the_link_runs(pty_meter, 
     try:
         assert await link.open()
         assert not link.rs485_active
-        refusals = [r for r in caplog.records if "refused kernel RS-485 mode" in r.getMessage()]
+        refusals = [r for r in caplog.records if "event=rs485_mode_refused" in r.getMessage()]
         assert len(refusals) == 1
         assert refusals[0].levelno == logging.WARNING
         await link.write(request(1, 1).encode())

@@ -355,14 +355,14 @@ async def test_negative_puback_keeps_rows_and_recovers(
     assert uplink.outbox.depth == 100  # a PUBACK with 0x87 acked nothing
     assert uplink.stats.published_readings == 0
     assert uplink.stats.connected  # a refusal is not a connection problem
-    refusal_lines = [r for r in caplog.records if "refused readings batch" in r.getMessage()]
+    refusal_lines = [r for r in caplog.records if "event=batch_refused" in r.getMessage()]
     assert len(refusal_lines) == 1  # one line, not one per retry
 
     broker.set_acl(ACL_WITHOUT_READINGS + "topic readwrite meter-gateway/v1/gw-acl/readings\n")
     broker.reload()
     await until(lambda: uplink.outbox.depth == 0, what="delivered once allowed")
     assert uplink.stats.published_readings == 100
-    assert "accepts readings again" in caplog.text
+    assert "event=broker_accepts_again" in caplog.text
 
 
 @pytest.mark.asyncio
@@ -481,7 +481,7 @@ async def test_a_frozen_broker_costs_a_reconnect_and_logs_no_error(
     assert unhandled == []
     troubles = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info is not None]
     assert troubles == [], [r.getMessage() for r in troubles]
-    assert any("MQTT" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    assert any("event=mqtt_" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
 
 
 _DYING_GATEWAY = """

@@ -35,6 +35,7 @@ from typing import Final, Literal
 
 from meter_gateway.drivers import registry
 from meter_gateway.drivers.backoff import Backoff, BackoffPolicy
+from meter_gateway.drivers.log_limit import logfmt_value
 from meter_gateway.drivers.reading import Reading
 from meter_gateway.gateway.commands.actuators import (
     RELAY_ACTIONS,
@@ -226,7 +227,9 @@ class Executor:
                     raise
                 except Exception as exc:  # a bug must not leave the meter's queue dead or the ack missing
                     self.stats.internal_errors += 1
-                    log.exception("command %s on meter %s failed unexpectedly", command, meter)
+                    log.exception(
+                        "event=command_crashed command=%s meter=%s", logfmt_value(command), logfmt_value(meter)
+                    )
                     self._fail(command, meter, exc)
                 finally:
                     self._running.discard((command, meter))
@@ -261,7 +264,9 @@ class Executor:
             if exe is not None and exe.state not in TERMINAL:
                 self._step(exe, E.FAIL, detail=f"internal error: {type(exc).__name__}")
         except Exception:  # the store itself fails (disk full): the state stays as persisted
-            log.exception("command %s on meter %s: final state could not be recorded", command, meter)
+            log.exception(
+                "event=command_state_unrecorded command=%s meter=%s", logfmt_value(command), logfmt_value(meter)
+            )
 
     async def _execute(self, command: str, meter: str, *, resume: bool) -> None:
         exe = self.store.execution(command, meter)  # the stored state wins over what was queued
@@ -307,7 +312,9 @@ class Executor:
         try:
             return await actuator.read_relay()
         except ActuatorError as exc:
-            log.info("meter %s: relay read failed: %s", actuator.meter_id, exc.detail)
+            log.info(
+                "event=relay_read_failed meter=%s error=%s", logfmt_value(actuator.meter_id), logfmt_value(exc.detail)
+            )
             return None
 
     async def _control(self, exe: Execution, actuator: MeterActuator) -> Outcome:
@@ -403,9 +410,9 @@ class Executor:
                 ):
                     resent = True
                     log.info(
-                        "command %s meter %s: relay still %s and no control frame acknowledged; sending it again",
-                        exe.command,
-                        exe.meter,
+                        "event=control_resent command=%s meter=%s relay=%s reason=no_control_frame_acknowledged",
+                        logfmt_value(exe.command),
+                        logfmt_value(exe.meter),
                         reading.state,
                     )
                     current = self.store.execution(exe.command, exe.meter) or exe  # its attempts so far
@@ -433,7 +440,9 @@ class Executor:
         try:
             return await actuator.read_valve()
         except ActuatorError as exc:
-            log.info("meter %s: valve read failed: %s", actuator.meter_id, exc.detail)
+            log.info(
+                "event=valve_read_failed meter=%s error=%s", logfmt_value(actuator.meter_id), logfmt_value(exc.detail)
+            )
             return None
 
     async def _valve(self, exe: Execution, actuator: MeterActuator) -> None:

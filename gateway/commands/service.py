@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Final
 
 from meter_gateway.drivers.backoff import Backoff, BackoffPolicy
 from meter_gateway.drivers.bus import Bus
+from meter_gateway.drivers.log_limit import logfmt_value
 from meter_gateway.gateway.commands.actuators import CONTROL_ACTIONS, MeterActuator, make_actuator
 from meter_gateway.gateway.commands.auth import CommandRejected, KeyRing, authenticate
 from meter_gateway.gateway.commands.envelope import Ack, CommandEnvelope, canonical_bytes, decode_envelope
@@ -98,7 +99,7 @@ class CommandService:
         try:
             self._keyring = KeyRing.from_config(section.keys)
         except ValueError as exc:  # the config loader checks keys; this only guards hand-made configs
-            log.error("command keys unusable, every command will be rejected: %s", exc)  # noqa: TRY400 - one line
+            log.error("event=command_keys_unusable effect=every_command_rejected error=%s", logfmt_value(exc))  # noqa: TRY400 - one line
             self._keyring = KeyRing()
         self._meters_cfg: dict[str, Meter] = {m.id: m for m in config.meters}
         actuators: dict[str, MeterActuator] = {}
@@ -106,7 +107,7 @@ class CommandService:
             try:
                 actuators[meter_id] = make_actuator(runtime.driver, buses.get(runtime.bus))
             except Exception as exc:  # one broken meter must not take remote control down
-                log.error("meter %s: cannot be remote-controlled: %s", meter_id, exc)  # noqa: TRY400
+                log.error("event=meter_not_controllable meter=%s error=%s", logfmt_value(meter_id), logfmt_value(exc))  # noqa: TRY400
         self._actuators = actuators
         self._settings = ExecSettings(retry=section.retry, verify_window=float(section.verify_window))
         if self._executor is not None:
@@ -171,7 +172,7 @@ class CommandService:
         for exe in resumed:
             self._executor.submit(exe, resume=True)
         if resumed:
-            log.warning("resuming %d command execution(s) interrupted by a restart (relay read first)", len(resumed))
+            log.warning("event=commands_resumed count=%d cause=restart first=relay_read", len(resumed))
         self._wake.set()
         return store, self._executor, self._guard
 
@@ -181,13 +182,13 @@ class CommandService:
         """The uplink's command hook: quick, never raises, never waits for a meter."""
         self._stats.received += 1
         if self._stopped:
-            log.warning("command message on %s arrived after the command service stopped; ignored", msg.topic)
+            log.warning("event=command_ignored topic=%s reason=service_stopped", logfmt_value(msg.topic))
             return
         try:
             self._handle(msg.payload, retained=msg.retained)
         except Exception:  # malformed input is handled above; this is a bug or a broken disk
             self._stats.internal_errors += 1
-            log.exception("command message on %s could not be handled", msg.topic)
+            log.exception("event=command_message_failed topic=%s", logfmt_value(msg.topic))
 
     def _handle(self, payload: bytes, *, retained: bool) -> None:
         store, _, _ = self._open()
@@ -242,7 +243,12 @@ class CommandService:
         self, cid: str | None, reason: str, detail: str, now: float, *, actor: str | None, action: str | None
     ) -> None:
         acks = self._require_store().reject(cid, now, reason, detail)
-        log.warning("command %s rejected: %s (%s)", cid or "(no id)", reason, detail)
+        log.warning(
+            "event=command_rejected command=%s reason=%s detail=%s",
+            logfmt_value(cid or "-"),
+            logfmt_value(reason),
+            logfmt_value(detail),
+        )
         self._after(acks, actor=actor, action=action)
 
     def _duplicate(self, env: CommandEnvelope, now: float, *, refused: str | None = None) -> None:
@@ -256,7 +262,7 @@ class CommandService:
             note += "; the message differs from the accepted command with this id"
         if refused is not None:
             note += f"; this delivery was refused ({refused})"
-        log.info("command %s: %s", env.id, note)
+        log.info("event=command_note command=%s note=%s", logfmt_value(env.id), logfmt_value(note))
         self._audit_entries([AuditEntry(at=now, state="duplicate", actor=env.key_id, command=env.id, detail=note)])
         self._wake.set()
 
@@ -338,7 +344,12 @@ class CommandService:
             then.append(Transition(env.id, None, result, detail=summary if transitions else "nothing held matched"))
         acks = store.accept(env, now, plans, then)
         self._meta[env.id] = (env.key_id, env.action)
-        log.warning("release %s (key %s): %s", env.id, env.key_id, summary)
+        log.warning(
+            "event=release command=%s key_id=%s summary=%s",
+            logfmt_value(env.id),
+            logfmt_value(env.key_id),
+            logfmt_value(summary),
+        )
         self._after(acks, actor=env.key_id, action=env.action)
         guard.settle()
         for t in transitions:
@@ -380,7 +391,13 @@ class CommandService:
             elif ack.state is CommandState.REJECTED:
                 self._stats.reject(ack.reason or "unknown")
                 if ack.meter is not None:
-                    log.info("command %s meter %s rejected: %s (%s)", ack.command, ack.meter, ack.reason, ack.detail)
+                    log.info(
+                        "event=command_rejected command=%s meter=%s reason=%s detail=%s",
+                        logfmt_value(ack.command),
+                        logfmt_value(ack.meter),
+                        logfmt_value(ack.reason),
+                        logfmt_value(ack.detail),
+                    )
             else:
                 self._stats.count_state(ack.state, what)
             parts = [p for p in (ack.reason, f"relay={ack.relay}" if ack.relay else None, ack.detail) if p]
@@ -416,7 +433,7 @@ class CommandService:
         try:
             self._audit.append_many(entries)
         except AuditError as exc:  # the command state is already durable; say loudly what is missing
-            log.error("audit log write failed (%d record(s) not audited): %s", len(entries), exc)  # noqa: TRY400
+            log.error("event=audit_write_failed unaudited=%d error=%s", len(entries), logfmt_value(exc))  # noqa: TRY400
 
     # -- run --------------------------------------------------------------------------------------
 
@@ -457,7 +474,7 @@ class CommandService:
                     last_prune = loop.time()
                     self._prune()
             except (StoreError, IllegalTransition) as exc:
-                log.error("command expiry check failed: %s", exc)  # noqa: TRY400
+                log.error("event=command_expiry_failed error=%s", logfmt_value(exc))  # noqa: TRY400
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), SWEEP_INTERVAL)
 
@@ -487,7 +504,7 @@ class CommandService:
         section = self.config.commands
         n = store.prune(self._clock(), float(section.max_validity), float(section.guard_window))
         if n:
-            log.info("command store: pruned %d old command(s)", n)
+            log.info("event=commands_pruned count=%d", n)
 
     async def _publisher(self, stop: asyncio.Event) -> None:
         """Publish pending acks, a bounded number at once; keep each until its PUBACK."""
@@ -517,5 +534,5 @@ class CommandService:
             try:
                 return await self._publish(self._ack_topic, payload)
             except Exception:  # the publish callable is someone else's code: never lose the ack
-                log.exception("ack publish failed unexpectedly; kept for the next try")
+                log.exception("event=ack_publish_crashed kept=true")
                 return False

@@ -1,13 +1,16 @@
 """Structured logging: one line per event, logfmt or JSON, journald-friendly, rate-limited, redacted.
 
-Messages are written as logfmt (``log.info("event=meter_offline meter=%s", mid)``) or as plain
-sentences; structured fields can also come through ``extra=fields(bus="a", n=3)``. Under journald
+Every message of ours is logfmt, event first (``log.info("event=meter_offline meter=%s", mid)``;
+free text goes through ``logfmt_value`` so it stays one field); tests/test_logs.py holds the code
+to that. Structured fields can also come through ``extra=fields(bus="a", n=3)``. Only library
+lines arrive as plain sentences; they are carried as ``msg="..."``. Under journald
 ($JOURNAL_STREAM names our stderr) lines carry an sd-daemon(3) priority prefix (``<6>``) and no
 timestamp, since the journal stamps each line itself.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import os
@@ -18,7 +21,7 @@ from collections.abc import Mapping
 from typing import IO, Any, Literal
 
 # the rate limiter lives with the drivers (which must not import the gateway): one limiter for both
-from meter_gateway.drivers.log_limit import REPEAT_INTERVAL, RateLimiter, limited_kind_ended, log_limited
+from meter_gateway.drivers.log_limit import REPEAT_INTERVAL, RateLimiter, limited_kind_ended, log_limited, logfmt_value
 
 __all__ = [
     "REDACTED",
@@ -30,6 +33,7 @@ __all__ = [
     "fields",
     "limited_kind_ended",
     "log_limited",
+    "logfmt_value",
     "setup_logging",
     "under_journald",
 ]
@@ -42,12 +46,17 @@ _PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.
 
 # A key is secret when it is, or ends in, one of these words: password, mqtt_password, api_key, ...
 _SECRET_KEY = re.compile(r"(?:^|[_.-])(?:password|passwd|secret|key|token)$", re.IGNORECASE)
+# Secrets in text are ``name=value`` (logfmt, URLs' queries, reprs) or a quoted name before a colon
+# (JSON, dict reprs). A bare ``name: text`` is not one: config errors read ``mqtt.token: unknown
+# key`` and that text is the operator's only clue.
 _SECRET_IN_TEXT = re.compile(
-    r"""(?P<key>\b[\w.-]*?(?:password|passwd|secret|key|token))(?P<sep>['"]?\s*[=:]\s*)"""
+    r"""(?:(?P<key>\b[\w.-]*?(?:password|passwd|secret|key|token))(?P<sep>\s*=\s*)"""
+    r"""|(?P<q>['"])(?P<qkey>[\w.-]*?(?:password|passwd|secret|key|token))(?P=q)(?P<qsep>\s*:\s*))"""
     r"""(?P<value>"(?:[^"\\]|\\.)*"|'[^']*'|[^\s,;}\]]+)""",
     re.IGNORECASE,
 )
-_LOGFMT_PAIR = re.compile(r"""([A-Za-z_][\w.-]*)=("(?:[^"\\]|\\.)*"|\S*)""")
+# A value is bare, "double-quoted" (logfmt, JSON escapes) or 'single-quoted' (a %r in the call).
+_LOGFMT_PAIR = re.compile(r"""([A-Za-z_][\w.-]*)=("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|\S*)""")
 _BARE = re.compile(r"""^[^\s="\\]+$""")
 
 
@@ -62,9 +71,13 @@ def is_secret_key(key: str) -> bool:
 
 def redact_text(text: str) -> str:
     def sub(m: re.Match[str]) -> str:
-        if not is_secret_key(m.group("key")):
+        key = m.group("key") or m.group("qkey")
+        if not is_secret_key(key):
             return m.group(0)
-        return f"{m.group('key')}{m.group('sep')}{REDACTED}"
+        if m.group("key"):
+            return f"{key}{m.group('sep')}{REDACTED}"
+        quote = m.group("q")
+        return f"{quote}{key}{quote}{m.group('qsep')}{quote}{REDACTED}{quote}"
 
     return _SECRET_IN_TEXT.sub(sub, text)
 
@@ -90,12 +103,48 @@ def _logfmt_value(value: object) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def _parse_logfmt(message: str) -> dict[str, str] | None:
-    """The message's key=value pairs when it is nothing but those, else None."""
-    pairs = _LOGFMT_PAIR.findall(message)
+_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][-+]?\d+)?")
+# Names, not quantities, even when they look like numbers: a meter's address must not turn into a
+# number for one meter and stay a string for the next.
+_ALWAYS_TEXT = frozenset({"meter", "bus", "id", "command", "gateway", "key", "key_id", "topic", "di", "oad", "hex"})
+
+
+def _typed(key: str, raw: str) -> object:
+    """A logfmt value as JSON carries it: bare numbers as numbers, true/false as bools. Quoted values
+    and names stay strings (``000123`` is no number either: its zeros matter)."""
+    if raw[:1] in ('"', "'"):
+        return _unquote(raw)
+    if key in _ALWAYS_TEXT:
+        return raw
+    if raw in ("true", "false"):
+        return raw == "true"
+    if _NUMBER.fullmatch(raw):
+        return json.loads(raw)
+    return raw
+
+
+def _unquote(raw: str) -> str:
+    try:
+        return str(json.loads(raw)) if raw.startswith('"') else str(ast.literal_eval(raw))
+    except (ValueError, SyntaxError):  # a Python repr's escapes (\x..) are no JSON
+        try:
+            return str(ast.literal_eval(raw))
+        except (ValueError, SyntaxError):
+            return raw[1:-1]
+
+
+def _pairs(message: str) -> list[tuple[str, str]] | None:
+    """The message's raw key=value pairs when it is nothing but those, else None."""
+    pairs: list[tuple[str, str]] = _LOGFMT_PAIR.findall(message)
     if not pairs or " ".join(f"{k}={v}" for k, v in pairs) != message.strip():
         return None
-    return {k: json.loads(v) if v.startswith('"') else v for k, v in pairs}
+    return pairs
+
+
+def _parse_logfmt(message: str) -> dict[str, object] | None:
+    """The message's key=value pairs, typed, when it is nothing but those, else None."""
+    pairs = _pairs(message)
+    return None if pairs is None else {k: _typed(k, v) for k, v in pairs}
 
 
 class _StructuredFormatter(logging.Formatter):
@@ -123,8 +172,10 @@ class LogfmtFormatter(_StructuredFormatter):
         parts = [] if self.journald else [f"ts={_iso(record.created)}"]
         parts += [f"level={record.levelname.lower()}", f"logger={record.name}"]
         message = record.getMessage()
-        if _parse_logfmt(message) is not None:
-            parts.append(message.strip())
+        pairs = _pairs(message)
+        if pairs is not None:
+            # a %r value comes out 'single-quoted': one quoting style on every line
+            parts += [f"{k}={_logfmt_value(_unquote(v)) if v.startswith(chr(39)) else v}" for k, v in pairs]
         elif message:
             parts.append(f"msg={_logfmt_value(message)}")
         parts += [f"{k}={_logfmt_value(v)}" for k, v in self._extra(record).items()]

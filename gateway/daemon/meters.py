@@ -81,6 +81,7 @@ def build_bus(bus: BusConfig, health: HealthBook, *, link: SerialSettings | TcpS
         reply_timeout=float(bus.reply_timeout),
         attempts=bus.attempts,
         inter_frame_gap=bus.frame_gap(),
+        trace=bus.trace,
     )
     transport = make_transport(link or link_settings(bus), name=bus.name)
     built = Bus(bus.name, transport, settings=settings, health=health)

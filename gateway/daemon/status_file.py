@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from meter_gateway.drivers.log_limit import logfmt_value
 from meter_gateway.gateway.daemon.logs import limited_kind_ended, log_limited
 
 __all__ = ["StatusFile"]
@@ -89,7 +90,7 @@ class StatusFile:
         finally:
             os.close(fd)
         if not self.in_place:
-            log.debug("status file %s written in place: %s", self.path, cause)
+            log.debug("event=status_file_in_place path=%s cause=%s", logfmt_value(self.path), logfmt_value(cause))
         self.in_place = True
         self.failed = False
 

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Self
 
+from meter_gateway.drivers.log_limit import logfmt_value
 from meter_gateway.gateway.commands.envelope import Ack, CommandEnvelope, RelayState, canonical_bytes, encode_ack
 from meter_gateway.gateway.commands.states import (
     ACTIVE,
@@ -633,7 +634,7 @@ class CommandStore:
                 cur.execute("DELETE FROM seen_before_reset")
         if over:
             self._caution = False
-            log.info("command store: no command from before the reset at %.3f can be valid any more", self.reset_at)
+            log.info("event=command_store_reset reset_at=%.3f effect=older_commands_invalid", self.reset_at)
         return len(old)
 
     # -- internals --------------------------------------------------------------------------------
@@ -781,7 +782,7 @@ def _rows(conn: sqlite3.Connection, sql: str) -> list[tuple[Any, ...]]:
     try:
         out.extend(tuple(row) for row in conn.execute(sql))
     except sqlite3.Error as exc:
-        log.debug("command store salvage: %s stopped: %s", sql, exc)
+        log.debug("event=command_store_salvage_stopped sql=%s error=%s", logfmt_value(sql), logfmt_value(exc))
     return out
 
 

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
+from meter_gateway.drivers.log_limit import logfmt_value
+
 __all__ = [
     "CACHE_KIB",
     "DEFAULT_CHECK_BUDGET",
@@ -138,7 +140,7 @@ def quick_check(conn: sqlite3.Connection, budget: float, *, what: str, path: Pat
         if is_damage(exc):
             raise DamagedDatabase(str(exc)) from exc
         raise
-    log.debug("%s quick_check took %.3f s", what, time.monotonic() - started)
+    log.debug("event=quick_check what=%s seconds=%.3f", logfmt_value(what), time.monotonic() - started)
     found = [str(r[0]) for r in rows]
     if found != ["ok"]:
         raise DamagedDatabase("; ".join(" ".join(f.split()) for f in found)[:400])

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from meter_gateway.drivers.backoff import Backoff, BackoffPolicy
+from meter_gateway.drivers.log_limit import logfmt_value
 from meter_gateway.gateway.uplink.contract import CONTRACT_VERSION, MeterEvent, Topics, encode_meter_event
 
 __all__ = ["DEFAULT_BACKLOG", "EventStats", "MeterEvents"]
@@ -90,7 +91,7 @@ class MeterEvents:
             try:
                 detail = describe_apdu(apdu)
             except Exception as exc:  # the raw APDU still goes out; the decode is a convenience
-                log.debug("meter %s: event not described: %s", meter_id, exc)
+                log.debug("event=meter_event_undescribed meter=%s error=%s", logfmt_value(meter_id), logfmt_value(exc))
         return MeterEvent(
             v=CONTRACT_VERSION,
             gateway=self.topics.gateway_id,

@@ -29,6 +29,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from meter_gateway.drivers.backoff import Backoff, BackoffPolicy
+from meter_gateway.drivers.log_limit import logfmt_value
 from meter_gateway.gateway import __version__
 from meter_gateway.gateway.daemon.logs import log_limited
 from meter_gateway.gateway.store.outbox import AsyncOutbox, OutboxDamaged, Record, Row
@@ -300,7 +301,7 @@ class Uplink:
                         self.stats.fail("outbox_damaged")
                     except Exception:  # a bug must not end delivery for good: log, back off, retry
                         self.stats.fail("internal_error")
-                        log.exception("MQTT uplink session failed unexpectedly; reconnecting")
+                        log.exception("event=mqtt_session_crashed reconnecting=true")
                 if self._stopping.is_set():
                     break
                 with contextlib.suppress(TimeoutError):
@@ -343,7 +344,7 @@ class Uplink:
             fut = client.publish(topic, payload, properties=self._publish_properties())
             code, name = await asyncio.wait_for(fut, limit)
         except (MqttError, TimeoutError) as exc:
-            log.debug("publish on %s not confirmed: %s", topic, exc)
+            log.debug("event=publish_unconfirmed topic=%s error=%s", logfmt_value(topic), logfmt_value(exc))
             return False
         finally:
             self._window_sem.release()
@@ -353,9 +354,9 @@ class Uplink:
                 log,
                 logging.WARNING,
                 f"broker_refused:{name}",
-                "broker refused a message on %s: %s (0x%02x)",
-                topic,
-                name,
+                "event=broker_refused topic=%s reason=%s code=0x%02x",
+                logfmt_value(topic),
+                logfmt_value(name),
                 code,
             )
             return False
@@ -392,7 +393,7 @@ class Uplink:
                     and self._protocol is Protocol.V5
                     and exc.code in _UNSUPPORTED_PROTOCOL
                 ):
-                    log.warning("broker %s refused MQTT 5; using MQTT 3.1.1", self.config.host)
+                    log.warning("event=mqtt5_refused host=%s fallback=3.1.1", logfmt_value(self.config.host))
                     self._protocol = Protocol.V311
                     continue
                 self._connect_failed(f"refused: {exc}", "connect_refused")
@@ -408,7 +409,7 @@ class Uplink:
         message = f"cannot connect to MQTT broker {self.config.host}:{self.config.port}: {text}"
         # one line per distinct problem, not one per retry
         if message != self._connect_error:
-            log.warning("%s (retrying with backoff)", message)
+            log.warning("event=mqtt_connect_failed error=%s retry=backoff", logfmt_value(message))
             self._connect_error = message
 
     def _status(self, state: str, *, reason: str | None = None, connected_at: float | None = None) -> Status:
@@ -429,7 +430,12 @@ class Uplink:
         self.stats.connected = True
         self.stats.protocol = self._protocol.value
         self._client = client
-        log.info("connected to MQTT broker %s:%d (MQTT %s)", self.config.host, self.config.port, self._protocol.value)
+        log.info(
+            "event=mqtt_connected host=%s port=%d mqtt=%s",
+            logfmt_value(self.config.host),
+            self.config.port,
+            self._protocol.value,
+        )
         tasks: list[asyncio.Task[None]] = []
         clean = False
         try:
@@ -454,10 +460,10 @@ class Uplink:
                 if exc is not None and not isinstance(exc, MqttError | _SessionBroken):
                     raise exc
                 if exc is not None:
-                    log.warning("MQTT connection lost: %s", exc)
+                    log.warning("event=mqtt_connection_lost error=%s", logfmt_value(exc))
             clean = self._stopping.is_set() and tasks[0] in done and tasks[0].exception() is None
         except (MqttError, _SessionBroken) as exc:
-            log.warning("MQTT session ended: %s", exc)
+            log.warning("event=mqtt_session_ended error=%s", logfmt_value(exc))
         finally:
             for task in tasks:
                 task.cancel()
@@ -515,7 +521,11 @@ class Uplink:
         codes = granted
         if any(c >= 0x80 for c in codes):
             self.stats.fail("subscribe_refused")
-            log.warning("broker refused the command subscription %s (codes %s)", self.topics.commands_filter, codes)
+            log.warning(
+                "event=command_subscription_refused topic=%s codes=%s",
+                logfmt_value(self.topics.commands_filter),
+                logfmt_value(codes),
+            )
 
     def _publish_properties(self) -> Properties | None:
         if self._protocol is not Protocol.V5:
@@ -538,7 +548,12 @@ class Uplink:
             fut = client.publish(topic, payload, retain=True, properties=self._publish_properties())
             code, name = await asyncio.wait_for(fut, limit)
         except (MqttError, TimeoutError) as exc:
-            log.debug("%s publish on %s not confirmed: %s", what, topic, exc)
+            log.debug(
+                "event=publish_unconfirmed what=%s topic=%s error=%s",
+                logfmt_value(what),
+                logfmt_value(topic),
+                logfmt_value(exc),
+            )
             return False
         finally:
             window.release()
@@ -548,10 +563,10 @@ class Uplink:
                 log,
                 logging.WARNING,
                 f"broker_refused:{what}:{name}",
-                "broker refused %s on %s: %s (0x%02x)",
-                what,
-                topic,
-                name,
+                "event=broker_refused what=%s topic=%s reason=%s code=0x%02x",
+                logfmt_value(what),
+                logfmt_value(topic),
+                logfmt_value(name),
                 code,
             )
             return False
@@ -581,7 +596,7 @@ class Uplink:
             pending.discard(task)
             limit.release()
             if not task.cancelled() and task.exception() is not None:
-                log.warning("meter state publish failed: %s", task.exception())
+                log.warning("event=meter_state_publish_failed error=%s", logfmt_value(task.exception()))
 
         try:
             while True:
@@ -772,17 +787,17 @@ class Uplink:
             self.stats.fail(key)
             if self._refusing != key:
                 log.warning(
-                    "broker refused readings batch (rows %d..%d): %s (0x%02x); keeping them and retrying",
+                    "event=batch_refused first_row=%d last_row=%d reason=%s code=0x%02x kept=true retrying=true",
                     ids[0],
                     ids[-1],
-                    name,
+                    logfmt_value(name),
                     code,
                 )
                 self._refusing = key
             refused.set()
             return
         if self._refusing is not None:
-            log.warning("broker accepts readings again (was refusing: %s)", self._refusing)
+            log.warning("event=broker_accepts_again was_refusing=%s", logfmt_value(self._refusing))
             self._refusing = None
             self._refusals.reset()
         self.stats.published_batches += 1
@@ -823,4 +838,4 @@ class Uplink:
                     await result
             except Exception:
                 self.stats.command_errors += 1
-                log.exception("command hook failed on a message from %s", msg.topic)
+                log.exception("event=command_hook_crashed topic=%s", logfmt_value(msg.topic))

@@ -501,7 +501,7 @@ async def test_daemon_rides_out_a_full_disk_and_recovers_without_restart(
             sub.stop()
         assert code == 0, err[-3000:]
         # one ERROR line when the condition starts, one INFO line when it clears; no tracebacks
-        assert err.count("outbox storage unavailable (disk full") == 1
+        assert err.count('event=outbox_unavailable reason="disk full"') == 1
         errors = error_lines(err)
         assert not [e for e in errors if e.startswith("Traceback")], err[-3000:]
         assert len(errors) == len({e.split("event=")[-1].split(" ")[0] for e in errors}), errors  # none repeated

@@ -156,7 +156,7 @@ def state_warnings(caplog: pytest.LogCaptureFixture, to: str) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.levelno == logging.WARNING and "event=meter_state" in r.getMessage() and f"to={to}" in r.getMessage()
+        if r.levelno == logging.WARNING and f"event=meter_{to} " in r.getMessage() and f"to={to}" in r.getMessage()
     ]
 
 
