@@ -27,7 +27,7 @@ _KEEPALIVE_OPTIONS = (
 
 
 class TcpLink(StreamLink):
-    INBOX = BufferedInbox  # receives into a buffer of its own: no 256 KiB allocation per reply
+    INBOX = BufferedInbox  # receives into a buffer of its own: no large allocation per reply
 
     def __init__(self, settings: TcpSettings, *, name: str | None = None) -> None:
         super().__init__(

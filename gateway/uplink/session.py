@@ -685,8 +685,8 @@ class Uplink:
         properties = self._publish_properties()
         max_bytes = self._max_payload(client)
         # readings held at once: this chunk and the one read ahead. A backlog (a start-up burst,
-        # an outage) keeps both full, and 2 x 2,000 readings as Row objects cost ~2 MiB of heap
-        # that the process keeps; a chunk of one batch drains as fast (bench/outbox_drain.py)
+        # an outage) keeps both full, and heap the process once grew it keeps; a chunk of one
+        # batch drains as fast (bench outbox_drain)
         prefetch = max(self.config.batch_max_readings, 500)
         topic = self.topics.readings
         loop = asyncio.get_running_loop()
