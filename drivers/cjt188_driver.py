@@ -42,7 +42,8 @@ from typing import Any, Final, TypeVar
 from meter_gateway.drivers.bus import Bus, Priority
 from meter_gateway.drivers.cjt188_model import Cjt188Model, quantity_info
 from meter_gateway.drivers.context import DriverContext
-from meter_gateway.drivers.errors import BadReply, ConfigurationError
+from meter_gateway.drivers.errors import BadReply, ConfigurationError, MeterRefused, NoAnswer, PartialRead
+from meter_gateway.drivers.log_limit import logfmt_value
 from meter_gateway.drivers.per_bus import PerBus
 from meter_gateway.drivers.reading import Quality, Reading
 from meter_gateway.drivers.readings import from_meter_time, plausible, to_meter_time
@@ -238,7 +239,7 @@ class Cjt188Driver:
             if unknown:
                 raise RemoteProtocolError(f"DI {di:04X}: unknown unit code for {', '.join(unknown)}")
             for warning in decoded.warnings:
-                log.debug("meter %s: %s", self.meter_id, warning)
+                log.debug("event=meter_warning meter=%s warning=%s", logfmt_value(self.meter_id), logfmt_value(warning))
             return decoded.values
 
         return await self._exchange(request, decode, priority, force=force)
@@ -250,22 +251,39 @@ class Cjt188Driver:
     ) -> list[Reading]:
         """One Reading per quantity, in the order asked (each DI read once).
 
-        Raises ConfigurationError for a quantity the model lacks, and the first transaction's
-        DriverError (LinkDown, NoAnswer, BadReply, MeterRefused).
+        Raises ConfigurationError for a quantity the model lacks and LinkDown at once. A DI lost
+        otherwise (NoAnswer, BadReply, MeterRefused) loses only its quantities: PartialRead
+        carries what the other DIs got. Nothing read at all raises the first loss; so do two
+        losses before anything was read (a dead meter must not hold the bus for every DI).
         """
         wanted = tuple(dict.fromkeys(quantities))
         by_di: dict[int, list[str]] = {}
         for quantity in wanted:
             by_di.setdefault(self.model.point(quantity).di, []).append(quantity)
         values: dict[str, DecodedValue] = {}
+        lost: list[str] = []
+        cause: NoAnswer | BadReply | MeterRefused | None = None
         for di, covers in by_di.items():
-            for value in await self.read_di(di, priority=priority):
+            try:
+                decoded = await self.read_di(di, priority=priority)
+            except (NoAnswer, BadReply, MeterRefused) as exc:
+                cause = cause or exc
+                lost.extend(covers)
+                if not values and len(lost) > len(covers):
+                    raise cause from None
+                continue
+            for value in decoded:
                 name = "status.word" if value.quantity == "status" else value.quantity
                 if name is not None and name in covers:
                     values[name] = value
-        missing = [q for q in wanted if q not in values]
+        missing = [q for q in wanted if q not in values and q not in lost]
         if missing:
-            raise BadReply(f"meter {self.meter_id}: reply lacks {', '.join(missing)}")
+            cause = cause or BadReply(f"meter {self.meter_id}: reply lacks {', '.join(missing)}")
+        if cause is not None:
+            readings = [self._reading(q, values[q], now=now, slot=slot) for q in wanted if q in values]
+            if not readings:
+                raise cause
+            raise PartialRead(readings, tuple(q for q in wanted if q not in values), cause)
         return [self._reading(q, values[q], now=now, slot=slot) for q in wanted]
 
     def _reading(self, quantity: str, decoded: DecodedValue, *, now: float, slot: float | None) -> Reading:

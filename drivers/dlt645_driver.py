@@ -44,7 +44,8 @@ from typing import Final, TypeVar
 
 from meter_gateway.drivers.bus import Bus, Priority
 from meter_gateway.drivers.context import DriverContext
-from meter_gateway.drivers.errors import BadReply, ConfigurationError, MeterRefused, NoAnswer
+from meter_gateway.drivers.errors import BadReply, ConfigurationError, DriverError, MeterRefused, NoAnswer, PartialRead
+from meter_gateway.drivers.log_limit import logfmt_value
 from meter_gateway.drivers.meter_models import Dlt645Block, Dlt645Model, canonical_unit, plausible_range
 from meter_gateway.drivers.reading import Quality, Reading
 from meter_gateway.drivers.readings import from_meter_time, plausible, to_meter_time
@@ -357,21 +358,40 @@ class Dlt645Driver:
     ) -> list[Reading]:
         """One Reading per quantity that decoded, in the order asked.
 
-        Raises ConfigurationError for a quantity the model lacks, and the first transaction's
-        DriverError (LinkDown, NoAnswer, BadReply, MeterRefused other than "no data").
+        Raises ConfigurationError for a quantity the model lacks and LinkDown at once. A
+        transaction that fails otherwise (NoAnswer, BadReply, MeterRefused other than "no data")
+        loses only the quantities it covers: the others are still read, and PartialRead carries
+        them with the lost ones. Nothing read at all raises the first failure; so do two
+        failures before anything was read (a dead meter must not hold the bus for every DI).
         """
         wanted, plan = self._plan_for(quantities)
         values: dict[str, DecodedValue] = {}
+        failed: list[str] = []
+        first: DriverError | None = None
         for di, covers in plan:
-            decoded = await self._read_values(di, priority)
-            if decoded is None and di in self._info.block_dis:
-                self._refuse_block(di)
-                for quantity in covers:
-                    single = await self._read_values(self.model.di_for(quantity), priority)
-                    self._collect(single or [], (quantity,), values)
-                continue
-            self._collect(decoded or [], covers, values)
-        return self._readings(wanted, values, now=now, slot=slot)
+            try:
+                await self._read_di(di, covers, values, priority)
+            except (NoAnswer, BadReply, MeterRefused) as exc:
+                first = first or exc
+                failed.extend(q for q in covers if q not in values)
+                if not values and len(failed) > len(covers):
+                    raise first from None
+        readings = self._readings(wanted, values, now=now, slot=slot)
+        if first is not None:
+            if not readings:
+                raise first
+            raise PartialRead(readings, tuple(q for q in wanted if q in failed), first)
+        return readings
+
+    async def _read_di(self, di: int, covers: tuple[str, ...], values: dict[str, DecodedValue], priority: int) -> None:
+        decoded = await self._read_values(di, priority)
+        if decoded is None and di in self._info.block_dis:
+            self._refuse_block(di)
+            for quantity in covers:
+                single = await self._read_values(self.model.di_for(quantity), priority)
+                self._collect(single or [], (quantity,), values)
+            return
+        self._collect(decoded or [], covers, values)
 
     def _readings(
         self, wanted: tuple[str, ...], values: dict[str, DecodedValue], *, now: float, slot: float | None
@@ -401,7 +421,7 @@ class Dlt645Driver:
     def _refuse_block(self, di: int) -> None:
         self._refused_blocks |= {di}
         self._plans = {}  # this meter's plans differ from its model's from now on
-        log.info("meter %s: block %s refused; reading its members one by one", self.meter_id, self._di(di))
+        log.info("event=block_refused meter=%s di=%s fallback=members", logfmt_value(self.meter_id), self._di(di))
 
     def plan(self, quantities: Sequence[str]) -> list[tuple[int, tuple[str, ...]]]:
         """The (DI, quantities it answers) reads :meth:`read` makes for ``quantities``."""
@@ -497,7 +517,12 @@ class Dlt645Driver:
                 self._missing = set()
             if di not in self._missing:
                 self._missing.add(di)
-                log.warning("meter %s: has no data for DI %s (%s)", self.meter_id, self._di(di), exc)
+                log.warning(
+                    "event=no_data meter=%s di=%s error=%s",
+                    logfmt_value(self.meter_id),
+                    self._di(di),
+                    logfmt_value(exc),
+                )
             return None
         finally:
             self._chain_release()
@@ -526,7 +551,12 @@ class Dlt645Driver:
             except _BrokenChain as broken:
                 if attempt == attempts:
                     raise broken.cause from None
-                log.debug("meter %s: follow-up of %s lost (%s); reading again", self.meter_id, self._di(di), broken)
+                log.debug(
+                    "event=follow_up_lost meter=%s di=%s error=%s retry=true",
+                    logfmt_value(self.meter_id),
+                    self._di(di),
+                    logfmt_value(broken),
+                )
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _chain_wait(self) -> None:
@@ -751,7 +781,11 @@ class Dlt645Driver:
             if got == day:
                 return readings
             log.info(
-                "meter %s: daily freeze %d is of %s, not %s; asking again", self.meter_id, index, got, day.isoformat()
+                "event=freeze_wrong_day meter=%s freeze=%d got=%s want=%s retry=true",
+                logfmt_value(self.meter_id),
+                index,
+                logfmt_value(got),
+                day.isoformat(),
             )
             index += (got - day).days
         return []
@@ -779,7 +813,9 @@ class Dlt645Driver:
         for quantity in wanted:
             di = self._nth_di(FROZEN_PREFIX + quantity, index)
             if di is None:
-                log.debug("meter %s: %s has no daily frozen value; skipped", self.meter_id, quantity)
+                log.debug(
+                    "event=no_frozen_value meter=%s quantity=%s", logfmt_value(self.meter_id), logfmt_value(quantity)
+                )
                 continue
             series.setdefault(di, []).append(quantity)
         for _ in range(2):
@@ -793,7 +829,7 @@ class Dlt645Driver:
                         values[value.quantity.removeprefix(FROZEN_PREFIX)] = value
             if await self._freeze_time(time_di, priority) == stamp:
                 break
-            log.info("meter %s: a daily freeze happened while reading freeze %d; reading again", self.meter_id, index)
+            log.info("event=freeze_moved meter=%s freeze=%d retry=true", logfmt_value(self.meter_id), index)
         else:
             raise BadReply(f"meter {self.meter_id}: daily freeze {index} kept moving while being read")
         meter_time = from_meter_time(stamp, self.tz)

@@ -49,7 +49,8 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 from meter_gateway.drivers.bus import Bus, Priority
 from meter_gateway.drivers.dlt698_model import Dlt698Model
-from meter_gateway.drivers.errors import BadReply, ConfigurationError, MeterRefused
+from meter_gateway.drivers.errors import BadReply, ConfigurationError, MeterRefused, NoAnswer, PartialRead
+from meter_gateway.drivers.log_limit import logfmt_value
 from meter_gateway.drivers.meter_models import canonical_info
 from meter_gateway.drivers.per_bus import PerBus
 from meter_gateway.drivers.reading import Quality, Reading
@@ -364,7 +365,7 @@ class Dlt698Driver:
             return await self._exchange(build, tag, choice, decode, priority, force=force, attempts=attempts)
         if self._needs_connect is None:
             self._needs_connect = False
-            log.info("meter %s: answers without an application association", self.meter_id)
+            log.info("event=association_not_needed meter=%s", logfmt_value(self.meter_id))
         return result
 
     def _may_connect(self) -> bool:
@@ -376,7 +377,7 @@ class Dlt698Driver:
 
     async def _learned_connect(self, priority: int, force: bool) -> None:
         if self._needs_connect is None:
-            log.info("meter %s: refused access without an application association; connecting", self.meter_id)
+            log.info("event=association_needed meter=%s connecting=true", logfmt_value(self.meter_id))
         self._assoc_until = None
         await self.connect(priority=priority, force=force)
         self._needs_connect = True
@@ -395,7 +396,7 @@ class Dlt698Driver:
         )
         lifetime = min(float(response.timeout or CONNECT_TIMEOUT), float(CONNECT_TIMEOUT))
         self._assoc_until = started + max(0.0, lifetime - CONNECT_MARGIN)
-        log.info("meter %s: application association open for %.0f s", self.meter_id, lifetime)
+        log.info("event=association_open meter=%s seconds=%.0f", logfmt_value(self.meter_id), lifetime)
         return response
 
     async def release(self, *, priority: int = Priority.POLL) -> None:
@@ -421,13 +422,24 @@ class Dlt698Driver:
             try:
                 await self._answer(event)
             except Exception as exc:  # an unanswered report is sent again by the meter: log, go on
-                log.warning("meter %s: could not answer %s from %s: %s", self.meter_id, event.kind, event.address, exc)
+                log.warning(
+                    "event=dlt698_answer_failed meter=%s kind=%s address=%s error=%s",
+                    logfmt_value(self.meter_id),
+                    logfmt_value(event.kind),
+                    logfmt_value(event.address),
+                    logfmt_value(exc),
+                )
             owner = share.drivers.get(event.address.wire)
             callback = owner.on_event if owner is not None else None
             if callback is not None:
                 callback(event)
             else:
-                log.info("dlt698 %s from %s (no listener): %s", event.kind, event.address, event.apdu.NAME)
+                log.info(
+                    "event=dlt698_unheard kind=%s address=%s apdu=%s",
+                    logfmt_value(event.kind),
+                    logfmt_value(event.address),
+                    logfmt_value(event.apdu.NAME),
+                )
 
     async def _answer(self, event: MeterEvent) -> None:
         apdu = event.apdu
@@ -445,20 +457,37 @@ class Dlt698Driver:
     ) -> list[Reading]:
         """One Reading per quantity that decoded, in the order asked.
 
-        Raises ConfigurationError for a quantity the model lacks, and the first transaction's
-        DriverError (LinkDown, NoAnswer, BadReply, MeterRefused)."""
+        Raises ConfigurationError for a quantity the model lacks and LinkDown at once. A request
+        lost otherwise (NoAnswer, BadReply, MeterRefused) loses only its quantities: PartialRead
+        carries what the others got. Nothing read at all raises the first loss; so do two losses
+        before anything was read (a dead meter must not hold the bus for every request)."""
         wanted, plan = self._plan_for(quantities)
         values: dict[str, Value] = {}
         quality = Quality.GOOD
+        lost: list[str] = []
+        cause: NoAnswer | BadReply | MeterRefused | None = None
         for batch in plan:
             oads = [oad for oad, _ in batch]
-            reply = await self._get(oads, priority)
+            try:
+                reply = await self._get(oads, priority)
+            except (NoAnswer, BadReply, MeterRefused) as exc:
+                cause = cause or exc
+                covers = [q for _, qs in batch for q in qs]
+                lost.extend(covers)
+                if not values and len(lost) > len(covers):
+                    raise cause from None
+                continue
             if reply.security is not None:
                 quality = Quality.MAC_UNVERIFIED
             self._collect(reply.apdu, values)
-        return [
+        readings = [
             self._reading(q, values[q], now, slot=slot, meter_time=None, quality=quality) for q in wanted if q in values
         ]
+        if cause is not None:
+            if not readings:
+                raise cause
+            raise PartialRead(readings, tuple(q for q in wanted if q in lost and q not in values), cause)
+        return readings
 
     def _plan_for(self, quantities: Sequence[str]) -> tuple[tuple[str, ...], Plan]:
         key = quantities if isinstance(quantities, tuple) else tuple(quantities)
@@ -506,7 +535,13 @@ class Dlt698Driver:
             self._missing = set()
         if oad not in self._missing:
             self._missing.add(oad)
-            log.warning("meter %s: no data for OAD %s (%s, DAR %d)", self.meter_id, oad, dar_name(dar), dar)
+            log.warning(
+                "event=no_data meter=%s oad=%s reason=%s dar=%d",
+                logfmt_value(self.meter_id),
+                oad,
+                logfmt_value(dar_name(dar)),
+                dar,
+            )
 
     def _reading(
         self,

@@ -3,6 +3,11 @@ at the module that owns that system; nothing above ``drivers/`` sees a foreign e
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from meter_gateway.drivers.reading import Reading
+
 
 class DriverError(Exception):
     """Base of every error a driver, transport or bus raises."""
@@ -46,3 +51,17 @@ class ConfigurationError(DriverError):
     """A driver was asked to do something its meter model or settings cannot express."""
 
     kind = "configuration"
+
+
+class PartialRead(DriverError):
+    """Some quantities of a read were read and others failed (a noisy bus lost their
+    transactions): ``readings`` holds what was read, ``failed`` the quantities that were not,
+    ``cause`` the first failure. A caller that can use part of a read (the poller) delivers the
+    readings and retries ``failed`` alone; one that cannot treats it as the failure it carries."""
+
+    def __init__(self, readings: list[Reading], failed: tuple[str, ...], cause: DriverError) -> None:
+        super().__init__(f"{', '.join(failed)} not read: {cause}")
+        self.readings = readings
+        self.failed = failed
+        self.cause = cause
+        self.kind = cause.kind

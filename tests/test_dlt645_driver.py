@@ -232,7 +232,7 @@ async def test_a_quantity_the_meter_lacks_gives_no_reading(
         )  # fmt: skip
         assert [r.quantity for r in readings] == ["energy.active.import.total", "voltage.l1", "energy.active.import.t1"]
         await d.read(["energy.active.import.t4"], slot=0.0, now=0.0)
-    assert sum("has no data for DI 00010400" in r.message for r in caplog.records) == 1  # logged once
+    assert sum("event=no_data meter=m01 di=00010400 " in r.message for r in caplog.records) == 1  # logged once
     with pytest.raises(ConfigurationError, match="no data identifier"):
         await d.read(["energy.active.import.t9"], slot=0.0, now=0.0)
 

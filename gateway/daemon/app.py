@@ -36,20 +36,21 @@ import msgspec
 
 from meter_gateway.drivers import registry
 from meter_gateway.drivers.bus import Bus, Priority
-from meter_gateway.drivers.errors import DriverError
+from meter_gateway.drivers.errors import DriverError, LinkDown, PartialRead
 from meter_gateway.drivers.health import HealthBook, HealthPolicy, MeterState, StateChange
+from meter_gateway.drivers.log_limit import logfmt_value
 from meter_gateway.drivers.reading import Quality
 from meter_gateway.gateway.config import Config, ConfigError, diff
 from meter_gateway.gateway.daemon.logs import log_limited
 from meter_gateway.gateway.daemon.meters import Fleet, MeterRuntime
 from meter_gateway.gateway.daemon.metrics import Metrics, missed_slot_reason
-from meter_gateway.gateway.daemon.schedule import GroupPlan, MissedSlots, PollSchedule
+from meter_gateway.gateway.daemon.schedule import DEFAULT_RESYNC_AFTER, GroupPlan, MissedSlots, PollSchedule
 from meter_gateway.gateway.daemon.sdnotify import Notifier, run_watchdog, watchdog_interval
 from meter_gateway.gateway.daemon.status_file import StatusFile
 from meter_gateway.gateway.jobs.frozen import FrozenJob
 from meter_gateway.gateway.jobs.time_sync import TimeSyncJob
-from meter_gateway.gateway.store.cursors import CursorStore, autosave_poll
-from meter_gateway.gateway.store.outbox import AsyncOutbox, OutboxDamaged, OverflowPolicy
+from meter_gateway.gateway.store.cursors import CursorStore, ResumeCursors, autosave_poll
+from meter_gateway.gateway.store.outbox import AsyncOutbox, OutboxDamaged, OverflowPolicy, SlotMark
 from meter_gateway.gateway.store.outbox_sizing import PartitionTooSmall, check_partition
 from meter_gateway.gateway.uplink.meter_events import MeterEvents
 from meter_gateway.gateway.uplink.session import InboundMessage, Protocol, TlsConfig, Uplink, UplinkConfig
@@ -64,11 +65,13 @@ STATUS_FILE = "status.json"
 COMMITS_PENDING = 256  # read results waiting for the outbox at most (see Gateway._commits)
 # One meter read at a time per bus: its transactions follow each other from the same task, each
 # request written in the loop turn that handles the reply before it. A second read waiting on the
-# bus was meant to keep it busy, but it took the bus at every hand-over, so each transaction
-# cost an extra loop turn (2 instead of 1) and more CPU: at 12,800 DL/T 645 readings/s offered,
-# 1 sustained it at 90 % of a core where 2 fell behind at 96-98 % (docs/benchmarks.md).
+# bus would take the bus at every hand-over and cost each transaction an extra loop turn.
 READS_PER_BUS = 1
 STATUS_EVERY = 5.0  # seconds between status file writes
+# Rounds of re-reading a partial read's failed quantities alone, only while the slot lasts. One:
+# each transaction already made the bus's attempts, and a quantity a meter never answers would
+# otherwise fail enough transactions in a row for the health book to take the meter offline.
+PARTIAL_RETRIES = 1
 # sections a reload cannot change in a running process: they need a restart
 RESTART_SECTIONS = frozenset({"gateway", "uplink", "outbox", "metrics"})
 
@@ -97,6 +100,8 @@ class PollStats:
     missed_slots: int = 0
     shed: int = 0  # reads not queued because their bus queue was full
     paused_slots: int = 0  # reads not issued while the outbox was over budget (pause_polling)
+    partial_reads: int = 0  # reads committed with some quantities still failed after the retries
+    quantities_failed: int = 0  # the quantities those reads lost
 
     def fail(self, kind: str) -> None:
         self.failures[kind] = self.failures.get(kind, 0) + 1
@@ -241,12 +246,17 @@ class Gateway:
             await self.fleet.open()
             self.commands = self._make_commands(config)
             await self._build_jobs()
+            # the outbox's committed-slot marks commit with the readings; the cursors lag behind them
+            committed = await self.outbox.committed_slots()
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.uplink.run(), name="uplink")
                 tg.create_task(self.events.run(stop), name="meter_events")
-                self.schedule = PollSchedule(
-                    GroupPlan.from_config(config), self.clock(), resume=self.cursors.load_poll(self.clock())
+                now = self.clock()
+                resume = ResumeCursors(
+                    self.cursors.load_poll(now), committed, self._intervals, now + DEFAULT_RESYNC_AFTER
                 )
+                self.schedule = PollSchedule(GroupPlan.from_config(config), now, resume=resume)
+                del committed, resume
                 poller = tg.create_task(self._poll(stop), name="poller")
                 tg.create_task(autosave_poll(self.cursors, self._poll_cursors, stop), name="cursors")
                 jobs = tg.create_task(self._jobs(stop), name="jobs")
@@ -470,7 +480,7 @@ class Gateway:
         meter = item.meter
         self.stats.reads += 1
         try:
-            readings = await meter.read(self._quantities.get(item.group, ()), item.slot, self.clock())
+            readings = await self._read_slot(item)
         except DriverError as exc:
             self._bus_turn_done(meter.bus)
             self.stats.fail(exc.kind)
@@ -492,13 +502,54 @@ class Gateway:
         finally:
             self._bus_turn_done(meter.bus)
         try:
-            await self._commit(readings)
+            await self._commit(readings, SlotMark(item.group, meter.meter_id, item.slot))
         except OutboxDamaged:
             self.stats.fail("outbox_damaged")  # said once by the outbox; the daemon is stopping
         finally:
             self._commits.release()
 
-    async def _commit(self, readings: list[Reading]) -> None:
+    async def _read_slot(self, item: _DueRead) -> list[Reading]:
+        """The slot's readings: what a partial read got, its failed quantities retried alone while
+        the slot lasts; the slot counts as read. Raises what a read that got nothing raises."""
+        meter = item.meter
+        try:
+            return await meter.read(self._quantities.get(item.group, ()), item.slot, self.clock())
+        except PartialRead as partial:
+            readings, failed, cause = list(partial.readings), partial.failed, partial.cause
+        deadline = item.slot + self._intervals.get(item.group, 0)
+        for _ in range(PARTIAL_RETRIES):
+            if self._stopping or self.clock() >= deadline:
+                break
+            try:
+                readings.extend(await meter.read(failed, item.slot, self.clock()))
+                failed = ()
+            except PartialRead as again:
+                readings.extend(again.readings)
+                failed, cause = again.failed, again.cause
+            except LinkDown as exc:
+                cause = exc
+                break
+            except DriverError as exc:
+                cause = exc
+            if not failed:
+                break
+        if failed:
+            self.stats.partial_reads += 1
+            self.stats.quantities_failed += len(failed)
+            log_limited(
+                log,
+                logging.WARNING,
+                f"partial_read:{meter.meter_id}",
+                "event=partial_read meter=%s slot=%d failed=%s kind=%s detail=%s",
+                logfmt_value(meter.meter_id),
+                item.slot,
+                logfmt_value(",".join(failed)),
+                cause.kind,
+                logfmt_value(str(cause)[:200]),
+            )
+        return readings
+
+    async def _commit(self, readings: list[Reading], mark: SlotMark | None = None) -> None:
         # polled readings and a read_now command's readings go the same way: outbox, same ids
         if not readings or self.outbox is None:
             return
@@ -506,7 +557,7 @@ class Gateway:
         self.stats.readings += len(readings)
         if self.metrics is not None:
             self.metrics.readings_acquired.inc(len(readings))
-        result = await self.outbox.add(readings)
+        result = await self.outbox.add(readings, mark=mark)
         self.stats.committed += result.committed
 
     def _flag_clock_suspect(self, readings: list[Reading]) -> list[Reading]:
@@ -676,6 +727,8 @@ class Gateway:
                 "missed_slots": self.stats.missed_slots,
                 "paused": self._paused,
                 "paused_slots": self.stats.paused_slots,
+                "partial_reads": self.stats.partial_reads,
+                "quantities_failed": self.stats.quantities_failed,
                 "failures": dict(self.stats.failures),
             },
             "reloads": dict(self.reloads),
@@ -781,12 +834,13 @@ class Gateway:
         worse = change.new in (MeterState.DEGRADED, MeterState.OFFLINE)
         log.log(
             logging.WARNING if worse else logging.INFO,
-            "event=meter_state meter=%s from=%s to=%s failures=%d reason=%s",
-            change.meter_id,
+            "event=meter_%s meter=%s from=%s to=%s failures=%d reason=%s",
+            change.new.value,
+            logfmt_value(change.meter_id),
             change.old.value,
             change.new.value,
             change.failures,
-            change.reason,
+            logfmt_value(change.reason or "-"),
         )
         if self.uplink is not None and change.new is not MeterState.UNKNOWN:
             # since: gateway time (docs/mqtt.md), not the health book's monotonic clock

@@ -19,10 +19,12 @@ they were saved by a clock that was wrong, and resuming from them would stop pol
 clock got there.
 
 The store is small and written with ``synchronous=NORMAL`` in WAL mode: a power cut can lose
-the last few saves, never the file; a lost save only means a few slots are read again (their
-reading ids dedupe in the outbox) or backfilled again. A file that is not a readable database,
-or that ``PRAGMA quick_check`` finds damaged, is moved aside with its -wal/-shm
-(``schedule.sqlite.corrupt-<UTC timestamp>``, kept for forensics) and a fresh one started,
+the last few saves, never the file; a lost save only means a few slots are backfilled again.
+Slots are not read again: the outbox marks each slot it commits (``committed_slots``) and the
+daemon resumes from the later of that mark and the saved cursor (:class:`ResumeCursors`).
+A file that is not a readable database, or that ``PRAGMA quick_check`` finds damaged, is moved
+aside with its -wal/-shm (``schedule.sqlite.corrupt-<UTC timestamp>``, kept for forensics) and a
+fresh one started,
 logged on one line: losing cursors costs backfill and at worst one extra time sync (the
 once-a-day record), never billing data. Checking on open matters: a damaged page found later,
 by a load during start-up, would fail every start (a crash loop).
@@ -61,6 +63,7 @@ __all__ = [
     "CursorStore",
     "CursorStoreError",
     "OwedFreeze",
+    "ResumeCursors",
     "SavedPollCursors",
     "TimeSyncRecord",
     "autosave_poll",
@@ -139,6 +142,44 @@ class SavedPollCursors(Mapping[tuple[str, str], int]):
 
     def __len__(self) -> int:
         return int(self._query("SELECT count(*) FROM poll_cursor WHERE next_slot <= ?")[0][0])
+
+
+class ResumeCursors(Mapping[tuple[str, str], int]):
+    """(group, meter) -> next slot owed on start: the later of the saved cursor and the slot
+    after the last one the outbox committed (``Outbox.committed_slots``).
+
+    The cursors are saved every few seconds; the outbox marks a slot in the transaction that
+    commits its readings. After a crash the mark can be ahead of the saved cursor, and a slot
+    read again would publish its reading ids with other values. A mark past ``limit`` (a wrong
+    clock, as for the saved cursors) is left out."""
+
+    def __init__(
+        self,
+        saved: Mapping[tuple[str, str], int],
+        committed: Mapping[tuple[str, str], int],
+        intervals: Mapping[str, int],
+        limit: float,
+    ) -> None:
+        self._saved = saved
+        self._after: dict[tuple[str, str], int] = {}
+        for (group, meter), slot in committed.items():
+            interval = intervals.get(group)
+            if interval is not None and slot + interval <= limit:
+                self._after[(group, meter)] = slot + interval
+
+    def __getitem__(self, key: tuple[str, str]) -> int:
+        saved = self._saved.get(key)
+        after = self._after.get(key)
+        if saved is None and after is None:
+            raise KeyError(key)
+        return max(s for s in (saved, after) if s is not None)
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        yield from self._saved
+        yield from (key for key in self._after if key not in self._saved)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def store_path(config: Config) -> Path:

@@ -53,6 +53,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 
+from meter_gateway.drivers.log_limit import logfmt_value
 from meter_gateway.drivers.reading import Quality, Reading, ReadRecord, records
 from meter_gateway.gateway.daemon.logs import limited_kind_ended, log_limited
 from meter_gateway.gateway.store import outbox_schema
@@ -82,6 +83,7 @@ __all__ = [
     "Record",
     "Row",
     "SchemaError",
+    "SlotMark",
     "Synchronous",
 ]
 
@@ -126,7 +128,6 @@ class OverflowPolicy(enum.StrEnum):
     DROP_OLDEST = "drop-oldest"  # delete the oldest undelivered rows to make room
 
 
-
 def _settings(
     synchronous: Synchronous | str, overflow_policy: OverflowPolicy | str, budget_bytes: int, hold_limit: int
 ) -> tuple[Synchronous, OverflowPolicy]:
@@ -146,6 +147,7 @@ def _settings(
     if hold_limit < 0:
         raise OutboxError(f"outbox hold limit must be >= 0, got {hold_limit}")
     return sync, policy
+
 
 class OutboxError(Exception):
     """The outbox cannot be opened or used as asked."""
@@ -253,6 +255,14 @@ def _insert(conn: sqlite3.Connection, rows: Sequence[tuple[object, ...]]) -> Non
         size = min(_INSERT_ROWS, 1 << ((len(rows) - start).bit_length() - 1))  # largest power of two left
         conn.execute(_insert_sql(size), [x for row in rows[start : start + size] for x in row])
         start += size
+
+
+class SlotMark(NamedTuple):
+    """The poll slot a read's readings belong to, recorded with them (``committed_slots``)."""
+
+    group: str
+    meter: str
+    slot: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,7 +408,12 @@ def _storable(group: Sequence[Reading]) -> tuple[list[ReadRecord], int]:
         out += records(fixed)
     if bad:
         log_limited(
-            log, logging.WARNING, "outbox.invalid", "outbox: refused %d invalid readings (first: %s)", bad, first
+            log,
+            logging.WARNING,
+            "outbox.invalid",
+            "event=outbox_refused_invalid count=%d first=%s",
+            bad,
+            logfmt_value(first),
         )
     return out, bad
 
@@ -683,9 +698,10 @@ class Outbox:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def add(self, readings: Iterable[Reading]) -> AddResult:
-        """Commit a batch in one transaction (after any held readings, which keep their order)."""
-        results, _ = self.write([list(readings)], [])
+    def add(self, readings: Iterable[Reading], *, mark: SlotMark | None = None) -> AddResult:
+        """Commit a batch in one transaction (after any held readings, which keep their order);
+        ``mark``: the poll slot it read, recorded in the same transaction (see committed_slots)."""
+        results, _ = self.write([list(readings)], [], [mark])
         return results[0]
 
     def ack(self, row_ids: Iterable[int]) -> int:
@@ -699,18 +715,22 @@ class Outbox:
         return AddResult(held=len(self._held))
 
     def write(
-        self, adds: Sequence[Sequence[Reading]], acks: Sequence[Sequence[int]]
+        self,
+        adds: Sequence[Sequence[Reading]],
+        acks: Sequence[Sequence[int]],
+        marks: Sequence[SlotMark | None] = (),
     ) -> tuple[list[AddResult], list[int]]:
         """Group commit: all acks in one transaction, then all adds in one transaction.
 
-        Returns one AddResult per add group and one delivered count per ack group.
+        ``marks`` (parallel to ``adds``, missing ones None) are recorded with the adds they go
+        with. Returns one AddResult per add group and one delivered count per ack group.
         """
         if self.readonly:
             raise OutboxError(f"outbox {self.path} is open read-only")
         if self._closed:
             raise OutboxError(f"outbox {self.path} is closed")
         ack_counts = self._ack_groups(acks)
-        add_results = self._add_groups(adds)
+        add_results = self._add_groups(adds, marks)
         self._trim_wal()
         return add_results, ack_counts
 
@@ -787,7 +807,9 @@ class Outbox:
             conn.execute("DELETE FROM reads WHERE first_row BETWEEN ? AND ? AND last_row <= ?", (first, last, last))
         return deleted + int(whole)
 
-    def _add_groups(self, groups: Sequence[Sequence[Reading]]) -> list[AddResult]:
+    def _add_groups(
+        self, groups: Sequence[Sequence[Reading]], marks: Sequence[SlotMark | None] = ()
+    ) -> list[AddResult]:
         work: list[list[ReadRecord]] = []
         invalid: list[int] = []
         for group in groups:
@@ -795,10 +817,10 @@ class Outbox:
             work.append(ok)
             invalid.append(bad)
         self._count("invalid", sum(invalid))
-        results = self._add_clean(work)
+        results = self._add_clean(work, marks)
         return [dataclasses.replace(r, invalid=n) if n else r for r, n in zip(results, invalid, strict=True)]
 
-    def _add_clean(self, work: list[list[ReadRecord]]) -> list[AddResult]:
+    def _add_clean(self, work: list[list[ReadRecord]], marks: Sequence[SlotMark | None] = ()) -> list[AddResult]:
         # A backlog held through a storage failure goes back in bounded transactions, oldest
         # first: in one transaction, 100,000 readings need tens of MiB of WAL that a small state
         # partition does not have, and the retry would fail for good.
@@ -807,10 +829,16 @@ class Outbox:
             self._commit_clean([], held_rows=self.transaction_rows)
             if len(self._held) >= before:  # still failing: the new readings wait behind the backlog
                 return self._hold([], work)
-        return self._commit_clean(work)
+        return self._commit_clean(work, marks=marks)
 
-    def _commit_clean(self, work: list[list[ReadRecord]], held_rows: int | None = None) -> list[AddResult]:
-        """One transaction: the first ``held_rows`` held readings (all when None), then ``work``."""
+    def _commit_clean(
+        self,
+        work: list[list[ReadRecord]],
+        held_rows: int | None = None,
+        marks: Sequence[SlotMark | None] = (),
+    ) -> list[AddResult]:
+        """One transaction: the first ``held_rows`` held readings (all when None), then ``work``
+        and the ``marks`` of its groups whose readings were all taken."""
         if not self._held and not any(work):
             return [AddResult() for _ in work]
         # Held readings go first so the outbox keeps acquisition order; they belong to no caller.
@@ -835,6 +863,7 @@ class Outbox:
                 results.append(result)
             if self._next_row - 1 != self._last_row_id:
                 self._conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'readings'", (self._next_row - 1,))
+            self._mark_slots(marks, results[1:] if held else results)
             self._flush_counters(deltas)
             self._conn.execute("COMMIT")
         except (sqlite3.Error, OSError) as exc:
@@ -850,6 +879,22 @@ class Outbox:
         self._storage_ok()
         self._update_over_budget()
         return results
+
+    def _mark_slots(self, marks: Sequence[SlotMark | None], results: Sequence[AddResult]) -> None:
+        # A refused read is not marked: its slot may be read again once there is room. A mark
+        # never moves back (a late commit of an older slot, a backfill).
+        rows = [m for m, r in zip(marks, results, strict=False) if m is not None and not r.refused]
+        if rows:
+            self._conn.executemany(
+                "INSERT INTO committed_slots (grp, meter, slot) VALUES (?, ?, ?) "
+                "ON CONFLICT (grp, meter) DO UPDATE SET slot = max(slot, excluded.slot)",
+                rows,
+            )
+
+    def committed_slots(self) -> dict[tuple[str, str], int]:
+        """(group, meter) -> the latest poll slot whose readings were committed."""
+        rows = self._conn.execute("SELECT grp, meter, slot FROM committed_slots").fetchall()
+        return {(g, m): int(slot) for g, m, slot in rows}
 
     def _update_over_budget(self) -> None:
         """Whether the pages in use reached the budget (less a margin): the poller stops issuing
@@ -920,7 +965,7 @@ class Outbox:
                 log,
                 logging.WARNING,
                 "outbox.dropped",
-                "outbox over budget: dropped %d oldest undelivered readings",
+                "event=outbox_dropped reason=over_budget count=%d which=oldest_undelivered",
                 dropped,
             )
         refused = size - take
@@ -929,7 +974,7 @@ class Outbox:
                 log,
                 logging.WARNING,
                 "outbox.refused",
-                "outbox over budget (%d bytes): refused %d new readings",
+                "event=outbox_refused reason=over_budget budget_bytes=%d count=%d",
                 self.budget_bytes,
                 refused,
             )
@@ -1025,7 +1070,7 @@ class Outbox:
                 log,
                 logging.ERROR,
                 "outbox.hold_full",
-                "outbox storage unavailable and %d readings already held: refused %d readings",
+                "event=outbox_refused reason=storage_unavailable held=%d count=%d",
                 self.hold_limit,
                 refused_total,
             )
@@ -1073,7 +1118,11 @@ class Outbox:
             if reason == "disk full":
                 self._count("disk_full_events", 1)
             self.counters["storage_errors"] += 1
-            log.error("outbox storage unavailable (%s: %s): holding readings in memory, retrying", reason, exc)
+            log.error(
+                "event=outbox_unavailable reason=%s error=%s holding=memory retrying=true",
+                logfmt_value(reason),
+                logfmt_value(exc),
+            )
         self._alarm = reason
 
     def _storage_ok(self) -> None:
@@ -1158,7 +1207,7 @@ class Outbox:
             if not self.readonly and (self._held or self._pending_acks):
                 self.write([], [])
                 if self._held:
-                    log.error("outbox closed with %d readings never committed (storage unavailable)", len(self._held))
+                    log.error("event=outbox_closed_uncommitted count=%d reason=storage_unavailable", len(self._held))
             if not self.readonly:
                 with contextlib.suppress(sqlite3.Error):
                     self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -1371,7 +1420,7 @@ class AsyncOutbox:
         self._retry_interval = retry_interval
         self._commit_interval = commit_interval
         self._last_write = -math.inf  # loop time the last write started
-        self._adds: list[tuple[list[Reading], asyncio.Future[AddResult]]] = []
+        self._adds: list[tuple[list[Reading], asyncio.Future[AddResult], SlotMark | None]] = []
         self._acks: list[tuple[list[int], asyncio.Future[int]]] = []
         self._writer: asyncio.Task[None] | None = None
         self._retry: asyncio.Task[None] | None = None
@@ -1442,10 +1491,10 @@ class AsyncOutbox:
     def over_budget(self) -> bool:
         return self.outbox.over_budget
 
-    async def add(self, readings: Iterable[Reading]) -> AddResult:
+    async def add(self, readings: Iterable[Reading], *, mark: SlotMark | None = None) -> AddResult:
         self._check_open()
         fut: asyncio.Future[AddResult] = self._loop.create_future()
-        self._adds.append((list(readings), fut))
+        self._adds.append((list(readings), fut, mark))
         self._kick()
         return await fut
 
@@ -1470,6 +1519,9 @@ class AsyncOutbox:
 
     async def oldest_undelivered(self) -> tuple[int, float] | None:
         return await self._run(self.outbox.oldest_undelivered)
+
+    async def committed_slots(self) -> dict[tuple[str, str], int]:
+        return await self._run(self.outbox.committed_slots)
 
     async def stats(self) -> OutboxStats:
         return await self._run(self.outbox.stats)
@@ -1547,8 +1599,8 @@ class AsyncOutbox:
             total += len(item[0])
         return taken
 
-    def _take_adds(self) -> list[tuple[list[Reading], asyncio.Future[AddResult]]]:
-        taken: list[tuple[list[Reading], asyncio.Future[AddResult]]] = []
+    def _take_adds(self) -> list[tuple[list[Reading], asyncio.Future[AddResult], SlotMark | None]]:
+        taken: list[tuple[list[Reading], asyncio.Future[AddResult], SlotMark | None]] = []
         total = 0
         while self._adds and (not taken or total + len(self._adds[0][0]) <= self._max_group):
             item = self._adds.pop(0)
@@ -1566,10 +1618,10 @@ class AsyncOutbox:
             acks = self._take_acks()
             try:
                 add_results, ack_counts = await self._run(
-                    self.outbox.write, [a for a, _ in adds], [ids for ids, _ in acks]
+                    self.outbox.write, [a for a, _, _ in adds], [ids for ids, _ in acks], [m for _, _, m in adds]
                 )
             except BaseException as exc:  # a real bug or corruption: every waiter hears about it
-                for _, add_fut in adds:
+                for _, add_fut, _ in adds:
                     if not add_fut.done():
                         add_fut.set_exception(exc)
                 for _, ack_fut in acks:
@@ -1578,7 +1630,7 @@ class AsyncOutbox:
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 continue
-            for (_, add_fut), result in zip(adds, add_results, strict=True):
+            for (_, add_fut, _), result in zip(adds, add_results, strict=True):
                 if not add_fut.done():
                     add_fut.set_result(result)
             for (_, ack_fut), count in zip(acks, ack_counts, strict=True):

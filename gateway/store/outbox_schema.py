@@ -158,8 +158,26 @@ def _v4_insert(conn: sqlite3.Connection, run: list[tuple[WireReading, str, float
     )
 
 
+def _v5_committed_slots(conn: sqlite3.Connection) -> None:
+    # The latest poll slot per (group, meter) whose readings were committed, written in the
+    # transaction that commits them and kept when acks delete the reads: the schedule cursors
+    # are saved to another file every few seconds, so after a crash only this says a slot was
+    # already read (reading it again would publish its ids with other values once the first
+    # rows are delivered and gone).
+    conn.execute(
+        "CREATE TABLE committed_slots (grp TEXT NOT NULL, meter TEXT NOT NULL, slot INTEGER NOT NULL, "
+        "PRIMARY KEY (grp, meter)) WITHOUT ROWID"
+    )
+
+
 # Ordered steps: MIGRATIONS[i] takes the database from version i to i + 1. Append only.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1_readings, _v2_meta, _v3_counters, _v4_reads)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
+    _v1_readings,
+    _v2_meta,
+    _v3_counters,
+    _v4_reads,
+    _v5_committed_slots,
+)
 CURRENT = len(MIGRATIONS)
 
 

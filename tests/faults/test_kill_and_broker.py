@@ -126,7 +126,15 @@ async def modbus_sim_process() -> AsyncIterator[int]:
 
 
 def write_config(
-    tmp_path: Path, host: str, port: int, sim_port: int, *, metrics_port: int | None = None, batch: int = 500
+    tmp_path: Path,
+    host: str,
+    port: int,
+    sim_port: int,
+    *,
+    metrics_port: int | None = None,
+    batch: int = 500,
+    interval: str = "1s",
+    spread: float = 0.9,
 ) -> Path:
     meters = "".join(
         f'\n[[meters]]\nid = "mb-{u}"\nbus = "modbus-a"\nprotocol = "modbus"\naddress = {u}\nmodel = "sim-3ph"\n'
@@ -161,8 +169,8 @@ reply_timeout = "1s"
 {meters}
 [[poll_groups]]
 name = "fast"
-interval = "1s"
-spread = 0.9
+interval = "{interval}"
+spread = {spread}
 quantities = [{quantities}]
 """)
     return path
@@ -479,6 +487,56 @@ async def test_sigkill_at_random_moments_while_polling_loses_nothing(
         f"different values); "
         f"polling resumed {resumed:.2f} s after a fresh process start"
     )
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(120)
+async def test_a_slot_committed_before_a_crash_is_not_read_again(
+    tmp_path: Path, mosquitto: Broker, modbus_sim: ModbusSimServer
+) -> None:
+    """Issue 19 item 9: killed right after a slot's readings were committed and delivered (the
+    cursor store's periodic save still behind them), the restarted daemon, back within the same
+    slot, does not read that slot again: no reading id reaches the head-end under two rows."""
+    interval = 6
+    config = write_config(
+        tmp_path, mosquitto.host, mosquitto.port, modbus_sim.address[1], interval=f"{interval}s", spread=0.0
+    )
+    sub = Subscriber(mosquitto, [TOPICS.readings], client_id="slot-headend", clean=False).start()
+    delivered = Collector(sub)
+    zygote = await Zygote.start()
+    per_slot = len(UNITS) * len(QUANTITIES)
+    same_slot_restarts = 0
+    try:
+        for i in range(4):
+            log = tmp_path / f"daemon-{i}.log"
+            before = len(delivered().rows)
+            pid = await zygote.spawn(config, log)
+            # the slot in progress is read at once on start (or, after a restart, the next slot is due)
+            await until(lambda before=before: len(delivered().rows) >= before + per_slot, 3 * interval, "a slot", log)  # type: ignore[misc]
+            slot = max(delivered().slots.values())
+            await asyncio.sleep(0.3)  # the PUBACKs delete the rows: only the committed-slot mark remains
+            os.kill(pid, signal.SIGKILL)
+            await until(lambda pid=pid: not alive(pid), 5, "the killed daemon to go")  # type: ignore[misc]
+            await until(lambda: lock_free(outbox_file(tmp_path)), 5, "the killed daemon's outbox lock to go")
+            if time.time() < slot + interval - 1.0:  # the next start falls in the slot just read
+                same_slot_restarts += 1
+        log = tmp_path / "daemon-final.log"
+        pid = await zygote.spawn(config, log)
+        await asyncio.sleep(2.0)  # a re-read of the last slot would be issued at once
+        os.kill(pid, signal.SIGTERM)
+        await until(lambda: not alive(pid), 20, "the final daemon to stop", log)
+        await asyncio.sleep(0.3)
+    finally:
+        await zygote.close()
+        sub.stop()
+    got = delivered()
+    rows_of_id: dict[str, set[int]] = {}
+    for row, rid in got.ids.items():
+        rows_of_id.setdefault(rid, set()).add(row)
+    twice = {rid: sorted(got.values[r] for r in rows) for rid, rows in rows_of_id.items() if len(rows) > 1}
+    assert same_slot_restarts > 0, "no restart fell in the slot just read: the test proved nothing"
+    assert not twice, f"{len(twice)} reading ids read again after a restart, e.g. {sorted(twice.items())[:3]}"
+    report(f"item 9: {same_slot_restarts} restarts in the slot just committed; {len(rows_of_id)} ids, none read twice")
 
 
 # -- item 2: an MQTT proxy that decides when PUBACKs reach the gateway ------------------------
@@ -932,6 +990,7 @@ async def test_broker_down_while_a_large_backlog_accumulates(
     assert firsts == sorted(firsts), "the backlog did not drain in row order"
     # memory: bounded, whatever the backlog
     assert peak <= RSS_CAP_MIB, f"VmHWM {peak:.1f} MiB over the {RSS_CAP_MIB} MiB cap"
+
     # polls stay on time while the drain runs: no missed slot, reads as late as with the broker down
     def missed(scrape: dict[str, float]) -> float:  # every reason on the bus
         return sum(v for k, v in scrape.items() if k.startswith('meter_gateway_missed_slots_total{bus="modbus-a"'))
