@@ -650,11 +650,22 @@ _TYPES: Final = {int(t): t for t in DataType}
 # The hot path indexes per-byte tables (an IntEnum as a dict key hashes in Python, by name) and
 # builds Data with tuple.__new__ (a NamedTuple's own __new__ is a Python-level function).
 _BY_BYTE: Final[tuple[DataType | None, ...]] = tuple(_TYPES.get(b) for b in range(256))
-_FIXED_BY_BYTE: Final[tuple[tuple[DataType, int, bool] | None, ...]] = tuple(
-    (_TYPES[b], *_FIXED_INT[_TYPES[b]]) if b in _TYPES and _TYPES[b] in _FIXED_INT else None for b in range(256)
-)
+# A fixed-size integer is read with a precompiled big-endian struct: no slice, no keyword call.
+_INT_FORMATS: Final = {(1, True): ">b", (1, False): ">B", (2, True): ">h", (2, False): ">H",
+                       (4, True): ">i", (4, False): ">I", (8, True): ">q", (8, False): ">Q"}  # fmt: skip
+_Unpack = Callable[[bytes, int], tuple[int]]
+
+
+def _fixed_entry(code: int) -> tuple[DataType, int, _Unpack] | None:
+    tag = _TYPES.get(code)
+    if tag is None or tag not in _FIXED_INT:
+        return None
+    size, signed = _FIXED_INT[tag]
+    return tag, size, struct.Struct(_INT_FORMATS[size, signed]).unpack_from
+
+
+_FIXED_BY_BYTE: Final[tuple[tuple[DataType, int, _Unpack] | None, ...]] = tuple(_fixed_entry(b) for b in range(256))
 _new = tuple.__new__
-_from_bytes = int.from_bytes
 
 
 def decode_data(buf: bytes, pos: int, warnings: list[str], depth: int = 0) -> tuple[Data, int]:
@@ -666,11 +677,11 @@ def decode_data(buf: bytes, pos: int, warnings: list[str], depth: int = 0) -> tu
     pos += 1
     fixed = _FIXED_BY_BYTE[code]
     if fixed is not None:
-        int_tag, size, signed = fixed
+        int_tag, size, unpack = fixed
         end = pos + size
         if end > len(buf):
             raise RemoteProtocolError(f"truncated {int_tag.name.lower()} at offset {pos}")
-        return _new(Data, (int_tag, _from_bytes(buf[pos:end], "big", signed=signed))), end
+        return _new(Data, (int_tag, unpack(buf, pos)[0])), end
     tag = _BY_BYTE[code]
     if tag is None:
         raise RemoteProtocolError(f"unknown Data type {code} at offset {pos - 1}")
@@ -687,10 +698,12 @@ def decode_data(buf: bytes, pos: int, warnings: list[str], depth: int = 0) -> tu
             # arrays of numbers are most of what meters send: decode those inline, no recursion
             element = _FIXED_BY_BYTE[buf[pos]] if pos < n else None
             if element is not None:
-                end = pos + 1 + element[1]
+                element_tag, size, unpack = element
+                pos += 1
+                end = pos + size
                 if end > n:
-                    raise RemoteProtocolError(f"truncated {element[0].name.lower()} at offset {pos + 1}")
-                items.append(_new(Data, (element[0], _from_bytes(buf[pos + 1 : end], "big", signed=element[2]))))
+                    raise RemoteProtocolError(f"truncated {element_tag.name.lower()} at offset {pos}")
+                items.append(_new(Data, (element_tag, unpack(buf, pos)[0])))
                 pos = end
             else:
                 item, pos = decode_data(buf, pos, warnings, depth)

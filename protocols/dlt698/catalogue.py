@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
@@ -25,6 +25,8 @@ from meter_gateway.protocols.package_data import read_packaged
 LAYOUTS: Final = frozenset({"none", "tariffs", "phases", "total_phases", "status_words", "structure", "record"})
 _CANONICAL: Final = {"W": ("kW", -3), "var": ("kvar", -3), "VA": ("kVA", -3)}
 _PHASE_SUFFIX: Final = ("l1", "l2", "l3")
+# NamedTuples built per value skip their Python-level __new__ (the one from collections.namedtuple)
+_new = tuple.__new__
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +105,35 @@ class Item:
         return f"{self.name} [{index}]", None, self.scaler, self.unit
 
 
+class ElementSpec(NamedTuple):
+    """What :meth:`Item.element` says about one element, with the scaling worked out once at
+    catalogue load: the decode path does one integer operation per value (see :func:`scale`)."""
+
+    name: str
+    quantity: str | None
+    scaler: int
+    unit: str
+    divisor: int  # 10 ** -scaler when scaler < 0, else 1
+    multiplier: int  # 10 ** scaler when scaler > 0, else 1
+
+    @classmethod
+    def of(cls, item: Item, index: int) -> ElementSpec:
+        name, quantity, scaler, unit = item.element(index)
+        return cls(name, quantity, scaler, unit, 10 ** max(-scaler, 0), 10 ** max(scaler, 0))
+
+
+class _Entry(NamedTuple):
+    """A catalogue item and everything the decode path needs about it, built once per item."""
+
+    item: Item
+    spread: bool  # an array/structure read whole (index 0) gives one reading per element
+    status_words: bool
+    elements: tuple[ElementSpec, ...]  # indexed by element index; 0 is the whole attribute
+
+
+_PRECOMPUTED_ELEMENTS: Final = 16  # element indices 0..15 cover every layout in the standard's tables
+
+
 class Reading(NamedTuple):
     """One value of a response: the OAD it belongs to (element index filled in for arrays),
     the raw A-XDR value, the scaled value in ``unit``, and the canonical quantity."""
@@ -137,6 +168,9 @@ def scale(raw: object, scaler: int) -> object:
         return raw
     if scaler > 0:
         return raw * 10**scaler
+    if isinstance(raw, int):
+        # int / int is correctly rounded: the float nearest the exact decimal, for any size of raw
+        return raw / 10**-scaler
     return round(raw * 10.0**scaler, -scaler)
 
 
@@ -148,11 +182,15 @@ class Catalogue:
         self._by_quantity: dict[str, OAD] = {}
         for item in items:
             self._items.setdefault((item.oi, item.attribute), item)
-        for item in self._items.values():
-            for index in range(16):
-                _, quantity, _, _ = item.element(index)
-                if quantity is not None:
-                    self._by_quantity.setdefault(quantity, OAD(item.oi, item.attribute, index))
+        self._entries: dict[tuple[int, int], _Entry] = {}
+        for key, item in self._items.items():
+            elements = tuple(ElementSpec.of(item, index) for index in range(_PRECOMPUTED_ELEMENTS))
+            self._entries[key] = _Entry(
+                item, item.layout not in ("none", "record"), item.layout == "status_words", elements
+            )
+            for index, spec in enumerate(elements):
+                if spec.quantity is not None:
+                    self._by_quantity.setdefault(spec.quantity, OAD(item.oi, item.attribute, index))
         self.bit_tables = dict(bit_tables)
 
     def __iter__(self) -> Iterator[Item]:
@@ -195,32 +233,54 @@ class Catalogue:
 
     def readings(self, oad: OAD, data: Data) -> list[Reading]:
         """Readings of one GET/REPORT result: an array attribute read whole gives one per element."""
-        item = self.get(oad)
-        if item is None:
+        oi, attribute, index = oad
+        entry = self._entries.get((oi, attribute & 0x1F))
+        if entry is None:
             return [Reading(oad, plain(data), plain(data), "", None, str(oad))]
-        if (
-            oad.index == 0
-            and item.layout not in ("none", "record")
-            and data.type in (DataType.ARRAY, DataType.STRUCTURE)
-        ):
-            return [
-                self._reading(item, OAD(oad.oi, oad.attribute, i), element) for i, element in enumerate(data.value, 1)
-            ]
-        return [self._reading(item, oad, data)]
+        tag = data[0]
+        values: Iterable[tuple[int, Data]]
+        spread = index == 0 and entry.spread and (tag is DataType.ARRAY or tag is DataType.STRUCTURE)
+        values = enumerate(data[1], 1) if spread else ((index, data),)
+        elements = entry.elements
+        known = len(elements)
+        out: list[Reading] = []
+        append = out.append
+        for i, element in values:
+            this = _new(OAD, (oi, attribute, i)) if spread else oad
+            spec = elements[i] if i < known else ElementSpec.of(entry.item, i)
+            raw = element[1]
+            # integers are nearly every value a meter sends (bool is not one: type() is exact)
+            if type(raw) is int:
+                name, quantity, scaler, unit, divisor, multiplier = spec
+                if scaler < 0:
+                    value: Any = raw / divisor
+                elif scaler:
+                    value = raw * multiplier
+                else:
+                    value = raw
+                append(_new(Reading, (this, raw, value, unit, quantity, name, None)))
+            else:
+                append(self._reading(entry, spec, this, element))
+        return out
 
-    def _reading(self, item: Item, oad: OAD, data: Data) -> Reading:
-        name, quantity, scaler, unit = item.element(oad.index)
+    def _reading(self, entry: _Entry, spec: ElementSpec, oad: OAD, data: Data) -> Reading:
+        """The reading of a value that is not an integer (float, status word, string, time...)."""
+        tag, raw = data
         fields = None
-        if item.layout == "status_words" and isinstance(data.value, BitString):
+        if entry.status_words and isinstance(raw, BitString):
             table = self.bit_tables.get(f"word{oad.index}", ())
-            fields = {spec.name: spec.decode(data.value) for spec in table}
-        raw = plain(data)
-        value = scale(data.value, scaler) if data.type not in (DataType.ARRAY, DataType.STRUCTURE) else raw
-        if data.type is DataType.NULL:
+            fields = {bit.name: bit.decode(raw) for bit in table}
+        shown = plain(data)
+        value: Any
+        if tag is DataType.NULL:
             value = None
-        elif not isinstance(value, int | float | type(None)):
-            value = raw
-        return Reading(oad, raw, value, unit, quantity, name, fields)
+        elif tag is DataType.ARRAY or tag is DataType.STRUCTURE:
+            value = shown
+        else:
+            value = scale(raw, spec.scaler)
+            if not isinstance(value, int | float | type(None)):
+                value = shown
+        return Reading(oad, shown, value, spec.unit, spec.quantity, spec.name, fields)
 
     def record_readings(self, result: ResultRecord) -> list[list[Reading]]:
         """Per row, the readings of every column of a GET-Record / REPORT record result."""
