@@ -136,7 +136,7 @@ async def running(path: Path, clock: Callable[[], float] = time.time) -> AsyncIt
         await asyncio.wait_for(task, 15)
 
 
-async def until(cond: Callable[[], bool], within: float = 15.0) -> None:
+async def until(cond: Callable[[], bool], within: float = 45.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     while not cond():

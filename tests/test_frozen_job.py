@@ -180,7 +180,7 @@ async def rig(sim_bus: SimBusFactory, tmp_path: Path, *, n: int = 1, backfill_da
         await bus.close()
 
 
-async def until(cond: Callable[[], bool], within: float = 5.0) -> None:
+async def until(cond: Callable[[], bool], within: float = 30.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     while not cond():

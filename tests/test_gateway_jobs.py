@@ -102,7 +102,7 @@ async def running(config_path: Path, clock: Callable[[], float]) -> AsyncIterato
         await asyncio.wait_for(task, 15)
 
 
-async def until(cond: Callable[[], bool], within: float = 10.0) -> None:
+async def until(cond: Callable[[], bool], within: float = 30.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     while not cond():

@@ -313,7 +313,7 @@ def test_sync_windows_around_midnight_per_edition() -> None:
     assert sync_allowed(midnight + 3900, TZ, "dlt645-1997") is None
 
 
-async def _until(cond: Callable[[], bool], within: float = 5.0) -> None:
+async def _until(cond: Callable[[], bool], within: float = 30.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     while not cond():

@@ -891,5 +891,5 @@ async def test_overflow_policy_does_what_it_says(
         assert stats.counters["refused"] == 0
         assert not any("event=polling_paused" in m for m in messages)
         # one line when the dropping starts, not one per read (rate-limited)
-        assert sum("dropped" in m and "oldest undelivered" in m for m in messages) == 1
-    assert not any("refused" in m and "new readings" in m for m in messages)
+        assert sum("event=outbox_dropped" in m and "which=oldest_undelivered" in m for m in messages) == 1
+    assert not any("event=outbox_refused reason=over_budget" in m for m in messages)
