@@ -7,7 +7,7 @@ in software. The gateway side, in this process, is the real stack: 100 TCP trans
 serial server) and 1,000 :class:`drivers.dlt645_driver.Dlt645Driver`, read back to back for
 ``--quantities`` (default: total forward active energy, one 16-byte request and a 24-byte reply
 with 4 FE bytes). By default one poller per link reads its meters in turn, as the daemon does
-(one read at a time per bus, ``gateway.app.READS_PER_BUS``); ``--pollers meter`` gives every
+(one read at a time per bus, ``gateway.daemon.poller.READS_PER_BUS``); ``--pollers meter`` gives every
 meter its own task instead, all queueing for their link's turn.
 
 The gateway is measured against two peers:

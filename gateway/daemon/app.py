@@ -2,33 +2,30 @@
 
 ``Gateway.run`` opens the outbox, builds buses and meter drivers from the config, and runs one
 ``asyncio.TaskGroup`` of named tasks: ``uplink`` (outbox -> MQTT), ``poller`` (schedule -> bus
-reads -> outbox), ``cursors`` (saves the poll schedule's cursors so a restart resumes and
-backfills), ``jobs`` (the daily frozen reads with backfill, and meter time sync; restarted on a
-reload), ``commands`` (remote control, when ``[commands] enabled``), ``housekeeping`` (metrics
-snapshots, the status file, sd_notify STATUS), ``watchdog`` (sd_notify WATCHDOG=1 while the
-poller makes progress) and ``reloader`` (applies a new config on the ``reload`` event). Signals
-only set events (``stop``, ``reload``; see gateway/cli/run_cmd.py). Shutdown runs the stages in
-reverse order within a budget: stop handing out reads and let in-flight reads finish (so what
-was read is committed), let commands persist their state, stop the uplink (it waits briefly for
+reads -> reading sink -> outbox; gateway/daemon/poller.py), ``cursors`` (saves the poll
+schedule's cursors so a restart resumes and backfills), ``jobs`` (the daily frozen reads with
+backfill, and meter time sync; restarted on a reload), ``commands`` (remote control, when
+``[commands] enabled``), ``housekeeping`` (metrics snapshots, the status file, sd_notify
+STATUS), ``watchdog`` (sd_notify WATCHDOG=1 while the poller makes progress) and ``reloader``
+(applies a new config on the ``reload`` event). Signals only set events (``stop``, ``reload``;
+see gateway/cli/run_cmd.py). Shutdown runs the stages in reverse order within a budget: stop
+handing out reads and let in-flight reads finish (so what was read is committed), let commands
+persist their state, stop the uplink (it waits briefly for
 in-flight PUBACKs), close buses, close the cursor store and the outbox.
 
-Polls are queued per bus and at most :data:`READS_PER_BUS` run at once on a bus (the bus does
-one transaction at a time anyway): a task per due read would cost memory per meter at 10,000
-meters, for nothing.
+Polls, the frozen job and ``read_now`` commands commit through one
+:class:`~meter_gateway.gateway.daemon.sink.ReadingSink`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
-import itertools
 import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,75 +33,36 @@ import msgspec
 
 from meter_gateway.drivers import registry
 from meter_gateway.drivers.bus import Bus, Priority
-from meter_gateway.drivers.errors import DriverError, LinkDown, PartialRead
 from meter_gateway.drivers.health import HealthBook, HealthPolicy, MeterState, StateChange
 from meter_gateway.drivers.log_limit import logfmt_value
-from meter_gateway.drivers.reading import Quality
 from meter_gateway.gateway.config import Config, ConfigError, diff
 from meter_gateway.gateway.daemon.logs import log_limited
 from meter_gateway.gateway.daemon.meters import Fleet, MeterRuntime
-from meter_gateway.gateway.daemon.metrics import Metrics, missed_slot_reason
+from meter_gateway.gateway.daemon.metrics import Metrics
+from meter_gateway.gateway.daemon.poller import Poller, PollStats
 from meter_gateway.gateway.daemon.schedule import DEFAULT_RESYNC_AFTER, GroupPlan, MissedSlots, PollSchedule
 from meter_gateway.gateway.daemon.sdnotify import Notifier, run_watchdog, watchdog_interval
+from meter_gateway.gateway.daemon.sink import COMMAND, FROZEN, ReadingSink
 from meter_gateway.gateway.daemon.status_file import StatusFile
 from meter_gateway.gateway.jobs.frozen import FrozenJob
 from meter_gateway.gateway.jobs.time_sync import TimeSyncJob
 from meter_gateway.gateway.store.cursors import CursorStore, ResumeCursors, autosave_poll
-from meter_gateway.gateway.store.outbox import AsyncOutbox, OutboxDamaged, OverflowPolicy, SlotMark
+from meter_gateway.gateway.store.outbox import AsyncOutbox, OverflowPolicy
 from meter_gateway.gateway.store.outbox_sizing import PartitionTooSmall, check_partition
 from meter_gateway.gateway.uplink.meter_events import MeterEvents
 from meter_gateway.gateway.uplink.session import InboundMessage, Protocol, TlsConfig, Uplink, UplinkConfig
 
 if TYPE_CHECKING:
-    from meter_gateway.drivers.reading import Reading
     from meter_gateway.gateway.commands.service import CommandService
 
 log = logging.getLogger("meter_gateway")
 
 STATUS_FILE = "status.json"
-COMMITS_PENDING = 256  # read results waiting for the outbox at most (see Gateway._commits)
-# One meter read at a time per bus: its transactions follow each other from the same task, each
-# request written in the loop turn that handles the reply before it. A second read waiting on the
-# bus would take the bus at every hand-over and cost each transaction an extra loop turn.
-READS_PER_BUS = 1
 STATUS_EVERY = 5.0  # seconds between status file writes
-# Rounds of re-reading a partial read's failed quantities alone, only while the slot lasts. One:
-# each transaction already made the bus's attempts, and a quantity a meter never answers would
-# otherwise fail enough transactions in a row for the health book to take the meter offline.
-PARTIAL_RETRIES = 1
 # sections a reload cannot change in a running process: they need a restart
 RESTART_SECTIONS = frozenset({"gateway", "uplink", "outbox", "metrics"})
 
 OVERFLOW = {"pause_polling": OverflowPolicy.REFUSE_NEW, "drop_oldest": OverflowPolicy.DROP_OLDEST}
-
-
-class _DueRead:
-    """A read handed out by the schedule, queued for its bus (``Gateway._waiting``) or running
-    until committed or failed (``Gateway._active``). A start-up burst queues thousands of these
-    at once, so one small object each, compared by identity, and the schedule's own ``slot`` int."""
-
-    __slots__ = ("group", "meter", "slot")
-
-    def __init__(self, meter: MeterRuntime, group: str, slot: int) -> None:
-        self.meter = meter
-        self.group = group
-        self.slot = slot
-
-
-@dataclass
-class PollStats:
-    reads: int = 0
-    readings: int = 0
-    committed: int = 0
-    failures: dict[str, int] = field(default_factory=dict)
-    missed_slots: int = 0
-    shed: int = 0  # reads not queued because their bus queue was full
-    paused_slots: int = 0  # reads not issued while the outbox was over budget (pause_polling)
-    partial_reads: int = 0  # reads committed with some quantities still failed after the retries
-    quantities_failed: int = 0  # the quantities those reads lost
-
-    def fail(self, kind: str) -> None:
-        self.failures[kind] = self.failures.get(kind, 0) + 1
 
 
 def uplink_config(config: Config) -> UplinkConfig:
@@ -157,7 +115,6 @@ class Gateway:
         self.metrics = metrics
         self.notifier = notifier
         self._load_config = load_config
-        self.stats = PollStats()
         self.reloads = {"ok": 0, "failed": 0}
         self.health = HealthBook(
             HealthPolicy(
@@ -172,22 +129,7 @@ class Gateway:
         self.outbox: AsyncOutbox | None = None
         self.uplink: Uplink | None = None
         self.events: MeterEvents | None = None
-        self._quantities = {g.name: tuple(g.quantities) for g in config.poll_groups}
-        self._intervals = {g.name: int(g.interval) for g in config.poll_groups}
-        self._in_flight: set[asyncio.Task[None]] = set()
-        self._waiting: dict[str, collections.deque[_DueRead]] = {}
-        # Reads handed out by the schedule and not yet committed or failed are queued in _waiting or
-        # running in _active: the saved cursors never pass their slots, so a crash or a stop re-reads
-        # them instead of skipping them. _active stays small (a read per bus, the pending commits):
-        # a set never shrinks its table, and one that held a start-up catch-up's 10,000 reads kept 512 KiB.
-        self._active: set[_DueRead] = set()
-        # Reads whose bus turn ended and whose commit is still waiting (a drain, a slow disk): bounded,
-        # or a stalled outbox would fill memory with readings; at the bound the bus waits instead.
-        self._commits = asyncio.Semaphore(COMMITS_PENDING)
-        self._running: dict[str, int] = {}
-        self._links_down: set[str] = set()  # buses whose meters were set offline for link_down
         self.cursors: CursorStore | None = None
-        self.schedule: PollSchedule | None = None
         self.frozen: FrozenJob | None = None
         self.time_sync: TimeSyncJob | None = None
         self.commands: CommandService | None = None
@@ -196,11 +138,19 @@ class Gateway:
         self._ignored_commands = 0
         self._on_ready = on_ready
         self._on_tick = on_tick
-        self._schedule_changed = False
-        self._poll_progress = time.monotonic()  # last poller loop turn, for the watchdog
         self._started_at = clock()
-        self._stopping = False
-        self._paused = False  # polling paused: the outbox is over budget under pause_polling
+        # polls, the frozen job and read_now commands commit through this one sink
+        self.sink = ReadingSink(metrics=metrics, time_sync=lambda: self.time_sync)
+        self.poller = Poller(
+            config,
+            self.fleet,
+            self.health,
+            self.sink,
+            clock=clock,
+            metrics=metrics,
+            note_missed=self._note_missed,
+            over_budget=lambda: self.outbox is not None and self.outbox.over_budget,
+        )
         self._status_file = StatusFile(status_path(config))
         # what ``meter-gateway run`` exits with: 0, or EX_TEMPFAIL when the outbox was found
         # damaged (systemd restarts the service and the next open quarantines the file)
@@ -213,6 +163,14 @@ class Gateway:
     @property
     def meters(self) -> dict[str, MeterRuntime]:
         return self.fleet.meters
+
+    @property
+    def stats(self) -> PollStats:
+        return self.poller.stats
+
+    @property
+    def schedule(self) -> PollSchedule | None:
+        return self.poller.schedule
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -236,6 +194,7 @@ class Gateway:
             commit_interval=config.outbox.commit_interval,
         )
         self.outbox.on_damage = lambda _detail: self._outbox_damaged(stop)
+        self.sink.outbox = self.outbox
         try:
             self.cursors = await asyncio.to_thread(CursorStore.for_config, config)
             self.uplink = Uplink(uplink_config(config), self.outbox, on_command=self._on_command)
@@ -253,12 +212,12 @@ class Gateway:
                 tg.create_task(self.events.run(stop), name="meter_events")
                 now = self.clock()
                 resume = ResumeCursors(
-                    self.cursors.load_poll(now), committed, self._intervals, now + DEFAULT_RESYNC_AFTER
+                    self.cursors.load_poll(now), committed, self.poller.intervals, now + DEFAULT_RESYNC_AFTER
                 )
-                self.schedule = PollSchedule(GroupPlan.from_config(config), now, resume=resume)
+                self.poller.schedule = PollSchedule(GroupPlan.from_config(config), now, resume=resume)
                 del committed, resume
-                poller = tg.create_task(self._poll(stop), name="poller")
-                tg.create_task(autosave_poll(self.cursors, self._poll_cursors, stop), name="cursors")
+                poller = tg.create_task(self.poller.run(stop), name="poller")
+                tg.create_task(autosave_poll(self.cursors, self.poller.cursors, stop), name="cursors")
                 jobs = tg.create_task(self._jobs(stop), name="jobs")
                 commands = (
                     tg.create_task(self.commands.run(self._commands_stop), name="commands")
@@ -286,7 +245,7 @@ class Gateway:
                 if self.notifier is not None:
                     self.notifier.ready(self._status_line())
                 await stop.wait()
-                self._stopping = True
+                self.poller.stopping = True
                 if self.notifier is not None:
                     self.notifier.stopping()
                 if reload is not None:
@@ -312,7 +271,7 @@ class Gateway:
         deadline = loop.time() + self.shutdown_budget
         poller.cancel()  # queued reads stay queued (and owed to the final cursor save): nothing starts them now
         self._commands_stop.set()
-        stages: set[asyncio.Task[None]] = {*self._in_flight, jobs}
+        stages: set[asyncio.Task[None]] = {*self.poller.in_flight, jobs}
         if commands is not None:
             stages.add(commands)
         _, pending = await asyncio.wait(stages, timeout=max(0.0, self.shutdown_budget / 2))
@@ -331,245 +290,10 @@ class Gateway:
         self.exit_code = os.EX_TEMPFAIL
         stop.set()
 
-    # -- polling ------------------------------------------------------------------------------
-
-    def _poll_cursors(self) -> dict[tuple[str, str], int]:
-        cursors = self.schedule.cursors() if self.schedule is not None else {}
-        for item in itertools.chain(self._active, *self._waiting.values()):
-            key = (item.group, item.meter.meter_id)
-            if key in cursors:
-                cursors[key] = min(cursors[key], item.slot)
-        return cursors
-
-    async def _poll(self, stop: asyncio.Event) -> None:
-        assert self.schedule is not None
-        polled = False
-        while not stop.is_set():
-            self._poll_progress = time.monotonic()
-            max_queue = self.config.limits.max_queue_per_bus
-            now = self.clock()
-            if self._schedule_changed:
-                self._schedule_changed = False
-                self.schedule = PollSchedule(GroupPlan.from_config(self.config), now, resume=self.schedule.cursors())
-            schedule = self.schedule
-            self._check_links()
-            paused = self._pause_polling()
-            for due in schedule.next_due(now):
-                meter = self.meters.get(due.meter)
-                if meter is None:
-                    continue
-                if paused:
-                    self._skip_read(meter, due.group, due.slot)
-                    continue
-                waiting = self._waiting.setdefault(meter.bus, collections.deque())
-                if len(waiting) >= max_queue:
-                    self.stats.shed += 1
-                    self._count_missed(meter.bus, "queue_full")
-                    continue
-                item = _DueRead(meter, due.group, due.slot)
-                if self._running.get(meter.bus, 0) < READS_PER_BUS:
-                    self._start_read(item)
-                else:
-                    waiting.append(item)
-            missed = schedule.take_missed()
-            # the first turn finds the slots whose window passed while the daemon was down
-            reason = "late" if polled else "daemon_down"
-            polled = True
-            for m in missed:
-                runtime = self.meters.get(m.meter)
-                if runtime is not None:
-                    self._count_missed(runtime.bus, reason, m.count)
-                else:  # left the configuration since: no bus to count it on
-                    self.stats.missed_slots += m.count
-                log_limited(
-                    log,
-                    logging.WARNING,
-                    f"missed_slots:{m.meter}",
-                    "event=missed_slots group=%s meter=%s first=%d count=%d",
-                    m.group,
-                    m.meter,
-                    m.first,
-                    m.count,
-                )
-            if missed and self.frozen is not None:
-                self.frozen.note_missed(missed)
-            next_time = schedule.next_time()
-            delay = 1.0 if next_time is None else min(1.0, max(0.0, next_time - self.clock()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
-
-    def _check_links(self) -> None:
-        """Meters behind a link that has been down (or never opened) for ``link_down_after`` go
-        offline, reason link_down. Checked on the poller's turn (at least once a second), not on a
-        failed read: a meter polled every 15 minutes must not look online for 15 minutes."""
-        limit = self.health.policy.link_down_after
-        now = asyncio.get_running_loop().time()
-        down: set[str] = set()
-        for name, bus in self.buses.items():
-            link = bus.transport
-            since = link.down_since if link is not None else None
-            if since is not None and now - since >= limit:
-                down.add(name)
-        # only a bus newly past the limit walks the meters (10,000 of them, every second otherwise);
-        # its meters cannot be read back online while it stays down
-        new, self._links_down = down - self._links_down, down
-        if not new:
-            return
-        for meter_id, meter in self.meters.items():
-            if meter.bus in new:
-                self.health.link_down(meter_id)
-
-    def _count_missed(self, bus: str, reason: str, slots: int = 1) -> None:
-        self.stats.missed_slots += slots
-        if self.metrics is not None:
-            self.metrics.count_missed(bus, reason, slots)
-
-    def _pause_polling(self) -> bool:
-        """Under ``pause_polling``, no read is issued while the outbox is over its budget: its
-        readings would only be refused. Polling resumes by itself once deliveries free room."""
-        paused = (
-            self.config.outbox.overflow_policy == "pause_polling"
-            and self.outbox is not None
-            and self.outbox.over_budget
-        )
-        if paused != self._paused:
-            self._paused = paused
-            if paused:
-                log.warning("event=polling_paused reason=outbox_over_budget skipped_so_far=%d", self.stats.paused_slots)
-            else:
-                log.info("event=polling_resumed skipped_slots=%d", self.stats.paused_slots)
-        return paused
-
-    def _skip_read(self, meter: MeterRuntime, group: str, slot: int) -> None:
-        """A slot not read because polling is paused: a missed slot (reason ``outbox_full``) the
-        daily freeze can fill, as a failed read's."""
-        self.stats.paused_slots += 1
-        self._count_missed(meter.bus, "outbox_full")
-        interval = self._intervals.get(group)
-        if self.frozen is not None and interval is not None:
-            self.frozen.note_missed([MissedSlots(group, meter.meter_id, slot, slot, interval)])
-
-    def _start_read(self, item: _DueRead) -> None:
-        bus = item.meter.bus
-        self._running[bus] = self._running.get(bus, 0) + 1
-        self._active.add(item)
-        task = asyncio.create_task(self._read(item), name=f"read:{bus}")
-        self._in_flight.add(task)
-        task.add_done_callback(self._in_flight.discard)
-
-    def _bus_turn_done(self, bus: str) -> None:
-        self._running[bus] -= 1
-        waiting = self._waiting.get(bus)
-        if waiting and not self._stopping:
-            if self._paused:  # queued before the pause: not issued either
-                while waiting:
-                    item = waiting.popleft()
-                    self._skip_read(item.meter, item.group, item.slot)
-            else:
-                self._start_read(waiting.popleft())
-
-    async def _read(self, item: _DueRead) -> None:
-        try:
-            await self._read_and_commit(item)
-        finally:
-            # done: committed, or failed and reported as a missed slot (a cancelled read stays owed)
-            if not self._stopping or not asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                self._active.discard(item)
-
-    async def _read_and_commit(self, item: _DueRead) -> None:
-        meter = item.meter
-        self.stats.reads += 1
-        try:
-            readings = await self._read_slot(item)
-        except DriverError as exc:
-            self._bus_turn_done(meter.bus)
-            self.stats.fail(exc.kind)
-            self._count_missed(meter.bus, missed_slot_reason(exc.kind))
-            log.debug("event=read_failed meter=%s kind=%s detail=%s", meter.meter_id, exc.kind, exc)
-            interval = self._intervals.get(item.group)
-            if self.frozen is not None and interval is not None:
-                # a failed live read is a missed slot: the daily freeze can fill it if it is at midnight
-                slot = item.slot
-                self.frozen.note_missed([MissedSlots(item.group, meter.meter_id, slot, slot, interval)])
-            return
-        except BaseException:
-            self._bus_turn_done(meter.bus)
-            raise
-        # the bus's turn ends with the read, not with the commit: a commit waiting behind a drain's
-        # deletes must not hold the next meter's read back (the task stays in _in_flight for shutdown)
-        try:
-            await self._commits.acquire()
-        finally:
-            self._bus_turn_done(meter.bus)
-        try:
-            await self._commit(readings, SlotMark(item.group, meter.meter_id, item.slot))
-        except OutboxDamaged:
-            self.stats.fail("outbox_damaged")  # said once by the outbox; the daemon is stopping
-        finally:
-            self._commits.release()
-
-    async def _read_slot(self, item: _DueRead) -> list[Reading]:
-        """The slot's readings: what a partial read got, its failed quantities retried alone while
-        the slot lasts; the slot counts as read. Raises what a read that got nothing raises."""
-        meter = item.meter
-        try:
-            return await meter.read(self._quantities.get(item.group, ()), item.slot, self.clock())
-        except PartialRead as partial:
-            readings, failed, cause = list(partial.readings), partial.failed, partial.cause
-        deadline = item.slot + self._intervals.get(item.group, 0)
-        for _ in range(PARTIAL_RETRIES):
-            if self._stopping or self.clock() >= deadline:
-                break
-            try:
-                readings.extend(await meter.read(failed, item.slot, self.clock()))
-                failed = ()
-            except PartialRead as again:
-                readings.extend(again.readings)
-                failed, cause = again.failed, again.cause
-            except LinkDown as exc:
-                cause = exc
-                break
-            except DriverError as exc:
-                cause = exc
-            if not failed:
-                break
-        if failed:
-            self.stats.partial_reads += 1
-            self.stats.quantities_failed += len(failed)
-            log_limited(
-                log,
-                logging.WARNING,
-                f"partial_read:{meter.meter_id}",
-                "event=partial_read meter=%s slot=%d failed=%s kind=%s detail=%s",
-                logfmt_value(meter.meter_id),
-                item.slot,
-                logfmt_value(",".join(failed)),
-                cause.kind,
-                logfmt_value(str(cause)[:200]),
-            )
-        return readings
-
-    async def _commit(self, readings: list[Reading], mark: SlotMark | None = None) -> None:
-        # polled readings and a read_now command's readings go the same way: outbox, same ids
-        if not readings or self.outbox is None:
-            return
-        readings = self._flag_clock_suspect(readings)
-        self.stats.readings += len(readings)
-        if self.metrics is not None:
-            self.metrics.readings_acquired.inc(len(readings))
-        result = await self.outbox.add(readings, mark=mark)
-        self.stats.committed += result.committed
-
-    def _flag_clock_suspect(self, readings: list[Reading]) -> list[Reading]:
-        """Readings of a meter whose clock the time-sync job last measured too far from ours carry
-        Quality.CLOCK_SUSPECT (ids do not depend on quality, so dedupe is unaffected)."""
-        ts = self.time_sync
-        if ts is None or not ts.suspect_meters:
-            return readings
-        return [
-            msgspec.structs.replace(r, quality=r.quality | Quality.CLOCK_SUSPECT) if ts.clock_suspect(r.meter_id) else r
-            for r in readings
-        ]
+    def _note_missed(self, missed: Sequence[MissedSlots]) -> None:
+        # the frozen job of the moment (rebuilt on a reload) fills what it can at midnight
+        if self.frozen is not None:
+            self.frozen.note_missed(missed)
 
     # -- frozen data and time sync ------------------------------------------------------------
 
@@ -583,7 +307,7 @@ class Gateway:
         assert self.outbox is not None
         assert self.cursors is not None
         frozen = self._drivers_that(registry.Can.FROZEN)
-        self.frozen = FrozenJob(self.config, frozen, self.outbox, self.clock, self.cursors)
+        self.frozen = FrozenJob(self.config, frozen, self.sink.for_source(FROZEN), self.clock, self.cursors)
         clocks = self._drivers_that(registry.Can.TIME_SYNC)
         self.time_sync = TimeSyncJob(self.config, clocks, self.buses, self.clock, cursors=self.cursors)
         await self.frozen.load()
@@ -625,7 +349,7 @@ class Gateway:
             self.uplink.publish,
             self.uplink.topics.acks,
             clock=self.clock,
-            commit_readings=self._commit,
+            commit_readings=self.sink.committer(COMMAND),
             on_verified=self.metrics.observe_verification if self.metrics is not None else None,
         )
 
@@ -657,7 +381,7 @@ class Gateway:
 
     def _alive(self) -> bool:
         """The watchdog's check beyond the loop itself: the poller turned recently."""
-        alive = time.monotonic() - self._poll_progress < 30.0
+        alive = time.monotonic() - self.poller.progress < 30.0
         if not alive and self.metrics is not None:
             self.metrics.watchdog_misses.inc()  # a ping withheld; systemd restarts us after WatchdogSec
         return alive
@@ -725,7 +449,7 @@ class Gateway:
                 "reads": self.stats.reads,
                 "readings": self.stats.readings,
                 "missed_slots": self.stats.missed_slots,
-                "paused": self._paused,
+                "paused": self.poller.paused,
                 "paused_slots": self.stats.paused_slots,
                 "partial_reads": self.stats.partial_reads,
                 "quantities_failed": self.stats.quantities_failed,
@@ -802,10 +526,7 @@ class Gateway:
             new = _keep_sections(new, old, restart)
         buses, meters = await self.fleet.apply(old, new, changes)
         self.config = new
-        self._quantities = {g.name: tuple(g.quantities) for g in new.poll_groups}
-        self._intervals = {g.name: int(g.interval) for g in new.poll_groups}
-        self._schedule_changed = True
-        self._links_down.clear()  # meters added on a bus that is down are set offline too
+        self.poller.reload(new)
         self._jobs_restart.set()
         if self.commands is not None:
             self.commands.update(new, self.meters, self.buses)
@@ -848,7 +569,6 @@ class Gateway:
 
 
 def _keep_sections(new: Config, old: Config, names: Sequence[str]) -> Config:
-    import msgspec
 
     return msgspec.structs.replace(new, **{name: getattr(old, name) for name in names})
 

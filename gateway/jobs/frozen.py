@@ -102,7 +102,8 @@ class FrozenReader(Protocol):
 
 
 class ReadingSink(Protocol):
-    """Where readings are committed (gateway.outbox.AsyncOutbox)."""
+    """Where readings are committed: in the daemon, the reading sink bound to the frozen source
+    (gateway/daemon/sink.py: clock-suspect flag, metrics, then the outbox); any AsyncOutbox fits."""
 
     async def add(self, readings: Iterable[Reading]) -> AddResult: ...
 
