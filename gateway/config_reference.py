@@ -31,7 +31,7 @@ from meter_gateway.gateway.config import Config, Duration, Secret, schema_hook
 __all__ = ["Key", "Section", "json_schema", "main", "markdown", "sections"]
 
 JSON_SCHEMA_DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
-# Sections a SIGHUP reload cannot change in the running daemon: gateway.app.RESTART_SECTIONS, not
+# Sections a SIGHUP reload cannot change in the running daemon: gateway.daemon.app.RESTART_SECTIONS, not
 # imported so the reference needs no drivers (tests/test_config_reference.py checks they agree).
 RESTART_SECTIONS: Final = frozenset({"gateway", "uplink", "outbox", "metrics"})
 

@@ -1,4 +1,4 @@
-"""DL/T 698.45 through the whole daemon, with real parts only: ``gateway.app.Gateway`` on a real
+"""DL/T 698.45 through the whole daemon, with real parts only: ``gateway.daemon.app.Gateway`` on a real
 config file, a real mosquitto, simulated DL/T 698.45 and DL/T 645-2007 meters on one TCP line and
 Modbus meters on another (real sockets), commands signed by ``meter-gateway ctl`` with a key made
 by ``ctl keygen``, and the outbox and cursor store on disk.

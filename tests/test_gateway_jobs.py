@@ -1,4 +1,4 @@
-"""The whole daemon (gateway.app.Gateway) with its background jobs wired in: poll cursors that
+"""The whole daemon (gateway.daemon.app.Gateway) with its background jobs wired in: poll cursors that
 survive a restart, missed slots filled from the meters' daily freezes, and meter time sync.
 
 Simulated DL/T 645-2007 meters on a real TCP port, a real outbox and cursor store on disk, a real
