@@ -120,7 +120,7 @@ class Poller:
         # Reads handed out by the schedule and not yet committed or failed are queued in _waiting or
         # running in _active: the saved cursors never pass their slots, so a crash or a stop re-reads
         # them instead of skipping them. _active stays small (a read per bus, the pending commits):
-        # a set never shrinks its table, and one that held a start-up catch-up's 10,000 reads kept 512 KiB.
+        # a set never shrinks its table, so one that once held a start-up catch-up's reads keeps it.
         self._active: set[_DueRead] = set()
         # Reads whose bus turn ended and whose commit is still waiting (a drain, a slow disk): bounded,
         # or a stalled outbox would fill memory with readings; at the bound the bus waits instead.

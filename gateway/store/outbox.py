@@ -102,7 +102,7 @@ ACK_GROUP_ROWS = 20_000  # acked rows deleted per writer transaction at most (se
 _INITIAL_ROW_ESTIMATE = 256
 # Ids per "IN (...)" lookup, under SQLite's bound-parameter limit. A lookup is padded (with its
 # last id again) to a power of two, for the same reason as the INSERTs' sizes: one cached
-# statement per group size seen took 3 MiB after a start-up catch-up (a 500-id statement is 110 KiB).
+# statement per group size seen would pile up after a start-up catch-up (bench memory).
 _IN_CHUNK = 512
 
 # SQLite primary result codes (https://www.sqlite.org/rescode.html) we treat as "storage is
@@ -217,9 +217,9 @@ _INSERT_INTO = "INSERT INTO reads (first_row, last_row, n, key, added_at, wire) 
 _INSERT_COLUMNS = 6
 # Records per INSERT statement. Python's sqlite3 releases the GIL around every sqlite3_step, and
 # executemany steps once per row: while the event loop is busy, each row then waits for the GIL
-# (up to the switch interval), and a batch of 300 rows took ~0.1 s and stole the loop's turns.
-# One multi-row statement is one step. Statements come in power-of-two sizes only: sqlite3 keeps
-# every prepared statement it has seen (up to 128), and one per size from 1 to 64 rows took 2.6 MiB.
+# (up to the switch interval) and steals the loop's turns. One multi-row statement is one step.
+# Statements come in power-of-two sizes only: sqlite3 keeps every prepared statement it has seen
+# (up to 128), and one per size would hold memory for nothing (bench memory).
 _INSERT_ROWS = 64
 
 
