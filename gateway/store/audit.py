@@ -41,12 +41,12 @@ import msgspec
 from meter_gateway.gateway.store.sqlite_check import (
     DEFAULT_CHECK_BUDGET,
     DamagedDatabase,
-    is_damage,
+    checked_connection,
     limit_cache,
     limit_wal,
     open_readonly,
-    quarantine,
-    quick_check,
+    open_store,
+    refuse_truncated,
     time_limit,
 )
 
@@ -179,19 +179,19 @@ class AuditLog:
                 raise AuditError(f"cannot open audit log {file}: {exc}") from exc
             _check_version(conn, file)
             return cls(conn, str(file), readonly=True)
-        try:
-            return cls(_connect(file, check_budget), str(file), readonly=False)
-        except DamagedDatabase as exc:
-            reason = str(exc)
-        old_head = _last_readable(file)
-        aside = quarantine(file)
-        try:
-            fresh = cls(_connect(file, check_budget), str(file), readonly=False)
-        except DamagedDatabase as again:
-            raise AuditError(f"audit log {file}: a fresh log is damaged too: {again}") from again
-        fresh.quarantined = aside
+
+        def fresh_damaged(again: DamagedDatabase) -> AuditError:
+            return AuditError(f"audit log {file}: a fresh log is damaged too: {again}")
+
+        audit, aside, reason = open_store(
+            file, lambda: cls(_connect(file, check_budget), str(file), readonly=False), fresh_damaged=fresh_damaged
+        )
+        if aside is None:
+            return audit
+        audit.quarantined = aside
+        old_head = _last_readable(aside)  # the moved file keeps its -wal beside it
         detail = f"previous audit log damaged ({reason[:300]}); moved to {aside.name}; {old_head}"
-        fresh.append(at=clock(), state=QUARANTINE_STATE, detail=detail)
+        audit.append(at=clock(), state=QUARANTINE_STATE, detail=detail)
         # one line, no traceback: the cause is the file, not the code
         log.error(
             "event=audit_log_quarantined path=%s moved_to=%s reason=%r old_chain=%r action=fresh_log"
@@ -201,7 +201,7 @@ class AuditLog:
             reason,
             old_head,
         )
-        return fresh
+        return audit
 
     def close(self) -> None:
         with self._lock:
@@ -358,30 +358,32 @@ def _connect(file: Path, check_budget: float) -> sqlite3.Connection:
     """Open the log for writing, checked and set up; DamagedDatabase if SQLite finds it damaged."""
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        if file.is_file() and file.stat().st_size == 0 and not Path(f"{file}-wal").is_file():
-            # SQLite takes an empty file for a new database: a truncated log would start over silently
-            raise DamagedDatabase("empty file (truncated)")
-        conn = sqlite3.connect(file, check_same_thread=False, isolation_level=None)
+        refuse_truncated(file)  # a truncated log would start over silently
+        conn = checked_connection(
+            file,
+            what="audit_log",
+            check_budget=check_budget,
+            configure=_configure,
+            migrate=_migrate,
+            check_same_thread=False,
+            isolation_level=None,
+        )
     except (OSError, sqlite3.Error) as exc:
-        raise AuditError(f"cannot open audit log {file}: {exc}") from exc
-    try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        limit_cache(conn)
-        limit_wal(conn)
-        quick_check(conn, check_budget, what="audit_log", path=file)
-        conn.executescript(_SCHEMA)
-        conn.execute(_HEAD).fetchone()  # what every append reads first
-    except DamagedDatabase:
-        conn.close()
-        raise
-    except sqlite3.Error as exc:
-        conn.close()
-        if is_damage(exc):
-            raise DamagedDatabase(str(exc)) from exc
         raise AuditError(f"cannot open audit log {file}: {exc}") from exc
     _check_version(conn, file)
     return conn
+
+
+def _configure(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    limit_cache(conn)
+    limit_wal(conn)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    conn.executescript(_SCHEMA)
+    conn.execute(_HEAD).fetchone()  # what every append reads first
 
 
 def _last_readable(file: Path) -> str:

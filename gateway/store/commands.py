@@ -59,12 +59,12 @@ from meter_gateway.gateway.commands.states import (
 from meter_gateway.gateway.store.sqlite_check import (
     DEFAULT_CHECK_BUDGET,
     DamagedDatabase,
-    is_damage,
+    checked_connection,
     limit_cache,
     limit_wal,
     open_readonly,
-    quarantine,
-    quick_check,
+    open_store,
+    refuse_truncated,
     time_limit,
 )
 
@@ -313,16 +313,15 @@ class CommandStore:
             file.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot open command store {file}: {exc}") from exc
-        try:
-            return cls(_connect(file, check_budget), str(file), gateway_id)
-        except DamagedDatabase as exc:
-            reason = str(exc)
-        aside = quarantine(file)
-        try:
-            store = cls(_connect(file, check_budget), str(file), gateway_id)
-        except DamagedDatabase as again:
-            raise StoreError(f"command store {file}: a fresh store is damaged too: {again}") from again
-        store._after_quarantine(aside, reason, clock())
+
+        def fresh_damaged(again: DamagedDatabase) -> StoreError:
+            return StoreError(f"command store {file}: a fresh store is damaged too: {again}")
+
+        store, aside, reason = open_store(
+            file, lambda: cls(_connect(file, check_budget), str(file), gateway_id), fresh_damaged=fresh_damaged
+        )
+        if aside is not None:
+            store._after_quarantine(aside, reason, clock())
         return store
 
     def _after_quarantine(self, aside: Path, reason: str, now: float) -> None:
@@ -693,42 +692,39 @@ class CommandStore:
 
 def _connect(file: Path, check_budget: float) -> sqlite3.Connection:
     """Open, check and set up the store file; DamagedDatabase if SQLite finds it damaged."""
-    try:
-        if file.is_file() and file.stat().st_size == 0 and not Path(f"{file}-wal").is_file():
-            # SQLite takes an empty file for a new database: a store truncated to nothing would
-            # silently forget which commands ran
-            raise DamagedDatabase("empty file (truncated)")
-        conn = sqlite3.connect(file, isolation_level=None)
-    except (OSError, sqlite3.Error) as exc:
-        raise StoreError(f"cannot open command store {file}: {exc}") from exc
-    try:
+
+    def configure(conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA busy_timeout=5000")
         _check_version(conn, file)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")  # an accepted command must survive a power cut
         limit_cache(conn)
         limit_wal(conn)
-        quick_check(conn, check_budget, what="command_store", path=file)
-        conn.executescript(_SCHEMA)
-        # What the service reads at start (resume, guard, publisher): damage there would fail
-        # every start, even when quick_check ran out of budget before reaching it.
-        conn.execute(_SELECT_EXECUTIONS, {"command": None, "meter": None, "states": _states_json(ACTIVE)})
-        conn.execute("SELECT count(*) FROM executions WHERE state = ?", (CommandState.HELD.value,)).fetchone()
-        _check_states(conn)
-        conn.execute("SELECT count(*) FROM pending_acks").fetchone()
-        conn.execute("SELECT key, value FROM meta").fetchall()
-    except DamagedDatabase:
-        conn.close()
-        raise
-    except sqlite3.Error as exc:
-        conn.close()
-        if is_damage(exc):
-            raise DamagedDatabase(str(exc)) from exc
+
+    try:
+        # a store truncated to nothing would silently forget which commands ran
+        refuse_truncated(file)
+        return checked_connection(
+            file,
+            what="command_store",
+            check_budget=check_budget,
+            configure=configure,
+            migrate=_migrate,
+            isolation_level=None,
+        )
+    except (OSError, sqlite3.Error) as exc:
         raise StoreError(f"cannot open command store {file}: {exc}") from exc
-    except BaseException:
-        conn.close()
-        raise
-    return conn
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    conn.executescript(_SCHEMA)
+    # What the service reads at start (resume, guard, publisher): damage there would fail
+    # every start, even when quick_check ran out of budget before reaching it.
+    conn.execute(_SELECT_EXECUTIONS, {"command": None, "meter": None, "states": _states_json(ACTIVE)})
+    conn.execute("SELECT count(*) FROM executions WHERE state = ?", (CommandState.HELD.value,)).fetchone()
+    _check_states(conn)
+    conn.execute("SELECT count(*) FROM pending_acks").fetchone()
+    conn.execute("SELECT key, value FROM meta").fetchall()
 
 
 def _check_states(conn: sqlite3.Connection) -> None:

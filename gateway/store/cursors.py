@@ -52,7 +52,14 @@ from typing import TYPE_CHECKING, Any, Final
 
 from meter_gateway.gateway.daemon.logs import log_limited
 from meter_gateway.gateway.daemon.schedule import DEFAULT_RESYNC_AFTER, latest_freeze_date
-from meter_gateway.gateway.store.sqlite_check import limit_cache, limit_wal, quarantine
+from meter_gateway.gateway.store.sqlite_check import (
+    DEFAULT_CHECK_BUDGET,
+    DamagedDatabase,
+    checked_connection,
+    limit_cache,
+    limit_wal,
+    open_store,
+)
 
 if TYPE_CHECKING:
     from meter_gateway.gateway.config import Config
@@ -201,16 +208,17 @@ class CursorStore:
         db = Path(path)
         if not db.parent.is_dir():
             raise CursorStoreError(f"cursor store directory {db.parent} does not exist")
-        try:
-            return cls(_connect(db), db)
-        except sqlite3.DatabaseError as exc:
-            if isinstance(exc, sqlite3.OperationalError) and "unable to open" in str(exc):
-                raise CursorStoreError(f"cannot open cursor store {db}: {exc}") from exc
-            aside = quarantine(db)
-            log.error("event=cursor_store_unreadable path=%s error=%r moved_to=%s", db, str(exc)[:300], aside)  # noqa: TRY400 (one line, no traceback: the cause is the file)
-            store = cls(_connect(db), db)
-            store.quarantined = aside
-            return store
+
+        def moved(aside: Path, reason: str) -> None:
+            log.error("event=cursor_store_unreadable path=%s error=%r moved_to=%s", db, reason[:300], aside)
+
+        def fresh_damaged(again: DamagedDatabase) -> CursorStoreError:
+            return CursorStoreError(f"cursor store {db}: a fresh store is damaged too: {again}")
+
+        conn, aside, _ = open_store(db, lambda: _connect(db), fresh_damaged=fresh_damaged, on_moved=moved)
+        store = cls(conn, db)
+        store.quarantined = aside
+        return store
 
     @classmethod
     def for_config(cls, config: Config) -> CursorStore:
@@ -384,29 +392,38 @@ async def autosave_poll(
 
 
 def _connect(db: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False, timeout=5.0)
-    try:
+    """Open, check and set up the store; DamagedDatabase for any file SQLite cannot use as one
+    (a cursor store holds nothing worth a refused start), an error when it cannot be opened."""
+
+    def configure(conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         limit_cache(conn)
         limit_wal(conn)
+
+    def migrate(conn: sqlite3.Connection) -> None:
         conn.executescript(_SCHEMA)
         _check_version(conn, db)
-        conn.execute("SELECT count(*) FROM poll_cursor").fetchone()  # touch: a damaged file fails here
-        _quick_check(conn)
-    except BaseException:
-        conn.close()
-        raise
+        conn.execute("SELECT count(*) FROM poll_cursor").fetchone()  # what every load reads
+
+    try:
+        conn = checked_connection(
+            db,
+            what="cursor_store",
+            check_budget=DEFAULT_CHECK_BUDGET,
+            configure=configure,
+            migrate=migrate,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=5.0,
+        )
+    except sqlite3.DatabaseError as exc:
+        if isinstance(exc, sqlite3.OperationalError) and "unable to open" in str(exc):
+            raise CursorStoreError(f"cannot open cursor store {db}: {exc}") from exc
+        raise DamagedDatabase(str(exc)) from exc
     # isolation_level=None: "with conn" alone would not open a transaction
     conn.isolation_level = "DEFERRED"
     return conn
-
-
-def _quick_check(conn: sqlite3.Connection) -> None:
-    """A damaged page in any table (the file is small: the whole check takes milliseconds)."""
-    found = [str(r[0]) for r in conn.execute("PRAGMA quick_check(5)").fetchall()]
-    if found != ["ok"]:
-        raise sqlite3.DatabaseError("quick_check: " + "; ".join(" ".join(f.split()) for f in found))
 
 
 def _check_version(conn: sqlite3.Connection, db: Path) -> None:

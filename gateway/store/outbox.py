@@ -62,13 +62,13 @@ from meter_gateway.gateway.store.outbox_sizing import transaction_rows, wal_limi
 from meter_gateway.gateway.store.sqlite_check import (
     CACHE_KIB,
     DamagedDatabase,
+    checked_connection,
     clear_damage_mark,
     damage_mark,
     is_damage,
     limit_cache,
     mark_damaged,
-    quarantine,
-    quick_check,
+    open_store,
 )
 from meter_gateway.gateway.uplink.contract import WireReading, decode_readings, encode_readings
 
@@ -565,11 +565,17 @@ class Outbox:
             marked = damage_mark(db)
             if marked is not None:  # found damaged while in use: quick_check may not see it
                 raise DamagedDatabase(f"found damaged while in use: {marked}")
-            conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False, timeout=5.0)
+            conn = checked_connection(
+                db,
+                what="outbox",
+                check_budget=check_budget,
+                configure=lambda c: _configure(c, db, sync, page_limit, wal_limit(budget_bytes)),
+                migrate=outbox_schema.migrate,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=5.0,
+            )
             try:
-                _configure(conn, db, sync, page_limit, wal_limit(budget_bytes))
-                quick_check(conn, check_budget, what="outbox", path=db)
-                outbox_schema.migrate(conn)
                 return cls(
                     conn,
                     db,
@@ -589,21 +595,20 @@ class Outbox:
                 conn.close()
                 raise
 
+        def moved(aside: Path, reason: str) -> None:
+            _log_quarantine(db, aside, reason)
+            clear_damage_mark(db)
+
+        def fresh_damaged(again: DamagedDatabase) -> OutboxError:
+            return OutboxError(f"outbox {db}: a fresh database is damaged too: {again}")
+
         try:
             lost_frames = _wal_lost(db)
-            try:
-                box = connect()
-            except DamagedDatabase as exc:
-                aside = _quarantine(db, str(exc))
-                clear_damage_mark(db)
-                try:
-                    box = connect()
-                except DamagedDatabase as again:
-                    raise OutboxError(f"outbox {db}: a fresh database is damaged too: {again}") from again
-                box._note_quarantine(aside, str(exc))
-            else:
-                if lost_frames:
-                    box._note_wal_lost(lost_frames)
+            box, aside, reason = open_store(db, connect, fresh_damaged=fresh_damaged, on_moved=moved)
+            if aside is not None:
+                box._note_quarantine(aside, reason)
+            elif lost_frames:
+                box._note_wal_lost(lost_frames)
         except BaseException:
             os.close(lock_fd)
             raise
@@ -1315,9 +1320,7 @@ def _configure(conn: sqlite3.Connection, db: Path, sync: Synchronous, page_limit
         conn.execute(f"PRAGMA max_page_count = {int(page_limit):d}")
 
 
-def _quarantine(db: Path, reason: str) -> Path:
-    """Rename a damaged database (and its -wal/-shm) aside with a UTC timestamp; return its new path."""
-    aside = quarantine(db)
+def _log_quarantine(db: Path, aside: Path, reason: str) -> None:
     # one line, no traceback: the cause is the file, not the code
     log.error(
         "event=outbox_quarantined path=%s moved_to=%s reason=%r action=fresh_outbox "
@@ -1326,7 +1329,6 @@ def _quarantine(db: Path, reason: str) -> Path:
         aside,
         reason,
     )
-    return aside
 
 
 # The -shm wal-index header (https://www.sqlite.org/walformat.html, "The WAL-Index Header"):

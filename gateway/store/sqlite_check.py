@@ -5,8 +5,10 @@ daemon; and the page cache each connection may keep.
 The approach is the outbox's (docs/outbox.md "Damaged database: quarantine on open"): SQLite's
 own errors on first use (not a database, malformed image) and ``PRAGMA quick_check`` within a
 time budget count as damage; the file and its -wal/-shm are renamed to
-``<name>.corrupt-<UTC timestamp>`` (kept for forensics) and the caller starts a fresh one and
-logs its own one-line ``event=..._quarantined``.
+``<name>.corrupt-<UTC timestamp>`` (kept for forensics) and a fresh one is started. Every store
+opens through :func:`open_store` (that sequence) and :func:`checked_connection` (connect, its own
+pragmas, the check, its own schema), keeping to itself only its pragmas, its schema, what it
+salvages from the moved file and its one-line ``event=..._quarantined``.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, TypeVar
 
 from meter_gateway.drivers.log_limit import logfmt_value
 
@@ -29,6 +31,7 @@ __all__ = [
     "SMALL_CACHE_KIB",
     "SMALL_WAL_BYTES",
     "DamagedDatabase",
+    "checked_connection",
     "clear_damage_mark",
     "damage_mark",
     "is_damage",
@@ -36,12 +39,16 @@ __all__ = [
     "limit_wal",
     "mark_damaged",
     "open_readonly",
+    "open_store",
     "quarantine",
     "quick_check",
+    "refuse_truncated",
     "time_limit",
 ]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 # Small state files (commands, audit): a quick_check of a few MiB takes milliseconds.
 DEFAULT_CHECK_BUDGET: Final = 1.0
@@ -205,3 +212,64 @@ def open_readonly(path: Path) -> sqlite3.Connection:
         conn.close()
         conn = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True)
     return conn
+
+
+def refuse_truncated(db: Path) -> None:
+    """DamagedDatabase for a file truncated to nothing (and no -wal): SQLite would take it for a
+    new database and the store would start over silently, as if it had never held anything."""
+    if db.is_file() and db.stat().st_size == 0 and not Path(f"{db}-wal").is_file():
+        raise DamagedDatabase("empty file (truncated)")
+
+
+def checked_connection(
+    db: Path,
+    *,
+    what: str,
+    check_budget: float,
+    configure: Callable[[sqlite3.Connection], None],
+    migrate: Callable[[sqlite3.Connection], object],
+    **connect_args: Any,
+) -> sqlite3.Connection:
+    """Connect to ``db``, ``configure`` it (pragmas, WAL, cache), ``quick_check`` it within
+    ``check_budget`` and ``migrate`` it (schema, and whatever the store reads at start). Damage
+    SQLite reports on the way is :class:`DamagedDatabase`; any failure closes the connection."""
+    conn: sqlite3.Connection = sqlite3.connect(db, **connect_args)
+    try:
+        configure(conn)
+        quick_check(conn, check_budget, what=what, path=db)
+        migrate(conn)
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        if is_damage(exc):
+            raise DamagedDatabase(str(exc)) from exc
+        raise
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def open_store(
+    db: Path,
+    connect: Callable[[], _T],
+    *,
+    fresh_damaged: Callable[[DamagedDatabase], BaseException],
+    on_moved: Callable[[Path, str], None] | None = None,
+) -> tuple[_T, Path | None, str]:
+    """``connect()`` to the store at ``db``; when it raises :class:`DamagedDatabase`, move the
+    file aside (:func:`quarantine`), tell ``on_moved(aside, reason)`` and connect to a fresh one.
+    A fresh file damaged too raises ``fresh_damaged(error)``: nothing more can be done here.
+    Returns the store, where the damaged file went (None if it was not) and the damage found
+    (empty if none); the caller logs its own one-line ``event=..._quarantined``."""
+    try:
+        return connect(), None, ""
+    except DamagedDatabase as exc:
+        reason = str(exc)
+    aside = quarantine(db)
+    if on_moved is not None:
+        on_moved(aside, reason)
+    try:
+        store = connect()
+    except DamagedDatabase as again:
+        raise fresh_damaged(again) from again
+    return store, aside, reason
