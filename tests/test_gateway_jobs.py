@@ -41,8 +41,6 @@ class SimWallClock:
         return self.sim.now().replace(tzinfo=TZ).timestamp()
 
 
-# The simulators are local; a reply timeout of seconds keeps a loaded CI machine from turning a
-# slow reply into a missed slot that these tests would wait for in vain.
 def write_config(path: Path, state: Path, broker_port: int, port: int, extra: str = "") -> Path:
     path.write_text(f"""
 [gateway]
@@ -63,7 +61,7 @@ type = "tcp"
 host = "127.0.0.1"
 port = {port}
 protocol = "dlt645"
-reply_timeout = "2s"
+reply_timeout = "300ms"
 
 [[meters]]
 id = "m1"
@@ -223,6 +221,7 @@ async def test_a_stop_with_reads_still_queued_leaves_their_slots_owed(
     state = tmp_path / "state"
     config = write_config(tmp_path / "gw.toml", state, unused_port, handle.endpoint[1])
     text = config.read_text()
+    text = text.replace('reply_timeout = "300ms"', 'reply_timeout = "2s"')
     for i in range(3, 13):
         text += (
             f'\n[[meters]]\nid = "m{i}"\nbus = "dlt-a"\nprotocol = "dlt645-2007"\n'
