@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -454,3 +455,20 @@ async def test_owed_freezes_and_cursor_are_in_the_store_after_stop(sim_bus: SimB
         finally:
             store.close()
     assert owed == [OwedFreeze("m1", d(14), backfill=True, fills={}, attempts=1)]
+
+
+@pytest.mark.asyncio
+async def test_a_backfill_waiting_on_a_slow_meter_costs_no_cpu(sim_bus: SimBusFactory, tmp_path: Path) -> None:
+    """Owed days queued behind a read in progress wait for that read's end: the job must not spin
+    on their past retry times (it did, starving the outbox writer of the GIL)."""
+    async with rig(sim_bus, tmp_path) as r:
+        async with r.running() as job:
+            await until(lambda: job.stats.backfilled_days == 1)
+        r.set_day(d(17), datetime.time(10, 0))
+        r.handle.bus.faults.dribble = 0.004  # a slow serial server: ~0.1 s a reply
+        async with r.running() as job:
+            wall, cpu = time.monotonic(), time.process_time()
+            await until(lambda: job.stats.backfilled_days == 3)
+            wall, cpu = time.monotonic() - wall, time.process_time() - cpu
+        assert wall > 0.5, "the meter was meant to be slow"
+        assert cpu < 0.5 * wall, f"{cpu:.2f} s of CPU in {wall:.2f} s of waiting for the meter"

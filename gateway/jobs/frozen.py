@@ -433,7 +433,12 @@ class FrozenJob:
         times = [self.schedule.next_time() or now + self.tick] if self.schedule is not None else []
         window = self._window_start(now)
         for meter, days in self._owed.items():
-            times.extend(i.retry_at for d, i in days.items() if d >= window and meter in self.drivers)
+            driver = self.drivers.get(meter)
+            # a bus with a read under way waits for that read's end, which wakes the loop: its
+            # owed days' past retry times would otherwise make it spin until then
+            if driver is None or driver.bus.name in self._tasks:
+                continue
+            times.extend(i.retry_at for d, i in days.items() if d >= window)
         soonest = min(times, default=now + self.tick)
         return min(self.tick, max(0.0, soonest - now))
 
