@@ -432,7 +432,14 @@ async def test_a_frozen_broker_costs_a_reconnect_and_logs_no_error(
     broker = broker_factory()
     assert broker.pid is not None
     uplink = await start_uplink(
-        broker, keepalive=5, connect_timeout=2.0, ack_timeout=ack_timeout, batch_max_readings=20
+        broker,
+        keepalive=5,
+        connect_timeout=2.0,
+        ack_timeout=ack_timeout,
+        batch_max_readings=20,
+        # capped low: attempts on the frozen, then dead broker must not push the next one past the
+        # restart by tens of seconds (the default cap is 30 s)
+        reconnect=BackoffPolicy(initial=0.2, maximum=2.0),
     )
     await until(lambda: uplink.stats.connected, what="connected")
     added = 0
@@ -464,7 +471,7 @@ async def test_a_frozen_broker_costs_a_reconnect_and_logs_no_error(
                 os.kill(broker.pid, signal.SIGCONT)
         if end == "kill":
             await broker.astart()
-        await until(lambda: uplink.stats.connected, within=15, what="reconnected")
+        await until(lambda: uplink.stats.connected, within=30, what="reconnected")
         assert False in outcomes  # acks published during the freeze were not confirmed (kept by the caller)
         assert await uplink.publish(COMMAND_TOPICS.acks, b'{"ack":2}', within=5.0)
     finally:
