@@ -46,6 +46,7 @@ from meter_gateway.simulators.sim_config import (
     SimConfigError,
     load_config,
     quick_config,
+    zone_of,
 )
 
 _HELP_EPILOG = """\
@@ -102,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--speed", type=float, default=1.0, help="simulated seconds per real second")
     parser.add_argument("--seed", type=int, default=0, help="seed of load models and faults")
     parser.add_argument("--control-port", type=int, help="TCP port of the text control interface (127.0.0.1)")
+    parser.add_argument(
+        "--timezone",
+        help="IANA zone the meters keep time in, as the gateway's gateway.timezone (default: the host's zone)",
+    )
     return parser
 
 
@@ -183,7 +188,7 @@ def _meter(group: BusConfig, address: str, clock: SimClock, seed: int) -> Dlt645
 
 
 async def _start(config: SimConfig) -> _Running:
-    clock = SimClock(config.start, config.speed)
+    clock = SimClock(config.start, config.speed, tz=config.zone())
     running = _Running()
     try:
         for index, bus_config in enumerate(config.buses):
@@ -221,7 +226,7 @@ async def _start_modbus(config: SimConfig, bus: BusConfig) -> Any:
     except ImportError as exc:
         raise UsageError(f"the Modbus simulator is not available in this build ({exc})") from None
     transport = "tcp" if bus.protocol == "modbus-tcp" else "rtu-over-tcp"
-    start = config.start.timestamp() if config.start is not None else None
+    start = config.start.replace(tzinfo=config.zone()).timestamp() if config.start is not None else None
     clock = modbus_meter.accelerated_clock(config.speed, start=start)
     return await modbus_meter.serve_modbus(
         units=[int(u) for u in bus.meters],
@@ -427,6 +432,9 @@ def main(argv: list[str]) -> int:
                 baud=args.baud,
                 meter_type=args.meter_type,
             )
+        if args.timezone is not None:
+            zone_of(args.timezone)
+            config.timezone = args.timezone
     except SimConfigError as exc:
         print(f"meter-gateway simulate: {exc}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ File layout (see config/simulator.toml for a commented example)::
     speed = 1.0              # simulated seconds per real second
     start = "2026-03-14T10:00:00"   # simulated start (naive local time); default: now
     control_port = 7700      # TCP text control (press ADDR, status ADDR, fault BUS KNOB VALUE)
+    timezone = "Asia/Shanghai"   # the zone the meters keep time in; default: the host's
 
     [[bus]]
     protocol = "dlt645-2007" # dlt645-2007 | dlt645-1997 | modbus-tcp | modbus-rtu-over-tcp
@@ -56,6 +57,7 @@ from __future__ import annotations
 
 import datetime
 import tomllib
+import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -96,7 +98,7 @@ def family(protocol: str) -> str:
     return "dlt645" if protocol.startswith("dlt645") else "modbus" if protocol.startswith("modbus") else protocol
 
 
-_SIM_KEYS: Final = frozenset({"seed", "speed", "start", "control_port"})
+_SIM_KEYS: Final = frozenset({"seed", "speed", "start", "control_port", "timezone"})
 
 
 class SimConfigError(ValueError):
@@ -159,6 +161,12 @@ class SimConfig:
     speed: float = 1.0
     start: datetime.datetime | None = None
     control_port: int | None = None
+    # IANA zone the meters keep their clocks in (a utility's meters keep local time, whatever the
+    # host's zone); None: the host's zone
+    timezone: str | None = None
+
+    def zone(self) -> datetime.tzinfo | None:
+        return None if self.timezone is None else zone_of(self.timezone)
 
 
 def _int(where: str, value: object) -> int:
@@ -375,11 +383,29 @@ def config_from_mapping(raw: Mapping[str, Any]) -> SimConfig:
         except ValueError:
             raise SimConfigError(f"simulator.start {start_raw!r} is not an ISO 8601 date-time") from None
     control = sim.get("control_port")
+    timezone = sim.get("timezone")
+    if timezone is not None:
+        zone_of(_str("simulator.timezone", timezone), "simulator.timezone")
     buses_raw = raw.get("bus", [])
     if not isinstance(buses_raw, list) or not buses_raw:
         raise SimConfigError("the config needs at least one [[bus]]")
     buses = [bus_from_mapping(b, i, seed=seed) for i, b in enumerate(buses_raw)]
-    return SimConfig(buses, seed, speed, start, None if control is None else _int("simulator.control_port", control))
+    return SimConfig(
+        buses,
+        seed,
+        speed,
+        start,
+        None if control is None else _int("simulator.control_port", control),
+        timezone,
+    )
+
+
+def zone_of(name: str, where: str = "--timezone") -> datetime.tzinfo:
+    """The IANA zone ``name``, or SimConfigError naming ``where``."""
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise SimConfigError(f"{where}: unknown time zone {name!r} (an IANA name, e.g. Asia/Shanghai)") from None
 
 
 def load_config(path: str | Path) -> SimConfig:
