@@ -21,6 +21,7 @@ from meter_gateway.drivers.errors import NoAnswer, PartialRead
 from meter_gateway.drivers.modbus import ModbusMeter
 from meter_gateway.gateway.config import load_config
 from meter_gateway.gateway.daemon.app import Gateway
+from meter_gateway.gateway.daemon.metrics import Metrics
 from meter_gateway.gateway.uplink.contract import Topics, decode_batch
 from meter_gateway.protocols.dlt645 import messages as m
 from meter_gateway.protocols.dlt645.frame import Frame
@@ -181,7 +182,8 @@ async def test_the_poller_delivers_partial_slots_and_retries_the_failed_quantity
     config = load_config(write_config(tmp_path, mosquitto, port, addresses))
     topics = Topics("gw-partial", "meter-gateway")
     sub = Subscriber(mosquitto, [topics.readings]).start()
-    gateway = Gateway(config)
+    metrics = Metrics()
+    gateway = Gateway(config, metrics=metrics)
     stop = asyncio.Event()
     task = asyncio.create_task(gateway.run(stop))
 
@@ -216,3 +218,6 @@ async def test_the_poller_delivers_partial_slots_and_retries_the_failed_quantity
     assert gateway.stats.failures == {}  # no slot was lost
     status = json.loads((tmp_path / "state" / "status.json").read_text())
     assert status["poll"]["partial_reads"] == gateway.stats.partial_reads
+    sample = metrics.registry.get_sample_value
+    assert sample("meter_gateway_partial_reads_total", {"bus": "line"}) == gateway.stats.partial_reads
+    assert sample("meter_gateway_quantities_failed_total", {"bus": "line"}) == gateway.stats.quantities_failed

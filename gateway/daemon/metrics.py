@@ -354,6 +354,18 @@ class Metrics:
             ["bus", "reason"],
             registry=r,
         )
+        self.partial_reads = Counter(
+            f"{PREFIX}_partial_reads",
+            "Poll slots committed with some of their quantities missing (retried while the slot lasted), per bus.",
+            ["bus"],
+            registry=r,
+        )
+        self.quantities_failed = Counter(
+            f"{PREFIX}_quantities_failed",
+            "Quantities a partial read could not get, per bus.",
+            ["bus"],
+            registry=r,
+        )
         self.watchdog_misses = Counter(
             f"{PREFIX}_watchdog_misses",
             "systemd watchdog pings withheld because the poller stopped making progress.",
@@ -393,6 +405,8 @@ class Metrics:
     def add_bus(self, bus: str) -> None:
         """Export a configured bus's own series at 0 before anything happens on it."""
         self.reply_latency.labels(bus=bus)
+        self.partial_reads.labels(bus=bus)
+        self.quantities_failed.labels(bus=bus)
         for reason in MISSED_SLOT_REASONS:
             self.missed_slots.labels(bus=bus, reason=reason)
 
@@ -402,6 +416,11 @@ class Metrics:
         if reason not in MISSED_SLOT_REASONS:
             raise ValueError(f"unknown missed slot reason {reason!r}")
         self.missed_slots.labels(bus=bus, reason=reason).inc(slots)
+
+    def count_partial(self, bus: str, failed: int) -> None:
+        """A slot on ``bus`` was committed without ``failed`` of its quantities."""
+        self.partial_reads.labels(bus=bus).inc()
+        self.quantities_failed.labels(bus=bus).inc(failed)
 
     def count_reload(self, ok: bool, when: float | None = None) -> None:
         self.config_reloads.labels(result="ok" if ok else "failed").inc()
@@ -422,8 +441,9 @@ class Metrics:
         for reason in MISSED_SLOT_REASONS:
             with contextlib.suppress(KeyError):
                 self.missed_slots.remove(bus, reason)
-        with contextlib.suppress(KeyError):
-            self.reply_latency.remove(bus)
+        for per_bus in (self.reply_latency, self.partial_reads, self.quantities_failed):
+            with contextlib.suppress(KeyError):
+                per_bus.remove(bus)
 
     def update_meter_states(self, counts: Mapping[str, int]) -> None:
         """``HealthBook.counts()`` summed over buses: meters per state name."""

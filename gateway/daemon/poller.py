@@ -345,6 +345,8 @@ class Poller:
         if failed:
             self.stats.partial_reads += 1
             self.stats.quantities_failed += len(failed)
+            if self.metrics is not None:
+                self.metrics.count_partial(meter.bus, len(failed))
             log_limited(
                 log,
                 logging.WARNING,
