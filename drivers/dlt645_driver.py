@@ -117,12 +117,13 @@ async def broadcast_time(
     *,
     priority: int = Priority.COMMAND,
 ) -> None:
-    """Set every meter's clock on ``bus``: 0x08 to 999999999999, no reply (2007 6.1, 1997 5.5).
+    """Set every meter's clock on ``bus``: 0x08 to 999999999999, no reply (2007 6.1, 1997 5.5),
+    with the largest FE wake-up preamble its meters are configured with.
 
     Real meters accept a broadcast correction only within limits (typically ±5 min, once a day);
     bigger steps need a password write. Nothing comes back to say whether a meter took it.
     """
-    frame = m.BroadcastTime(BROADCAST, to_meter_time(when, tz)).encode(edition)
+    frame = m.BroadcastTime(BROADCAST, to_meter_time(when, tz)).encode(edition, line_for(bus).wake)
     await bus.send(frame, priority=priority)
 
 
@@ -146,26 +147,29 @@ def daily_frozen_quantities(model: Dlt645Model, catalogue: Catalogue | None = No
     return tuple(q for q in model.quantities if cat.by_quantity(E7, FROZEN_PREFIX + q) is not None)
 
 
-async def discover_address(bus: Bus, edition: Edition, *, priority: int = Priority.COMMAND) -> str:
+async def discover_address(
+    bus: Bus, edition: Edition, *, priority: int = Priority.COMMAND, preamble: int | None = None
+) -> str:
     """The address of the one meter on a single-meter link (printed, 12 digits).
 
     2007: 0x13 to AAAAAAAAAAAA (clause 6.4). 1997 has no read-address function: a read of the
     total forward active energy to the wildcard address is answered from the meter's real
     address. With several meters on the link nobody (or everybody at once) answers: NoAnswer or
-    BadReply.
+    BadReply. ``preamble``: FE wake-up bytes (the bus's setting); None: what the line's meters use.
     """
     line = line_for(bus)
+    wake = line.wake if preamble is None else preamble
     if edition is E7:
         request = m.ReadAddressRequest()
         exchange = Dlt645Exchange(line, edition, Expect(WILDCARD, 0x13), as_message)
-        reply = await bus.exchange(request.encode(edition), exchange, priority=priority)
+        reply = await bus.exchange(request.encode(edition, wake), exchange, priority=priority)
         if not isinstance(reply, m.ReadAddressReply):
             raise BadReply(f"bus {bus.name}: unexpected reply {type(reply).__name__} to read address")
         return str(reply.meter_address)
     di = _catalogue_di(default_catalogue(), edition, "energy.active.import.total")
     read = m.ReadRequest(WILDCARD, di)
     exchange = Dlt645Exchange(line, edition, Expect(WILDCARD, read.function(edition), di), as_message)
-    reply = await bus.exchange(read.encode(edition), exchange, priority=priority)
+    reply = await bus.exchange(read.encode(edition, wake), exchange, priority=priority)
     return str(reply.address)
 
 
@@ -339,6 +343,7 @@ class Dlt645Driver:
         self.preamble = preamble
         self._line = line_for(bus)
         self._line.know(self._address)
+        self._line.wake = max(self._line.wake, preamble)
         self._info = _model_info(model, self.catalogue, meter_id)
         self._refused_blocks = _NO_BLOCKS  # blocks this meter said it lacks (|= makes a new set)
         self._plans: dict[tuple[str, ...], tuple[tuple[str, ...], Plan]] | None = None  # once a block is refused

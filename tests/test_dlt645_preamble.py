@@ -13,16 +13,17 @@ import pytest
 
 from meter_gateway.drivers.backoff import BackoffPolicy
 from meter_gateway.drivers.bus import Bus, BusSettings
-from meter_gateway.drivers.dlt645_driver import Dlt645Driver
+from meter_gateway.drivers.dlt645_driver import Dlt645Driver, broadcast_time, discover_address
 from meter_gateway.drivers.errors import ConfigurationError
 from meter_gateway.drivers.meter_models import Dlt645Model, load_model
+from meter_gateway.drivers.readings import to_meter_time
 from meter_gateway.drivers.tcp_link import TcpLink
 from meter_gateway.drivers.transport import TcpSettings
 from meter_gateway.gateway.config import ConfigError, load_config
 from meter_gateway.gateway.daemon.meters import build_driver
 from meter_gateway.protocols.dlt645 import messages as m
 from meter_gateway.protocols.dlt645.edition import Edition
-from meter_gateway.protocols.dlt645.frame import Address, parse_frame
+from meter_gateway.protocols.dlt645.frame import BROADCAST, Address, parse_frame
 from meter_gateway.simulators.clock import SimClock
 from meter_gateway.simulators.dlt645_meter import Dlt645Meter
 
@@ -202,3 +203,37 @@ async def test_each_request_goes_out_with_the_drivers_fe_preamble(preamble: int)
     assert received == [expected]
     assert [r.quantity for r in readings] == VOLTAGES
     assert all(isinstance(r.value, float) and 0 < r.value < 300 for r in readings)
+
+
+@pytest.mark.asyncio
+async def test_a_broadcast_time_wakes_the_meter_that_needs_the_longest_preamble() -> None:
+    when = datetime.datetime(2026, 3, 14, 10, 0, 5).timestamp()
+    expected = m.BroadcastTime(BROADCAST, to_meter_time(when, None)).encode(E7, 4)
+    assert expected[:4] == b"\xfe" * 4
+    received: list[bytes] = []
+    async with recording_meter(received, len(expected)) as (host, port):
+        bus = Bus("sim", TcpLink(TcpSettings(host, port, no_reply_limit=0)), settings=BusSettings(retry=QUICK))
+        assert await bus.open()
+        try:
+            Dlt645Driver(bus, "quick", "000000000162", E7, model(), preamble=0)
+            Dlt645Driver(bus, "sleepy", ADDRESS, E7, model(), preamble=4)
+            await broadcast_time(bus, when, E7)
+            await asyncio.sleep(0.2)  # no reply comes; let the server take the bytes
+        finally:
+            await bus.close()
+    assert received == [expected]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("preamble", [0, 4])
+async def test_discovery_goes_out_with_the_buses_preamble(preamble: int) -> None:
+    expected = m.ReadAddressRequest().encode(E7, preamble)
+    received: list[bytes] = []
+    async with recording_meter(received, len(expected)) as (host, port):
+        bus = Bus("sim", TcpLink(TcpSettings(host, port, no_reply_limit=0)), settings=BusSettings(retry=QUICK))
+        assert await bus.open()
+        try:
+            assert await discover_address(bus, E7, preamble=preamble) == ADDRESS
+        finally:
+            await bus.close()
+    assert received == [expected]

@@ -213,7 +213,7 @@ async def _wildcard(target: Target, args: argparse.Namespace) -> list[Found]:
             from meter_gateway.drivers.dlt645_driver import discover_address
             from meter_gateway.protocols.dlt645.edition import Edition
 
-            address = await discover_address(bus, Edition.parse(protocol))
+            address = await discover_address(bus, Edition.parse(protocol), preamble=target.bus.dlt645_preamble())
         elif family == "dlt698":
             from meter_gateway.drivers.dlt698_driver import discover_address as discover_698
 

@@ -80,6 +80,9 @@ class Dlt645Line:
     def __init__(self, history: int = HISTORY_LENGTH) -> None:
         self._recent: deque[Expect] = deque(maxlen=history)
         self.deframer = Deframer(max_data_length=255)
+        # FE wake-up bytes a request to every meter of the line (a broadcast, a wildcard) goes out
+        # with: the most any of its meters needs
+        self.wake = 0
 
     def know(self, address: Address) -> None:
         """A meter on this bus: its replies share the caller's Address object."""
