@@ -1,6 +1,5 @@
 """What the length-framed deframers share: frames that begin with a start byte 68H, possibly after
-FEH wake-up bytes, and say their own length (CJ/T 188, DL/T 698.45; DL/T 645 keeps its own copy
-of the same scan for now).
+FEH wake-up bytes, and say their own length (DL/T 645, CJ/T 188, DL/T 698.45).
 
 The scan: bytes before a start byte are wake-up bytes (counted in ``preamble_bytes``) or noise
 (reported); at a start byte the protocol's :meth:`LengthFramedDeframer._check` says whether a
@@ -12,15 +11,17 @@ end byte 16H: checksums and data may hold it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
-__all__ = ["PREAMBLE", "START", "Discarded", "LengthFramedDeframer"]
+__all__ = ["PREAMBLE", "START", "AddressCache", "Discarded", "LengthFramedDeframer"]
 
 START: Final = 0x68
 PREAMBLE: Final = 0xFE  # a wake-up byte
 
 F = TypeVar("F")
+A = TypeVar("A")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,3 +103,29 @@ class LengthFramedDeframer(Generic[F]):
         self.preamble_bytes += len(chunk) - len(stripped)
         if stripped:
             events.append(Discarded("noise", stripped))
+
+
+class AddressCache(Generic[A]):
+    """A bus's meter addresses by their wire bytes: decoded once per meter, then shared by every
+    frame from it (and by the driver that :meth:`know` s it) instead of a copy per frame."""
+
+    __slots__ = ("_by_wire", "_make")
+
+    LIMIT: Final = 4096  # a bus rarely has more meters; past it the cache starts again
+
+    def __init__(self, make: Callable[[bytes], A]) -> None:
+        self._by_wire: dict[bytes, A] = {}
+        self._make = make
+
+    def get(self, wire: bytes) -> A:
+        address = self._by_wire.get(wire)
+        if address is None:
+            if len(self._by_wire) > self.LIMIT:
+                self._by_wire.clear()
+            address = self._by_wire[wire] = self._make(wire)
+        return address
+
+    def know(self, wire: bytes, address: A) -> None:
+        """Seed the cache with an address the caller already holds."""
+        if len(self._by_wire) <= self.LIMIT:
+            self._by_wire.setdefault(wire, address)

@@ -31,7 +31,7 @@ from meter_gateway.protocols.cjt188.frame import (  # the hot path indexes these
     Address,
     Frame,
 )
-from meter_gateway.protocols.deframing import Discarded, LengthFramedDeframer
+from meter_gateway.protocols.deframing import AddressCache, Discarded, LengthFramedDeframer
 
 __all__ = ["REASONS", "Deframer", "Discarded", "Event"]
 
@@ -54,7 +54,7 @@ class Deframer(LengthFramedDeframer[Frame]):
             raise ValueError("max_data_length must be within 0..255")
         super().__init__()
         self.max_data_length = max_data_length
-        self._addresses: dict[bytes, Address] = {}
+        self._addresses = AddressCache(Address)
 
     @property
     def buffer_limit(self) -> int:
@@ -82,10 +82,7 @@ class Deframer(LengthFramedDeframer[Frame]):
 
     def _frame(self, buf: bytes, pos: int, size: int) -> Frame:
         end = pos + size
-        wire = buf[pos + 2 : pos + 9]
-        address = self._addresses.get(wire)
-        if address is None:
-            address = self._address(wire)
+        address = self._addresses.get(buf[pos + 2 : pos + 9])
         return Frame(buf[pos + 1], address, _CONTROLS[buf[pos + 9]], buf[pos + HEADER_LENGTH : end - 2])
 
     def _complete_frame_after(self, buf: bytes, offset: int) -> int:
@@ -107,11 +104,4 @@ class Deframer(LengthFramedDeframer[Frame]):
 
     def know(self, address: Address) -> None:
         """Seed the address cache with an address the caller already holds (a driver's meter)."""
-        if len(self._addresses) <= 4096:
-            self._addresses.setdefault(address.wire, address)
-
-    def _address(self, wire: bytes) -> Address:
-        if len(self._addresses) > 4096:  # a bus rarely has more meters; keep the cache bounded
-            self._addresses.clear()
-        address = self._addresses[wire] = Address(wire)
-        return address
+        self._addresses.know(address.wire, address)

@@ -12,144 +12,76 @@ candidate is incomplete, a later start byte that already begins a complete, vali
 and the stalled candidate is reported as truncated.
 
 The buffer never holds more than one maximal frame: bytes before a start byte are reported and
-dropped at once, and a candidate is resolved as soon as 12 + L bytes are in.
+dropped at once, and a candidate is resolved as soon as 12 + L bytes are in. The scan is the one
+every length-framed protocol here shares (``protocols/deframing.py``); this module says what a
+valid DL/T 645 frame is.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Final
 
+from meter_gateway.protocols.deframing import AddressCache, Discarded, LengthFramedDeframer
 from meter_gateway.protocols.dlt645.frame import (  # the hot path indexes these tables directly
     _CONTROLS,
     _SUB_33,
     END,
     HEADER_LENGTH,
     OVERHEAD,
-    PREAMBLE,
     START,
     Address,
     Frame,
 )
 
-
-@dataclass(frozen=True, slots=True)
-class Discarded:
-    """Bytes the deframer threw away, and why (for counters and field engineers' hex dumps).
-
-    ``reason`` is one of: ``noise``, ``bad_checksum``, ``bad_end``, ``bad_length``, ``truncated``.
-    """
-
-    reason: str
-    data: bytes
-    detail: str = ""
-
+__all__ = ["REASONS", "Deframer", "Discarded", "Event"]
 
 Event = Frame | Discarded
 
 REASONS: Final = ("noise", "bad_checksum", "bad_end", "bad_length", "truncated")
 
 
-class Deframer:
+class Deframer(LengthFramedDeframer[Frame]):
     """Feed bytes with :meth:`feed`; it returns the frames and discards completed by them."""
 
-    __slots__ = ("_addresses", "_buf", "max_data_length", "preamble_bytes")
+    __slots__ = ("_addresses", "max_data_length")
 
     def __init__(self, max_data_length: int = 200) -> None:
         if not 0 <= max_data_length <= 255:
             raise ValueError("max_data_length must be within 0..255")
+        super().__init__()
         self.max_data_length = max_data_length
-        self._buf = b""  # the unresolved tail of the input: empty between whole frames
-        self._addresses: dict[bytes, Address] = {}
-        self.preamble_bytes = 0  # FE wake-up bytes skipped (not noise, so counted apart)
+        self._addresses = AddressCache(Address)
 
     @property
     def buffer_limit(self) -> int:
         """The most bytes :attr:`buffered` can ever be."""
         return OVERHEAD + self.max_data_length
 
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
+    def _check(self, buf: bytes, pos: int, n: int) -> int | Discarded | None:
+        if n - pos >= 8 and buf[pos + 7] != START:
+            return Discarded("noise", buf[pos : pos + 1])
+        if n - pos < HEADER_LENGTH:
+            return None
+        length = buf[pos + 9]
+        if length > self.max_data_length:
+            return Discarded("bad_length", buf[pos : pos + 1], f"length byte L={length} exceeds {self.max_data_length}")
+        end = pos + OVERHEAD + length
+        if n < end:
+            later = self._complete_frame_after(buf, pos + 1)
+            if later < 0:
+                return None
+            return Discarded("truncated", buf[pos:later], f"truncated after {later - pos} bytes (L={length})")
+        cs = sum(buf[pos : end - 2]) & 0xFF
+        if cs != buf[end - 2]:
+            return Discarded("bad_checksum", buf[pos : pos + 1], f"checksum expected {cs:02X} found {buf[end - 2]:02X}")
+        if buf[end - 1] != END:
+            return Discarded("bad_end", buf[pos : pos + 1], f"end byte expected 16 found {buf[end - 1]:02X}")
+        return OVERHEAD + length
 
-    def reset(self) -> bytes:
-        """Drop and return whatever partial input is held (stale input before a new request)."""
-        stale = self._buf
-        self._buf = b""
-        return stale
-
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
-        # Scan immutable bytes by index and keep only the unresolved tail: cheaper than deleting
-        # from the front of a bytearray once per frame. Between frames the tail is empty, and a
-        # bytes chunk is then scanned as it came, without a copy.
-        held = self._buf
-        buf = held + data if held else data if type(data) is bytes else bytes(data)
-        n = len(buf)
-        pos = 0
-        events: list[Event] = []
-        max_length = self.max_data_length
-        addresses = self._addresses
-        while pos < n:
-            start = buf.find(START, pos)
-            if start < 0:
-                self._drop(events, buf[pos:])
-                pos = n
-                break
-            if start > pos:
-                if buf.count(PREAMBLE, pos, start) == start - pos:  # only wake-up bytes: the usual case
-                    self.preamble_bytes += start - pos
-                else:
-                    self._drop(events, buf[pos:start])
-                pos = start
-            if n - pos >= 8 and buf[pos + 7] != START:
-                events.append(Discarded("noise", buf[pos : pos + 1]))
-                pos += 1
-                continue
-            if n - pos < HEADER_LENGTH:
-                break
-            length = buf[pos + 9]
-            if length > max_length:
-                detail = f"length byte L={length} exceeds {max_length}"
-                events.append(Discarded("bad_length", buf[pos : pos + 1], detail))
-                pos += 1
-                continue
-            end = pos + OVERHEAD + length
-            if n < end:
-                later = self._complete_frame_after(buf, pos + 1)
-                if later < 0:
-                    break
-                detail = f"truncated after {later - pos} bytes (L={length})"
-                events.append(Discarded("truncated", buf[pos:later], detail))
-                pos = later
-                continue
-            cs = sum(buf[pos : end - 2]) & 0xFF
-            if cs != buf[end - 2]:
-                detail = f"checksum expected {cs:02X} found {buf[end - 2]:02X}"
-                events.append(Discarded("bad_checksum", buf[pos : pos + 1], detail))
-                pos += 1
-                continue
-            if buf[end - 1] != END:
-                events.append(
-                    Discarded("bad_end", buf[pos : pos + 1], f"end byte expected 16 found {buf[end - 1]:02X}")
-                )
-                pos += 1
-                continue
-            wire = buf[pos + 1 : pos + 7]
-            address = addresses.get(wire)
-            if address is None:
-                address = self._address(wire)
-            payload = buf[pos + HEADER_LENGTH : end - 2].translate(_SUB_33)
-            events.append(Frame(address, _CONTROLS[buf[pos + 8]], payload))
-            pos = end
-        self._buf = buf[pos:] if pos < n else b""
-        return events
-
-    def _drop(self, events: list[Event], chunk: bytes) -> None:
-        # FE runs before and after noise are wake-up preambles, counted apart from noise.
-        stripped = chunk.strip(b"\xfe")
-        self.preamble_bytes += len(chunk) - len(stripped)
-        if stripped:
-            events.append(Discarded("noise", stripped))
+    def _frame(self, buf: bytes, pos: int, size: int) -> Frame:
+        end = pos + size
+        address = self._addresses.get(buf[pos + 1 : pos + 7])
+        return Frame(address, _CONTROLS[buf[pos + 8]], buf[pos + HEADER_LENGTH : end - 2].translate(_SUB_33))
 
     def _complete_frame_after(self, buf: bytes, offset: int) -> int:
         """Index of the first start byte at or after ``offset`` that begins a complete valid frame."""
@@ -172,12 +104,4 @@ class Deframer:
     def know(self, address: Address) -> None:
         """Seed the address cache with an address the caller already holds (a driver's meter), so
         frames from that meter share it instead of decoding and keeping a copy per bus."""
-        if len(self._addresses) <= 4096:
-            self._addresses.setdefault(address.wire, address)
-
-    def _address(self, wire: bytes) -> Address:
-        """A new address for the cache (decoded once per meter, then shared by its frames)."""
-        if len(self._addresses) > 4096:  # a bus rarely has more meters; keep the cache bounded
-            self._addresses.clear()
-        address = self._addresses[wire] = Address(wire)
-        return address
+        self._addresses.know(address.wire, address)
