@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 
 from meter_gateway.gateway.cli import decode_cmd
+from meter_gateway.protocols.dlt698.crc import crc16
+from meter_gateway.protocols.dlt698.frame import Control, Frame, ServerAddress
 from tests.plugins.vectors import load_vectors
 
 DLT645 = load_vectors("dlt645")
@@ -95,3 +97,28 @@ def test_pretty_prints_every_protocol() -> None:
     assert "frame 1: DL/T 645" in proc.stdout
     assert "frame 2: DL/T 698.45" in proc.stdout
     assert "frame 3: CJ/T 188" in proc.stdout
+
+
+def _kilobyte_frame() -> bytes:
+    """A 1,026-byte GET-Response whose length field counts in kilobytes (bit 14 set, 1 KB), as a
+    meter may send a long record: our encoder writes byte lengths only, so the L field and both
+    check sequences are rewritten here."""
+    address = ServerAddress.parse("000000000011")
+    n = 1024 - 9 - len(address.wire) - 14  # the octet-string's size that makes L exactly 1,024
+    apdu = bytes.fromhex("850101 40010200 01 0982") + n.to_bytes(2, "big") + bytes(i % 256 for i in range(n)) + b"\0\0"
+    raw = bytearray(Frame(Control(from_server=True, prm=False), address, 0, apdu).encode())
+    assert len(raw) == 1026
+    raw[1:3] = (0x4001).to_bytes(2, "little")
+    hcs_at = 6 + len(address.wire)
+    raw[hcs_at : hcs_at + 2] = crc16(bytes(raw[1:hcs_at])).to_bytes(2, "little")
+    raw[-3:-1] = crc16(bytes(raw[1:-3])).to_bytes(2, "little")
+    return bytes(raw)
+
+
+def test_a_dlt698_length_in_kilobytes_is_measured_as_such() -> None:
+    frame = _kilobyte_frame()
+    proc = cli(frame.hex() + " " + DLT645[0]["hex"])  # the next frame starts where the 1 KB one ends
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [line["protocol"] for line in lines] == ["dlt698", "dlt645"]
+    assert lines[0]["service"] == "GET-Response"

@@ -3,7 +3,7 @@
 Input is hex with any spacing (``68 61 01 ...``, ``686101...``, ``0x68,0x61``), FE preambles
 allowed, several frames in one string allowed, of any mix of the three protocols. All three start
 with 68, so each frame is told apart by its structure: DL/T 645 has a second 68 at offset 7 and a
-sum checksum over 12 + L bytes; DL/T 698.45 has a 14-bit length at offsets 1-2 and a CRC over its
+sum checksum over 12 + L bytes; DL/T 698.45 has a 14-bit length at offsets 1-2 (bit 14: in kilobytes) and a CRC over its
 header; CJ/T 188 has its length at offset 10 and a sum checksum over 13 + L bytes. The first
 protocol whose structure and check bytes hold wins (``--protocol`` forces one).
 
@@ -32,6 +32,7 @@ from meter_gateway.protocols.dlt645.frame import parse_frame as dlt645_parse
 from meter_gateway.protocols.dlt645.functions import infer_edition
 from meter_gateway.protocols.dlt698 import describe as dlt698_describe
 from meter_gateway.protocols.dlt698.errors import ProtocolError as Dlt698Error
+from meter_gateway.protocols.dlt698.frame import frame_length
 
 _SEPARATORS = re.compile(r"0[xX]|[\s,;:\-]")
 PREAMBLE = 0xFE
@@ -106,8 +107,8 @@ _SHAPES: dict[str, _Shape] = {
         "dlt698",
         "DL/T 698.45",
         3,
-        lambda b: ((b[1] | b[2] << 8) & 0x3FFF) + 2,
-        lambda b: ((b[1] | b[2] << 8) & 0x3FFF) >= 8,
+        frame_length,
+        lambda b: frame_length(b) >= 10,  # L counts at least its own 2 bytes, C, AF, SA, CA, HCS and FCS
         dlt698_describe.looks_like_dlt698,
         _dlt698,
     ),
