@@ -1,7 +1,7 @@
 """Backlog drain: N readings accumulated in the outbox during an outage, drained into mosquitto.
 
     python -m bench.outbox_drain [--count 1000000] [--runs 3] [--synchronous FULL]
-                                 [--host H --port P] [--verify]
+                                 [--host H --port P] [--verify] [--turns 500]
 
 Each run fills a fresh outbox with ``--count`` readings (batches of 1,000, one transaction
 each: the acquisition commit rate is reported too), then starts the uplink against the broker
@@ -9,6 +9,11 @@ and times until every row has a positive PUBACK and is deleted. Prints readings/
 the median. Without --host a local mosquitto is started on a free port. ``--verify`` adds a
 subscriber and checks that every reading id arrived (it loads the broker, so the figure drops).
 The goal is >= 50,000 readings/s drained and >= 10,000 readings/s committed.
+
+Each run also times the daemon's steady state in process, on a synchronous ``Outbox`` in a
+fresh file: ``--turns`` writer turns, each committing 20 reads of 10 quantities (200 readings,
+what a 20 ms commit interval gathers at 10,000 readings/s) and acking the rows committed two
+turns before, in one ``write`` call. It reports the process CPU time per reading.
 """
 
 from __future__ import annotations
@@ -25,10 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from meter_gateway.drivers.reading import Quality, Reading
-from meter_gateway.gateway.store.outbox import AsyncOutbox
+from meter_gateway.gateway.store.outbox import AsyncOutbox, Outbox
 from meter_gateway.gateway.uplink.session import Uplink, UplinkConfig
 
 FILL_BATCH = 1000
+TURN_READS = 20  # reads per steady-state writer turn
+TURN_QUANTITIES = 10  # readings per read
+TURN_METERS = 1000
 
 
 def _readings(count: int, meters: int = 2000) -> Iterator[list[Reading]]:
@@ -53,6 +61,42 @@ def _readings(count: int, meters: int = 2000) -> Iterator[list[Reading]]:
             batch = []
     if batch:
         yield batch
+
+
+def _turn_reads(turn: int) -> list[Reading]:
+    out: list[Reading] = []
+    for k in range(TURN_READS):
+        read = turn * TURN_READS + k
+        slot = 1_700_000_000.0 + read // TURN_METERS
+        meter = f"{read % TURN_METERS:012d}"
+        out += [
+            Reading(meter, f"q{q}", 1000.0 + q, "kWh", gateway_time=slot + 0.25, slot=slot)
+            for q in range(TURN_QUANTITIES)
+        ]
+    return out
+
+
+def _steady_once(args: argparse.Namespace, workdir: Path, run: int) -> float:
+    """CPU microseconds per reading of ``--turns`` steady-state writer turns (adds + acks)."""
+    path = workdir / f"steady-{run}.sqlite"
+    box = Outbox.open(path, synchronous=args.synchronous)
+    try:
+        batches = [_turn_reads(t) for t in range(args.turns)]
+        committed: list[list[int]] = []
+        started = time.process_time()
+        for batch in batches:
+            acks = [committed.pop(0)] if len(committed) > 2 else []
+            first = box.last_row_id + 1
+            (result,), _ = box.write([batch], acks)
+            assert result.committed == len(batch), result
+            committed.append(list(range(first, box.last_row_id + 1)))
+        cpu = time.process_time() - started
+    finally:
+        box.close()
+        for suffix in ("", "-wal", "-shm", ".lock"):
+            with contextlib.suppress(FileNotFoundError):
+                Path(f"{path}{suffix}").unlink()
+    return cpu / sum(map(len, batches)) * 1e6
 
 
 async def _run_once(args: argparse.Namespace, host: str, port: int, workdir: Path, run: int) -> tuple[float, float]:
@@ -160,17 +204,23 @@ async def _main(args: argparse.Namespace) -> int:
         try:
             drains: list[float] = []
             fills: list[float] = []
+            steady: list[float] = []
             for run in range(1, args.runs + 1):
                 drain, fill = await _run_once(args, host, port, workdir, run)
                 drains.append(drain)
                 fills.append(fill)
-                print(f"run {run}: drained {drain:,.0f} readings/s (filled at {fill:,.0f} readings/s committed)")
+                steady.append(_steady_once(args, workdir, run))
+                print(
+                    f"run {run}: drained {drain:,.0f} readings/s (filled at {fill:,.0f} readings/s committed); "
+                    f"steady turns {steady[-1]:.2f} CPU us per reading"
+                )
         finally:
             if broker is not None:
                 broker.stop()
     print(
         f"median of {args.runs}: drain {statistics.median(drains):,.0f} readings/s, "
-        f"commit {statistics.median(fills):,.0f} readings/s "
+        f"commit {statistics.median(fills):,.0f} readings/s, "
+        f"steady turns {statistics.median(steady):.2f} CPU us per reading "
         f"({args.count:,} readings, synchronous={args.synchronous}, batch {args.batch}, window {args.window})"
     )
     return 0
@@ -188,9 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=1883)
     parser.add_argument("--dir", help="where to put the outbox files (default: the system temp dir)")
     parser.add_argument("--verify", action="store_true", help="subscribe and check every id arrived")
+    parser.add_argument("--turns", type=int, default=500, help="steady-state writer turns timed in process")
     args = parser.parse_args(argv)
-    if args.count < 1 or args.runs < 1:
-        parser.error("--count and --runs must be >= 1")
+    if args.count < 1 or args.runs < 1 or args.turns < 1:
+        parser.error("--count, --runs and --turns must be >= 1")
     return asyncio.run(_main(args))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -282,16 +283,23 @@ batch = 0
 while True:
     rs = [Reading("m%03d" % (i % 50), "energy", float(i), "kWh", time.time(), slot=float(batch * 1000 + i))
           for i in range(200)]
-    result = box.add(rs)
-    assert result.committed == 200, result
-    if batch % 3 == 2:
-        box.ack(r.row_id for r in box.peek(0, 50))
+    # one writer turn: every third one also acks the 50 lowest undelivered rows
+    acks = [r.row_id for r in box.peek(0, 50)] if batch % 3 == 2 else []
+    (result,), counts = box.write([rs], [acks])
+    assert result.committed == 200 and counts == [len(acks)], (result, counts)
     print(batch, box.last_row_id, flush=True)
     batch += 1
 """
 
 
-def test_sigkill_mid_stream_loses_nothing_committed(db: Path) -> None:
+def _after_turns(turns: int) -> tuple[list[int], int]:
+    """(rows left, rows delivered) once the _WRITER's first ``turns`` turns committed."""
+    delivered = 50 * (turns // 3)
+    return list(range(delivered + 1, 200 * turns + 1)), delivered
+
+
+@pytest.mark.parametrize("stop_after", [10, 25, 40])
+def test_sigkill_mid_stream_loses_nothing_committed(db: Path, stop_after: int) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-c", _WRITER, str(db)], stdout=subprocess.PIPE, env=env, text=True, cwd=ROOT
@@ -302,7 +310,7 @@ def test_sigkill_mid_stream_loses_nothing_committed(db: Path) -> None:
         for line in proc.stdout:
             batch, last_row = map(int, line.split())
             reported.append((batch, last_row))
-            if batch >= 25:
+            if batch >= stop_after:
                 break
     finally:
         proc.send_signal(signal.SIGKILL)  # mid-stream: the writer is in its next transaction
@@ -313,11 +321,12 @@ def test_sigkill_mid_stream_loses_nothing_committed(db: Path) -> None:
     box = Outbox.open(db)
     try:
         assert box._conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        # every batch the writer saw committed is there; only its acks removed rows
+        # every turn the writer saw committed is there; only its acks removed rows
         assert box.last_row_id >= last_row
-        ids = {r.reading_id for r in box.peek(0, 1_000_000)}
-        # acks delete the lowest rows, 50 at a time after every third batch (maybe once more
-        # in the batch that was running when the writer died)
+        rows = box.peek(0, 1_000_000)
+        ids = {r.reading_id for r in rows}
+        # acks delete the lowest rows, 50 at a time in every third turn (maybe in the turn
+        # that was running when the writer died too)
         acked_max = 50 * ((last_batch + 2) // 3)
         for batch in range(last_batch + 1):
             for i in range(200):
@@ -325,6 +334,15 @@ def test_sigkill_mid_stream_loses_nothing_committed(db: Path) -> None:
                 if row_number > acked_max:
                     assert f"m{i % 50:03d}/energy/s{batch * 1000 + i}" in ids
         assert box.depth == len(ids)
+        # A turn's acks and adds are one transaction: the file holds exactly the state after
+        # the last turn reported, or after the one that was running, never half of it; and the
+        # lifetime counters say exactly that much.
+        turns = box.last_row_id // 200
+        assert turns in (last_batch + 1, last_batch + 2)
+        left, delivered = _after_turns(turns)
+        assert [r.row_id for r in rows] == left
+        totals = box.stats().totals
+        assert (totals["committed"], totals["delivered"]) == (200 * turns, delivered)
     finally:
         box.close()
 
@@ -720,6 +738,145 @@ def test_a_large_held_backlog_commits_in_bounded_transactions(db: Path, caplog: 
         assert all(r.levelname == "INFO" for r in caplog.records if "outbox_storage_ok" in r.getMessage())
     finally:
         box.close()
+
+
+# -- one transaction per writer turn --------------------------------------------------------------
+
+
+class Statements:
+    """The SQL an outbox's connection runs, as SQLite traces it (failed statements included)."""
+
+    def __init__(self, box: Outbox) -> None:
+        self.sql: list[str] = []
+        box._conn.set_trace_callback(self.sql.append)
+
+    def count(self, prefix: str) -> int:
+        return sum(s.startswith(prefix) for s in self.sql)
+
+
+def test_a_writer_turn_commits_its_acks_and_adds_in_one_transaction(db: Path) -> None:
+    box = Outbox.open(db, synchronous="FULL")
+    try:
+        assert box.add(readings(100)).committed == 100
+        statements = Statements(box)
+        results, counts = box.write(
+            [readings(50, start=100), readings(30, start=150)], [[1, 2, 3], list(range(10, 20))]
+        )
+        assert [r.committed for r in results] == [50, 30]
+        assert counts == [3, 10]
+        # one transaction, so one fsync of the WAL, for the whole turn
+        assert (statements.count("BEGIN"), statements.count("COMMIT")) == (1, 1)
+        assert box.depth == 100 + 80 - 13
+        assert (box.stats().counters["committed"], box.stats().counters["delivered"]) == (180, 13)
+    finally:
+        box.close()
+    again = Outbox.open(db)
+    try:
+        rows = [r.row_id for r in again.peek(0, 1000)]
+        assert rows == [4, 5, 6, 7, 8, 9, *range(20, 181)]
+        assert (again.stats().totals["committed"], again.stats().totals["delivered"]) == (180, 13)
+    finally:
+        again.close()
+
+
+@pytest.mark.asyncio
+async def test_adds_and_acks_arriving_together_share_one_commit(db: Path) -> None:
+    box = await AsyncOutbox.open(db, commit_interval=0.2)
+    try:
+        await box.add(readings(100))  # a write just happened: what comes next waits for the interval
+        statements = Statements(box.outbox)
+        results = await asyncio.gather(
+            box.add(readings(10, start=100)), box.ack([1, 2]), box.add(readings(5, start=110)), box.ack([50])
+        )
+        assert [results[0].committed, results[1], results[2].committed, results[3]] == [10, 2, 5, 1]
+        assert statements.count("COMMIT") == 1
+        assert box.depth == 100 + 15 - 3
+    finally:
+        await box.close()
+
+
+def test_a_full_disk_turn_still_commits_its_acks(db: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The turn's one transaction fails on its inserts; its deletes, which need no new pages and
+    # free space, then commit alone, and its adds are held as before.
+    box = Outbox.open(db, page_limit=40, hold_limit=10_000)
+    reader = box.open_reader()
+    try:
+        n = 0
+        while box.held == 0:
+            box.add(readings(100, start=n))
+            n += 100
+            assert n < 50_000, "page limit never reached"
+        depth, held = box.depth, box.held
+        statements = Statements(box)
+        (result,), counts = box.write([readings(100, start=n)], [[1, 2, 3], [7]])
+        assert counts == [3, 1]
+        assert (result.committed, result.held) == (0, held + 100)
+        assert box.pending_acks == 0
+        assert box.depth == depth - 4
+        assert statements.count("COMMIT") == 1  # the acks' own transaction
+        assert [r.row_id for r in reader.peek(0, 10)] == [4, 5, 6, 8, 9, 10, 11, 12, 13, 14]  # committed
+        # one storage episode: the acks' commit in between neither ended nor restarted it
+        assert box.storage_alarm == "disk full"
+        assert box.stats().counters["disk_full_events"] == 1
+        assert box.stats().counters["delivered"] == 4
+        assert caplog.text.count("event=outbox_unavailable") == 1
+        assert "outbox_storage_ok" not in caplog.text
+
+        box.set_page_limit(None)  # space comes back
+        box.retry_held()
+        assert (box.held, box.storage_alarm) == (0, None)
+        assert box.depth == depth - 4 + held + 100
+        rows = box.peek(0, 1_000_000)
+        assert [r.row_id for r in rows] == [4, 5, 6, *range(8, n + 101)]
+    finally:
+        reader.close()
+        box.close()
+
+
+def test_the_budget_sees_the_room_freed_by_the_acks_of_the_same_turn(db: Path) -> None:
+    box = Outbox.open(db, budget_bytes=256 * 1024)
+    try:
+        n = 0
+        while box.add(readings(200, start=n)).refused == 0:
+            n += 200
+            assert n < 20_000, "budget never reached"
+        n += 200
+        assert box.add(readings(200, start=n)).refused > 0  # full: without deliveries, refused
+        n += 200
+        rows = box.peek(0, 1_000_000)
+        delivered = [r.row_id for r in rows[: len(rows) // 2]]
+        statements = Statements(box)
+        (result,), counts = box.write([readings(200, start=n)], [delivered])
+        assert counts == [len(delivered)]
+        assert (result.committed, result.refused) == (200, 0)
+        assert statements.count("COMMIT") == 1
+    finally:
+        box.close()
+
+
+def test_the_wal_is_reused_in_place_without_a_truncating_checkpoint_per_cycle(db: Path) -> None:
+    # The automatic checkpoint restarts the log at the next commit and SQLite cuts the file back
+    # to its limit; truncating it to nothing as well would make the commits after it grow the
+    # file again. Only a log that could not restart (a reader holds it) is checkpointed here.
+    budget = 1024 * 1024
+    box = Outbox.open(db, budget_bytes=budget)
+    wal = Path(f"{db}-wal")
+    statements = Statements(box)
+    sizes: list[int] = []
+    try:
+        n = 0
+        for _ in range(400):
+            box.write([readings(20, start=n)], [list(range(n - 39, n - 19))] if n >= 40 else [])
+            n += 20
+            sizes.append(wal.stat().st_size)
+        assert box.depth == 40
+        assert statements.count("PRAGMA wal_checkpoint") == 0  # (close() checkpoints)
+    finally:
+        box.close()
+    restarts = sum(a > wal_limit(budget) >= b for a, b in itertools.pairwise(sizes))
+    assert restarts >= 3  # the traffic went through several checkpoints
+    assert max(sizes) <= wal_bound(budget)
+    assert min(sizes[sizes.index(max(sizes)) :]) > 0  # never cut to nothing
 
 
 # -- one row per read (schema v4) ----------------------------------------------------------------

@@ -26,7 +26,7 @@ never reused under the old one, and counts ``wal_lost``.
 
 ``Outbox`` is synchronous and must be used from one thread; ``AsyncOutbox`` runs it on a
 dedicated writer thread (so commit fsyncs never block the event loop) and group-commits
-concurrent ``add``/``ack`` calls into one transaction each.
+concurrent ``add``/``ack`` calls: the adds and acks of one writer turn share one transaction.
 """
 
 from __future__ import annotations
@@ -156,6 +156,14 @@ class OutboxError(Exception):
 class OutboxDamaged(OutboxError):
     """SQLite found the open outbox damaged (malformed pages): nothing more can be trusted from it.
     The file is marked, so the next open quarantines it."""
+
+
+class _StorageFailure(Exception):
+    """A write transaction the storage refused (full, I/O error, busy), rolled back."""
+
+    def __init__(self, cause: sqlite3.Error | OSError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class Row(NamedTuple):
@@ -305,6 +313,9 @@ class OutboxStats:
             return None
         return max(0.0, now - self.oldest_added_at)
 
+
+# The counters a write transaction persists with its rows.
+_WRITE_COUNTERS: tuple[str, ...] = ("delivered", "committed", "duplicates", "overflow_dropped", "refused")
 
 # Process-only counters (not persisted): a quarantine starts a fresh file, so it cannot be a
 # lifetime total of that file.
@@ -524,10 +535,20 @@ class Outbox:
         # WAL bounded from the budget (outbox_sizing): checkpointed and truncated past this size
         self.wal_limit = wal_limit(budget_bytes)
         self.transaction_rows = transaction_rows(budget_bytes)  # held readings per retry transaction
-        self.wal_high_water = _size(Path(f"{path}-wal"))  # largest -wal seen after a write
+        self._wal_path = Path(f"{path}-wal")
+        self.wal_high_water = _size(self._wal_path)  # largest -wal seen after a write
+        # -wal file size at which the automatic checkpoint has run (its limit counts frames,
+        # each a page and a header); the file reaches ``wal_limit`` a few commits before that
+        pages = self.wal_limit // self._page_size
+        self._wal_checkpointed = _WAL_HEADER + pages * (self._page_size + _WAL_FRAME_HEADER)
+        self._wal_over = False  # the -wal was past that size after the last write
         self._over_budget = False
+        # Bytes of pages in use as the last write left them, or more (deletes since then free
+        # pages without measuring); see _commit.
+        self._live = 0
         self._recovered = 0  # held readings committed since the storage alarm was raised
         if not readonly:
+            self._live = self.live_bytes()
             self._update_over_budget()
 
     # -- opening ----------------------------------------------------------------------------
@@ -695,6 +716,8 @@ class Outbox:
             )
             self._conn.execute("COMMIT")
         self._rollback()
+        if not self.readonly:
+            self._live = self.live_bytes()
 
     def set_page_limit(self, pages: int | None) -> None:
         """Change the hard page cap (None: SQLite's default maximum)."""
@@ -725,54 +748,70 @@ class Outbox:
         acks: Sequence[Sequence[int]],
         marks: Sequence[SlotMark | None] = (),
     ) -> tuple[list[AddResult], list[int]]:
-        """Group commit: all acks in one transaction, then all adds in one transaction.
+        """Group commit: the acks and the adds of one writer turn in one transaction (one fsync).
 
-        ``marks`` (parallel to ``adds``, missing ones None) are recorded with the adds they go
-        with. Returns one AddResult per add group and one delivered count per ack group.
+        If that transaction fails, each part is tried alone: deletes that free space still
+        commit when the disk refuses the inserts. ``marks`` (parallel to ``adds``, missing ones
+        None) are recorded with the adds they go with. Returns one AddResult per add group and
+        one delivered count per ack group.
         """
         if self.readonly:
             raise OutboxError(f"outbox {self.path} is open read-only")
         if self._closed:
             raise OutboxError(f"outbox {self.path} is closed")
-        ack_counts = self._ack_groups(acks)
-        add_results = self._add_groups(adds, marks)
+        work: list[list[ReadRecord]] = []
+        invalid: list[int] = []
+        for group in adds:
+            ok, bad = _storable(group)
+            work.append(ok)
+            invalid.append(bad)
+        self._count("invalid", sum(invalid))
+        ack_groups = [sorted(set(group)) for group in acks]
+        acking = bool(ack_groups or self._pending_acks)
+        adding = bool(self._held or any(work))
+        # A held backlog larger than one transaction goes back in bounded ones (_add_part).
+        if acking and adding and len(self._held) <= self.transaction_rows:
+            try:
+                ack_counts, results = self._commit(ack_groups, work, marks, acking=True)
+            except _StorageFailure:
+                ack_counts = self._ack_part(ack_groups)
+                results = self._add_part(work, marks)
+        else:
+            ack_counts = self._ack_part(ack_groups)
+            results = self._add_part(work, marks)
         self._trim_wal()
-        return add_results, ack_counts
+        results = [dataclasses.replace(r, invalid=n) if n else r for r, n in zip(results, invalid, strict=True)]
+        return results, ack_counts
 
     def _trim_wal(self) -> None:
-        """Checkpoint and truncate the WAL once it outgrew its limit: the automatic checkpoint is
-        passive, and a reader in the middle of a peek keeps it from restarting the log, which then
-        grows. A checkpoint that cannot finish (no space, busy) is tried again after the next write."""
-        size = _size(Path(f"{self.path}-wal"))
-        self.wal_high_water = max(self.wal_high_water, size)
-        if size <= self.wal_limit:
-            return
-        with contextlib.suppress(sqlite3.Error):
-            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        """Checkpoint and truncate the WAL when the automatic checkpoint could not restart it: a
+        reader in the middle of a peek keeps the log from restarting, and it then grows.
 
-    def _ack_groups(self, groups: Sequence[Sequence[int]]) -> list[int]:
+        The commit that crosses the limit runs the automatic checkpoint and leaves the file past
+        it until the next commit restarts the log and SQLite truncates it back
+        (journal_size_limit); still past it after that next commit means no restart happened.
+        Truncating at the first crossing would make every later commit grow the file again. A
+        checkpoint that cannot finish (no space, busy) is tried again after the next write."""
+        size = _size(self._wal_path)
+        self.wal_high_water = max(self.wal_high_water, size)
+        over = size >= self._wal_checkpointed
+        if over and self._wal_over:
+            with contextlib.suppress(sqlite3.Error):
+                busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                over = bool(busy)
+        self._wal_over = over
+
+    def _ack_part(self, groups: Sequence[Sequence[int]]) -> list[int]:
+        """The acks (and those pending) in a transaction of their own; kept pending on failure."""
         if not groups and not self._pending_acks:
             return []
         try:
-            self._conn.execute("BEGIN IMMEDIATE")
-            retried = self._delete_ids(sorted(self._pending_acks))
-            counts = [self._delete_ids(sorted(set(group))) for group in groups]
-            delivered = retried + sum(counts)
-            deltas = {"delivered": delivered}
-            self._flush_counters(deltas)
-            self._conn.execute("COMMIT")
-        except (sqlite3.Error, OSError) as exc:
-            self._rollback()
-            self._storage_failed(exc)
+            counts, _ = self._commit(groups, [], acking=True, held_rows=0)
+        except _StorageFailure as failure:
+            self._storage_failed(failure.cause)
             for group in groups:
                 self._pending_acks.update(group)
             return [0] * len(groups)
-        self._pending_acks.clear()
-        self._depth -= delivered
-        self._committed_counters(deltas)
-        self._storage_ok()
-        if self._over_budget and delivered:
-            self._update_over_budget()
         return counts
 
     def _delete_ids(self, ids: Sequence[int]) -> int:
@@ -812,78 +851,106 @@ class Outbox:
             conn.execute("DELETE FROM reads WHERE first_row BETWEEN ? AND ? AND last_row <= ?", (first, last, last))
         return deleted + int(whole)
 
-    def _add_groups(
-        self, groups: Sequence[Sequence[Reading]], marks: Sequence[SlotMark | None] = ()
-    ) -> list[AddResult]:
-        work: list[list[ReadRecord]] = []
-        invalid: list[int] = []
-        for group in groups:
-            ok, bad = _storable(group)
-            work.append(ok)
-            invalid.append(bad)
-        self._count("invalid", sum(invalid))
-        results = self._add_clean(work, marks)
-        return [dataclasses.replace(r, invalid=n) if n else r for r, n in zip(results, invalid, strict=True)]
-
-    def _add_clean(self, work: list[list[ReadRecord]], marks: Sequence[SlotMark | None] = ()) -> list[AddResult]:
+    def _add_part(self, work: list[list[ReadRecord]], marks: Sequence[SlotMark | None] = ()) -> list[AddResult]:
+        """The adds (after held readings) in transactions of their own; held on failure."""
         # A backlog held through a storage failure goes back in bounded transactions, oldest
         # first: in one transaction, 100,000 readings need tens of MiB of WAL that a small state
         # partition does not have, and the retry would fail for good.
         while len(self._held) > self.transaction_rows:
             before = len(self._held)
-            self._commit_clean([], held_rows=self.transaction_rows)
+            self._add_once([], held_rows=self.transaction_rows)
             if len(self._held) >= before:  # still failing: the new readings wait behind the backlog
-                return self._hold([], work)
-        return self._commit_clean(work, marks=marks)
+                return self._hold(work)
+        return self._add_once(work, marks)
 
-    def _commit_clean(
-        self,
-        work: list[list[ReadRecord]],
-        held_rows: int | None = None,
-        marks: Sequence[SlotMark | None] = (),
+    def _add_once(
+        self, work: list[list[ReadRecord]], marks: Sequence[SlotMark | None] = (), held_rows: int | None = None
     ) -> list[AddResult]:
-        """One transaction: the first ``held_rows`` held readings (all when None), then ``work``
-        and the ``marks`` of its groups whose readings were all taken."""
         if not self._held and not any(work):
             return [AddResult() for _ in work]
-        # Held readings go first so the outbox keeps acquisition order; they belong to no caller.
-        take = len(self._held) if held_rows is None else held_rows
-        held = self._held[:take]
-        self._held = self._held[take:]
-        attempt = [records(held), *work] if held else work
-        results: list[AddResult] = []
-        deltas: dict[str, int] = dict.fromkeys(("committed", "duplicates", "overflow_dropped", "refused"), 0)
-        depth = self._depth
         try:
-            self._conn.execute("BEGIN IMMEDIATE")
-            self._next_row = self._last_row_id + 1  # the only writer: the file is locked
-            now = self._clock()
-            roomy = self._roomy(sum(map(_size_of, attempt)), depth)
-            for result in self._insert_all(attempt, now) if roomy else self._insert_each(attempt, now, depth):
-                depth += result.committed - result.dropped
-                deltas["committed"] += result.committed
-                deltas["duplicates"] += result.duplicates
-                deltas["overflow_dropped"] += result.dropped
-                deltas["refused"] += result.refused
-                results.append(result)
-            if self._next_row - 1 != self._last_row_id:
-                self._conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'readings'", (self._next_row - 1,))
-            self._mark_slots(marks, results[1:] if held else results)
+            _, results = self._commit([], work, marks, held_rows=held_rows)
+        except _StorageFailure as failure:
+            self._storage_failed(failure.cause)
+            return self._hold(work)
+        return results
+
+    def _commit(
+        self,
+        ack_groups: Sequence[Sequence[int]],
+        work: list[list[ReadRecord]],
+        marks: Sequence[SlotMark | None] = (),
+        *,
+        acking: bool = False,
+        held_rows: int | None = None,
+    ) -> tuple[list[int], list[AddResult]]:
+        """One transaction: when ``acking``, delete the pending acks and ``ack_groups`` (sorted
+        unique ids); then insert the first ``held_rows`` held readings (all when None), ``work``
+        and the ``marks`` of its groups whose readings were all taken. Returns the delivered
+        count per ack group and one AddResult per work group.
+
+        The deletes come first, so the budget sees the room they free. Nothing in memory
+        changes unless the COMMIT succeeds; a storage failure is rolled back and raised as
+        ``_StorageFailure`` (anything else is raised as it is)."""
+        # Held readings go first so the outbox keeps acquisition order; they belong to no caller.
+        take = len(self._held) if held_rows is None else min(held_rows, len(self._held))
+        held = self._held[:take]
+        attempt = [records(held), *work] if held else work
+        deltas: dict[str, int] = dict.fromkeys(_WRITE_COUNTERS, 0)
+        counts: list[int] = []
+        results: list[AddResult] = []
+        last_row = self._last_row_id
+        live: int | None = None
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            if acking:
+                deltas["delivered"] = self._delete_ids(sorted(self._pending_acks))
+                counts = [self._delete_ids(group) for group in ack_groups]
+                deltas["delivered"] += sum(counts)
+            depth = self._depth - deltas["delivered"]
+            if any(attempt):
+                self._next_row = self._last_row_id + 1  # the only writer: the file is locked
+                now = self._clock()
+                roomy = self._roomy(sum(map(_size_of, attempt)), depth)
+                for result in self._insert_all(attempt, now) if roomy else self._insert_each(attempt, now, depth):
+                    depth += result.committed - result.dropped
+                    deltas["committed"] += result.committed
+                    deltas["duplicates"] += result.duplicates
+                    deltas["overflow_dropped"] += result.dropped
+                    deltas["refused"] += result.refused
+                    results.append(result)
+                last_row = self._next_row - 1
+                if last_row != self._last_row_id:
+                    conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'readings'", (last_row,))
+                self._mark_slots(marks, results[1:] if held else results)
+            else:
+                results = [AddResult() for _ in work]
             self._flush_counters(deltas)
-            self._conn.execute("COMMIT")
+            # Pages in use as this transaction leaves them. Only inserts add pages: after deletes
+            # alone the last figure stays an upper bound, measured again only when it matters.
+            if any(attempt) or (self._over_budget and deltas["delivered"]):
+                live = self.live_bytes()
+            conn.execute("COMMIT")
         except (sqlite3.Error, OSError) as exc:
             self._rollback()
-            self._storage_failed(exc)
-            return self._hold(held, work)
+            if _classify(exc) is None:
+                raise
+            raise _StorageFailure(exc) from exc
+        if acking:
+            self._pending_acks.clear()
+        del self._held[:take]
         self._depth = depth
-        self._last_row_id = self._next_row - 1
+        self._last_row_id = last_row
         self._committed_counters(deltas)
         if held:
             self._recovered += results[0].committed
             results = results[1:]
         self._storage_ok()
-        self._update_over_budget()
-        return results
+        if live is not None:
+            self._live = live
+            self._update_over_budget()
+        return counts, results
 
     def _mark_slots(self, marks: Sequence[SlotMark | None], results: Sequence[AddResult]) -> None:
         # A refused read is not marked: its slot may be read again once there is room. A mark
@@ -905,7 +972,7 @@ class Outbox:
         """Whether the pages in use reached the budget (less a margin): the poller stops issuing
         reads under ``pause_polling`` while it is so. The margin, and twice it to clear, keep a
         poll cycle's readings from being refused first and the state from flapping at each ack."""
-        live = self.live_bytes()
+        live = self._live
         margin = min(max(self.budget_bytes // 32, 64 * 1024), self.budget_bytes // 4)
         limit = self.budget_bytes - (2 * margin if self._over_budget else margin)
         over = live >= limit if not self._over_budget else live > limit
@@ -933,7 +1000,11 @@ class Outbox:
 
     def _roomy(self, n: int, depth: int) -> bool:
         """Whether ``n`` new rows fit the budget with as much again to spare: then the batch is
-        inserted whole, without the per-group budget checks (each costs two PRAGMA queries)."""
+        inserted whole, without the per-group budget checks (each measures the pages in use).
+        The last measured figure answers without a query when it leaves room: it can only be
+        above the pages in use now, as only inserts add pages."""
+        if self._budget_plan(2 * n, depth, self._live) == (2 * n, 0):
+            return True
         return self._budget_plan(2 * n, depth) == (2 * n, 0)
 
     def _insert_all(self, groups: list[list[ReadRecord]], now: float) -> list[AddResult]:
@@ -1046,9 +1117,11 @@ class Outbox:
             self._conn.execute("DELETE FROM reads WHERE first_row <= ?", (last,))
         return dropped
 
-    def _budget_plan(self, n: int, depth: int) -> tuple[int, int]:
-        """(how many of ``n`` new readings to take, how many oldest rows to drop first)."""
-        live = self.live_bytes()
+    def _budget_plan(self, n: int, depth: int, live: int | None = None) -> tuple[int, int]:
+        """(how many of ``n`` new readings to take, how many oldest rows to drop first), with
+        ``live`` bytes of pages in use (None: measured now, in the open transaction)."""
+        if live is None:
+            live = self.live_bytes()
         per_row = live // depth if depth >= 64 else _INITIAL_ROW_ESTIMATE
         room = max(0, (self.budget_bytes - live) // max(per_row, 1))
         if n <= room:
@@ -1057,10 +1130,9 @@ class Outbox:
             return room, 0
         return n, min(n - room, depth)
 
-    def _hold(self, held: list[Reading], work: list[list[ReadRecord]]) -> list[AddResult]:
-        """Keep a failed attempt in memory, oldest first (before readings still held from earlier);
+    def _hold(self, work: list[list[ReadRecord]]) -> list[AddResult]:
+        """Keep the readings of a failed attempt in memory, after those held from earlier;
         refuse what exceeds the hold limit."""
-        self._held = held + self._held
         results: list[AddResult] = []
         refused_total = 0
         for group in ([r for rec in recs for r in rec.readings()] for recs in work):
@@ -1169,9 +1241,10 @@ class Outbox:
 
     def live_bytes(self) -> int:
         """Bytes of database pages in use (the file may be larger: free pages are reused)."""
-        pages: int = self._conn.execute("PRAGMA page_count").fetchone()[0]
-        free: int = self._conn.execute("PRAGMA freelist_count").fetchone()[0]
-        return (pages - free) * self._page_size
+        pages: int = self._conn.execute(
+            "SELECT page_count - freelist_count FROM pragma_page_count(), pragma_freelist_count()"
+        ).fetchone()[0]
+        return pages * self._page_size
 
     def stats(self) -> OutboxStats:
         oldest = self.oldest_undelivered()
