@@ -262,3 +262,99 @@ def test_bit_string_numbering() -> None:
     bits = BitString(16, bytes.fromhex("0800"))
     assert bits.bit(4)
     assert str(bits) == "0000100000000000"
+
+
+# Data nested through Region, MS (regions) and RSD selectors, innermost value null: (prefix,
+# suffix) per level. Decoding these reset the nesting depth at MS, and never counted it at Region
+# and RSD, so a few hundred levels in one frame raised RecursionError (found by `python -m fuzz
+# dlt698`, through describe's plain() first).
+NESTINGS = {
+    "region": (b"\x58\x00", b"\x00"),
+    "ms_regions": (b"\x5c\x05\x01\x00", b"\x00"),
+    "rsd_selector1": (b"\x5a\x01\x00\x10\x02\x00", b""),
+    "rsd_selector2": (b"\x5a\x02\x00\x10\x02\x00", b"\x00\x00"),
+    "rsd_selector4_ms": (b"\x5a\x04\x07\xea\x0c\x07\x00\x00\x00\x05\x01\x00", b"\x00"),
+    "array_in_region": (b"\x58\x00\x01\x01", b"\x00"),
+}
+
+
+def _nested(kind: str, levels: int) -> bytes:
+    prefix, suffix = NESTINGS[kind]
+    return prefix * levels + b"\x00" + suffix * levels
+
+
+@pytest.mark.parametrize("kind", sorted(NESTINGS))
+def test_nesting_through_every_container_is_bounded(kind: str) -> None:
+    assert parse_data(_nested(kind, 8))[0].type in (DataType.REGION, DataType.MS, DataType.RSD)
+    with pytest.raises(RemoteProtocolError, match="nested deeper than 32"):
+        parse_data(_nested(kind, 400))
+
+
+def test_deeply_nested_value_in_a_response_frame_is_refused_not_a_crash() -> None:
+    from meter_gateway.protocols.dlt698.describe import describe
+    from meter_gateway.protocols.dlt698.frame import Control, Frame, ServerAddress
+
+    head = bytes.fromhex("8501010010020001")  # GET-Response-Normal, PIID 1, 00100200, Data:
+    apdu = head + _nested("ms_regions", 300) + b"\x00\x00"  # no FollowReport, no TimeTag
+    frame = Frame(Control(3, from_server=True), ServerAddress.parse("000000000001"), 0, apdu).encode()
+    described = describe(frame)  # what `meter-gateway decode` prints for it
+    assert "nested deeper than 32" in described["error"]
+
+
+_INTEGER_RANGES = {
+    DataType.INTEGER: (-(2**7), 2**7 - 1),
+    DataType.UNSIGNED: (0, 2**8 - 1),
+    DataType.LONG: (-(2**15), 2**15 - 1),
+    DataType.LONG_UNSIGNED: (0, 2**16 - 1),
+    DataType.DOUBLE_LONG: (-(2**31), 2**31 - 1),
+    DataType.DOUBLE_LONG_UNSIGNED: (0, 2**32 - 1),
+    DataType.LONG64: (-(2**63), 2**63 - 1),
+    DataType.LONG64_UNSIGNED: (0, 2**64 - 1),
+    DataType.ENUM: (0, 2**8 - 1),
+    DataType.OI: (0, 2**16 - 1),
+}
+
+
+@st.composite
+def integer_sequences(draw: st.DrawFn) -> Data:
+    """An array or structure of integers of one type (what meters mostly send), sometimes with one
+    element of another type: both must decode the same whichever way the decoder reads them."""
+    tag = draw(st.sampled_from(sorted(_INTEGER_RANGES)))
+    low, high = _INTEGER_RANGES[tag]
+    items = [Data(tag, v) for v in draw(st.lists(st.integers(low, high), max_size=70))]
+    if items and draw(st.booleans()):
+        other = draw(st.sampled_from([DataType.UNSIGNED, DataType.LONG, DataType.NULL, DataType.OCTET_STRING]))
+        value = {DataType.UNSIGNED: 7, DataType.LONG: -7, DataType.NULL: None, DataType.OCTET_STRING: b"\x07"}[other]
+        items[draw(st.integers(0, len(items) - 1))] = Data(other, value)
+    return Data(draw(st.sampled_from([DataType.ARRAY, DataType.STRUCTURE])), tuple(items))
+
+
+@settings(max_examples=300, deadline=None)
+@given(integer_sequences())
+def test_integer_sequences_round_trip(data: Data) -> None:
+    raw = data_bytes(data)
+    assert parse_data(raw) == (data, ())
+    for cut in range(len(raw)):  # every truncation is a protocol error, never a short value
+        with pytest.raises(RemoteProtocolError):
+            parse_data(raw[:cut])
+
+
+def test_truncated_integer_array_says_which_element() -> None:
+    with pytest.raises(RemoteProtocolError, match="truncated long_unsigned at offset 9"):
+        parse_data(bytes.fromhex("0103 1208FF 1208FA 1200"))
+
+
+def test_non_minimal_length_of_an_integer_array_is_flagged() -> None:
+    data, warnings = parse_data(bytes.fromhex("018103 1208FF 1208FA 1208F9"))
+    assert data == Data(DataType.ARRAY, tuple(Data(DataType.LONG_UNSIGNED, v) for v in (0x08FF, 0x08FA, 0x08F9)))
+    assert len(warnings) == 1
+    assert "non-minimal" in warnings[0]
+
+
+@pytest.mark.parametrize("count", [44, 64, 65, 300])
+def test_long_integer_arrays_decode_whole(count: int) -> None:
+    # 300 elements: more than one length byte and more than the runs read in one struct call
+    data = Data(DataType.ARRAY, tuple(Data(DataType.DOUBLE_LONG, -i) for i in range(count)))
+    raw = data_bytes(data)
+    assert parse_data(raw) == (data, ())
+    assert parse_data(raw) == (data, ())  # again with the unpacker compiled by the first

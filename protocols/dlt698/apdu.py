@@ -22,6 +22,7 @@ accepted with a warning (some meters omit it); encoding always writes it.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, NamedTuple, TypeVar
@@ -30,6 +31,7 @@ from meter_gateway.protocols.dlt698.axdr import (
     COMDCB,
     CSD,
     OAD,
+    OADS,
     OMD,
     RCSD,
     RSD,
@@ -57,6 +59,7 @@ from meter_gateway.protocols.dlt698.axdr import (
     encode_rcsd,
     encode_rsd,
     encode_ti,
+    oad_of,
 )
 from meter_gateway.protocols.dlt698.errors import LocalProtocolError, RemoteProtocolError
 
@@ -1140,6 +1143,26 @@ def _encode_action_result(out: bytearray, result: ActionResult) -> None:
 # ---- decoding ----------------------------------------------------------------------------------
 
 
+_OAD_AND_CHOICE: Final = struct.Struct(">IB").unpack_from  # the OAD's four bytes as one key
+
+
+def _result_normal(buf: bytes, pos: int, warnings: list[str]) -> tuple[ResultNormal, int]:
+    """One A-ResultNormal: OAD, then Data (choice 1) or DAR (choice 0). Every value of every GET
+    response and REPORT comes through here."""
+    if pos + 5 > len(buf):
+        raise RemoteProtocolError(f"truncated APDU: A-ResultNormal expected at offset {pos}")
+    key, choice = _OAD_AND_CHOICE(buf, pos)
+    oad = OADS.get(key) or oad_of(key)
+    if choice == 1:
+        data, pos = decode_data(buf, pos + 5, warnings)
+        return _new(ResultNormal, (oad, data, None)), pos
+    if choice == 0:
+        if pos + 6 > len(buf):
+            raise RemoteProtocolError(f"truncated APDU: DAR expected at offset {pos + 5}")
+        return _new(ResultNormal, (oad, None, buf[pos + 5])), pos + 6
+    raise RemoteProtocolError(f"Get-Result choice {choice} at offset {pos + 4} is not 0 (DAR) or 1 (Data)")
+
+
 class _Reader:
     """A cursor over one APDU: the bytes, the position and the warnings found so far."""
 
@@ -1210,12 +1233,14 @@ class _Reader:
 
     def optional(self, what: str) -> bool:
         """An OPTIONAL's presence byte; missing at the very end counts as absent (with a warning)."""
-        if self.pos >= len(self.buf):
+        buf, pos = self.buf, self.pos
+        if pos >= len(buf):
             self.warnings.append(f"{what} presence byte missing at the end of the APDU")
             return False
-        flag = self.u8(what)
+        flag = buf[pos]
+        self.pos = pos + 1
         if flag > 1:
-            raise RemoteProtocolError(f"{what} presence byte {flag:02X} at offset {self.pos - 1} is not 00 or 01")
+            raise RemoteProtocolError(f"{what} presence byte {flag:02X} at offset {pos} is not 00 or 01")
         return flag == 1
 
     def timetag(self) -> TimeTag | None:
@@ -1230,25 +1255,26 @@ class _Reader:
             return None
         choice = self.u8("FollowReport choice")
         if choice == 1:
-            return FollowReport(tuple(self.result_normal() for _ in range(self.length())))
+            return FollowReport(self.results_normal())
         if choice == 2:
             return FollowReport(tuple(self.result_record() for _ in range(self.length())), records=True)
         raise RemoteProtocolError(f"FollowReport choice {choice} is not 1 or 2")
 
     def result_normal(self) -> ResultNormal:
-        buf, pos = self.buf, self.pos
-        if pos + 5 > len(buf):
-            raise RemoteProtocolError(f"truncated APDU: A-ResultNormal expected at offset {pos}")
-        # inlined OAD and choice: this runs once per value of every GET response
-        oad = _new(OAD, ((buf[pos] << 8) | buf[pos + 1], buf[pos + 2], buf[pos + 3]))
-        choice = buf[pos + 4]
-        self.pos = pos + 5
-        if choice == 1:
-            data, self.pos = decode_data(buf, pos + 5, self.warnings)
-            return _new(ResultNormal, (oad, data, None))
-        if choice == 0:
-            return ResultNormal(oad, dar=self.u8("DAR"))
-        raise RemoteProtocolError(f"Get-Result choice {choice} at offset {self.pos - 1} is not 0 (DAR) or 1 (Data)")
+        result, self.pos = _result_normal(self.buf, self.pos, self.warnings)
+        return result
+
+    def results_normal(self) -> tuple[ResultNormal, ...]:
+        """SEQUENCE OF A-ResultNormal (GET-Response, REPORT-Notification, FollowReport)."""
+        count = self.length()
+        buf, pos, warnings = self.buf, self.pos, self.warnings
+        results: list[ResultNormal] = []
+        append = results.append
+        for _ in range(count):
+            result, pos = _result_normal(buf, pos, warnings)
+            append(result)
+        self.pos = pos
+        return tuple(results)
 
     def result_record(self) -> ResultRecord:
         oad = self.oad()
@@ -1311,7 +1337,7 @@ def _decode_get_response(r: _Reader, choice: int) -> Apdu:
     if choice == 1:
         return _server(r, GetResponseNormal, piid=piid, result=r.result_normal())
     if choice == 2:
-        return _server(r, GetResponseNormalList, piid=piid, results=tuple(r.result_normal() for _ in range(r.length())))
+        return _server(r, GetResponseNormalList, piid=piid, results=r.results_normal())
     if choice == 3:
         return _server(r, GetResponseRecord, piid=piid, result=r.result_record())
     if choice == 4:
@@ -1323,7 +1349,7 @@ def _decode_get_response(r: _Reader, choice: int) -> Apdu:
         if kind == 0:
             return _server(r, GetResponseNext, piid=piid, last=last, block=block, dar=r.u8("DAR"))
         if kind == 1:
-            normal = tuple(r.result_normal() for _ in range(r.length()))
+            normal = r.results_normal()
             return _server(r, GetResponseNext, piid=piid, last=last, block=block, results=normal)
         if kind == 2:
             records = tuple(r.result_record() for _ in range(r.length()))
@@ -1397,9 +1423,7 @@ def _decode_action_response(r: _Reader, choice: int) -> Apdu:
 def _decode_report_notification(r: _Reader, choice: int) -> Apdu:
     piid = Piid.from_byte(r.u8("PIID-ACD"))
     if choice == 1:
-        return _server(
-            r, ReportNotificationList, piid=piid, results=tuple(r.result_normal() for _ in range(r.length()))
-        )
+        return _server(r, ReportNotificationList, piid=piid, results=r.results_normal())
     if choice == 2:
         records = tuple(r.result_record() for _ in range(r.length()))
         return _server(r, ReportNotificationRecordList, piid=piid, results=records)
@@ -1586,7 +1610,10 @@ def _parse(raw: bytes, depth: int) -> Apdu:
     r = _Reader(raw)
     tag = r.u8("APDU tag")
     apdu: Apdu
-    if tag == 1:
+    by_choice = _CHOICE_DECODERS.get(tag)  # GET, SET, ACTION, REPORT: nearly every APDU
+    if by_choice is not None:
+        apdu = by_choice(r, r.u8("service choice"))
+    elif tag == 1:
         piid = Piid.from_byte(r.u8("PIID-ACD"))
         kind = r.u8("link request type")
         heartbeat = r.u16("heartbeat")
@@ -1616,8 +1643,6 @@ def _parse(raw: bytes, depth: int) -> Apdu:
     elif tag == 132:
         piid = Piid.from_byte(r.u8("PIID-ACD"))
         apdu = _server(r, ReleaseNotification, piid=piid, connected_at=r.date_time_s(), now=r.date_time_s())
-    elif tag in _CHOICE_DECODERS:
-        apdu = _CHOICE_DECODERS[tag](r, r.u8("service choice"))
     elif tag in (9, 137):
         apdu = _decode_proxy(r, tag, r.u8("PROXY choice"))
     elif tag == 16:

@@ -463,6 +463,22 @@ def _u16(buf: bytes, pos: int) -> int:
     return (buf[pos] << 8) | buf[pos + 1]
 
 
+# Decoded OADs are shared, one object per OAD: a gateway asks the same few dozen over and over.
+OADS: Final[dict[int, OAD]] = {}
+_MAX_OADS: Final = 4096  # bounds what a peer sending arbitrary OADs can make it hold
+
+
+def oad_of(key: int) -> OAD:
+    """The OAD whose four wire bytes read as a big-endian ``key`` (``OADS.get(key)`` first is
+    quicker when the OAD has been seen)."""
+    oad = OADS.get(key)
+    if oad is None:
+        if len(OADS) >= _MAX_OADS:
+            OADS.clear()
+        oad = OADS[key] = OAD(key >> 16, (key >> 8) & 0xFF, key & 0xFF)
+    return oad
+
+
 def decode_oad(buf: bytes, pos: int) -> tuple[OAD, int]:
     end = _need(buf, pos, 4, "OAD")
     return OAD((buf[pos] << 8) | buf[pos + 1], buf[pos + 2], buf[pos + 3]), end
@@ -550,7 +566,7 @@ def decode_date_time(buf: bytes, pos: int) -> tuple[DateTime, int]:
     )
 
 
-def decode_ms(buf: bytes, pos: int, warnings: list[str]) -> tuple[MS, int]:
+def decode_ms(buf: bytes, pos: int, warnings: list[str], depth: int = 0) -> tuple[MS, int]:
     choice = _u8(buf, pos, "MS")
     pos += 1
     if choice in (0, 1):
@@ -570,12 +586,19 @@ def decode_ms(buf: bytes, pos: int, warnings: list[str]) -> tuple[MS, int]:
             item = _u16(buf, pos)
             pos += 2
         else:
-            item, pos = decode_region(buf, pos, warnings, 0)
+            item, pos = decode_region(buf, pos, warnings, depth)
         items.append(item)
     return MS(choice, tuple(items)), pos
 
 
+def _check_depth(depth: int, pos: int) -> None:
+    # Region, RSD and MS hold Data too: nesting through them counts like arrays' (stack exhaustion)
+    if depth >= MAX_DEPTH:
+        raise RemoteProtocolError(f"Data nested deeper than {MAX_DEPTH} at offset {pos}")
+
+
 def decode_region(buf: bytes, pos: int, warnings: list[str], depth: int) -> tuple[Region, int]:
+    _check_depth(depth, pos)
     unit = _u8(buf, pos, "Region")
     start, pos = decode_data(buf, pos + 1, warnings, depth + 1)
     end, pos = decode_data(buf, pos, warnings, depth + 1)
@@ -583,6 +606,7 @@ def decode_region(buf: bytes, pos: int, warnings: list[str], depth: int) -> tupl
 
 
 def decode_rsd(buf: bytes, pos: int, warnings: list[str], depth: int = 0) -> tuple[RSD, int]:
+    _check_depth(depth, pos)
     selector = _u8(buf, pos, "RSD")
     pos += 1
     value: SelectorValue
@@ -603,20 +627,20 @@ def decode_rsd(buf: bytes, pos: int, warnings: list[str], depth: int = 0) -> tup
         value = tuple(items)
     elif selector in (4, 5):
         when, pos = decode_date_time_s(buf, pos)
-        ms, pos = decode_ms(buf, pos, warnings)
+        ms, pos = decode_ms(buf, pos, warnings, depth)
         value = SelectorTimeMS(when, ms)
     elif selector in (6, 7, 8):
         start, pos = decode_date_time_s(buf, pos)
         end, pos = decode_date_time_s(buf, pos)
         ti, pos = decode_ti(buf, pos)
-        ms, pos = decode_ms(buf, pos, warnings)
+        ms, pos = decode_ms(buf, pos, warnings, depth)
         value = SelectorRangeMS(start, end, ti, ms)
     elif selector == 9:
         value = SelectorLast(_u8(buf, pos, "Selector9"))
         pos += 1
     elif selector == 10:
         n = _u8(buf, pos, "Selector10")
-        ms, pos = decode_ms(buf, pos + 1, warnings)
+        ms, pos = decode_ms(buf, pos + 1, warnings, depth)
         value = SelectorLastMS(n, ms)
     else:
         raise RemoteProtocolError(f"RSD selector {selector} at offset {pos - 1} is not defined")
@@ -651,21 +675,57 @@ _TYPES: Final = {int(t): t for t in DataType}
 # builds Data with tuple.__new__ (a NamedTuple's own __new__ is a Python-level function).
 _BY_BYTE: Final[tuple[DataType | None, ...]] = tuple(_TYPES.get(b) for b in range(256))
 # A fixed-size integer is read with a precompiled big-endian struct: no slice, no keyword call.
-_INT_FORMATS: Final = {(1, True): ">b", (1, False): ">B", (2, True): ">h", (2, False): ">H",
-                       (4, True): ">i", (4, False): ">I", (8, True): ">q", (8, False): ">Q"}  # fmt: skip
-_Unpack = Callable[[bytes, int], tuple[int]]
+_INT_FORMATS: Final = {(1, True): "b", (1, False): "B", (2, True): "h", (2, False): "H",
+                       (4, True): "i", (4, False): "I", (8, True): "q", (8, False): "Q"}  # fmt: skip
+_Unpack = Callable[[bytes, int], tuple[int, ...]]
 
 
-def _fixed_entry(code: int) -> tuple[DataType, int, _Unpack] | None:
+class _Fixed(NamedTuple):
+    """A fixed-size integer type: its tag, size in bytes, struct code and one-value unpacker."""
+
+    tag: DataType
+    size: int
+    code: str
+    unpack: _Unpack
+
+
+def _fixed_entry(code: int) -> _Fixed | None:
     tag = _TYPES.get(code)
     if tag is None or tag not in _FIXED_INT:
         return None
     size, signed = _FIXED_INT[tag]
-    return tag, size, struct.Struct(_INT_FORMATS[size, signed]).unpack_from
+    fmt = _INT_FORMATS[size, signed]
+    return _Fixed(tag, size, fmt, struct.Struct(">" + fmt).unpack_from)
 
 
-_FIXED_BY_BYTE: Final[tuple[tuple[DataType, int, _Unpack] | None, ...]] = tuple(_fixed_entry(b) for b in range(256))
+_FIXED_BY_BYTE: Final[tuple[_Fixed | None, ...]] = tuple(_fixed_entry(b) for b in range(256))
 _new = tuple.__new__
+
+# An array or structure of one integer type (energy registers, phase values: most of what a meter
+# sends) is read with one struct call for the whole run of (tag, value) pairs, checked afterwards
+# to hold that tag throughout; any other sequence is read element by element. The unpackers are
+# compiled on first use, per (tag, count) up to _MAX_RUN elements.
+_MAX_RUN: Final = 64
+
+
+class _Run(NamedTuple):
+    unpack: _Unpack  # tag, value, tag, value...
+    tags: tuple[int, ...]  # what the tags must be
+    size: int  # bytes of the whole run
+    tag: DataType  # the elements' type
+
+
+_RUNS: Final[dict[int, _Run]] = {}  # by count << 8 | tag byte
+
+
+def _run(code: int, count: int) -> _Run | None:
+    """The unpacker of ``count`` elements of integer type ``code`` (None for other types)."""
+    fixed = _FIXED_BY_BYTE[code]
+    if fixed is None or count > _MAX_RUN:
+        return None
+    unpack = struct.Struct(">" + ("B" + fixed.code) * count).unpack_from
+    run = _RUNS[count << 8 | code] = _Run(unpack, (code,) * count, (1 + fixed.size) * count, fixed.tag)
+    return run
 
 
 def decode_data(buf: bytes, pos: int, warnings: list[str], depth: int = 0) -> tuple[Data, int]:
@@ -677,43 +737,66 @@ def decode_data(buf: bytes, pos: int, warnings: list[str], depth: int = 0) -> tu
     pos += 1
     fixed = _FIXED_BY_BYTE[code]
     if fixed is not None:
-        int_tag, size, unpack = fixed
+        tag, size, _, unpack = fixed
         end = pos + size
         if end > len(buf):
-            raise RemoteProtocolError(f"truncated {int_tag.name.lower()} at offset {pos}")
-        return _new(Data, (int_tag, unpack(buf, pos)[0])), end
-    tag = _BY_BYTE[code]
-    if tag is None:
+            raise RemoteProtocolError(f"truncated {tag.name.lower()} at offset {pos}")
+        return _new(Data, (tag, unpack(buf, pos)[0])), end
+    if code in _SEQUENCE_CODES:
+        value, pos = _decode_sequence(buf, pos, code, warnings, depth)
+        return _new(Data, (_BY_BYTE[code], value)), pos
+    decoder = _DECODER_BY_BYTE[code]
+    if decoder is None:
         raise RemoteProtocolError(f"unknown Data type {code} at offset {pos - 1}")
-    if tag is DataType.ARRAY or tag is DataType.STRUCTURE:
-        if depth >= MAX_DEPTH:
-            raise RemoteProtocolError(f"Data nested deeper than {MAX_DEPTH} at offset {pos}")
-        count, pos = decode_length(buf, pos, warnings)
-        if count > len(buf) - pos:  # every element takes at least one byte: refuse before allocating
-            raise RemoteProtocolError(f"{tag.name.lower()} of {count} elements at offset {pos} exceeds the data")
-        items = []
-        depth += 1
-        n = len(buf)
-        for _ in range(count):
-            # arrays of numbers are most of what meters send: decode those inline, no recursion
-            element = _FIXED_BY_BYTE[buf[pos]] if pos < n else None
-            if element is not None:
-                element_tag, size, unpack = element
-                pos += 1
-                end = pos + size
-                if end > n:
-                    raise RemoteProtocolError(f"truncated {element_tag.name.lower()} at offset {pos}")
-                items.append(_new(Data, (element_tag, unpack(buf, pos)[0])))
-                pos = end
-            else:
-                item, pos = decode_data(buf, pos, warnings, depth)
-                items.append(item)
-        return _new(Data, (tag, tuple(items))), pos
-    decoder = _DECODERS.get(tag)
-    if decoder is None:  # pragma: no cover - every DataType has a decoder
-        raise RemoteProtocolError(f"Data type {tag.name} is not supported")
     value, pos = decoder(buf, pos, warnings, depth)
-    return Data(tag, value), pos
+    return _new(Data, (_BY_BYTE[code], value)), pos
+
+
+_SEQUENCE_CODES: Final = frozenset({int(DataType.ARRAY), int(DataType.STRUCTURE)})
+
+
+def _decode_sequence(buf: bytes, pos: int, code: int, warnings: list[str], depth: int) -> tuple[tuple[Data, ...], int]:
+    """An array or structure's elements: its length, then each element."""
+    if depth >= MAX_DEPTH:
+        raise RemoteProtocolError(f"Data nested deeper than {MAX_DEPTH} at offset {pos}")
+    n = len(buf)
+    count = buf[pos] if pos < n else 0x80  # a one-byte length inline; decode_length does the rest
+    if count < 0x80:
+        pos += 1
+    else:
+        count, pos = decode_length(buf, pos, warnings)
+    if count > n - pos:  # every element takes at least one byte: refuse before allocating
+        what = DataType(code).name.lower()
+        raise RemoteProtocolError(f"{what} of {count} elements at offset {pos} exceeds the data")
+    if not count:
+        return (), pos
+    items: list[Data] = []
+    append = items.append
+    run = _RUNS.get(count << 8 | buf[pos]) or _run(buf[pos], count)
+    if run is not None:
+        unpack, tags, size, tag = run
+        end = pos + size
+        if end <= n:
+            values = unpack(buf, pos)
+            if values[::2] == tags:
+                for value in values[1::2]:
+                    append(_new(Data, (tag, value)))
+                return tuple(items), end
+    depth += 1
+    for _ in range(count):
+        element = _FIXED_BY_BYTE[buf[pos]] if pos < n else None
+        if element is not None:  # an integer among other types: inline, no recursion
+            tag, size, _, unpack = element
+            pos += 1
+            end = pos + size
+            if end > n:
+                raise RemoteProtocolError(f"truncated {tag.name.lower()} at offset {pos}")
+            append(_new(Data, (tag, unpack(buf, pos)[0])))
+            pos = end
+        else:
+            item, pos = decode_data(buf, pos, warnings, depth)
+            append(item)
+    return tuple(items), pos
 
 
 def _d_null(buf: bytes, pos: int, w: list[str], d: int) -> tuple[Any, int]:
@@ -819,12 +902,16 @@ _DECODERS: Final[dict[DataType, _Decoder]] = {
     DataType.SCALER_UNIT: _d_scaler_unit,
     DataType.RSD: decode_rsd,
     DataType.CSD: lambda b, p, w, d: decode_csd(b, p, w),
-    DataType.MS: lambda b, p, w, d: decode_ms(b, p, w),
+    DataType.MS: decode_ms,
     DataType.SID: _d_sid,
     DataType.SID_MAC: _d_sid_mac,
     DataType.COMDCB: _d_comdcb,
     DataType.RCSD: lambda b, p, w, d: decode_rcsd(b, p, w),
 }
+
+_DECODER_BY_BYTE: Final[tuple[_Decoder | None, ...]] = tuple(
+    None if tag is None else _DECODERS.get(tag) for tag in _BY_BYTE
+)
 
 
 def parse_data(raw: bytes) -> tuple[Data, tuple[str, ...]]:

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
-from meter_gateway.protocols.dlt698.apdu import ResultRecord
+from meter_gateway.protocols.dlt698.apdu import ResultNormal, ResultRecord
 from meter_gateway.protocols.dlt698.axdr import OAD, ROAD, BitString, Data, DataType, plain
 from meter_gateway.protocols.dlt698.errors import LocalProtocolError
 from meter_gateway.protocols.package_data import read_packaged
@@ -25,6 +25,8 @@ from meter_gateway.protocols.package_data import read_packaged
 LAYOUTS: Final = frozenset({"none", "tariffs", "phases", "total_phases", "status_words", "structure", "record"})
 _CANONICAL: Final = {"W": ("kW", -3), "var": ("kvar", -3), "VA": ("kVA", -3)}
 _PHASE_SUFFIX: Final = ("l1", "l2", "l3")
+_ARRAY: Final = DataType.ARRAY  # a module global reads faster than an enum member
+_STRUCTURE: Final = DataType.STRUCTURE
 # NamedTuples built per value skip their Python-level __new__ (the one from collections.namedtuple)
 _new = tuple.__new__
 
@@ -131,7 +133,35 @@ class _Entry(NamedTuple):
     elements: tuple[ElementSpec, ...]  # indexed by element index; 0 is the whole attribute
 
 
+class _Target(NamedTuple):
+    """One value's destination: its OAD (element index filled in) and its :class:`ElementSpec`,
+    unpacked so the decode path builds a :class:`Reading` without another lookup."""
+
+    oad: OAD
+    name: str
+    quantity: str | None
+    scaler: int
+    unit: str
+    divisor: int
+    multiplier: int
+
+    @classmethod
+    def of(cls, oad: OAD, spec: ElementSpec) -> _Target:
+        return cls(oad, *spec)
+
+
+class _Converter(NamedTuple):
+    """How the results for one OAD (as a meter sends it, feature bits included) become readings,
+    built the first time that OAD is seen: the targets of the value read whole and, for an
+    attribute read whole whose value is an array or structure, of each of its elements."""
+
+    entry: _Entry
+    whole: _Target  # the value as one reading (an element asked for directly, or not spread)
+    parts: tuple[_Target, ...]  # elements 1, 2...; empty when the attribute does not spread
+
+
 _PRECOMPUTED_ELEMENTS: Final = 16  # element indices 0..15 cover every layout in the standard's tables
+_MAX_CONVERTERS: Final = 4096  # catalogue OADs seen; a gateway polls a few dozen, this bounds junk
 
 
 class Reading(NamedTuple):
@@ -192,6 +222,7 @@ class Catalogue:
                 if spec.quantity is not None:
                     self._by_quantity.setdefault(spec.quantity, OAD(item.oi, item.attribute, index))
         self.bit_tables = dict(bit_tables)
+        self._converters: dict[OAD, _Converter] = {}
 
     def __iter__(self) -> Iterator[Item]:
         return iter(self._items.values())
@@ -233,39 +264,75 @@ class Catalogue:
 
     def readings(self, oad: OAD, data: Data) -> list[Reading]:
         """Readings of one GET/REPORT result: an array attribute read whole gives one per element."""
+        return self.result_readings(((oad, data, None),))
+
+    def result_readings(self, results: Iterable[ResultNormal | tuple[OAD, Data | None, int | None]]) -> list[Reading]:
+        """Readings of A-ResultNormal results in order (a DAR result gives none, see
+        ``requests.failures``): each OAD's converter, built the first time it is seen, turns its
+        value, or each element of an attribute read whole, into a :class:`Reading`."""
+        converters = self._converters
+        out: list[Reading] = []
+        append = out.append
+        for oad, data, _ in results:
+            if data is None:
+                continue
+            converter = converters.get(oad) or self._converter(oad)
+            if converter is None:  # not in the catalogue
+                shown = plain(data)
+                append(Reading(oad, shown, shown, "", None, str(oad)))
+                continue
+            tag, raw = data
+            targets: Iterable[tuple[_Target, Data]]
+            parts = converter.parts
+            if parts and (tag is _ARRAY or tag is _STRUCTURE):
+                if len(raw) > len(parts):
+                    parts = self._more_parts(converter, len(raw))
+                # as many targets as elements or more; zip's strict= keyword would cost a dict per call
+                targets = zip(parts, raw)  # noqa: B905
+            else:
+                targets = ((converter.whole, data),)
+            for target, element in targets:
+                value = element[1]
+                # integers are nearly every value a meter sends (bool is not one: type() is exact)
+                if type(value) is int:
+                    this, name, quantity, scaler, unit, divisor, multiplier = target
+                    scaled = value / divisor if scaler < 0 else value * multiplier if scaler else value
+                    append(_new(Reading, (this, value, scaled, unit, quantity, name, None)))
+                else:
+                    append(self._reading(converter.entry, target, element))
+        return out
+
+    def _converter(self, oad: OAD) -> _Converter | None:
         oi, attribute, index = oad
         entry = self._entries.get((oi, attribute & 0x1F))
         if entry is None:
-            return [Reading(oad, plain(data), plain(data), "", None, str(oad))]
-        tag = data[0]
-        values: Iterable[tuple[int, Data]]
-        spread = index == 0 and entry.spread and (tag is DataType.ARRAY or tag is DataType.STRUCTURE)
-        values = enumerate(data[1], 1) if spread else ((index, data),)
+            return None
         elements = entry.elements
-        known = len(elements)
-        out: list[Reading] = []
-        append = out.append
-        for i, element in values:
-            this = _new(OAD, (oi, attribute, i)) if spread else oad
-            spec = elements[i] if i < known else ElementSpec.of(entry.item, i)
-            raw = element[1]
-            # integers are nearly every value a meter sends (bool is not one: type() is exact)
-            if type(raw) is int:
-                name, quantity, scaler, unit, divisor, multiplier = spec
-                if scaler < 0:
-                    value: Any = raw / divisor
-                elif scaler:
-                    value = raw * multiplier
-                else:
-                    value = raw
-                append(_new(Reading, (this, raw, value, unit, quantity, name, None)))
-            else:
-                append(self._reading(entry, spec, this, element))
-        return out
+        whole = _Target.of(oad, elements[index] if index < len(elements) else ElementSpec.of(entry.item, index))
+        parts: tuple[_Target, ...] = ()
+        if index == 0 and entry.spread:
+            parts = tuple(_Target.of(OAD(oi, attribute, i), elements[i]) for i in range(1, len(elements)))
+        converter = _Converter(entry, whole, parts)
+        if len(self._converters) >= _MAX_CONVERTERS:
+            self._converters.clear()
+        self._converters[oad] = converter
+        return converter
 
-    def _reading(self, entry: _Entry, spec: ElementSpec, oad: OAD, data: Data) -> Reading:
+    @staticmethod
+    def _more_parts(converter: _Converter, count: int) -> tuple[_Target, ...]:
+        """Targets of an array longer than the precomputed elements (built for this value)."""
+        oi, attribute, _ = converter.whole.oad
+        parts = converter.parts
+        more = (
+            _Target.of(OAD(oi, attribute, i), ElementSpec.of(converter.entry.item, i))
+            for i in range(len(parts) + 1, count + 1)
+        )
+        return parts + tuple(more)
+
+    def _reading(self, entry: _Entry, target: _Target, data: Data) -> Reading:
         """The reading of a value that is not an integer (float, status word, string, time...)."""
         tag, raw = data
+        oad = target.oad
         fields = None
         if entry.status_words and isinstance(raw, BitString):
             table = self.bit_tables.get(f"word{oad.index}", ())
@@ -277,10 +344,10 @@ class Catalogue:
         elif tag is DataType.ARRAY or tag is DataType.STRUCTURE:
             value = shown
         else:
-            value = scale(raw, spec.scaler)
+            value = scale(raw, target.scaler)
             if not isinstance(value, int | float | type(None)):
                 value = shown
-        return Reading(oad, shown, value, spec.unit, spec.quantity, spec.name, fields)
+        return Reading(oad, shown, value, target.unit, target.quantity, target.name, fields)
 
     def record_readings(self, result: ResultRecord) -> list[list[Reading]]:
         """Per row, the readings of every column of a GET-Record / REPORT record result."""

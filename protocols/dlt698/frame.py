@@ -330,7 +330,21 @@ def _build(buf: bytes, pos: int, total: int, cache: dict[bytes, ServerAddress] |
     data = buf[header_end + 2 : pos + total - 3]
     if control.scrambled:
         data = data.translate(_SUB_33)
-    return Frame(control, address, buf[header_end - 1], data)
+    # every field of a checked frame is in range (the client address is one byte): the frame is
+    # built without Frame.__init__'s checks, each slot set as the frozen dataclass's own init does
+    frame = _new_object(Frame)
+    _set_control(frame, control)
+    _set_address(frame, address)
+    _set_client(frame, buf[header_end - 1])
+    _set_data(frame, data)
+    return frame
+
+
+_new_object = object.__new__
+# the slots' member descriptors
+_set_control, _set_address, _set_client, _set_data = (
+    vars(Frame)[name].__set__ for name in ("control", "address", "client", "data")
+)
 
 
 def looks_like_frame(buf: bytes) -> bool:

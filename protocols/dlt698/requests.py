@@ -16,8 +16,8 @@ parameter date_time_s; vectors P61/P62).
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterable, Sequence
-from typing import Final
+from collections.abc import Callable, Sequence
+from typing import Any, Final
 
 from meter_gateway.protocols.dlt698.apdu import (
     NULL_SECURITY,
@@ -264,36 +264,36 @@ def unwrap(apdu: Apdu) -> Apdu:
     return apdu
 
 
+# The APDUs whose A-ResultNormal results carry values, and where their results are.
+_RESULTS: Final[dict[type[Apdu], Callable[[Any], tuple[ResultNormal, ...]]]] = {
+    GetResponseNormal: lambda apdu: (apdu.result,),
+    GetResponseNormalList: lambda apdu: apdu.results,
+    ReportNotificationList: lambda apdu: apdu.results,
+}
+
+
+def results(apdu: Apdu) -> tuple[ResultNormal, ...]:
+    """The A-ResultNormal results of a GET-Response Normal / NormalList or a REPORT-Notification
+    List (SECURITY-wrapped plaintext too); none for any other APDU."""
+    where = _RESULTS.get(type(apdu))
+    if where is None:
+        if not isinstance(apdu, SecurityRequest | SecurityResponse):
+            return ()
+        apdu = unwrap(apdu)
+        where = _RESULTS.get(type(apdu))
+    return where(apdu) if where is not None else ()
+
+
 def readings(apdu: Apdu, catalogue: Catalogue | None = None) -> list[Reading]:
     """(OAD, raw, scaled value, unit, quantity) of every value in a GET-Response Normal /
     NormalList or a REPORT-Notification List (SECURITY-wrapped plaintext too). A result that is a
     DAR gives no reading: see :func:`failures`."""
-    cat = catalogue or default_catalogue()
-    inner = unwrap(apdu)
-    results: Iterable[ResultNormal]
-    match inner:
-        case GetResponseNormal(result=result):
-            results = (result,)
-        case GetResponseNormalList(results=results) | ReportNotificationList(results=results):
-            pass
-        case _:
-            return []
-    out: list[Reading] = []
-    for result in results:
-        oad, data = result.oad, result.data
-        if data is not None:
-            out += cat.readings(oad, data)
-    return out
+    return (catalogue or default_catalogue()).result_readings(results(apdu))
 
 
 def failures(apdu: Apdu) -> list[tuple[OAD, int]]:
     """(OAD, DAR) of every result that is a DAR instead of data."""
-    inner = unwrap(apdu)
-    if isinstance(inner, GetResponseNormal):
-        return [(inner.result.oad, inner.result.dar)] if inner.result.dar is not None else []
-    if isinstance(inner, GetResponseNormalList | ReportNotificationList):
-        return [(r.oad, r.dar) for r in inner.results if r.dar is not None]
-    return []
+    return [(r.oad, r.dar) for r in results(apdu) if r.dar is not None]
 
 
 def record_readings(result: ResultRecord, catalogue: Catalogue | None = None) -> list[list[Reading]]:
