@@ -29,7 +29,7 @@ import math
 import re
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
@@ -209,13 +209,13 @@ class ModbusModel:
     max_gap: int  # unused registers a read may span to merge two points into one transaction
     points: tuple[ModbusPoint, ...]
     relay: RelaySpec | None = None
+    # every quantity the model can read, in file order, once each (asked for on every read)
+    quantities: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     protocol: ClassVar[str] = "modbus"
 
-    @property
-    def quantities(self) -> tuple[str, ...]:
-        """Every quantity the model can read, in file order, once each."""
-        return tuple(dict.fromkeys(p.quantity for p in self.points))
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "quantities", tuple(dict.fromkeys(p.quantity for p in self.points)))
 
     @property
     def variants(self) -> tuple[str, ...]:

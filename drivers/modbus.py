@@ -1,13 +1,17 @@
 """Modbus meters: the bus's Modbus access, the reply exchange, the read planner and the meter driver.
 
-This is the only module that imports pymodbus, and it uses pymodbus for encoding only: requests
-and replies are pymodbus PDU objects, framed by its public ``FramerSocket`` (MBAP) or
-``FramerRTU``. A Modbus bus is a byte-stream bus like the others: the bytes travel over the
-gateway's own links (:func:`drivers.transport.make_transport`) and every request is one
-``Bus.exchange`` with a :class:`ModbusExchange`, so the bus's turn lock (commands first), its
-transaction engine (deadline, retries with backoff, input flush) and its meters' health apply to
-Modbus exactly as to DL/T 645. No pymodbus type leaves this module: trouble becomes a
-``drivers.errors`` type.
+This is the only module that imports pymodbus, and it uses pymodbus' public framers only:
+``FramerSocket`` (MBAP) or ``FramerRTU`` (CRC, and the frame sizing an RTU reply needs) put the
+requests in frames and cut the replies out of the byte stream. The PDUs of the six functions the
+gateway uses (§6.1-6.6 and the exception reply, §7) are fixed layouts, made and read here with
+no object per request: a read plan's request PDUs are made once and shared by every meter of the
+model, and a reply's registers are unpacked straight from its bytes.
+
+A Modbus bus is a byte-stream bus like the others: the bytes travel over the gateway's own links
+(:func:`drivers.transport.make_transport`) and every request is one ``Bus.exchange`` with a
+:class:`ModbusExchange`, so the bus's turn lock (commands first), its transaction engine
+(deadline, retries with backoff, input flush) and its meters' health apply to Modbus exactly as to
+DL/T 645. No pymodbus type leaves this module: trouble becomes a ``drivers.errors`` type.
 
 * :class:`ModbusLink` is Modbus on one bus (:func:`attach` makes it, :func:`link_for` finds it):
   the framing (Modbus TCP with MBAP, or RTU frames over TCP or a serial port), the transaction
@@ -45,18 +49,12 @@ import math
 import struct
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Final, Generic, TypeVar
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Generic, TypeVar
 
 from pymodbus.framer import FramerBase, FramerRTU, FramerSocket
 from pymodbus.pdu import DecodePDU, ModbusPDU
-from pymodbus.pdu.bit_message import ReadCoilsRequest, ReadDiscreteInputsRequest, WriteSingleCoilRequest
-from pymodbus.pdu.register_message import (
-    ReadHoldingRegistersRequest,
-    ReadInputRegistersRequest,
-    WriteSingleRegisterRequest,
-)
 
 from meter_gateway.drivers.backoff import BackoffPolicy
 from meter_gateway.drivers.bus import Bus, BusSettings, Priority
@@ -68,7 +66,7 @@ from meter_gateway.drivers.meter_models import FUNCTIONS, ModbusModel, ModbusPoi
 from meter_gateway.drivers.reading import Quality, Reading
 from meter_gateway.drivers.serial_link import SerialLink
 from meter_gateway.drivers.transport import LinkStats, SerialSettings, TcpSettings, Transport, make_transport
-from meter_gateway.protocols.exchange import Answer, Event, Refusal, Rejected, Rejection, Unusable
+from meter_gateway.protocols.exchange import Answer, Event, Refusal, Rejected, Rejection, Unusable, Verdict
 from meter_gateway.protocols.modbus.values import RemoteValueError
 
 __all__ = [
@@ -138,15 +136,6 @@ def exception_text(code: int) -> str:
 # Modbus on one bus
 
 
-@dataclass(frozen=True, slots=True)
-class _Sent:
-    """A request recently made on the bus: what a late reply to it looks like."""
-
-    unit: int
-    function: int
-    tid: int  # 0 on RTU
-
-
 _links: weakref.WeakKeyDictionary[Bus, ModbusLink] = weakref.WeakKeyDictionary()
 
 
@@ -180,9 +169,12 @@ class ModbusLink:
             raise ConfigurationError(f"bus {bus.name}: a Modbus bus needs a link")
         self.bus = bus
         self.framing = framing
-        self.framer: FramerBase = (FramerSocket if framing == "tcp" else FramerRTU)(ReplyDecoder(False))
+        self.tcp = framing == "tcp"
+        self.framer: FramerBase = (FramerSocket if self.tcp else FramerRTU)(ReplyDecoder(False))
         self._tid = 0  # MBAP transaction id of the last request (RTU has none)
-        self.recent: deque[_Sent] = deque(maxlen=HISTORY_LENGTH)
+        # the requests recently made, as a reply to each would show it: its transaction id (TCP),
+        # or unit << 8 | function (RTU)
+        self.recent: deque[int] = deque(maxlen=HISTORY_LENGTH)
         self._own_bus = False  # made by build(): opened on first use, closed by close()
         self._closed = False
         counters = bus.protocol_counters
@@ -302,21 +294,10 @@ class ModbusLink:
         if function not in (3, 4):
             raise ConfigurationError(f"register reads use function 3 or 4, not {function}")
         _check_span(function, address, count)
-
-        def registers(pdu: ModbusPDU) -> list[int]:
-            got = list(pdu.registers)
-            if len(got) != count:
-                raise _WrongReply(f"asked for {count} registers at {address}, got {len(got)}")
-            return got
-
-        what = f"function {function} registers {address}..{address + count - 1}"
         return await self._transact(
             unit,
-            function,
-            address,
-            count,
-            registers,
-            what=what,
+            _PDU.pack(function, address, count),
+            _registers_of,
             meter=meter,
             priority=priority,
             force=force,
@@ -341,22 +322,10 @@ class ModbusLink:
         if function not in (1, 2):
             raise ConfigurationError(f"bit reads use function 1 or 2, not {function}")
         _check_span(function, address, count)
-
-        def bits(pdu: ModbusPDU) -> list[bool]:
-            got = [bool(b) for b in pdu.bits]
-            # bits come padded to whole bytes; fewer than asked is a short reply
-            if len(got) < count or len(got) >= count + 8:
-                raise _WrongReply(f"asked for {count} bits at {address}, got {len(got)}")
-            return got[:count]
-
-        what = f"function {function} bits {address}..{address + count - 1}"
         return await self._transact(
             unit,
-            function,
-            address,
-            count,
-            bits,
-            what=what,
+            _PDU.pack(function, address, count),
+            _bits_of,
             meter=meter,
             priority=priority,
             force=force,
@@ -376,20 +345,10 @@ class ModbusLink:
         attempts: int | None = None,
     ) -> None:
         _check_span(1, address, 1)
-
-        def echoed(pdu: ModbusPDU) -> None:
-            echo = bool(pdu.bits[0]) if pdu.bits else None
-            if pdu.address != address or echo is not bool(value):
-                raise _WrongReply(f"write coil {address}={value} echoed {pdu.address}={echo}")
-
-        what = f"function 5 coil {address}"
         await self._transact(
             unit,
-            _WRITE_COIL,
-            address,
-            bool(value),
-            echoed,
-            what=what,
+            _PDU.pack(_WRITE_COIL, address, 0xFF00 if value else 0),
+            _echo_of,
             meter=meter,
             priority=priority,
             force=force,
@@ -410,20 +369,10 @@ class ModbusLink:
         _check_span(3, address, 1)
         if isinstance(value, bool) or not 0 <= value <= 0xFFFF:
             raise ConfigurationError(f"a register holds 0..65535, got {value!r}")
-
-        def echoed(pdu: ModbusPDU) -> None:
-            echo = pdu.registers[0] if pdu.registers else None
-            if pdu.address != address or echo != value:
-                raise _WrongReply(f"write register {address}={value} echoed {pdu.address}={echo}")
-
-        what = f"function 6 register {address}"
         await self._transact(
             unit,
-            _WRITE_REGISTER,
-            address,
-            value,
-            echoed,
-            what=what,
+            _PDU.pack(_WRITE_REGISTER, address, value),
+            _echo_of,
             meter=meter,
             priority=priority,
             force=force,
@@ -433,36 +382,25 @@ class ModbusLink:
     async def _transact(
         self,
         unit: int,
-        function: int,
-        address: int,
-        arg: int | bool,
-        decode: Callable[[ModbusPDU], R],
+        pdu: bytes,
+        value_of: Callable[[ModbusExchange[R], bytes], R],
         *,
-        what: str,
         meter: str | None,
         priority: int,
         force: bool,
         attempts: int | None,
         strict: bool = False,
     ) -> R:
+        """One request (``pdu``: function, address, count or value) to ``unit``; ``value_of``
+        turns the reply PDU into the caller's value (see :class:`ModbusExchange`)."""
         _unit_ok(unit)
-        if self._own_bus and not self._closed and self.bus.transport is not None:
+        if self._own_bus and not self._closed:
             await self.bus.open()  # a link of its own connects on first use (idempotent after)
         tid = 0
-        if self.framing == "tcp":
+        if self.tcp:
             tid = self._tid = self._tid % 0xFFFF + 1
-        request = self.framer.buildFrame(_request(function, unit, address, arg, tid))
-        exchange = ModbusExchange(
-            self,
-            request,
-            unit=unit,
-            tid=tid,
-            function=function,
-            decode=decode,
-            what=f"{self.name} unit {unit}: {what}",
-            reply_size=_reply_size(function, arg),
-            strict=strict,
-        )
+        request = self.framer.encode(pdu, unit, tid)
+        exchange = ModbusExchange(self, request, pdu, unit=unit, tid=tid, value_of=value_of, strict=strict)
         try:
             return await self.bus.exchange(
                 request, exchange, meter=meter, priority=priority, attempts=attempts, force=force
@@ -485,9 +423,6 @@ class ModbusLink:
                 raise NoAnswer(str(e)) from e  # the bus counted it, and the health book, as a failure
             raise
 
-    def _sent(self, sent: _Sent) -> None:
-        self.recent.append(sent)
-
     def count_exception(self, code: int) -> None:
         counters = self.bus.protocol_counters
         key = f"{COUNTER_PREFIX}{code:#04x}"
@@ -498,43 +433,114 @@ class _WrongReply(Exception):
     """The reply answers the request but does not fit it (size, echoed address or value)."""
 
 
+class _Undecodable(Exception):
+    """The reply PDU contradicts itself (its byte count is not its size)."""
+
+
+# Every request this driver makes is a function code and two 16-bit words: the address, then the
+# count (reads) or the value (writes) (Modbus Application Protocol V1.1b3, §6.1-6.6).
+_PDU: Final = struct.Struct(">BHH")
+
+
+def _registers_of(exchange: ModbusExchange[list[int]], pdu: bytes) -> list[int]:
+    """§6.3/6.4 reply: function, byte count, the registers big-endian."""
+    size = len(pdu) - 2
+    if size < 0 or pdu[1] != size or size % 2:
+        raise _Undecodable
+    count = exchange.count
+    if size != 2 * count:
+        raise _WrongReply(f"asked for {count} registers at {exchange.address}, got {size // 2}")
+    return list(struct.unpack_from(f">{count}H", pdu, 2))
+
+
+def _bits_of(exchange: ModbusExchange[list[bool]], pdu: bytes) -> list[bool]:
+    """§6.1/6.2 reply: function, byte count, the bits packed low bit first."""
+    size = len(pdu) - 2
+    if size < 0 or pdu[1] != size:
+        raise _Undecodable
+    count = exchange.count
+    if size != (count + 7) // 8:
+        raise _WrongReply(f"asked for {count} bits at {exchange.address}, got {8 * size}")
+    return [bool(pdu[2 + i // 8] >> (i % 8) & 1) for i in range(count)]
+
+
+def _echo_of(exchange: ModbusExchange[None], pdu: bytes) -> None:
+    """§6.5/6.6 reply: the request echoed (a coil's value compared as on or off)."""
+    if len(pdu) != 5:
+        raise _Undecodable
+    _, address, value = _PDU.unpack(pdu)
+    asked = exchange.count  # the value written
+    coil = pdu[0] == _WRITE_COIL
+    if address != exchange.address or (bool(value) != bool(asked) if coil else value != asked):
+        what = f"coil {exchange.address}={bool(asked)}" if coil else f"register {exchange.address}={asked}"
+        raise _WrongReply(f"write {what} echoed {address}={bool(value) if coil else value}")
+
+
+# what a read's reply holds, by function
+_READ_VALUES: Final[dict[int, Callable[[ModbusExchange[Any], bytes], list[int] | list[bool]]]] = {
+    1: _bits_of,
+    2: _bits_of,
+    3: _registers_of,
+    4: _registers_of,
+}
+
+
 class ModbusExchange(Generic[R]):
     """The :class:`~protocols.exchange.ReplyExchange` of one Modbus request (see the module
-    docstring for what is accepted). ``decode`` turns the accepted PDU into the caller's value;
-    a :class:`_WrongReply` from it makes the reply unusable. ``exception`` is the exception code
-    of the current attempt's reply, if it was one."""
+    docstring for what is accepted). ``value_of`` turns the accepted reply PDU into the caller's
+    value; a :class:`_WrongReply` from it makes the reply unusable. ``exception`` is the exception
+    code of the current attempt's reply, if it was one.
 
-    __slots__ = ("buffer", "cap", "decode", "echo", "exception", "function", "link", "strict", "tid", "unit", "what")
+    One of these is made per request, so it holds only the request's bytes and what it was made
+    with; its text for logs (:attr:`what`) is built only when something goes wrong."""
+
+    __slots__ = ("buffer", "echo", "exception", "link", "pdu", "strict", "tid", "unit", "value_of")
 
     def __init__(
         self,
         link: ModbusLink,
         request: bytes,
+        pdu: bytes,
         *,
         unit: int,
         tid: int,
-        function: int,
-        decode: Callable[[ModbusPDU], R],
-        what: str,
-        reply_size: int,
+        value_of: Callable[[ModbusExchange[R], bytes], R],
         strict: bool = False,
     ) -> None:
         self.link = link
+        self.pdu = pdu
         self.unit = unit
         self.tid = tid
-        self.function = function
-        self.decode = decode
-        self.what = what
+        self.value_of = value_of
         self.strict = strict
+        function = pdu[0]
         # an RS-485 adapter that hears itself returns a read request before its reply; a write's
         # reply is its echo, so nothing can be told apart there
-        self.echo = request if link.framing == "rtu" and function in _READ_FUNCTIONS else b""
-        # while no whole frame is there, keep only the newest bytes: line noise that never forms a
-        # frame would otherwise be rescanned (the RTU framer tries every offset) on every chunk
-        self.cap = 2 * reply_size + 8 + len(self.echo)
+        self.echo = b"" if link.tcp or function not in _READ_FUNCTIONS else request
         self.buffer = b""
         self.exception: int | None = None
-        link._sent(_Sent(unit, function, tid))
+        # what a late reply to this request will look like (see _consider)
+        link.recent.append(tid if link.tcp else (unit << 8 | function))
+
+    @property
+    def address(self) -> int:
+        return self.pdu[1] << 8 | self.pdu[2]
+
+    @property
+    def count(self) -> int:
+        """Registers or bits asked for; for a write, the value written."""
+        return self.pdu[3] << 8 | self.pdu[4]
+
+    @property
+    def what(self) -> str:
+        """The request, for error texts and logs."""
+        function, address, count = _PDU.unpack(self.pdu)
+        if function in _READ_FUNCTIONS:
+            kind = "bits" if function in (1, 2) else "registers"
+            asked = f"function {function} {kind} {address}..{address + count - 1}"
+        else:
+            asked = f"function {function} {'coil' if function == _WRITE_COIL else 'register'} {address}"
+        return f"{self.link.name} unit {self.unit}: {asked}"
 
     def begin(self) -> None:
         self.buffer = b""
@@ -542,7 +548,7 @@ class ModbusExchange(Generic[R]):
 
     def receive(self, data: bytes) -> list[Event[R]]:
         events: list[Event[R]] = []
-        buffer = self.buffer + data
+        buffer = self.buffer + data if self.buffer else data
         echo = self.echo
         if echo:
             if len(buffer) < len(echo) and echo.startswith(buffer):
@@ -551,17 +557,17 @@ class ModbusExchange(Generic[R]):
             if buffer.startswith(echo):
                 events.append(Rejected(Rejection.ECHO, len(echo)))
                 buffer = buffer[len(echo) :]
-        framer = self.link.framer
-        rtu = self.link.framing == "rtu"
+        link = self.link
+        decode = link.framer.decode
         while buffer:
-            used, unit, tid, frame = framer.decode(buffer)
+            used, unit, tid, frame = decode(buffer)
             if not used:
                 break
             if not frame:
                 events.append(Rejected(Rejection.GARBAGE, used, "no valid frame"))
                 buffer = buffer[used:]
                 continue
-            if rtu:
+            if not link.tcp:
                 # FramerRTU reports the whole buffer used; the frame itself ends at its CRC
                 start = buffer.find(bytes((unit,)) + frame)
                 if start > 0:
@@ -573,7 +579,9 @@ class ModbusExchange(Generic[R]):
             if not isinstance(event, Rejected):
                 self.buffer = b""
                 return events  # the verdict: whatever follows is stale input for the next attempt
-        excess = len(buffer) - self.cap
+        # while no whole frame is there, keep only the newest bytes: line noise that never forms a
+        # frame would otherwise be rescanned (the RTU framer tries every offset) on every chunk
+        excess = len(buffer) - (2 * _reply_size(self.pdu[0], self.count) + 8 + len(echo)) if buffer else 0
         if excess > 0:
             events.append(Rejected(Rejection.GARBAGE, excess, "no frame in the input"))
             buffer = buffer[excess:]
@@ -582,37 +590,44 @@ class ModbusExchange(Generic[R]):
 
     def _consider(self, unit: int, tid: int, frame: bytes, size: int) -> Event[R]:
         function = frame[0] & 0x7F
-        tcp = self.link.framing == "tcp"
+        asked = self.pdu[0]
+        link = self.link
+        tcp = link.tcp
         if tcp and tid != self.tid:
-            if any(s.tid == tid for s in self.link.recent):
+            if tid in link.recent:
                 return Rejected(Rejection.LATE, size, f"reply to transaction {tid}")
             return Rejected(Rejection.WRONG_FUNCTION, size, f"transaction id {tid}, asked {self.tid}")
-        if unit != self.unit or function != self.function:
-            if not tcp and any(s.unit == unit and s.function == function for s in self.link.recent):
+        if unit != self.unit or function != asked:
+            if not tcp and (unit << 8 | function) in link.recent:
                 return Rejected(Rejection.LATE, size, f"unit {unit} function {function}")
             if unit != self.unit:
                 return Rejected(Rejection.WRONG_ADDRESS, size, f"reply from unit {unit}, asked {self.unit}")
             if not tcp:
-                return Rejected(Rejection.WRONG_FUNCTION, size, f"reply of function {function} to {self.function}")
+                return Rejected(Rejection.WRONG_FUNCTION, size, f"reply of function {function} to {asked}")
             # the request's own transaction id: it is the answer, and a wrong one
-            return Unusable(f"{self.what}: reply of function {function} to function {self.function}")
-        pdu = self.link.framer.decoder.decode(frame)
-        if pdu is None:
-            return Unusable(f"{self.what}: undecodable reply {frame.hex()}")
-        if pdu.isError():
-            code = int(pdu.exception_code)
-            self.exception = code
-            self.link.count_exception(code)
-            text = f"{self.what}: {exception_text(code)}"
-            if code in RETRIED_EXCEPTIONS or code in UNREACHABLE_EXCEPTIONS:
-                return Unusable(text)
-            if self.strict:
-                return Unusable(f"{text} (it refuses every read)")
-            return Refusal(text, code, (EXCEPTION_NAMES.get(code, f"exception {code:#04x}"),))
+            return Unusable(f"{self.what}: reply of function {function} to function {asked}")
+        if frame[0] & 0x80:
+            return self._exception(frame)
         try:
-            return Answer(self.decode(pdu))
+            return Answer(self.value_of(self, frame))
+        except _Undecodable:
+            return Unusable(f"{self.what}: undecodable reply {frame.hex()}")
         except _WrongReply as e:
             return Unusable(f"{self.what}: {e}")
+
+    def _exception(self, frame: bytes) -> Verdict[R]:
+        """§7: function | 0x80, then the exception code."""
+        if len(frame) < 2:
+            return Unusable(f"{self.what}: undecodable reply {frame.hex()}")
+        code = frame[1]
+        self.exception = code
+        self.link.count_exception(code)
+        text = f"{self.what}: {exception_text(code)}"
+        if code in RETRIED_EXCEPTIONS or code in UNREACHABLE_EXCEPTIONS:
+            return Unusable(text)
+        if self.strict:
+            return Unusable(f"{text} (it refuses every read)")
+        return Refusal(text, code, (EXCEPTION_NAMES.get(code, f"exception {code:#04x}"),))
 
 
 def _check_span(function: int, address: int, count: int) -> None:
@@ -624,9 +639,10 @@ def _check_span(function: int, address: int, count: int) -> None:
 
 
 class ReplyDecoder(DecodePDU):
-    """pymodbus' response decoder, with a truncated PDU always "undecodable" (None, an unusable
-    reply here). pymodbus 3.11 let ``struct.error`` out of several message classes (found by
-    ``fuzz modbus``); 3.16 catches it itself, and this keeps the guarantee whatever the version does."""
+    """pymodbus' response decoder, which ``FramerRTU`` asks how long a reply is (RTU frames carry
+    no length), with a truncated PDU always "undecodable" (None) for anyone decoding with it.
+    pymodbus 3.11 let ``struct.error`` out of several message classes (found by ``fuzz modbus``);
+    3.16 catches it itself, and this keeps the guarantee whatever the version does."""
 
     def decode(self, frame: bytes) -> ModbusPDU | None:
         try:
@@ -636,23 +652,13 @@ class ReplyDecoder(DecodePDU):
             return None
 
 
-def _reply_size(function: int, arg: int | bool) -> int:
+def _reply_size(function: int, arg: int) -> int:
     """Bytes of the RTU reply to a request (unit, function, payload, CRC)."""
     if function in (1, 2):
-        return 5 + (int(arg) + 7) // 8
+        return 5 + (arg + 7) // 8
     if function in (3, 4):
-        return 5 + 2 * int(arg)
+        return 5 + 2 * arg
     return 8  # a write is echoed
-
-
-def _request(function: int, unit: int, address: int, arg: int | bool, tid: int) -> ModbusPDU:
-    if function in (1, 2, 3, 4):
-        read = {1: ReadCoilsRequest, 2: ReadDiscreteInputsRequest, 3: ReadHoldingRegistersRequest}
-        cls = read.get(function, ReadInputRegistersRequest)
-        return cls(dev_id=unit, transaction_id=tid, address=address, count=int(arg))
-    if function == _WRITE_COIL:
-        return WriteSingleCoilRequest(dev_id=unit, transaction_id=tid, address=address, bits=[bool(arg)])
-    return WriteSingleRegisterRequest(dev_id=unit, transaction_id=tid, address=address, registers=[int(arg)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -668,6 +674,19 @@ class ReadRequest:
     address: int
     count: int
     points: tuple[ModbusPoint, ...]
+    # the request PDU, made once: a plan is shared by every meter of its model and read again
+    # every poll
+    pdu: bytes = field(init=False, repr=False, compare=False)
+    # per point: where its registers (or bit) lie in the reply's, and the values it accepts
+    layout: tuple[tuple[ModbusPoint, int, int, float, float], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pdu", _PDU.pack(self.function, self.address, self.count))
+        layout = []
+        for p in self.points:
+            start = p.address - self.address
+            layout.append((p, start, start + p.count, *_accepted(p.range)))
+        object.__setattr__(self, "layout", tuple(layout))
 
     @property
     def end(self) -> int:
@@ -719,16 +738,15 @@ def decode_block(
 ) -> list[Reading]:
     """Turn one read's registers (or bits) into readings, flagging bad and implausible values."""
     out: list[Reading] = []
-    for p in request.points:
-        offset = p.address - request.address
+    for p, start, end, low, high in request.layout:
         quality = Quality.GOOD
         value: int | float
-        if p.codec is None:
-            value = int(bool(data[offset]))
+        codec = p.codec
+        if codec is None:
+            value = int(bool(data[start]))
         else:
-            regs = [int(r) for r in data[offset : offset + p.count]]
             try:
-                value = p.codec.decode(regs)
+                value = codec.decode(data[start:end])
             except RemoteValueError as e:
                 value = e.value
                 quality = Quality.OUT_OF_RANGE
@@ -738,28 +756,39 @@ def decode_block(
                     logfmt_value(p.quantity),
                     logfmt_value(e),
                 )
-        if quality is Quality.GOOD and not _plausible(value, p.range):
+        if quality is Quality.GOOD and not low <= value <= high:
             quality = Quality.OUT_OF_RANGE
-        out.append(Reading(meter_id, p.quantity, value, p.unit, gateway_time, slot=slot, quality=quality))
+        out.append(Reading(meter_id, p.quantity, value, p.unit, gateway_time, None, slot, quality))
     return out
 
 
-def _plausible(value: float, bounds: tuple[float, float]) -> bool:
+def _accepted(bounds: tuple[float, float]) -> tuple[float, float]:
+    """The values a point's plausible range lets pass: a meter's own rounding may put PF at
+    1.0000001, so the last float32 digit is tolerated."""
     low, high = bounds
-    # a meter's own rounding may put PF at 1.0000001: tolerate the last float32 digit
     slack = 1e-6 * max(1.0, abs(low), abs(high)) if math.isfinite(low) and math.isfinite(high) else 0.0
-    return low - slack <= value <= high + slack
+    return low - slack, high + slack
 
 
 # ---------------------------------------------------------------------------------------------
 # The meter
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """The reads that answer one question (quantities asked of a model with given settings)."""
+
+    model: ModbusModel  # kept so the id in the plan's key cannot be reused
+    requests: list[ReadRequest]
+    order: dict[str, int]  # quantity -> its place among those asked, once each
+    in_order: bool  # the requests' points come in the order asked: their readings need no sort
+
+
 # Read plans per model and settings, not per meter: 10,000 polled meters of one model share one
 # plan (a per-meter cache cost ~700 bytes each). Keyed by the model's id (hashing a model hashes
-# all its points), the model kept in the value so the id cannot be reused.
+# all its points) and the quantities as asked (a poll group asks with the same tuple every time).
 _PlanKey = tuple[int, str | None, int, int, tuple[str, ...]]
-_shared_plans: dict[_PlanKey, tuple[ModbusModel, list[ReadRequest]]] = {}
+_shared_plans: dict[_PlanKey, _Plan] = {}
 
 
 @dataclass(slots=True)
@@ -862,18 +891,24 @@ class ModbusMeter:
 
     def plan(self, quantities: Iterable[str] | None = None) -> list[ReadRequest]:
         """The transactions the model's points need for ``quantities`` (all if None); cached."""
-        wanted = self.model.quantities if quantities is None else tuple(dict.fromkeys(quantities))
-        key = (id(self.model), self.variant, self.max_registers, self.max_gap, wanted)
+        return self._plan(quantities).requests
+
+    def _plan(self, quantities: Iterable[str] | None) -> _Plan:
+        asked = self.model.quantities if quantities is None else tuple(quantities)
+        key = (id(self.model), self.variant, self.max_registers, self.max_gap, asked)
         found = _shared_plans.get(key)
-        if found is not None and found[0] is self.model:
-            return found[1]
-        plan = plan_reads(
+        if found is not None and found.model is self.model:
+            return found
+        wanted = tuple(dict.fromkeys(asked))
+        requests = plan_reads(
             self.model.points_for(wanted, self.variant),
             max_registers=self.max_registers,
             max_bits=self.model.max_bits_per_read,
             max_gap=self.max_gap,
         )
-        _shared_plans[key] = (self.model, plan)
+        order = {q: i for i, q in enumerate(wanted)}
+        got = [order[p.quantity] for r in requests for p in r.points]
+        plan = _shared_plans[key] = _Plan(self.model, requests, order, got == sorted(got))
         return plan
 
     async def read(
@@ -893,8 +928,8 @@ class ModbusMeter:
         got with the quantities lost. Nothing read at all raises the first loss; so do two losses
         before anything was read (a dead device must not hold the bus for every read).
         """
-        wanted = None if quantities is None else tuple(dict.fromkeys(quantities))
-        plan = self.plan(wanted)
+        planned = self._plan(quantities)
+        plan = planned.requests
         learned = self._learned
         if learned is not None and now >= learned.until:
             learned = self._learned = None
@@ -932,8 +967,9 @@ class ModbusMeter:
                 replaced[request] = got
         if outcome.refusals:
             self._learn(learned, replaced, outcome, now)
-        order = {q: i for i, q in enumerate(wanted or self.model.quantities)}
-        readings.sort(key=lambda r: order[r.quantity])  # as asked, not as the registers lie
+        order = planned.order
+        if learned is not None or not planned.in_order:
+            readings.sort(key=lambda r: order[r.quantity])  # as asked, not as the registers lie
         if cause is not None:
             if not readings:
                 raise cause
@@ -1022,7 +1058,7 @@ class ModbusMeter:
             logfmt_value(reason),
         )
 
-    async def _fetch(
+    def _fetch(
         self,
         request: ReadRequest,
         priority: int,
@@ -1030,25 +1066,13 @@ class ModbusMeter:
         *,
         strict: bool = False,
         attempts: int | None = None,
-    ) -> Sequence[int] | Sequence[bool]:
-        link = self.link
-        if request.function in (1, 2):
-            return await link.read_bits(
-                self.unit,
-                request.function,
-                request.address,
-                request.count,
-                meter=self.meter_id,
-                priority=priority,
-                force=force,
-                strict=strict,
-                attempts=attempts,
-            )
-        return await link.read_registers(
+    ) -> Coroutine[object, None, list[int] | list[bool]]:
+        """The transaction of ``request`` (to await), whose span the plan checked and whose PDU it
+        made; not a coroutine itself, so each request costs one coroutine fewer."""
+        return self.link._transact(
             self.unit,
-            request.function,
-            request.address,
-            request.count,
+            request.pdu,
+            _READ_VALUES[request.function],
             meter=self.meter_id,
             priority=priority,
             force=force,

@@ -643,3 +643,122 @@ async def test_truncated_reply_is_bad_reply_and_keeps_the_link(pdu: bytes) -> No
         await link.close()
         server.close()
         await server.wait_closed()
+
+
+async def _scripted_server(framing: str, chunks: Callable[[bytes], list[bytes]]) -> asyncio.Server:
+    """A TCP peer that answers each request (MBAP, or an 8-byte RTU read) with ``chunks(request)``,
+    written one by one with a pause between them so each arrives on its own."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                if framing == "tcp":
+                    header = await reader.readexactly(7)
+                    request = header + await reader.readexactly(struct.unpack(">H", header[4:6])[0] - 1)
+                else:
+                    request = await reader.readexactly(8)
+                for chunk in chunks(request):
+                    writer.write(chunk)
+                    await writer.drain()
+                    await asyncio.sleep(0.02)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+def _crc(frame: bytes) -> bytes:
+    crc = 0xFFFF
+    for byte in frame:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+    return crc.to_bytes(2, "little")
+
+
+def _mbap_as(tid: int, unit: int, pdu: bytes) -> bytes:
+    return struct.pack(">HHHB", tid, 0, len(pdu) + 1, unit) + pdu
+
+
+REGISTERS_1_2 = bytes([0x04, 4, 0, 1, 0, 2])  # the reply to a read of 2 input registers: 1, 2
+
+
+def _tcp_script(kind: str) -> Callable[[bytes], list[bytes]]:
+    def chunks(request: bytes) -> list[bytes]:
+        tid, unit = struct.unpack(">H", request[:2])[0], request[6]
+        answer = _mbap_as(tid, unit, REGISTERS_1_2)
+        if kind == "stranger":  # a transaction id never used
+            return [_mbap_as(tid ^ 0x4000, unit, REGISTERS_1_2), answer]
+        if kind == "late":  # the previous request's answer, again
+            return [_mbap_as(tid - 1, unit, REGISTERS_1_2), answer] if tid > 1 else [answer]
+        assert kind == "wrong_unit"  # the right transaction id from another unit
+        return [_mbap_as(tid, unit + 1, REGISTERS_1_2), answer]
+
+    return chunks
+
+
+@pytest.mark.parametrize(
+    ("kind", "counted"),
+    [("stranger", "mismatched"), ("late", "late_replies"), ("wrong_unit", "mismatched")],
+)
+@pytest.mark.asyncio
+async def test_tcp_replies_that_are_not_the_answer_are_counted_and_the_answer_is_taken(kind: str, counted: str) -> None:
+    server = await _scripted_server("tcp", _tcp_script(kind))
+    link = tcp_link(server.sockets[0].getsockname()[1], timeout=0.5)
+    try:
+        for _ in range(2):
+            assert await link.read_registers(1, 4, 0, 2) == [1, 2]
+        counters = link.bus.counters
+        assert getattr(counters, counted) == (1 if kind == "late" else 2)
+        assert counters.ok == 2
+        assert counters.retries == 0
+    finally:
+        await link.close()
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.asyncio
+async def test_rtu_reply_with_a_bad_crc_is_garbage_and_the_next_frame_is_the_answer() -> None:
+    def chunks(request: bytes) -> list[bytes]:
+        good = bytes([request[0]]) + REGISTERS_1_2
+        good += _crc(good)
+        bad = good[:-1] + bytes([good[-1] ^ 0xFF])
+        return [bad, good]
+
+    server = await _scripted_server("rtu", chunks)
+    link = tcp_link(server.sockets[0].getsockname()[1], framing="rtu", timeout=0.5)
+    try:
+        assert await link.read_registers(7, 4, 0, 2) == [1, 2]
+        assert link.bus.counters.garbage_bytes == len(REGISTERS_1_2) + 3
+        assert link.bus.counters.retries == 0
+    finally:
+        await link.close()
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("framing", ["tcp", "rtu"])
+@pytest.mark.asyncio
+async def test_exception_replies_are_counted_by_code(framing: str) -> None:
+    def chunks(request: bytes) -> list[bytes]:
+        if framing == "tcp":
+            return [_mbap_as(struct.unpack(">H", request[:2])[0], request[6], b"\x84\x02")]
+        reply = bytes([request[0], 0x84, 0x02])
+        return [reply + _crc(reply)]
+
+    server = await _scripted_server(framing, chunks)
+    link = tcp_link(server.sockets[0].getsockname()[1], framing=framing, timeout=0.5)
+    try:
+        with pytest.raises(MeterRefused, match=r"illegal data address \(0x02\)") as refused:
+            await link.read_registers(3, 4, 0, 2)
+        assert refused.value.code == 2
+        assert link.exceptions[2] == 1
+        assert sum(link.exceptions.values()) == 1
+        assert link.bus.counters.refused == 1
+    finally:
+        await link.close()
+        server.close()
+        await server.wait_closed()

@@ -88,6 +88,8 @@ _TYPES: Final[dict[str, _TypeInfo]] = {
 }
 
 DATA_TYPES: Final[tuple[str, ...]] = tuple(_TYPES)
+_EXACT_BELOW: Final = 1 << 32
+_EXACT_DIGITS: Final = 16
 BYTE_ORDERS: Final[tuple[str, ...]] = ("big", "little")
 
 
@@ -115,6 +117,12 @@ class ValueCodec:
 
     _info: _TypeInfo = field(init=False, repr=False, compare=False)
     _scale: Decimal | None = field(init=False, repr=False, compare=False)
+    # made once, used for every value decoded: the register words, the value's own layout, whether
+    # the device's orders differ from the canonical big/big, and the scale as an exact fraction
+    _words: struct.Struct = field(init=False, repr=False, compare=False)
+    _value: struct.Struct = field(init=False, repr=False, compare=False)
+    _reordered: bool = field(init=False, repr=False, compare=False)
+    _ratio: tuple[int, int] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         info = _TYPES.get(self.type)
@@ -128,7 +136,15 @@ class ValueCodec:
         if not math.isfinite(self.scale) or self.scale == 0:
             raise LocalValueError(f"scale must be finite and non-zero, got {self.scale!r}")
         object.__setattr__(self, "_info", info)
-        object.__setattr__(self, "_scale", None if self.scale == 1 else Decimal(repr(self.scale)))
+        scale = None if self.scale == 1 else Decimal(repr(self.scale))
+        object.__setattr__(self, "_scale", scale)
+        object.__setattr__(self, "_words", struct.Struct(f">{info.registers}H"))
+        object.__setattr__(self, "_value", struct.Struct(">" + info.fmt))
+        object.__setattr__(self, "_reordered", self.byte_order != "big" or self.word_order != "big")
+        # an integer below _EXACT_BELOW times a scale of at most _EXACT_DIGITS digits is exact in
+        # the decimal context (28 digits), so the fraction gives the float the decimal product does
+        exact = scale is not None and len(scale.as_tuple().digits) <= _EXACT_DIGITS
+        object.__setattr__(self, "_ratio", scale.as_integer_ratio() if exact and scale is not None else None)
 
     @property
     def count(self) -> int:
@@ -164,10 +180,13 @@ class ValueCodec:
             if self._scale is None:
                 return float(text)
             return float(Decimal(text) * self._scale)
-        (integer,) = struct.unpack(">" + info.fmt, raw)
-        integer = int(integer)
+        integer: int = self._value.unpack(raw)[0]
         if self._scale is None:
             return integer
+        ratio = self._ratio
+        if ratio is not None and -_EXACT_BELOW < integer < _EXACT_BELOW:
+            # int / int is correctly rounded, as float() of the exact decimal product is
+            return integer * ratio[0] / ratio[1]
         return float(Decimal(integer) * self._scale)
 
     # -- encoding -----------------------------------------------------------------------------
@@ -214,14 +233,16 @@ class ValueCodec:
     # -- register <-> canonical (big-endian) bytes --------------------------------------------
 
     def _from_registers(self, registers: Sequence[int]) -> bytes:
-        if len(registers) != self.count:
+        if len(registers) != self._info.registers:
             raise LocalValueError(f"{self.type} takes {self.count} register(s), got {len(registers)}")
-        out = bytearray()
         for r in registers:
-            if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= 0xFFFF:
+            if type(r) is not int and (isinstance(r, bool) or not isinstance(r, int)):
                 raise LocalValueError(f"register values are 0..65535, got {r!r}")
-            out += r.to_bytes(2, "big")
-        return self._from_wire(bytes(out))
+        try:
+            wire = self._words.pack(*registers)
+        except struct.error:
+            raise LocalValueError(f"register values are 0..65535, got {list(registers)!r}") from None
+        return self._from_wire(wire) if self._reordered else wire
 
     def _to_registers(self, data: bytes) -> list[int]:
         wire = self._to_wire(data)
