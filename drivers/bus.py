@@ -9,27 +9,56 @@ its bus, ahead of queued polls; FIFO within a priority.
 The bus adds the meters' health to what its parts do: a meter the health book holds offline fails
 fast without touching the wire until it is due for a probe (a single attempt), and every outcome
 is recorded.
+
+Between transactions the line is idle, and a protocol whose meters speak on their own (DL/T
+698.45 logins, heartbeats and reports) can listen to it (:meth:`Bus.listen`): input that arrives
+while no turn is held, or is left over when the last turn ends, goes at once to the listener's
+sans-I/O ``hear`` (what it rejects is counted as a transaction's rejections are), and its ``serve``
+then answers through ordinary turns. The turn lock decides who owns the line: bytes arriving while
+a turn is held belong to that transaction, so a poll never races the listener.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol, TypeVar
 
 from meter_gateway.drivers.bus_counters import BusCounters
 from meter_gateway.drivers.errors import BadReply, DriverError, LinkDown, MeterRefused, NoAnswer
 from meter_gateway.drivers.health import HealthBook, MeterOffline
+from meter_gateway.drivers.log_limit import log_limited, logfmt_value
 from meter_gateway.drivers.transaction import BusSettings, TransactionEngine
 from meter_gateway.drivers.transport import Transport
 from meter_gateway.drivers.turn_lock import Priority, TurnLock
-from meter_gateway.protocols.exchange import ReplyExchange
+from meter_gateway.protocols.exchange import Rejected, ReplyExchange
 
-__all__ = ["Bus", "BusCounters", "BusSettings", "Priority"]
+__all__ = ["Bus", "BusCounters", "BusSettings", "LineListener", "Priority"]
+
+log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 T = TypeVar("T")
+
+
+class LineListener(Protocol):
+    """What hears a bus's idle line (see the module docstring); one per bus."""
+
+    @property
+    def pending(self) -> bool:
+        """Something heard waits to be served."""
+        ...
+
+    def hear(self, data: bytes) -> Sequence[Rejected]:
+        """Bytes that arrived with no transaction running (sans-I/O: keep what is for the
+        listener); what they hold that is not for it, for the bus's counters."""
+        ...
+
+    async def serve(self) -> None:
+        """Answer and hand on what was heard, until nothing is pending (one call at a time)."""
+        ...
 
 
 class Bus:
@@ -51,6 +80,8 @@ class Bus:
         self.turns = TurnLock()
         self.engine = TransactionEngine(name, transport, self.settings, self.counters, rng=rng)
         self._closed = False
+        self._listener: LineListener | None = None
+        self._serving: asyncio.Task[None] | None = None
         # counts a protocol keeps per bus beyond the engine's (Modbus exception replies by code),
         # exported with the bus's snapshot
         self.protocol_counters: dict[str, int] = {}
@@ -92,8 +123,74 @@ class Bus:
 
     async def close(self) -> None:
         self._closed = True
+        serving = self._serving
+        if serving is not None:
+            serving.cancel()
         if self.transport is not None:
             await self.transport.close()
+
+    # -- the idle line --------------------------------------------------------------------------
+
+    def listen(self, listener: LineListener | None) -> None:
+        """Give what arrives on the idle line to ``listener`` (None: stop; input waits for the
+        next transaction's flush again)."""
+        self._listener = listener
+        hook = None if listener is None else self._hear_idle
+        self.turns.on_free = hook
+        if self.transport is not None:
+            self.transport.on_input = hook
+            self.transport.on_stale = None if listener is None else self._hear
+        if hook is not None:
+            hook()  # input already waiting
+
+    def _hear(self, data: bytes) -> None:
+        """Give ``data`` to the listener (with the turn free, or as a transaction's stale input)."""
+        listener = self._listener
+        if listener is None:
+            return
+        try:
+            self.engine.trace_rx(data)
+            for rejected in listener.hear(data):
+                self.counters.rejected(rejected)
+        except Exception as e:  # a listener bug must not break the link's callbacks or a transaction
+            log_limited(
+                log,
+                logging.ERROR,
+                f"idle_listener:{self.name}",
+                "event=idle_listener_failed bus=%s error=%s",
+                logfmt_value(self.name),
+                logfmt_value(repr(e)),
+                exc_info=True,
+            )
+
+    def _hear_idle(self) -> None:
+        """Input arrived, or the last turn ended: with no turn held, the listener takes it."""
+        listener, transport = self._listener, self.engine.transport
+        if listener is None or transport is None or self.turns.held:
+            return
+        data = transport.take_input()
+        if data:
+            self._hear(data)
+        if listener.pending and self._serving is None and not self._closed:
+            self._serving = asyncio.get_running_loop().create_task(
+                self._serve(listener), name=f"bus {self.name} unsolicited"
+            )
+
+    async def _serve(self, listener: LineListener) -> None:
+        try:
+            await listener.serve()
+        except Exception as e:  # logged; the next input starts a fresh serve
+            log_limited(
+                log,
+                logging.ERROR,
+                f"idle_serve:{self.name}",
+                "event=idle_serve_failed bus=%s error=%s",
+                logfmt_value(self.name),
+                logfmt_value(repr(e)),
+                exc_info=True,
+            )
+        finally:
+            self._serving = None
 
     # -- public API -------------------------------------------------------------------------
 

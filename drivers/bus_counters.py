@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Final
+
+from meter_gateway.protocols.exchange import Rejected, Rejection
 
 __all__ = ["BusCounters"]
+
+# what each rejection adds to, whether it counts its bytes (else 1), and whether it means a bad
+# reply rather than silence (an echo or a late reply says nothing about the meter asked)
+_REJECTIONS: Final = {
+    Rejection.ECHO: ("echo_ignored", False, False),
+    Rejection.LATE: ("late_replies", False, False),
+    Rejection.GARBAGE: ("garbage_bytes", True, True),
+    Rejection.WRONG_ADDRESS: ("mismatched", False, True),
+    Rejection.WRONG_FUNCTION: ("mismatched", False, True),
+}
 
 
 @dataclass(slots=True)
@@ -26,6 +39,13 @@ class BusCounters:
     probes: int = 0  # single attempts on offline meters
     jobs: int = 0  # run() jobs started
     jobs_failed: int = 0
+    unsolicited: int = 0  # frames meters sent on their own (reports, LINK login/heartbeat), heard idle or not
+
+    def rejected(self, r: Rejected) -> bool:
+        """Count one rejection; return True if it means a bad reply rather than silence."""
+        name, by_size, bad = _REJECTIONS[r.kind]
+        setattr(self, name, getattr(self, name) + (r.size if by_size else 1))
+        return bad
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

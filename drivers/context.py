@@ -9,7 +9,7 @@ same way by ``meter-gateway read``, the simulators' tests and the benchmarks.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,3 +37,6 @@ class DriverContext:
     credentials: Credentials | None = None
     # protocol-specific per-meter settings from the config (e.g. meters[].dlt698), as plain data
     options: Mapping[str, Any] = field(default_factory=dict)
+    # the fleet's listener for what meters send unasked: (meter id, protocol) -> the callback for
+    # one event; a driver whose meters send such frames (DL/T 698.45) asks it when one arrives
+    events: Callable[[str, str], Callable[[Any], None]] | None = None

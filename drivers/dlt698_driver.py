@@ -24,9 +24,12 @@ Decisions worth knowing:
   asks again, remembering that the meter needs it. A refusal while associated (the meter dropped
   the association) reconnects once.
 * **Unsolicited frames** (REPORT-Notification, FollowReport, LINK-Requests) are collected by the
-  exchange without disturbing the transaction; after it, notifications are acknowledged with
-  REPORT-Response, LINK-Requests (login, heartbeat) answered with LINK-Response, and every one is
-  handed to ``on_event`` of the driver of the meter that sent it (logged when nobody listens).
+  exchange without disturbing the transaction, and on the idle line between transactions by the
+  bus's listener (:meth:`~drivers.bus.Bus.listen`); either way one path then acknowledges
+  notifications with REPORT-Response, answers LINK-Requests (login, heartbeat) with LINK-Response
+  carrying the gateway's time, and hands every one to ``on_event`` of the driver of the meter that
+  sent it (logged when nobody listens). A terminal that logs in and heartbeats on an otherwise
+  idle line is answered within its heartbeat, not at the next poll.
 * **Control** (8000 methods 129/130, 8001 methods 127/128, Appendix E.8) goes as plaintext ACTION
   (``control = "plaintext"``), or, for State Grid production meters that accept these methods only
   in ciphertext + SID_MAC made by the head-end's crypto service or an ESAM, as the head-end's
@@ -38,6 +41,8 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import datetime
 import logging
 import secrets
@@ -50,7 +55,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 from meter_gateway.drivers.bus import Bus, Priority
 from meter_gateway.drivers.dlt698_model import Dlt698Model
 from meter_gateway.drivers.errors import BadReply, ConfigurationError, MeterRefused, NoAnswer, PartialRead
-from meter_gateway.drivers.log_limit import logfmt_value
+from meter_gateway.drivers.log_limit import log_limited, logfmt_value
 from meter_gateway.drivers.meter_models import canonical_info
 from meter_gateway.drivers.per_bus import PerBus
 from meter_gateway.drivers.reading import Quality, Reading
@@ -58,7 +63,7 @@ from meter_gateway.drivers.readings import from_meter_time, plain_value, plausib
 from meter_gateway.protocols.dlt698 import apdu as ap
 from meter_gateway.protocols.dlt698 import requests as rq
 from meter_gateway.protocols.dlt698.axdr import OAD, RCSD, BitString, Data, DataType, DateTimeS
-from meter_gateway.protocols.dlt698.catalogue import Catalogue, default_catalogue
+from meter_gateway.protocols.dlt698.catalogue import Catalogue, Item, default_catalogue
 from meter_gateway.protocols.dlt698.catalogue import Reading as Value
 from meter_gateway.protocols.dlt698.dar import dar_info, dar_name
 from meter_gateway.protocols.dlt698.errors import ProtocolError, RemoteProtocolError
@@ -72,6 +77,7 @@ from meter_gateway.protocols.dlt698.exchange import (
     as_reply,
 )
 from meter_gateway.protocols.dlt698.frame import Frame, ServerAddress
+from meter_gateway.protocols.exchange import Rejected
 
 if TYPE_CHECKING:
     from meter_gateway.drivers.context import DriverContext
@@ -88,15 +94,19 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
+# (meter id, protocol) -> the callback for one event its meter sent unasked (drivers/context.py)
+EventListener = Callable[[str, str], Callable[[MeterEvent], None]]
 Association = Literal["auto", "connect", "none"]
 Security = Literal["plain", "rn"]
 Control = Literal["plaintext", "passthrough"]
 
+PROTOCOL: Final = "dlt698"  # the registry's name, for the event listener
 PREAMBLE: Final = 4  # FE wake-up bytes before each request (clause 5, usual on RS-485)
 RN_BYTES: Final = 16  # the client's random number of SECURITY-Request plaintext + RN
 DAR_DENIED: Final = 3  # 拒绝读写: what a meter that wants an association answers
 CONNECT_TIMEOUT: Final = 7200  # seconds we ask an association to live (ConnectRequest)
 CONNECT_MARGIN: Final = 60.0  # reconnect this long before the meter would drop the association
+SIGNED_TYPES: Final = frozenset({"integer", "long", "double-long", "long64"})  # catalogue types
 MAX_BLOCKS: Final = 256  # GET-Response-Next blocks of one record read (more means a looping meter)
 FREEZE_TIME: Final = OAD(0x2021, 2, 0)
 CLOCK: Final = OAD(0x4000, 2, 0)
@@ -133,16 +143,88 @@ class RelayStatus:
 
 
 class _BusShare:
-    """The bus's DL/T 698.45 line and which driver speaks for each meter address (for reports)."""
+    """The bus's DL/T 698.45 line, which driver speaks for each meter address, and the one path
+    that answers and hands on what meters send on their own, whether a transaction heard it or
+    the idle line did (it is the bus's :class:`~drivers.bus.LineListener`)."""
 
-    __slots__ = ("drivers", "line")
+    __slots__ = ("_bus", "drivers", "line")
 
     def __init__(self) -> None:
         self.line = Dlt698Line()
         self.drivers: weakref.WeakValueDictionary[bytes, Dlt698Driver] = weakref.WeakValueDictionary()
+        self._bus: weakref.ref[Bus] | None = None  # weak: the bus keys the PerBus table that keeps us
+
+    def attach(self, bus: Bus) -> None:
+        """Listen to ``bus``'s idle line: a terminal's login and heartbeats are answered at once."""
+        if self._bus is None:
+            self._bus = weakref.ref(bus)
+            bus.listen(self)
+
+    @property
+    def pending(self) -> bool:
+        return self.line.pending_events > 0
+
+    def hear(self, data: bytes) -> list[Rejected]:
+        return self.line.hear(data)
+
+    async def serve(self) -> None:
+        """Acknowledge notifications with REPORT-Response, answer LINK-Requests with
+        LINK-Response, and hand every event to ``on_event`` of the driver of the meter that sent
+        it (logged when nobody listens), until none is pending."""
+        bus = self._bus() if self._bus is not None else None
+        while bus is not None and self.line.pending_events:
+            for event in self.line.take_events():
+                bus.counters.unsolicited += 1
+                owner = self.drivers.get(event.address.wire)
+                try:
+                    await self._answer(bus, owner, event)
+                except Exception as exc:  # an unanswered report is sent again by the meter: log, go on
+                    log_limited(
+                        log,
+                        logging.WARNING,
+                        f"dlt698_answer_failed:{event.address}",
+                        "event=dlt698_answer_failed meter=%s kind=%s address=%s error=%s",
+                        logfmt_value(owner.meter_id if owner is not None else "-"),
+                        logfmt_value(event.kind),
+                        logfmt_value(event.address),
+                        logfmt_value(exc),
+                    )
+                callback = owner.on_event if owner is not None else None
+                if callback is not None:
+                    callback(event)
+                else:  # limited: a terminal that is no configured meter heartbeats for ever
+                    log_limited(
+                        log,
+                        logging.INFO,
+                        f"dlt698_unheard:{event.address}",
+                        "event=dlt698_unheard kind=%s address=%s apdu=%s",
+                        logfmt_value(event.kind),
+                        logfmt_value(event.address),
+                        logfmt_value(event.apdu.NAME),
+                    )
+
+    async def _answer(self, bus: Bus, owner: Dlt698Driver | None, event: MeterEvent) -> None:
+        apdu = event.apdu
+        if isinstance(apdu, ap.ReportNotificationList | ap.ReportNotificationRecordList):
+            await bus.send(rq.report_response(event.frame, apdu).encode(PREAMBLE), priority=Priority.COMMAND)
+        elif isinstance(apdu, ap.LinkRequest):
+            # the gateway's time in the zone of the terminal (any meter's on the bus if it is not ours)
+            zone = owner or next(iter(self.drivers.values()), None)
+            now = to_meter_time(
+                zone.clock() if zone is not None else time.time(), zone.tz if zone is not None else None
+            )
+            answer = rq.link_response(event.frame, apdu, now, now)
+            await bus.send(answer.encode(PREAMBLE), priority=Priority.COMMAND)
 
 
-_share: Final = PerBus(_BusShare)
+_shares: Final = PerBus(_BusShare)
+
+
+def _share(bus: Bus) -> _BusShare:
+    """The bus's share, listening to its idle line from the first DL/T 698.45 use of the bus on."""
+    share = _shares(bus)
+    share.attach(bus)
+    return share
 
 
 async def broadcast_time(
@@ -166,6 +248,16 @@ async def discover_address(bus: Bus, *, priority: int = Priority.COMMAND, length
     exchange = Dlt698Exchange(line, Expect(wildcard, Identity(133, 1, piid)), as_reply)
     reply = await bus.exchange(request.encode(PREAMBLE), exchange, priority=priority)
     return str(reply.address)
+
+
+_identities: Final[dict[Identity, Identity]] = {}
+
+
+def _identity(tag: int, choice: int | None, piid: int) -> Identity:
+    """One Identity object per (tag, choice, PIID): every bus's request history keeps its last
+    requests', and these few values (PIIDs 1..63) repeat on every bus."""
+    identity = Identity(tag, choice, piid)
+    return _identities.setdefault(identity, identity)
 
 
 def _as_int(bits: BitString) -> int:
@@ -198,6 +290,36 @@ def _model_info(model: Dlt698Model) -> _ModelInfo:
     return info
 
 
+@dataclass(frozen=True, slots=True, weakref_slot=True)
+class _Settings:
+    """How a driver reads its meter and where its meter's events go: one object for every driver
+    configured alike (a fleet's meters of one model mostly are), not ten fields in each."""
+
+    model: Dlt698Model
+    info: _ModelInfo
+    association: Association
+    security: Security
+    control: Control
+    password: str | None
+    tz: datetime.tzinfo | None
+    clock: Callable[[], float]
+    rng: Callable[[int], bytes]
+    catalogue: Catalogue
+    listener: EventListener | None
+    on_event: Callable[[MeterEvent], None] | None = None  # one driver's own (never shared)
+
+    def shared(self) -> _Settings:
+        """This object, or the equal one that drivers configured alike already share."""
+        # identities, not values: an entry lives only while its settings (which hold these
+        # objects, so their ids stay theirs) are used by a driver
+        key: tuple[object, ...] = (id(self.model), self.association, self.security, self.control, self.password)
+        key += (id(self.tz), id(self.clock), id(self.rng), id(self.catalogue), id(self.listener), id(self.on_event))
+        return _settings.setdefault(key, self)
+
+
+_settings: Final[weakref.WeakValueDictionary[tuple[object, ...], _Settings]] = weakref.WeakValueDictionary()
+
+
 def coalesce(oads: Sequence[tuple[OAD, str]]) -> list[tuple[OAD, tuple[str, ...]]]:
     """(OAD to ask, quantities it answers): elements of one attribute wanted together become the
     whole attribute (index 0), in the order first asked."""
@@ -218,28 +340,18 @@ def coalesce(oads: Sequence[tuple[OAD, str]]) -> list[tuple[OAD, tuple[str, ...]
 class Dlt698Driver:
     """One DL/T 698.45 meter on a bus. See the module docstring for the behaviour."""
 
+    # per meter only what differs between meters; how it is read is in its shared _Settings
     __slots__ = (
         "__weakref__",
         "_address",
         "_assoc_until",
-        "_info",
         "_missing",
         "_needs_connect",
-        "_rng",
+        "_settings",
         "_share",
-        "address",
-        "association",
         "bus",
-        "catalogue",
-        "clock",
-        "control",
         "last_mac",
         "meter_id",
-        "model",
-        "on_event",
-        "password",
-        "security",
-        "tz",
     )
 
     def __init__(
@@ -257,7 +369,10 @@ class Dlt698Driver:
         clock: Callable[[], float] = time.time,
         rng: Callable[[int], bytes] = secrets.token_bytes,
         catalogue: Catalogue | None = None,
+        listener: EventListener | None = None,
     ) -> None:
+        """``listener(meter id, "dlt698")`` gives the callback for one event the meter sent unasked
+        (the fleet's); setting :attr:`on_event` overrides it for this driver."""
         try:
             self._address = ServerAddress.parse(address)
         except ProtocolError as exc:
@@ -268,17 +383,19 @@ class Dlt698Driver:
             raise ConfigurationError(f"meter {meter_id}: a DL/T 698.45 connect password is ASCII text")
         self.bus = bus
         self.meter_id = meter_id
-        self.address = str(self._address)
-        self.model = model
-        self.association: Association = association or model.association
-        self.security: Security = security or model.security
-        self.control: Control = control
-        self.password = password
-        self.tz = tz
-        self.clock = clock
-        self._rng = rng
-        self.catalogue = catalogue or default_catalogue()
-        self._info = _model_info(model)
+        self._settings = _Settings(
+            model,
+            _model_info(model),
+            association or model.association,
+            security or model.security,
+            control,
+            password,
+            tz,
+            clock,
+            rng,
+            catalogue or default_catalogue(),
+            listener,
+        ).shared()
         self._share = _share(bus)
         self._share.line.know(self._address)
         self._share.drivers[self._address.wire] = self
@@ -287,10 +404,66 @@ class Dlt698Driver:
         self._assoc_until: float | None = None  # gateway time the association lapses
         self._missing: set[OAD] | None = None  # OADs the meter answered with a DAR (logged once)
         self.last_mac: bytes | None = None  # the MAC of the last secured response (not verifiable)
-        self.on_event: Callable[[MeterEvent], None] | None = None
 
     def __repr__(self) -> str:
         return f"<Dlt698Driver {self.meter_id} {self.address} on {self.bus.name}>"
+
+    @property
+    def address(self) -> str:
+        return str(self._address)
+
+    @property
+    def model(self) -> Dlt698Model:
+        return self._settings.model
+
+    @property
+    def association(self) -> Association:
+        return self._settings.association
+
+    @property
+    def security(self) -> Security:
+        return self._settings.security
+
+    @property
+    def control(self) -> Control:
+        return self._settings.control
+
+    @property
+    def password(self) -> str | None:
+        return self._settings.password
+
+    @property
+    def tz(self) -> datetime.tzinfo | None:
+        return self._settings.tz
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self._settings.clock
+
+    @property
+    def catalogue(self) -> Catalogue:
+        return self._settings.catalogue
+
+    @property
+    def _rng(self) -> Callable[[int], bytes]:
+        return self._settings.rng
+
+    @property
+    def _info(self) -> _ModelInfo:
+        return self._settings.info
+
+    @property
+    def on_event(self) -> Callable[[MeterEvent], None] | None:
+        """Where what this meter sends unasked goes: the callback set here, else the listener's
+        for this meter (asked at each event: events are rare, meters many), else nobody."""
+        settings = self._settings
+        if settings.on_event is None and settings.listener is not None:
+            return settings.listener(self.meter_id, PROTOCOL)
+        return settings.on_event
+
+    @on_event.setter
+    def on_event(self, callback: Callable[[MeterEvent], None] | None) -> None:
+        self._settings = dataclasses.replace(self._settings, on_event=callback)  # this driver's own
 
     @property
     def line(self) -> Dlt698Line:
@@ -326,14 +499,14 @@ class Dlt698Driver:
         secured = secure and self.security == "rn"
         if secured:
             frame = rq.secured(frame, self._rng(RN_BYTES))
-        exchange = Dlt698Exchange(line, Expect(self._address, Identity(tag, choice, piid), secured), decode)
+        exchange = Dlt698Exchange(line, Expect(self._address, _identity(tag, choice, piid), secured), decode)
         try:
             return await self.bus.exchange(
                 frame.encode(PREAMBLE), exchange, meter=self.meter_id, priority=priority, force=force, attempts=attempts
             )
         finally:
             if line.pending_events:
-                await self._serve_events()
+                await self._share.serve()
 
     async def _data(
         self,
@@ -352,7 +525,7 @@ class Dlt698Driver:
         ``denied(result)`` says whether an answer means "associate first" (all objects DAR 3); a
         refusal with DAR 3 means the same."""
         if self._needs_connect and not self.associated:
-            await self.connect(priority=priority, force=force)
+            await self._associate(priority, force)
         try:
             result = await self._exchange(build, tag, choice, decode, priority, force=force, attempts=attempts)
         except MeterRefused as exc:
@@ -367,6 +540,14 @@ class Dlt698Driver:
             self._needs_connect = False
             log.info("event=association_not_needed meter=%s", logfmt_value(self.meter_id))
         return result
+
+    async def _associate(self, priority: int, force: bool) -> None:
+        """Open the association once when several requests (a poll, the time-sync job's clock
+        read) find it closed: the others wait for it. A meter may refuse a second CONNECT while
+        associated (ConnectResult 255), failing the request that sent it."""
+        async with _opening.setdefault(self, asyncio.Lock()):
+            if not self.associated:
+                await self.connect(priority=priority, force=force)
 
     def _may_connect(self) -> bool:
         """Whether a "denied" answer is worth a (re)connect: auto mode still learning or sure it
@@ -413,42 +594,6 @@ class Dlt698Driver:
             priority,
             secure=False,
         )
-
-    # -- unsolicited frames -------------------------------------------------------------------
-
-    async def _serve_events(self) -> None:
-        share = self._share
-        for event in share.line.take_events():
-            try:
-                await self._answer(event)
-            except Exception as exc:  # an unanswered report is sent again by the meter: log, go on
-                log.warning(
-                    "event=dlt698_answer_failed meter=%s kind=%s address=%s error=%s",
-                    logfmt_value(self.meter_id),
-                    logfmt_value(event.kind),
-                    logfmt_value(event.address),
-                    logfmt_value(exc),
-                )
-            owner = share.drivers.get(event.address.wire)
-            callback = owner.on_event if owner is not None else None
-            if callback is not None:
-                callback(event)
-            else:
-                log.info(
-                    "event=dlt698_unheard kind=%s address=%s apdu=%s",
-                    logfmt_value(event.kind),
-                    logfmt_value(event.address),
-                    logfmt_value(event.apdu.NAME),
-                )
-
-    async def _answer(self, event: MeterEvent) -> None:
-        apdu = event.apdu
-        if isinstance(apdu, ap.ReportNotificationList | ap.ReportNotificationRecordList):
-            await self.bus.send(rq.report_response(event.frame, apdu).encode(PREAMBLE), priority=Priority.COMMAND)
-        elif isinstance(apdu, ap.LinkRequest):
-            now = to_meter_time(self.clock(), self.tz)
-            answer = rq.link_response(event.frame, apdu, now, now)
-            await self.bus.send(answer.encode(PREAMBLE), priority=Priority.COMMAND)
 
     # -- readings -------------------------------------------------------------------------------
 
@@ -560,7 +705,7 @@ class Dlt698Driver:
         units = self._info.units
         if quantity not in units:
             # None for a 698 extra (clock, status word, address): the catalogue's unit stands
-            units[quantity] = canonical_info(quantity)
+            units[quantity] = _canonical_info(quantity, self.catalogue.get(value.oad))
         info = units[quantity]
         if info is not None:
             unit = info[0]
@@ -782,7 +927,7 @@ class Dlt698Driver:
             )
         finally:
             if line.pending_events:
-                await self._serve_events()
+                await self._share.serve()
         if reply.security is None:
             raise BadReply(f"meter {self.meter_id}: answered a SECURITY-Request without SECURITY-Response")
         return reply.security
@@ -795,6 +940,20 @@ def _expect(kind: type[Any]) -> Callable[[Reply], Any]:
         return reply.apdu
 
     return decode
+
+
+# the lock of a meter whose association is being opened (only meters that associate get one)
+_opening: weakref.WeakKeyDictionary[Dlt698Driver, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def _canonical_info(quantity: str, item: Item | None) -> tuple[str, tuple[float, float]] | None:
+    """The quantity's unit and plausible range as this meter's object carries it. A signed type
+    carries a direction (2001 电流 is double-long): -5.002 A is a current flowing the other way,
+    not garbage, so a magnitude range reaches as far below zero as above (as for DL/T 645's ±)."""
+    info = canonical_info(quantity)
+    if info is None or item is None or item.type not in SIGNED_TYPES or info[1][0] < 0:
+        return info
+    return info[0], (-info[1][1], info[1][1])
 
 
 def _all_denied(reply: Reply) -> bool:
@@ -833,4 +992,5 @@ def from_config(ctx: DriverContext) -> Dlt698Driver:
         control=options.control,
         password=credentials.password if credentials is not None else None,
         tz=ctx.tz,
+        listener=ctx.events,
     )

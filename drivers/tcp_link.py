@@ -25,6 +25,8 @@ _KEEPALIVE_OPTIONS = (
     ("nodelay", socket.IPPROTO_TCP, "TCP_NODELAY"),
 )
 
+_RDHUP = getattr(select, "POLLRDHUP", 0)  # Linux: the peer's FIN, readable without reading
+
 
 class TcpLink(StreamLink):
     INBOX = BufferedInbox  # receives into a buffer of its own: no large allocation per reply
@@ -37,6 +39,7 @@ class TcpLink(StreamLink):
             write_timeout=settings.write_timeout,
         )
         self.settings = settings
+        self._rdhup: tuple[asyncio.BaseTransport, select.poll] | None = None  # see _peer_closed
 
     async def _connect(self, inbox: Inbox) -> asyncio.BaseTransport:
         s = self.settings
@@ -75,12 +78,14 @@ class TcpLink(StreamLink):
         # POLLRDHUP: the peer's FIN is in, though the event loop has not read it yet; polling the
         # descriptor reads nothing, so asyncio's own reading is untouched
         transport = self._transport
-        rdhup = getattr(select, "POLLRDHUP", 0)
-        if transport is None or not rdhup:
+        if transport is None or not _RDHUP:
             return False
-        poller = select.poll()
-        poller.register(transport.get_extra_info("socket").fileno(), rdhup)
-        return bool(poller.poll(0))
+        watch = self._rdhup  # asked before every request: one poll object per connection
+        if watch is None or watch[0] is not transport:
+            poller = select.poll()
+            poller.register(transport.get_extra_info("socket").fileno(), _RDHUP)
+            watch = self._rdhup = (transport, poller)
+        return bool(watch[1].poll(0))
 
     def socket_options(self) -> dict[str, int]:
         """The keepalive-related options as the kernel reports them (diagnostics, tests)."""

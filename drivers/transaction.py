@@ -4,7 +4,8 @@ The engine owns what every framed protocol needs around a request and nothing pr
 
 * waiting briefly for a link that is down (early in an outage only, so queues drain later);
 * the inter-frame gap (bus quiet time, measured from the last byte either way) before sending;
-* flushing stale input before every attempt;
+* flushing stale input before every attempt (the transport's ``on_stale``, the bus's idle
+  listener, hears what had arrived);
 * the deadline, fixed when the request is on the wire, so a dribbling peer cannot extend it;
 * retries with jittered backoff after silence, an unusable reply or a lost link; none after a
   refusal (the meter answered);
@@ -30,7 +31,7 @@ from meter_gateway.drivers.bus_counters import BusCounters
 from meter_gateway.drivers.errors import BadReply, DriverError, LinkDown, MeterRefused, NoAnswer
 from meter_gateway.drivers.log_limit import logfmt_value
 from meter_gateway.drivers.transport import Transport
-from meter_gateway.protocols.exchange import Answer, Refusal, Rejected, Rejection, ReplyExchange, Unusable, Verdict
+from meter_gateway.protocols.exchange import Answer, Refusal, Rejected, ReplyExchange, Unusable, Verdict
 
 __all__ = ["BusSettings", "TransactionEngine"]
 
@@ -84,27 +85,12 @@ class _Listener(Generic[R]):
         self.heard = True
         for event in self.exchange.receive(data):
             if isinstance(event, Rejected):
-                if self._count(event):
+                if self.counters.rejected(event):
                     self.bad.append(str(event))
             else:
                 self.verdict = event
                 return True
         return False
-
-    def _count(self, r: Rejected) -> bool:
-        """Count one rejection; return True if it means a bad reply rather than silence."""
-        c = self.counters
-        if r.kind is Rejection.ECHO:
-            c.echo_ignored += 1
-            return False
-        if r.kind is Rejection.LATE:
-            c.late_replies += 1
-            return False
-        if r.kind is Rejection.GARBAGE:
-            c.garbage_bytes += r.size
-        else:
-            c.mismatched += 1
-        return True
 
 
 class TransactionEngine:
@@ -154,7 +140,9 @@ class TransactionEngine:
                 if backoff is None:
                     backoff = Backoff(self.settings.retry, rng=self._rng)
                 await asyncio.sleep(backoff.next())
-            transport = await self._link()  # a link still down after the wait fails the transaction
+            # a link still down after the wait fails the transaction (awaited only when it is down:
+            # this runs for every request)
+            transport = self._connected() or await self._link()
             await self.quiet()
             self.counters.stale_bytes_flushed += transport.flush_input()
             if not transport.connected:  # the flush found the peer gone (one that closes after each reply)
@@ -245,6 +233,10 @@ class TransactionEngine:
         """A job of the wire's own library ended: the quiet time counts from now."""
         self._last_job_end = asyncio.get_running_loop().time()
 
+    def _connected(self) -> Transport | None:
+        transport = self.transport
+        return transport if transport is not None and transport.connected else None
+
     async def _link(self) -> Transport:
         transport = self.transport
         if transport is None:
@@ -280,6 +272,11 @@ class TransactionEngine:
         )
         # handle(), not log(): a traced bus's frames pass whatever level the process runs at
         trace_log.handle(record)
+
+    def trace_rx(self, data: bytes) -> None:
+        """Trace input heard outside any transaction (the idle line's, see ``Bus.listen``)."""
+        if self._tracing():
+            self._trace("rx", data, None, asyncio.get_running_loop().time())
 
     def _traced(self, feed: Callable[[bytes], bool], meter: object, started: float) -> Callable[[bytes], bool]:
         def traced(data: bytes) -> bool:

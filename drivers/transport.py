@@ -6,7 +6,10 @@ supervisor that (re)connects with jittered, capped backoff and sleeps between at
 vanished adapter or a dead server costs no CPU. Everything it raises is a ``drivers.errors``
 type; OSError and pyserial exceptions stop here.
 
-One reader at a time: the bus serializes transactions, and a transport assumes it.
+One reader at a time: the bus serializes transactions, and a transport assumes it. Input that
+arrives with no read waiting is buffered, and ``on_input`` (if set) is told: the bus then hands it
+to the protocol that listens to the idle line, when no transaction holds the line
+(:meth:`drivers.bus.Bus.listen`), or leaves it for the next transaction's flush.
 """
 
 from __future__ import annotations
@@ -77,8 +80,20 @@ class Transport(Protocol):
         ...
 
     def flush_input(self) -> int:
-        """Discard stale input (ours and the OS's); return how many bytes were discarded."""
+        """Discard stale input (ours and the OS's); return how many bytes were discarded. What
+        arrived since the last read goes to ``on_stale`` instead, when set."""
         ...
+
+    def take_input(self) -> bytes:
+        """The input buffered since the last read, handed over (the buffer is emptied)."""
+        ...
+
+    on_input: Callable[[], None] | None
+    """Called when input arrives with no read waiting (it is then buffered); None: nobody asks."""
+
+    on_stale: Callable[[bytes], None] | None
+    """Given the buffered input ``flush_input`` would discard (a terminal's heartbeat that came
+    while a transaction waited for a quiet line); None: it is discarded."""
 
     def tx_time(self, nbytes: int) -> float:
         """Seconds the line needs to put ``nbytes`` on the wire after write() returned."""
@@ -398,6 +413,13 @@ class StreamLink(abc.ABC):
         # read_until: the consumer fed straight from data_received and the future it resolves
         self._consumer: Callable[[bytes], bool] | None = None
         self._waiter: asyncio.Future[bool] | None = None
+        # ... and its deadline, kept by one timer per link that is moved on rather than made anew
+        # for every read: it fires at or before the deadline and re-arms itself while a later one
+        # is pending (a request every few milliseconds would otherwise schedule and cancel a timer each)
+        self._deadline = math.inf
+        self._timer: asyncio.TimerHandle | None = None
+        self.on_input: Callable[[], None] | None = None
+        self.on_stale: Callable[[bytes], None] | None = None
 
     # -- state ------------------------------------------------------------------------------
 
@@ -553,6 +575,8 @@ class StreamLink(abc.ABC):
             del self._buf[:excess]
             self._stats.overflow_dropped += excess
         self._wake.set()
+        if self.on_input is not None:
+            self.on_input()
 
     def _on_lost(self, reason: str) -> None:
         if self._transport is None:
@@ -631,17 +655,39 @@ class StreamLink(abc.ABC):
             return False
         # _on_data, _on_lost or the deadline resolves the waiter; only a pending one is fed
         waiter: asyncio.Future[bool] = loop.create_future()
-        self._consumer, self._waiter = consume, waiter
-        timer = loop.call_at(deadline, _expire, waiter)
+        self._consumer, self._waiter, self._deadline = consume, waiter, deadline
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(deadline, self._on_deadline)
         try:
             return await waiter
         finally:
-            timer.cancel()
             if self._waiter is waiter:
                 self._consumer = self._waiter = None
 
+    def _on_deadline(self) -> None:
+        """The read timer fired: expire the pending read if its deadline came, else follow it."""
+        timer, self._timer = self._timer, None
+        waiter = self._waiter
+        if timer is None or waiter is None or waiter.done():
+            return  # no read pending: the next one arms the timer again
+        if self._deadline <= timer.when():
+            waiter.set_result(False)
+        else:
+            self._timer = asyncio.get_running_loop().call_at(self._deadline, self._on_deadline)
+
+    def take_input(self) -> bytes:
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
     def flush_input(self) -> int:
         n = len(self._buf)
+        if n and self.on_stale is not None:
+            self.on_stale(self.take_input())
+            n = 0
         self._buf.clear()
         if self.connected:
             n += self._discard_os_input()
@@ -695,8 +741,3 @@ class StreamLink(abc.ABC):
 
 
 _PEER_CLOSED = "closed by peer"
-
-
-def _expire(waiter: asyncio.Future[bool]) -> None:
-    if not waiter.done():
-        waiter.set_result(False)

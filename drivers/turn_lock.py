@@ -4,6 +4,9 @@ Whoever drives a wire (the transaction engine for framed bytes, a library such a
 its own I/O) takes a turn before its request and gives it back after the reply. Turns are granted
 by (priority, arrival order): a command goes next, ahead of queued polls; FIFO within a priority.
 A waiter that is cancelled gives up its place, or passes the turn on if it was just handed one.
+
+Between turns the line belongs to whoever listens to it idle (``on_free``: the bus hands input
+that arrived meanwhile to a protocol that hears unsolicited frames, see :meth:`drivers.bus.Bus.listen`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import asyncio
 import enum
 import heapq
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 __all__ = ["Priority", "TurnLock"]
@@ -31,6 +34,13 @@ class TurnLock:
         self._held = False
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._order = itertools.count()
+        # called when the lock falls free (no waiter took the turn); None: nobody listens idle
+        self.on_free: Callable[[], None] | None = None
+
+    @property
+    def held(self) -> bool:
+        """A turn is running or being handed to a waiter: the line is not idle."""
+        return self._held
 
     @property
     def waiting(self) -> int:
@@ -57,6 +67,8 @@ class TurnLock:
                 fut.set_result(None)  # the turn moves to this waiter; the lock stays held
                 return
         self._held = False
+        if self.on_free is not None:
+            self.on_free()
 
     @asynccontextmanager
     async def turn(self, priority: int) -> AsyncIterator[None]:

@@ -37,6 +37,15 @@ What it answers (DL/T 698.45-2017 clause 6.3, Appendix E objects as in
   a meter with ``trip_at_zero_credit`` trips itself (checked when a request arrives, so the trip
   is dated then, not at the exact moment the credit ran out);
 * ``stuck_relay``: commands are accepted but the relay never moves.
+
+As a terminal (or a meter that opens with a login, clause 6.3.2 LINK): with ``login`` the meter
+sends a LINK-Request login when a master connects and again every ``heartbeat`` seconds (every
+:data:`LOGIN_RETRY` without one) until a LINK-Response accepts it; with ``heartbeat`` it then
+sends a LINK heartbeat at that period. :meth:`Dlt698Meter.link_request` makes the next one and
+says when the one after is due; the bus (:mod:`simulators.links`) does the timing and the
+writing. Every LINK-Response received is kept in ``link_answers`` with the seconds it took.
+:meth:`Dlt698Meter.notify` makes a pending report a REPORT-Notification sent on its own, as a
+meter does when an event happens between requests.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ import dataclasses
 import datetime
 import functools
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -61,6 +71,7 @@ from meter_gateway.protocols.dlt698.axdr import (
     BitString,
     Data,
     DataType,
+    DateTime,
     DateTimeS,
     Selector1,
     Selector2,
@@ -73,6 +84,7 @@ from meter_gateway.protocols.dlt698.deframer import Deframer
 from meter_gateway.protocols.dlt698.errors import ProtocolError
 from meter_gateway.protocols.dlt698.frame import (
     FUNCTION_DATA,
+    FUNCTION_LINK,
     AddressType,
     Control,
     Frame,
@@ -105,6 +117,10 @@ STATUS_WORDS: Final = OAD(0x2014, 2, 0)
 _EPOCH: Final = datetime.datetime(1970, 1, 1)
 _RESPONSE: Final = Control(FUNCTION_DATA, from_server=True, prm=True)
 _REPORT: Final = Control(FUNCTION_DATA, from_server=True, prm=False)
+_LINK: Final = Control(FUNCTION_LINK, from_server=True, prm=False)
+LINK_LOGIN: Final = 0
+LINK_HEARTBEAT: Final = 1
+LOGIN_RETRY: Final = 5.0  # seconds between unanswered logins of a meter without a heartbeat period
 _W_UNITS: Final = frozenset({"W", "var", "VA"})
 _FACTORY: Final = ap.FactoryVersion("MGSM", "0001", "260314", "0001", "260314", "SIMULATE")
 _FREEZE_OBJECTS: Final = {0x5002: "minute", 0x5004: "daily", 0x5006: "monthly"}
@@ -172,6 +188,15 @@ class Dlt698Wire(WireProtocol):
 DLT698: Final = Dlt698Wire()
 
 
+@dataclass(frozen=True, slots=True)
+class LinkAnswer:
+    """A master's LINK-Response to one of the meter's LINK-Requests."""
+
+    kind: int  # of the request: 0 login, 1 heartbeat, 2 logout
+    latency: float  # seconds from the request made to the response received
+    response: ap.LinkResponse
+
+
 class Dlt698Meter(MeterClock):
     """One simulated DL/T 698.45 meter. See the module docstring for what it does."""
 
@@ -200,6 +225,8 @@ class Dlt698Meter(MeterClock):
         trip_at_zero_credit: bool = False,
         apdu_max: int = 1024,
         catalogue: Catalogue | None = None,
+        login: bool = False,
+        heartbeat: float | None = None,
     ) -> None:
         self.address = ServerAddress.parse(address, AddressType.SINGLE)
         self.address_text = str(self.address)
@@ -209,6 +236,8 @@ class Dlt698Meter(MeterClock):
             raise ValueError(f"tariffs must be 1..12, got {tariffs}")
         if apdu_max < 64:
             raise ValueError(f"apdu_max must be >= 64 bytes, got {apdu_max}")
+        if heartbeat is not None and not 0 < heartbeat <= 0xFFFF:
+            raise ValueError(f"heartbeat must be 0..65535 seconds, got {heartbeat}")
         self.clock = clock
         self.preamble = preamble
         self.turnaround = turnaround
@@ -231,6 +260,13 @@ class Dlt698Meter(MeterClock):
         self.stuck_relay = False
         self.requests = 0
         self.reports_sent = 0
+        self.login = login
+        self.heartbeat = heartbeat
+        self.logged_in = False
+        self.link_requests_sent = 0
+        self.link_answers: list[LinkAnswer] = []
+        self._link_waiting: dict[int, tuple[int, float]] = {}  # PIID -> (kind, monotonic time sent)
+        self._link_piid = 0
         self.daily: deque[Freeze] = deque(maxlen=DAILY_KEPT)
         self.monthly: deque[Freeze] = deque(maxlen=MONTHLY_KEPT)
         self.minute: deque[Freeze] = deque(maxlen=MINUTE_KEPT)
@@ -498,6 +534,9 @@ class Dlt698Meter(MeterClock):
         except ProtocolError as exc:
             log.debug("meter %s: unparsable APDU: %s", self.address_text, exc)
             return [] if broadcast else [self._frame(frame, ap.ErrorResponse(error=1).encode())]
+        if isinstance(request, ap.LinkResponse):
+            self._link_answered(request)
+            return []
         self._catch_up()
         if isinstance(request, ap.ReportResponseList):
             self._follow_report = None  # the master has the report: no FollowReport needed
@@ -507,12 +546,59 @@ class Dlt698Meter(MeterClock):
             return []
         out = [self._frame(frame, response)]
         if self._new_report is not None:
-            self._report_piid = (self._report_piid + 1) & 0x3F
-            notification = ap.ReportNotificationList(piid=ap.Piid(self._report_piid), results=self._new_report)
-            out.append(Frame(_REPORT, self.address, frame.client, notification.encode()).encode(self.preamble))
-            self.reports_sent += 1
-            self._follow_report, self._new_report = self._new_report, None
+            out.append(self._notification(frame.client))
         return out
+
+    # -- speaking on its own ----------------------------------------------------------------------
+
+    @property
+    def talks(self) -> bool:
+        """Whether the meter sends LINK-Requests on its own (the bus then times them)."""
+        return self.login or self.heartbeat is not None
+
+    def connected(self) -> None:
+        """A master connected: the meter logs in again before its heartbeats."""
+        self.logged_in = False
+        self._link_waiting.clear()
+
+    def link_request(self) -> tuple[bytes, float]:
+        """The meter's next LINK-Request (a login until one is accepted, then a heartbeat) and
+        the seconds until the one after."""
+        kind = LINK_HEARTBEAT if self.logged_in or not self.login else LINK_LOGIN
+        self._link_piid = self._link_piid % 63 + 1
+        request = ap.LinkRequest(
+            piid=ap.Piid(self._link_piid),
+            kind=kind,
+            heartbeat=round(self.heartbeat or 0),
+            time=DateTime.from_datetime(self.meter_time()),
+        )
+        self._link_waiting[self._link_piid] = (kind, time.monotonic())
+        self.link_requests_sent += 1
+        return Frame(_LINK, self.address, 0, request.encode()).encode(self.preamble), self.heartbeat or LOGIN_RETRY
+
+    def _link_answered(self, response: ap.LinkResponse) -> None:
+        sent = self._link_waiting.pop(response.piid.seq, None)
+        if sent is None:
+            return  # an answer to nothing we are waiting for (repeated, or before a reconnect)
+        kind, at = sent
+        self.link_answers.append(LinkAnswer(kind, time.monotonic() - at, response))
+        if kind == LINK_LOGIN and response.result == 0:
+            self.logged_in = True
+
+    def notify(self) -> bytes | None:
+        """The pending report (a relay move with ``report``) as a REPORT-Notification sent on its
+        own, not behind a response; None when nothing is pending."""
+        return None if self._new_report is None else self._notification(0)
+
+    def _notification(self, client: int) -> bytes:
+        """The pending report as a REPORT-Notification; it rides on the next response as a
+        FollowReport too, until a REPORT-Response acknowledges it."""
+        assert self._new_report is not None
+        self._report_piid = (self._report_piid + 1) & 0x3F
+        notification = ap.ReportNotificationList(piid=ap.Piid(self._report_piid), results=self._new_report)
+        self.reports_sent += 1
+        self._follow_report, self._new_report = self._new_report, None
+        return Frame(_REPORT, self.address, client, notification.encode()).encode(self.preamble)
 
     def _frame(self, request: Frame, apdu: bytes) -> bytes:
         return Frame(_RESPONSE, self.address, request.client, apdu).encode(self.preamble)

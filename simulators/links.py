@@ -24,6 +24,13 @@ once (the fast path the throughput benchmark measures).
 
 Faults (:class:`~simulators.faults.Faults`) are applied per reply; ``bus.stats`` counts every
 frame, discard and injected fault so a test can assert that a fault actually happened.
+
+Meters that speak on their own (a DL/T 698.45 terminal's LINK login and heartbeats: a meter whose
+``talks`` is true) are timed per connection, by one talker task whatever their number: each
+logs in when the connection is made (for a pty, when the bus starts: a terminal repeats its
+login until answered, so one the gateway missed by opening the port later is sent again) and
+sends its next LINK-Request when :meth:`link_request` said it is due. :meth:`SimulatedBus.emit`
+puts any other bytes a meter sends on its own (a REPORT-Notification) on the line.
 """
 
 from __future__ import annotations
@@ -121,6 +128,12 @@ class SimulatedBus:
             raise RuntimeError("the bus is not started")
         return self._endpoint
 
+    def emit(self, data: bytes) -> None:
+        """Bytes a meter sends on its own, to every client of the segment (paced like replies)."""
+        self.stats["emitted"] += 1
+        for connection in list(self._connections):
+            connection.emit(data)
+
     def meter(self, address: str) -> Any:
         """The meter with this printed address (any protocol)."""
         text = address.strip()
@@ -151,6 +164,7 @@ class SimulatedBus:
         await loop.connect_read_pipe(lambda: connection, reader)
         write_transport, _ = await loop.connect_write_pipe(asyncio.BaseProtocol, writer)
         connection.writer = write_transport
+        connection.start_talking()
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -273,6 +287,7 @@ class _Connection(RecvIntoBuffer):
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
         self._idle: asyncio.TimerHandle | None = None
+        self._talker: asyncio.Task[None] | None = None
         self._closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -281,6 +296,42 @@ class _Connection(RecvIntoBuffer):
             self.writer = transport
         self.bus._connections.add(self)
         self.bus.stats["connections"] += 1
+        if self.writer is not None:  # a socket; the pty's writer comes after, and start() calls
+            self.start_talking()
+
+    def start_talking(self) -> None:
+        talkers = [m for m in self.bus.meters if getattr(m, "talks", False)]
+        if talkers and self._talker is None:
+            self._talker = asyncio.get_running_loop().create_task(self._talk(talkers))
+
+    async def _talk(self, talkers: list[Any]) -> None:
+        """Send each talking meter's LINK-Requests when due (see the module docstring)."""
+        loop = asyncio.get_running_loop()
+        for meter in talkers:
+            meter.connected()
+        due = dict.fromkeys(range(len(talkers)), loop.time())
+        while not self._closed:
+            now = loop.time()
+            for i, meter in enumerate(talkers):
+                if due[i] <= now:
+                    data, wait = meter.link_request()
+                    self.bus.stats["link_requests"] += 1
+                    self.emit(data)
+                    due[i] = now + wait
+            await asyncio.sleep(max(0.0, min(due.values()) - loop.time()))
+
+    def emit(self, data: bytes) -> None:
+        """Bytes a meter sends on its own: after the replies queued, paced as they are."""
+        if self._closed:
+            return
+        if not (self.bus.link.char_time or self._queue):
+            if self.writer is not None:
+                self.writer.write(data)
+            return
+        heapq.heappush(self._queue, (asyncio.get_running_loop().time(), next(self._order), data, 0.0))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.get_running_loop().create_task(self._send_loop())
+        self._wake.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -297,6 +348,8 @@ class _Connection(RecvIntoBuffer):
     def _stop_timers(self) -> None:
         if self._sender is not None:
             self._sender.cancel()
+        if self._talker is not None:
+            self._talker.cancel()
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None

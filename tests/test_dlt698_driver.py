@@ -181,6 +181,56 @@ async def test_password_association_and_a_wrong_password_is_refused(meters_bus: 
         assert len(await right.read(["energy.active.import.total"], slot=0.0, now=1.0)) == 1
 
 
+@pytest.mark.asyncio
+async def test_requests_that_find_the_association_closed_open_it_once(meters_bus: MetersBusFactory) -> None:
+    """A poll and the time-sync job's clock read at once: one CONNECT, which the other waits for
+    (the dlt698 engine refuses a second CONNECT while associated; tests/test_dlt698_engine_meter.py)."""
+    meter = sim(requires_connect=True)
+    bus = await meters_bus([meter])
+    async with bus_to(bus) as b:
+        d = driver(b, meter, association="connect")
+        before = meter.requests
+        readings, _ = await asyncio.gather(d.read(["energy.active.import.total"], slot=0.0, now=1.0), d.read_clock())
+        assert len(readings) == 1
+        assert meter.requests - before == 3  # CONNECT, then the two GETs
+
+
+# GET-Response-Normal (PIID 1) of 20010200 for meter 000000000005 as the PyPI dlt698 1.0.1 engine
+# served it (tests/test_dlt698_engine_meter.py): double-long currents 5001, -5002, 5003 (-3 A)
+ENGINE_REVERSE_CURRENT = bytes.fromhex(
+    "682a00c30505000000000000a76985010120010200010103050000138905ffffec76050000138b0000f62316"
+)
+
+
+@pytest.mark.asyncio
+async def test_a_reverse_current_is_a_good_reading() -> None:
+    """2001 is double-long: the sign is the current's direction, as DL/T 645's ± currents, not an
+    outlier; the magnitude range applies both ways."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(4096):  # the one request: GET 20010200, PIID 1 on a new line
+            writer.write(ENGINE_REVERSE_CURRENT)
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    link = TcpLink(TcpSettings("127.0.0.1", port, no_reply_limit=0, reconnect=QUICK))
+    b = Bus("canned", link, settings=BusSettings(reply_timeout=0.5, attempts=1, retry=QUICK))
+    try:
+        assert await b.open()
+        d = Dlt698Driver(b, "m05", "000000000005", model(), tz=TZ)
+        readings = await d.read(["current.l1", "current.l2", "current.l3"], slot=0.0, now=1.0)
+    finally:
+        await b.close()
+        server.close()
+        await server.wait_closed()
+    assert [(r.quantity, r.value, r.quality) for r in readings] == [
+        ("current.l1", 5.001, Quality.GOOD),
+        ("current.l2", -5.002, Quality.GOOD),
+        ("current.l3", 5.003, Quality.GOOD),
+    ]
+
+
 # -- freezes, clock, discovery ---------------------------------------------------------------------
 
 
@@ -312,3 +362,25 @@ async def test_reports_are_acknowledged_published_and_do_not_disturb_reads(meter
         await until(lambda: reporting._follow_report is None, within=2.0)  # REPORT-Response got there
     assert events[0].kind in ("report", "follow_report")
     assert all(str(e.address) == "000000000001" for e in events)
+
+
+@pytest.mark.asyncio
+async def test_the_listener_gets_each_meters_events_unless_a_driver_has_its_own(meters_bus: MetersBusFactory) -> None:
+    first, second = sim("000000000001", report=True), sim("000000000002", report=True)
+    bus = await meters_bus([first, second])
+    heard: list[tuple[str, str, MeterEvent]] = []
+
+    def listener(meter_id: str, protocol: str) -> Callable[[MeterEvent], None]:
+        return lambda event: heard.append((meter_id, protocol, event))
+
+    async with bus_to(bus) as b:
+        d1, d2 = driver(b, first, listener=listener), driver(b, second, listener=listener)
+        own: list[MeterEvent] = []
+        d2.on_event = own.append
+        await d1.trip()
+        await d2.trip()
+        await until(lambda: bool(heard) and bool(own), within=2.0)
+        assert d1.on_event is not None  # the listener's callback for m01
+        assert d2.on_event == own.append
+    assert {(meter_id, protocol) for meter_id, protocol, _ in heard} == {("m01", "dlt698")}
+    assert all(str(e.address) == "000000000002" for e in own)

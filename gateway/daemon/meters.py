@@ -96,8 +96,9 @@ def build_buses(config: Config, health: HealthBook) -> dict[str, Bus]:
     return {bus.name: build_bus(bus, health) for bus in config.buses}
 
 
-def driver_context(config: Config, meter: Meter, bus: Bus) -> DriverContext:
-    """What the meter's protocol builder is given (drivers never read the config themselves)."""
+def driver_context(config: Config, meter: Meter, bus: Bus, events: EventListener | None = None) -> DriverContext:
+    """What the meter's protocol builder is given (drivers never read the config themselves);
+    ``events`` is where what the meter sends unasked goes."""
     creds = meter.credentials
     credentials = None
     if creds is not None:
@@ -116,12 +117,13 @@ def driver_context(config: Config, meter: Meter, bus: Bus) -> DriverContext:
         tz=config.gateway.zone(),
         credentials=credentials,
         options=options,
+        events=events,
     )
 
 
-def build_driver(config: Config, meter: Meter, bus: Bus) -> Driver:
+def build_driver(config: Config, meter: Meter, bus: Bus, events: EventListener | None = None) -> Driver:
     """The meter's driver, built by its protocol's builder named in the registry."""
-    driver: Driver = registry.get(meter.protocol).build_driver()(driver_context(config, meter, bus))
+    driver: Driver = registry.get(meter.protocol).build_driver()(driver_context(config, meter, bus, events))
     return driver
 
 
@@ -130,7 +132,7 @@ class Fleet:
 
     def __init__(self, health: HealthBook, on_event: EventListener | None = None) -> None:
         self.health = health
-        self.on_event = on_event  # drivers with an ``on_event`` attribute (DL/T 698.45) get one
+        self.on_event = on_event  # given to every driver; those whose meters send unasked frames use it
         self.buses: dict[str, Bus] = {}
         self.meters: dict[str, MeterRuntime] = {}
 
@@ -167,10 +169,8 @@ class Fleet:
         return buses, meters
 
     def _meter(self, config: Config, meter: Meter) -> MeterRuntime:
-        bus = self.buses[meter.bus]
-        driver = build_driver(config, meter, bus)
-        if self.on_event is not None and hasattr(driver, "on_event"):
-            driver.on_event = self.on_event(meter.id, meter.protocol)
+        # the listener, not a callback made for each meter: a driver asks it when an event arrives
+        driver = build_driver(config, meter, self.buses[meter.bus], self.on_event)
         return MeterRuntime(meter.id, meter.bus, meter.protocol, driver)
 
     async def _close_bus(self, name: str) -> None:

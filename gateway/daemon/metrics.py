@@ -148,7 +148,12 @@ _BUS_TRANSACTIONS = {
     "offline_skipped": "offline_skipped",
 }
 _BUS_ATTEMPTS = {"retries": "retry", "timeouts": "timeout", "probes": "probe"}
-_BUS_REJECTED = {"echo_ignored": "echo", "mismatched": "mismatched", "late_replies": "late"}
+_BUS_REJECTED = {
+    "echo_ignored": "echo",
+    "mismatched": "mismatched",
+    "late_replies": "late",
+    "unsolicited": "unsolicited",  # a meter's own frames (reports, LINK), in a transaction or idle
+}
 _BUS_DISCARDED_BYTES = {"garbage_bytes": "garbage", "stale_bytes_flushed": "stale_flushed"}
 # Bus.snapshot() keys of a Modbus bus's exception replies, one per code (drivers/modbus.py
 # COUNTER_PREFIX): the driver sets every known code to 0 when the bus is built.

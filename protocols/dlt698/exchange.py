@@ -25,7 +25,8 @@ REPORT-Notification frames and LINK-Requests (login, heartbeat, logout of a term
 that opens with a login), and the FollowReport trailer of any response, are given to the caller as
 :class:`MeterEvent` values through the line (:meth:`Dlt698Line.take_events`), for it to acknowledge
 and publish once the transaction is over. They are harvested even behind the verdict in the same
-bytes.
+bytes. Bytes that arrive with no request in flight (the bus's idle line) go to
+:meth:`Dlt698Line.hear`, which keeps the same frames the same way.
 
 Refusals (final, not retried): ERROR-Response (clause 6.3.15), SECURITY-Response carrying a DAR,
 CONNECT-Response with a result other than 0, and a DAR other than success on SET, ACTION,
@@ -201,6 +202,48 @@ class Dlt698Line(RequestHistory[Expect]):
         self._events.clear()
         return events
 
+    def hear(self, data: bytes) -> list[Rejected]:
+        """Bytes that arrived with no request in flight: frames servers send on their own are
+        kept as during an exchange; the rest is returned as rejections (garbage, our own request
+        heard back, a response nobody waits for any more: late)."""
+        out: list[Rejected] = []
+        for item in self.deframer.feed(data):
+            if isinstance(item, Discarded):
+                out.append(garbage(item))
+            elif item.control.from_server and not item.control.prm:
+                rejected = _unsolicited(self, item)
+                if rejected is not None:
+                    out.append(rejected)
+            else:
+                kind = Rejection.LATE if item.control.from_server else Rejection.ECHO
+                out.append(Rejected(kind, _size(item), f"{item.control} from {item.address} on the idle line"))
+        return out
+
+
+def _size(frame: Frame) -> int:
+    return _FRAME_OVERHEAD + len(frame.address.wire) + len(frame.data)
+
+
+def _unsolicited(line: Dlt698Line, frame: Frame) -> Rejected | None:
+    """Keep a frame a server sent on its own (DIR 1, PRM 0) as a :class:`MeterEvent` of ``line``;
+    one that is no LINK-Request or REPORT-Notification is a rejection."""
+    try:
+        apdu = ap.parse_apdu(frame.apdu) if not frame.control.fragment else None
+    except ProtocolError as exc:
+        apdu = None
+        detail = f"unsolicited frame from {frame.address}: {exc}"
+    else:
+        detail = f"unsolicited fragment from {frame.address}"
+    if isinstance(apdu, ap.LinkRequest) and frame.control.function == FUNCTION_LINK:
+        line.add_event(MeterEvent("link", frame, apdu))
+        return None
+    if isinstance(apdu, ap.ReportNotificationList | ap.ReportNotificationRecordList):
+        line.add_event(MeterEvent("report", frame, apdu))
+        return None
+    if apdu is not None:
+        detail = f"unsolicited {apdu.SERVICE} from {frame.address}"
+    return Rejected(Rejection.WRONG_FUNCTION, _size(frame), detail)
+
 
 def _identity(apdu: ap.Apdu) -> Identity | None:
     piid = getattr(apdu, "piid", None)
@@ -235,7 +278,9 @@ class Dlt698Exchange(Generic[R]):
                     events.append(garbage(item))
                 continue
             if item.control.from_server and not item.control.prm:
-                self._unsolicited(item, events, decided)
+                rejected = _unsolicited(self.line, item)
+                if rejected is not None and not decided:
+                    events.append(rejected)
                 continue
             if decided:
                 continue  # the next attempt's stale input; only unsolicited frames are kept from it
@@ -244,26 +289,8 @@ class Dlt698Exchange(Generic[R]):
             decided = not isinstance(event, Rejected)
         return events
 
-    def _unsolicited(self, frame: Frame, events: list[Event[R]], decided: bool) -> None:
-        size = _FRAME_OVERHEAD + len(frame.address.wire) + len(frame.data)
-        try:
-            apdu = ap.parse_apdu(frame.apdu) if not frame.control.fragment else None
-        except ProtocolError as exc:
-            apdu = None
-            detail = f"unsolicited frame from {frame.address}: {exc}"
-        else:
-            detail = f"unsolicited fragment from {frame.address}"
-        if isinstance(apdu, ap.LinkRequest) and frame.control.function == FUNCTION_LINK:
-            self.line.add_event(MeterEvent("link", frame, apdu))
-        elif isinstance(apdu, ap.ReportNotificationList | ap.ReportNotificationRecordList):
-            self.line.add_event(MeterEvent("report", frame, apdu))
-        elif not decided:
-            if apdu is not None:
-                detail = f"unsolicited {apdu.SERVICE} from {frame.address}"
-            events.append(Rejected(Rejection.WRONG_FUNCTION, size, detail))
-
     def _consider(self, frame: Frame) -> Event[R]:
-        size = _FRAME_OVERHEAD + len(frame.address.wire) + len(frame.data)
+        size = _size(frame)
         expect = self.expect
         if not frame.control.from_server:
             return Rejected(Rejection.ECHO, size, f"request {frame.control} to {frame.address}")
