@@ -152,6 +152,8 @@ def _meter(group: BusConfig, address: str, clock: SimClock, seed: int) -> Dlt645
             requires_security=group.requires_security,
             accept_plaintext_control=group.accept_plaintext_control,
             report=group.report,
+            login=group.login,
+            heartbeat=group.heartbeat or None,
             security_key=group.security_key or DEFAULT_KEY,
             purse=group.purse,
             price=group.price,

@@ -29,7 +29,9 @@ File layout (see config/simulator.toml for a commented example)::
 Modbus buses use ``units = [1, 2]`` (or first_address/count as unit ids) and ``model``.
 
 ``protocol = "dlt698"`` (DL/T 698.45; 12-digit addresses) adds the keys ``requires_connect``,
-``requires_security``, ``accept_plaintext_control``, ``report``, ``security_key`` (hex, the key of
+``requires_security``, ``accept_plaintext_control``, ``report``, ``login`` (the meter opens with a
+LINK login when a master connects, as a terminal does), ``heartbeat`` (seconds between LINK
+heartbeats; 0 for none), ``security_key`` (hex, the key of
 the simulator's TEST-ONLY security scheme, see simulators/dlt698_test_security.py), ``purse``
 (CNY; omit for a meter without a purse), ``price`` (CNY/kWh) and ``trip_at_zero_credit``;
 ``dlt645-2007`` buses take the same three for money-type prepaid meters (simulators/prepaid.py).
@@ -79,6 +81,8 @@ _PROTOCOL_KEYS: Final[dict[str, frozenset[str]]] = {
             "requires_security",
             "accept_plaintext_control",
             "report",
+            "login",
+            "heartbeat",
             "security_key",
             "purse",
             "price",
@@ -126,6 +130,8 @@ class BusConfig:
     requires_security: bool = False
     accept_plaintext_control: bool = True
     report: bool = False
+    login: bool = False
+    heartbeat: int = 0  # seconds between LINK heartbeats (long-unsigned in LINK-Request); 0: none
     security_key: bytes | None = None
     purse: float | None = None
     price: float = 0.5
@@ -291,6 +297,8 @@ _GROUP_FIELDS: Final[tuple[tuple[str, _Parse], ...]] = (
     ("requires_security", _bool),
     ("accept_plaintext_control", _bool),
     ("report", _bool),
+    ("login", _bool),
+    ("heartbeat", _ranged(0, 0xFFFF)),
     ("trip_at_zero_credit", _bool),
     ("battery_low", _bool),
     ("security_key", _hex_key),

@@ -1,5 +1,6 @@
-"""The standalone simulator keeps its meters' clocks in the configured zone, not the host's: a
-gateway configured for Asia/Shanghai reads meters that agree with it on a host running in UTC."""
+"""``meter-gateway simulate`` settings that change what its meters do: the zone their clocks keep
+(a gateway configured for Asia/Shanghai reads meters that agree with it on a host running in
+UTC), and DL/T 698.45 terminals that open with a LINK login."""
 
 from __future__ import annotations
 
@@ -79,3 +80,40 @@ def test_unknown_zone_is_refused_with_its_key(capsys: pytest.CaptureFixture[str]
 
     assert main(["--timezone", "Mars/Olympus"]) == 2
     assert "--timezone: unknown time zone 'Mars/Olympus'" in capsys.readouterr().err
+
+
+@pytest.mark.asyncio
+async def test_a_configured_terminal_logs_in_on_connect(tmp_path: Path) -> None:
+    """``login`` and ``heartbeat`` in a dlt698 bus table make its meters open with a LINK login."""
+    from meter_gateway.protocols.dlt698.frame import parse_frame
+
+    path = tmp_path / "sim.toml"
+    path.write_text('[[bus]]\nprotocol = "dlt698"\nport = 0\nmeters = ["000000000021"]\nlogin = true\nheartbeat = 60\n')
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CODE, "--config", str(path), stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    try:
+        lines = []
+        while (line := (await asyncio.wait_for(proc.stdout.readline(), 20)).decode().strip()) != "ready":
+            assert line, "the simulator ended before it was ready"
+            lines.append(line)
+        host, _, port = lines[0].split()[3].rpartition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        data = await asyncio.wait_for(reader.read(256), 5)  # the login comes without a request
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    frame = parse_frame(data)
+    assert str(frame.address) == "000000000021"
+    assert frame.data[0] == 0x01  # LINK-Request
+    assert frame.data[2] == 0  # login
+
+
+def test_heartbeat_out_of_range_is_refused() -> None:
+    with pytest.raises(SimConfigError, match=r"bus\[0\].heartbeat must be 0..65535"):
+        config_from_mapping({"bus": [{"protocol": "dlt698", "heartbeat": 70000}]})
+    with pytest.raises(SimConfigError, match=r"'login' is for dlt698"):
+        config_from_mapping({"bus": [{"protocol": "dlt645-2007", "login": True}]})
