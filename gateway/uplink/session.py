@@ -80,7 +80,6 @@ class Protocol(enum.StrEnum):
     V311 = "3.1.1"
 
 
-
 def _cancel(task: asyncio.Task[Any] | None) -> None:
     """Cancel a read-ahead that is no longer wanted (the pump then forgets it)."""
     if task is not None:
@@ -103,6 +102,7 @@ def _settled(
         broken.append(exc)
     if exc is not None or refused.is_set():
         wake.set()
+
 
 class UplinkConfigError(ValueError):
     """The uplink configuration cannot work (bad numbers, unreadable TLS files)."""
