@@ -20,9 +20,11 @@ Decisions worth knowing:
 * **Association.** ``association = "connect"`` opens an application association (CONNECT, 6.2;
   NullSecurity, or PasswordSecurity with the configured password) before the first data request
   and again when it has expired; ``none`` never does; ``auto`` reads directly and, if every
-  object comes back "read/write denied" (DAR 3) or the service is refused that way, connects and
-  asks again, remembering that the meter needs it. A refusal while associated (the meter dropped
-  the association) reconnects once.
+  object comes back "read/write denied" (DAR 3), the service is refused that way, or the meter
+  answers an ERROR-Response "service not supported" / "other" (as some firmware does without an
+  association), connects and asks again, remembering that the meter needs it. A refusal while
+  associated (the meter dropped the association) reconnects once. A meter that refuses the
+  CONNECT for its protocol version (ConnectResult 5) names its own: it is offered that one.
 * **Unsolicited frames** (REPORT-Notification, FollowReport, LINK-Requests) are collected by the
   exchange without disturbing the transaction, and on the idle line between transactions by the
   bus's listener (:meth:`~drivers.bus.Bus.listen`); either way one path then acknowledges
@@ -57,7 +59,6 @@ from meter_gateway.drivers.dlt698_model import Dlt698Model
 from meter_gateway.drivers.errors import BadReply, ConfigurationError, MeterRefused, NoAnswer, PartialRead
 from meter_gateway.drivers.log_limit import log_limited, logfmt_value
 from meter_gateway.drivers.meter_models import canonical_info
-from meter_gateway.drivers.per_bus import PerBus
 from meter_gateway.drivers.reading import Quality, Reading
 from meter_gateway.drivers.readings import from_meter_time, plain_value, plausible, to_meter_time
 from meter_gateway.protocols.dlt698 import apdu as ap
@@ -104,6 +105,10 @@ PROTOCOL: Final = "dlt698"  # the registry's name, for the event listener
 PREAMBLE: Final = 4  # FE wake-up bytes before each request (clause 5, usual on RS-485)
 RN_BYTES: Final = 16  # the client's random number of SECURITY-Request plaintext + RN
 DAR_DENIED: Final = 3  # 拒绝读写: what a meter that wants an association answers
+CONNECT_VERSION_MISMATCH: Final = 5  # ConnectResult 协议版本不匹配 (clause 6.2, CONNECT-Response)
+# ERROR-Response codes (clause 6.3.15) a meter wanting an association may give a data service
+# without one instead of DAR 3: 2 service not supported, 255 other (the PyPI dlt698 engine does)
+ASSOCIATION_ERRORS: Final = frozenset({2, 255})
 CONNECT_TIMEOUT: Final = 7200  # seconds we ask an association to live (ConnectRequest)
 CONNECT_MARGIN: Final = 60.0  # reconnect this long before the meter would drop the association
 SIGNED_TYPES: Final = frozenset({"integer", "long", "double-long", "long64"})  # catalogue types
@@ -145,20 +150,20 @@ class RelayStatus:
 class _BusShare:
     """The bus's DL/T 698.45 line, which driver speaks for each meter address, and the one path
     that answers and hands on what meters send on their own, whether a transaction heard it or
-    the idle line did (it is the bus's :class:`~drivers.bus.LineListener`)."""
+    the idle line did. It is the bus's :class:`~drivers.bus.LineListener`, listening from the
+    first DL/T 698.45 use of the bus on (a terminal's login and heartbeats are answered at once),
+    and lives as long as the bus."""
 
-    __slots__ = ("_bus", "drivers", "line")
+    __slots__ = ("__weakref__", "_bus", "drivers", "line")
 
-    def __init__(self) -> None:
+    def __init__(self, bus: Bus) -> None:
         self.line = Dlt698Line()
-        self.drivers: weakref.WeakValueDictionary[bytes, Dlt698Driver] = weakref.WeakValueDictionary()
-        self._bus: weakref.ref[Bus] | None = None  # weak: the bus keys the PerBus table that keeps us
-
-    def attach(self, bus: Bus) -> None:
-        """Listen to ``bus``'s idle line: a terminal's login and heartbeats are answered at once."""
-        if self._bus is None:
-            self._bus = weakref.ref(bus)
-            bus.listen(self)
+        # held, not weakly: a weak reference per meter would cost more than the entry. The bus,
+        # its share and its drivers go together; a driver whose meter is dropped while its bus
+        # stays is detached (Dlt698Driver.detach)
+        self.drivers: dict[bytes, Dlt698Driver] = {}
+        self._bus = weakref.ref(bus)
+        bus.listen(self)
 
     @property
     def pending(self) -> bool:
@@ -171,7 +176,7 @@ class _BusShare:
         """Acknowledge notifications with REPORT-Response, answer LINK-Requests with
         LINK-Response, and hand every event to ``on_event`` of the driver of the meter that sent
         it (logged when nobody listens), until none is pending."""
-        bus = self._bus() if self._bus is not None else None
+        bus = self._bus()
         while bus is not None and self.line.pending_events:
             for event in self.line.take_events():
                 bus.counters.unsolicited += 1
@@ -217,13 +222,17 @@ class _BusShare:
             await bus.send(answer.encode(PREAMBLE), priority=Priority.COMMAND)
 
 
-_shares: Final = PerBus(_BusShare)
+# finds a bus's share without keeping it (the bus keeps it, as its listener), nor the bus
+_shares: Final[weakref.WeakKeyDictionary[Bus, weakref.ref[_BusShare]]] = weakref.WeakKeyDictionary()
 
 
 def _share(bus: Bus) -> _BusShare:
-    """The bus's share, listening to its idle line from the first DL/T 698.45 use of the bus on."""
-    share = _shares(bus)
-    share.attach(bus)
+    """The bus's share, made at the first DL/T 698.45 use of the bus."""
+    found = _shares.get(bus)
+    share = found() if found is not None else None
+    if share is None:
+        share = _BusShare(bus)
+        _shares[bus] = weakref.ref(share)
     return share
 
 
@@ -408,6 +417,13 @@ class Dlt698Driver:
     def __repr__(self) -> str:
         return f"<Dlt698Driver {self.meter_id} {self.address} on {self.bus.name}>"
 
+    def detach(self) -> None:
+        """Stop speaking for the meter on its bus: what the meter sends unasked no longer comes
+        here (the fleet detaches the driver of a meter it drops while keeping the bus)."""
+        drivers = self._share.drivers
+        if drivers.get(self._address.wire) is self:
+            del drivers[self._address.wire]
+
     @property
     def address(self) -> str:
         return str(self._address)
@@ -529,7 +545,7 @@ class Dlt698Driver:
         try:
             result = await self._exchange(build, tag, choice, decode, priority, force=force, attempts=attempts)
         except MeterRefused as exc:
-            if exc.code != DAR_DENIED or not self._may_connect():
+            if not _wants_association(exc) or not self._may_connect():
                 raise
             await self._learned_connect(priority, force)
             return await self._exchange(build, tag, choice, decode, priority, force=force, attempts=attempts)
@@ -564,17 +580,36 @@ class Dlt698Driver:
         self._needs_connect = True
 
     async def connect(self, *, priority: int = Priority.POLL, force: bool = False) -> ap.ConnectResponse:
-        """CONNECT-Request (6.2): NullSecurity, or PasswordSecurity when a password is configured."""
+        """CONNECT-Request (6.2): NullSecurity, or PasswordSecurity when a password is configured.
+
+        A meter that refuses our protocol version (ConnectResult 5) names its own in the
+        response: the CONNECT is made once more with that version, which the driver keeps."""
         mechanism = ap.NULL_SECURITY if self.password is None else ap.ConnectMechanism(1, self.password)
         address = self._address
+        version = _versions.get(self)
 
         def build(piid: int) -> Frame:
-            return rq.connect(address, piid=piid, timeout=CONNECT_TIMEOUT, mechanism=mechanism)
+            return rq.connect(address, piid=piid, timeout=CONNECT_TIMEOUT, mechanism=mechanism, version=version)
 
         started = self.clock()
-        response: ap.ConnectResponse = await self._exchange(
-            build, 130, None, _expect(ap.ConnectResponse), priority, secure=False, force=force
-        )
+        try:
+            response: ap.ConnectResponse = await self._exchange(
+                build, 130, None, _expect(ap.ConnectResponse), priority, secure=False, force=force
+            )
+        except MeterRefused as exc:
+            theirs = exc.answer.version if isinstance(exc.answer, ap.ConnectResponse) else None
+            if exc.code != CONNECT_VERSION_MISMATCH or theirs is None or theirs == version:
+                raise
+            log.info(
+                "event=association_version meter=%s offered=%s meter_speaks=%04X",
+                logfmt_value(self.meter_id),
+                "default" if version is None else f"{version:04X}",
+                theirs,
+            )
+            _versions[self] = version = theirs
+            response = await self._exchange(
+                build, 130, None, _expect(ap.ConnectResponse), priority, secure=False, force=force
+            )
         lifetime = min(float(response.timeout or CONNECT_TIMEOUT), float(CONNECT_TIMEOUT))
         self._assoc_until = started + max(0.0, lifetime - CONNECT_MARGIN)
         log.info("event=association_open meter=%s seconds=%.0f", logfmt_value(self.meter_id), lifetime)
@@ -944,6 +979,8 @@ def _expect(kind: type[Any]) -> Callable[[Reply], Any]:
 
 # the lock of a meter whose association is being opened (only meters that associate get one)
 _opening: weakref.WeakKeyDictionary[Dlt698Driver, asyncio.Lock] = weakref.WeakKeyDictionary()
+# the protocol version a meter named when it refused ours (only such meters get an entry)
+_versions: weakref.WeakKeyDictionary[Dlt698Driver, int] = weakref.WeakKeyDictionary()
 
 
 def _canonical_info(quantity: str, item: Item | None) -> tuple[str, tuple[float, float]] | None:
@@ -954,6 +991,14 @@ def _canonical_info(quantity: str, item: Item | None) -> tuple[str, tuple[float,
     if info is None or item is None or item.type not in SIGNED_TYPES or info[1][0] < 0:
         return info
     return info[0], (-info[1][1], info[1][1])
+
+
+def _wants_association(exc: MeterRefused) -> bool:
+    """Whether a refusal is how a meter says "associate first": DAR 3, or an ERROR-Response of
+    :data:`ASSOCIATION_ERRORS` (told apart by its reason: both carry small codes)."""
+    if "error_response" in exc.reasons:
+        return exc.code in ASSOCIATION_ERRORS
+    return exc.code == DAR_DENIED
 
 
 def _all_denied(reply: Reply) -> bool:

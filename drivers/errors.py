@@ -41,10 +41,11 @@ class MeterRefused(DriverError):
 
     kind = "meter_refused"
 
-    def __init__(self, message: str, *, code: int, reasons: tuple[str, ...] = ()) -> None:
+    def __init__(self, message: str, *, code: int, reasons: tuple[str, ...] = (), answer: object = None) -> None:
         super().__init__(message)
         self.code = code
         self.reasons = reasons
+        self.answer = answer  # the refusing answer as the protocol parsed it, when a caller can use it
 
 
 class ConfigurationError(DriverError):

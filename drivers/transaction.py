@@ -175,7 +175,7 @@ class TransactionEngine:
                     self.on_latency(asyncio.get_running_loop().time() - self._last_tx_end)
                 return verdict.reply
             if isinstance(verdict, Refusal):
-                raise MeterRefused(verdict.text, code=verdict.code, reasons=verdict.reasons)
+                raise MeterRefused(verdict.text, code=verdict.code, reasons=verdict.reasons, answer=verdict.answer)
             if isinstance(verdict, Unusable):
                 failure = BadReply(verdict.text)
                 continue

@@ -86,6 +86,8 @@ class Refusal:
     text: str  # one line for logs and operators
     code: int  # the raw error word or exception code
     reasons: tuple[str, ...] = ()  # the code's decoded flag names
+    # the refusing answer, for a caller that can act on it (the version a CONNECT-Response names)
+    answer: object = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,10 @@ What it answers (DL/T 698.45-2017 clause 6.3, Appendix E objects as in
   closes again after those minutes), 130 closes (enum 1 now, 0 arms: :meth:`press_button`),
   8001 method 127/128 keep-power on/off (a trip under keep-power gets DAR 3);
 * CONNECT-Request (NullSecurity or PasswordSecurity) and RELEASE-Request; with
-  ``requires_connect`` GET/SET/ACTION answer DAR 3 until an association exists;
+  ``requires_connect`` GET/SET/ACTION answer DAR 3 until an association exists (with
+  ``unassociated_error`` an ERROR-Response "service not supported" instead, as some firmware
+  does); a CONNECT offering another ``protocol_version`` than the meter's gets ConnectResult 5
+  with the meter's version;
 * SECURITY-Request plaintext + RN: answered by SECURITY-Response plaintext + MAC; ciphertext +
   SID_MAC: opened and answered in ciphertext. Both use the documented TEST-ONLY scheme of
   :mod:`simulators.dlt698_test_security` (NOT the State Grid ESAM scheme). With
@@ -101,6 +104,7 @@ log = logging.getLogger(__name__)
 
 DAR_OK: Final = 0
 DAR_DENIED: Final = 3  # 拒绝读写
+DEFAULT_PROTOCOL_VERSION: Final = ap.PROTOCOL_VERSION  # what the gateway offers by default
 DAR_UNDEFINED: Final = 4
 DAR_UNAVAILABLE: Final = 6  # 对象不存在
 DAR_TYPE: Final = 7
@@ -227,6 +231,8 @@ class Dlt698Meter(MeterClock):
         catalogue: Catalogue | None = None,
         login: bool = False,
         heartbeat: float | None = None,
+        protocol_version: int = DEFAULT_PROTOCOL_VERSION,
+        unassociated_error: bool = False,
     ) -> None:
         self.address = ServerAddress.parse(address, AddressType.SINGLE)
         self.address_text = str(self.address)
@@ -244,6 +250,8 @@ class Dlt698Meter(MeterClock):
         self.tariffs = tariffs
         self.drift_ppm = drift_ppm
         self.requires_connect = requires_connect
+        self.protocol_version = protocol_version
+        self.unassociated_error = unassociated_error
         self.requires_security = requires_security
         self.accept_plaintext_control = accept_plaintext_control
         self.report = report
@@ -646,6 +654,8 @@ class Dlt698Meter(MeterClock):
             self._negotiated_apdu = self.apdu_max
             return ap.ReleaseResponse(piid=piid, result=0)
         denied = self._denied(level, broadcast)
+        if denied == DAR_DENIED and self.unassociated_error:
+            return ap.ErrorResponse(piid=piid, error=2)
         match request:
             case ap.GetRequestNormal(oad=oad):
                 return ap.GetResponseNormal(piid=piid, result=self._get(oad, denied))
@@ -685,6 +695,8 @@ class Dlt698Meter(MeterClock):
             result = 1
         elif mechanism.kind not in (0, 1):
             result = 2  # symmetric/signature security needs an ESAM, which is not simulated
+        if request.version != self.protocol_version:
+            result = 5  # the meter answers with its own version
         size = min(request.apdu_max, self.apdu_max)
         if result == 0:
             self._association_until = self.meter_time() + datetime.timedelta(seconds=request.timeout)
@@ -692,7 +704,7 @@ class Dlt698Meter(MeterClock):
         return ap.ConnectResponse(
             piid=piid,
             factory=_FACTORY,
-            version=request.version,
+            version=self.protocol_version,
             protocol_conformance=request.protocol_conformance,
             function_conformance=request.function_conformance,
             send_max=min(request.receive_max, self.apdu_max),

@@ -182,6 +182,57 @@ async def test_password_association_and_a_wrong_password_is_refused(meters_bus: 
 
 
 @pytest.mark.asyncio
+async def test_a_meter_of_another_protocol_version_is_offered_its_own_and_keeps_it(
+    meters_bus: MetersBusFactory,
+) -> None:
+    meter = sim(requires_connect=True, protocol_version=0x0010)
+    other = sim("000000000002", requires_connect=True)  # the default version, on the same line
+    bus = await meters_bus([meter, other])
+    async with bus_to(bus) as b:
+        d, d_other = driver(b, meter, association="connect"), driver(b, other, association="connect")
+        before = meter.requests
+        assert len(await d.read(["energy.active.import.total"], slot=0.0, now=1.0)) == 1
+        assert meter.requests - before == 3  # CONNECT refused (ConnectResult 5), CONNECT 0010, GET
+        meter._association_until = None  # the meter restarts: the next CONNECT offers 0010 at once
+        before = meter.requests
+        assert len(await d.read(["energy.active.import.total"], slot=0.0, now=1.0)) == 1
+        assert meter.requests - before == 3  # GET denied, CONNECT, GET
+        before = other.requests
+        assert len(await d_other.read(["energy.active.import.total"], slot=0.0, now=1.0)) == 1
+        assert other.requests - before == 2  # another meter is not affected
+
+
+@pytest.mark.asyncio
+async def test_a_wrong_password_after_the_version_is_agreed_is_a_clear_refusal(meters_bus: MetersBusFactory) -> None:
+    meter = sim(requires_connect=True, protocol_version=0x0010, password="s3cret")
+    bus = await meters_bus([meter])
+    async with bus_to(bus) as b:
+        d = driver(b, meter, association="connect", password="nope")
+        with pytest.raises(MeterRefused, match="password error") as refused:
+            await d.read(["energy.active.import.total"], slot=0.0, now=1.0)
+    assert refused.value.reasons == ("connect_refused",)
+    assert not d.associated
+
+
+@pytest.mark.asyncio
+async def test_auto_mode_connects_when_the_meter_answers_error_response_without_association(
+    meters_bus: MetersBusFactory,
+) -> None:
+    meter = sim(requires_connect=True, unassociated_error=True)
+    bus = await meters_bus([meter])
+    async with bus_to(bus) as b:
+        d = driver(b, meter)  # association "auto"
+        assert len(await d.read(["energy.active.import.total"], slot=0.0, now=1.0)) == 1
+        assert d.needs_connect is True
+        assert d.associated
+        # "none" never connects: the refusal reaches the caller as what it is
+        never = driver(b, meter, association="none")
+        meter._association_until = None
+        with pytest.raises(MeterRefused, match="service not supported"):
+            await never.read(["energy.active.import.total"], slot=0.0, now=1.0)
+
+
+@pytest.mark.asyncio
 async def test_requests_that_find_the_association_closed_open_it_once(meters_bus: MetersBusFactory) -> None:
     """A poll and the time-sync job's clock read at once: one CONNECT, which the other waits for
     (the dlt698 engine refuses a second CONNECT while associated; tests/test_dlt698_engine_meter.py)."""

@@ -112,11 +112,20 @@ def bits(text: str) -> bytes:
 
 class EngineMeter:
     """One meter: an address and the engine's ObjectRegistry of standard objects it answers from.
-    ``preset``: the session starts associated (a local port); otherwise it wants CONNECT first."""
+    ``preset``: the session starts associated (a local port); otherwise it wants CONNECT first.
+    ``version``: the CONNECT protocol version the meter speaks (None: the engine's own, 0x0010)."""
 
-    def __init__(self, address: str, *, preset: bool = True, clock: datetime.datetime = METER_CLOCK) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        preset: bool = True,
+        clock: datetime.datetime = METER_CLOCK,
+        version: int | None = CONNECT_VERSION,
+    ) -> None:
         self.address = address
         self.preset = preset
+        self.version = version
         self.registry = ObjectRegistry()
         for (oi, attribute), (make, raw) in RAW.items():
             value = Data.array([make(v) for v in raw]) if isinstance(raw, tuple) else make(raw)
@@ -170,11 +179,12 @@ class EngineSession:
         )
         # The engine accepts a CONNECT-Request of its own protocol version only and refuses any
         # other with ConnectResult 5 (协议版本不匹配, 6.2) naming its version: 0x0010 by default,
-        # the value in the standard's Appendix D.2 example. The gateway asks for 0x0016
-        # (apdu.ConnectRequest); this meter is configured to speak that version.
-        parameters = options.parameters
-        parameters.version = CONNECT_VERSION
-        options.parameters = parameters
+        # the value in the standard's Appendix D.2 example. The gateway offers 0x0016
+        # (apdu.ConnectRequest) first; most meters here are configured to speak that version.
+        if meter.version is not None:
+            parameters = options.parameters
+            parameters.version = meter.version
+            options.parameters = parameters
         self.session = SessionHandle(far, executor, options)
         attach_services(self.session, meter.registry)
         self.session.start()
@@ -331,6 +341,25 @@ async def test_a_session_without_preset_association_is_read_after_connect() -> N
         "energy.active.import.total": pytest.approx(12345.67),
         "voltage.l1": pytest.approx(220.1),
     }
+
+
+@pytest.mark.asyncio
+async def test_a_meter_of_the_engines_own_version_is_learned_in_auto_mode() -> None:
+    """The engine's defaults: it speaks protocol version 0x0010 and, without an association,
+    answers a GET with ERROR-Response "service not supported" (not DAR 3). Auto mode learns
+    both: it connects, is refused for the version, offers the one the meter named, and reads."""
+    meter = EngineMeter("000000000009", preset=False, version=None)
+    async with engine_line([meter]) as line, bus_to(line.port) as bus:
+        d = Dlt698Driver(bus, "e9", meter.address, model(), association="auto", tz=TZ)
+        readings = await d.read(["energy.active.import.total", "voltage.l1"], slot=0.0, now=1.0)
+        assert d.needs_connect is True
+        assert d.associated
+        again = await d.read(["energy.active.import.total"], slot=0.0, now=1.0)
+    assert {r.quantity: r.value for r in readings} == {
+        "energy.active.import.total": pytest.approx(12345.67),
+        "voltage.l1": pytest.approx(220.1),
+    }
+    assert [r.value for r in again] == [pytest.approx(12345.67)]
 
 
 @pytest.mark.xfail(

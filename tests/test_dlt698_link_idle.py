@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import gc
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -228,3 +230,32 @@ def test_the_simulated_terminal_logs_in_until_answered_then_heartbeats() -> None
     assert terminal.notify() is None  # nothing to report
     with pytest.raises(ValueError, match="heartbeat"):
         sim("000000000082", heartbeat=0)
+
+
+@pytest.mark.asyncio
+async def test_a_detached_driver_hears_nothing_and_the_next_driver_for_the_meter_does(
+    meters_bus: MetersBusFactory,
+) -> None:
+    # what the fleet does when a reload drops a meter and keeps its bus, then adds it back
+    terminal = sim("000000000051", login=True, heartbeat=0.05)
+    sim_bus = await meters_bus([terminal], kind="tcp")
+    async with bus_to(sim_bus) as bus:
+        first = driver(bus, terminal)
+        heard: list[MeterEvent] = []
+        first.on_event = heard.append
+        await until(lambda: bool(heard), 2.0, "the first driver hears the terminal")
+        first.detach()
+        gone = weakref.ref(first)
+        del first
+        gc.collect()
+        assert gone() is None  # the bus keeps no detached driver
+        heard.clear()
+        answered = len(terminal.link_answers)
+        await until(lambda: len(terminal.link_answers) >= answered + 3, 2.0, "heartbeats still answered")
+        assert heard == []
+        second = driver(bus, terminal)
+        again: list[MeterEvent] = []
+        second.on_event = again.append
+        await until(lambda: bool(again), 2.0, "the new driver hears the terminal")
+    assert heard == []
+    assert all(str(e.address) == "000000000051" for e in again)

@@ -156,7 +156,9 @@ class Fleet:
         for name in buses:
             await self._close_bus(name)
         for meter_id in meters:
-            self.meters.pop(meter_id, None)
+            dropped = self.meters.pop(meter_id, None)
+            if dropped is not None:
+                _detach(dropped.driver)
         for bus in new.buses:
             if bus.name in buses:
                 self.buses[bus.name] = build_bus(bus, self.health)
@@ -179,6 +181,13 @@ class Fleet:
             return
         with contextlib.suppress(Exception):  # closing must not stop a shutdown or reload
             await bus.close()
+
+
+def _detach(driver: object) -> None:
+    """A dropped meter's driver that its bus routes unasked frames to (DL/T 698.45's) lets go."""
+    detach = getattr(driver, "detach", None)
+    if detach is not None:
+        detach()
 
 
 __all__ = ["Fleet", "MeterRuntime", "build_bus", "build_buses", "build_driver", "driver_context", "link_settings"]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Final, NamedTuple, TypeVar
 
 from meter_gateway.protocols.dlt698.axdr import (
@@ -213,7 +213,7 @@ VERIFICATIONS: Final = ("SID_MAC", "RN", "RN_MAC", "SID")
 # ---- the APDU base classes ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class Apdu:
     """Base of every APDU. ``SERVICE`` is the outer service name, ``NAME`` the CHOICE's."""
 
@@ -223,6 +223,20 @@ class Apdu:
     NAME: ClassVar[str] = ""
     FAMILY: ClassVar[str] = ""  # link, client, server, security
     warnings: tuple[str, ...] = field(default=(), compare=False, repr=False)
+
+    # one repr, == and hash for every APDU, as dataclass would write them for each (repr=False,
+    # eq=False above): 46 classes' generated methods were a fifth of the module's memory
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
+        return f"{self.__class__.__qualname__}({shown})"
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return _compared(self) == _compared(other)
+
+    def __hash__(self) -> int:
+        return hash(_compared(self))
 
     def encode(self) -> bytes:
         """The APDU's bytes (strict)."""
@@ -240,7 +254,7 @@ class Apdu:
         pass
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class ClientApdu(Apdu):
     FAMILY: ClassVar[str] = "client"
     piid: Piid = PIID0
@@ -250,7 +264,7 @@ class ClientApdu(Apdu):
         _encode_timetag(out, self.timetag)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class ServerApdu(Apdu):
     FAMILY: ClassVar[str] = "server"
     piid: Piid = PIID0
@@ -271,13 +285,18 @@ class ServerApdu(Apdu):
         _encode_timetag(out, self.timetag)
 
 
+def _compared(apdu: Apdu) -> tuple[Any, ...]:
+    """The values of the fields ``==`` and ``hash`` look at (all but ``warnings``), in order."""
+    return tuple(getattr(apdu, f.name) for f in fields(apdu) if f.compare)
+
+
 # ---- LINK (clause 6.2 pre-connection; Appendix D.1) ------------------------------------------
 
 
 LINK_KINDS: Final = ("login", "heartbeat", "logout")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class LinkRequest(Apdu):
     """A terminal's login (0), heartbeat (1) or logout (2) with its heartbeat period and clock."""
 
@@ -297,7 +316,7 @@ class LinkRequest(Apdu):
         encode_date_time(out, self.time)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class LinkResponse(Apdu):
     """The master's answer to a LINK-Request: result (0 ok, 1 duplicate address, 2 illegal
     device, 3 over capacity), clock-trusted flag (bit 7) and the three timestamps the terminal
@@ -327,12 +346,17 @@ class LinkResponse(Apdu):
 # ---- CONNECT / RELEASE (clause 6.2 application connection; Appendix D.2) ---------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+# The protocol version a CONNECT offers by default: what field devices answer in public captures
+# (the standard's Appendix D.2 example shows 0010; a meter refusing ours names its own).
+PROTOCOL_VERSION: Final = 0x0016
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class ConnectRequest(ClientApdu):
     TAG: ClassVar[int] = 2
     SERVICE: ClassVar[str] = "CONNECT-Request"
     NAME: ClassVar[str] = "ConnectRequest"
-    version: int = 0x0016
+    version: int = PROTOCOL_VERSION
     protocol_conformance: bytes = b"\xff" * 8  # 64-bit conformance block (Appendix C)
     function_conformance: bytes = b"\xff" * 16  # 128-bit conformance block (Appendix C)
     send_max: int = 1024
@@ -363,7 +387,7 @@ class ConnectRequest(ClientApdu):
             raise LocalProtocolError(f"connect mechanism {m.kind} is not defined")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class ConnectResponse(ServerApdu):
     """result: 0 allowed, 1 password error, 2 symmetric decryption error, 3 asymmetric decryption
     error, 4 signature error, 5 protocol version mismatch, 255 other."""
@@ -404,7 +428,7 @@ class ConnectResponse(ServerApdu):
             encode_octets(out, self.server_signature or b"")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class ReleaseRequest(ClientApdu):
     TAG: ClassVar[int] = 3
     SERVICE: ClassVar[str] = "RELEASE-Request"
@@ -414,7 +438,7 @@ class ReleaseRequest(ClientApdu):
         out.append(self.piid.byte)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class ReleaseResponse(ServerApdu):
     TAG: ClassVar[int] = 131
     SERVICE: ClassVar[str] = "RELEASE-Response"
@@ -425,7 +449,7 @@ class ReleaseResponse(ServerApdu):
         out += bytes((self.piid.byte, _u8(self.result, "result")))
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class ReleaseNotification(ServerApdu):
     TAG: ClassVar[int] = 132
     SERVICE: ClassVar[str] = "RELEASE-Notification"
@@ -442,7 +466,7 @@ class ReleaseNotification(ServerApdu):
 # ---- GET (clause 6.3.7; Appendix D.3) --------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class GetRequestNormal(ClientApdu):
     TAG: ClassVar[int] = 5
     CHOICE: ClassVar[int | None] = 1
@@ -455,7 +479,7 @@ class GetRequestNormal(ClientApdu):
         encode_oad(out, self.oad)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class GetRequestNormalList(ClientApdu):
     TAG: ClassVar[int] = 5
     CHOICE: ClassVar[int | None] = 2
@@ -470,7 +494,7 @@ class GetRequestNormalList(ClientApdu):
             encode_oad(out, oad)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class GetRequestRecord(ClientApdu):
     TAG: ClassVar[int] = 5
     CHOICE: ClassVar[int | None] = 3
@@ -483,7 +507,7 @@ class GetRequestRecord(ClientApdu):
         _encode_get_record(out, self.record)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class GetRequestRecordList(ClientApdu):
     TAG: ClassVar[int] = 5
     CHOICE: ClassVar[int | None] = 4
@@ -498,7 +522,7 @@ class GetRequestRecordList(ClientApdu):
             _encode_get_record(out, record)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class GetRequestNext(ClientApdu):
     """Ask for the block after ``last_block`` (application-layer block transfer, clause 6.1)."""
 
@@ -513,7 +537,7 @@ class GetRequestNext(ClientApdu):
         out += _u16(self.last_block, "block number")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class GetRequestMD5(ClientApdu):
     TAG: ClassVar[int] = 5
     CHOICE: ClassVar[int | None] = 6
@@ -526,7 +550,7 @@ class GetRequestMD5(ClientApdu):
         encode_oad(out, self.oad)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class GetResponseNormal(ServerApdu):
     TAG: ClassVar[int] = 133
     CHOICE: ClassVar[int | None] = 1
@@ -539,7 +563,7 @@ class GetResponseNormal(ServerApdu):
         _encode_result_normal(out, self.result)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class GetResponseNormalList(ServerApdu):
     TAG: ClassVar[int] = 133
     CHOICE: ClassVar[int | None] = 2
@@ -554,7 +578,7 @@ class GetResponseNormalList(ServerApdu):
             _encode_result_normal(out, result)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class GetResponseRecord(ServerApdu):
     TAG: ClassVar[int] = 133
     CHOICE: ClassVar[int | None] = 3
@@ -567,7 +591,7 @@ class GetResponseRecord(ServerApdu):
         _encode_result_record(out, self.result)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class GetResponseRecordList(ServerApdu):
     TAG: ClassVar[int] = 133
     CHOICE: ClassVar[int | None] = 4
@@ -582,7 +606,7 @@ class GetResponseRecordList(ServerApdu):
             _encode_result_record(out, result)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class GetResponseNext(ServerApdu):
     """One block of a long GET: ``results`` (normal or record results) or ``dar``."""
 
@@ -612,7 +636,7 @@ class GetResponseNext(ServerApdu):
                 _encode_result_normal(out, result)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class GetResponseMD5(ServerApdu):
     TAG: ClassVar[int] = 133
     CHOICE: ClassVar[int | None] = 6
@@ -635,7 +659,7 @@ class GetResponseMD5(ServerApdu):
 # ---- SET (clause 6.3.8; Appendix D.4) --------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class SetRequestNormal(ClientApdu):
     TAG: ClassVar[int] = 6
     CHOICE: ClassVar[int | None] = 1
@@ -650,7 +674,7 @@ class SetRequestNormal(ClientApdu):
         encode_data(out, self.data)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class SetRequestNormalList(ClientApdu):
     TAG: ClassVar[int] = 6
     CHOICE: ClassVar[int | None] = 2
@@ -666,7 +690,7 @@ class SetRequestNormalList(ClientApdu):
             encode_data(out, data)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class SetThenGetRequestNormalList(ClientApdu):
     TAG: ClassVar[int] = 6
     CHOICE: ClassVar[int | None] = 3
@@ -684,7 +708,7 @@ class SetThenGetRequestNormalList(ClientApdu):
             out.append(_u8(item.delay, "delay"))
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class SetResponseNormal(ServerApdu):
     TAG: ClassVar[int] = 134
     CHOICE: ClassVar[int | None] = 1
@@ -699,7 +723,7 @@ class SetResponseNormal(ServerApdu):
         out.append(_u8(self.dar, "DAR"))
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class SetResponseNormalList(ServerApdu):
     TAG: ClassVar[int] = 134
     CHOICE: ClassVar[int | None] = 2
@@ -715,7 +739,7 @@ class SetResponseNormalList(ServerApdu):
             out.append(_u8(result.dar, "DAR"))
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class SetThenGetResponseNormalList(ServerApdu):
     TAG: ClassVar[int] = 134
     CHOICE: ClassVar[int | None] = 3
@@ -735,7 +759,7 @@ class SetThenGetResponseNormalList(ServerApdu):
 # ---- ACTION (clause 6.3.9; Appendix D.5) -----------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class ActionRequest(ClientApdu):
     TAG: ClassVar[int] = 7
     CHOICE: ClassVar[int | None] = 1
@@ -750,7 +774,7 @@ class ActionRequest(ClientApdu):
         encode_data(out, self.data)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class ActionRequestList(ClientApdu):
     TAG: ClassVar[int] = 7
     CHOICE: ClassVar[int | None] = 2
@@ -766,7 +790,7 @@ class ActionRequestList(ClientApdu):
             encode_data(out, item.data)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class ActionThenGetRequestNormalList(ClientApdu):
     TAG: ClassVar[int] = 7
     CHOICE: ClassVar[int | None] = 3
@@ -784,7 +808,7 @@ class ActionThenGetRequestNormalList(ClientApdu):
             out.append(_u8(item.delay, "delay"))
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class ActionResponseNormal(ServerApdu):
     TAG: ClassVar[int] = 135
     CHOICE: ClassVar[int | None] = 1
@@ -797,7 +821,7 @@ class ActionResponseNormal(ServerApdu):
         _encode_action_result(out, self.result)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class ActionResponseNormalList(ServerApdu):
     TAG: ClassVar[int] = 135
     CHOICE: ClassVar[int | None] = 2
@@ -812,7 +836,7 @@ class ActionResponseNormalList(ServerApdu):
             _encode_action_result(out, result)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class ActionThenGetResponseNormalList(ServerApdu):
     TAG: ClassVar[int] = 135
     CHOICE: ClassVar[int | None] = 3
@@ -831,7 +855,7 @@ class ActionThenGetResponseNormalList(ServerApdu):
 # ---- REPORT (clause 6.3.10) ------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class ReportNotificationList(ServerApdu):
     TAG: ClassVar[int] = 136
     CHOICE: ClassVar[int | None] = 1
@@ -846,7 +870,7 @@ class ReportNotificationList(ServerApdu):
             _encode_result_normal(out, result)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class ReportNotificationRecordList(ServerApdu):
     TAG: ClassVar[int] = 136
     CHOICE: ClassVar[int | None] = 2
@@ -861,7 +885,7 @@ class ReportNotificationRecordList(ServerApdu):
             _encode_result_record(out, result)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class ReportNotificationTransData(ServerApdu):
     TAG: ClassVar[int] = 136
     CHOICE: ClassVar[int | None] = 3
@@ -878,7 +902,7 @@ class ReportNotificationTransData(ServerApdu):
             encode_octets(out, frame)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class ReportResponseList(ClientApdu):
     """Our acknowledgement of a ReportNotificationList: the OADs received."""
 
@@ -895,13 +919,13 @@ class ReportResponseList(ClientApdu):
             encode_oad(out, oad)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class ReportResponseRecordList(ReportResponseList):
     CHOICE: ClassVar[int | None] = 2
     NAME: ClassVar[str] = "ReportResponseRecordList"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class ReportResponseTransData(ClientApdu):
     TAG: ClassVar[int] = 8
     CHOICE: ClassVar[int | None] = 3
@@ -926,7 +950,7 @@ PROXY_REQUESTS: Final = {
 PROXY_RESPONSES: Final = {k: v.replace("Request", "Response") for k, v in PROXY_REQUESTS.items()}
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class ProxyTransCommandRequest(ClientApdu):
     """Pass ``command`` through serial port ``port`` (e.g. F2010201) of a terminal."""
 
@@ -948,7 +972,7 @@ class ProxyTransCommandRequest(ClientApdu):
         encode_octets(out, self.command)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class ProxyTransCommandResponse(ServerApdu):
     TAG: ClassVar[int] = 137
     CHOICE: ClassVar[int | None] = 7
@@ -968,7 +992,7 @@ class ProxyTransCommandResponse(ServerApdu):
             encode_octets(out, self.answer or b"")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class ProxyOpaque(Apdu):
     """A PROXY request/response we do not decode field by field: ``raw`` is everything after the
     choice byte (including the trailers). PIID is still decoded."""
@@ -986,7 +1010,7 @@ class ProxyOpaque(Apdu):
 # ---- SECURITY (clause 6.3.13; Appendix G) ----------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class SecurityRequest(Apdu):
     """``data`` is the wrapped APDU (plaintext, or ciphertext when ``encrypted``); ``inner`` is the
     decoded plaintext APDU on decode (None for ciphertext)."""
@@ -1021,7 +1045,7 @@ class SecurityRequest(Apdu):
             raise LocalProtocolError(f"verification kind {v.kind} is not defined")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class SecurityResponse(Apdu):
     """``data`` (plaintext or ciphertext) or ``dar``; ``mac`` when the server added one."""
 
@@ -1051,7 +1075,7 @@ class SecurityResponse(Apdu):
 # ---- ERROR-Response (clause 6.3.15) ----------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False, eq=False)
 class ErrorResponse(Apdu):
     """error: 1 APDU cannot be parsed, 2 service not supported, 255 other. ``from_server`` picks
     the tag (238 from a server, 110 from a client)."""
@@ -1714,6 +1738,7 @@ def oads_of(apdu: Apdu) -> list[OAD | OMD]:
 
 __all__ = [
     "CSD",
+    "PROTOCOL_VERSION",
     "ActionItem",
     "ActionRequest",
     "ActionRequestList",

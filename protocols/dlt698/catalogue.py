@@ -212,15 +212,13 @@ class Catalogue:
         self._by_quantity: dict[str, OAD] = {}
         for item in items:
             self._items.setdefault((item.oi, item.attribute), item)
+        # an item's entry is built the first time the item is read: a gateway reads a few of them
         self._entries: dict[tuple[int, int], _Entry] = {}
-        for key, item in self._items.items():
-            elements = tuple(ElementSpec.of(item, index) for index in range(_PRECOMPUTED_ELEMENTS))
-            self._entries[key] = _Entry(
-                item, item.layout not in ("none", "record"), item.layout == "status_words", elements
-            )
-            for index, spec in enumerate(elements):
-                if spec.quantity is not None:
-                    self._by_quantity.setdefault(spec.quantity, OAD(item.oi, item.attribute, index))
+        for item in self._items.values():
+            for index in range(_PRECOMPUTED_ELEMENTS):
+                quantity = item.element(index)[1]
+                if quantity is not None:
+                    self._by_quantity.setdefault(quantity, OAD(item.oi, item.attribute, index))
         self.bit_tables = dict(bit_tables)
         self._converters: dict[OAD, _Converter] = {}
 
@@ -304,7 +302,7 @@ class Catalogue:
 
     def _converter(self, oad: OAD) -> _Converter | None:
         oi, attribute, index = oad
-        entry = self._entries.get((oi, attribute & 0x1F))
+        entry = self._entries.get((oi, attribute & 0x1F)) or self._entry((oi, attribute & 0x1F))
         if entry is None:
             return None
         elements = entry.elements
@@ -317,6 +315,17 @@ class Catalogue:
             self._converters.clear()
         self._converters[oad] = converter
         return converter
+
+    def _entry(self, key: tuple[int, int]) -> _Entry | None:
+        """The entry of a catalogue item, built the first time one of its OADs is read."""
+        item = self._items.get(key)
+        if item is None:
+            return None
+        elements = tuple(ElementSpec.of(item, index) for index in range(_PRECOMPUTED_ELEMENTS))
+        entry = self._entries[key] = _Entry(
+            item, item.layout not in ("none", "record"), item.layout == "status_words", elements
+        )
+        return entry
 
     @staticmethod
     def _more_parts(converter: _Converter, count: int) -> tuple[_Target, ...]:

@@ -49,6 +49,10 @@ __all__ = [
 ]
 
 REASONS: Final = ("noise", "bad_hcs", "bad_fcs", "bad_end", "bad_length", "truncated")
+# address flags (AF) with a cache of their own; a bus's meters normally share one, and past this
+# the caches start again
+_MAX_FLAGS: Final = 4
+_MAX_ADDRESSES: Final = 4096  # of one AF: a bus rarely has more meters; past it the cache starts again
 
 Event = Frame | Discarded
 
@@ -65,10 +69,33 @@ class Deframer(LengthFramedDeframer[Frame]):
             raise LocalProtocolError(f"max_frame_length must be within {MIN_FRAME}..{MAX_LENGTH + 2}")
         super().__init__()
         self.max_frame_length = max_frame_length
-        self._addresses: dict[bytes, ServerAddress] = {}
+        # server addresses by AF, then by their wire bytes: decoded once per meter and shared by
+        # every frame from it (and by the driver that :meth:`know` s it). The key of a meter's
+        # address is the address's own ``wire``: a known meter costs the cache one dict entry
+        self._addresses: dict[int, dict[bytes, ServerAddress]] = {}
 
     def _frame(self, buf: bytes, pos: int, size: int) -> Frame:
-        return _build(buf, pos, size, self._addresses)
+        af = buf[pos + 4]
+        wire = buf[pos + 5 : pos + 6 + (af & 0x0F)]
+        known = self._addresses.get(af)
+        address = known.get(wire) if known is not None else None
+        return _build(buf, pos, size, address or self._learn(af, wire))
+
+    def _learn(self, af: int, wire: bytes) -> ServerAddress:
+        address = ServerAddress.from_wire(af, wire)  # every AF decodes: SA length 1..16, any type
+        known = self._known(af)
+        if len(known) > _MAX_ADDRESSES:
+            known.clear()
+        known[wire] = address
+        return address
+
+    def _known(self, af: int) -> dict[bytes, ServerAddress]:
+        known = self._addresses.get(af)
+        if known is None:
+            if len(self._addresses) >= _MAX_FLAGS:
+                self._addresses.clear()
+            known = self._addresses[af] = {}
+        return known
 
     def _check(self, buf: bytes, pos: int, n: int) -> int | Discarded | None:
         if n - pos < 5:
@@ -108,9 +135,11 @@ class Deframer(LengthFramedDeframer[Frame]):
         return events
 
     def know(self, address: ServerAddress) -> None:
-        """Seed the address cache with an address the caller already holds (a driver's meter)."""
-        if len(self._addresses) <= 4096:
-            self._addresses.setdefault(bytes((address.af,)) + address.wire, address)
+        """Seed the address cache with an address the caller already holds (a driver's meter), so
+        frames from that meter share it instead of decoding and keeping a copy per bus."""
+        known = self._known(address.af)
+        if len(known) <= _MAX_ADDRESSES:
+            known.setdefault(address.wire, address)
 
 
 @dataclass(frozen=True, slots=True)

@@ -346,7 +346,12 @@ class Dlt698Exchange(Generic[R]):
         match apdu:
             case ap.ConnectResponse(result=result) if result != 0:
                 text = _CONNECT_TEXT.get(result, f"result {result}")
-                return Refusal(f"meter {address} refused the association: {text}", result, ("connect_refused",))
+                return Refusal(
+                    f"meter {address} refused the association: {text} (it speaks version {apdu.version:04X})",
+                    result,
+                    ("connect_refused",),
+                    apdu,
+                )
             case ap.SetResponseNormal(dar=d) if d != 0:
                 dar = d
             case ap.ActionResponseNormal(result=result) if result.dar != 0:

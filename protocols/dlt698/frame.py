@@ -308,24 +308,22 @@ def parse_frame(raw: bytes) -> Frame:
         raise RemoteProtocolError(f"end byte expected 16 found {body[total - 1]:02X}")
     if len(body) > total:
         raise RemoteProtocolError(f"{len(body) - total} unexpected bytes after the frame")
-    return _build(body, 0, total, None)
+    return _build(body, 0, total, _address(body, 0))
 
 
-def _build(buf: bytes, pos: int, total: int, cache: dict[bytes, ServerAddress] | None) -> Frame:
-    """A Frame from a validated candidate (shared by parse_frame and the deframer)."""
+def _address(buf: bytes, pos: int) -> ServerAddress:
+    """The server address of the checked frame at ``pos``, decoded."""
     af = buf[pos + 4]
-    header_end = pos + 6 + (af & 0x0F) + 1
-    key = buf[pos + 4 : header_end - 1]
-    address = cache.get(key) if cache is not None else None
-    if address is None:
-        try:
-            address = ServerAddress.from_wire(af, key[1:])
-        except LocalProtocolError as exc:  # pragma: no cover - AF bits always decode
-            raise RemoteProtocolError(str(exc)) from None
-        if cache is not None:
-            if len(cache) > 4096:  # a bus rarely has more meters; keep the cache bounded
-                cache.clear()
-            cache[key] = address
+    try:
+        return ServerAddress.from_wire(af, buf[pos + 5 : pos + 6 + (af & 0x0F)])
+    except LocalProtocolError as exc:  # pragma: no cover - AF bits always decode
+        raise RemoteProtocolError(str(exc)) from None
+
+
+def _build(buf: bytes, pos: int, total: int, address: ServerAddress) -> Frame:
+    """A Frame from a validated candidate and its server address (shared by parse_frame and the
+    deframer, which looks the address up in its cache instead of decoding it)."""
+    header_end = pos + 7 + (buf[pos + 4] & 0x0F)
     control = _CONTROLS[buf[pos + 3]]
     data = buf[header_end + 2 : pos + total - 3]
     if control.scrambled:

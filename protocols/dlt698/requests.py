@@ -15,6 +15,7 @@ parameter date_time_s; vectors P61/P62).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from collections.abc import Callable, Sequence
 from typing import Any, Final
@@ -204,20 +205,21 @@ def connect(
     timeout: int = 7200,
     apdu_max: int = 1024,
     mechanism: ConnectMechanism = NULL_SECURITY,
+    version: int | None = None,
 ) -> Frame:
-    """CONNECT-Request (public association, NullSecurity, all conformance bits by default)."""
-    return request_frame(
-        address,
-        ConnectRequest(
-            piid=Piid(piid),
-            timeout=timeout,
-            apdu_max=apdu_max,
-            send_max=apdu_max,
-            receive_max=apdu_max,
-            mechanism=mechanism,
-        ),
-        client,
+    """CONNECT-Request (public association, NullSecurity, all conformance bits by default);
+    ``version``: the protocol version to offer (None: :class:`ConnectRequest`'s)."""
+    request = ConnectRequest(
+        piid=Piid(piid),
+        timeout=timeout,
+        apdu_max=apdu_max,
+        send_max=apdu_max,
+        receive_max=apdu_max,
+        mechanism=mechanism,
     )
+    if version is not None:
+        request = dataclasses.replace(request, version=version)
+    return request_frame(address, request, client)
 
 
 def link_response(
