@@ -19,8 +19,6 @@ import asyncio
 import datetime
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -31,8 +29,6 @@ from meter_gateway.drivers.reading import Quality
 from meter_gateway.gateway.cli import ctl_cmd
 from meter_gateway.gateway.commands.auth import KeyRing
 from meter_gateway.gateway.commands.envelope import decode_ack
-from meter_gateway.gateway.config import load_config
-from meter_gateway.gateway.daemon.app import Gateway
 from meter_gateway.gateway.daemon.schedule import freeze_time
 from meter_gateway.gateway.uplink.contract import Topics, decode_batch, decode_meter_event
 from meter_gateway.protocols.dlt698 import requests as rq
@@ -44,6 +40,7 @@ from meter_gateway.simulators.dlt698_test_security import TestOnlySecurity
 from meter_gateway.simulators.links import SimulatedBus
 from meter_gateway.simulators.modbus_meter import ModbusSimServer, SimulatedMeter
 from tests.plugins.broker import Broker, Subscriber
+from tests.plugins.daemon import running, until
 from tests.plugins.simulators import MetersBusFactory
 from tests.test_ctl import GW, _args, keys  # noqa: F401  (keys is a fixture)
 
@@ -122,27 +119,6 @@ quantities = ["{E_TOTAL}", "voltage.l1"]
 spread = 0
 backfill = true
 {extra}"""
-
-
-@asynccontextmanager
-async def running(path: Path, clock: Callable[[], float] = time.time) -> AsyncIterator[Gateway]:
-    gateway = Gateway(load_config(path), clock=clock, shutdown_budget=5.0)
-    stop = asyncio.Event()
-    task = asyncio.create_task(gateway.run(stop))
-    try:
-        yield gateway
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
-
-
-async def until(cond: Callable[[], bool], within: float = 45.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
 
 
 def now_local() -> datetime.datetime:

@@ -51,13 +51,12 @@ from meter_gateway.drivers.meter_models import load_model
 from meter_gateway.drivers.reading import Quality
 from meter_gateway.drivers.tcp_link import TcpLink
 from meter_gateway.drivers.transport import TcpSettings
-from meter_gateway.gateway.config import load_config
-from meter_gateway.gateway.daemon.app import Gateway
 from meter_gateway.gateway.uplink.contract import Topics, decode_batch
 from meter_gateway.protocols.dlt698.apdu import ConnectRequest
 from meter_gateway.protocols.dlt698.axdr import OAD
 from meter_gateway.simulators.clock import SimClock
 from tests.plugins.broker import Broker, Subscriber
+from tests.plugins.daemon import running, until
 
 TZ = ZoneInfo("Asia/Shanghai")
 QUICK = BackoffPolicy(initial=0.01, maximum=0.02)
@@ -457,27 +456,6 @@ interval = "1d"
 mode = "unicast"
 max_drift = "5s"
 """
-
-
-@asynccontextmanager
-async def running(path: Path, clock: Callable[[], float]) -> AsyncIterator[Gateway]:
-    gateway = Gateway(load_config(path), clock=clock, shutdown_budget=5.0)
-    stop = asyncio.Event()
-    task = asyncio.create_task(gateway.run(stop))
-    try:
-        yield gateway
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
-
-
-async def until(cond: Callable[[], bool], within: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
 
 
 @pytest.mark.asyncio

@@ -8,7 +8,7 @@ import asyncio
 import datetime
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,7 @@ from meter_gateway.gateway.store.outbox import AsyncOutbox, Row
 from meter_gateway.protocols.dlt645.edition import Edition
 from meter_gateway.simulators.clock import SimClock
 from meter_gateway.simulators.faults import Faults
+from tests.plugins.daemon import until
 from tests.plugins.simulators import SimBusFactory, SimBusHandle
 
 TZ = ZoneInfo("Asia/Shanghai")
@@ -179,15 +180,6 @@ async def rig(sim_bus: SimBusFactory, tmp_path: Path, *, n: int = 1, backfill_da
     finally:
         await outbox.close()
         await bus.close()
-
-
-async def until(cond: Callable[[], bool], within: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 def d(day: int) -> datetime.date:

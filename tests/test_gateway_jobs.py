@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import sqlite3
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -22,10 +20,10 @@ import pytest
 
 from meter_gateway.drivers.reading import Quality
 from meter_gateway.gateway.config import load_config
-from meter_gateway.gateway.daemon.app import Gateway
 from meter_gateway.gateway.daemon.schedule import freeze_time
 from meter_gateway.gateway.store.cursors import CursorStore
 from meter_gateway.simulators.clock import SimClock
+from tests.plugins.daemon import running, until
 from tests.plugins.simulators import SimBusFactory
 
 TZ = ZoneInfo("Asia/Shanghai")
@@ -86,27 +84,6 @@ backfill = true
 {extra}
 """)
     return path
-
-
-@asynccontextmanager
-async def running(config_path: Path, clock: Callable[[], float]) -> AsyncIterator[Gateway]:
-    gateway = Gateway(load_config(config_path), clock=clock, shutdown_budget=5.0)
-    stop = asyncio.Event()
-    task = asyncio.create_task(gateway.run(stop))
-    try:
-        yield gateway
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
-
-
-async def until(cond: Callable[[], bool], within: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 def rows(state: Path) -> list[sqlite3.Row]:
