@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, Generic, TypeVar
+from typing import ClassVar, Final, Generic, TypeVar
 
-__all__ = ["PREAMBLE", "START", "AddressCache", "Discarded", "LengthFramedDeframer"]
+__all__ = ["END", "PREAMBLE", "START", "AddressCache", "Discarded", "LengthFramedDeframer", "SumCheckedDeframer"]
 
 START: Final = 0x68
 PREAMBLE: Final = 0xFE  # a wake-up byte
+END: Final = 0x16
 
 F = TypeVar("F")
 A = TypeVar("A")
@@ -129,3 +130,69 @@ class AddressCache(Generic[A]):
         """Seed the cache with an address the caller already holds."""
         if len(self._by_wire) <= self.LIMIT:
             self._by_wire.setdefault(wire, address)
+
+
+class SumCheckedDeframer(LengthFramedDeframer[F]):
+    """Frames ``68 .. L data CS 16`` whose one length byte L sits at ``LENGTH_AT``, the data after
+    ``HEADER`` bytes, checked by a byte sum (DL/T 645, CJ/T 188). A subclass sets the three
+    offsets, says in :meth:`_not_a_start` what else rules a start byte out, and builds frames."""
+
+    __slots__ = ("max_data_length",)
+
+    LENGTH_AT: ClassVar[int]
+    HEADER: ClassVar[int]  # bytes before the data: 68 through L
+    OVERHEAD: ClassVar[int]  # HEADER + CS + 16
+
+    def __init__(self, max_data_length: int) -> None:
+        if not 0 <= max_data_length <= 255:
+            raise ValueError("max_data_length must be within 0..255")
+        super().__init__()
+        self.max_data_length = max_data_length
+
+    @property
+    def buffer_limit(self) -> int:
+        """The most bytes :attr:`buffered` can ever be."""
+        return self.OVERHEAD + self.max_data_length
+
+    def _not_a_start(self, buf: bytes, pos: int, n: int) -> bool:
+        """Whether the bytes in already show that no frame starts at ``pos``."""
+        return False
+
+    def _check(self, buf: bytes, pos: int, n: int) -> int | Discarded | None:
+        if self._not_a_start(buf, pos, n):
+            return Discarded("noise", buf[pos : pos + 1])
+        if n - pos < self.HEADER:
+            return None
+        length = buf[pos + self.LENGTH_AT]
+        if length > self.max_data_length:
+            return Discarded("bad_length", buf[pos : pos + 1], f"length byte L={length} exceeds {self.max_data_length}")
+        end = pos + self.OVERHEAD + length
+        if n < end:
+            later = self._complete_frame_after(buf, pos + 1)
+            if later < 0:
+                return None
+            return Discarded("truncated", buf[pos:later], f"truncated after {later - pos} bytes (L={length})")
+        cs = sum(buf[pos : end - 2]) & 0xFF
+        if cs != buf[end - 2]:
+            return Discarded("bad_checksum", buf[pos : pos + 1], f"checksum expected {cs:02X} found {buf[end - 2]:02X}")
+        if buf[end - 1] != END:
+            return Discarded("bad_end", buf[pos : pos + 1], f"end byte expected 16 found {buf[end - 1]:02X}")
+        return self.OVERHEAD + length
+
+    def _complete_frame_after(self, buf: bytes, offset: int) -> int:
+        """Index of the first start byte at or after ``offset`` that begins a complete valid frame."""
+        n = len(buf)
+        pos = buf.find(START, offset)
+        while pos >= 0 and pos + self.OVERHEAD <= n:
+            if not self._not_a_start(buf, pos, n):
+                length = buf[pos + self.LENGTH_AT]
+                end = pos + self.OVERHEAD + length
+                if (
+                    length <= self.max_data_length
+                    and end <= n
+                    and buf[end - 1] == END
+                    and sum(buf[pos : end - 2]) & 0xFF == buf[end - 2]
+                ):
+                    return pos
+            pos = buf.find(START, pos + 1)
+        return -1

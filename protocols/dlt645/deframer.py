@@ -21,11 +21,10 @@ from __future__ import annotations
 
 from typing import Final
 
-from meter_gateway.protocols.deframing import AddressCache, Discarded, LengthFramedDeframer
+from meter_gateway.protocols.deframing import AddressCache, Discarded, SumCheckedDeframer
 from meter_gateway.protocols.dlt645.frame import (  # the hot path indexes these tables directly
     _CONTROLS,
     _SUB_33,
-    END,
     HEADER_LENGTH,
     OVERHEAD,
     START,
@@ -40,66 +39,26 @@ Event = Frame | Discarded
 REASONS: Final = ("noise", "bad_checksum", "bad_end", "bad_length", "truncated")
 
 
-class Deframer(LengthFramedDeframer[Frame]):
+class Deframer(SumCheckedDeframer[Frame]):
     """Feed bytes with :meth:`feed`; it returns the frames and discards completed by them."""
 
-    __slots__ = ("_addresses", "max_data_length")
+    __slots__ = ("_addresses",)
+
+    LENGTH_AT = 9
+    HEADER = HEADER_LENGTH
+    OVERHEAD = OVERHEAD
 
     def __init__(self, max_data_length: int = 200) -> None:
-        if not 0 <= max_data_length <= 255:
-            raise ValueError("max_data_length must be within 0..255")
-        super().__init__()
-        self.max_data_length = max_data_length
+        super().__init__(max_data_length)
         self._addresses = AddressCache(Address)
 
-    @property
-    def buffer_limit(self) -> int:
-        """The most bytes :attr:`buffered` can ever be."""
-        return OVERHEAD + self.max_data_length
-
-    def _check(self, buf: bytes, pos: int, n: int) -> int | Discarded | None:
-        if n - pos >= 8 and buf[pos + 7] != START:
-            return Discarded("noise", buf[pos : pos + 1])
-        if n - pos < HEADER_LENGTH:
-            return None
-        length = buf[pos + 9]
-        if length > self.max_data_length:
-            return Discarded("bad_length", buf[pos : pos + 1], f"length byte L={length} exceeds {self.max_data_length}")
-        end = pos + OVERHEAD + length
-        if n < end:
-            later = self._complete_frame_after(buf, pos + 1)
-            if later < 0:
-                return None
-            return Discarded("truncated", buf[pos:later], f"truncated after {later - pos} bytes (L={length})")
-        cs = sum(buf[pos : end - 2]) & 0xFF
-        if cs != buf[end - 2]:
-            return Discarded("bad_checksum", buf[pos : pos + 1], f"checksum expected {cs:02X} found {buf[end - 2]:02X}")
-        if buf[end - 1] != END:
-            return Discarded("bad_end", buf[pos : pos + 1], f"end byte expected 16 found {buf[end - 1]:02X}")
-        return OVERHEAD + length
+    def _not_a_start(self, buf: bytes, pos: int, n: int) -> bool:
+        return n - pos >= 8 and buf[pos + 7] != START  # the second 68 after the address
 
     def _frame(self, buf: bytes, pos: int, size: int) -> Frame:
         end = pos + size
         address = self._addresses.get(buf[pos + 1 : pos + 7])
         return Frame(address, _CONTROLS[buf[pos + 8]], buf[pos + HEADER_LENGTH : end - 2].translate(_SUB_33))
-
-    def _complete_frame_after(self, buf: bytes, offset: int) -> int:
-        """Index of the first start byte at or after ``offset`` that begins a complete valid frame."""
-        n = len(buf)
-        pos = buf.find(START, offset)
-        while pos >= 0 and pos + OVERHEAD <= n:
-            if buf[pos + 7] == START:
-                length = buf[pos + 9]
-                end = pos + OVERHEAD + length
-                if (
-                    length <= self.max_data_length
-                    and end <= n
-                    and buf[end - 1] == END
-                    and sum(buf[pos : end - 2]) & 0xFF == buf[end - 2]
-                ):
-                    return pos
-            pos = buf.find(START, pos + 1)
-        return -1
 
     def know(self, address: Address) -> None:
         """Seed the address cache with an address the caller already holds (a driver's meter), so
