@@ -2,7 +2,7 @@
 # Install (or upgrade) meter-gateway on a Debian/Ubuntu edge box as a systemd service.
 #
 #   sudo sh deploy/install.sh                              # from a checkout: pip installs this source tree
-#   sudo sh install.sh --wheel meter_gateway-0.1.0-py3-none-any.whl
+#   sudo sh install.sh --wheel meter_gateway-0.1.0-py3-none-any.whl [--constraints constraints.txt]
 #
 # What it does, every step safe to repeat (an upgrade is the same command):
 #   - system user and group `meter-gateway`, member of `dialout` (RS-485 adapters are group dialout)
@@ -20,6 +20,9 @@
 # Options:
 #   --wheel FILE        install this wheel instead of the checkout around this script
 #   --source DIR        install this source tree (default: the checkout this script is in)
+#   --constraints FILE  pip constraints pinning every dependency to the versions the release was
+#                       tested with (default: constraints.txt of the source tree, or beside this
+#                       script); without one pip takes the newest versions pyproject allows
 #   --prefix DIR        virtualenv location (default /opt/meter-gateway)
 #   --python PY         interpreter for the virtualenv (default python3; needs >= 3.11)
 #   --use-python PY     no virtualenv: PY already imports meter_gateway (one you manage yourself);
@@ -39,6 +42,7 @@ PYTHON=python3
 USE_PYTHON=
 WHEEL=
 SOURCE=
+CONSTRAINTS=
 EXAMPLE=rs485
 ROOT=
 
@@ -48,6 +52,7 @@ say() { echo "install.sh: $*"; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --wheel) [ $# -ge 2 ] || die "--wheel needs a file"; WHEEL=$2; shift 2 ;;
+        --constraints) [ $# -ge 2 ] || die "--constraints needs a file"; CONSTRAINTS=$2; shift 2 ;;
         --source) [ $# -ge 2 ] || die "--source needs a directory"; SOURCE=$2; shift 2 ;;
         --prefix) [ $# -ge 2 ] || die "--prefix needs a directory"; PREFIX=$2; shift 2 ;;
         --python) [ $# -ge 2 ] || die "--python needs an interpreter"; PYTHON=$2; shift 2 ;;
@@ -73,6 +78,16 @@ elif [ -z "$USE_PYTHON" ]; then
     # default: the checkout this script lives in (deploy/ is one level below its root)
     [ -n "$SOURCE" ] || SOURCE=$(cd "$(dirname "$0")/.." && pwd)
     [ -f "$SOURCE/pyproject.toml" ] || die "$SOURCE is not a meter-gateway source tree; give --wheel FILE"
+fi
+if [ -z "$CONSTRAINTS" ]; then
+    # the tested set: the source tree's, or one shipped beside this script with a wheel
+    for c in "${SOURCE:+$SOURCE/constraints.txt}" "$(dirname "$0")/constraints.txt" "$(dirname "$0")/../constraints.txt"; do
+        if [ -n "$c" ] && [ -f "$c" ]; then CONSTRAINTS=$c; break; fi
+    done
+fi
+if [ -n "$CONSTRAINTS" ]; then
+    [ -f "$CONSTRAINTS" ] || die "no such constraints file: $CONSTRAINTS"
+    CONSTRAINTS=$(cd "$(dirname "$CONSTRAINTS")" && pwd)/$(basename "$CONSTRAINTS")
 fi
 
 ETC=$ROOT/etc/meter-gateway
@@ -122,8 +137,9 @@ else
         "$PYTHON" -m venv --clear "$VENV" ||
             die "cannot create a virtualenv with $PYTHON (on Debian: apt-get install python3-venv)"
     fi
-    say "installing ${WHEEL:-$SOURCE} into $VENV"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade "${WHEEL:-$SOURCE}" ||
+    say "installing ${WHEEL:-$SOURCE} into $VENV${CONSTRAINTS:+ (pinned by $CONSTRAINTS)}"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade \
+        ${CONSTRAINTS:+-c "$CONSTRAINTS"} "${WHEEL:-$SOURCE}" ||
         die "pip install failed (network? PIP_INDEX_URL/PIP_FIND_LINKS point pip at a mirror)"
 fi
 "$MG" --version >/dev/null || die "$MG does not run"

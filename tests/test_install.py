@@ -188,6 +188,9 @@ def test_bad_arguments_are_one_clear_line(box: Box) -> None:
     done = box.install("--wheel", str(box / "missing.whl"), check=False)
     assert done.returncode == 1
     assert "no such wheel" in done.stderr
+    done = box.install("--use-python", sys.executable, "--constraints", str(box / "nope.txt"), check=False)
+    assert done.returncode == 1
+    assert "no such constraints file" in done.stderr
     assert not (box / "etc/meter-gateway").exists()  # nothing half-done
 
 
@@ -242,6 +245,22 @@ def test_wheel_install_runs_the_demo_from_an_empty_directory(box: Box, tmp_path:
         check=True,
     )
     assert str(ROOT) not in site.stdout  # the wheel's copy, not this checkout
+    # every dependency at the tested version: the installer pins by the checkout's constraints.txt
+    pinned = dict(
+        line.split("==", 1) for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line
+    )
+    installed = subprocess.run(
+        [
+            str(box / "opt/meter-gateway/bin/python"),
+            "-c",
+            "import importlib.metadata as m; print(m.version('pymodbus'), m.version('paho-mqtt'), m.version('msgspec'))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert installed.stdout.split() == [pinned["pymodbus"], pinned["paho-mqtt"], pinned["msgspec"]]
 
     empty = tmp_path / "empty"
     empty.mkdir()

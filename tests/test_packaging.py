@@ -114,5 +114,11 @@ def test_wheel_carries_config_and_leaves_tests_out(tmp_path: Path) -> None:
     assert "meter_gateway/config/__init__.py" in names
     assert "meter_gateway/protocols/dlt645/data/dlt645_2007.toml" in names
     assert not {n for n in names if n.split("/")[1] in NOT_SHIPPED and n.startswith("meter_gateway/")}
+    # one import package and its metadata, nothing else at the top; no build files inside it
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"meter_gateway"}
+    assert {n for n in names if n.count("/") == 1 and n.startswith("meter_gateway/")} == {
+        "meter_gateway/__init__.py",
+        "meter_gateway/py.typed",
+    }
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "meter-gateway = meter_gateway.gateway.cli.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
