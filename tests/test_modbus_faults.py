@@ -1,9 +1,10 @@
 """Modbus against peers we did not write, with faults injected from outside (issue 19, items 2-5).
 
-The peers are pymodbus' own server (its public API) and a small Modbus TCP server written here
-that parses MBAP by hand; neither shares code with the gateway's Modbus driver. Each test
-reproduces one field fault: a server that drops every second request, one that closes the
-connection after each reply, exception replies (unknown unit, busy, gateway without a path), a
+The peers are pymodbus' own server (its public API), a small Modbus TCP server written here
+that parses MBAP by hand and a small RTU over TCP one that cuts frames and checks CRCs by hand;
+none shares code with the gateway's Modbus driver. Each test reproduces one field fault: a server
+that drops every second request (Modbus TCP and RTU framing), one that closes the connection
+after each reply, exception replies (unknown unit, acknowledge, busy, gateway without a path), a
 device that refuses reads spanning registers it does not map.
 """
 
@@ -96,6 +97,49 @@ async def raw_peer(handler: Handler, *, close_after_reply: bool = False) -> Asyn
         await server.wait_closed()
 
 
+def crc16(frame: bytes) -> bytes:
+    """Modbus over Serial Line V1.02 §6.2.2: CRC-16, polynomial 0xA001 reflected, low byte first."""
+    crc = 0xFFFF
+    for byte in frame:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+    return struct.pack("<H", crc)
+
+
+@contextlib.asynccontextmanager
+async def raw_rtu_peer(handler: Handler) -> AsyncIterator[tuple[int, PeerStats]]:
+    """A Modbus RTU over TCP server written for these tests (a serial server in transparent
+    mode): 8-byte read requests cut and CRC-checked by hand, replies from ``handler``."""
+    stats = PeerStats()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stats.connections += 1
+        try:
+            while True:
+                frame = await reader.readexactly(8)  # unit, function, address, count, CRC
+                assert frame[6:] == crc16(frame[:6]), frame.hex()
+                stats.requests += 1
+                unit, function, address, count = struct.unpack(">BBHH", frame[:6])
+                reply = handler(stats.requests, unit, function, address, count)
+                if reply is None:
+                    continue  # dropped: the client hears nothing
+                adu = bytes((unit,)) + reply
+                writer.write(adu + crc16(adu))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], stats
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 def modbus_link(
     port: int,
     *,
@@ -103,9 +147,11 @@ def modbus_link(
     timeout: float = 0.2,
     health: HealthBook | None = None,
     reconnect: BackoffPolicy = QUICK,
+    framing: str = "tcp",
 ) -> ModbusLink:
     return ModbusLink.build(
         TcpSettings("127.0.0.1", port, connect_timeout=1.0, reconnect=reconnect),
+        framing=framing,
         timeout=timeout,
         attempts=attempts,
         retry=QUICK,
@@ -151,6 +197,48 @@ async def test_a_server_dropping_every_second_request_loses_no_poll_with_three_a
             assert counters.timeouts == counters.retries
             assert counters.no_answer == 0
             assert peer.requests == link.transactions
+        finally:
+            await link.close()
+
+
+@pytest.mark.asyncio
+async def test_rtu_framing_over_tcp_gets_the_same_retries() -> None:
+    """Modbus RTU frames through a TCP serial server: the bus's attempts apply as to Modbus TCP
+    (and with one attempt, the same fault loses the polls it dropped)."""
+
+    def every_second_dropped(n: int, unit: int, function: int, address: int, count: int) -> bytes | None:
+        return None if n % 2 == 0 else data_pdu(function, address, count)
+
+    async with raw_rtu_peer(every_second_dropped) as (port, peer):
+        link = modbus_link(port, attempts=3, framing="rtu")
+        meter = ModbusMeter(link, "sim-3ph", unit=1, meter_id="m1")
+        try:
+            delivered = 0
+            for _ in range(13):
+                readings = await meter.read(["voltage.l1"], slot=T0, now=T0)
+                delivered += len(readings) == 1
+            assert delivered == 13
+            full = await meter.read(slot=T0, now=T0)  # three transactions, some of them dropped
+            assert len(full) == len(meter.quantities)
+            counters = link.bus.counters
+            assert counters.retries >= 7
+            assert counters.timeouts == counters.retries
+            assert counters.no_answer == 0
+            assert peer.requests == link.transactions
+            assert peer.connections == 1  # a dropped request is the meter's silence, not the link's
+        finally:
+            await link.close()
+
+    async with raw_rtu_peer(every_second_dropped) as (port, peer):
+        link = modbus_link(port, attempts=1, framing="rtu")
+        meter = ModbusMeter(link, "sim-3ph", unit=1, meter_id="m1")
+        try:
+            delivered = 0
+            for _ in range(6):
+                with contextlib.suppress(NoAnswer):
+                    delivered += len(await meter.read(["voltage.l1"], slot=T0, now=T0)) == 1
+            assert delivered == 3  # one attempt: every second poll is lost
+            assert link.bus.counters.retries == 0
         finally:
             await link.close()
 
@@ -247,16 +335,35 @@ async def test_unknown_unit_answered_illegal_address_takes_the_meter_offline(cap
 
 
 @pytest.mark.asyncio
-async def test_busy_is_retried_with_backoff_and_counted() -> None:
-    def busy_twice(n: int, unit: int, function: int, address: int, count: int) -> bytes:
-        return exception_pdu(function, 0x06) if n <= 2 else data_pdu(function, address, count)
+@pytest.mark.parametrize("code", [0x05, 0x06], ids=["acknowledge", "busy"])
+async def test_busy_is_retried_with_backoff_and_counted(code: int) -> None:
+    """0x05 acknowledge and 0x06 server device busy (§7): the meter is working on something
+    else; it is asked again after the bus's backoff, and each reply counts under its code."""
+    asked: list[float] = []
+    loop = asyncio.get_running_loop()
 
+    def busy_twice(n: int, unit: int, function: int, address: int, count: int) -> bytes:
+        asked.append(loop.time())
+        return exception_pdu(function, code) if n <= 2 else data_pdu(function, address, count)
+
+    backoff = BackoffPolicy(initial=0.2, maximum=0.2, jitter=0.0)
     async with raw_peer(busy_twice) as (port, _):
-        link = modbus_link(port, attempts=3)
+        link = ModbusLink.build(
+            TcpSettings("127.0.0.1", port, connect_timeout=1.0, reconnect=QUICK),
+            timeout=0.5,
+            attempts=3,
+            retry=backoff,
+            name=next(_BUS_NAMES),
+        )
         try:
             assert await link.read_registers(1, 4, 0, 2, meter="m1") == [0, 0]
-            assert link.exceptions[6] == 2
+            assert link.exceptions[code] == 2
+            assert sum(link.exceptions.values()) == 2
             assert link.bus.counters.retries == 2
+            assert len(asked) == 3
+            # asked again after the backoff, not at once
+            assert all(b - a >= 0.2 * 0.95 for a, b in itertools.pairwise(asked)), asked
+            assert f'code="{code:#04x}"}} 2.0' in exported(link)
         finally:
             await link.close()
 
@@ -265,6 +372,7 @@ async def test_busy_is_retried_with_backoff_and_counted() -> None:
 @pytest.mark.parametrize(
     ("code", "error", "text"),
     [
+        (0x05, BadReply, "acknowledge (0x05)"),
         (0x06, BadReply, "server device busy (0x06)"),
         (0x0A, NoAnswer, "gateway path unavailable (0x0a)"),
         (0x0B, NoAnswer, "gateway target device failed to respond (0x0b)"),

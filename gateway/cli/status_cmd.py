@@ -1,4 +1,4 @@
-"""`meter-gateway status -c FILE`: meters by state, outbox depth and last delivery.
+"""`meter-gateway status -c FILE`: meters by state and why, outbox depth and last delivery.
 
 Reads the status file the daemon replaces every few seconds in its state directory and the
 outbox itself (read-only: the depth is the committed truth even when the daemon is down). On a
@@ -29,6 +29,8 @@ STALE_AFTER = 6 * STATUS_EVERY
 # A status file written in place (full disk) can be caught half-written: read it again.
 READ_ATTEMPTS = 5
 READ_RETRY_DELAY = 0.05
+LISTED = 20  # meters named per state and reason
+REASONS_LISTED = 10  # reasons shown per state
 
 
 def _read_status(path: Path) -> dict[str, Any] | None:
@@ -108,6 +110,28 @@ def collect(config_path: str, now: float | None = None) -> dict[str, Any]:
     return out
 
 
+def _failing(daemon: dict[str, Any]) -> list[str]:
+    """One line per degraded or offline reason: its meters (the first :data:`LISTED`), then why."""
+    states: dict[str, str] = daemon.get("meters") or {}
+    reasons: dict[str, str] = daemon.get("reasons") or {}  # absent from an older daemon's file
+    lines: list[str] = []
+    for state in ("degraded", "offline"):
+        by_reason: dict[str, list[str]] = {}
+        for meter, s in states.items():
+            if s == state:
+                by_reason.setdefault(str(reasons.get(meter) or ""), []).append(meter)
+        # the reason most meters share first: a link down before one meter's timeout
+        groups = sorted(by_reason.items(), key=lambda g: (-len(g[1]), g[0]))
+        for reason, meters in groups[:REASONS_LISTED]:
+            more = f" (+{len(meters) - LISTED} more)" if len(meters) > LISTED else ""
+            why = f"; reason: {reason}" if reason else ""
+            lines.append(f"  {state + ':':<12} {', '.join(meters[:LISTED])}{more}{why}")
+        if len(groups) > REASONS_LISTED:
+            rest = sum(len(m) for _, m in groups[REASONS_LISTED:])
+            lines.append(f"  {state + ':':<12} {rest} more, for {len(groups) - REASONS_LISTED} other reasons (--json)")
+    return lines
+
+
 def render(info: dict[str, Any], now: float) -> str:
     daemon = info.get("daemon") or {}
     lines = [f"gateway {info['gateway']}: {'running' if info['running'] else 'NOT RUNNING'}"]
@@ -117,10 +141,7 @@ def render(info: dict[str, Any], now: float) -> str:
     if info["running"] and counts:
         text = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("online", "degraded", "offline", "unknown"))
         lines.append(f"  meters:      {info['configured_meters']} configured: {text}")
-        offline = [m for m, s in (daemon.get("meters") or {}).items() if s == "offline"]
-        if offline:
-            more = f" (+{len(offline) - 20} more)" if len(offline) > 20 else ""
-            lines.append(f"  offline:     {', '.join(offline[:20])}{more}")
+        lines.extend(_failing(daemon))
     else:
         lines.append(f"  meters:      {info['configured_meters']} configured")
     ob = info.get("outbox") or {}

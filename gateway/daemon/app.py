@@ -423,13 +423,20 @@ class Gateway:
         stats = await self.outbox.stats()
         now = self.clock()
         up = self.uplink.stats if self.uplink is not None else None
+        states = {m: s for m, s in sorted(self.health.states().items()) if m in self.meters}
         doc: dict[str, Any] = {
             "gateway": self.config.gateway.id,
             "pid": os.getpid(),
             "running": not final,
             "started_at": self._started_at,
             "updated_at": now,
-            "meters": {m: s.value for m, s in sorted(self.health.states().items()) if m in self.meters},
+            "meters": {m: s.value for m, s in states.items()},
+            # why each degraded or offline meter is so (the retained state topic's ``detail``)
+            "reasons": {
+                m: self.health.get(m).last_error
+                for m, s in states.items()
+                if s in (MeterState.DEGRADED, MeterState.OFFLINE)
+            },
             "meter_counts": self.health.counts(),
             "configured_meters": len(self.meters),
             "outbox": {

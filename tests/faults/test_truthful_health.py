@@ -4,12 +4,15 @@ Each test reproduces a field fault through the real stack first: a real mosquitt
 own config file, simulated DL/T 645 meters over a real TCP socket or a pty, a TCP peer killed and
 restarted on the same port, a serial device path that does not exist yet.
 
-* A dead link (peer killed, device missing at start) makes its meters ``offline`` with reason
-  ``link_down`` within ``limits.link_down_after`` on every surface (health, status file, metrics,
-  retained ``meters/{id}/state``, one WARNING line per change); the slots not read count as
-  missed (``link_down``); the meters come back ``online`` with the first read that succeeds.
+* A dead link (peer killed, serial device missing at start or vanishing mid-run) makes its
+  meters ``offline`` with reason ``link_down`` within ``limits.link_down_after`` on every surface
+  (health, status file and ``meter-gateway status`` with the reason, metrics, retained
+  ``meters/{id}/state``, one WARNING line per change); the slots not read count as missed
+  (``link_down``); the meters come back ``online`` with the first read that succeeds.
 * One silent meter on a shared link does not make the gateway drop and reconnect the link; a
   link on which nobody answers does.
+* A meter dribbling its replies on a bus of ten: each of the other nine delivers its slots, and
+  the dribbler, offline after its overruns, gets no more requests than its probes.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import collections
 import datetime
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,8 +37,9 @@ from meter_gateway.drivers.errors import DriverError
 from meter_gateway.drivers.health import HealthBook, HealthPolicy, MeterState
 from meter_gateway.drivers.tcp_link import TcpLink
 from meter_gateway.drivers.transport import TcpSettings
+from meter_gateway.gateway.cli import status_cmd
 from meter_gateway.gateway.config import load_config
-from meter_gateway.gateway.daemon.app import Gateway, status_path
+from meter_gateway.gateway.daemon.app import STATUS_EVERY, Gateway, status_path
 from meter_gateway.gateway.daemon.metrics import Metrics
 from meter_gateway.gateway.uplink.contract import Topics, decode_batch
 from meter_gateway.simulators.clock import SimClock
@@ -203,6 +208,14 @@ async def test_a_killed_tcp_peer_makes_its_meters_offline_everywhere_then_online
             await run.until(lambda: surfaces_say(run, "online"), 25, "online again")
             assert run.gateway.stats.missed_slots >= missed_before
             assert len(state_warnings(caplog, "offline")) == 2  # still down the whole time: no repeats
+            recovered = [
+                r.getMessage()
+                for r in caplog.records
+                if r.levelno == logging.INFO
+                and "event=meter_online " in r.getMessage()
+                and "from=offline" in r.getMessage()
+            ]
+            assert len(recovered) == 2  # recovery is one INFO line per meter, as docs/operations.md says
         finally:
             await peer.stop()
     assert run.gateway.stats.committed > 0
@@ -229,6 +242,93 @@ async def test_a_serial_device_missing_at_start_makes_its_meters_offline_until_i
             assert len(state_warnings(caplog, "offline")) == 2
     finally:
         await peer.stop()
+
+
+def status_shown(tmp_path: Path) -> tuple[dict[str, Any], str]:
+    """What `meter-gateway status -c gateway.toml` shows, as JSON and as text."""
+    info = status_cmd.collect(str(tmp_path / "gateway.toml"))
+    return info, status_cmd.render(info, time.time())
+
+
+@pytest.mark.asyncio
+async def test_a_serial_adapter_vanishing_mid_run_makes_its_meters_offline_until_it_returns(
+    tmp_path: Path, mosquitto: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Item 1 end to end: the pty behind the configured device path goes away while the gateway
+    reads through it (its master closed, the path removed: a USB adapter unplugged), then a new
+    one appears at the same path (plugged back in)."""
+    caplog.set_level(logging.INFO, logger="meter_gateway")
+    device = tmp_path / "ttyUSB9"
+    bus = f'type = "serial"\nport = "{device}"\nbaud_rate = 9600\nparity = "N"  # a pty takes no parity'
+    meters = sim_meters()
+    peer = SimulatedBus(meters, LinkConfig(kind="pty"))
+    await peer.start()
+    device.symlink_to(str(peer.endpoint))
+    try:
+        async with Running(tmp_path, mosquitto, bus) as run:
+            await run.until(lambda: surfaces_say(run, "online"), 20, "online at first")
+            info, _ = await asyncio.to_thread(status_shown, tmp_path)
+            assert info["running"]
+            assert info["daemon"]["reasons"] == {}
+            await peer.stop()  # the adapter is unplugged: the pty's master closes ...
+            device.unlink()  # ... and its device node goes
+            gone = time.monotonic()
+            await run.until(lambda: all(s is MeterState.OFFLINE for s in run.states().values()), 10, "offline")
+            assert time.monotonic() - gone <= LINK_DOWN_AFTER + 2.0
+            assert all(run.gateway.health.get(m).last_error == "link_down" for m in ("m1", "m2"))
+            # status file (rewritten every 5 s), metrics, retained state topic
+            await run.until(lambda: surfaces_say(run, "offline", "link_down"), 10, "offline on every surface")
+            assert time.monotonic() - gone <= LINK_DOWN_AFTER + 2.0 + STATUS_EVERY + 1.0
+            assert run.status()["reasons"] == {"m1": "link_down", "m2": "link_down"}
+            info, text = await asyncio.to_thread(status_shown, tmp_path)
+            assert info["running"]
+            assert info["daemon"]["reasons"] == {"m1": "link_down", "m2": "link_down"}
+            assert "2 offline" in text
+            assert "  offline:     m1, m2; reason: link_down" in text.splitlines(), text
+            assert len(state_warnings(caplog, "offline")) == 2  # one line per meter and change
+            assert run.sample("meter_gateway_link_connected", bus="line") == 0
+            await run.until(
+                lambda: run.sample("meter_gateway_missed_slots_total", bus="line", reason="link_down") >= 2,
+                5,
+                "missed slots counted",
+            )
+            committed = run.gateway.stats.committed
+            peer = SimulatedBus(meters, LinkConfig(kind="pty"))  # plugged back in: a new device node
+            await peer.start()
+            device.symlink_to(str(peer.endpoint))
+            # the serial link retries opening every 5 s at most
+            await run.until(lambda: surfaces_say(run, "online"), 20, "online once the device is back")
+            assert run.gateway.stats.committed > committed
+            assert run.status()["reasons"] == {}
+            assert len(state_warnings(caplog, "offline")) == 2  # down the whole time: no repeats
+            _, text = await asyncio.to_thread(status_shown, tmp_path)
+            assert "2 online" in text
+            assert "offline:" not in text
+    finally:
+        await peer.stop()
+
+
+def test_status_names_each_failing_meter_with_its_reason() -> None:
+    """`meter-gateway status` groups degraded and offline meters by reason; an older daemon's
+    status file without reasons still lists them."""
+    daemon = {
+        "meters": {"a": "online", "b": "offline", "c": "offline", "d": "degraded", "e": "offline", "f": "unknown"},
+        "reasons": {"b": "link_down", "c": "link_down", "d": "bus x: no reply within 1.00 s", "e": "bus y: refused"},
+        "meter_counts": {"online": 1, "degraded": 1, "offline": 3, "unknown": 1},
+    }
+    info = {"gateway": "g", "running": True, "configured_meters": 6, "daemon": daemon, "outbox": {"error": "-"}}
+    lines = status_cmd.render(info, time.time()).splitlines()
+    assert "  meters:      6 configured: 1 online, 1 degraded, 3 offline, 1 unknown" in lines
+    assert "  degraded:    d; reason: bus x: no reply within 1.00 s" in lines
+    assert "  offline:     b, c; reason: link_down" in lines
+    assert "  offline:     e; reason: bus y: refused" in lines
+    del daemon["reasons"]
+    lines = status_cmd.render(info, time.time()).splitlines()
+    assert "  offline:     b, c, e" in lines
+    many = {f"m{i}": "offline" for i in range(25)}
+    info["daemon"] = {"meters": many, "reasons": dict.fromkeys(many, "link_down"), "meter_counts": {"offline": 25}}
+    lines = status_cmd.render(info, time.time()).splitlines()
+    assert any(line.endswith("(+5 more); reason: link_down") for line in lines), lines
 
 
 # -- item 7: a silent meter is not a broken link --------------------------------------------------
@@ -375,7 +475,8 @@ async def test_a_dribbling_meter_does_not_starve_its_neighbours(tmp_path: Path, 
     addresses = tuple(f"{i:012d}" for i in range(1, 11))
     dribbler = addresses[3]  # b104; b105 is polled right after it
     faults = Faults(per_meter={dribbler: Faults(dribble=0.04)})  # a 20-byte reply takes 0.8 s
-    peer = SimulatedBus(sim_meters(addresses), LinkConfig(kind="tcp"), faults=faults)
+    meters = sim_meters(addresses)
+    peer = SimulatedBus(meters, LinkConfig(kind="tcp"), faults=faults)
     await peer.start()
     _, port = peer.endpoint  # type: ignore[misc]
     config = load_config(bus_of_ten_config(tmp_path, mosquitto, port, f"{INTERVAL}s"))
@@ -383,6 +484,7 @@ async def test_a_dribbling_meter_does_not_starve_its_neighbours(tmp_path: Path, 
     subscriber = Subscriber(mosquitto, [topics.readings]).start()
     gateway = Gateway(config)
     stop = asyncio.Event()
+    started = time.monotonic()
     task = asyncio.create_task(gateway.run(stop))
     try:
         await asyncio.sleep(2 * INTERVAL)  # start-up
@@ -393,6 +495,7 @@ async def test_a_dribbling_meter_does_not_starve_its_neighbours(tmp_path: Path, 
     finally:
         stop.set()
         await asyncio.wait_for(task, 20)
+        ran = time.monotonic() - started
         await peer.stop()
         subscriber.stop()
     owed = {slot for slot in range(int(first) + 1, int(last)) if slot % INTERVAL == 0}
@@ -404,8 +507,19 @@ async def test_a_dribbling_meter_does_not_starve_its_neighbours(tmp_path: Path, 
                 got[r.meter].add(slot)
     healthy = [f"b1{i:02d}" for i in range(1, 11) if i != 4]
     share = {m: len(got[m]) / len(owed) for m in healthy}
-    print(f"\nslots owed per meter {len(owed)}; delivered share {share}; dribbler {len(got['b104'])}")
-    assert sum(len(got[m]) for m in healthy) >= 0.99 * len(owed) * len(healthy), share
-    assert all(v >= 0.95 for v in share.values()), share
-    # the dribbler is demoted, not polled at full rate into the bus's time
-    assert gateway.health.state("b104") in (MeterState.DEGRADED, MeterState.OFFLINE)
+    asked = meters[3].requests  # counted by the simulated meter: what reached it on the wire
+    print(
+        f"\nslots owed per meter {len(owed)}; delivered share {share}; dribbler {len(got['b104'])} slots,"
+        f" {asked} requests in {ran:.0f} s"
+    )
+    assert all(v >= 0.99 for v in share.values()), share  # each healthy meter, not the nine on average
+    # the dribbler is demoted: after offline_after failed transactions it is offline and gets one
+    # single-attempt probe per offline_probe_interval, not a request per poll (2 quantities every
+    # 2 s: some 60 in this run). An overrun is not retried; the bus's attempts are allowed for each
+    # of the first failures all the same, as the tail of one trickle can reach the next request
+    # and make it look like noise, which is retried.
+    assert gateway.health.state("b104") is MeterState.OFFLINE
+    policy = gateway.health.policy
+    attempts = config.buses[0].attempts
+    allowed = attempts * policy.offline_after + math.ceil(ran / policy.probe_interval) + 1
+    assert policy.offline_after <= asked <= allowed, (asked, allowed)
