@@ -1,7 +1,8 @@
 """Meter model files: what a meter type answers, where, and how it encodes it.
 
 Every meter model is a TOML file in ``drivers/models/`` (or anywhere, given by path). The
-``protocol`` key picks the schema:
+``protocol`` key (a protocol family of :mod:`drivers.registry`) picks the schema, built by the
+family's ``models`` builder named in the registry:
 
 ``modbus``
     register map: defaults (function, byte/word order, read limits), then ``[[sections]]``, each
@@ -11,6 +12,8 @@ Every meter model is a TOML file in ``drivers/models/`` (or anywhere, given by p
     data identifiers: an ``edition``, ``[[sections]]`` of ``points`` (quantity, DI), optional
     ``[[blocks]]`` (block-read DIs and the quantities each covers) and an optional ``[relay]``
     saying which status-word bit reports the relay.
+``dlt698``, ``cjt188``
+    see :mod:`drivers.dlt698_model` and :mod:`drivers.cjt188_model`.
 
 The shipped files document the schema by example (``sim-3ph.toml`` is the fullest). Loading is
 strict: an unknown key, a quantity name that is not canonical, a unit other than the canonical
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
+from meter_gateway.drivers import registry
 from meter_gateway.drivers.errors import ConfigurationError
 from meter_gateway.protocols.dlt645.edition import Edition
 from meter_gateway.protocols.modbus.values import BYTE_ORDERS, DATA_TYPES, ModbusValueError, ValueCodec
@@ -57,6 +61,8 @@ __all__ = [
     "RelaySpec",
     "Source",
     "available_models",
+    "build_dlt645",
+    "build_modbus",
     "canonical_info",
     "canonical_unit",
     "load_model",
@@ -382,20 +388,13 @@ def _resolve(name_or_path: str | Path) -> Path:
 
 def _build(path: Path, data: dict[str, Any]) -> ModbusModel | Dlt645Model | Cjt188Model | Dlt698Model:
     r = ModelReader(path)
-    protocol = r.get(data, "", "protocol", str)
-    if protocol == "modbus":
-        return _build_modbus(r, data)
-    if protocol == "dlt645":
-        return _build_dlt645(r, data)
-    if protocol == "cjt188":
-        from meter_gateway.drivers.cjt188_model import build_cjt188
-
-        return build_cjt188(r, data)
-    if protocol == "dlt698":
-        from meter_gateway.drivers.dlt698_model import build_dlt698
-
-        return build_dlt698(r, data)
-    raise r.error("protocol", f"must be 'modbus', 'dlt645', 'dlt698' or 'cjt188', got {protocol!r}")
+    family = r.get(data, "", "protocol", str)
+    info = registry.of_family(family)
+    if info is None:
+        known = [f"'{f}'" for f in registry.families()]
+        raise r.error("protocol", f"must be {', '.join(known[:-1])} or {known[-1]}, got {family!r}")
+    model: ModbusModel | Dlt645Model | Cjt188Model | Dlt698Model = info.model_builder()(r, data)
+    return model
 
 
 COMMON_KEYS: Final = ("name", "protocol", "vendor", "description", "source", "sections")
@@ -411,7 +410,8 @@ _MODBUS_DEFAULT_KEYS: Final = (
 _LAYOUT_KEYS: Final = ("function", "type", "byte_order", "word_order", "variant")
 
 
-def _build_modbus(r: ModelReader, data: dict[str, Any]) -> ModbusModel:
+def build_modbus(r: ModelReader, data: dict[str, Any]) -> ModbusModel:
+    """A ``protocol = "modbus"`` model file (the registry's Modbus ``models`` builder)."""
     r.only(data, "", (*COMMON_KEYS, "defaults", "relay"))
     name, vendor, description, source = r.header(data)
     d = r.get(data, "", "defaults", dict)
@@ -577,7 +577,8 @@ def _modbus_relay(r: ModelReader, raw: Any) -> RelaySpec:
     return RelaySpec(sides["write"], sides["read"], cite)
 
 
-def _build_dlt645(r: ModelReader, data: dict[str, Any]) -> Dlt645Model:
+def build_dlt645(r: ModelReader, data: dict[str, Any]) -> Dlt645Model:
+    """A ``protocol = "dlt645"`` model file (the registry's DL/T 645 ``models`` builder)."""
     r.only(data, "", (*COMMON_KEYS, "edition", "supports_block_reads", "blocks", "relay"))
     name, vendor, description, source = r.header(data)
     try:

@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from meter_gateway.drivers import registry
 from meter_gateway.protocols.dlt645.edition import Edition
 from meter_gateway.simulators.cjt188_meter import Cjt188Meter
 from meter_gateway.simulators.clock import SimClock
@@ -40,6 +41,7 @@ from meter_gateway.simulators.faults import PROBABILITIES, Faults
 from meter_gateway.simulators.links import LinkConfig, SimulatedBus
 from meter_gateway.simulators.sim_config import (
     METER_TYPES,
+    MODBUS_FRAMINGS,
     PROTOCOLS,
     BusConfig,
     SimConfig,
@@ -139,41 +141,57 @@ def build_meters(
 
 
 def _meter(group: BusConfig, address: str, clock: SimClock, seed: int) -> Dlt645Meter | Dlt698Meter | Cjt188Meter:
-    if group.protocol == "dlt698":
-        return Dlt698Meter(
-            address,
-            clock=clock,
-            seed=seed,
-            preamble=4 if group.preamble is None else group.preamble,
-            turnaround=group.turnaround,
-            tariffs=group.tariffs,
-            drift_ppm=group.drift_ppm,
-            requires_connect=group.requires_connect,
-            requires_security=group.requires_security,
-            accept_plaintext_control=group.accept_plaintext_control,
-            report=group.report,
-            login=group.login,
-            heartbeat=group.heartbeat or None,
-            security_key=group.security_key or DEFAULT_KEY,
-            purse=group.purse,
-            price=group.price,
-            trip_at_zero_credit=group.trip_at_zero_credit,
-        )
-    if group.protocol == "cjt188":
-        return Cjt188Meter(
-            address,
-            group.meter_type,
-            clock=clock,
-            seed=seed,
-            preamble=2 if group.preamble is None else group.preamble,
-            turnaround=group.turnaround,
-            drift_ppm=group.drift_ppm,
-            di_order=group.di_order,
-            wake_preamble=group.wake_preamble,
-            valve_time=group.valve_time,
-            battery_low=group.battery_low,
-            battery_days=group.battery_days,
-        )
+    """The simulated meter at ``address`` of ``group``, built by its protocol's ``sim_group``."""
+    build = registry.get(group.protocol).simulated_group_meter()
+    if build is None:
+        raise UsageError(f"{group.protocol} meters are not simulated in groups")
+    meter: Dlt645Meter | Dlt698Meter | Cjt188Meter = build(group, address, clock, seed)
+    return meter
+
+
+# The registry's ``sim_group`` builders: one simulated meter of a [[bus]] or [[bus.group]] table.
+
+
+def dlt698_meter(group: BusConfig, address: str, clock: SimClock, seed: int) -> Dlt698Meter:
+    return Dlt698Meter(
+        address,
+        clock=clock,
+        seed=seed,
+        preamble=4 if group.preamble is None else group.preamble,
+        turnaround=group.turnaround,
+        tariffs=group.tariffs,
+        drift_ppm=group.drift_ppm,
+        requires_connect=group.requires_connect,
+        requires_security=group.requires_security,
+        accept_plaintext_control=group.accept_plaintext_control,
+        report=group.report,
+        login=group.login,
+        heartbeat=group.heartbeat or None,
+        security_key=group.security_key or DEFAULT_KEY,
+        purse=group.purse,
+        price=group.price,
+        trip_at_zero_credit=group.trip_at_zero_credit,
+    )
+
+
+def cjt188_meter(group: BusConfig, address: str, clock: SimClock, seed: int) -> Cjt188Meter:
+    return Cjt188Meter(
+        address,
+        group.meter_type,
+        clock=clock,
+        seed=seed,
+        preamble=2 if group.preamble is None else group.preamble,
+        turnaround=group.turnaround,
+        drift_ppm=group.drift_ppm,
+        di_order=group.di_order,
+        wake_preamble=group.wake_preamble,
+        valve_time=group.valve_time,
+        battery_low=group.battery_low,
+        battery_days=group.battery_days,
+    )
+
+
+def dlt645_meter(group: BusConfig, address: str, clock: SimClock, seed: int) -> Dlt645Meter:
     return Dlt645Meter(
         address,
         Edition.parse(group.protocol),
@@ -227,7 +245,7 @@ async def _start_modbus(config: SimConfig, bus: BusConfig) -> Any:
         from meter_gateway.simulators import modbus_meter
     except ImportError as exc:
         raise UsageError(f"the Modbus simulator is not available in this build ({exc})") from None
-    transport = "tcp" if bus.protocol == "modbus-tcp" else "rtu-over-tcp"
+    transport = MODBUS_FRAMINGS[bus.protocol]
     start = config.start.replace(tzinfo=config.zone()).timestamp() if config.start is not None else None
     clock = modbus_meter.accelerated_clock(config.speed, start=start)
     return await modbus_meter.serve_modbus(

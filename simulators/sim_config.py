@@ -65,10 +65,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
+from meter_gateway.drivers import registry
 from meter_gateway.simulators.faults import Faults
 
-PROTOCOLS: Final = ("dlt645-2007", "dlt645-1997", "dlt698", "cjt188", "modbus-tcp", "modbus-rtu-over-tcp")
-BYTE_PROTOCOLS: Final = ("dlt645-2007", "dlt645-1997", "dlt698", "cjt188")
+# A Modbus bus is simulated whole (one server holds every unit), framed as named here (the value
+# is modbus_meter.serve_modbus's transport); the byte protocols are the registry's meter protocols
+# with a simulator for a group of meters (``MeterProtocol.sim_group``), many sharing one link.
+MODBUS_FRAMINGS: Final = {"modbus-tcp": "tcp", "modbus-rtu-over-tcp": "rtu-over-tcp"}
+BYTE_PROTOCOLS: Final = tuple(p.name for p in registry.PROTOCOLS.values() if p.sim_group)
+PROTOCOLS: Final = (*BYTE_PROTOCOLS, *MODBUS_FRAMINGS)
 METER_TYPES: Final = ("water", "gas", "heat")
 _LINK_KEYS: Final = frozenset({"name", "kind", "host", "port", "baud", "bits_per_char", "faults", "group"})
 _GROUP_KEYS: Final = frozenset({"protocol", "meters", "first_address", "count", "turnaround", "preamble", "drift_ppm"})
@@ -95,11 +100,13 @@ _PROTOCOL_KEYS: Final[dict[str, frozenset[str]]] = {
 _ALL_PROTOCOL_KEYS: Final = frozenset().union(*_PROTOCOL_KEYS.values())
 _BUS_KEYS: Final = _LINK_KEYS | _GROUP_KEYS | _ALL_PROTOCOL_KEYS
 _ADDRESS_DIGITS: Final = {"dlt645": 12, "dlt698": 12, "cjt188": 14}
+# per family: the tariffs its simulated meters can keep, where narrower than any
+_TARIFFS: Final = {"dlt698": (1, 12)}
 
 
 def family(protocol: str) -> str:
-    """``dlt645``, ``dlt698``, ``cjt188`` or ``modbus``."""
-    return "dlt645" if protocol.startswith("dlt645") else "modbus" if protocol.startswith("modbus") else protocol
+    """The protocol family of a bus or group ``protocol`` (the keys of the tables above)."""
+    return "modbus" if protocol in MODBUS_FRAMINGS else registry.get(protocol).family
 
 
 _SIM_KEYS: Final = frozenset({"seed", "speed", "start", "control_port", "timezone"})
@@ -148,7 +155,7 @@ class BusConfig:
 
     @property
     def is_modbus(self) -> bool:
-        return self.protocol.startswith("modbus")
+        return self.protocol in MODBUS_FRAMINGS
 
     @property
     def all_groups(self) -> list[BusConfig]:
@@ -194,7 +201,7 @@ def _str(where: str, value: object) -> str:
 
 
 def _addresses(where: str, raw: Mapping[str, Any], protocol: str) -> list[str]:
-    modbus = family(protocol) == "modbus"
+    modbus = protocol in MODBUS_FRAMINGS
     digits = _ADDRESS_DIGITS.get(family(protocol), 12)
     listed = raw.get("units" if modbus else "meters")
     if listed is not None:
@@ -232,7 +239,7 @@ def _check_keys(where: str, raw: Mapping[str, Any], protocol: str, allowed_extra
     if unknown:
         raise SimConfigError(f"{where}: unknown key(s) {sorted(unknown)} (known: {sorted(_BUS_KEYS)})")
     mine = _PROTOCOL_KEYS[family(protocol)] | allowed_extra | _GROUP_KEYS
-    if family(protocol) == "modbus":
+    if protocol in MODBUS_FRAMINGS:
         mine -= {"turnaround", "preamble", "drift_ppm"}
     foreign = set(raw) - mine
     if foreign:
@@ -318,8 +325,9 @@ def _group(where: str, raw: Mapping[str, Any], protocol: str, base: BusConfig) -
     for key, parse in _GROUP_FIELDS:
         if key in raw:
             setattr(config, key, parse(f"{where}.{key}", raw[key]))
-    if family(protocol) == "dlt698" and not 1 <= config.tariffs <= 12:
-        raise SimConfigError(f"{where}.tariffs must be 1..12 for dlt698")
+    tariffs = _TARIFFS.get(family(protocol))
+    if tariffs is not None and not tariffs[0] <= config.tariffs <= tariffs[1]:
+        raise SimConfigError(f"{where}.tariffs must be {tariffs[0]}..{tariffs[1]} for {family(protocol)}")
     return config
 
 
@@ -332,7 +340,7 @@ def bus_from_mapping(raw: Mapping[str, Any], index: int, *, seed: int = 0) -> Bu
     kind = _str(f"{where}.kind", raw.get("kind", "tcp"))
     if kind not in ("tcp", "pty"):
         raise SimConfigError(f"{where}.kind must be 'tcp' or 'pty', got {kind!r}")
-    modbus = family(protocol) == "modbus"
+    modbus = protocol in MODBUS_FRAMINGS
     if modbus and kind == "pty":
         raise SimConfigError(f"{where}: Modbus simulators here listen on TCP only")
     baud = raw.get("baud")
@@ -457,12 +465,12 @@ def quick_config(
             "kind": "pty" if pty else "tcp",
             "host": host,
             "port": 0 if pty or port == 0 else port + i,
-            "first_address": 1 if protocol.startswith("modbus") else first,
+            "first_address": 1 if protocol in MODBUS_FRAMINGS else first,
             "count": count,
         }
         if baud is not None:
             raw["baud"] = baud
-        if protocol == "cjt188":
+        if protocol in PROTOCOLS and "meter_type" in _PROTOCOL_KEYS[family(protocol)]:
             raw["meter_type"] = meter_type
         out.append(bus_from_mapping(raw, i, seed=seed))
         first += count

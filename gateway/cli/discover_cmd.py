@@ -5,7 +5,8 @@
     meter-gateway discover --tcp 192.0.2.20:502 --protocol modbus --units 1-32
     meter-gateway discover -c /etc/meter-gateway/gateway.toml --bus line2 --range 000000001000-000000001099
 
-How, per protocol (each asks the protocol registry whether it can discover at all):
+How, per protocol (the protocol registry says whether it can discover at all, and names its
+wildcard request: ``MeterProtocol.discover``):
 
 * **One meter on the line** (a hand-held converter on one meter, one meter per serial server
   port): the protocol's wildcard request. DL/T 645-2007 0x13 read address to AAAAAAAAAAAA
@@ -179,12 +180,13 @@ def _model_for(protocol: str, given: str | None) -> tuple[str, bool]:
     return shipped[0], True
 
 
-def _cjt188_model(meter_type: int, given: str | None) -> tuple[str, bool]:
-    if given is not None:
-        return _model_for("cjt188", given)
-    names = shipped_models("cjt188")
+def _typed_model(protocol: str, meter_type: int | None) -> tuple[str, bool]:
+    """The shipped model of the type a meter reported (protocols with ``typed_meters``)."""
+    names = shipped_models(protocol)
+    if not names:
+        raise FieldError(f"no shipped {protocol} model: give --model FILE")
     for name in names:
-        if getattr(load_model(name), "meter_type", None) == meter_type:
+        if meter_type is not None and getattr(load_model(name), "meter_type", None) == meter_type:
             return name, False
     return names[0], True
 
@@ -201,33 +203,20 @@ def _probe_bus(bus: BusConfig, timeout: float | None) -> BusConfig:
 
 async def _wildcard(target: Target, args: argparse.Namespace) -> list[Found]:
     protocol = target.protocol
-    family = registry.get(protocol).family
-    if family == "modbus":
-        raise FieldError(f"{protocol} has no wildcard request: use --units")
+    info = registry.get(protocol)
+    discover = info.discoverer()
+    if discover is None:
+        raise FieldError(f"{protocol} has no wildcard request: use --range FIRST-LAST")
     # what is given is checked before anything goes on the line
     meter_type = _meter_type(args.meter_type) if args.meter_type is not None else None
-    model, guessed = _model_for(protocol, args.model) if family != "cjt188" or args.model else ("", False)
-    note = ""
+    model, guessed = _model_for(protocol, args.model) if not info.typed_meters or args.model else ("", False)
     async with open_bus(target.bus) as bus:
-        if family == "dlt645":
-            from meter_gateway.drivers.dlt645_driver import discover_address
-            from meter_gateway.protocols.dlt645.edition import Edition
-
-            address = await discover_address(bus, Edition.parse(protocol), preamble=target.bus.dlt645_preamble())
-        elif family == "dlt698":
-            from meter_gateway.drivers.dlt698_driver import discover_address as discover_698
-
-            address = await discover_698(bus)
-        else:
-            from meter_gateway.drivers.cjt188_driver import discover as discover_188
-            from meter_gateway.protocols.cjt188.frame import WILDCARD_TYPE
-
-            meter = await discover_188(bus, meter_type=WILDCARD_TYPE if meter_type is None else meter_type)
-            address = meter.address
-            if not model:  # the meter's type picks the model
-                model, guessed = _cjt188_model(meter.meter_type, None)
-            note = f"{meter.meter_class} meter, type {meter.meter_type:02X}H"
-    return [_found(target, args, address, model, guessed=guessed, note=note)]
+        found: registry.Discovered = await discover(
+            bus, protocol, preamble=target.bus.dlt645_preamble(), meter_type=meter_type
+        )
+    if not model:  # the meter's type picks the model
+        model, guessed = _typed_model(protocol, found.meter_type)
+    return [_found(target, args, found.address, model, guessed=guessed, note=found.note)]
 
 
 def _meter_type(text: str) -> int:
@@ -243,8 +232,9 @@ def _meter_type(text: str) -> int:
 async def _addresses(target: Target, args: argparse.Namespace, addresses: list[str]) -> list[Found]:
     """Ask each address for its model's first quantity through the daemon's own driver."""
     protocol = target.protocol
-    if registry.get(protocol).family == "cjt188" and args.model is None:
-        raise FieldError("a CJ/T 188 range probe asks with a model's meter type: give --model")
+    info = registry.get(protocol)
+    if info.typed_meters and args.model is None:
+        raise FieldError(f"a {info.standard} range probe asks with a model's meter type: give --model")
     model, guessed = _model_for(protocol, args.model)
     quantity = load_model(model).quantities[0]
     probe = _probe_bus(target.bus, args.probe_timeout)
@@ -357,8 +347,7 @@ def _iter_found(found: list[Found]) -> Iterator[dict[str, object]]:
 
 async def _discover(target: Target, args: argparse.Namespace) -> tuple[str, int, list[Found], list[int]]:
     """(method, how many addresses were asked, the meters found, Modbus units in doubt)."""
-    family = registry.get(target.protocol).family
-    if family == "modbus":
+    if target.bus.protocol in registry.MODBUS_BUSES:  # a Modbus bus: its devices are unit ids
         if args.range is not None:
             raise FieldError("Modbus devices are found by unit id: use --units FIRST-LAST")
         units = unit_range(args.units)

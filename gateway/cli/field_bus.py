@@ -144,11 +144,13 @@ def _attempts(text: str) -> int:
 
 def _bus_protocol(protocol: str, *, tcp: bool, framing: str | None) -> str:
     """The ``buses[].protocol`` of a line carrying ``protocol`` meters."""
-    info = registry.get(protocol)
-    if info.family != "modbus":
+    buses = registry.get(protocol).buses
+    if not buses & registry.MODBUS_BUSES:
         if framing is not None:
             raise FieldError("--framing is for Modbus lines")
-        return info.family  # dlt645, dlt698, cjt188: the byte bus of the same name
+        # a byte bus: any carries the protocol; the one named after its family reads best
+        family = registry.get(protocol).family
+        return family if family in buses else min(buses)
     if not tcp:
         if framing == "tcp":
             raise FieldError("Modbus on a serial port is framed rtu")
@@ -158,7 +160,7 @@ def _bus_protocol(protocol: str, *, tcp: bool, framing: str | None) -> str:
 
 def _meter_protocol(bus: BusConfig) -> str:
     """The protocol a bus's meters most likely speak (``--protocol`` not given with ``--bus``)."""
-    return "modbus" if bus.protocol.startswith("modbus") else registry.carried_by(bus.protocol)[0]
+    return registry.carried_by(bus.protocol)[0]
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -240,7 +242,7 @@ def resolve_target(args: argparse.Namespace) -> Target:
     else:
         if args.connect_timeout is not None:
             raise FieldError("--connect-timeout is for --tcp lines")
-        baud, parity = _SERIAL_DEFAULTS["modbus" if bus_protocol.startswith("modbus") else "other"]
+        baud, parity = _SERIAL_DEFAULTS["modbus" if bus_protocol in registry.MODBUS_BUSES else "other"]
         fields.update(
             type="serial",
             port=args.serial,
@@ -330,18 +332,19 @@ def describe_link(bus: BusConfig) -> str:
 
 
 def shipped_models(protocol: str) -> list[str]:
-    """The shipped model names a meter of ``protocol`` can use (its family; its DL/T 645 edition)."""
-    family = registry.get(protocol).family
+    """The shipped model names a meter of ``protocol`` can use (its family; the edition the
+    registry says its model files name, if any)."""
+    info = registry.get(protocol)
     out: list[str] = []
     for name in available_models():
         try:
             model = load_model(name)
         except ConfigurationError:
             continue  # a broken shipped file is check-config's to report, not a field tool's
-        if model.protocol != family:
+        if model.protocol != info.family:
             continue
         edition = getattr(model, "edition", None)
-        if edition is not None and protocol != f"dlt645-{edition.value}":
+        if info.edition and edition is not None and edition.value != info.edition:
             continue
         out.append(name)
     return out

@@ -4,6 +4,8 @@
   through :meth:`Dlt645Driver.remote_control`, with the command's ``expires_at`` as the frame's
   validity time, so a frame that lingers in a serial server cannot act after the order expired;
   relay, close permit and keep-power from status word 3 (:meth:`Dlt645Driver.read_relay`).
+* DL/T 698.45: ACTION 8000/8001, or a head-end's secured APDU passed through, in
+  :mod:`gateway.commands.dlt698_actuator`.
 * CJ/T 188 (water, gas, heat): the valve (A017) in :mod:`gateway.commands.cjt188_actuator`,
   verified from ST (:class:`ValveActuator`); no relay.
 * Modbus: the model's relay coil or register (:meth:`ModbusMeter.set_relay`/``read_relay``) with
@@ -11,8 +13,10 @@
   meter the health book calls offline. Modbus meters have no close permit, keep-power or alarm: a
   reconnect closes directly.
 
-Each control call is ONE attempt (the executor owns retries, so each attempt is acked as
-``sent``). Driver errors become :class:`ActuatorError` with the ack reason the executor needs.
+Which class serves a meter is its protocol's ``actuator`` in :mod:`drivers.registry`
+(:func:`make_actuator`). Each control call is ONE attempt (the executor owns retries, so each
+attempt is acked as ``sent``). Driver errors become :class:`ActuatorError` with the ack reason the
+executor needs.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
+from meter_gateway.drivers import registry
 from meter_gateway.drivers.bus import Bus, Priority
-from meter_gateway.drivers.cjt188_driver import Cjt188Driver
 from meter_gateway.drivers.dlt645_driver import Dlt645Driver
 from meter_gateway.drivers.errors import ConfigurationError, DriverError, MeterRefused
 from meter_gateway.drivers.modbus import ModbusMeter
@@ -124,8 +128,10 @@ class MeterActuator(Protocol):
     def unsupported(self, action: str) -> str | None:
         """Why this meter cannot do ``action`` (checked before anything is sent), or None."""
 
-    async def control(self, action: str, mode: str | None, valid_until: float) -> None:
-        """One attempt of a control frame; raises ActuatorError."""
+    async def control(self, action: str, mode: str | None, valid_until: float, apdu: bytes | None = None) -> None:
+        """One attempt of a control frame; raises ActuatorError. ``apdu``: a secured APDU the
+        signed command carries, to frame as it is (DL/T 698.45 pass-through); the executor gives
+        one only to an actuator whose ``control`` names the parameter, so the others leave it out."""
 
     async def read_relay(self) -> RelayReading: ...
 
@@ -263,17 +269,11 @@ class ModbusActuator:
         raise ActuatorError("unsupported", "unsupported", "Modbus meters have no clock to set")
 
 
-def make_actuator(driver: Dlt645Driver | ModbusMeter | Cjt188Driver, bus: Bus | None = None) -> MeterActuator:
-    """The actuator for a meter runtime's driver. ``bus`` is no longer needed (every driver holds
-    its bus); it is accepted so callers need not change at once."""
-    if isinstance(driver, Dlt645Driver):
-        return Dlt645Actuator(driver)
-    if type(driver).__name__ == "Dlt698Driver":  # its module is imported only where one is configured
-        from meter_gateway.gateway.commands.dlt698_actuator import Dlt698Actuator  # it imports this module
-
-        return Dlt698Actuator(driver)  # type: ignore[arg-type]
-    if isinstance(driver, Cjt188Driver):
-        from meter_gateway.gateway.commands.cjt188_actuator import Cjt188Actuator  # it imports this module
-
-        return Cjt188Actuator(driver)
-    return ModbusActuator(driver)
+def make_actuator(driver: object, bus: Bus | None = None, *, protocol: str | None = None) -> MeterActuator:
+    """The actuator for a meter runtime's driver, of the class its protocol's registry entry names
+    (``actuator``). ``protocol``: the meter's protocol; None: the one whose driver module built
+    ``driver``. ``bus`` is no longer needed (every driver holds its bus); it is accepted so callers
+    need not change at once."""
+    info = registry.get(protocol) if protocol is not None else registry.of_driver(driver)
+    actuator: MeterActuator = info.build_actuator()(driver)
+    return actuator

@@ -336,7 +336,7 @@ class Executor:
                 if exe.apdu is None:
                     await actuator.control(exe.action, exe.mode, exe.expires_at)
                 else:  # only actuators that take one get here (checked in _execute)
-                    await actuator.control(exe.action, exe.mode, exe.expires_at, apdu=exe.apdu)  # type: ignore[call-arg]
+                    await actuator.control(exe.action, exe.mode, exe.expires_at, apdu=exe.apdu)
             except ActuatorError as exc:
                 if exc.kind == "meter_refused":
                     self._step(exe, E.REFUSE, reason=exc.reason, detail=exc.detail)

@@ -105,7 +105,7 @@ def driver_context(config: Config, meter: Meter, bus: Bus, events: EventListener
         password = creds.password.reveal() if creds.password is not None else None
         credentials = Credentials(password=password, level=creds.password_level, operator=creds.operator)
     options = meter.protocol_options()
-    if registry.get(meter.protocol).family == "dlt645" and options.get("preamble") is None:
+    if registry.get(meter.protocol).bus_preamble and options.get("preamble") is None:
         # buses[].preamble, with its per-type default, unless the meter sets its own
         options["preamble"] = next(b for b in config.buses if b.name == meter.bus).dlt645_preamble()
     return DriverContext(

@@ -7,7 +7,8 @@ it calls back, so the callback only queues: it never blocks a bus. :meth:`MeterE
 publishes the queue in order through the uplink's public ``publish`` (QoS 1, not retained) and,
 while the broker is away, keeps up to ``backlog`` events in memory, retrying with backoff; beyond
 that the oldest are dropped and counted (``stats.dropped``, one warning line per burst). Events
-are not persisted: a meter's event log (its own records) is the durable copy.
+are not persisted: a meter's event log (its own records) is the durable copy. An event's
+``detail`` comes from its protocol's ``describe_event`` in :mod:`drivers.registry`, if it has one.
 
 Heartbeats (LINK-Request type 1) say only "still here" every minute or so and are not published.
 """
@@ -22,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
+from meter_gateway.drivers import registry
 from meter_gateway.drivers.backoff import Backoff, BackoffPolicy
 from meter_gateway.drivers.log_limit import logfmt_value
 from meter_gateway.gateway.uplink.contract import CONTRACT_VERSION, MeterEvent, Topics, encode_meter_event
@@ -85,11 +87,11 @@ class MeterEvents:
             self.stats.skipped += 1
             return None
         detail: dict[str, Any] | None = None
-        if protocol == "dlt698":
-            from meter_gateway.protocols.dlt698.describe import describe_apdu
-
+        info = registry.PROTOCOLS.get(protocol)
+        describe = info.event_describer() if info is not None else None
+        if describe is not None:
             try:
-                detail = describe_apdu(apdu)
+                detail = describe(apdu)
             except Exception as exc:  # the raw APDU still goes out; the decode is a convenience
                 log.debug("event=meter_event_undescribed meter=%s error=%s", logfmt_value(meter_id), logfmt_value(exc))
         return MeterEvent(
