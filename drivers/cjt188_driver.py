@@ -25,6 +25,13 @@ Decisions worth knowing:
   :data:`~drivers.cjt188_model.QUANTITIES`' range, as the other drivers do.
 * **Time.** Meters keep naive local wall time: ``tz`` converts both ways. 901F carries the
   meter's time; A015 sets it (acknowledged, unlike DL/T 645's broadcast).
+* **Settlement days.** A meter settles once a month, at 00:00 of its settlement day (8103), and
+  keeps the register at its last 12 settlements (D120-D12B, newest first; the replies carry no
+  date). :meth:`Cjt188Driver.read_frozen_day` answers the frozen job's question "the record of
+  this date" for a settlement date: the meter's settlement day and clock say how many
+  settlements back it is, the reading is stamped at that settlement instant (``meter_time``)
+  under the register's ordinary name (``volume.total``, ``heat.total``...), so its id is the
+  same however often it is read, as for daily freezes.
 * **Valve.** A017 with 55H opens, 99H closes; the acknowledgement carries ST (the old position
   while the motor still runs). Whether the valve got there is the caller's read-back
   (:meth:`Cjt188Driver.read_valve`): the command executor verifies every valve command.
@@ -32,6 +39,7 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+import calendar
 import datetime
 import logging
 import time
@@ -55,7 +63,18 @@ from meter_gateway.protocols.cjt188.frame import OVERHEAD, WILDCARD, WILDCARD_TY
 from meter_gateway.protocols.cjt188.identifiers import DI_ORDERS, DiOrder, check_order
 from meter_gateway.protocols.cjt188.status import Status
 
-__all__ = ["Cjt188Driver", "DiscoveredMeter", "ValveStatus", "discover", "from_config", "line_for"]
+__all__ = [
+    "SETTLEMENTS_KEPT",
+    "Cjt188Driver",
+    "DiscoveredMeter",
+    "ValveStatus",
+    "discover",
+    "from_config",
+    "latest_settlement",
+    "line_for",
+    "settlement_date",
+    "settlement_dates",
+]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +90,42 @@ SCHEDULING_MARGIN: Final = 0.1  # s
 
 # what the CJ/T 188 exchanges on a bus share
 line_for: Final = PerBus(Cjt188Line)
+
+DI_SETTLEMENT_DAY: Final = 0x8103  # clause 7 Table 5: read settlement day (DD)
+DI_HISTORY: Final = 0xD120  # D120 + n - 1: the register at the n-th last settlement day
+SETTLEMENTS_KEPT: Final = 12  # D120-D12B
+# the register a meter of each class keeps at its settlement days (the history DI's value)
+_SETTLED: Final = {"water": "volume", "gas": "volume", "heat": "heat", "cooling": "cooling", "other": "reading"}
+
+
+def settlement_date(year: int, month: int, settlement_day: int) -> datetime.date:
+    """The settlement date of a month: its ``settlement_day``, or its last day when it is shorter."""
+    last = calendar.monthrange(year, month)[1]
+    return datetime.date(year, month, min(settlement_day, last))
+
+
+def _month_before(day: datetime.date) -> tuple[int, int]:
+    return (day.year, day.month - 1) if day.month > 1 else (day.year - 1, 12)
+
+
+def latest_settlement(today: datetime.date, settlement_day: int) -> datetime.date:
+    """The newest settlement date on or before ``today``."""
+    this = settlement_date(today.year, today.month, settlement_day)
+    return this if this <= today else settlement_date(*_month_before(today), settlement_day)
+
+
+def settlement_dates(first: datetime.date, last: datetime.date, settlement_day: int) -> list[datetime.date]:
+    """The settlement dates from ``first`` to ``last`` (inclusive), oldest first."""
+    out: list[datetime.date] = []
+    day = latest_settlement(last, settlement_day)
+    while day >= first:
+        out.append(day)
+        day = settlement_date(*_month_before(day), settlement_day)
+    return out[::-1]
+
+
+def _months(older: datetime.date, newer: datetime.date) -> int:
+    return (newer.year - older.year) * 12 + newer.month - older.month
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +209,7 @@ class Cjt188Driver:
         "meter_type",
         "model",
         "preamble",
+        "settlement_day",
         "tz",
     )
 
@@ -191,6 +247,7 @@ class Cjt188Driver:
         self._line = line_for(bus)
         self._line.know(self._address)
         self._reply_timeout = _reply_timeout(bus, model.turnaround, self.preamble)
+        self.settlement_day: int | None = None  # the meter's 8103, as last read
 
     def __repr__(self) -> str:
         return f"<Cjt188Driver {self.meter_id} {self.meter_type:02X}/{self.address} on {self.bus.name}>"
@@ -286,12 +343,14 @@ class Cjt188Driver:
             raise PartialRead(readings, tuple(q for q in wanted if q not in values), cause)
         return [self._reading(q, values[q], now=now, slot=slot) for q in wanted]
 
-    def _reading(self, quantity: str, decoded: DecodedValue, *, now: float, slot: float | None) -> Reading:
+    def _reading(
+        self, quantity: str, decoded: DecodedValue, *, now: float, slot: float | None, meter_time: float | None = None
+    ) -> Reading:
         units, bounds = quantity_info(quantity)
         value: Any = decoded.value
         quality = Quality.GOOD
         if quantity == "valve.state":
-            return Reading(self.meter_id, quantity, str(value), "", now, None, slot, quality)
+            return Reading(self.meter_id, quantity, str(value), "", now, meter_time, slot, quality)
         if isinstance(value, bool):
             value = int(value)
         unit = decoded.unit or units[0]
@@ -299,17 +358,88 @@ class Cjt188Driver:
             raise BadReply(f"meter {self.meter_id}: {quantity} came in {unit}, expected {' or '.join(units)}")
         if not isinstance(value, int | float) or not plausible(value, bounds):
             quality |= Quality.OUT_OF_RANGE
-        return Reading(self.meter_id, quantity, value, unit, now, None, slot, quality)
+        return Reading(self.meter_id, quantity, value, unit, now, meter_time, slot, quality)
 
     async def read_history(self, nth: int, *, priority: int = Priority.POLL) -> DecodedValue:
         """The register at the ``nth`` last settlement day (D120 + nth - 1, 1..12; clause 7 Table 5
         history data). The reply carries no date: the settlement day is the meter's (8103)."""
-        if not 1 <= nth <= 12:
-            raise ValueError(f"settlement history is 1..12 months back, got {nth}")
-        values = await self.read_di(0xD120 + nth - 1, priority=priority)
+        if not 1 <= nth <= SETTLEMENTS_KEPT:
+            raise ValueError(f"settlement history is 1..{SETTLEMENTS_KEPT} months back, got {nth}")
+        values = await self.read_di(DI_HISTORY + nth - 1, priority=priority)
         if not values:
             raise BadReply(f"meter {self.meter_id}: history {nth} has no value")
         return values[0]
+
+    async def read_settlement_day(self, *, priority: int = Priority.POLL) -> int:
+        """The meter's settlement day of the month (8103), kept in :attr:`settlement_day`."""
+        for value in await self.read_di(DI_SETTLEMENT_DAY, priority=priority):
+            number = value.value
+            if value.quantity == "settlement.day" and isinstance(number, int) and not isinstance(number, bool):
+                if not 1 <= number <= 31:
+                    raise BadReply(f"meter {self.meter_id}: settlement day {number} (8103) is no day of a month")
+                self.settlement_day = number
+                return number
+        raise BadReply(f"meter {self.meter_id}: 8103 carried no settlement day")
+
+    # -- settlement-day records (the frozen job) --------------------------------------------------
+
+    settlements_kept: Final = SETTLEMENTS_KEPT
+
+    def settlement_dates(self, first: datetime.date, last: datetime.date) -> list[datetime.date] | None:
+        """The meter's settlement dates from ``first`` to ``last``, oldest first; None before its
+        settlement day has been read (:meth:`read_settlement_day`)."""
+        if self.settlement_day is None:
+            return None
+        return settlement_dates(first, last, self.settlement_day)
+
+    def frozen_quantities(self) -> tuple[str, ...]:
+        """The quantity the meter keeps at each settlement day: its billing register (volume for
+        water and gas meters, heat for heat meters...), when the model reads that register."""
+        register = _SETTLED.get(self.model.meter_class)
+        name = f"{register}.total"
+        return (name,) if register is not None and name in self.model.quantities else ()
+
+    async def read_frozen_day(
+        self, day: datetime.date, quantities: Sequence[str], *, priority: int = Priority.POLL
+    ) -> list[Reading]:
+        """The register at the settlement taken at the meter's midnight starting ``day`` (the
+        frozen job's protocol-neutral call); [] when the meter has no such record: ``day`` is not
+        its settlement date (8103, read each time), that settlement is still to come by its clock,
+        or older than the 12 it keeps (or it refuses the history DI).
+
+        Which D12x holds ``day`` is counted from the meter's clock: its newest settlement is
+        D120. A read that straddles a settlement midnight (the clock read after the history read
+        shows a newer settlement) is done again once.
+        """
+        wanted = [q for q in self.frozen_quantities() if q in quantities]
+        if not wanted:
+            return []
+        settlement_day = await self.read_settlement_day(priority=priority)
+        if day != settlement_date(day.year, day.month, settlement_day):
+            return []
+        newest = await self._newest_settlement(settlement_day, priority)
+        for _ in range(2):
+            if day > newest:
+                return []  # not settled yet by the meter's clock
+            nth = _months(day, newest) + 1
+            if nth > SETTLEMENTS_KEPT:
+                return []
+            try:
+                value = await self.read_history(nth, priority=priority)
+            except MeterRefused:
+                return []  # the meter keeps no such record (abnormal reply to D12x)
+            after = await self._newest_settlement(settlement_day, priority)
+            if after == newest:
+                break
+            newest = after  # a settlement happened meanwhile: D12x moved by one
+        else:
+            raise BadReply(f"meter {self.meter_id}: its settlements kept moving while read")
+        stamp = from_meter_time(datetime.datetime.combine(day, datetime.time()), self.tz)
+        return [self._reading(wanted[0], value, now=self.clock(), slot=None, meter_time=stamp)]
+
+    async def _newest_settlement(self, settlement_day: int, priority: int) -> datetime.date:
+        meter_now = await self.read_clock(priority=priority)
+        return latest_settlement(to_meter_time(meter_now, self.tz).date(), settlement_day)
 
     # -- clock ------------------------------------------------------------------------------------
 

@@ -19,7 +19,9 @@ What it answers (CJ/T 188-2004 clause 7, tables of ``protocols/cjt188/data/cjt18
   the flow stops once it is closed; the acknowledgement carries ST after the command (the old
   position while the valve is still moving). ``stuck_valve``: the command is acknowledged, the
   valve stays put and ST reports the valve "abnormal" (11) until a command finds it where it
-  should be;
+  should be. ``jamming_valve``: the command is acknowledged normally (ST shows the valve where
+  it was, as for a valve that starts to move), then the valve jams where it was and ST reports
+  it "abnormal" from the next read on, until a command finds it where it should be;
 * A015 write standard time sets the meter clock;
 * anything else: an abnormal reply (function | C0H) with SER and ST.
 
@@ -202,6 +204,7 @@ class Cjt188Meter(MeterClock):
         battery_low: bool = False,
         battery_days: float | None = None,
         settlement_day: int = 1,
+        jamming_valve: bool = False,
         flow: FlowSettings | None = None,
     ) -> None:
         self.address = Address.parse(address)
@@ -229,7 +232,9 @@ class Cjt188Meter(MeterClock):
         self.battery_days = battery_days
         self.settlement_day = settlement_day
         self.stuck_valve = False
+        self.jamming_valve = jamming_valve
         self.valve_fault = False
+        self._jam_after_ack = False  # a jamming valve's fault shows once its command is acknowledged
         self.requests = 0
         self.unheard = 0  # frames ignored for a short wake-up preamble
         rng = random.Random(seed)
@@ -259,10 +264,15 @@ class Cjt188Meter(MeterClock):
     def command_valve(self, open_valve: bool) -> None:
         """What an A017 write does (also for the control port)."""
         self._catch_up()
-        if self.stuck_valve:
+        if self.stuck_valve or self.jamming_valve:
             # A stuck valve cannot reach a position it is not in; being told to stay is fine.
-            self.valve_fault = self.flow.valve_open != open_valve
+            fault = self.flow.valve_open != open_valve
             self._valve_target = self._valve_due = None
+            if self.jamming_valve and fault:
+                self.valve_fault = False  # the acknowledgement still looks normal
+                self._jam_after_ack = True
+            else:
+                self.valve_fault = fault
             return
         self.valve_fault = False
         if self.flow.valve_open == open_valve:
@@ -271,6 +281,12 @@ class Cjt188Meter(MeterClock):
         self._valve_target = open_valve
         self._valve_due = self._sim_now() + datetime.timedelta(seconds=self.valve_time)
         self._catch_up()
+
+    def _jammed(self) -> None:
+        """A jamming valve's command has been acknowledged: from now on ST says abnormal."""
+        if self._jam_after_ack:
+            self._jam_after_ack = False
+            self.valve_fault = True
 
     @property
     def battery_is_low(self) -> bool:
@@ -326,6 +342,7 @@ class Cjt188Meter(MeterClock):
         return [] if reply is None else [reply.encode(self.di_order, self.preamble)]
 
     def _reply(self, frame: Frame) -> m.Message | None:
+        self._jammed()  # a jam after a command given on the control port shows from the next request
         self._catch_up()
         try:
             message = m.parse_message(frame, self.di_order)
@@ -404,7 +421,9 @@ class Cjt188Meter(MeterClock):
         t, a = self.meter_type, self.address
         if request.di == m.DI_VALVE and values.get("valve.command") in ("open", "close"):
             self.command_valve(values["valve.command"] == "open")
-            return m.WriteReply.ack(t, a, m.DI_VALVE, ser=request.ser, status=self.status())
+            ack = m.WriteReply.ack(t, a, m.DI_VALVE, ser=request.ser, status=self.status())
+            self._jammed()
+            return ack
         if request.di == m.DI_STANDARD_TIME and isinstance(values.get("meter.time"), str):
             self.set_meter_time(datetime.datetime.fromisoformat(str(values["meter.time"])))
             return m.WriteReply.ack(t, a, m.DI_STANDARD_TIME, ser=request.ser)

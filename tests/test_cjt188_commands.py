@@ -179,3 +179,24 @@ async def test_read_now_and_time_sync_on_a_water_meter(tmp_path: Path, meters_bu
         await rig.send(sync)
         final = (await rig.finished(sync.id, ["w01"]))["w01"]
         assert final.state == "verified", final.detail
+
+
+@pytest.mark.asyncio
+async def test_a_valve_that_jams_after_acknowledging_ends_unverified_with_valve_abnormal(
+    tmp_path: Path, meters_bus: MetersBusFactory
+) -> None:
+    clock = SimClock(START, 1.0)
+    water = Cjt188Meter("00000000000001", "water", clock=clock, jamming_valve=True)
+    sim = await meters_bus([water])
+    async with cjt_rig(tmp_path, sim, [water], verify_window=3.0) as rig:
+        await rig.start()
+        close = envelope("valve_close", ["w01"])
+        await rig.send(close)
+        final = (await rig.finished(close.id, ["w01"]))["w01"]
+        # the acknowledgement was normal (ST: still open), the read-back found the valve jammed
+        assert (final.state, final.reason) == ("unverified", "valve_abnormal")
+        assert rig.states(close.id, "w01") == ["queued", "sent", "meter_acknowledged", "unverified"]
+        assert final.detail is not None
+        assert final.detail.startswith("read back: valve abnormal")
+        assert "ST 0003" in final.detail
+        assert water.valve_open  # it never moved

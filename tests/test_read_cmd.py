@@ -303,3 +303,25 @@ async def test_bad_input_gets_one_clear_line(
     code, _, err = await read(capsys, "--tcp", "127.0.0.1:1", "--protocol", "dlt645-2007", "--address", "000000000001")
     assert code == 1
     assert err.splitlines()[-1] == "meter-gateway read: cannot open tcp 127.0.0.1:1: Connection refused"
+
+
+def test_cjt188_serial_lines_default_to_2400_8e1_without_opening_the_port(tmp_path: Path) -> None:
+    """The field tools' serial defaults per protocol (gateway/cli/field_bus.py): CJ/T 188 meters
+    ship at 2400 8E1 (clause 6.1), as DL/T 645 ones; resolving the line opens nothing."""
+    from meter_gateway.gateway.cli.field_bus import describe_link, resolve_target
+    from meter_gateway.gateway.cli.read_cmd import _parser
+
+    port = str(tmp_path / "no-such-tty")  # never opened: resolving the line only checks settings
+    argv = ["--serial", port, "--protocol", "cjt188", "--address", "00000000000001"]
+    target = resolve_target(_parser().parse_args(argv))
+    bus = target.bus
+    assert (target.protocol, bus.protocol) == ("cjt188", "cjt188")
+    assert (bus.baud_rate, bus.data_bits, bus.parity, bus.stop_bits) == (2400, 8, "E", 1)  # type: ignore[union-attr]
+    assert describe_link(bus) == f"serial {port} 2400 8E1"
+    # a meter set to another rate keeps the parity and frame
+    faster = resolve_target(_parser().parse_args([*argv, "--baud", "9600"])).bus
+    assert describe_link(faster) == f"serial {port} 9600 8E1"
+    # Modbus lines default differently: the table is per protocol
+    modbus = resolve_target(_parser().parse_args(["--serial", port, "--protocol", "modbus", "--address", "1"])).bus
+    assert describe_link(modbus) == f"serial {port} 9600 8N1"
+    assert not Path(port).exists()

@@ -1,9 +1,11 @@
-"""Daily frozen reads and backfill: each meter's midnight freeze, and what outages made us miss.
+"""Frozen reads and backfill: each meter's midnight freeze (or monthly settlement), and what
+outages made us miss.
 
 :class:`FrozenJob` runs beside the poller. Every meter of ``[daily_frozen]`` whose protocol
-keeps daily freezes (``registry.capable(protocol, Can.FROZEN)``: DL/T 645-2007, DL/T 698.45) has
-its newest daily freeze read ``delay`` + a per-meter share of ``spread`` after local midnight
-(:class:`~gateway.schedule.DailyFrozenSchedule`) and committed to the outbox with
+keeps frozen records (``registry.capable(protocol, Can.FROZEN)``: DL/T 645-2007, DL/T 698.45,
+CJ/T 188) has its newest freeze read ``delay`` + a per-meter share of ``spread`` after local
+midnight (:class:`~gateway.schedule.DailyFrozenSchedule`; monthly meters only on their
+settlement dates, see "Freeze calendars") and committed to the outbox with
 ``Quality.FROZEN`` and ``meter_time`` = the freeze time the meter reports, so the reading id
 (``meter/quantity/m<freeze time>``) is the same however often the freeze is read: a re-read
 dedupes in the outbox.
@@ -24,26 +26,40 @@ Which record
     gives the freeze taken at the meter's midnight starting ``day``, or [] when the meter has
     no such record. How the driver finds it is the protocol's business (DL/T 698.45 selects by
     freeze time; DL/T 645-2007 numbers its records and probes, see
-    ``Dlt645Driver.read_frozen_day``). An empty answer for a day the gateway's calendar says is
+    ``Dlt645Driver.read_frozen_day``; CJ/T 188 counts the settlement back from the meter's
+    clock, ``Cjt188Driver.read_frozen_day``). An empty answer for a day the gateway's calendar says is
     frozen is checked against the meter's own clock: a meter that has not reached that midnight
     yet (its clock is behind, or the gateway's clock jumped ahead) is asked again later; one
     that is past it and has no record has lost the day (it was unpowered, or the record is
     older than the meter keeps).
 
+Freeze calendars
+    Electricity meters freeze every midnight. A protocol that can also ``Can.SETTLEMENT``
+    (CJ/T 188 water, gas and heat meters) keeps monthly records instead, taken at 00:00 of the
+    meter's settlement day (its 8103 item) and kept 12 months back: of the days the schedule
+    hands out, only the meter's settlement dates are owed, and backfill reaches back over the
+    12 settlements the meter keeps (``backfill_days`` is for daily freezes). The settlement day
+    is the meter's: it is read (:meth:`SettlementReader.read_settlement_day`) before that
+    meter's first plan; until then what the schedule handed out is held (and the saved cursor
+    kept before it, so a restart hands it out again). A meter never seen before has its newest
+    settlement read at once, as a daily meter has its newest freeze.
+
 Poll slots
     For poll groups with ``backfill = true``, :meth:`FrozenJob.note_missed` takes the poll
     schedule's missed slots. A missed slot that starts exactly at a freeze instant (local
-    midnight) is filled from that freeze: its energies carry ``slot`` = the missed slot. Other
+    midnight; for a monthly meter, a settlement instant once its settlement day is known) is
+    filled from that freeze: its energies carry ``slot`` = the missed slot. Other
     slots, and quantities a meter does not freeze (voltages, powers...), cannot be filled;
     they are counted (``slots_unfillable``). docs/backfill.md has the whole story.
 
-Meters whose protocol keeps no daily freezes (Modbus, DL/T 645-1997, CJ/T 188) are skipped,
-each logged once.
+Meters whose protocol keeps no frozen records (Modbus, DL/T 645-1997) are skipped, each logged
+once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import calendar
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -73,7 +89,7 @@ if TYPE_CHECKING:
     from meter_gateway.gateway.config import Config
     from meter_gateway.gateway.store.outbox import AddResult
 
-__all__ = ["FrozenJob", "FrozenReader", "FrozenStats", "ReadingSink"]
+__all__ = ["FrozenJob", "FrozenReader", "FrozenStats", "ReadingSink", "SettlementReader"]
 
 log = logging.getLogger("meter_gateway")
 
@@ -99,6 +115,20 @@ class FrozenReader(Protocol):
     ) -> list[Reading]: ...
 
     async def read_clock(self, *, priority: int = Priority.POLL) -> float: ...
+
+
+class SettlementReader(FrozenReader, Protocol):
+    """A driver of a ``Can.SETTLEMENT`` protocol (Cjt188Driver): its records are monthly, on the
+    meter's settlement day (``settlement_day``: as last read, None before)."""
+
+    settlements_kept: int  # how many settlements back the meter keeps (CJ/T 188: 12)
+
+    def settlement_dates(self, first: date, last: date) -> list[date] | None:
+        """The meter's settlement dates from ``first`` to ``last``, oldest first; None while its
+        settlement day has not been read."""
+        ...
+
+    async def read_settlement_day(self, *, priority: int = Priority.POLL) -> int: ...
 
 
 class ReadingSink(Protocol):
@@ -137,6 +167,18 @@ class _Owed:
     attempts: int = 0
     retry_at: float = float("-inf")
     parked: bool = False  # beyond backfill_days by the current clock: not read, not deleted
+
+
+@dataclass
+class _Pending:
+    """Days a monthly meter's schedule handed out before its settlement day was known."""
+
+    first: date
+    last: date
+    backfill: bool
+    newest: bool  # the meter's first plan: its newest settlement is owed too
+    attempts: int = 0
+    retry_at: float = float("-inf")
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +244,9 @@ class FrozenJob:
         self._wake = asyncio.Event()
         self._last_save = float("-inf")
         self._loaded = False
+        self._pending: dict[str, _Pending] = {}  # monthly meters whose settlement day is not known yet
+        self._fresh: set[str] = set()  # monthly meters with no saved cursor: their newest settlement is owed
+        self._cursor_moved = False  # the schedule handed something out: save its cursors
 
     # -- which meters -------------------------------------------------------------------------
 
@@ -216,7 +261,7 @@ class FrozenJob:
         reason = None
         if not registry.capable(protocol, registry.Can.FROZEN):
             title = registry.PROTOCOLS[protocol].title if protocol in registry.PROTOCOLS else protocol
-            reason = f"{title} meters keep no daily frozen records"
+            reason = f"{title} meters keep no frozen records"
         elif meter_id not in self.drivers:
             reason = "no driver"
         if reason is None:
@@ -230,6 +275,23 @@ class FrozenJob:
         if qs is None:
             qs = self._quantities[meter_id] = tuple(self.drivers[meter_id].frozen_quantities())
         return qs
+
+    def _monthly(self, meter_id: str) -> bool:
+        """Whether the meter's records are monthly settlements (``Can.SETTLEMENT``)."""
+        try:
+            protocol = self.config.meter(meter_id).protocol
+        except KeyError:
+            return False
+        return registry.capable(protocol, registry.Can.SETTLEMENT)
+
+    def _settlements(self, meter_id: str) -> SettlementReader:
+        return self.drivers[meter_id]  # type: ignore[return-value]  # a Can.SETTLEMENT protocol's driver
+
+    def _is_freeze(self, meter_id: str, day: date) -> bool:
+        """Whether the meter keeps a record of ``day`` (False when that is not known yet)."""
+        if not self._monthly(meter_id):
+            return True
+        return self._settlements(meter_id).settlement_dates(day, day) == [day]
 
     # -- owed freezes -------------------------------------------------------------------------
 
@@ -272,8 +334,8 @@ class FrozenJob:
             if self._readable(m.meter):
                 frozen = set(self._frozen_quantities(m.meter))
                 if frozen.intersection(quantities):
-                    fillable = self._freeze_slots(m)
-            window = self._window_start(self.clock())
+                    fillable = [(d, s) for d, s in self._freeze_slots(m) if self._is_freeze(m.meter, d)]
+            window = self._window_start(self.clock(), m.meter)
             kept = [(d, s) for d, s in fillable if d >= window]
             for day, slot in kept:
                 self._add(m.meter, day, backfill=True, fills={m.group: slot})
@@ -301,10 +363,57 @@ class FrozenJob:
             day += timedelta(days=1)
         return out
 
-    def _window_start(self, now: float) -> date:
-        """The oldest freeze backfill still reads at ``now``."""
+    def _window_start(self, now: float, meter: str | None = None) -> date:
+        """The oldest freeze backfill still reads at ``now`` (for ``meter``: a monthly meter's
+        reach back is the 12 settlements it keeps, not ``backfill_days``)."""
         latest = latest_freeze_date(now, self.tz)
+        if meter is not None and self._monthly(meter) and meter in self.drivers:
+            return _months_back(latest, self._settlements(meter).settlements_kept) + timedelta(days=1)
         return latest - timedelta(days=max(1, min(self.backfill_days, MAX_FROZEN_DAYS)) - 1)
+
+    def _plan_monthly(
+        self, meter: str, first: date, last: date, now: float, *, backfill: bool, newest: bool = False
+    ) -> None:
+        """Owe a monthly meter's settlement dates among the days ``first`` .. ``last`` the
+        schedule handed out; held in ``_pending`` until its settlement day is known."""
+        driver = self._settlements(meter)
+        days = driver.settlement_dates(first, last)
+        if days is None:
+            held = self._pending.get(meter)
+            if held is None:
+                self._pending[meter] = _Pending(first, last, backfill, newest)
+            else:
+                held.first, held.last = min(held.first, first), max(held.last, last)
+                held.backfill = held.backfill or backfill
+                held.newest = held.newest or newest
+            return
+        late = dict.fromkeys(days, backfill)
+        if newest:
+            # the newest settlement on or before last (settlement dates are at most 31 days apart)
+            for latest in (driver.settlement_dates(last - timedelta(days=30), last) or [])[-1:]:
+                late.setdefault(latest, True)  # settled before we first looked: read late
+        window = self._window_start(now, meter)
+        lost = [d for d in late if d < window]
+        if lost:
+            self.stats.lost_days += len(lost)
+            log.warning(
+                "event=frozen_lost meter=%s first=%s days=%d reason='older than the %d settlements a meter keeps'",
+                meter,
+                min(lost).isoformat(),
+                len(lost),
+                driver.settlements_kept,
+            )
+        for day in sorted(late):
+            if day >= window:
+                self._add(meter, day, backfill=late[day])
+        if first < last and any(d >= window for d in late):
+            log.info(
+                "event=frozen_backfill_planned meter=%s first=%s last=%s settlements=%d",
+                meter,
+                first.isoformat(),
+                last.isoformat(),
+                sum(d >= window for d in late),
+            )
 
     # -- running ------------------------------------------------------------------------------
 
@@ -317,7 +426,8 @@ class FrozenJob:
                 self._wake.clear()
                 now = self.clock()
                 self.step(now)
-                if self._dirty and time.monotonic() - self._last_save >= self.save_every:
+                dirty = self._dirty or self._cursor_moved
+                if dirty and time.monotonic() - self._last_save >= self.save_every:
                     await self.save()
                 await self._sleep(stop, self._delay(self.clock()))
         finally:
@@ -339,6 +449,7 @@ class FrozenJob:
                 item.attempts = o.attempts
             else:
                 self._dirty.add((o.meter, o.day))  # a meter no longer configured: drop its rows
+        self._fresh = {m for m in self._daily_meters if m not in resume and self._monthly(m)}
         if self._daily_meters:
             self.schedule = DailyFrozenSchedule(
                 self._daily_meters,
@@ -359,11 +470,20 @@ class FrozenJob:
         """Take what the schedule hands out and start reads that are due (no waiting)."""
         if self.schedule is not None:
             for due in self.schedule.next_due(now):
+                self._cursor_moved = True
                 # first read more than late_after after its time (the gateway was down): backfill
                 late = now > due.at + self.late_after
-                self._add(due.meter, due.freeze_date, backfill=late)
+                if self._monthly(due.meter):
+                    newest = due.meter in self._fresh
+                    self._fresh.discard(due.meter)
+                    self._plan_monthly(due.meter, due.freeze_date, due.freeze_date, now, backfill=late, newest=newest)
+                else:
+                    self._add(due.meter, due.freeze_date, backfill=late)
             window = self._window_start(now)
             for missed in self.schedule.take_missed():
+                if self._monthly(missed.meter):
+                    self._plan_monthly(missed.meter, missed.first, missed.last, now, backfill=True)
+                    continue
                 first = max(missed.first, window)
                 lost = (first - missed.first).days
                 if lost > 0:
@@ -390,7 +510,7 @@ class FrozenJob:
         self.stats.owed = sum(len(d) for d in self._owed.values())
 
     def _dispatch(self, now: float) -> None:
-        window = self._window_start(now)
+        self._dispatch_learning(now)
         ready: dict[str, tuple[tuple[bool, date, str], str, date]] = {}
         for meter, days in self._owed.items():
             driver = self.drivers.get(meter)
@@ -399,6 +519,7 @@ class FrozenJob:
             bus = driver.bus.name
             if bus in self._tasks:
                 continue
+            window = self._window_start(now, meter)
             for day, item in days.items():
                 if day < window:
                     if not item.parked:
@@ -423,6 +544,59 @@ class FrozenJob:
             self._tasks[bus] = task
             task.add_done_callback(self._done)
 
+    def _dispatch_learning(self, now: float) -> None:
+        """Read the settlement day of monthly meters with handed-out days held for it (before
+        their bus's freeze reads: their plan waits on it)."""
+        for meter, held in self._pending.items():
+            driver = self.drivers.get(meter)
+            if driver is None or driver.bus.name in self._tasks:
+                continue
+            if held.retry_at > now + self.retry_max:  # the clock stepped back
+                held.retry_at = now
+            if held.retry_at > now:
+                continue
+            task = asyncio.create_task(self._learn(meter), name=f"frozen:{meter}:settlement-day")
+            self._tasks[driver.bus.name] = task
+            task.add_done_callback(self._done)
+
+    async def _learn(self, meter: str) -> None:
+        """One read of a monthly meter's settlement day; then what was held for it is planned."""
+        held = self._pending.get(meter)
+        if held is None:
+            return
+        driver = self._settlements(meter)
+        now = self.clock()
+        try:
+            settlement_day = await driver.read_settlement_day(priority=Priority.BACKFILL)
+        except ConfigurationError as exc:
+            self.stats.skipped_meters[meter] = str(exc)
+            self._pending.pop(meter, None)
+            log.warning("event=frozen_skipped meter=%s reason=%r", meter, str(exc))
+            return
+        except DriverError as exc:
+            self.stats.fail(exc.kind, backfill=True)
+            held.attempts += 1
+            held.retry_at = now + min(self.retry_base * 2 ** (held.attempts - 1), self.retry_max)
+            level = logging.WARNING if held.attempts == 1 else logging.DEBUG
+            log.log(
+                level,
+                "event=settlement_day_read_failed meter=%s kind=%s attempts=%d retry_in=%.0f detail=%s",
+                meter,
+                exc.kind,
+                held.attempts,
+                held.retry_at - now,
+                exc,
+            )
+            return
+        except Exception:  # one meter's bad read must not end the job
+            log.exception("event=settlement_day_read_crashed meter=%s", meter)
+            held.attempts += 1
+            held.retry_at = now + self.retry_max
+            return
+        self._pending.pop(meter, None)
+        log.info("event=settlement_day meter=%s day=%d", meter, settlement_day)
+        self._plan_monthly(meter, held.first, held.last, now, backfill=held.backfill, newest=held.newest)
+
     def _done(self, task: asyncio.Task[None]) -> None:
         for bus, t in list(self._tasks.items()):
             if t is task:
@@ -431,14 +605,18 @@ class FrozenJob:
 
     def _delay(self, now: float) -> float:
         times = [self.schedule.next_time() or now + self.tick] if self.schedule is not None else []
-        window = self._window_start(now)
         for meter, days in self._owed.items():
             driver = self.drivers.get(meter)
             # a bus with a read under way waits for that read's end, which wakes the loop: its
             # owed days' past retry times would otherwise make it spin until then
             if driver is None or driver.bus.name in self._tasks:
                 continue
+            window = self._window_start(now, meter)
             times.extend(i.retry_at for d, i in days.items() if d >= window)
+        for meter, held in self._pending.items():
+            driver = self.drivers.get(meter)
+            if driver is not None and driver.bus.name not in self._tasks:
+                times.append(held.retry_at)
         soonest = min(times, default=now + self.tick)
         return min(self.tick, max(0.0, soonest - now))
 
@@ -471,10 +649,17 @@ class FrozenJob:
             else:
                 owed.append(OwedFreeze(meter, day, item.backfill, dict(item.fills), item.attempts))
         cursors = self.schedule.cursors() if self.schedule is not None else {}
+        for meter, held in self._pending.items():  # not planned yet: a restart hands them out again
+            if held.newest:
+                cursors.pop(meter, None)  # still never planned: a restart starts it afresh
+            elif meter in cursors:
+                cursors[meter] = min(cursors[meter], held.first)
+        moved, self._cursor_moved = self._cursor_moved, False
         try:
             await asyncio.to_thread(self.cursors.save_frozen, cursors, owed=owed, settled=settled)
         except Exception:  # the state file is worth retrying, never worth stopping frozen reads
             self._dirty |= dirty
+            self._cursor_moved = self._cursor_moved or moved
             log.exception("event=cursor_save_failed kind=frozen")
             return
         self._last_save = time.monotonic()
@@ -609,3 +794,10 @@ class FrozenJob:
             item.retry_at - now,
             error,
         )
+
+
+def _months_back(day: date, months: int) -> date:
+    """The same day ``months`` months earlier (the month's last day when it is shorter)."""
+    year, month = divmod(day.year * 12 + day.month - 1 - months, 12)
+    last = calendar.monthrange(year, month + 1)[1]
+    return date(year, month + 1, min(day.day, last))
