@@ -18,6 +18,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meter_gateway.drivers.backoff import BackoffPolicy
+from meter_gateway.drivers.log_limit import limited_kind_ended
 from meter_gateway.gateway.commands.auth import SigningKey
 from meter_gateway.gateway.commands.envelope import (
     TERMINAL_STATES,
@@ -299,3 +300,36 @@ async def test_guard_holds_and_release_over_mqtt(
         assert not handle.meters[2].relay_closed  # released
         assert [a.state for a in acks_of(sub, cut.id) if a.meter == meters[1]] == ["held"]
         assert gw.service.stats.held_now == 1
+
+
+@pytest.mark.asyncio
+async def test_a_flood_of_forged_commands_is_each_acked_audited_and_counted_but_logged_once(
+    tmp_path: Path,
+    broker_factory: Callable[..., Broker],
+    sim_bus: SimBusFactory,
+    subscriber: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="meter_gateway")
+    limited_kind_ended("command_rejected:bad_signature")  # no window left open by an earlier test
+    broker = broker_factory()
+    handle = await sim_bus(1)
+    (target,) = handle.meters
+    sub = subscriber(broker, [TOPICS.acks])
+    flood = 40
+    async with gateway(tmp_path, broker, handle) as gw:
+        for n in range(flood):
+            signed = envelope("relay_status", [mid(target)], command_id=f"forged-{n}")
+            await gw.command(msgspec.structs.replace(signed, action="disconnect"))  # the signature no longer fits
+        await until(lambda: gw.service.stats.rejected.get("bad_signature") == flood, 15, f"{flood} rejections")
+        await until(
+            lambda: all(len(acks_of(sub, f"forged-{n}")) == 2 for n in range(flood)), 15, "every forged command acked"
+        )
+        assert {acks_of(sub, f"forged-{n}")[-1].reason for n in range(flood)} == {"bad_signature"}
+        assert target.requests == 0
+        assert target.relay_closed
+    lines = [r.getMessage() for r in caplog.records if "event=command_rejected" in r.getMessage()]
+    assert len(lines) == 1, lines  # the rest wait for the next window, counted as suppressed=N
+    assert "reason=bad_signature" in lines[0]
+    with AuditLog.open(tmp_path / "audit.sqlite", readonly=True) as audit:
+        assert len([r for r in audit.query() if r.state == "rejected"]) == flood

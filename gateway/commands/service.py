@@ -21,9 +21,10 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from meter_gateway.drivers import registry
 from meter_gateway.drivers.backoff import Backoff, BackoffPolicy
 from meter_gateway.drivers.bus import Bus
-from meter_gateway.drivers.log_limit import logfmt_value
+from meter_gateway.drivers.log_limit import log_limited, logfmt_value
 from meter_gateway.gateway.commands.actuators import CONTROL_ACTIONS, MeterActuator, make_actuator
 from meter_gateway.gateway.commands.auth import CommandRejected, KeyRing, authenticate
 from meter_gateway.gateway.commands.envelope import Ack, CommandEnvelope, canonical_bytes, decode_envelope
@@ -103,9 +104,10 @@ class CommandService:
             self._keyring = KeyRing()
         self._meters_cfg: dict[str, Meter] = {m.id: m for m in config.meters}
         actuators: dict[str, MeterActuator] = {}
+        self._protocols: dict[str, str] = {meter_id: runtime.protocol for meter_id, runtime in meters.items()}
         for meter_id, runtime in meters.items():
             try:
-                actuators[meter_id] = make_actuator(runtime.driver, buses.get(runtime.bus))
+                actuators[meter_id] = make_actuator(runtime.driver, buses.get(runtime.bus), protocol=runtime.protocol)
             except Exception as exc:  # one broken meter must not take remote control down
                 log.error("event=meter_not_controllable meter=%s error=%s", logfmt_value(meter_id), logfmt_value(exc))  # noqa: TRY400
         self._actuators = actuators
@@ -243,7 +245,12 @@ class CommandService:
         self, cid: str | None, reason: str, detail: str, now: float, *, actor: str | None, action: str | None
     ) -> None:
         acks = self._require_store().reject(cid, now, reason, detail)
-        log.warning(
+        # every rejection is audited, acknowledged and counted; the log gets one line per reason
+        # and minute, so a flood of forged or garbled messages cannot flood it
+        log_limited(
+            log,
+            logging.WARNING,
+            f"command_rejected:{reason}",
             "event=command_rejected command=%s reason=%s detail=%s",
             logfmt_value(cid or "-"),
             logfmt_value(reason),
@@ -271,11 +278,16 @@ class CommandService:
     def _unsupported(self, meter_id: str, action: str) -> str | None:
         actuator = self._actuators[meter_id]
         why = actuator.unsupported(action)
-        if why is None and action in CONTROL_ACTIONS and actuator.protocol == "dlt645":
+        if why is None and action in CONTROL_ACTIONS and self._needs_password(meter_id):
             cfg = self._meters_cfg.get(meter_id)
             if cfg is None or cfg.credentials is None or cfg.credentials.password is None:
                 why = "no meter password configured (credentials) for remote control"
         return why
+
+    def _needs_password(self, meter_id: str) -> bool:
+        """Whether the meter's control frames carry its password (the registry says per protocol)."""
+        info = registry.PROTOCOLS.get(self._protocols.get(meter_id, ""))
+        return info is not None and info.control_password
 
     def _plans(self, env: CommandEnvelope, now: float, guard: MassDisconnectGuard) -> list[MeterPlan]:
         plans: dict[str, MeterPlan] = {}
