@@ -246,14 +246,12 @@ def test_wheel_install_runs_the_demo_from_an_empty_directory(box: Box, tmp_path:
     )
     assert str(ROOT) not in site.stdout  # the wheel's copy, not this checkout
     # every dependency at the tested version: the installer pins by the checkout's constraints.txt
-    pinned = dict(
-        line.split("==", 1) for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line
-    )
+    pinned = dict(line.split("==", 1) for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line)
     installed = subprocess.run(
         [
             str(box / "opt/meter-gateway/bin/python"),
             "-c",
-            "import importlib.metadata as m; print(m.version('pymodbus'), m.version('paho-mqtt'), m.version('msgspec'))",
+            "import importlib.metadata as m; print(*(m.version(d) for d in ('pymodbus', 'paho-mqtt', 'msgspec')))",
         ],
         capture_output=True,
         text=True,

@@ -199,7 +199,12 @@ def _variant(tmp_path: Path, name: str, old: str, new: str, *, count: int = 1) -
             "closed = 1, open = 1 }",
             r"relay\.write: 'closed' and 'open' must differ",
         ),
-        ("sim-3ph", 'protocol = "modbus"', 'protocol = "modbus-tcp"', r"protocol: must be 'dlt645', 'dlt698', 'cjt188' or 'modbus'"),
+        (
+            "sim-3ph",
+            'protocol = "modbus"',
+            'protocol = "modbus-tcp"',
+            r"protocol: must be 'dlt645', 'dlt698', 'cjt188' or 'modbus'",
+        ),
         (
             "dlt645-2007-generic",
             'di = "00010000"',
