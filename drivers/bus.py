@@ -1,10 +1,10 @@
 """One physical bus: its turn lock, its transaction engine, its counters and its meters' health.
 
-A Bus is a lock plus counters, not a task, so a process can hold hundreds of them. Drivers that
-frame raw bytes use ``exchange`` (request bytes + the protocol's sans-I/O reply exchange, see
-:mod:`protocols.exchange`); drivers whose library owns the I/O (pymodbus) wrap each transaction
-in ``run``. Both take a priority (:class:`~drivers.turn_lock.Priority`): a command goes next on
-its bus, ahead of queued polls; FIFO within a priority.
+A Bus is a lock plus counters, not a task, so a process can hold hundreds of them. Every driver
+(DL/T 645, DL/T 698.45, CJ/T 188, Modbus) sends through ``exchange``: request bytes plus the
+protocol's sans-I/O reply exchange (see :mod:`protocols.exchange`). It takes a priority
+(:class:`~drivers.turn_lock.Priority`): a command goes next on its bus, ahead of queued polls;
+FIFO within a priority.
 
 The bus adds the meters' health to what its parts do: a meter the health book holds offline fails
 fast without touching the wire until it is due for a probe (a single attempt), and every outcome
@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
 from meter_gateway.drivers.bus_counters import BusCounters
@@ -40,7 +40,6 @@ __all__ = ["Bus", "BusCounters", "BusSettings", "LineListener", "Priority"]
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
-T = TypeVar("T")
 
 
 class LineListener(Protocol):
@@ -62,7 +61,8 @@ class LineListener(Protocol):
 
 
 class Bus:
-    """One physical bus. ``transport`` is required for ``exchange``/``send``, not for ``run``."""
+    """One physical bus. ``transport`` is required for ``exchange``/``send`` (a bus without one
+    serves only its health checks: tools that plan without a wire)."""
 
     def __init__(
         self,
@@ -95,7 +95,7 @@ class Bus:
 
     @property
     def on_latency(self) -> Callable[[float], None] | None:
-        """Called with the seconds from request written to accepted reply (for a job: its duration)."""
+        """Called with the seconds from request written to accepted reply."""
         return self.engine.on_latency
 
     @on_latency.setter
@@ -240,36 +240,6 @@ class Bus:
             except LinkDown:
                 self.counters.link_down += 1
                 raise
-
-    async def run(
-        self,
-        job: Callable[[], Awaitable[T]],
-        *,
-        meter: str | None = None,
-        priority: int = Priority.POLL,
-        force: bool = False,
-    ) -> T:
-        """Run ``job()`` with the bus held (for drivers whose library owns the I/O)."""
-        self._admit(meter, force)
-        async with self.turns.turn(priority):
-            self._begin(meter, force)
-            await self.engine.quiet()
-            self.counters.jobs += 1
-            loop = asyncio.get_running_loop()
-            started = loop.time()
-            try:
-                result = await job()
-            except DriverError as e:
-                self.counters.jobs_failed += 1
-                self._account_failure(meter, e)
-                raise
-            finally:
-                self.engine.job_ended()
-            self.counters.ok += 1
-            self._record(meter, None)
-            if self.on_latency is not None:
-                self.on_latency(loop.time() - started)
-            return result
 
     # -- health ---------------------------------------------------------------------------
 

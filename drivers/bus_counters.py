@@ -23,7 +23,7 @@ _REJECTIONS: Final = {
 @dataclass(slots=True)
 class BusCounters:
     sent: int = 0  # requests written (retries included)
-    ok: int = 0  # transactions (exchanges and jobs) that ended with an answer
+    ok: int = 0  # transactions that ended with an answer
     retries: int = 0
     timeouts: int = 0  # attempts that ended at the deadline without an accepted reply
     echo_ignored: int = 0
@@ -37,8 +37,6 @@ class BusCounters:
     refused: int = 0  # the meter answered with an error
     offline_skipped: int = 0  # failed fast: meter offline, not due for a probe
     probes: int = 0  # single attempts on offline meters
-    jobs: int = 0  # run() jobs started
-    jobs_failed: int = 0
     unsolicited: int = 0  # frames meters sent on their own (reports, LINK login/heartbeat), heard idle or not
 
     def rejected(self, r: Rejected) -> bool:

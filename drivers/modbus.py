@@ -1,9 +1,11 @@
-"""Modbus meters: the bus's Modbus access, the reply exchange, the read planner and the meter driver.
+"""Modbus meters: the bus's Modbus access and framing, the read planner and the meter driver.
 
 This is the only module that imports pymodbus, and it uses pymodbus' public framers only:
 ``FramerSocket`` (MBAP) or ``FramerRTU`` (CRC, and the frame sizing an RTU reply needs) put the
-requests in frames and cut the replies out of the byte stream. The PDUs of the six functions the
-gateway uses (§6.1-6.6 and the exception reply, §7) are fixed layouts, made and read here with
+requests in frames and cut the replies out of the byte stream (:class:`PymodbusFraming`). Which
+frame answers a request, and what it holds, is the sans-I/O
+:class:`~protocols.modbus.exchange.ModbusExchange`'s business: the PDUs of the six functions the
+gateway uses (§6.1-6.6 and the exception reply, §7) are fixed layouts, made and read there with
 no object per request: a read plan's request PDUs are made once and shared by every meter of the
 model, and a reply's registers are unpacked straight from its bytes.
 
@@ -14,10 +16,10 @@ A Modbus bus is a byte-stream bus like the others: the bytes travel over the gat
 DL/T 645. No pymodbus type leaves this module: trouble becomes a ``drivers.errors`` type.
 
 * :class:`ModbusLink` is Modbus on one bus (:func:`attach` makes it, :func:`link_for` finds it):
-  the framing (Modbus TCP with MBAP, or RTU frames over TCP or a serial port), the transaction
-  ids, the requests recently made (to tell late replies from strangers) and the exception replies
-  counted by code (exported with the bus's counters). Several :class:`ModbusMeter` objects (unit
-  ids) share one.
+  the framing (Modbus TCP with MBAP, or RTU frames over TCP or a serial port), its
+  :class:`~protocols.modbus.exchange.ModbusLine` (transaction ids, the requests recently made, to
+  tell late replies from strangers) and the exception replies counted by code (exported with the
+  bus's counters). Several :class:`ModbusMeter` objects (unit ids) share one.
 * :func:`plan_reads` merges the registers wanted into as few transactions as the device allows.
 * :class:`ModbusMeter` reads quantities into :class:`~drivers.reading.Reading` objects and
   operates the relay.
@@ -48,10 +50,9 @@ import logging
 import math
 import struct
 import weakref
-from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Generic, TypeVar
+from typing import Final, TypeVar
 
 from pymodbus.framer import FramerBase, FramerRTU, FramerSocket
 from pymodbus.pdu import DecodePDU, ModbusPDU
@@ -62,11 +63,25 @@ from meter_gateway.drivers.context import DriverContext
 from meter_gateway.drivers.errors import BadReply, ConfigurationError, LinkDown, MeterRefused, NoAnswer, PartialRead
 from meter_gateway.drivers.health import HealthBook
 from meter_gateway.drivers.log_limit import log_limited, logfmt_value
-from meter_gateway.drivers.meter_models import FUNCTIONS, ModbusModel, ModbusPoint, RelaySpec, load_model
+from meter_gateway.drivers.meter_models import ModbusModel, ModbusPoint, RelaySpec, load_model
 from meter_gateway.drivers.reading import Quality, Reading
 from meter_gateway.drivers.serial_link import SerialLink
 from meter_gateway.drivers.transport import LinkStats, SerialSettings, TcpSettings, Transport, make_transport
-from meter_gateway.protocols.exchange import Answer, Event, Refusal, Rejected, Rejection, Unusable, Verdict
+from meter_gateway.protocols.modbus.exchange import (
+    EXCEPTION_NAMES,
+    PDU,
+    READ_VALUES,
+    RETRIED_EXCEPTIONS,
+    UNREACHABLE_EXCEPTIONS,
+    WRITE_COIL,
+    WRITE_REGISTER,
+    ModbusExchange,
+    ModbusLine,
+    bits_of,
+    echo_of,
+    exception_text,
+    registers_of,
+)
 from meter_gateway.protocols.modbus.values import RemoteValueError
 
 __all__ = [
@@ -77,6 +92,7 @@ __all__ = [
     "ModbusExchange",
     "ModbusLink",
     "ModbusMeter",
+    "PymodbusFraming",
     "ReadRequest",
     "attach",
     "decode_block",
@@ -89,31 +105,11 @@ log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 
-# Modbus Application Protocol Specification V1.1b3, §7 "MODBUS Exception Responses".
-EXCEPTION_NAMES: Final[dict[int, str]] = {
-    0x01: "illegal function",
-    0x02: "illegal data address",
-    0x03: "illegal data value",
-    0x04: "server device failure",
-    0x05: "acknowledge",
-    0x06: "server device busy",
-    0x08: "memory parity error",
-    0x0A: "gateway path unavailable",
-    0x0B: "gateway target device failed to respond",
-}
-# The meter is working on something else: ask again after the bus's backoff.
-RETRIED_EXCEPTIONS: Final = frozenset({0x05, 0x06})
-# A Modbus gateway says the meter behind it cannot be reached: silence, as far as health goes.
-UNREACHABLE_EXCEPTIONS: Final = frozenset({0x0A, 0x0B})
 # Bus.protocol_counters key of an exception code's count
 COUNTER_PREFIX: Final = "modbus_exception_"
 
-_READ_FUNCTIONS: Final = frozenset(FUNCTIONS.values())
-_WRITE_COIL: Final = 5
-_WRITE_REGISTER: Final = 6
 # §6.1-6.4: per-request limits of the read functions
 _MAX_COUNT: Final = {1: 2000, 2: 2000, 3: 125, 4: 125}
-HISTORY_LENGTH: Final = 32  # requests remembered per bus for telling late replies from strangers
 # What a device refused is tried merged again after this long (wall seconds): firmware updates
 # and replaced meters happen, and a refusal that was a passing fault should not cost data forever.
 RELEARN_AFTER: Final = 3600.0
@@ -126,10 +122,6 @@ logging.getLogger("pymodbus.logging").setLevel(logging.CRITICAL)
 def _unit_ok(unit: int) -> None:
     if isinstance(unit, bool) or not isinstance(unit, int) or not 1 <= unit <= 255:
         raise ConfigurationError(f"Modbus unit id must be 1..255, got {unit!r}")
-
-
-def exception_text(code: int) -> str:
-    return f"{EXCEPTION_NAMES.get(code, 'exception')} ({code:#04x})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,8 +147,9 @@ def link_for(bus: Bus) -> ModbusLink:
 
 
 class ModbusLink:
-    """Modbus on one bus: framing, transaction ids, recent requests, exception counts, and the
-    register and coil transactions, each one ``bus.exchange`` (see the module docstring).
+    """Modbus on one bus: framing, its exchanges' shared line (transaction ids, recent requests),
+    exception counts, and the register and coil transactions, each one ``bus.exchange`` with a
+    :class:`~protocols.modbus.exchange.ModbusExchange` (see the module docstring).
 
     ``meter`` keys the health book; ``priority`` and ``force`` are the bus's (a command goes
     first and is tried on an offline meter); ``attempts`` overrides the bus's.
@@ -170,11 +163,8 @@ class ModbusLink:
         self.bus = bus
         self.framing = framing
         self.tcp = framing == "tcp"
-        self.framer: FramerBase = (FramerSocket if self.tcp else FramerRTU)(ReplyDecoder(False))
-        self._tid = 0  # MBAP transaction id of the last request (RTU has none)
-        # the requests recently made, as a reply to each would show it: its transaction id (TCP),
-        # or unit << 8 | function (RTU)
-        self.recent: deque[int] = deque(maxlen=HISTORY_LENGTH)
+        self.frames = PymodbusFraming(self.tcp)
+        self.line = ModbusLine(bus.name, self.frames, on_exception=self.count_exception)
         self._own_bus = False  # made by build(): opened on first use, closed by close()
         self._closed = False
         counters = bus.protocol_counters
@@ -296,8 +286,8 @@ class ModbusLink:
         _check_span(function, address, count)
         return await self._transact(
             unit,
-            _PDU.pack(function, address, count),
-            _registers_of,
+            PDU.pack(function, address, count),
+            registers_of,
             meter=meter,
             priority=priority,
             force=force,
@@ -324,8 +314,8 @@ class ModbusLink:
         _check_span(function, address, count)
         return await self._transact(
             unit,
-            _PDU.pack(function, address, count),
-            _bits_of,
+            PDU.pack(function, address, count),
+            bits_of,
             meter=meter,
             priority=priority,
             force=force,
@@ -347,8 +337,8 @@ class ModbusLink:
         _check_span(1, address, 1)
         await self._transact(
             unit,
-            _PDU.pack(_WRITE_COIL, address, 0xFF00 if value else 0),
-            _echo_of,
+            PDU.pack(WRITE_COIL, address, 0xFF00 if value else 0),
+            echo_of,
             meter=meter,
             priority=priority,
             force=force,
@@ -371,8 +361,8 @@ class ModbusLink:
             raise ConfigurationError(f"a register holds 0..65535, got {value!r}")
         await self._transact(
             unit,
-            _PDU.pack(_WRITE_REGISTER, address, value),
-            _echo_of,
+            PDU.pack(WRITE_REGISTER, address, value),
+            echo_of,
             meter=meter,
             priority=priority,
             force=force,
@@ -396,11 +386,10 @@ class ModbusLink:
         _unit_ok(unit)
         if self._own_bus and not self._closed:
             await self.bus.open()  # a link of its own connects on first use (idempotent after)
-        tid = 0
-        if self.tcp:
-            tid = self._tid = self._tid % 0xFFFF + 1
-        request = self.framer.encode(pdu, unit, tid)
-        exchange = ModbusExchange(self, request, pdu, unit=unit, tid=tid, value_of=value_of, strict=strict)
+        line = self.line
+        tid = line.next_tid()
+        request = self.frames.encode(pdu, unit, tid)
+        exchange = ModbusExchange(line, request, pdu, unit=unit, tid=tid, value_of=value_of, strict=strict)
         try:
             return await self.bus.exchange(
                 request, exchange, meter=meter, priority=priority, attempts=attempts, force=force
@@ -429,207 +418,6 @@ class ModbusLink:
         counters[key] = counters.get(key, 0) + 1
 
 
-class _WrongReply(Exception):
-    """The reply answers the request but does not fit it (size, echoed address or value)."""
-
-
-class _Undecodable(Exception):
-    """The reply PDU contradicts itself (its byte count is not its size)."""
-
-
-# Every request this driver makes is a function code and two 16-bit words: the address, then the
-# count (reads) or the value (writes) (Modbus Application Protocol V1.1b3, §6.1-6.6).
-_PDU: Final = struct.Struct(">BHH")
-
-
-def _registers_of(exchange: ModbusExchange[list[int]], pdu: bytes) -> list[int]:
-    """§6.3/6.4 reply: function, byte count, the registers big-endian."""
-    size = len(pdu) - 2
-    if size < 0 or pdu[1] != size or size % 2:
-        raise _Undecodable
-    count = exchange.count
-    if size != 2 * count:
-        raise _WrongReply(f"asked for {count} registers at {exchange.address}, got {size // 2}")
-    return list(struct.unpack_from(f">{count}H", pdu, 2))
-
-
-def _bits_of(exchange: ModbusExchange[list[bool]], pdu: bytes) -> list[bool]:
-    """§6.1/6.2 reply: function, byte count, the bits packed low bit first."""
-    size = len(pdu) - 2
-    if size < 0 or pdu[1] != size:
-        raise _Undecodable
-    count = exchange.count
-    if size != (count + 7) // 8:
-        raise _WrongReply(f"asked for {count} bits at {exchange.address}, got {8 * size}")
-    return [bool(pdu[2 + i // 8] >> (i % 8) & 1) for i in range(count)]
-
-
-def _echo_of(exchange: ModbusExchange[None], pdu: bytes) -> None:
-    """§6.5/6.6 reply: the request echoed (a coil's value compared as on or off)."""
-    if len(pdu) != 5:
-        raise _Undecodable
-    _, address, value = _PDU.unpack(pdu)
-    asked = exchange.count  # the value written
-    coil = pdu[0] == _WRITE_COIL
-    if address != exchange.address or (bool(value) != bool(asked) if coil else value != asked):
-        what = f"coil {exchange.address}={bool(asked)}" if coil else f"register {exchange.address}={asked}"
-        raise _WrongReply(f"write {what} echoed {address}={bool(value) if coil else value}")
-
-
-# what a read's reply holds, by function
-_READ_VALUES: Final[dict[int, Callable[[ModbusExchange[Any], bytes], list[int] | list[bool]]]] = {
-    1: _bits_of,
-    2: _bits_of,
-    3: _registers_of,
-    4: _registers_of,
-}
-
-
-class ModbusExchange(Generic[R]):
-    """The :class:`~protocols.exchange.ReplyExchange` of one Modbus request (see the module
-    docstring for what is accepted). ``value_of`` turns the accepted reply PDU into the caller's
-    value; a :class:`_WrongReply` from it makes the reply unusable. ``exception`` is the exception
-    code of the current attempt's reply, if it was one.
-
-    One of these is made per request, so it holds only the request's bytes and what it was made
-    with; its text for logs (:attr:`what`) is built only when something goes wrong."""
-
-    __slots__ = ("buffer", "echo", "exception", "link", "pdu", "strict", "tid", "unit", "value_of")
-
-    def __init__(
-        self,
-        link: ModbusLink,
-        request: bytes,
-        pdu: bytes,
-        *,
-        unit: int,
-        tid: int,
-        value_of: Callable[[ModbusExchange[R], bytes], R],
-        strict: bool = False,
-    ) -> None:
-        self.link = link
-        self.pdu = pdu
-        self.unit = unit
-        self.tid = tid
-        self.value_of = value_of
-        self.strict = strict
-        function = pdu[0]
-        # an RS-485 adapter that hears itself returns a read request before its reply; a write's
-        # reply is its echo, so nothing can be told apart there
-        self.echo = b"" if link.tcp or function not in _READ_FUNCTIONS else request
-        self.buffer = b""
-        self.exception: int | None = None
-        # what a late reply to this request will look like (see _consider)
-        link.recent.append(tid if link.tcp else (unit << 8 | function))
-
-    @property
-    def address(self) -> int:
-        return self.pdu[1] << 8 | self.pdu[2]
-
-    @property
-    def count(self) -> int:
-        """Registers or bits asked for; for a write, the value written."""
-        return self.pdu[3] << 8 | self.pdu[4]
-
-    @property
-    def what(self) -> str:
-        """The request, for error texts and logs."""
-        function, address, count = _PDU.unpack(self.pdu)
-        if function in _READ_FUNCTIONS:
-            kind = "bits" if function in (1, 2) else "registers"
-            asked = f"function {function} {kind} {address}..{address + count - 1}"
-        else:
-            asked = f"function {function} {'coil' if function == _WRITE_COIL else 'register'} {address}"
-        return f"{self.link.name} unit {self.unit}: {asked}"
-
-    def begin(self) -> None:
-        self.buffer = b""
-        self.exception = None
-
-    def receive(self, data: bytes) -> list[Event[R]]:
-        events: list[Event[R]] = []
-        buffer = self.buffer + data if self.buffer else data
-        echo = self.echo
-        if echo:
-            if len(buffer) < len(echo) and echo.startswith(buffer):
-                self.buffer = buffer
-                return events  # maybe our request coming back: wait for the rest
-            if buffer.startswith(echo):
-                events.append(Rejected(Rejection.ECHO, len(echo)))
-                buffer = buffer[len(echo) :]
-        link = self.link
-        decode = link.framer.decode
-        while buffer:
-            used, unit, tid, frame = decode(buffer)
-            if not used:
-                break
-            if not frame:
-                events.append(Rejected(Rejection.GARBAGE, used, "no valid frame"))
-                buffer = buffer[used:]
-                continue
-            if not link.tcp:
-                # FramerRTU reports the whole buffer used; the frame itself ends at its CRC
-                start = buffer.find(bytes((unit,)) + frame)
-                if start > 0:
-                    events.append(Rejected(Rejection.GARBAGE, start, "before a frame"))
-                used = max(start, 0) + len(frame) + 3
-            buffer = buffer[used:]
-            event = self._consider(unit, tid, frame, used)
-            events.append(event)
-            if not isinstance(event, Rejected):
-                self.buffer = b""
-                return events  # the verdict: whatever follows is stale input for the next attempt
-        # while no whole frame is there, keep only the newest bytes: line noise that never forms a
-        # frame would otherwise be rescanned (the RTU framer tries every offset) on every chunk
-        excess = len(buffer) - (2 * _reply_size(self.pdu[0], self.count) + 8 + len(echo)) if buffer else 0
-        if excess > 0:
-            events.append(Rejected(Rejection.GARBAGE, excess, "no frame in the input"))
-            buffer = buffer[excess:]
-        self.buffer = buffer
-        return events
-
-    def _consider(self, unit: int, tid: int, frame: bytes, size: int) -> Event[R]:
-        function = frame[0] & 0x7F
-        asked = self.pdu[0]
-        link = self.link
-        tcp = link.tcp
-        if tcp and tid != self.tid:
-            if tid in link.recent:
-                return Rejected(Rejection.LATE, size, f"reply to transaction {tid}")
-            return Rejected(Rejection.WRONG_FUNCTION, size, f"transaction id {tid}, asked {self.tid}")
-        if unit != self.unit or function != asked:
-            if not tcp and (unit << 8 | function) in link.recent:
-                return Rejected(Rejection.LATE, size, f"unit {unit} function {function}")
-            if unit != self.unit:
-                return Rejected(Rejection.WRONG_ADDRESS, size, f"reply from unit {unit}, asked {self.unit}")
-            if not tcp:
-                return Rejected(Rejection.WRONG_FUNCTION, size, f"reply of function {function} to {asked}")
-            # the request's own transaction id: it is the answer, and a wrong one
-            return Unusable(f"{self.what}: reply of function {function} to function {asked}")
-        if frame[0] & 0x80:
-            return self._exception(frame)
-        try:
-            return Answer(self.value_of(self, frame))
-        except _Undecodable:
-            return Unusable(f"{self.what}: undecodable reply {frame.hex()}")
-        except _WrongReply as e:
-            return Unusable(f"{self.what}: {e}")
-
-    def _exception(self, frame: bytes) -> Verdict[R]:
-        """§7: function | 0x80, then the exception code."""
-        if len(frame) < 2:
-            return Unusable(f"{self.what}: undecodable reply {frame.hex()}")
-        code = frame[1]
-        self.exception = code
-        self.link.count_exception(code)
-        text = f"{self.what}: {exception_text(code)}"
-        if code in RETRIED_EXCEPTIONS or code in UNREACHABLE_EXCEPTIONS:
-            return Unusable(text)
-        if self.strict:
-            return Unusable(f"{text} (it refuses every read)")
-        return Refusal(text, code, (EXCEPTION_NAMES.get(code, f"exception {code:#04x}"),))
-
-
 def _check_span(function: int, address: int, count: int) -> None:
     limit = _MAX_COUNT[function]
     if not 1 <= count <= limit:
@@ -652,13 +440,28 @@ class ReplyDecoder(DecodePDU):
             return None
 
 
-def _reply_size(function: int, arg: int) -> int:
-    """Bytes of the RTU reply to a request (unit, function, payload, CRC)."""
-    if function in (1, 2):
-        return 5 + (arg + 7) // 8
-    if function in (3, 4):
-        return 5 + 2 * arg
-    return 8  # a write is echoed
+class PymodbusFraming:
+    """The :class:`~protocols.modbus.exchange.Framing` of a Modbus bus, by pymodbus' framers:
+    MBAP on Modbus TCP, CRC and the reply sizing an RTU frame needs (RTU frames carry no
+    length) otherwise. Kept here, not in ``protocols/modbus``, because only this module imports
+    pymodbus."""
+
+    __slots__ = ("framer", "tcp")
+
+    def __init__(self, tcp: bool) -> None:
+        self.tcp = tcp
+        self.framer: FramerBase = (FramerSocket if tcp else FramerRTU)(ReplyDecoder(False))
+
+    def encode(self, pdu: bytes, unit: int, tid: int) -> bytes:
+        return self.framer.encode(pdu, unit, tid)
+
+    def split(self, data: bytes) -> tuple[int, int, int, int, bytes]:
+        used, unit, tid, frame = self.framer.decode(data)
+        if self.tcp or not used or not frame:
+            return 0, used, unit, tid, frame
+        # FramerRTU reports the whole buffer used; the frame itself ends at its CRC
+        start = max(data.find(bytes((unit,)) + frame), 0)
+        return start, start + len(frame) + 3, unit, tid, frame
 
 
 # ---------------------------------------------------------------------------------------------
@@ -681,7 +484,7 @@ class ReadRequest:
     layout: tuple[tuple[ModbusPoint, int, int, float, float], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "pdu", _PDU.pack(self.function, self.address, self.count))
+        object.__setattr__(self, "pdu", PDU.pack(self.function, self.address, self.count))
         layout = []
         for p in self.points:
             start = p.address - self.address
@@ -784,9 +587,10 @@ class _Plan:
     in_order: bool  # the requests' points come in the order asked: their readings need no sort
 
 
-# Read plans per model and settings, not per meter: 10,000 polled meters of one model share one
-# plan (a per-meter cache cost ~700 bytes each). Keyed by the model's id (hashing a model hashes
-# all its points) and the quantities as asked (a poll group asks with the same tuple every time).
+# Read plans per model and settings, not per meter: every polled meter of one model shares one
+# plan, so a large fleet does not hold a copy per meter. Keyed by the model's id (hashing a model
+# hashes all its points) and the quantities as asked (a poll group asks with the same tuple every
+# time).
 _PlanKey = tuple[int, str | None, int, int, tuple[str, ...]]
 _shared_plans: dict[_PlanKey, _Plan] = {}
 
@@ -1072,7 +876,7 @@ class ModbusMeter:
         return self.link._transact(
             self.unit,
             request.pdu,
-            _READ_VALUES[request.function],
+            READ_VALUES[request.function],
             meter=self.meter_id,
             priority=priority,
             force=force,

@@ -94,8 +94,8 @@ class _Listener(Generic[R]):
 
 
 class TransactionEngine:
-    """Runs the transactions of one wire (see the module docstring). ``transport`` may be None for
-    a wire whose library does its own I/O; then only :meth:`quiet` and :meth:`job_ended` apply."""
+    """Runs the transactions of one wire (see the module docstring). With ``transport`` None every
+    transaction fails with LinkDown (a bus built only to plan, with no wire)."""
 
     def __init__(
         self,
@@ -114,7 +114,6 @@ class TransactionEngine:
         # called with the seconds from request written to accepted reply
         self.on_latency: Callable[[float], None] | None = None
         self._last_tx_end = -math.inf  # loop time our last request left the wire
-        self._last_job_end = -math.inf
 
     async def transact(
         self,
@@ -143,7 +142,7 @@ class TransactionEngine:
             # a link still down after the wait fails the transaction (awaited only when it is down:
             # this runs for every request)
             transport = self._connected() or await self._link()
-            await self.quiet()
+            await self._quiet()
             self.counters.stale_bytes_flushed += transport.flush_input()
             if not transport.connected:  # the flush found the peer gone (one that closes after each reply)
                 transport = await self._link()
@@ -197,13 +196,13 @@ class TransactionEngine:
     async def send(self, request: bytes) -> None:
         """Send a request that gets no reply (a broadcast), honouring gap and flush."""
         transport = await self._link()
-        await self.quiet()
+        await self._quiet()
         self.counters.stale_bytes_flushed += transport.flush_input()
         self._trace("tx", request, None, asyncio.get_running_loop().time())
         await transport.write(request)
         self._sent(transport, request)
 
-    async def quiet(self) -> None:
+    async def _quiet(self) -> None:
         """Wait until the bus has been quiet for the inter-frame gap (bounded by max_quiet_wait)."""
         gap = self.settings.inter_frame_gap
         if gap <= 0:
@@ -212,7 +211,7 @@ class TransactionEngine:
         give_up = loop.time() + self.settings.max_quiet_wait
         transport = self.transport
         while True:
-            last = max(self._last_tx_end, self._last_job_end, transport.last_rx if transport else -math.inf)
+            last = max(self._last_tx_end, transport.last_rx if transport else -math.inf)
             wait = min(last + gap, give_up) - loop.time()
             if wait <= 0:
                 return
@@ -228,10 +227,6 @@ class TransactionEngine:
             if wait <= 0:
                 return
             await asyncio.sleep(wait)
-
-    def job_ended(self) -> None:
-        """A job of the wire's own library ended: the quiet time counts from now."""
-        self._last_job_end = asyncio.get_running_loop().time()
 
     def _connected(self) -> Transport | None:
         transport = self.transport

@@ -341,10 +341,9 @@ class RecvIntoBuffer(asyncio.BufferedProtocol):
     """Receive into one small buffer of the protocol's own (``recv_into``), each chunk handed to
     its ``data_received``; for the gateway's TCP links and the simulator's connections.
 
-    asyncio's plain ``data_received`` path allocates its 256 KiB read size for every receive,
-    which glibc may serve with mmap, then mremap and munmap once the bytes object shrinks: system
-    calls and a page fault per reply. Meter frames are a few hundred bytes at most. Mix in after
-    the class that defines ``data_received``.
+    Meter frames are small, and asyncio's plain ``data_received`` path allocates a large read
+    buffer for every receive and shrinks it afterwards; a buffer sized for meter frames, reused,
+    keeps that work off every reply. Mix in after the class that defines ``data_received``.
     """
 
     RX_SIZE: ClassVar[int] = 2048
@@ -365,6 +364,12 @@ class RecvIntoBuffer(asyncio.BufferedProtocol):
 
 class BufferedInbox(Inbox, RecvIntoBuffer):
     """An Inbox that receives with ``recv_into`` (see :class:`RecvIntoBuffer`)."""
+
+
+def _expire(waiter: asyncio.Future[bool]) -> None:
+    """A read's deadline came: the wait ends with "no answer" unless something ended it first."""
+    if not waiter.done():
+        waiter.set_result(False)
 
 
 class StreamLink(abc.ABC):
@@ -413,11 +418,6 @@ class StreamLink(abc.ABC):
         # read_until: the consumer fed straight from data_received and the future it resolves
         self._consumer: Callable[[bytes], bool] | None = None
         self._waiter: asyncio.Future[bool] | None = None
-        # ... and its deadline, kept by one timer per link that is moved on rather than made anew
-        # for every read: it fires at or before the deadline and re-arms itself while a later one
-        # is pending (a request every few milliseconds would otherwise schedule and cancel a timer each)
-        self._deadline = math.inf
-        self._timer: asyncio.TimerHandle | None = None
         self.on_input: Callable[[], None] | None = None
         self.on_stale: Callable[[bytes], None] | None = None
 
@@ -653,30 +653,18 @@ class StreamLink(abc.ABC):
         loop = asyncio.get_running_loop()
         if loop.time() >= deadline:
             return False
-        # _on_data, _on_lost or the deadline resolves the waiter; only a pending one is fed
+        # _on_data, _on_lost or the deadline's timer resolves the waiter (only a pending one is
+        # fed). A bare timer rather than asyncio.timeout_at: this runs for every request, and a
+        # timeout context costs a task cancellation and its bookkeeping each time.
         waiter: asyncio.Future[bool] = loop.create_future()
-        self._consumer, self._waiter, self._deadline = consume, waiter, deadline
-        timer = self._timer
-        if timer is None or timer.when() > deadline:
-            if timer is not None:
-                timer.cancel()
-            self._timer = loop.call_at(deadline, self._on_deadline)
+        self._consumer, self._waiter = consume, waiter
+        timer = loop.call_at(deadline, _expire, waiter)
         try:
             return await waiter
         finally:
+            timer.cancel()
             if self._waiter is waiter:
                 self._consumer = self._waiter = None
-
-    def _on_deadline(self) -> None:
-        """The read timer fired: expire the pending read if its deadline came, else follow it."""
-        timer, self._timer = self._timer, None
-        waiter = self._waiter
-        if timer is None or waiter is None or waiter.done():
-            return  # no read pending: the next one arms the timer again
-        if self._deadline <= timer.when():
-            waiter.set_result(False)
-        else:
-            self._timer = asyncio.get_running_loop().call_at(self._deadline, self._on_deadline)
 
     def take_input(self) -> bytes:
         data = bytes(self._buf)

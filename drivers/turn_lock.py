@@ -1,7 +1,7 @@
 """The turn lock of one wire: one transaction at a time, commands ahead of polls.
 
-Whoever drives a wire (the transaction engine for framed bytes, a library such as pymodbus for
-its own I/O) takes a turn before its request and gives it back after the reply. Turns are granted
+The bus (:mod:`drivers.bus`) takes a turn before each request and gives it back after the reply,
+whatever the protocol. Turns are granted
 by (priority, arrival order): a command goes next, ahead of queued polls; FIFO within a priority.
 A waiter that is cancelled gives up its place, or passes the turn on if it was just handed one.
 

@@ -270,9 +270,10 @@ class SimulatedBus:
 class _Connection(RecvIntoBuffer):
     """One client of a bus (a TCP connection or the pty master).
 
-    Sockets receive with ``recv_into`` (asyncio's plain path allocates 256 KiB per read, an
-    mmap/mremap/munmap per request that costs more CPU than answering it). The pty master's pipe
-    transport calls ``data_received`` directly.
+    Sockets receive with ``recv_into`` into one reused buffer, as the gateway's links do (see
+    :class:`~drivers.transport.RecvIntoBuffer`), so a simulator serving many meters spends its
+    time answering rather than allocating. The pty master's pipe transport calls
+    ``data_received`` directly.
     """
 
     def __init__(self, bus: SimulatedBus) -> None:

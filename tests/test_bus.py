@@ -277,71 +277,71 @@ async def test_meter_refusal_is_not_retried_and_counts_as_alive(toy_server) -> N
 
 
 @pytest.mark.asyncio
-async def test_command_jumps_ahead_of_queued_polls_fifo_within_priority() -> None:
-    bus = Bus("jobs-only")
-    order: list[str] = []
+async def test_command_jumps_ahead_of_queued_polls_fifo_within_priority(toy_server) -> None:
     release = asyncio.Event()
 
-    def job(name: str, wait: asyncio.Event | None = None):
-        async def run() -> str:
-            if wait is not None:
-                await wait.wait()
-            order.append(name)
-            return name
+    async def hold_the_first(frame: ToyFrame, conn: PeerConn) -> None:
+        if frame.seq == 1:
+            await release.wait()  # the first transaction holds the bus while the others queue
+        conn.write(frame.reply().encode())
 
-        return run
-
-    holder = asyncio.create_task(bus.run(job("holder", release)))
-    await asyncio.sleep(0)
-    tasks = [asyncio.create_task(bus.run(job("poll-1"), priority=Priority.POLL))]
-    await asyncio.sleep(0)
-    tasks.append(asyncio.create_task(bus.run(job("backfill"), priority=Priority.BACKFILL)))
-    await asyncio.sleep(0)
-    tasks.append(asyncio.create_task(bus.run(job("poll-2"), priority=Priority.POLL)))
-    await asyncio.sleep(0)
-    cancelled = asyncio.create_task(bus.run(job("poll-cancelled"), priority=Priority.POLL))
-    await asyncio.sleep(0)
-    tasks.append(asyncio.create_task(bus.run(job("disconnect"), priority=Priority.COMMAND)))
-    await asyncio.sleep(0)
-    assert bus.queued == 5
-    cancelled.cancel()
-    release.set()
-    results = await asyncio.gather(holder, *tasks)
-    assert order == ["holder", "disconnect", "poll-1", "poll-2", "backfill"]
-    assert results[0] == "holder"
-    assert cancelled.cancelled()
-    assert bus.queued == 0
-    assert bus.counters.jobs == 5
-    assert bus.counters.ok == 5
+    server = await toy_server(hold_the_first)
+    bus = make_bus(server, reply_timeout=2.0)
+    try:
+        await bus.open()
+        holder = asyncio.create_task(ask(bus, 1, 1))
+        await until(lambda: len(server.arrivals) == 1)
+        queued = [
+            ("poll-1", 2, Priority.POLL),
+            ("backfill", 3, Priority.BACKFILL),
+            ("poll-2", 4, Priority.POLL),
+            ("poll-cancelled", 5, Priority.POLL),
+            ("disconnect", 6, Priority.COMMAND),
+        ]
+        tasks: dict[str, asyncio.Task[ToyFrame]] = {}
+        for name, seq, priority in queued:
+            tasks[name] = asyncio.create_task(ask(bus, 1, seq, priority=priority))
+            await asyncio.sleep(0)
+        assert bus.queued == 5
+        tasks.pop("poll-cancelled").cancel()
+        release.set()
+        replies = await asyncio.gather(holder, *tasks.values())
+        assert [r.seq for r in replies] == [1, 2, 3, 4, 6]
+        order = [a.frame.seq for a in server.arrivals]
+        assert order == [1, 6, 2, 4, 3]  # the command first, then the polls FIFO, the backfill last
+        assert bus.queued == 0
+        assert bus.counters.ok == 5
+        assert server.overlaps == 0
+    finally:
+        await bus.close()
 
 
 @pytest.mark.asyncio
-async def test_jobs_hold_the_bus_and_failures_are_counted() -> None:
+async def test_quiet_gap_between_transactions_and_failures_reach_the_health_book(toy_server) -> None:
+    async def answer_until_seq_4(frame: ToyFrame, conn: PeerConn) -> None:
+        if frame.seq < 4:
+            conn.write(frame.reply().encode())
+
+    server = await toy_server(answer_until_seq_4)
     health = HealthBook(HealthPolicy(degraded_after=1, offline_after=5))
-    bus = Bus("modbus-rtu-1", health=health, settings=BusSettings(inter_frame_gap=0.05))
-    inside = 0
-    peak = 0
-
-    async def transaction() -> int:
-        nonlocal inside, peak
-        inside += 1
-        peak = max(peak, inside)
-        await asyncio.sleep(0.01)
-        inside -= 1
-        return 1
-
-    async def failing() -> int:
-        raise NoAnswer("modbus: no response")
-
-    t0 = time.monotonic()
-    assert sum(await asyncio.gather(*(bus.run(transaction, meter="m") for _ in range(4)))) == 4
-    assert peak == 1
-    assert time.monotonic() - t0 >= 3 * 0.05  # the quiet gap is kept between jobs too
-    with pytest.raises(NoAnswer):
-        await bus.run(failing, meter="m")
-    assert bus.counters.jobs_failed == 1
-    assert bus.counters.no_answer == 1
-    assert health.state("m") is MeterState.DEGRADED
+    bus = make_bus(server, reply_timeout=0.1, attempts=1, inter_frame_gap=0.05)
+    bus.health = health
+    try:
+        await bus.open()
+        replies = await asyncio.gather(*(ask(bus, 1, seq, meter="m") for seq in (1, 2, 3)))
+        assert [r.seq for r in replies] == [1, 2, 3]
+        assert server.overlaps == 0
+        reply_at = server.conns[0].sent_at
+        arrivals = [a.at for a in server.arrivals]
+        assert arrivals[1] - reply_at[0] >= 0.04
+        assert arrivals[2] - reply_at[1] >= 0.04
+        with pytest.raises(NoAnswer):
+            await ask(bus, 1, 4, meter="m")
+        assert bus.counters.no_answer == 1
+        assert bus.counters.ok == 3
+        assert health.state("m") is MeterState.DEGRADED
+    finally:
+        await bus.close()
 
 
 @pytest.mark.asyncio

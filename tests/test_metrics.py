@@ -82,8 +82,7 @@ def test_every_bus_counter_key_is_exported_or_deliberately_skipped() -> None:
     from meter_gateway.gateway.daemon import metrics as m
 
     mapped = {*m._BUS_TRANSACTIONS, *m._BUS_ATTEMPTS, *m._BUS_REJECTED, *m._BUS_DISCARDED_BYTES, "sent"}
-    not_exported = {"jobs", "jobs_failed"}  # run() jobs end in the same outcome counters
-    assert set(BusCounters().as_dict()) - mapped == not_exported
+    assert set(BusCounters().as_dict()) - mapped == set()
 
 
 def test_latency_histogram_and_owned_counters(served: tuple[Metrics, MetricsServer]) -> None:

@@ -248,9 +248,9 @@ class CursorStore:
         """The saved poll cursors, for ``PollSchedule(resume=...)``. Cursors more than
         ``resync_after`` ahead of ``now`` came from a wrong clock and are left out.
 
-        Read from the file on lookup, not loaded: a dict of 10,000 (group, meter) tuples lives
-        only while the schedule is built, yet its freed pages stay in the daemon's RSS (~3 MiB,
-        pinned by what start-up allocates meanwhile)."""
+        Read from the file on lookup, not loaded: a dict with an entry per (group, meter) would
+        live only while the schedule is built, yet the memory it freed would stay in the daemon's
+        resident set, pinned by what start-up allocates meanwhile."""
         limit = now + resync_after
         with self._lock:
             ignored = self._conn.execute("SELECT count(*) FROM poll_cursor WHERE next_slot > ?", (limit,)).fetchone()

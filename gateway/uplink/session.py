@@ -122,7 +122,7 @@ class UplinkConfig:
     gateway_id: str
     host: str
     port: int = 1883
-    client_id: str | None = None  # default: "meter-gateway-{gateway_id}"
+    client_id: str | None = None  # config loading fills in the gateway id; this default serves direct use
     username: str | None = None
     password: str | None = None
     tls: TlsConfig | None = None
@@ -272,8 +272,8 @@ class Uplink:
         # the publish window of the current session: readings, status and meter states share it,
         # so the broker's Receive Maximum is never exceeded
         self._window_sem = asyncio.Semaphore(1)
-        # the latest state of every meter: topic and payload are built when published (kept, they
-        # would cost ~300 bytes a meter at 10,000 meters); see _remember_state for the values
+        # the latest state of every meter: topic and payload are built when published, not kept,
+        # so a large fleet holds one small entry per meter; see _remember_state for the values
         self._meter_states: dict[str, _KnownState] = {}
         self._states_due: dict[str, None] = {}  # meters whose state this session still has to publish
         self._states_changed = asyncio.Event()

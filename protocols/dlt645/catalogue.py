@@ -131,7 +131,7 @@ class DecodedValue(msgspec.Struct, frozen=True):
     """One value decoded from a data field (a block gives one per member present).
 
     A frozen msgspec Struct rather than a frozen dataclass: one is built for every value polled,
-    and a frozen dataclass pays an ``object.__setattr__`` per field to build.
+    and a Struct sets its fields without going through ``object.__setattr__`` one by one.
     """
 
     di: int
@@ -812,8 +812,8 @@ def _read_data_file(edition: Edition) -> str:
     """The packaged table file's text.
 
     Read through the package's own loader (what :func:`pkgutil.get_data` does, so zip installs
-    work too) rather than :mod:`importlib.resources`, whose imports alone cost 15-25 ms of the
-    CLI's start-up on the reference machine; importlib.resources remains the fallback.
+    work too) rather than :mod:`importlib.resources`, whose imports would slow every CLI start;
+    importlib.resources remains the fallback.
     """
     import os
 

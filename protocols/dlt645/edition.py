@@ -10,7 +10,7 @@ class Edition(enum.Enum):
     DLT645_1997 = "1997"  # 2-byte data identifiers
 
     # Bytes of a data identifier. A plain attribute set once per member, not a property: every
-    # frame reads it, and a property call runs in Python each time.
+    # frame reads it, so it is a stored value rather than computed on each read.
     di_length: int
 
     def __init__(self, value: str) -> None:

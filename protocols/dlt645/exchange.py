@@ -26,24 +26,31 @@ keeps that rare.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
-from typing import Final, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import msgspec
 
 from meter_gateway.protocols.dlt645 import messages as m
-from meter_gateway.protocols.dlt645.deframer import Deframer, Discarded
+from meter_gateway.protocols.dlt645.deframer import Deframer
 from meter_gateway.protocols.dlt645.edition import Edition
 from meter_gateway.protocols.dlt645.error_words import describe_flags
 from meter_gateway.protocols.dlt645.errors import ProtocolError
 from meter_gateway.protocols.dlt645.frame import OVERHEAD, Address, Frame
 from meter_gateway.protocols.dlt645.functions import function_name
-from meter_gateway.protocols.exchange import Answer, Event, Refusal, Rejected, Rejection, Unusable
+from meter_gateway.protocols.exchange import (
+    HISTORY_LENGTH,
+    Answer,
+    Event,
+    Refusal,
+    Rejected,
+    Rejection,
+    RequestHistory,
+    Unusable,
+    until_verdict,
+)
 
 __all__ = ["HISTORY_LENGTH", "Dlt645Exchange", "Dlt645Line", "Expect", "as_message"]
-
-HISTORY_LENGTH: Final = 32  # requests remembered per bus for telling late replies from strangers
 
 R = TypeVar("R")
 
@@ -51,8 +58,8 @@ R = TypeVar("R")
 class Expect(msgspec.Struct, frozen=True, gc=False):
     """What answers a request: who, which function, and for reads which DI (and 2007 SEQ).
 
-    A msgspec Struct: one is built per request and kept in the bus's history, at a sixth of a
-    frozen dataclass's cost.
+    A msgspec Struct, as CJ/T 188's is: one is built per request and kept in the bus's history,
+    and a Struct is cheaper to build than a frozen dataclass.
     """
 
     address: Address  # the request's address; AA bytes are wildcards
@@ -73,12 +80,12 @@ class Expect(msgspec.Struct, frozen=True, gc=False):
         return self.seq is None or (len(data) > n and data[-1] == self.seq)
 
 
-class Dlt645Line:
+class Dlt645Line(RequestHistory[Expect]):
     """What the exchanges of one bus share: the requests recently made on it, newest last, and
     the bus's deframer (one transaction runs at a time and each attempt starts by resetting it)."""
 
     def __init__(self, history: int = HISTORY_LENGTH) -> None:
-        self._recent: deque[Expect] = deque(maxlen=history)
+        super().__init__(history)
         self.deframer = Deframer(max_data_length=255)
         # FE wake-up bytes a request to every meter of the line (a broadcast, a wildcard) goes out
         # with: the most any of its meters needs
@@ -88,11 +95,8 @@ class Dlt645Line:
         """A meter on this bus: its replies share the caller's Address object."""
         self.deframer.know(address)
 
-    def note(self, expect: Expect) -> None:
-        self._recent.append(expect)
-
     def answers_earlier(self, frame: Frame, edition: Edition, current: Expect) -> bool:
-        return any(e != current and e.answered_by(frame, edition) for e in self._recent)
+        return self.answered_earlier(current, lambda e: e.answered_by(frame, edition))
 
 
 def as_message(message: m.Message) -> m.Message:
@@ -119,17 +123,7 @@ class Dlt645Exchange(Generic[R]):
         self.line.deframer.reset()
 
     def receive(self, data: bytes) -> list[Event[R]]:
-        events: list[Event[R]] = []
-        for item in self.line.deframer.feed(data):
-            if isinstance(item, Discarded):
-                detail = f"{item.reason} {item.detail}".strip()
-                events.append(Rejected(Rejection.GARBAGE, len(item.data), detail))
-                continue
-            event = self._consider(item)
-            events.append(event)
-            if not isinstance(event, Rejected):
-                break  # the verdict: whatever follows it is the next attempt's stale input
-        return events
+        return until_verdict(self.line.deframer.feed(data), self._consider)
 
     def _consider(self, frame: Frame) -> Event[R]:
         size = OVERHEAD + len(frame.data)

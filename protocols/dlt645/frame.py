@@ -50,8 +50,7 @@ class Address:
 
     wire: bytes
     # The printed form when parsed from text: the caller's own string when it was already
-    # canonical, so 10,000 configured meters do not each hold a second copy of their address
-    # (a second slot costs nothing: the object stays in the same 48-byte allocator class).
+    # canonical, so configured meters do not each hold a second copy of their address.
     _text: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

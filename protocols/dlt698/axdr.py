@@ -671,8 +671,9 @@ _FIXED_INT: Final[dict[int, tuple[int, bool]]] = {
 _TYPES: Final = {int(t): t for t in DataType}
 
 
-# The hot path indexes per-byte tables (an IntEnum as a dict key hashes in Python, by name) and
-# builds Data with tuple.__new__ (a NamedTuple's own __new__ is a Python-level function).
+# Decoding looks a type byte up in a per-byte table rather than a dict keyed by the IntEnum
+# (whose hash runs Python code), and builds Data with tuple.__new__, skipping the NamedTuple's
+# own Python-level __new__: both run for every element of every reply.
 _BY_BYTE: Final[tuple[DataType | None, ...]] = tuple(_TYPES.get(b) for b in range(256))
 # A fixed-size integer is read with a precompiled big-endian struct: no slice, no keyword call.
 _INT_FORMATS: Final = {(1, True): "b", (1, False): "B", (2, True): "h", (2, False): "H",

@@ -25,9 +25,11 @@ from meter_gateway.protocols.package_data import read_packaged
 LAYOUTS: Final = frozenset({"none", "tariffs", "phases", "total_phases", "status_words", "structure", "record"})
 _CANONICAL: Final = {"W": ("kW", -3), "var": ("kvar", -3), "VA": ("kVA", -3)}
 _PHASE_SUFFIX: Final = ("l1", "l2", "l3")
-_ARRAY: Final = DataType.ARRAY  # a module global reads faster than an enum member
+# the tags compared for every value decoded, as module globals rather than enum attribute lookups
+_ARRAY: Final = DataType.ARRAY
 _STRUCTURE: Final = DataType.STRUCTURE
-# NamedTuples built per value skip their Python-level __new__ (the one from collections.namedtuple)
+# NamedTuples built per value skip their Python-level __new__ (the one from collections.namedtuple),
+# which would run for every value
 _new = tuple.__new__
 
 
@@ -285,7 +287,7 @@ class Catalogue:
             if parts and (tag is _ARRAY or tag is _STRUCTURE):
                 if len(raw) > len(parts):
                     parts = self._more_parts(converter, len(raw))
-                # as many targets as elements or more; zip's strict= keyword would cost a dict per call
+                # as many targets as elements or more, so a strict zip would be wrong here
                 targets = zip(parts, raw)  # noqa: B905
             else:
                 targets = ((converter.whole, data),)
