@@ -553,7 +553,12 @@ def decode_block(
             except RemoteValueError as e:
                 value = e.value
                 quality = Quality.OUT_OF_RANGE
-                log.warning(
+                # a faulty register reads NaN at every poll: one line per meter and quantity (a
+                # set the config bounds) and interval; each reading still carries the flag
+                log_limited(
+                    log,
+                    logging.WARNING,
+                    f"value_failed:{meter_id}:{p.quantity}",
                     "event=value_failed meter=%s quantity=%s error=%s",
                     logfmt_value(meter_id),
                     logfmt_value(p.quantity),

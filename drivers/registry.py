@@ -189,7 +189,10 @@ def _load(path: str | Callable[..., Any]) -> Callable[..., Any]:
 # On these byte-stream buses frames of any of these protocols share a line, so one RS-485 line
 # (or serial server) can hold DL/T 645 and DL/T 698.45 electricity meters beside CJ/T 188 water
 # meters; each driver recognises its own replies. A Modbus bus carries Modbus only, framed as the
-# bus says (modbus-tcp: MBAP, modbus-rtu: RTU; drivers/modbus.py, which uses pymodbus' framers).
+# bus says (modbus-tcp: MBAP, modbus-rtu: RTU): drivers/modbus.py builds the requests and cuts the
+# frames with pymodbus' framers; protocols/modbus/exchange.py, sans-I/O like every protocol's
+# exchange, recognises each request's reply (transaction id, or unit and function; late replies;
+# exception codes) and protocols/modbus/values.py decodes its registers.
 BYTE_BUSES: Final = frozenset({"dlt645", "dlt698", "cjt188"})
 MODBUS_BUSES: Final = frozenset({"modbus-rtu", "modbus-tcp"})
 BUS_PROTOCOLS: Final = BYTE_BUSES | MODBUS_BUSES

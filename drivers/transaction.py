@@ -8,7 +8,8 @@ The engine owns what every framed protocol needs around a request and nothing pr
   listener, hears what had arrived);
 * the deadline, fixed when the request is on the wire, so a dribbling peer cannot extend it;
 * retries with jittered backoff after silence, an unusable reply or a lost link; none after a
-  refusal (the meter answered);
+  refusal (the meter answered), nor after a reply still arriving at its deadline (a dribbling
+  meter: its turn ends there, even if its previous trickle's tail reached the window first);
 * counting what the exchange rejected, and telling the link whether anything answered (its
   half-open detection).
 
@@ -52,6 +53,9 @@ def _settle(reply_timeout: float) -> float:
     return min(TAIL_SETTLE, reply_timeout / 4)
 
 
+_NOBODY: object = object()  # no meter's trickle is known to be on the line
+
+
 @dataclass(frozen=True, slots=True)
 class BusSettings:
     reply_timeout: float = 1.0  # whole reply, from the request being on the wire
@@ -72,7 +76,7 @@ class BusSettings:
 class _Listener(Generic[R]):
     """What one attempt hears: fed by the link as bytes arrive, until a verdict."""
 
-    __slots__ = ("bad", "counters", "exchange", "heard", "verdict")
+    __slots__ = ("bad", "counters", "exchange", "heard", "in_frame", "verdict")
 
     def __init__(self, exchange: ReplyExchange[R], counters: BusCounters) -> None:
         self.exchange = exchange
@@ -80,10 +84,16 @@ class _Listener(Generic[R]):
         self.heard = False  # any byte, even an echo or a late reply, shows the link is alive
         self.verdict: Verdict[R] | None = None
         self.bad: list[str] = []  # the rejections that mean a bad reply rather than silence
+        # The bytes heard last were taken in without a rejection: the exchange holds the start of
+        # a frame (or its wake-up bytes), so a reply is arriving. Whatever was rejected before
+        # (the tail of an earlier trickle, a burst of noise) does not change that.
+        self.in_frame = False
 
     def feed(self, data: bytes) -> bool:
         self.heard = True
-        for event in self.exchange.receive(data):
+        events = self.exchange.receive(data)
+        self.in_frame = not events
+        for event in events:
             if isinstance(event, Rejected):
                 if self.counters.rejected(event):
                     self.bad.append(str(event))
@@ -114,6 +124,9 @@ class TransactionEngine:
         # called with the seconds from request written to accepted reply
         self.on_latency: Callable[[float], None] | None = None
         self._last_tx_end = -math.inf  # loop time our last request left the wire
+        # the meter whose reply was still trickling in when its turn ended, while the line has not
+        # been quiet since (_NOBODY when none): its bytes may run on into later windows
+        self._trickler: object = _NOBODY
 
     async def transact(
         self,
@@ -147,6 +160,7 @@ class TransactionEngine:
             if not transport.connected:  # the flush found the peer gone (one that closes after each reply)
                 transport = await self._link()
             exchange.begin()
+            self._forget_ended_trickle(transport, reply_timeout)
             listener: _Listener[R] = _Listener(exchange, self.counters)
             feed: Callable[[bytes], bool] = listener.feed
             if self._tracing():
@@ -179,11 +193,12 @@ class TransactionEngine:
                 failure = BadReply(verdict.text)
                 continue
             self.counters.timeouts += 1
-            if not listener.bad and listener.heard and transport.last_rx >= deadline - _settle(reply_timeout):
+            if self._overran(listener, transport, deadline - _settle(reply_timeout), source):
                 # a reply still arriving at its deadline (a dribbling meter): a retry would only
                 # start another trickle, so its turn ends here. The rest of its turn's budget goes
                 # to letting the tail pass, so the next meter's request does not collide with it.
                 await self._let_tail_pass(transport, deadline + (attempts - attempt - 1) * reply_timeout, reply_timeout)
+                self._trickler = _NOBODY if self._quiet_for(transport, _settle(reply_timeout)) else source
                 raise NoAnswer(f"bus {self.name}: reply still arriving at the {reply_timeout:.2f} s deadline")
             if listener.bad:
                 failure = BadReply(
@@ -227,6 +242,27 @@ class TransactionEngine:
             if wait <= 0:
                 return
             await asyncio.sleep(wait)
+
+    def _overran(self, listener: _Listener[R], transport: Transport, arriving_since: float, source: object) -> bool:
+        """Whether the meter asked was still sending its reply at the deadline: bytes arrived up
+        to it (since ``arriving_since``) and the last of them were taken in as part of a frame.
+
+        Rejections earlier in the window do not count against it: the tail of this meter's
+        previous trickle may have reached this request's window as garbage. A line noisy up to
+        the deadline ends in a rejection and gets its retries; so does a meter whose window
+        another meter's trickle ran into (those bytes are the other meter's, and a 68H inside
+        that reply looks like the start of a frame)."""
+        return listener.in_frame and transport.last_rx >= arriving_since and self._trickler in (_NOBODY, source)
+
+    def _forget_ended_trickle(self, transport: Transport, reply_timeout: float) -> None:
+        """Before a request: a trickle that ended (the line quiet since) runs into no later window."""
+        if self._trickler is not _NOBODY and self._quiet_for(transport, _settle(reply_timeout)):
+            self._trickler = _NOBODY
+
+    @staticmethod
+    def _quiet_for(transport: Transport, settle: float) -> bool:
+        """Whether nothing has arrived on the line for ``settle`` seconds."""
+        return asyncio.get_running_loop().time() - transport.last_rx >= settle
 
     def _connected(self) -> Transport | None:
         transport = self.transport

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -16,6 +17,7 @@ from meter_gateway.drivers.transport import TcpSettings
 from meter_gateway.drivers.turn_lock import TurnLock
 from meter_gateway.protocols.exchange import Answer, Event, Refusal, Unusable
 from tests.plugins.peers import (
+    SYNC,
     PeerConn,
     ToyExchange,
     ToyFrame,
@@ -81,6 +83,97 @@ async def test_dribbling_peer_cannot_extend_the_deadline(toy_server) -> None:
         assert 0.18 <= time.monotonic() - t0 < 0.35
         assert bus.counters.timeouts == 1
         assert bus.counters.no_answer == 1
+    finally:
+        await bus.close()
+
+
+def serial_trickle(
+    interval: float, payload: bytes, wire: asyncio.Lock | None = None
+) -> tuple[Callable[[ToyFrame, PeerConn], Awaitable[None]], list[float]]:
+    """A meter on a serial line (``wire``: one reply on it at a time) that sends its replies one
+    byte at a time (a request heard while a reply is on the line waits its turn); also the times
+    its replies end."""
+    line = wire or asyncio.Lock()
+    finished: list[float] = []
+
+    async def trickle(frame: ToyFrame, conn: PeerConn) -> None:
+        async with line:
+            for byte in frame.reply(payload).encode():
+                conn.write(bytes([byte]))
+                await asyncio.sleep(interval)
+            finished.append(asyncio.get_running_loop().time())
+
+    return trickle, finished
+
+
+@pytest.mark.asyncio
+async def test_a_trickle_whose_previous_tail_reaches_the_window_is_one_overrun_not_noise(toy_server) -> None:
+    # 25 bytes, 30 ms apart: 0.75 s a reply, longer than the meter's turn (2 attempts x 0.3 s), so
+    # the last bytes of the first reply land in the window of the next request, as garbage, before
+    # the second reply starts trickling.
+    trickle, finished = serial_trickle(0.03, b"x" * 20)
+    server = await toy_server(trickle)
+    bus = make_bus(server, reply_timeout=0.3, attempts=2, retry=QUICK_RETRY)
+    try:
+        await bus.open()
+        for seq in (1, 2):
+            with pytest.raises(NoAnswer, match="still arriving"):
+                await ask(bus, 1, seq)
+            assert len(server.arrivals) == seq  # one attempt per transaction: an overrun is not retried
+        c = bus.counters
+        assert (c.sent, c.retries, c.timeouts, c.no_answer, c.bad_reply) == (2, 0, 2, 2, 0)
+        # the fault happened: the first reply's tail was heard, as garbage, in the second window
+        assert finished[0] > server.arrivals[1].at
+        assert c.garbage_bytes > 0
+    finally:
+        await bus.close()
+
+
+@pytest.mark.asyncio
+async def test_a_neighbour_whose_window_a_trickle_runs_into_gets_its_retries(toy_server) -> None:
+    # Meter 1 trickles a 40-byte reply (1.2 s) holding a sync byte that announces a long frame; its
+    # turn ends at 0.6 s, and the rest of its trickle runs through meter 2's first two windows,
+    # held as the start of a frame at their deadlines. Those bytes are meter 1's: meter 2 is
+    # retried (as before the dribbler's overrun rule) and answers once the line is free.
+    wire = asyncio.Lock()
+    trickle, _ = serial_trickle(0.03, b"x" * 19 + bytes([SYNC, 0x40]) + b"x" * 14, wire)
+
+    async def shared_line(frame: ToyFrame, conn: PeerConn) -> None:
+        if frame.address == 1:
+            await trickle(frame, conn)
+            return
+        async with wire:  # the neighbour waits for the line like any meter on it
+            conn.write(frame.reply().encode())
+
+    server = await toy_server(shared_line)
+    bus = make_bus(server, reply_timeout=0.3, attempts=2, retry=QUICK_RETRY)
+    try:
+        await bus.open()
+        with pytest.raises(NoAnswer, match="still arriving"):
+            await ask(bus, 1, 1, meter="m1")
+        reply = await ask(bus, 2, 1, meter="m2", attempts=3)
+        assert reply == ToyFrame(0x81, 2, 1, b"re:q")
+        assert [a.frame.address for a in server.arrivals][:3] == [1, 2, 2]  # retried, not given up
+    finally:
+        await bus.close()
+
+
+@pytest.mark.asyncio
+async def test_a_line_noisy_up_to_the_deadline_gets_its_retries(toy_server) -> None:
+    async def noise_until_after_the_deadline(frame: ToyFrame, conn: PeerConn) -> None:
+        for _ in range(20):  # 0.4 s of noise, past the 0.2 s deadline
+            conn.write(b"\x11")
+            await asyncio.sleep(0.02)
+
+    server = await toy_server(noise_until_after_the_deadline)
+    bus = make_bus(server, reply_timeout=0.2, attempts=3, retry=QUICK_RETRY)
+    try:
+        await bus.open()
+        with pytest.raises(BadReply, match="garbage"):
+            await ask(bus, 1, 1)
+        assert len(server.arrivals) == 3
+        c = bus.counters
+        assert (c.sent, c.retries, c.bad_reply, c.no_answer) == (3, 2, 1, 0)
     finally:
         await bus.close()
 

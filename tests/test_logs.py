@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,8 @@ from meter_gateway.drivers.backoff import BackoffPolicy
 from meter_gateway.drivers.bus import Bus, BusSettings
 from meter_gateway.drivers.dlt645_driver import Dlt645Driver
 from meter_gateway.drivers.log_limit import logfmt_value
-from meter_gateway.drivers.meter_models import Dlt645Model, load_model
+from meter_gateway.drivers.meter_models import Dlt645Model, ModbusModel, load_model
+from meter_gateway.drivers.modbus import ModbusLink, ModbusMeter
 from meter_gateway.drivers.tcp_link import TcpLink
 from meter_gateway.drivers.transport import TcpSettings
 from meter_gateway.gateway.config import ConfigError, load_config
@@ -33,6 +35,8 @@ from meter_gateway.gateway.daemon.logs import (
     setup_logging,
     under_journald,
 )
+from meter_gateway.simulators.load import LoadSettings
+from meter_gateway.simulators.modbus_meter import ModbusSimServer, SimulatedMeter
 from tests.plugins.simulators import SimBusFactory, SimBusHandle
 
 
@@ -382,3 +386,42 @@ async def test_frames_are_traced_on_every_bus_at_debug_and_on_none_at_info(sim_b
     assert {f["dir"] for f in frames} == {"tx", "rx"}
     assert all(f["bus"] == "rs485-a" and f["meter"] == "m01" and f["logger"] == "meter_gateway.trace" for f in frames)
     assert all(isinstance(f["len"], int) and isinstance(f["hex"], str) for f in frames)
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("root_restored")
+async def test_a_traced_modbus_tcp_bus_logs_each_request_and_its_reply() -> None:
+    unit, start = 7, 1_700_000_000.0
+    meter = SimulatedMeter("sim-3ph", settings=LoadSettings(seed=unit), start=start)
+    out = io.StringIO()
+    setup_logging("INFO", "logfmt", stream=out, journald=False)  # the bus's trace = true, not the level
+    async with ModbusSimServer({unit: meter}, transport="tcp", port=0, clock=lambda: start + 60) as server:
+        link = TcpLink(TcpSettings("127.0.0.1", server.port, reconnect=BackoffPolicy(initial=0.05, maximum=0.1)))
+        bus = Bus("mb-a", link, settings=BusSettings(reply_timeout=0.5, attempts=2, trace=True))
+        model = load_model("sim-3ph")
+        assert isinstance(model, ModbusModel)
+        modbus = ModbusMeter(ModbusLink(bus, framing="tcp"), model, unit=unit, meter_id="pm7")
+        assert await bus.open()
+        try:
+            readings = await modbus.read(slot=0.0, now=0.0)
+        finally:
+            await bus.close()
+    assert len(readings) == len(model.quantities)
+    frames = [m for m in map(_FRAME.search, lines(out)) if m]
+    requests = len(modbus.plan())
+    assert requests >= 2
+    # one request, then its reply, for every read of the plan (on loopback a reply is one chunk)
+    assert [m["dir"] for m in frames] == ["tx", "rx"] * requests, out.getvalue()
+    assert {m["bus"] for m in frames} == {"mb-a"}
+    assert {m["meter"] for m in frames} == {"pm7"}
+    for tx, rx in zip(frames[::2], frames[1::2], strict=True):
+        sent, got = bytes.fromhex(tx["hex"]), bytes.fromhex(rx["hex"])
+        assert int(tx["len"]) == len(sent) == 12  # MBAP (7) + function, address, count
+        assert int(rx["len"]) == len(got)
+        # MBAP header: transaction id, protocol 0, length of what follows, then the unit id
+        tid, protocol, length, to = struct.unpack(">HHHB", sent[:7])
+        assert (protocol, length, to) == (0, len(sent) - 6, unit)
+        assert struct.unpack(">HHHB", got[:7]) == (tid, 0, len(got) - 6, unit)
+        assert got[7] == sent[7] in (1, 2, 3, 4)  # the read answered, not an exception (function | 0x80)
+        assert float(tx["ms"]) <= float(rx["ms"])
+    assert len({bytes.fromhex(m["hex"])[:2] for m in frames[::2]}) == requests  # a new transaction id each

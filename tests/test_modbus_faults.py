@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import struct
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
@@ -23,9 +24,11 @@ from prometheus_client import generate_latest
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
+from meter_gateway.drivers import log_limit
 from meter_gateway.drivers.backoff import BackoffPolicy
 from meter_gateway.drivers.errors import BadReply, NoAnswer
 from meter_gateway.drivers.health import HealthBook, HealthPolicy, MeterOffline, MeterState
+from meter_gateway.drivers.log_limit import REPEAT_INTERVAL, RateLimiter
 from meter_gateway.drivers.meter_models import ModbusModel, load_model
 from meter_gateway.drivers.modbus import ModbusLink, ModbusMeter
 from meter_gateway.drivers.reading import Quality
@@ -461,5 +464,48 @@ async def test_a_device_refusing_spans_over_unmapped_registers_is_read_point_by_
             assert link.exceptions[2] == refusals
             pieces = sum(len(parts) for parts in meter.refused.values())
             assert peer.requests - before == len(meter.plan()) - len(meter.refused) + pieces
+        finally:
+            await link.close()
+
+
+# -- a register that reads NaN at every poll (issue 20, item 3: repeated warnings are rate-limited) -----
+
+
+@pytest.mark.asyncio
+async def test_a_register_read_as_nan_at_every_poll_logs_one_line_and_flags_every_reading(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    m = model("eastron-sdm630")
+    registers = mapped_registers(m, [("voltage.l1", math.nan), ("voltage.l2", 230.0)])
+    # the process's limiter, fresh (no window left by another test) and on a clock the test moves
+    now = [0.0]
+    monkeypatch.setattr(log_limit, "_LIMITER", RateLimiter(clock=lambda: now[0]))
+    polls = 40
+
+    async with raw_peer(lambda n, unit, fn, address, count: data_pdu(fn, address, count, registers)) as (port, peer):
+        link = modbus_link(port)
+        meter = ModbusMeter(link, m, unit=1, meter_id="nan1")
+        try:
+            with caplog.at_level(logging.WARNING, logger="meter_gateway.drivers.modbus"):
+                for i in range(polls):
+                    readings = {
+                        r.quantity: r for r in await meter.read(["voltage.l1", "voltage.l2"], slot=T0 + i, now=T0 + i)
+                    }
+                    bad = readings["voltage.l1"]
+                    assert bad.quality is Quality.OUT_OF_RANGE
+                    assert math.isnan(float(bad.value))
+                    assert readings["voltage.l2"].quality is Quality.GOOD
+                    now[0] += 1.0  # a poll a second: within one interval
+                lines = [r for r in caplog.records if "event=value_failed" in r.getMessage()]
+                assert len(lines) == 1, [r.getMessage() for r in lines]
+                assert lines[0].levelno == logging.WARNING
+                assert "meter=nan1 quantity=voltage.l1" in lines[0].getMessage()
+                assert peer.requests == polls  # every poll read the register and flagged its value
+                # the lines held back are counted: the next line, an interval on, says how many
+                now[0] += REPEAT_INTERVAL
+                await meter.read(["voltage.l1"], slot=T0 + polls, now=T0 + polls)
+            lines = [r for r in caplog.records if "event=value_failed" in r.getMessage()]
+            assert len(lines) == 2
+            assert lines[1].fields == {"suppressed": polls - 1}  # type: ignore[attr-defined]
         finally:
             await link.close()
