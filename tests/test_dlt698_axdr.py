@@ -26,6 +26,7 @@ from meter_gateway.protocols.dlt698.axdr import (
     Date,
     DateTime,
     DateTimeS,
+    Ints,
     Region,
     ScalerUnit,
     Selector1,
@@ -37,6 +38,7 @@ from meter_gateway.protocols.dlt698.axdr import (
     Time,
     data_bytes,
     parse_data,
+    plain,
 )
 from meter_gateway.protocols.dlt698.errors import LocalProtocolError, RemoteProtocolError
 from meter_gateway.protocols.dlt698.frame import AddressType, ServerAddress
@@ -334,6 +336,12 @@ def integer_sequences(draw: st.DrawFn) -> Data:
 def test_integer_sequences_round_trip(data: Data) -> None:
     raw = data_bytes(data)
     assert parse_data(raw) == (data, ())
+    decoded = parse_data(raw)[0]
+    tags = {element.type for element in data.value}
+    # one representation: every non-empty sequence of one integer type is an Ints, nothing else is
+    assert isinstance(decoded.value, Ints) == (len(tags) == 1 and tags <= set(_INTEGER_RANGES))
+    assert hash(decoded) == hash(data)
+    assert data_bytes(decoded) == raw
     for cut in range(len(raw)):  # every truncation is a protocol error, never a short value
         with pytest.raises(RemoteProtocolError):
             parse_data(raw[:cut])
@@ -358,3 +366,44 @@ def test_long_integer_arrays_decode_whole(count: int) -> None:
     raw = data_bytes(data)
     assert parse_data(raw) == (data, ())
     assert parse_data(raw) == (data, ())  # again with the unpacker compiled by the first
+
+
+def test_an_integer_array_is_its_integers() -> None:
+    data, _ = parse_data(bytes.fromhex("0103 1208FF 1208FA 1208F9"))
+    ints = data.value
+    assert isinstance(ints, Ints)
+    assert (ints.tag, ints.values) == (DataType.LONG_UNSIGNED, (0x08FF, 0x08FA, 0x08F9))
+    as_data = tuple(Data(DataType.LONG_UNSIGNED, v) for v in ints.values)
+    # a sequence of Data, equal (both ways) to the tuple of them, with its hash
+    assert len(ints) == 3
+    assert (ints[1], ints[-1], ints[1:]) == (as_data[1], as_data[-1], as_data[1:])
+    assert tuple(ints) == as_data
+    assert list(ints) == list(as_data)
+    assert ints == as_data
+    assert as_data == ints
+    assert ints == list(as_data)
+    assert data == Data(DataType.ARRAY, as_data)
+    assert Data(DataType.ARRAY, as_data) == data
+    assert hash(data) == hash(Data(DataType.ARRAY, as_data))
+    assert ints != as_data[:2]
+    assert ints != Ints(DataType.LONG, ints.values)
+    assert ints != "x"
+    assert repr(data) == repr(Data(DataType.ARRAY, as_data))
+    assert plain(data) == [0x08FF, 0x08FA, 0x08F9]
+    assert Ints(DataType.LONG_UNSIGNED, ints.values) == ints
+
+
+def test_mixed_and_empty_sequences_stay_tuples() -> None:
+    mixed, _ = parse_data(bytes.fromhex("0202 1208FF 1108"))
+    assert type(mixed.value) is tuple
+    assert mixed.value == (Data(DataType.LONG_UNSIGNED, 0x08FF), Data(DataType.UNSIGNED, 8))
+    empty, _ = parse_data(bytes.fromhex("0100"))
+    assert empty.value == ()
+
+
+def test_ints_are_encoded_strictly() -> None:
+    assert data_bytes(Data(DataType.ARRAY, Ints(DataType.LONG, (-1, 2)))) == bytes.fromhex("0102 10FFFF 100002")
+    with pytest.raises(LocalProtocolError, match="outside"):
+        data_bytes(Data(DataType.ARRAY, Ints(DataType.UNSIGNED, (256,))))
+    with pytest.raises(LocalProtocolError, match="one integer type"):
+        Ints(DataType.OCTET_STRING, (1,))

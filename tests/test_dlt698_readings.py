@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from meter_gateway.protocols.dlt698 import requests as rq
 from meter_gateway.protocols.dlt698.apdu import GetResponseNormalList, Piid, ResultNormal, parse_apdu
-from meter_gateway.protocols.dlt698.axdr import OAD, Data, DataType, array
+from meter_gateway.protocols.dlt698.axdr import OAD, Data, DataType, Ints, array
 from meter_gateway.protocols.dlt698.catalogue import default_catalogue
 
 ENERGY = OAD(0x0010, 0x02, 0)
@@ -84,3 +84,18 @@ def test_decoded_oads_equal_built_ones() -> None:
     assert isinstance(again, GetResponseNormalList)
     assert first.results[0].oad == ENERGY == again.results[0].oad
     assert first == again == response
+
+
+def test_an_integer_array_gives_the_readings_of_its_data() -> None:
+    """An Ints (what the decoder gives for an array of integers) reads as the tuple of its Data,
+    longer than the precomputed elements too."""
+    catalogue = default_catalogue()
+    for count in (5, 20):
+        values = tuple(range(100, 100 + 7 * count, 7))
+        ints = Data(DataType.ARRAY, Ints(DataType.DOUBLE_LONG_UNSIGNED, values))
+        assert catalogue.readings(ENERGY, ints) == catalogue.readings(ENERGY, _energy(*values))
+    voltages = OAD(0x2000, 0x02, 0)  # scaler -1, long-unsigned
+    ints = Data(DataType.ARRAY, Ints(DataType.LONG_UNSIGNED, (2303, 2298, 2297)))
+    assert [r.value for r in catalogue.readings(voltages, ints)] == [230.3, 229.8, 229.7]
+    whole = catalogue.readings(OAD(0x2000, 0x02, 1), ints)  # not spread: one reading of the array
+    assert [r.raw for r in whole] == [[2303, 2298, 2297]]

@@ -4,7 +4,8 @@ A value is a :class:`Data` (tag + Python value). The Python value depends on the
 
 ====================================  =============================================
 null (0)                              ``None``
-array (1), structure (2)              ``tuple[Data, ...]``
+array (1), structure (2)              ``tuple[Data, ...]``, or :class:`Ints` when every
+                                      element is of one integer type
 bool (3)                              ``bool``
 bit-string (4)                        :class:`BitString`
 integers (5, 6, 15-18, 20-22)         ``int`` (enum 22 too)
@@ -36,9 +37,9 @@ from __future__ import annotations
 import datetime
 import math
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from enum import IntEnum
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, overload
 
 from meter_gateway.protocols.dlt698.errors import LocalProtocolError, RemoteProtocolError
 from meter_gateway.protocols.dlt698.frame import AddressType, ServerAddress
@@ -383,6 +384,54 @@ class RCSD(NamedTuple):
     columns: tuple[CSD, ...]
 
 
+class Ints(Sequence["Data"]):
+    """The elements of an array or structure that are all of one integer type, kept as the
+    integers: energy registers and phase values, most of what a meter sends, decode without one
+    :class:`Data` per element. It is a sequence of :class:`Data` (indexing and iteration build
+    them) and equals the tuple of those Data; :attr:`values` are the integers themselves. The
+    decoder gives one for every non-empty array or structure of that shape, and the encoder takes
+    it like a tuple of Data (checking every value against ``tag``)."""
+
+    __slots__ = ("tag", "values")
+
+    def __init__(self, tag: DataType, values: tuple[int, ...]) -> None:
+        if tag not in _FIXED_INT:
+            raise LocalProtocolError(f"Ints holds integers of one integer type, not {tag!r}")
+        self.tag = tag
+        self.values = tuple(values)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    @overload
+    def __getitem__(self, index: int) -> Data: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[Data, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> Data | tuple[Data, ...]:
+        if isinstance(index, slice):
+            return tuple(Data(self.tag, value) for value in self.values[index])
+        return Data(self.tag, self.values[index])
+
+    def __iter__(self) -> Iterator[Data]:
+        tag = self.tag
+        return (Data(tag, value) for value in self.values)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Ints):
+            return self.tag == other.tag and self.values == other.values
+        if isinstance(other, tuple | list):
+            return tuple(self) == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
+
+
 class Data(NamedTuple):
     """One A-XDR Data value: its tag and the Python value (see the module docstring)."""
 
@@ -701,18 +750,20 @@ def _fixed_entry(code: int) -> _Fixed | None:
 
 _FIXED_BY_BYTE: Final[tuple[_Fixed | None, ...]] = tuple(_fixed_entry(b) for b in range(256))
 _new = tuple.__new__
+_new_object = object.__new__
 
 # An array or structure of one integer type (energy registers, phase values: most of what a meter
-# sends) is read with one struct call for the whole run of (tag, value) pairs, checked afterwards
-# to hold that tag throughout; any other sequence is read element by element. The unpackers are
-# compiled on first use, per (tag, count) up to _MAX_RUN elements.
+# sends) becomes one Ints: its tags are checked with one strided slice and its values read with
+# one struct call; any other sequence is read element by element. The unpackers are compiled on
+# first use and kept per (tag, count) up to _MAX_RUN elements (longer runs compile theirs).
 _MAX_RUN: Final = 64
 
 
 class _Run(NamedTuple):
-    unpack: _Unpack  # tag, value, tag, value...
-    tags: tuple[int, ...]  # what the tags must be
+    tags: bytes  # the tag byte every ``stride`` bytes, as the run must read
+    stride: int  # bytes per element: tag and value
     size: int  # bytes of the whole run
+    unpack: _Unpack  # the values, tags skipped
     tag: DataType  # the elements' type
 
 
@@ -720,12 +771,15 @@ _RUNS: Final[dict[int, _Run]] = {}  # by count << 8 | tag byte
 
 
 def _run(code: int, count: int) -> _Run | None:
-    """The unpacker of ``count`` elements of integer type ``code`` (None for other types)."""
+    """The reader of ``count`` elements of integer type ``code`` (None for other types)."""
     fixed = _FIXED_BY_BYTE[code]
-    if fixed is None or count > _MAX_RUN:
+    if fixed is None:
         return None
-    unpack = struct.Struct(">" + ("B" + fixed.code) * count).unpack_from
-    run = _RUNS[count << 8 | code] = _Run(unpack, (code,) * count, (1 + fixed.size) * count, fixed.tag)
+    stride = 1 + fixed.size
+    unpack = struct.Struct(">" + ("x" + fixed.code) * count).unpack_from
+    run = _Run(bytes((code,)) * count, stride, stride * count, unpack, fixed.tag)
+    if count <= _MAX_RUN:
+        _RUNS[count << 8 | code] = run
     return run
 
 
@@ -743,9 +797,32 @@ def decode_data(buf: bytes, pos: int, warnings: list[str], depth: int = 0) -> tu
         if end > len(buf):
             raise RemoteProtocolError(f"truncated {tag.name.lower()} at offset {pos}")
         return _new(Data, (tag, unpack(buf, pos)[0])), end
-    if code in _SEQUENCE_CODES:
-        value, pos = _decode_sequence(buf, pos, code, warnings, depth)
-        return _new(Data, (_BY_BYTE[code], value)), pos
+    if code in _SEQUENCE_CODES:  # array or structure: its length, then its elements
+        if depth >= MAX_DEPTH:
+            raise RemoteProtocolError(f"Data nested deeper than {MAX_DEPTH} at offset {pos}")
+        n = len(buf)
+        count = buf[pos] if pos < n else 0x80  # a one-byte length inline; decode_length does the rest
+        if count < 0x80:
+            pos += 1
+        else:
+            count, pos = decode_length(buf, pos, warnings)
+        if count > n - pos:  # every element takes at least one byte: refuse before allocating
+            what = DataType(code).name.lower()
+            raise RemoteProtocolError(f"{what} of {count} elements at offset {pos} exceeds the data")
+        if not count:
+            return _new(Data, (_BY_BYTE[code], ())), pos
+        first = buf[pos]
+        run = _RUNS.get(count << 8 | first) or _run(first, count)
+        if run is not None:
+            tags, stride, size, unpack, tag = run
+            end = pos + size
+            if end <= n and buf[pos:end:stride] == tags:
+                ints = _new_object(Ints)  # Ints without its __init__: this runs for most values
+                ints.tag = tag
+                ints.values = unpack(buf, pos)
+                return _new(Data, (_BY_BYTE[code], ints)), end
+        elements, pos = _decode_elements(buf, pos, count, warnings, depth + 1)
+        return _new(Data, (_BY_BYTE[code], elements)), pos
     decoder = _DECODER_BY_BYTE[code]
     if decoder is None:
         raise RemoteProtocolError(f"unknown Data type {code} at offset {pos - 1}")
@@ -756,34 +833,11 @@ def decode_data(buf: bytes, pos: int, warnings: list[str], depth: int = 0) -> tu
 _SEQUENCE_CODES: Final = frozenset({int(DataType.ARRAY), int(DataType.STRUCTURE)})
 
 
-def _decode_sequence(buf: bytes, pos: int, code: int, warnings: list[str], depth: int) -> tuple[tuple[Data, ...], int]:
-    """An array or structure's elements: its length, then each element."""
-    if depth >= MAX_DEPTH:
-        raise RemoteProtocolError(f"Data nested deeper than {MAX_DEPTH} at offset {pos}")
+def _decode_elements(buf: bytes, pos: int, count: int, warnings: list[str], depth: int) -> tuple[tuple[Data, ...], int]:
+    """The ``count`` elements of an array or structure that is not an :class:`Ints`, one by one."""
     n = len(buf)
-    count = buf[pos] if pos < n else 0x80  # a one-byte length inline; decode_length does the rest
-    if count < 0x80:
-        pos += 1
-    else:
-        count, pos = decode_length(buf, pos, warnings)
-    if count > n - pos:  # every element takes at least one byte: refuse before allocating
-        what = DataType(code).name.lower()
-        raise RemoteProtocolError(f"{what} of {count} elements at offset {pos} exceeds the data")
-    if not count:
-        return (), pos
     items: list[Data] = []
     append = items.append
-    run = _RUNS.get(count << 8 | buf[pos]) or _run(buf[pos], count)
-    if run is not None:
-        unpack, tags, size, tag = run
-        end = pos + size
-        if end <= n:
-            values = unpack(buf, pos)
-            if values[::2] == tags:
-                for value in values[1::2]:
-                    append(_new(Data, (tag, value)))
-                return tuple(items), end
-    depth += 1
     for _ in range(count):
         element = _FIXED_BY_BYTE[buf[pos]] if pos < n else None
         if element is not None:  # an integer among other types: inline, no recursion
@@ -1085,7 +1139,7 @@ def _e_null(out: bytearray, value: Any, depth: int) -> None:
 def _e_sequence(out: bytearray, value: Any, depth: int, tag: DataType) -> None:
     if depth >= MAX_DEPTH:
         raise LocalProtocolError(f"Data nested deeper than {MAX_DEPTH}")
-    if not isinstance(value, tuple | list):
+    if not isinstance(value, tuple | list | Ints):
         raise LocalProtocolError(f"{tag.name.lower()} needs a tuple of Data")
     encode_length(out, len(value))
     for item in value:
@@ -1240,6 +1294,8 @@ def plain(value: object) -> Any:
         return None if value.address is None else str(value.address)
     if isinstance(value, RCSD):
         return [plain(c) for c in value.columns]
+    if isinstance(value, Ints):
+        return list(value.values)
     if isinstance(value, tuple) and not hasattr(value, "_fields"):
         return [plain(v) for v in value]
     if isinstance(value, tuple):  # the other NamedTuples: field -> plain value

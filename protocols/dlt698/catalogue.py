@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
 from meter_gateway.protocols.dlt698.apdu import ResultNormal, ResultRecord
-from meter_gateway.protocols.dlt698.axdr import OAD, ROAD, BitString, Data, DataType, plain
+from meter_gateway.protocols.dlt698.axdr import OAD, ROAD, BitString, Data, DataType, Ints, plain
 from meter_gateway.protocols.dlt698.errors import LocalProtocolError
 from meter_gateway.protocols.package_data import read_packaged
 
@@ -282,8 +282,17 @@ class Catalogue:
                 append(Reading(oad, shown, shown, "", None, str(oad)))
                 continue
             tag, raw = data
-            targets: Iterable[tuple[_Target, Data]]
             parts = converter.parts
+            if parts and type(raw) is Ints:  # an array of integers read whole: nearly every poll
+                values = raw.values
+                if len(values) > len(parts):
+                    parts = self._more_parts(converter, len(values))
+                for target, value in zip(parts, values):  # noqa: B905 - more targets than values
+                    this, name, quantity, scaler, unit, divisor, multiplier = target
+                    scaled = value / divisor if scaler < 0 else value * multiplier if scaler else value
+                    append(_new(Reading, (this, value, scaled, unit, quantity, name, None)))
+                continue
+            targets: Iterable[tuple[_Target, Data]]
             if parts and (tag is _ARRAY or tag is _STRUCTURE):
                 if len(raw) > len(parts):
                     parts = self._more_parts(converter, len(raw))
