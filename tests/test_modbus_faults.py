@@ -179,6 +179,23 @@ def exported(link: ModbusLink) -> str:
 # -- item 2: the bus's attempts apply to Modbus ---------------------------------------------------------
 
 
+async def polls_survive_every_second_request_dropped(link: ModbusLink, meter: ModbusMeter, peer: PeerStats) -> None:
+    """13 one-quantity polls and one full read (three transactions) through a peer that drops
+    every second request: with three attempts, every poll is delivered, by retries alone."""
+    delivered = 0
+    for _ in range(13):
+        readings = await meter.read(["voltage.l1"], slot=T0, now=T0)
+        delivered += len(readings) == 1
+    assert delivered == 13
+    full = await meter.read(slot=T0, now=T0)  # three transactions, some of them dropped
+    assert len(full) == len(meter.quantities)
+    counters = link.bus.counters
+    assert counters.retries >= 7
+    assert counters.timeouts == counters.retries
+    assert counters.no_answer == 0
+    assert peer.requests == link.transactions
+
+
 @pytest.mark.asyncio
 async def test_a_server_dropping_every_second_request_loses_no_poll_with_three_attempts() -> None:
     def every_second_dropped(n: int, unit: int, function: int, address: int, count: int) -> bytes | None:
@@ -188,18 +205,7 @@ async def test_a_server_dropping_every_second_request_loses_no_poll_with_three_a
         link = modbus_link(port, attempts=3)
         meter = ModbusMeter(link, "sim-3ph", unit=1, meter_id="m1")
         try:
-            delivered = 0
-            for _ in range(13):
-                readings = await meter.read(["voltage.l1"], slot=T0, now=T0)
-                delivered += len(readings) == 1
-            assert delivered == 13
-            full = await meter.read(slot=T0, now=T0)  # three transactions, some of them dropped
-            assert len(full) == len(meter.quantities)
-            counters = link.bus.counters
-            assert counters.retries >= 7
-            assert counters.timeouts == counters.retries
-            assert counters.no_answer == 0
-            assert peer.requests == link.transactions
+            await polls_survive_every_second_request_dropped(link, meter, peer)
         finally:
             await link.close()
 
@@ -216,18 +222,7 @@ async def test_rtu_framing_over_tcp_gets_the_same_retries() -> None:
         link = modbus_link(port, attempts=3, framing="rtu")
         meter = ModbusMeter(link, "sim-3ph", unit=1, meter_id="m1")
         try:
-            delivered = 0
-            for _ in range(13):
-                readings = await meter.read(["voltage.l1"], slot=T0, now=T0)
-                delivered += len(readings) == 1
-            assert delivered == 13
-            full = await meter.read(slot=T0, now=T0)  # three transactions, some of them dropped
-            assert len(full) == len(meter.quantities)
-            counters = link.bus.counters
-            assert counters.retries >= 7
-            assert counters.timeouts == counters.retries
-            assert counters.no_answer == 0
-            assert peer.requests == link.transactions
+            await polls_survive_every_second_request_dropped(link, meter, peer)
             assert peer.connections == 1  # a dropped request is the meter's silence, not the link's
         finally:
             await link.close()

@@ -308,12 +308,9 @@ class Gateway:
         assert self.cursors is not None
         frozen = self._drivers_that(registry.Can.FROZEN)
         self.frozen = FrozenJob(self.config, frozen, self.sink.for_source(FROZEN), self.clock, self.cursors)
-        # usually every meter's protocol can both: then the two jobs share one mapping (neither
-        # changes it) instead of holding an entry per meter each
-        can = registry.Can
-        protocols = {rt.protocol for rt in self.meters.values()}
-        both = all(registry.capable(p, can.FROZEN) == registry.capable(p, can.TIME_SYNC) for p in protocols)
-        clocks = frozen if both else self._drivers_that(can.TIME_SYNC)
+        clocks = self._drivers_that(registry.Can.TIME_SYNC)
+        if clocks == frozen:  # usually: the two jobs share one mapping (neither changes it), not two
+            clocks = frozen
         self.time_sync = TimeSyncJob(self.config, clocks, self.buses, self.clock, cursors=self.cursors)
         await self.frozen.load()
 

@@ -232,6 +232,14 @@ class FrozenJob:
         self.backfill_days = daily.backfill_days if daily is not None else DEFAULT_BACKFILL_DAYS
         self._quantities: dict[str, tuple[str, ...]] = {}
         self._group_quantities = {g.name: tuple(g.quantities) for g in config.poll_groups if g.backfill}
+        # every driver's meter classified once here (Config.meter() scans the meter list, and the
+        # job asks per meter and day): later a driver's meter not skipped is readable
+        protocols = {m.id: m.protocol for m in config.meters}
+        for meter_id in drivers:
+            self._readable(meter_id, protocols.get(meter_id, "unknown"))
+        self._monthly_meters = frozenset(
+            m for m in drivers if registry.capable(protocols.get(m, ""), registry.Can.SETTLEMENT)
+        )
         self._daily_meters = (
             [m.id for m in config.group_meters(daily) if self._readable(m.id)]
             if daily is not None and self.daily_enabled
@@ -250,14 +258,17 @@ class FrozenJob:
 
     # -- which meters -------------------------------------------------------------------------
 
-    def _readable(self, meter_id: str) -> bool:
-        """Whether a meter keeps daily freezes we can read; logs the reason once when not."""
+    def _readable(self, meter_id: str, protocol: str | None = None) -> bool:
+        """Whether a meter keeps frozen records we can read; logs the reason once when not."""
         if meter_id in self.stats.skipped_meters:
             return False
-        try:
-            protocol: str = self.config.meter(meter_id).protocol
-        except KeyError:
-            protocol = "unknown"
+        if protocol is None:
+            if meter_id in self.drivers:
+                return True  # classified at start
+            try:
+                protocol = self.config.meter(meter_id).protocol
+            except KeyError:
+                protocol = "unknown"
         reason = None
         if not registry.capable(protocol, registry.Can.FROZEN):
             title = registry.PROTOCOLS[protocol].title if protocol in registry.PROTOCOLS else protocol
@@ -278,11 +289,7 @@ class FrozenJob:
 
     def _monthly(self, meter_id: str) -> bool:
         """Whether the meter's records are monthly settlements (``Can.SETTLEMENT``)."""
-        try:
-            protocol = self.config.meter(meter_id).protocol
-        except KeyError:
-            return False
-        return registry.capable(protocol, registry.Can.SETTLEMENT)
+        return meter_id in self._monthly_meters
 
     def _settlements(self, meter_id: str) -> SettlementReader:
         return self.drivers[meter_id]  # type: ignore[return-value]  # a Can.SETTLEMENT protocol's driver
