@@ -45,7 +45,9 @@ def test_quick_run_measures_meter_gateway_and_skips_what_is_missing(tmp_path: Pa
     cpu_ms, rate, _, sustained, rss = row.groups()
     offered = 20 * 10  # --quick: 20 devices x 10 registers every second
     assert sustained == "yes", out
-    assert 0.97 * offered <= int(rate.replace(",", "")) <= 1.03 * offered, out
+    # above the offered load by up to a tenth: the quick run's 3 s warm-up can end with the start-up
+    # catch-up still arriving, and its 4 s window holds only four bursts
+    assert 0.97 * offered <= int(rate.replace(",", "")) <= 1.10 * offered, out
     # a gateway that used no CPU, or a whole core for 200 datapoints/s, is a broken measurement
     assert 1 <= int(cpu_ms) <= 5000, out
     assert 10 <= int(rss) <= 500, out
