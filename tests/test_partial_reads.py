@@ -206,7 +206,9 @@ async def test_the_poller_delivers_partial_slots_and_retries_the_failed_quantity
         await asyncio.wait_for(task, 20)
         sub.stop()
         await peer.stop()
-    assert sims[0].ignored >= 3 * ATTEMPTS  # the faults did fire
+    # the faults did fire: in every slot of m1 but maybe the first (read late at start-up, its
+    # slot can end between the two attempts), all attempts at the flaky DI
+    assert sims[0].ignored >= (len(slots_of("m1")) - 1) * ATTEMPTS + 1
     assert sims[1].ignored >= 3 * ATTEMPTS
     # every slot of m1 complete (the retry got the flaky quantity) but the first: read late in its
     # slot at start-up, it may have had no time left for a retry; m2's without it but delivered
