@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import itertools
 import logging
 import time
@@ -205,10 +204,11 @@ class Poller:
                 )
             if missed:
                 self._note_missed(missed)
-            next_time = schedule.next_time()
-            delay = 1.0 if next_time is None else min(1.0, max(0.0, next_time - self.clock()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+            wake = schedule.wake_time(now)
+            # a plain sleep, at most a second: the daemon cancels this task to stop it, and a
+            # reload or a stop is seen on the next turn (waiting on ``stop`` as well would cost a
+            # task and a cancellation at each of the hundreds of turns a second of a large fleet)
+            await asyncio.sleep(1.0 if wake is None else min(1.0, max(0.0, wake - self.clock())))
 
     def _check_links(self) -> None:
         """Meters behind a link that has been down (or never opened) for ``link_down_after`` go
