@@ -719,7 +719,8 @@ class Uplink:
                 if sum(r.n for r in records) >= prefetch:  # more backlog: read on while this chunk goes out
                     ahead = loop.create_task(self.outbox.peek_records(records[-1].last_row, prefetch))
                 for ids, payload in self._record_batches(records, max_bytes):
-                    acquired = await self._wait_any(window.acquire(), wake)
+                    # a free slot is taken at once; only a full window is worth the watch on wake
+                    acquired = await (self._wait_any(window.acquire(), wake) if window.locked() else window.acquire())
                     if not acquired or self._stopping.is_set() or wake.is_set():
                         if acquired:
                             window.release()
