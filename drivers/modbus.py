@@ -533,15 +533,17 @@ def plan_reads(
 
 def decode_block(
     request: ReadRequest,
-    data: Sequence[int] | Sequence[bool],
+    data: bytes | Sequence[bool],
     *,
     meter_id: str,
     gateway_time: float,
     slot: float | None,
 ) -> list[Reading]:
-    """Turn one read's registers (or bits) into readings, flagging bad and implausible values."""
+    """Turn one read's registers (the reply's register bytes) or bits into readings, flagging
+    bad and implausible values."""
     out: list[Reading] = []
-    for p, start, end, low, high in request.layout:
+    registers = data if isinstance(data, bytes) else b""  # a bit read's points have no codec
+    for p, start, _end, low, high in request.layout:
         quality = Quality.GOOD
         value: int | float
         codec = p.codec
@@ -549,7 +551,7 @@ def decode_block(
             value = int(bool(data[start]))
         else:
             try:
-                value = codec.decode(data[start:end])
+                value = codec.decode_at(registers, 2 * start)
             except RemoteValueError as e:
                 value = e.value
                 quality = Quality.OUT_OF_RANGE
@@ -875,7 +877,7 @@ class ModbusMeter:
         *,
         strict: bool = False,
         attempts: int | None = None,
-    ) -> Coroutine[object, None, list[int] | list[bool]]:
+    ) -> Coroutine[object, None, bytes | list[bool]]:
         """The transaction of ``request`` (to await), whose span the plan checked and whose PDU it
         made; not a coroutine itself, so each request costs one coroutine fewer."""
         return self.link._transact(

@@ -245,7 +245,8 @@ def test_decode_block_flags_bad_and_implausible_values() -> None:
     data = [0] * plan[0].count
     for address, regs in registers.items():
         data[address : address + 2] = regs
-    readings = {r.quantity: r for r in decode_block(plan[0], data, meter_id="m1", gateway_time=T0, slot=T0)}
+    wire = struct.pack(f">{len(data)}H", *data)  # the reply's register bytes, as the exchange hands them over
+    readings = {r.quantity: r for r in decode_block(plan[0], wire, meter_id="m1", gateway_time=T0, slot=T0)}
     assert readings["voltage.l1"].quality is Quality.GOOD
     assert readings["voltage.l1"].value == 230.5
     assert readings["voltage.l2"].quality is Quality.OUT_OF_RANGE

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -195,3 +196,46 @@ def test_scaled_integer_round_trip(raw: int, scale: float, word_order: str) -> N
 
 def test_all_types_are_covered() -> None:
     assert set(DATA_TYPES) == {*INT_RANGES, "float32", "float64"}
+
+
+@given(
+    type_=st.sampled_from(DATA_TYPES),
+    word_order=orders,
+    byte_order=orders,
+    scale=st.sampled_from([1, 0.1, 0.001, 10]),
+    before=st.lists(st.integers(0, 0xFFFF), max_size=6),
+    after=st.lists(st.integers(0, 0xFFFF), max_size=6),
+    data=st.data(),
+)
+def test_decode_at_reads_a_value_where_it_lies_in_a_reply(
+    type_: str, word_order: str, byte_order: str, scale: float, before: list[int], after: list[int], data: st.DataObject
+) -> None:
+    """A meter read decodes each value from the reply's register bytes (decode_at): the same
+    value, or the same error, as decoding that value's registers alone."""
+    codec = ValueCodec(type_, byte_order=byte_order, word_order=word_order, scale=scale)
+    registers = data.draw(st.lists(st.integers(0, 0xFFFF), min_size=codec.count, max_size=codec.count))
+    block = [*before, *registers, *after]
+    wire = struct.pack(f">{len(block)}H", *block)
+
+    def outcome(decode: Callable[[], int | float]) -> tuple[str, object]:
+        try:
+            return "value", decode()
+        except RemoteValueError as e:
+            return "error", str(e)
+
+    kind, expected = outcome(lambda: codec.decode(registers))
+    got_kind, got = outcome(lambda: codec.decode_at(wire, 2 * len(before)))
+    assert got_kind == kind
+    if kind == "error":
+        assert got == expected
+        return
+    assert isinstance(got, int | float)
+    assert got == expected or (math.isnan(got) and math.isnan(float(expected)))  # type: ignore[arg-type]
+    assert type(got) is type(expected)
+
+
+def test_decode_at_past_the_reply_is_a_local_error() -> None:
+    with pytest.raises(LocalValueError, match="takes 2 register"):
+        ValueCodec("u32").decode_at(b"\x00\x01\x00", 0)
+    with pytest.raises(LocalValueError, match="takes 1 register"):
+        ValueCodec("u16").decode_at(b"\x00\x01", 2)

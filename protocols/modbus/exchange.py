@@ -61,6 +61,7 @@ __all__ = [
     "bits_of",
     "echo_of",
     "exception_text",
+    "register_bytes_of",
     "registers_of",
     "reply_size",
 ]
@@ -163,15 +164,22 @@ class Undecodable(Exception):
     """The reply PDU contradicts itself (its byte count is not its size)."""
 
 
-def registers_of(exchange: ModbusExchange[list[int]], pdu: bytes) -> list[int]:
-    """§6.3/6.4 reply: function, byte count, the registers big-endian."""
+def register_bytes_of(exchange: ModbusExchange[Any], pdu: bytes) -> bytes:
+    """§6.3/6.4 reply: function, byte count, the registers big-endian; the registers' bytes as
+    they came (a meter's read decodes each value where it lies, ``ValueCodec.decode_at``)."""
     size = len(pdu) - 2
     if size < 0 or pdu[1] != size or size % 2:
         raise Undecodable
     count = exchange.count
     if size != 2 * count:
         raise WrongReply(f"asked for {count} registers at {exchange.address}, got {size // 2}")
-    return list(struct.unpack_from(f">{count}H", pdu, 2))
+    return pdu[2:]
+
+
+def registers_of(exchange: ModbusExchange[list[int]], pdu: bytes) -> list[int]:
+    """§6.3/6.4 reply as a list of register values."""
+    raw = register_bytes_of(exchange, pdu)
+    return list(struct.unpack(f">{len(raw) // 2}H", raw))
 
 
 def bits_of(exchange: ModbusExchange[list[bool]], pdu: bytes) -> list[bool]:
@@ -197,12 +205,12 @@ def echo_of(exchange: ModbusExchange[None], pdu: bytes) -> None:
         raise WrongReply(f"write {what} echoed {address}={bool(value) if coil else value}")
 
 
-# what a read's reply holds, by function
-READ_VALUES: Final[dict[int, Callable[[ModbusExchange[Any], bytes], list[int] | list[bool]]]] = {
+# what a read's reply holds, by function: bits, or the registers' bytes
+READ_VALUES: Final[dict[int, Callable[[ModbusExchange[Any], bytes], bytes | list[bool]]]] = {
     1: bits_of,
     2: bits_of,
-    3: registers_of,
-    4: registers_of,
+    3: register_bytes_of,
+    4: register_bytes_of,
 }
 
 

@@ -165,22 +165,34 @@ class ValueCodec:
 
     def decode(self, registers: Sequence[int]) -> int | float:
         """Decode exactly :attr:`count` registers; ints stay ints unless a scale applies."""
-        raw = self._from_registers(registers)
+        return self.decode_at(self._pack_registers(registers), 0)
+
+    def decode_at(self, wire: bytes, offset: int) -> int | float:
+        """Decode the value whose registers start ``offset`` bytes into ``wire``: registers as a
+        reply carries them, each big-endian, in address order. A read's reply is decoded where
+        each value lies, without making a list of its registers first."""
         info = self._info
+        end = offset + 2 * info.registers
+        if offset < 0 or end > len(wire):
+            raise LocalValueError(f"{self.type} takes {self.count} register(s) at byte {offset}, got {len(wire)} bytes")
+        if self._reordered:
+            raw, at = self._from_wire(wire[offset:end]), 0
+        else:
+            raw, at = wire, offset
         if info.is_float:
-            (number,) = struct.unpack(">" + info.fmt, raw)
+            (number,) = self._value.unpack_from(raw, at)
             value = float(number)
             if not math.isfinite(value):
                 scaled = value * self.scale if not math.isnan(value) else value
                 raise RemoteValueError(
-                    f"registers {_hex(registers)} ({self.type} {self.layout}) decode to {value}",
+                    f"registers {_hex_words(wire[offset:end])} ({self.type} {self.layout}) decode to {value}",
                     value=scaled,
                 )
             text = _shortest_float32(value) if info.fmt == "f" else repr(value)
             if self._scale is None:
                 return float(text)
             return float(Decimal(text) * self._scale)
-        integer: int = self._value.unpack(raw)[0]
+        integer: int = self._value.unpack_from(raw, at)[0]
         if self._scale is None:
             return integer
         ratio = self._ratio
@@ -232,17 +244,17 @@ class ValueCodec:
 
     # -- register <-> canonical (big-endian) bytes --------------------------------------------
 
-    def _from_registers(self, registers: Sequence[int]) -> bytes:
+    def _pack_registers(self, registers: Sequence[int]) -> bytes:
+        """The registers as a reply carries them (device order, each big-endian), checked."""
         if len(registers) != self._info.registers:
             raise LocalValueError(f"{self.type} takes {self.count} register(s), got {len(registers)}")
         for r in registers:
             if type(r) is not int and (isinstance(r, bool) or not isinstance(r, int)):
                 raise LocalValueError(f"register values are 0..65535, got {r!r}")
         try:
-            wire = self._words.pack(*registers)
+            return self._words.pack(*registers)
         except struct.error:
             raise LocalValueError(f"register values are 0..65535, got {list(registers)!r}") from None
-        return self._from_wire(wire) if self._reordered else wire
 
     def _to_registers(self, data: bytes) -> list[int]:
         wire = self._to_wire(data)
@@ -262,5 +274,6 @@ class ValueCodec:
         return self._to_wire(wire)
 
 
-def _hex(registers: Sequence[int]) -> str:
-    return " ".join(f"{r:04X}" if isinstance(r, int) else repr(r) for r in registers)
+def _hex_words(wire: bytes) -> str:
+    """Registers' bytes as the register values, e.g. ``7FC0 0000``."""
+    return " ".join(wire[i : i + 2].hex().upper() for i in range(0, len(wire), 2))
