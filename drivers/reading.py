@@ -100,15 +100,14 @@ def records(readings: Iterable[Reading]) -> list[ReadRecord]:
     meter with the same gateway time, meter time and slot (one read's values) becomes one record."""
     out: list[ReadRecord] = []
     run: list[Reading] = []
+    key: tuple[str, float, float | None, float | None] | None = None
     for r in readings:
-        if run and (
-            r.meter_id != run[0].meter_id
-            or r.gateway_time != run[0].gateway_time
-            or r.meter_time != run[0].meter_time
-            or r.slot != run[0].slot
-        ):
-            out.append(_record(run))
+        this = (r.meter_id, r.gateway_time, r.meter_time, r.slot)
+        if this != key:
+            if run:
+                out.append(_record(run))
             run = []
+            key = this
         run.append(r)
     if run:
         out.append(_record(run))
@@ -117,13 +116,14 @@ def records(readings: Iterable[Reading]) -> list[ReadRecord]:
 
 def _record(run: list[Reading]) -> ReadRecord:
     first = run[0]
+    quantities, values, units, qualities = zip(*[(r.quantity, r.value, r.unit, r.quality) for r in run], strict=True)
     return ReadRecord(
         first.meter_id,
         first.gateway_time,
         first.meter_time,
         first.slot,
-        tuple(r.quantity for r in run),
-        tuple(r.value for r in run),
-        tuple(r.unit for r in run),
-        tuple(int(r.quality) for r in run),
+        quantities,
+        values,
+        units,
+        tuple(map(int, qualities)),
     )
