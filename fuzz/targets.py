@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import random
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -235,16 +236,17 @@ def _run_modbus(context: Any, data: bytes, rng: random.Random) -> None:
         raise MeterRefused("exception reply", code=int(getattr(response, "exception_code", 0)), reasons=("x",))
     if response.function_code != request.function:
         raise BadReply("reply of another function")
-    values: list[int] | list[bool]
+    values: bytes | list[bool]
     if request.function in (1, 2):
-        values = [bool(b) for b in response.bits]
-        if len(values) < request.count or len(values) >= request.count + 8:
+        bits = [bool(b) for b in response.bits]
+        if len(bits) < request.count or len(bits) >= request.count + 8:
             raise BadReply("short bit reply")
-        values = values[: request.count]
+        values = bits[: request.count]
     else:
-        values = list(response.registers)
-        if len(values) != request.count:
+        registers = list(response.registers)
+        if len(registers) != request.count:
             raise BadReply("register count")
+        values = struct.pack(f">{len(registers)}H", *registers)  # the register bytes a read decodes
     readings = decode_block(request, values, meter_id="m1", gateway_time=1.0, slot=0.0)
     if len(readings) != len(request.points):
         raise InvariantBroken(f"{len(readings)} readings for {len(request.points)} points")
