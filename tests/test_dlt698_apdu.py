@@ -1,7 +1,9 @@
-"""APDUs a client sends round-trip; request builders, readings, describe and looks_like_dlt698."""
+"""APDUs a client sends and the value-carrying responses round-trip; request builders, readings,
+describe and looks_like_dlt698."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 
 import pytest
@@ -13,10 +15,12 @@ from meter_gateway.protocols.dlt698.apdu import (
     ActionRequest,
     Apdu,
     ConnectRequest,
+    FollowReport,
     GetRecord,
     GetRequestNormal,
     GetRequestNormalList,
     GetRequestRecord,
+    GetResponseNormal,
     GetResponseNormalList,
     LinkRequest,
     LinkResponse,
@@ -26,6 +30,7 @@ from meter_gateway.protocols.dlt698.apdu import (
     ReportResponseRecordList,
     ResultNormal,
     SecurityRequest,
+    ServerApdu,
     SetRequestNormal,
     SetRequestNormalList,
     TimeTag,
@@ -78,6 +83,54 @@ def test_client_apdus_round_trip(apdu: Apdu) -> None:
     assert decoded == apdu
     assert decoded.encode() == raw
     assert not decoded.warnings
+
+
+results = st.one_of(
+    st.builds(ResultNormal, oads, small_data),
+    st.builds(lambda o, dar: ResultNormal(o, dar=dar), oads, st.integers(0, 255)),
+)
+follow_reports = st.one_of(st.none(), st.builds(lambda r: FollowReport(tuple(r)), st.lists(results, max_size=2)))
+server_piids = st.builds(Piid, st.integers(0, 63), st.booleans(), st.booleans())
+
+# the responses that carry a meter's values, which the decoder builds without their __init__
+value_responses = st.one_of(
+    st.builds(
+        lambda p, r, f, t: GetResponseNormal(piid=p, result=r, follow_report=f, timetag=t),
+        server_piids,
+        results,
+        follow_reports,
+        timetags,
+    ),
+    *(
+        st.builds(
+            lambda p, r, f, t, cls=cls: cls(piid=p, results=tuple(r), follow_report=f, timetag=t),
+            server_piids,
+            st.lists(results, max_size=4),
+            follow_reports,
+            timetags,
+        )
+        for cls in (GetResponseNormalList, ReportNotificationList)
+    ),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(value_responses)
+def test_value_responses_round_trip(apdu: ServerApdu) -> None:
+    raw = apdu.encode()
+    decoded = parse_apdu(raw)
+    assert isinstance(decoded, ServerApdu)
+    assert type(decoded) is type(apdu)
+    assert decoded == apdu
+    assert hash(decoded) == hash(apdu)
+    assert repr(decoded) == repr(apdu)
+    assert decoded.encode() == raw
+    assert not decoded.warnings
+    assert dataclasses.replace(decoded, timetag=None) == dataclasses.replace(apdu, timetag=None)
+    if apdu.timetag is None:  # the TimeTag presence byte left off the end: tolerated, with a warning
+        short = parse_apdu(raw[:-1])
+        assert short == apdu
+        assert short.warnings == ("TimeTag presence byte missing at the end of the APDU",)
 
 
 def _round_trip(frame_bytes: bytes) -> Apdu:

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Final, NamedTuple, TypeVar
 
+import msgspec
+
 from meter_gateway.protocols.dlt698.axdr import (
     COMDCB,
     CSD,
@@ -65,8 +67,6 @@ from meter_gateway.protocols.dlt698.errors import LocalProtocolError, RemoteProt
 
 # ---- building blocks ---------------------------------------------------------------------------
 
-_new = tuple.__new__
-
 
 class Piid(NamedTuple):
     """PIID / PIID-ACD: service sequence number 0-63, priority, and (PIID-ACD) the ACD flag."""
@@ -97,8 +97,12 @@ class TimeTag(NamedTuple):
     delay: TI
 
 
-class ResultNormal(NamedTuple):
-    """A-ResultNormal: an OAD and either its Data or a DAR."""
+class ResultNormal(msgspec.Struct, frozen=True, gc=False):
+    """A-ResultNormal: an OAD and either its Data or a DAR.
+
+    A Struct rather than a NamedTuple: one is decoded for every object a response carries, and a
+    Struct is built in one C call. It is not a tuple: read it by field name. It holds decoded
+    data only, never a cycle, so the garbage collector need not track it (``gc=False``)."""
 
     oad: OAD
     data: Data | None = None
@@ -1170,21 +1174,29 @@ def _encode_action_result(out: bytearray, result: ActionResult) -> None:
 _OAD_AND_CHOICE: Final = struct.Struct(">IB").unpack_from  # the OAD's four bytes as one key
 
 
-def _result_normal(buf: bytes, pos: int, warnings: list[str]) -> tuple[ResultNormal, int]:
-    """One A-ResultNormal: OAD, then Data (choice 1) or DAR (choice 0). Every value of every GET
-    response and REPORT comes through here."""
-    if pos + 5 > len(buf):
-        raise RemoteProtocolError(f"truncated APDU: A-ResultNormal expected at offset {pos}")
-    key, choice = _OAD_AND_CHOICE(buf, pos)
-    oad = OADS.get(key) or oad_of(key)
-    if choice == 1:
-        data, pos = decode_data(buf, pos + 5, warnings)
-        return _new(ResultNormal, (oad, data, None)), pos
-    if choice == 0:
-        if pos + 6 > len(buf):
-            raise RemoteProtocolError(f"truncated APDU: DAR expected at offset {pos + 5}")
-        return _new(ResultNormal, (oad, None, buf[pos + 5])), pos + 6
-    raise RemoteProtocolError(f"Get-Result choice {choice} at offset {pos + 4} is not 0 (DAR) or 1 (Data)")
+def _results_normal(buf: bytes, pos: int, count: int, warnings: list[str]) -> tuple[tuple[ResultNormal, ...], int]:
+    """``count`` A-ResultNormal, each an OAD, then Data (choice 1) or DAR (choice 0). Every value
+    of every GET response and REPORT comes through here, so the loop is here too (one call per
+    response, not one per result)."""
+    n = len(buf)
+    results: list[ResultNormal] = []
+    append = results.append
+    for _ in range(count):
+        if pos + 5 > n:
+            raise RemoteProtocolError(f"truncated APDU: A-ResultNormal expected at offset {pos}")
+        key, choice = _OAD_AND_CHOICE(buf, pos)
+        oad = OADS.get(key) or oad_of(key)
+        if choice == 1:
+            data, pos = decode_data(buf, pos + 5, warnings)
+            append(ResultNormal(oad, data))
+        elif choice == 0:
+            if pos + 6 > n:
+                raise RemoteProtocolError(f"truncated APDU: DAR expected at offset {pos + 5}")
+            append(ResultNormal(oad, None, buf[pos + 5]))
+            pos += 6
+        else:
+            raise RemoteProtocolError(f"Get-Result choice {choice} at offset {pos + 4} is not 0 (DAR) or 1 (Data)")
+    return tuple(results), pos
 
 
 class _Reader:
@@ -1285,20 +1297,14 @@ class _Reader:
         raise RemoteProtocolError(f"FollowReport choice {choice} is not 1 or 2")
 
     def result_normal(self) -> ResultNormal:
-        result, self.pos = _result_normal(self.buf, self.pos, self.warnings)
+        (result,), self.pos = _results_normal(self.buf, self.pos, 1, self.warnings)
         return result
 
     def results_normal(self) -> tuple[ResultNormal, ...]:
         """SEQUENCE OF A-ResultNormal (GET-Response, REPORT-Notification, FollowReport)."""
         count = self.length()
-        buf, pos, warnings = self.buf, self.pos, self.warnings
-        results: list[ResultNormal] = []
-        append = results.append
-        for _ in range(count):
-            result, pos = _result_normal(buf, pos, warnings)
-            append(result)
-        self.pos = pos
-        return tuple(results)
+        results, self.pos = _results_normal(self.buf, self.pos, count, self.warnings)
+        return results
 
     def result_record(self) -> ResultRecord:
         oad = self.oad()
@@ -1339,6 +1345,41 @@ def _server(r: _Reader, cls: type[_S], **fields: Any) -> _S:
     return cls(follow_report=follow, timetag=timetag, warnings=tuple(r.warnings), **fields)
 
 
+_new_object = object.__new__
+_Setter = Callable[[Any, Any], None]
+_Setters = tuple[_Setter, _Setter, _Setter, _Setter, _Setter]
+
+
+def _slot_setters(cls: type[ServerApdu]) -> _Setters:
+    """The slot setters of a server APDU with one field of its own, in field order: warnings,
+    piid, follow_report, timetag, then that field (a slots dataclass's fields are member
+    descriptors of the class that declares them)."""
+    names = [f.name for f in fields(cls)]
+    if names[:4] != ["warnings", "piid", "follow_report", "timetag"] or len(names) != 5:
+        raise TypeError(f"{cls.__name__} has the fields {names}, not a server APDU's and one more")
+    if hasattr(cls, "__post_init__"):  # it would be skipped
+        raise TypeError(f"{cls.__name__} has a __post_init__")
+    w, p, f, t, own = (getattr(cls, name).__set__ for name in names)
+    return w, p, f, t, own
+
+
+def _server_results(r: _Reader, cls: type[_S], piid: Piid, results: object) -> _S:
+    """:func:`_server` for the APDUs that carry the values a meter sends (GET-Response Normal and
+    NormalList, REPORT-Notification List), whose one field of their own is their result(s).
+    Every field is set, as the dataclass __init__ sets them, but without its keyword parsing and
+    one ``object.__setattr__`` call per field: this runs for every reply of every poll."""
+    follow = r.follow_report()
+    timetag = r.timetag()
+    set_warnings, set_piid, set_follow, set_timetag, set_results = _RESULTS_SETTERS[cls]
+    apdu = _new_object(cls)
+    set_warnings(apdu, tuple(r.warnings))
+    set_piid(apdu, piid)
+    set_follow(apdu, follow)
+    set_timetag(apdu, timetag)
+    set_results(apdu, results)
+    return apdu
+
+
 def _decode_get_request(r: _Reader, choice: int) -> Apdu:
     piid = Piid.from_byte(r.u8("PIID"))
     if choice == 1:
@@ -1359,9 +1400,9 @@ def _decode_get_request(r: _Reader, choice: int) -> Apdu:
 def _decode_get_response(r: _Reader, choice: int) -> Apdu:
     piid = Piid.from_byte(r.u8("PIID-ACD"))
     if choice == 1:
-        return _server(r, GetResponseNormal, piid=piid, result=r.result_normal())
+        return _server_results(r, GetResponseNormal, piid, r.result_normal())
     if choice == 2:
-        return _server(r, GetResponseNormalList, piid=piid, results=r.results_normal())
+        return _server_results(r, GetResponseNormalList, piid, r.results_normal())
     if choice == 3:
         return _server(r, GetResponseRecord, piid=piid, result=r.result_record())
     if choice == 4:
@@ -1447,7 +1488,7 @@ def _decode_action_response(r: _Reader, choice: int) -> Apdu:
 def _decode_report_notification(r: _Reader, choice: int) -> Apdu:
     piid = Piid.from_byte(r.u8("PIID-ACD"))
     if choice == 1:
-        return _server(r, ReportNotificationList, piid=piid, results=r.results_normal())
+        return _server_results(r, ReportNotificationList, piid, r.results_normal())
     if choice == 2:
         records = tuple(r.result_record() for _ in range(r.length()))
         return _server(r, ReportNotificationRecordList, piid=piid, results=records)
@@ -1684,6 +1725,10 @@ def _parse(raw: bytes, depth: int) -> Apdu:
         object.__setattr__(apdu, "warnings", (*apdu.warnings, extra))
     return apdu
 
+
+_RESULTS_SETTERS: Final[dict[type[ServerApdu], _Setters]] = {
+    cls: _slot_setters(cls) for cls in (GetResponseNormal, GetResponseNormalList, ReportNotificationList)
+}
 
 _CHOICE_DECODERS: Final = {
     5: _decode_get_request,

@@ -3,7 +3,7 @@
 The content lives in ``data/oads.toml`` (DL/T 698.45-2017 chapter 7 interface classes, Appendix E
 object list, Appendix F status words), one entry per object attribute, each citing its source;
 the file's header documents layouts and quantity names. This module loads it and turns decoded
-values into :class:`Reading` objects: ``(oad, raw, value, unit, quantity)``.
+values into :class:`Reading` objects: oad, raw, value, unit, quantity, name.
 
 A value is ``raw * 10 ** scaler`` in the standard's unit (:func:`scale`). Power is W/var/VA in
 698.45; :attr:`Reading.canonical` gives kW/kvar/kVA so quantities match the DL/T 645 catalogue.
@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
+import msgspec
+
 from meter_gateway.protocols.dlt698.apdu import ResultNormal, ResultRecord
 from meter_gateway.protocols.dlt698.axdr import OAD, ROAD, BitString, Data, DataType, Ints, plain
 from meter_gateway.protocols.dlt698.errors import LocalProtocolError
@@ -28,9 +30,6 @@ _PHASE_SUFFIX: Final = ("l1", "l2", "l3")
 # the tags compared for every value decoded, as module globals rather than enum attribute lookups
 _ARRAY: Final = DataType.ARRAY
 _STRUCTURE: Final = DataType.STRUCTURE
-# NamedTuples built per value skip their Python-level __new__ (the one from collections.namedtuple),
-# which would run for every value
-_new = tuple.__new__
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,9 +165,14 @@ _PRECOMPUTED_ELEMENTS: Final = 16  # element indices 0..15 cover every layout in
 _MAX_CONVERTERS: Final = 4096  # catalogue OADs seen; a gateway polls a few dozen, this bounds junk
 
 
-class Reading(NamedTuple):
+class Reading(msgspec.Struct, frozen=True, gc=False):
     """One value of a response: the OAD it belongs to (element index filled in for arrays),
-    the raw A-XDR value, the scaled value in ``unit``, and the canonical quantity."""
+    the raw A-XDR value, the scaled value in ``unit``, and the canonical quantity.
+
+    A Struct rather than a NamedTuple: one is built per value decoded, and a Struct called with
+    its fields positionally is built in one C call, with no argument tuple to copy. It is not a
+    tuple: read it by field name. Never part of a reference cycle (its values are decoded data),
+    so the garbage collector need not track it (``gc=False``)."""
 
     oad: OAD
     raw: Any
@@ -264,18 +268,20 @@ class Catalogue:
 
     def readings(self, oad: OAD, data: Data) -> list[Reading]:
         """Readings of one GET/REPORT result: an array attribute read whole gives one per element."""
-        return self.result_readings(((oad, data, None),))
+        return self.result_readings((ResultNormal(oad, data),))
 
-    def result_readings(self, results: Iterable[ResultNormal | tuple[OAD, Data | None, int | None]]) -> list[Reading]:
+    def result_readings(self, results: Iterable[ResultNormal]) -> list[Reading]:
         """Readings of A-ResultNormal results in order (a DAR result gives none, see
         ``requests.failures``): each OAD's converter, built the first time it is seen, turns its
         value, or each element of an attribute read whole, into a :class:`Reading`."""
         converters = self._converters
         out: list[Reading] = []
         append = out.append
-        for oad, data, _ in results:
+        for result in results:
+            data = result.data
             if data is None:
                 continue
+            oad = result.oad
             converter = converters.get(oad) or self._converter(oad)
             if converter is None:  # not in the catalogue
                 shown = plain(data)
@@ -290,7 +296,7 @@ class Catalogue:
                 for target, value in zip(parts, values):  # noqa: B905 - more targets than values
                     this, name, quantity, scaler, unit, divisor, multiplier = target
                     scaled = value / divisor if scaler < 0 else value * multiplier if scaler else value
-                    append(_new(Reading, (this, value, scaled, unit, quantity, name, None)))
+                    append(Reading(this, value, scaled, unit, quantity, name))
                 continue
             targets: Iterable[tuple[_Target, Data]]
             if parts and (tag is _ARRAY or tag is _STRUCTURE):
@@ -306,7 +312,7 @@ class Catalogue:
                 if type(value) is int:
                     this, name, quantity, scaler, unit, divisor, multiplier = target
                     scaled = value / divisor if scaler < 0 else value * multiplier if scaler else value
-                    append(_new(Reading, (this, value, scaled, unit, quantity, name, None)))
+                    append(Reading(this, value, scaled, unit, quantity, name))
                 else:
                     append(self._reading(converter.entry, target, element))
         return out
