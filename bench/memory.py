@@ -251,10 +251,11 @@ def _probe_main(config_path: str, seconds: float, top: int) -> int:
     import asyncio
     import logging
 
-    from meter_gateway.gateway.cli.run_cmd import serve
+    from meter_gateway.gateway.cli.run_cmd import _tune_malloc, serve
     from meter_gateway.gateway.config import load_config
 
     logging.basicConfig(level=logging.WARNING)
+    _tune_malloc()  # as ``meter-gateway run`` does before loading its config
     imports = tracemalloc.take_snapshot()
     config = load_config(config_path)
 

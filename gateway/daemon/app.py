@@ -425,7 +425,11 @@ class Gateway:
         stats = await self.outbox.stats()
         now = self.clock()
         up = self.uplink.stats if self.uplink is not None else None
-        states = {m: s for m, s in sorted(self.health.states().items()) if m in self.meters}
+        known = self.health.states()
+        # sorted ids, not sorted (id, state) pairs: no tuple per meter every few seconds; and the
+        # copy is let go before the document is encoded
+        states = {m: known[m] for m in sorted(known) if m in self.meters}
+        del known
         doc: dict[str, Any] = {
             "gateway": self.config.gateway.id,
             "pid": os.getpid(),

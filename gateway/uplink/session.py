@@ -74,6 +74,36 @@ class _KnownState(NamedTuple):
     detail: str | None
 
 
+class _KnownStates:
+    """The latest state of every meter, in insertion order. A fleet's meters share a handful of
+    (state, detail) pairs, so each pair is one object and a meter holds a reference to it and its
+    own ``since``: two dict entries, not a tuple of three as well (~0.4 MiB less per 10,000)."""
+
+    SHARED_MAX = 64  # pairs remembered for sharing; details that differ per meter only stop the sharing
+
+    def __init__(self) -> None:
+        self._since: dict[str, float] = {}
+        self._condition: dict[str, tuple[MeterStateName, str | None]] = {}
+        self._shared: dict[tuple[MeterStateName, str | None], tuple[MeterStateName, str | None]] = {}
+
+    def set(self, meter_id: str, state: MeterStateName, since: float, detail: str | None) -> None:
+        condition = (state, detail)
+        if len(self._shared) >= self.SHARED_MAX and condition not in self._shared:
+            self._shared.clear()
+        self._since[meter_id] = since
+        self._condition[meter_id] = self._shared.setdefault(condition, condition)
+
+    def get(self, meter_id: str) -> _KnownState | None:
+        since = self._since.get(meter_id)
+        if since is None:
+            return None
+        state, detail = self._condition[meter_id]
+        return _KnownState(state, since, detail)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._since)
+
+
 class Protocol(enum.StrEnum):
     AUTO = "auto"  # MQTT 5, falling back to 3.1.1 when the broker refuses the protocol version
     V5 = "5"
@@ -273,8 +303,8 @@ class Uplink:
         # so the broker's Receive Maximum is never exceeded
         self._window_sem = asyncio.Semaphore(1)
         # the latest state of every meter: topic and payload are built when published, not kept,
-        # so a large fleet holds one small entry per meter; see _remember_state for the values
-        self._meter_states: dict[str, _KnownState] = {}
+        # so a large fleet holds little per meter (_KnownStates)
+        self._meter_states = _KnownStates()
         self._states_due: dict[str, None] = {}  # meters whose state this session still has to publish
         self._states_changed = asyncio.Event()
         self._refusals = Backoff(config.refused_backoff)
@@ -319,7 +349,7 @@ class Uplink:
     def set_meter_state(self, meter_id: str, state: MeterStateName, since: float, detail: str | None = None) -> None:
         """Record a meter's state; published retained now if connected, and on every reconnect."""
         self.topics.meter_state(meter_id)  # a meter id that cannot be a topic level fails here, not later
-        self._meter_states[meter_id] = _KnownState(state, since, detail)
+        self._meter_states.set(meter_id, state, since, detail)
         if self._client is not None and self.stats.connected:
             self._states_due[meter_id] = None
             self._states_changed.set()
@@ -616,6 +646,8 @@ class Uplink:
                     task = loop.create_task(self._publish_retained(client, topic, payload, "meter state"))
                     pending.add(task)
                     task.add_done_callback(published)
+                # not kept while waiting for the next change: after a connect it holds every meter
+                del due
         finally:
             for task in list(pending):
                 task.cancel()
@@ -719,8 +751,7 @@ class Uplink:
                 if sum(r.n for r in records) >= prefetch:  # more backlog: read on while this chunk goes out
                     ahead = loop.create_task(self.outbox.peek_records(records[-1].last_row, prefetch))
                 for ids, payload in self._record_batches(records, max_bytes):
-                    # a free slot is taken at once; only a full window is worth the watch on wake
-                    acquired = await (self._wait_any(window.acquire(), wake) if window.locked() else window.acquire())
+                    acquired = await self._wait_any(window.acquire(), wake)
                     if not acquired or self._stopping.is_set() or wake.is_set():
                         if acquired:
                             window.release()
