@@ -19,6 +19,8 @@ Physics, per phase k (voltage angles 0, -120, +120 degrees):
   as most meters report it) and PF_total = P_total / S_total; the neutral current is the
   magnitude of the phasor sum of the phase currents;
 * voltage is nominal minus a small drop with load plus noise; frequency is nominal plus noise;
+* instantaneous quantities are measured once per second (the meter's measurement cycle): a
+  read shows those of the start of the current second;
 * energy registers integrate the *total* power: active import when P_total > 0, export when it
   is negative, likewise reactive with Q_total, each into the tariff that the time-of-day
   schedule selects. Tariff registers are the state; totals are their sums, as on a real meter.
@@ -56,8 +58,9 @@ _PHASE_ANGLES: Final = (0.0, -2 * math.pi / 3, 2 * math.pi / 3)
 _KINDS: Final = (("active", "kWh"), ("reactive", "kvarh"))
 _DIRECTIONS: Final = ("import", "export")
 
-# Instantaneous noise is piecewise constant over these buckets (seconds), so two reads within
-# the same second agree, as a real meter's refresh would.
+# Instantaneous quantities are measured once per fast bucket (seconds), the meter's measurement
+# cycle: two reads within the same second agree, as on a meter that refreshes its instantaneous
+# registers once a second. Slow noise (load wander) changes per slow bucket.
 _FAST_BUCKET: Final = 1.0
 _SLOW_BUCKET: Final = 300.0
 
@@ -219,6 +222,8 @@ class LoadModel:
         self._relay_closed = True
         self._cell_power: tuple[int | None, tuple[tuple[str, float], ...]] = (None, ())
         self._slow_noise: tuple[int | None, tuple[float, ...]] = (None, ())  # a bucket, its noise per phase
+        # (measurement cycle, relay closed) -> the instantaneous quantities of that cycle
+        self._instant: tuple[tuple[int, bool] | None, dict[str, float]] = (None, {})
         tariffs = self.settings.tariffs.tariffs
         self._energy: dict[str, float] = dict.fromkeys(_energy_names(tariffs), 0.0)
         for name, value in self.settings.initial_energy.items():
@@ -272,8 +277,23 @@ class LoadModel:
         return math.fsum([self._energy[register] for register in registers])
 
     def values(self) -> dict[str, float]:
-        """Every quantity the model simulates, at :attr:`time`, in canonical units."""
-        t = self._time
+        """Every quantity the model simulates, at :attr:`time`, in canonical units.
+
+        Instantaneous quantities are those of the start of the current second (the meter's
+        measurement cycle; see ``_FAST_BUCKET``); energies are integrated up to :attr:`time`."""
+        bucket = math.floor(self._time / _FAST_BUCKET)
+        key = (bucket, self._relay_closed)
+        if self._instant[0] != key:
+            self._instant = (key, self._measure(bucket))
+        out = dict(self._instant[1])
+        out.update(self._energy)
+        for total in self._totals:
+            out[total] = self.energy(total)
+        return out
+
+    def _measure(self, bucket: int) -> dict[str, float]:
+        """The instantaneous quantities one measurement cycle shows."""
+        t = bucket * _FAST_BUCKET
         phases = self._phases(t, fast_noise=True)
         out: dict[str, float] = {}
         for (voltage, current, active, reactive, apparent, power_factor), ph in zip(_PHASE_KEYS, phases, strict=True):
@@ -295,13 +315,8 @@ class LoadModel:
             if ph.current > 0:
                 neutral += cmath.rect(ph.current, angle - math.atan2(ph.reactive, ph.active))
         out["current.n"] = abs(neutral)
-        out["frequency"] = self.settings.nominal_frequency + self.settings.frequency_noise * self._gauss(
-            9, 0, math.floor(t / _FAST_BUCKET)
-        )
+        out["frequency"] = self.settings.nominal_frequency + self.settings.frequency_noise * self._gauss(9, 0, bucket)
         out["relay.state"] = 1.0 if self._relay_closed else 0.0
-        out.update(self._energy)
-        for total in self._totals:
-            out[total] = self.energy(total)
         return out
 
     # -- internals ----------------------------------------------------------------------------

@@ -118,6 +118,9 @@ class SimulatedMeter:
         self._index()
         self._cache_time = math.nan
         self._cache: dict[str, float] = {}
+        # point -> the value last encoded for it and its registers (instantaneous values hold for
+        # a measurement cycle, so most reads find their registers here)
+        self._encoded: dict[ModbusPoint, tuple[float, list[int]]] = {}
 
     # -- what the pymodbus adapter calls --------------------------------------------------------
 
@@ -133,7 +136,7 @@ class SimulatedMeter:
             return ILLEGAL_ADDRESS
         self.requests += 1
         values = self._values(now)
-        encoded: dict[ModbusPoint, list[int]] = {}
+        encoded = self._encoded
         out: list[Any] = []
         for cell in cells:
             assert cell is not None
@@ -144,12 +147,14 @@ class SimulatedMeter:
             if point.codec is None:
                 out.append(bool(values[point.quantity]))
                 continue
-            if point not in encoded:
+            value = values[point.quantity]
+            known = encoded.get(point)
+            if known is None or known[0] != value:
                 try:
-                    encoded[point] = point.codec.encode(values[point.quantity])
+                    known = encoded[point] = (value, point.codec.encode(value))
                 except ModbusValueError:
                     return DEVICE_FAILURE  # a value this register cannot hold
-            out.append(encoded[point][offset])
+            out.append(known[1][offset])
         return out
 
     def write(self, function: int, address: int, values: list[int] | list[bool], now: float) -> int | None:
