@@ -78,6 +78,41 @@ def test_bus_snapshot_counters_follow_the_snapshot(served: tuple[Metrics, Metric
     assert not any(name.startswith("meter_gateway_bus_") for name, _ in scrape(server))
 
 
+def test_latency_counts_expose_what_prometheus_clients_histogram_would() -> None:
+    """The per-bus latency counts against prometheus-client's own Histogram fed the same values,
+    bounds included (a bucket's bound is inclusive), in the text exposition a scrape sees."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    values = [0.0, 0.001, *LATENCY_BUCKETS, 0.0051, 0.3, 9.99, 10.0001, 20.0, 1e9]
+    ours = Metrics()
+    ours.add_bus("a")
+    for v in values:
+        ours.latency("a").observe(v)
+    reference = CollectorRegistry()
+    histogram = Histogram(
+        "meter_gateway_reply_latency_seconds",
+        "Time from request written to accepted reply, per bus.",
+        ["bus"],
+        buckets=LATENCY_BUCKETS,
+        registry=reference,
+    )
+    for v in values:
+        histogram.labels(bus="a").observe(v)
+
+    def lines(text: bytes) -> list[str]:
+        return sorted(
+            line
+            for line in text.decode().splitlines()
+            if line.startswith("meter_gateway_reply_latency_seconds") and "_created" not in line
+        )
+
+    want = lines(generate_latest(reference))
+    assert len(want) == len(LATENCY_BUCKETS) + 3
+    assert lines(generate_latest(ours.registry)) == want
+    ours.remove_bus("a")
+    assert lines(generate_latest(ours.registry)) == []
+
+
 def test_every_bus_counter_key_is_exported_or_deliberately_skipped() -> None:
     from meter_gateway.gateway.daemon import metrics as m
 

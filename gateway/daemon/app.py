@@ -394,7 +394,7 @@ class Gateway:
         for name, bus in self.buses.items():
             self.metrics.add_bus(name)
             if bus.on_latency is None:
-                bus.on_latency = self.metrics.reply_latency.labels(bus=name).observe
+                bus.on_latency = self.metrics.latency(name).observe
 
     async def _update_metrics(self) -> None:
         if self.metrics is None or self.outbox is None:

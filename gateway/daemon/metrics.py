@@ -1,7 +1,10 @@
 """Prometheus metrics of the gateway, on a registry of their own.
 
 Two kinds of metric live here. Events only the daemon sees (a reading acquired, a missed slot, a
-reply latency, a config reload) are ordinary prometheus-client metrics the daemon increments.
+config reload) are ordinary prometheus-client metrics the daemon increments. The reply latency,
+observed on every bus request, is kept as plain per-bus counts (:class:`LatencyCounts`) that the
+collector turns into a histogram at scrape time: prometheus-client's histogram takes a lock for
+its sum and another for the bucket on every observation, on the event loop's hottest path.
 Counters that other modules already keep as plain data (``Bus.snapshot()``, ``OutboxStats``,
 ``UplinkStats``, ``HealthBook.counts()``) are not copied into prometheus counters: the daemon hands
 the latest snapshot to an ``update_*`` method and a custom collector reports those values at
@@ -14,12 +17,13 @@ The snapshots are replaced whole under a lock, because scrapes run in the HTTP s
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client import (
     CollectorRegistry,
@@ -31,7 +35,7 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from meter_gateway.gateway import __version__
@@ -45,6 +49,7 @@ __all__ = [
     "PREFIX",
     "UPLINK_FAILURE_REASONS",
     "VERIFY_BUCKETS",
+    "LatencyCounts",
     "Metrics",
     "MetricsServer",
     "exported_when",
@@ -183,12 +188,43 @@ class _UplinkView:
     last_delivery: float | None
 
 
+# the "le" label values, as prometheus-client writes them (tests compare with its Histogram)
+_LATENCY_LE: Final = (*(repr(float(b)) for b in LATENCY_BUCKETS), "+Inf")
+
+
+class LatencyCounts:
+    """One bus's reply latencies as histogram counts: written by the event loop's thread only,
+    copied by a scrape (a scrape may see an observation's bucket and not yet its sum)."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # per bucket, not cumulative; the last is +Inf
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        # a bucket's bound is inclusive ("le"): bisect_left finds the first bound >= seconds
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def buckets(self) -> tuple[list[tuple[str, float]], float]:
+        """Cumulative (le, count) pairs, +Inf last, and the sum."""
+        counts, total = list(self.counts), self.total
+        out: list[tuple[str, float]] = []
+        running = 0
+        for le, count in zip(_LATENCY_LE, counts, strict=True):
+            running += count
+            out.append((le, running))
+        return out, total
+
+
 class _SnapshotCollector(Collector):
     """Reports the latest snapshots handed to ``Metrics.update_*`` at scrape time."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.buses: dict[str, dict[str, int]] = {}
+        self.latency: dict[str, LatencyCounts] = {}
         self.meter_states: dict[str, int] = {}
         self.outbox: _OutboxView | None = None
         self.uplink: _UplinkView | None = None
@@ -198,11 +234,13 @@ class _SnapshotCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         with self.lock:
             buses = dict(self.buses)
+            latency = dict(self.latency)
             states = dict(self.meter_states)
             outbox = self.outbox
             uplink = self.uplink
             jobs = list(self.jobs)
             commands = list(self.commands)
+        yield self._latency(latency)
         yield from self._buses(buses)
         meters = GaugeMetricFamily(f"{PREFIX}_meters", "Configured meters by health state.", labels=["state"])
         for state in (*METER_STATES, *sorted(set(states) - set(METER_STATES))):
@@ -214,6 +252,16 @@ class _SnapshotCollector(Collector):
             yield from self._uplink(uplink)
         yield from jobs
         yield from commands
+
+    @staticmethod
+    def _latency(latency: Mapping[str, LatencyCounts]) -> Metric:
+        family = HistogramMetricFamily(
+            f"{PREFIX}_reply_latency_seconds", "Time from request written to accepted reply, per bus.", labels=["bus"]
+        )
+        for bus, counts in sorted(latency.items()):
+            buckets, total = counts.buckets()
+            family.add_metric([bus], buckets, total)
+        return family
 
     @staticmethod
     def _buses(buses: Mapping[str, Mapping[str, int]]) -> Iterator[Metric]:
@@ -343,13 +391,6 @@ class Metrics:
 
         self.build_info = Gauge(f"{PREFIX}_build_info", "Always 1; the labels say what runs.", ["version"], registry=r)
         self.build_info.labels(version=version).set(1)
-        self.reply_latency = Histogram(
-            f"{PREFIX}_reply_latency_seconds",
-            "Time from request written to accepted reply, per bus.",
-            ["bus"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
         self.readings_acquired = Counter(
             f"{PREFIX}_readings_acquired", "Readings decoded from meters (before the outbox).", registry=r
         )
@@ -401,15 +442,20 @@ class Metrics:
 
     # -- directly owned ---------------------------------------------------------------------
 
+    def latency(self, bus: str) -> LatencyCounts:
+        """The reply latency counts of ``bus`` (``observe`` is the bus's latency callback)."""
+        with self._snapshots.lock:
+            return self._snapshots.latency.setdefault(bus, LatencyCounts())
+
     def observe_latency(self, bus: str, seconds: float) -> None:
-        self.reply_latency.labels(bus=bus).observe(seconds)
+        self.latency(bus).observe(seconds)
 
     def observe_verification(self, action: str, seconds: float) -> None:
         self.command_verify_latency.labels(action=action).observe(seconds)
 
     def add_bus(self, bus: str) -> None:
         """Export a configured bus's own series at 0 before anything happens on it."""
-        self.reply_latency.labels(bus=bus)
+        self.latency(bus)
         self.partial_reads.labels(bus=bus)
         self.quantities_failed.labels(bus=bus)
         for reason in MISSED_SLOT_REASONS:
@@ -443,10 +489,11 @@ class Metrics:
         """Stop exporting a bus (it left the configuration)."""
         with self._snapshots.lock:
             self._snapshots.buses.pop(bus, None)
+            self._snapshots.latency.pop(bus, None)
         for reason in MISSED_SLOT_REASONS:
             with contextlib.suppress(KeyError):
                 self.missed_slots.remove(bus, reason)
-        for per_bus in (self.reply_latency, self.partial_reads, self.quantities_failed):
+        for per_bus in (self.partial_reads, self.quantities_failed):
             with contextlib.suppress(KeyError):
                 per_bus.remove(bus)
 
