@@ -281,15 +281,28 @@ class LoadModel:
 
         Instantaneous quantities are those of the start of the current second (the meter's
         measurement cycle; see ``_FAST_BUCKET``); energies are integrated up to :attr:`time`."""
-        bucket = math.floor(self._time / _FAST_BUCKET)
-        key = (bucket, self._relay_closed)
-        if self._instant[0] != key:
-            self._instant = (key, self._measure(bucket))
-        out = dict(self._instant[1])
+        out = dict(self._instantaneous())
         out.update(self._energy)
         for total in self._totals:
             out[total] = self.energy(total)
         return out
+
+    def value(self, name: str) -> float:
+        """One quantity of :meth:`values` (KeyError for a name it does not have), without
+        building the others: a protocol read asks for a few."""
+        energy = self._energy.get(name)
+        if energy is not None:
+            return energy
+        if name in self._totals:
+            return self.energy(name)
+        return self._instantaneous()[name]
+
+    def _instantaneous(self) -> dict[str, float]:
+        bucket = math.floor(self._time / _FAST_BUCKET)
+        key = (bucket, self._relay_closed)
+        if self._instant[0] != key:
+            self._instant = (key, self._measure(bucket))
+        return self._instant[1]
 
     def _measure(self, bucket: int) -> dict[str, float]:
         """The instantaneous quantities one measurement cycle shows."""

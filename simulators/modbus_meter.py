@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -116,8 +115,6 @@ class SimulatedMeter:
         self.requests = 0
         self._readable: dict[int, dict[int, tuple[ModbusPoint | None, int]]] = {1: {}, 2: {}, 3: {}, 4: {}}
         self._index()
-        self._cache_time = math.nan
-        self._cache: dict[str, float] = {}
         # point -> the value last encoded for it and its registers (instantaneous values hold for
         # a measurement cycle, so most reads find their registers here)
         self._encoded: dict[ModbusPoint, tuple[float, list[int]]] = {}
@@ -135,7 +132,7 @@ class SimulatedMeter:
         if any(c is None for c in cells):
             return ILLEGAL_ADDRESS
         self.requests += 1
-        values = self._values(now)
+        value_of = self._value_of(now)
         encoded = self._encoded
         out: list[Any] = []
         for cell in cells:
@@ -145,9 +142,9 @@ class SimulatedMeter:
                 out.append(self._relay_raw(table) if offset < 0 else 0)
                 continue
             if point.codec is None:
-                out.append(bool(values[point.quantity]))
+                out.append(bool(value_of(point.quantity)))
                 continue
-            value = values[point.quantity]
+            value = value_of(point.quantity)
             known = encoded.get(point)
             if known is None or known[0] != value:
                 try:
@@ -168,19 +165,17 @@ class SimulatedMeter:
             return ILLEGAL_VALUE
         self.requests += 1
         self.load.set_relay(raw == relay.write.closed, at=now)
-        self._cache_time = math.nan
         return None
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _values(self, now: float) -> dict[str, float]:
-        if now != self._cache_time:
-            self.load.advance(now)
-            self._cache = self.load.values()
-            self._cache_time = now
+    def _value_of(self, now: float) -> Callable[[str], float]:
+        """The function giving a quantity's value at ``now`` (an override first)."""
+        self.load.advance(now)
         if not self.overrides:
-            return self._cache
-        return {**self._cache, **self.overrides}
+            return self.load.value
+        overrides, value = self.overrides, self.load.value
+        return lambda quantity: overrides[quantity] if quantity in overrides else value(quantity)
 
     def _relay_raw(self, table: int) -> int | bool:
         relay = self.model.relay

@@ -161,3 +161,30 @@ def test_initial_energy_and_validation() -> None:
         model.energy("energy.apparent.import.total")
     with pytest.raises(ValueError, match="sorted"):
         TariffSchedule(((600, 1), (300, 2)))
+
+
+def test_one_value_is_the_same_as_in_all_values() -> None:
+    model = LoadModel(LoadSettings(seed=6, pv_peak_current=8.0), start=T0)
+    for step, relay in ((0.0, True), (0.4, True), (3600.7, True), (7200.2, False), (7200.9, False), (9000.0, True)):
+        model.set_relay(relay, at=T0 + step)
+        everything = model.values()
+        assert {name: model.value(name) for name in everything} == everything
+    with pytest.raises(KeyError):
+        model.value("voltage.l4")
+
+
+def test_instantaneous_values_hold_for_a_measurement_cycle_and_energy_does_not() -> None:
+    model = LoadModel(LoadSettings(seed=9), start=T0 + 3600.0)
+    model.advance(T0 + 7200.1)
+    first = model.values()
+    model.advance(T0 + 7200.9)  # the same second
+    same = model.values()
+    model.advance(T0 + 7201.0)  # the next one
+    later = model.values()
+    assert same["voltage.l1"] == first["voltage.l1"]
+    assert same["power.active.total"] == first["power.active.total"]
+    assert same["energy.active.import.total"] > first["energy.active.import.total"]
+    assert later["voltage.l1"] != first["voltage.l1"]
+    model.set_relay(False, at=T0 + 7201.5)  # opening the relay shows at once, mid-cycle
+    assert model.value("power.active.total") == 0.0
+    assert model.value("relay.state") == 0.0
