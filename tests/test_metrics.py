@@ -122,9 +122,9 @@ def test_every_bus_counter_key_is_exported_or_deliberately_skipped() -> None:
 
 def test_latency_histogram_and_owned_counters(served: tuple[Metrics, MetricsServer]) -> None:
     metrics, server = served
-    metrics.observe_latency("tcp-a", 0.004)
-    metrics.observe_latency("tcp-a", 0.3)
-    metrics.observe_latency("tcp-a", 20.0)
+    metrics.latency("tcp-a").observe(0.004)
+    metrics.latency("tcp-a").observe(0.3)
+    metrics.latency("tcp-a").observe(20.0)
     metrics.readings_acquired.inc(5)
     metrics.count_missed("tcp-a", "link_down")
     metrics.count_reload(ok=True, when=1_700_000_000.0)

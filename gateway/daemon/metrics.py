@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import math
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -37,6 +38,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from meter_gateway.gateway import __version__
 
@@ -188,8 +190,8 @@ class _UplinkView:
     last_delivery: float | None
 
 
-# the "le" label values, as prometheus-client writes them (tests compare with its Histogram)
-_LATENCY_LE: Final = (*(repr(float(b)) for b in LATENCY_BUCKETS), "+Inf")
+# the "le" label values, written by prometheus-client's own formatter
+_LATENCY_LE: Final = tuple(floatToGoString(b) for b in (*LATENCY_BUCKETS, math.inf))  # type: ignore[no-untyped-call]
 
 
 class LatencyCounts:
@@ -446,9 +448,6 @@ class Metrics:
         """The reply latency counts of ``bus`` (``observe`` is the bus's latency callback)."""
         with self._snapshots.lock:
             return self._snapshots.latency.setdefault(bus, LatencyCounts())
-
-    def observe_latency(self, bus: str, seconds: float) -> None:
-        self.latency(bus).observe(seconds)
 
     def observe_verification(self, action: str, seconds: float) -> None:
         self.command_verify_latency.labels(action=action).observe(seconds)
